@@ -1,0 +1,26 @@
+"""Per-sample gradient capture: hooks on Linear / Conv1D layers that project each factor of a
+sample's gradient as it streams past (design.md section 4).
+
+    from rayattr.capture import GradientCapture, ProjectionSpec
+    cap = GradientCapture(model, projection=ProjectionSpec(rank=16, seed=0), layers=None)
+    with cap:
+        per_sample_losses.sum().backward()
+    grads = cap.gradients()   # {layer name: (B, p_layer)}
+"""
+
+from .capture import GradientCapture
+from .layers import LayerInfo, select_layers
+from .losses import per_sample_loss
+from .projection import ProjectionSpec, projection_matrices
+from .pseudo import sample_labels, sampled_label_losses
+
+__all__ = [
+    "GradientCapture",
+    "LayerInfo",
+    "ProjectionSpec",
+    "per_sample_loss",
+    "projection_matrices",
+    "sample_labels",
+    "sampled_label_losses",
+    "select_layers",
+]

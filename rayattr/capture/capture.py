@@ -1,0 +1,296 @@
+"""GradientCapture: per-sample (projected) gradients of Linear / Conv1D layers via hooks.
+
+How a forward is paired with its backward: the forward hook projects the layer input and
+registers a hook on that call's *output tensor*, closing over the projected input. Autograd
+fires that hook with exactly this call's output gradient, so pairing needs no shared
+stack, and a forward that is never backpropagated (evaluation inside the block) leaves
+nothing behind: the closure is freed with its graph.
+
+Micro-batches: forward calls are numbered by micro-batch (a new one starts at the first
+forward after any backward hook has fired, or on `next_micro_batch()`). Calls of the same
+module within one micro-batch (a reused layer) are summed, as the parameter's gradient is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import kernels
+from .layers import LayerInfo, layer_info, select_layers
+from .projection import ProjectionSpec, projection_matrices
+
+
+class _Layer:
+    """One hooked module: its shapes and its projection matrices, cached per device/dtype."""
+
+    def __init__(self, info: LayerInfo, module: nn.Module, spec: ProjectionSpec | None):
+        self.info = info
+        self.module = module
+        self.spec = spec
+        self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+        self.handle = None
+
+    @property
+    def dim(self) -> int:
+        if self.spec is None:
+            return self.info.d_out * self.info.d_in_aug
+        return self.spec.dim
+
+    def matrices(self, device: torch.device, dtype: torch.dtype):
+        """(P_a without bias column, P_a's bias column or None, P_s) on device in dtype."""
+        key = (device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            if self._cpu is None:
+                self._cpu = projection_matrices(self.spec, self.info.name, self.info.d_in_aug, self.info.d_out)
+            p_a, p_s = (m.to(device=device, dtype=dtype) for m in self._cpu)
+            d = self.info.d_in
+            bias_col = p_a[:, d].contiguous() if self.info.has_bias else None
+            cached = (p_a[:, :d].contiguous(), bias_col, p_s.contiguous())
+            self._cache[key] = cached
+        return cached
+
+
+class _Pending:
+    """What a forward call leaves for its backward: the (projected) a-factor and context."""
+
+    __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype")
+
+    def __init__(self, micro, generation, a_factor, mask, batch, compute_dtype, out_dtype):
+        self.micro = micro
+        self.generation = generation
+        self.a_factor = a_factor
+        self.mask = mask
+        self.batch = batch
+        self.compute_dtype = compute_dtype
+        self.out_dtype = out_dtype
+
+
+class GradientCapture:
+    """Capture per-sample gradients of each selected layer while the model trains.
+
+    Usage::
+
+        cap = GradientCapture(model, projection=ProjectionSpec(rank=16, seed=0))
+        with cap:                          # hooks live only inside the block
+            per_sample_losses.sum().backward()
+        grads = cap.gradients()            # {layer name: (B, p_layer) tensor}
+
+    Args:
+        model: the module to hook (pass the unwrapped model, e.g. a DeepSpeed engine's
+            `.module`, so layer names, and therefore projections, match at test time).
+        projection: a ProjectionSpec, or None for exact per-sample gradients
+            G = sum_s ds_s [a_s, 1]^T of shape (d_out, d_in+1), flattened row-major.
+        layers: None for every trainable Linear/Conv1D, or fnmatch patterns on module names.
+        loss_scale: the backpropagated loss equals loss_scale * sum of per-sample losses
+            (mean over B -> 1/B; fp16 dynamic scale S -> times S); gradients are divided by it.
+            May be changed between backwards.
+        mask: optional (B, S) padding mask; tokens where it is 0/False contribute nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        projection: ProjectionSpec | None = None,
+        layers: Iterable[str] | None = None,
+        loss_scale: float = 1.0,
+        mask: torch.Tensor | None = None,
+    ):
+        if projection is not None and not isinstance(projection, ProjectionSpec):
+            raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
+        self.model = model
+        self.projection = projection
+        self._layers = {
+            name: _Layer(layer_info(name, module), module, projection)
+            for name, module in select_layers(model, layers).items()
+        }
+        self.loss_scale = loss_scale
+        self._mask: torch.Tensor | None = None
+        self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.set_mask(mask)
+        self._active = False
+        self._generation = 0
+        self._rows: dict[str, dict[int, torch.Tensor]] = {}
+        self._micro = 0
+        self._backward_seen = False
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def loss_scale(self) -> float:
+        """Factor between the backpropagated loss and the sum of per-sample losses."""
+        return self._loss_scale
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"loss_scale must be a positive finite number, got {value}")
+        self._loss_scale = value
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Set (or clear with None) the (B, S) padding mask used by subsequent forwards."""
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() != 2:
+                raise ValueError(f"mask must be (batch, seq), got shape {tuple(mask.shape)}")
+        self._mask = mask
+        self._mask_cache = {}
+
+    @contextlib.contextmanager
+    def mask(self, mask: torch.Tensor | None) -> Iterator["GradientCapture"]:
+        """`with cap.mask(m):` sets the padding mask for the forwards inside, then restores."""
+        previous = self._mask
+        self.set_mask(mask)
+        try:
+            yield self
+        finally:
+            self.set_mask(previous)
+
+    def layer_names(self) -> list[str]:
+        """Names of the captured layers, in module order."""
+        return list(self._layers)
+
+    def layer_info(self) -> dict[str, LayerInfo]:
+        """Static shapes of each captured layer."""
+        return {name: layer.info for name, layer in self._layers.items()}
+
+    def layer_dims(self) -> dict[str, int]:
+        """Per-sample gradient size p of each layer (r_s*r_a, or d_out*(d_in+1) when exact)."""
+        return {name: layer.dim for name, layer in self._layers.items()}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "GradientCapture":
+        if self._active:
+            raise RuntimeError("GradientCapture is already active; blocks cannot be nested")
+        self.reset()
+        for layer in self._layers.values():
+            layer.handle = layer.module.register_forward_hook(functools.partial(self._forward_hook, layer))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        for layer in self._layers.values():
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+
+    def reset(self) -> None:
+        """Drop captured rows; backward hooks of forwards made before this are ignored."""
+        self._generation += 1
+        self._rows = {}
+        self._micro = 0
+        self._backward_seen = False
+
+    def next_micro_batch(self) -> None:
+        """Start a new micro-batch explicitly (only needed when several forwards precede one backward)."""
+        self._micro += 1
+        self._backward_seen = False
+
+    # ------------------------------------------------------------------ results
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """{layer name: (N, p)} with all micro-batches' rows concatenated in forward order.
+
+        float32 (float64 for a float64 model), on the model's device. Layers that saw no
+        backward give a (0, p) tensor.
+        """
+        out = {}
+        for name, layer in self._layers.items():
+            parts = self._rows.get(name)
+            if parts:
+                out[name] = torch.cat([parts[k] for k in sorted(parts)], dim=0)
+            else:
+                out[name] = torch.zeros(0, layer.dim)
+        return out
+
+    def pop_gradients(self) -> dict[str, torch.Tensor]:
+        """gradients() followed by reset(): for streaming one optimizer step at a time."""
+        grads = self.gradients()
+        self.reset()
+        return grads
+
+    # ------------------------------------------------------------------ hooks
+    def _mask_for(self, a: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The padding mask as (B, T, 1) in dtype on a's device, or None if it does not apply."""
+        m = self._mask
+        if m is None or a.dim() < 3:  # no sequence dim (e.g. a pooled head): nothing to mask
+            return None
+        if tuple(a.shape[:2]) != tuple(m.shape):
+            raise ValueError(
+                f"layer {name!r}: padding mask of shape {tuple(m.shape)} does not match the "
+                f"input's (batch, seq) = {tuple(a.shape[:2])}"
+            )
+        key = (a.device, dtype)
+        cached = self._mask_cache.get(key)
+        if cached is None:
+            cached = m.to(device=a.device, dtype=dtype).unsqueeze(-1)
+            self._mask_cache[key] = cached
+        if a.dim() > 3:  # extra middle dims: broadcast the (B, S) mask over them
+            cached = cached.reshape(cached.shape[:2] + (1,) * (a.dim() - 2))
+        return cached
+
+    def _forward_hook(self, layer: _Layer, module: nn.Module, args: tuple, output) -> None:
+        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if self._backward_seen:
+            self._micro += 1
+            self._backward_seen = False
+        a = args[0]
+        device_type = a.device.type
+        out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = a.dtype
+        with torch.autocast(device_type, enabled=False), torch.no_grad():
+            if self.projection is None:
+                mask = self._mask_for(a, layer.info.name, out_dtype)
+                a_factor = kernels.augment(a.detach(), layer.info.has_bias, mask, out_dtype)
+            else:
+                mask = self._mask_for(a, layer.info.name, compute_dtype)
+                w, b, _ = layer.matrices(a.device, compute_dtype)
+                a_factor = kernels.project_activations(a.detach().to(compute_dtype), w, b, mask)
+        batch = a.shape[0]
+        a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])  # (B, T, r_a or d_in_aug)
+        if mask is not None:
+            mask = mask.reshape(batch, -1, 1)
+        pending = _Pending(self._micro, self._generation, a_factor, mask, batch, compute_dtype, out_dtype)
+        output.register_hook(functools.partial(self._backward_hook, layer, pending))
+
+    def _backward_hook(self, layer: _Layer, pending: _Pending, grad: torch.Tensor) -> None:
+        if not self._active or pending.generation != self._generation or pending.a_factor is None:
+            return  # outside the block, from before a reset, or a second backward of one graph
+        self._backward_seen = True
+        info = layer.info
+        with torch.autocast(grad.device.type, enabled=False), torch.no_grad():
+            ds = grad.reshape(pending.batch, -1, info.d_out)
+            if self.projection is None:
+                ds_factor = ds.to(pending.out_dtype)
+                if pending.mask is not None:
+                    ds_factor = ds_factor * pending.mask
+            else:
+                _, _, p_s = layer.matrices(grad.device, pending.compute_dtype)
+                ds_factor = kernels.project_output_grads(ds.to(pending.compute_dtype), p_s, pending.mask)
+            g = kernels.per_sample_product(ds_factor, pending.a_factor, pending.out_dtype)
+            if self._loss_scale != 1.0:
+                g.mul_(1.0 / self._loss_scale)
+        rows = self._rows.setdefault(info.name, {})
+        previous = rows.get(pending.micro)
+        if previous is None:
+            rows[pending.micro] = g
+        elif previous.shape == g.shape:  # the layer ran more than once in this micro-batch
+            rows[pending.micro] = previous + g
+        else:
+            raise RuntimeError(
+                f"layer {info.name!r} ran twice in one micro-batch with batch sizes "
+                f"{previous.shape[0]} and {g.shape[0]}; call cap.next_micro_batch() between "
+                "forwards of different micro-batches"
+            )
+        pending.a_factor = None  # free it even if autograd keeps the hook alive

@@ -1,0 +1,39 @@
+"""The tensor work done inside the hooks, free of hook bookkeeping so it can be tested alone.
+
+Shapes: a is (B, T, d_in), ds is (B, T, d_out), mask is (B, T, 1) or None. A sample's
+gradient is G = sum_t ds_t [a_t, 1]^T; in projected mode only the factors are projected
+(a -> a P_a^T, ds -> ds P_s^T) and G is never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def project_activations(
+    a: torch.Tensor, weight: torch.Tensor, bias_col: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[a, 1] P_a^T as one fused matmul: a P_a[:, :d]^T + P_a[:, d] (no concatenated copy of a)."""
+    out = F.linear(a, weight, bias_col)
+    return out * mask if mask is not None else out
+
+
+def project_output_grads(ds: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """ds P_s^T, with masked tokens zeroed (also guards against inf/nan in padded positions)."""
+    out = F.linear(ds, weight)
+    return out * mask if mask is not None else out
+
+
+def augment(a: torch.Tensor, has_bias: bool, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[a, 1] (or a alone without bias) in `dtype`, masked tokens zeroed: the exact-mode a-factor."""
+    a = a.to(dtype)
+    if has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    return a * mask.to(dtype) if mask is not None else a
+
+
+def per_sample_product(ds_factor: torch.Tensor, a_factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_t ds_t a_t^T per sample, accumulated in `dtype`, flattened row-major to (B, rows*cols)."""
+    g = torch.bmm(ds_factor.transpose(1, 2).to(dtype), a_factor.to(dtype))
+    return g.reshape(g.shape[0], -1)

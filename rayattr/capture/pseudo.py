@@ -1,0 +1,45 @@
+"""Sampled-label ("true Fisher") pseudo-losses for the curvature estimate (design.md section 5).
+
+Backpropagating a loss against labels drawn from the model's own predictive distribution
+gives pseudo-gradients g^ with E[g^ g^^T] = the Gauss-Newton matrix of cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import per_sample_loss
+
+
+def sample_labels(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Labels ~ softmax(logits) (detached), shape logits.shape[:-1]; masked positions get ignore_index.
+
+    `generator` must live on the logits' device (torch.multinomial's requirement).
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"logits need a class dimension, got shape {tuple(logits.shape)}")
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    labels = torch.multinomial(flat, 1, generator=generator).reshape(logits.shape[:-1])
+    if mask is not None:
+        mask = torch.as_tensor(mask, device=labels.device)
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask {tuple(mask.shape)} must match logits' leading dims {tuple(labels.shape)}")
+        labels = labels.masked_fill(~mask.bool(), ignore_index)
+    return labels
+
+
+def sampled_label_losses(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample summed cross-entropy against sampled labels: (B, C) or (B, S, C) logits -> (B,)."""
+    labels = sample_labels(logits, generator=generator, mask=mask, ignore_index=ignore_index)
+    return per_sample_loss(logits, labels, reduction="sum", ignore_index=ignore_index)
