@@ -1,0 +1,9 @@
+"""The one exception type the data layer raises for bad input."""
+
+
+class DataError(ValueError):
+    """A dataset, tokenizer spec or batching request that cannot be used as given.
+
+    Subclasses ValueError so callers that only know "bad value" still catch it; the
+    message always names the offending file/column/ids/argument.
+    """
