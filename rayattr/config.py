@@ -1,0 +1,227 @@
+"""The one typed configuration of a rayattr run, loaded from YAML.
+
+Every field has a default, so an empty file (or no file) is the built-in demo run. Unknown or
+mistyped keys are errors that name the key and suggest the closest valid one. The resolved
+config is written into the run's manifest, so every run can be replayed from its own record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run: names the offending key or value."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    """HuggingFace causal-LM family built from a config with random init: "gpt2" or "llama"."""
+    factory: str | None = None
+    """Instead of `family`: "module:function" returning a torch.nn.Module causal LM; called as f(vocab_size, seq_len)."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_embd: int = 64
+    """Hidden width."""
+    n_head: int = 2
+    """Attention heads."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for the HuggingFace config class (passed through)."""
+
+
+@dataclass
+class BuiltinDataConfig:
+    n_train: int = 1536
+    """Training samples of the built-in standard-library docstring corpus."""
+    n_validation: int = 128
+    """Held-out validation samples (clean sources only)."""
+    corrupted_fraction: float = 0.15
+    """Share of training samples in the deliberately corrupted source `corrupted`."""
+    max_chars: int = 192
+    """Longest sample in characters."""
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] | None = None
+    """Parquet/JSONL file(s) or directory with `text` and `source` (optional `id`); local or s3://. None = built-in corpus."""
+    validation: str | list[str] | None = None
+    """Validation file(s), same format; required when `train` is given."""
+    tokenizer: str = "byte"
+    """"byte" (byte-level) or a local HuggingFace tokenizer directory."""
+    seq_len: int = 64
+    """Tokens per sample (truncated / right-padded)."""
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+    """Settings of the built-in corpus."""
+
+
+@dataclass
+class TrainConfig:
+    ranks: int = 2
+    """DeepSpeed ranks, one Ray actor each."""
+    micro_batch: int = 8
+    """Samples per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    epochs: int = 2
+    """Passes over the training data."""
+    steps: int | None = None
+    """Stop after this many optimizer steps (None = all epochs)."""
+    lr: float = 0.3
+    """SGD learning rate (when the DeepSpeed config has no optimizer)."""
+    seed: int = 0
+    """Seed of model init and data order."""
+    use_gpu: bool = False
+    """One GPU per rank (NCCL) instead of CPU (gloo)."""
+    checkpoint_every: int = 0
+    """DeepSpeed checkpoint interval in steps (0 = only at the end)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed config passed through (zero_optimization, bf16/fp16, scheduler, optimizer...).
+    Batch-size keys are filled from micro_batch/grad_accum/ranks."""
+
+
+@dataclass
+class CaptureConfig:
+    rank: int = 8
+    """Projection rank r for both Kronecker factors (p = r*r per layer)."""
+    seed: int = 0
+    """Projection seed: the same matrices are regenerated at query time."""
+    kind: str = "gaussian"
+    """"gaussian" or "rademacher" projections."""
+    layers: list[str] | None = None
+    """fnmatch patterns of module names to capture (None = every Linear/Conv1D)."""
+    curvature: str = "empirical"
+    """"empirical" (Fisher of recorded gradients, the paper) or "sampled" (sampled-label Fisher)."""
+    curvature_fraction: float = 0.5
+    """Share of each micro-batch used for sampled-label pseudo-gradients."""
+    dtype: str = "float32"
+    """Stored gradient dtype: float32, bfloat16 or float16."""
+
+
+@dataclass
+class EmbedConfig:
+    segments: int | None = None
+    """Influence-checkpoint segments, one actor each (None = one per available CPU/GPU)."""
+    keep_sample_embeddings: bool = True
+    """Write per-occurrence final embeddings (needed by `rayattr query`)."""
+    phases: int = 10
+    """Equal step buckets for the per-source x phase values."""
+
+
+@dataclass
+class StoreConfig:
+    uri: str = "./rayattr_runs"
+    """Root URI of runs: a local path, file://, or s3://bucket/prefix."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec/s3fs options (endpoint_url, ...). Prefer the AWS environment for credentials;
+    these are never written into the run's manifest."""
+    steps_per_shard: int = 8
+    """Optimizer steps per gradient shard."""
+
+
+@dataclass
+class Config:
+    run_id: str | None = None
+    """Run name under the store root (None = timestamped)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    # ---------------------------------------------------------------- (de)serialisation
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Config":
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Config":
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def to_dict(self, redact: bool = True) -> dict:
+        d = dataclasses.asdict(self)
+        if redact:  # credentials and endpoints stay out of manifests and logs
+            d["store"]["storage_options"] = {}
+        return d
+
+    def with_overrides(self, **dotted: Any) -> "Config":
+        """Config with "section.key" overrides applied (None values are ignored)."""
+        d = self.to_dict(redact=False)
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            node = d
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return Config.from_dict(d)
+
+    def validate(self) -> "Config":
+        t, c = self.train, self.capture
+        if t.ranks < 1 or t.micro_batch < 1 or t.grad_accum < 1 or t.epochs < 1:
+            raise ConfigError("train.ranks, micro_batch, grad_accum and epochs must all be >= 1")
+        if t.steps is not None and t.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if c.curvature not in ("empirical", "sampled"):
+            raise ConfigError(f"capture.curvature must be 'empirical' or 'sampled', got {c.curvature!r}")
+        if c.kind not in ("gaussian", "rademacher"):
+            raise ConfigError(f"capture.kind must be 'gaussian' or 'rademacher', got {c.kind!r}")
+        if c.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"capture.dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
+        if not 0 < c.curvature_fraction <= 1:
+            raise ConfigError(f"capture.curvature_fraction must be in (0, 1], got {c.curvature_fraction}")
+        if self.embed.segments is not None and self.embed.segments < 1:
+            raise ConfigError(f"embed.segments must be >= 1, got {self.embed.segments}")
+        if (self.data.train is None) != (self.data.validation is None):
+            raise ConfigError("data.train and data.validation must be given together (or neither, for the built-in corpus)")
+        if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
+            raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
+        return self
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.micro_batch * self.train.ranks * self.train.grad_accum
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {sorted(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Config from an optional YAML file plus dotted overrides, validated."""
+    cfg = Config.from_yaml(path) if path else Config()
+    return cfg.with_overrides(**overrides).validate()
