@@ -1,0 +1,82 @@
+"""Object names inside a run directory (the single place that knows the layout).
+
+<root>/<run_id>/
+    run.json                                   manifest
+    steps/00000000-00000063.parquet            step records chunk
+    commits/steps/00000000-00000063.json       its commit entry
+    grads/<kind>/r0003/00000016-00000031.arrow gradient shard (Arrow IPC file)
+    commits/<kind>/r0003/00000016-00000031.json its commit entry
+    writers/<kind>/r0003.json                  writer registration (open / closed)
+    embeddings/..., values/...                 later stages (free-form, via Run.write_*)
+
+Directory names never repeat a data column in Hive style (`rank=3/`), so pyarrow.dataset can
+read grads/<kind>/ directly.
+"""
+
+from __future__ import annotations
+
+import re
+
+RUN_JSON = "run.json"
+STEP_DIGITS = 8
+SHARD_SUFFIX = ".arrow"
+RECORDS_KIND = "steps"
+
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    from .errors import StoreError
+    if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+        raise StoreError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' "
+                         "(max 128, not starting with '.')")
+    return run_id
+
+
+def check_kind(kind: str) -> str:
+    from .errors import StoreError
+    if not isinstance(kind, str) or not _KIND_RE.match(kind) or kind == RECORDS_KIND:
+        raise StoreError(f"invalid gradient kind {kind!r}: expected a lowercase name such as "
+                         f"'train' or 'curvature' (not '{RECORDS_KIND}')")
+    return kind
+
+
+def step_range(first: int, last: int) -> str:
+    return f"{first:0{STEP_DIGITS}d}-{last:0{STEP_DIGITS}d}"
+
+
+def rank_dir(rank: int) -> str:
+    return f"r{rank:04d}"
+
+
+def shard_path(kind: str, rank: int, first: int, last: int) -> str:
+    return f"grads/{kind}/{rank_dir(rank)}/{step_range(first, last)}{SHARD_SUFFIX}"
+
+
+def shard_dir(kind: str, rank: int) -> str:
+    return f"grads/{kind}/{rank_dir(rank)}"
+
+
+def commit_dir(kind: str, rank: int | None = None) -> str:
+    return f"commits/{kind}" if rank is None else f"commits/{kind}/{rank_dir(rank)}"
+
+
+def commit_path(kind: str, rank: int, first: int, last: int) -> str:
+    return f"{commit_dir(kind, rank)}/{step_range(first, last)}.json"
+
+
+def writer_dir(kind: str) -> str:
+    return f"writers/{kind}"
+
+
+def writer_path(kind: str, rank: int) -> str:
+    return f"{writer_dir(kind)}/{rank_dir(rank)}.json"
+
+
+def records_path(first: int, last: int) -> str:
+    return f"steps/{step_range(first, last)}.parquet"
+
+
+def records_commit_path(first: int, last: int) -> str:
+    return f"commits/{RECORDS_KIND}/{step_range(first, last)}.json"

@@ -1,0 +1,55 @@
+"""Connection and safety options for a store root (never persisted anywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Keys of storage_options whose values must never be shown (repr, errors, logs).
+SECRET_OPTION_KEYS = ("secret", "key", "token", "password", "username", "aws_secret_access_key",
+                      "aws_access_key_id", "aws_session_token")
+
+
+@dataclass
+class StoreOptions:
+    """How to reach a store root. Lives only in memory: it is never written to run.json.
+
+    Endpoint and credentials default to the standard AWS environment (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, IAM roles) when not given here.
+    """
+
+    # Extra keyword arguments for the fsspec filesystem (s3fs: endpoint_url, key, secret,
+    # token, client_kwargs, config_kwargs, ...). Hidden from repr because it may hold secrets.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Seconds to wait for a TCP connection to the object store before counting a failed attempt.
+    connect_timeout_s: float = 5.0
+    # Seconds to wait for a response once connected.
+    read_timeout_s: float = 60.0
+    # Total attempts for one operation on transient errors (connection, timeout, 5xx).
+    max_attempts: int = 4
+    # First back-off delay in seconds; doubles after each failed attempt.
+    backoff_s: float = 0.25
+    # Upper bound for a single back-off delay.
+    backoff_max_s: float = 4.0
+    # Verify sha256 of every shard part read (recommended; costs ~1 ms per MB).
+    verify_checksums: bool = True
+    # fsync local files before the rename that publishes them (durability across power loss).
+    fsync: bool = True
+    # Create the S3 bucket when it does not exist (Run.create only).
+    create_bucket: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"StoreOptions.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("StoreOptions timeouts must be positive")
+        if not isinstance(self.storage_options, dict):
+            raise TypeError("StoreOptions.storage_options must be a dict")
+
+    def secret_values(self) -> list[str]:
+        """Secret strings carried by these options (used to keep them out of manifests)."""
+        out = []
+        for k, v in self.storage_options.items():
+            if k.lower() in SECRET_OPTION_KEYS and isinstance(v, str) and v:
+                out.append(v)
+        return out

@@ -1,0 +1,95 @@
+"""Step records: what each training step did (step size, global batch in order).
+
+Written as Parquet chunks under steps/ and committed like gradient shards (a commit entry
+under commits/steps/ written after the chunk); readers see committed chunks only.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .commits import RECORDS_FORMAT, ShardCommit, load_commits, write_commit
+from .errors import StoreError
+from .shard import sha256_hex
+
+if TYPE_CHECKING:
+    from .run import Run
+
+_SCHEMA = pa.schema([
+    pa.field("step", pa.int64()), pa.field("epoch", pa.int64()),
+    pa.field("lr", pa.float64()), pa.field("eta", pa.float64()),
+    pa.field("sample_ids", pa.list_(pa.int64())), pa.field("sources", pa.list_(pa.string())),
+    pa.field("ranks", pa.list_(pa.int32())),
+])
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the attribution math needs it."""
+
+    step: int  # global step index (0-based)
+    epoch: int  # epoch the step belongs to
+    lr: float  # learning rate the optimizer applied at this step
+    eta: float  # per-sample step size eta_t = lr_t / |B_t| (design.md §1)
+    sample_ids: list[int] = field(default_factory=list)  # global batch, in global-batch order
+    sources: list[str] = field(default_factory=list)  # source (dataset) of each sample
+    ranks: list[int] = field(default_factory=list)  # rank that processed each sample
+
+    def validate(self) -> None:
+        n = len(self.sample_ids)
+        if len(self.sources) != n or len(self.ranks) != n:
+            raise StoreError(f"step record {self.step}: sample_ids ({n}), sources "
+                             f"({len(self.sources)}) and ranks ({len(self.ranks)}) differ in length")
+        if not isinstance(self.step, int) or self.step < 0:
+            raise StoreError(f"step record has invalid step {self.step!r}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.eta)):
+            raise StoreError(f"step record {self.step}: lr/eta must be finite")
+
+
+def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
+    if not records:
+        return
+    recs = sorted(records, key=lambda r: r.step)
+    for r in recs:
+        r.validate()
+    steps = [r.step for r in recs]
+    if len(set(steps)) != len(steps):
+        raise StoreError("write_step_records: duplicate steps in one call")
+    table = pa.table({
+        "step": steps, "epoch": [int(r.epoch) for r in recs], "lr": [float(r.lr) for r in recs],
+        "eta": [float(r.eta) for r in recs], "sample_ids": [list(map(int, r.sample_ids)) for r in recs],
+        "sources": [list(map(str, r.sources)) for r in recs],
+        "ranks": [list(map(int, r.ranks)) for r in recs]}, schema=_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue()
+    first, last = steps[0], steps[-1]
+    rel = layout.records_path(first, last)
+    run._storage.put_bytes(rel, data)
+    entry = ShardCommit(shard=rel, kind=layout.RECORDS_KIND, rank=-1, step_first=first,
+                        step_last=last, rows=len(recs), bytes=len(data), sha256=sha256_hex(data),
+                        committed_at=time.time(), writer=uuid.uuid4().hex[:12],
+                        format=RECORDS_FORMAT)
+    write_commit(run._storage, layout.records_commit_path(first, last), entry)
+
+
+def read_step_records(run: "Run") -> list[StepRecord]:
+    entries = load_commits(run._storage, f"commits/{layout.RECORDS_KIND}")
+    entries.sort(key=lambda e: (e.committed_at, e.shard))
+    blobs = run._storage.get_many([e.shard for e in entries])
+    by_step: dict[int, StepRecord] = {}
+    for e, data in zip(entries, blobs):  # later commits win for a re-written step
+        if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
+            raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
+        for row in pq.read_table(pa.BufferReader(data)).to_pylist():
+            by_step[row["step"]] = StepRecord(**row)
+    return [by_step[s] for s in sorted(by_step)]

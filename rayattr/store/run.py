@@ -1,0 +1,298 @@
+"""Runs: one directory per training run under a root URI, described by run.json."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import io
+import json
+import os
+import posixpath
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import layout
+from .errors import StoreError
+from .fs import join_uri, split_uri
+from .options import StoreOptions
+from .records import StepRecord, read_step_records, write_step_records
+from .storage import Storage
+
+STORE_FORMAT = 1
+# Fields the store owns in run.json; callers may not change them after creation.
+_FIXED_FIELDS = ("run_id", "created", "store_format")
+# Directories whose objects only the writers/commit protocol may create.
+_MANAGED_DIRS = ("grads/", "commits/", "writers/", "steps/")
+# Manifest keys that smell like credentials: refused so secrets never land in run.json.
+_SECRET_KEYS = {"storage_options", "secret", "secret_key", "aws_secret_access_key",
+                "aws_session_token", "aws_access_key_id", "password", "credentials", "token"}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _package_version() -> str:
+    from rayattr import __version__
+    return __version__
+
+
+def _reject_secrets(manifest: dict, options: StoreOptions) -> None:
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if str(k).lower() in _SECRET_KEYS:
+                    raise StoreError(f"manifest field '{where}{k}' looks like a credential; "
+                                     "pass credentials through StoreOptions or the environment")
+                walk(v, f"{where}{k}.")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}{i}.")
+    walk(manifest, "")
+    text = json.dumps(manifest)
+    secrets = options.secret_values() + [os.environ.get("AWS_SECRET_ACCESS_KEY") or ""]
+    if any(s and len(s) >= 8 and s in text for s in secrets):
+        raise StoreError("manifest contains a credential value; refusing to write it")
+
+
+def _encode_manifest(manifest: dict) -> bytes:
+    try:
+        return json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"manifest is not JSON-serialisable: {err}") from None
+
+
+def manifest_layers(manifest: dict) -> dict[str, int] | None:
+    """Layer name -> dim from manifest["layers"] ({name: p} or [{"name", "dim"|"p"}])."""
+    layers = manifest.get("layers")
+    if layers is None:
+        return None
+    if isinstance(layers, dict):
+        return {str(k): int(v) for k, v in layers.items()}
+    try:
+        return {str(d["name"]): int(d.get("dim", d.get("p"))) for d in layers}
+    except (TypeError, KeyError, ValueError):
+        raise StoreError("manifest 'layers' must be {name: dim} or a list of "
+                         "{'name': ..., 'dim': ...}") from None
+
+
+class Run:
+    """A run directory `<root>/<run_id>/`. Create with Run.create, open with Run.open."""
+
+    def __init__(self, storage: Storage, run_id: str, manifest: dict, readonly: bool):
+        self._storage = storage
+        self.run_id = run_id
+        self._manifest = manifest
+        self.readonly = readonly
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def create(cls, root_uri: str, run_id: str, manifest: dict | None = None,
+               options: StoreOptions | None = None, exist_ok: bool = False) -> "Run":
+        """New run; StoreError if it exists (with exist_ok, the existing run opened writable)."""
+        options = options or StoreOptions()
+        layout.check_run_id(run_id)
+        manifest = dict(manifest or {})
+        _reject_secrets(manifest, options)
+        for k in _FIXED_FIELDS:
+            if k in manifest:
+                raise StoreError(f"manifest field '{k}' is set by the store")
+        root = Storage(root_uri, options)
+        root.probe(create_bucket=options.create_bucket)
+        storage = Storage(f"{root.uri}/{run_id}", options)
+        if storage.exists(layout.RUN_JSON):
+            if exist_ok:
+                return cls.open(root_uri, run_id, options, readonly=False)
+            raise StoreError(f"run '{run_id}' already exists at {storage.uri}")
+        full = {"run_id": run_id, "created": _now(), "store_format": STORE_FORMAT,
+                "status": "created", "rayattr_version": _package_version()}
+        full.update(manifest)
+        storage.put_bytes(layout.RUN_JSON, _encode_manifest(full))
+        return cls(storage, run_id, full, readonly=False)
+
+    @classmethod
+    def open(cls, root_uri: str, run_id: str, options: StoreOptions | None = None,
+             readonly: bool = True) -> "Run":
+        """Existing run (read-only unless readonly=False); StoreError if there is none."""
+        options = options or StoreOptions()
+        layout.check_run_id(run_id)
+        root = Storage(root_uri, options)
+        root.probe()
+        storage = Storage(f"{root.uri}/{run_id}", options)
+        try:
+            raw = storage.get_bytes(layout.RUN_JSON)
+        except FileNotFoundError:
+            known = [r["run_id"] for r in list_runs(root_uri, options)][:10]
+            raise StoreError(f"run '{run_id}' does not exist under {root.uri} (no run.json); "
+                             f"existing runs: {known or 'none'}") from None
+        try:
+            manifest = json.loads(raw)
+        except ValueError as err:
+            raise StoreError(f"{storage.uri}/run.json is not valid JSON: {err}") from None
+        return cls(storage, run_id, manifest, readonly)
+
+    @classmethod
+    def open_uri(cls, run_uri: str, options: StoreOptions | None = None,
+                 readonly: bool = True) -> "Run":
+        """Open from the run's own URI, e.g. s3://bucket/prefix/run-001."""
+        scheme, path = split_uri(run_uri)
+        parent, run_id = posixpath.split(path.rstrip("/"))
+        if not parent or not run_id:
+            raise StoreError(f"'{run_uri}' is not a run URI (expected <root>/<run_id>)")
+        return cls.open(join_uri(scheme, parent), run_id, options, readonly)
+
+    # -- manifest --------------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return self._storage.uri
+
+    @property
+    def options(self) -> StoreOptions:
+        return self._storage.options
+
+    @property
+    def manifest(self) -> dict:
+        return copy.deepcopy(self._manifest)
+
+    def reload_manifest(self) -> dict:
+        self._manifest = json.loads(self._storage.get_bytes(layout.RUN_JSON))
+        return self.manifest
+
+    def update_manifest(self, **fields: Any) -> dict:
+        """Merge fields into run.json (read-modify-write: one updater per run, the driver)."""
+        self._check_writable("update_manifest")
+        for k in _FIXED_FIELDS:
+            if k in fields:
+                raise StoreError(f"manifest field '{k}' is set by the store")
+        _reject_secrets(fields, self.options)
+        current = json.loads(self._storage.get_bytes(layout.RUN_JSON))
+        current.update(fields)
+        current["updated"] = _now()
+        self._storage.put_bytes(layout.RUN_JSON, _encode_manifest(current))
+        self._manifest = current
+        return self.manifest
+
+    def layers(self) -> dict[str, int] | None:
+        return manifest_layers(self._manifest)
+
+    def check_compatible(self, layers: dict[str, int] | None = None,
+                         projection: dict | None = None) -> None:
+        """StoreError if layers (name -> dim) or the projection spec differ from the manifest."""
+        recorded = self.layers()
+        if layers is not None and recorded is not None:
+            for name, p in layers.items():
+                if name not in recorded:
+                    raise StoreError(f"layer '{name}' is not one of run '{self.run_id}''s layers "
+                                     f"{sorted(recorded)}")
+                if int(p) != recorded[name]:
+                    raise StoreError(f"layer '{name}' has dim {p} but run '{self.run_id}' "
+                                     f"recorded {recorded[name]}")
+        spec = self._manifest.get("projection")
+        if projection is not None and spec is not None:
+            given = json.loads(json.dumps(projection, sort_keys=True))
+            if given != spec:
+                keys = sorted(k for k in set(given) | set(spec) if given.get(k) != spec.get(k)) \
+                    if isinstance(given, dict) and isinstance(spec, dict) else ["<whole spec>"]
+                raise StoreError(f"projection spec does not match run '{self.run_id}': "
+                                 f"differs in {keys}")
+
+    # -- free-form objects -----------------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        if self.readonly:
+            raise StoreError(f"run '{self.run_id}' is open read-only; {what} needs "
+                             "Run.open(..., readonly=False)")
+
+    def _rel(self, rel: str, writing: bool = False) -> str:
+        parts = rel.replace("\\", "/").split("/") if isinstance(rel, str) else [""]
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise StoreError(f"invalid path inside a run: {rel!r}")
+        if writing and (rel == layout.RUN_JSON or rel.startswith(_MANAGED_DIRS)):
+            raise StoreError(f"'{rel}' is managed by the store (use update_manifest, "
+                             "GradientWriter or write_step_records)")
+        return rel
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic: temp file + rename locally, one PUT on S3."""
+        self._check_writable("write_bytes")
+        self._storage.put_bytes(self._rel(rel, writing=True), data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self._storage.get_bytes(self._rel(rel))
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri}/{rel} does not exist") from None
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        try:
+            data = json.dumps(obj, indent=2, allow_nan=False).encode()
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"{rel}: object is not JSON-serialisable: {err}") from None
+        self.write_bytes(rel, data)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        """A pyarrow Table as Parquet (.parquet) or Arrow IPC (.arrow / .feather)."""
+        sink = io.BytesIO() if rel.endswith(".parquet") else pa.BufferOutputStream()
+        if rel.endswith(".parquet"):
+            pq.write_table(table, sink, compression="zstd")
+            data = sink.getvalue()
+        elif rel.endswith((".arrow", ".feather")):
+            with pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            data = sink.getvalue().to_pybytes()
+        else:
+            raise StoreError(f"write_table: '{rel}' needs a .parquet, .arrow or .feather suffix")
+        self.write_bytes(rel, data)
+
+    def read_table(self, rel: str) -> pa.Table:
+        data = self.read_bytes(rel)
+        if rel.endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(data))
+        if rel.endswith((".arrow", ".feather")):
+            return pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        raise StoreError(f"read_table: '{rel}' needs a .parquet, .arrow or .feather suffix")
+
+    def exists(self, rel: str) -> bool:
+        return self._storage.exists(self._rel(rel))
+
+    def list(self, rel_dir: str = "") -> list[str]:
+        """Names directly inside a directory of the run (sorted)."""
+        return self._storage.list_dir(self._rel(rel_dir) if rel_dir else "")
+
+    # -- step records ----------------------------------------------------------------------
+    def write_step_records(self, records: Sequence[StepRecord]) -> None:
+        """Commit step records (one chunk + one commit entry per call)."""
+        self._check_writable("write_step_records")
+        write_step_records(self, records)
+
+    def step_records(self) -> list[StepRecord]:
+        """Committed step records in step order (a re-written step: latest commit wins)."""
+        return read_step_records(self)
+
+    def __repr__(self) -> str:
+        return f"Run({self.uri!r}, readonly={self.readonly})"
+
+
+def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
+    """Runs under a root: run_id, uri, status, created and the manifest's other scalar fields."""
+    options = options or StoreOptions()
+    root = Storage(root_uri, options)
+    root.probe()
+    found = root.glob(f"*/{layout.RUN_JSON}")
+    out = []
+    for rel, raw in zip(found, root.get_many(found)):
+        try:
+            m = json.loads(raw)
+        except ValueError:
+            continue  # not a run directory of ours
+        run_id = rel.split("/")[0]
+        info = {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool))}
+        info.update(run_id=run_id, uri=f"{root.uri}/{run_id}")
+        info.setdefault("status", "unknown")
+        info.setdefault("created", "")
+        out.append(info)
+    return sorted(out, key=lambda d: d["run_id"])

@@ -1,0 +1,159 @@
+"""Atomic, retried object I/O on one store root (the only module that touches fsspec I/O)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Sequence
+
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import StoreError
+from .fs import join_uri, open_store_fs, s3_endpoint
+from .options import StoreOptions
+from .retry import with_retries
+
+TMP_MARK = ".tmp-"  # local temporary files are "<dir>/.<name>.tmp-<uuid>"
+
+
+class Storage:
+    """Objects under one root path. Writes are atomic: a reader sees the whole object or none.
+
+    Locally that is write-to-temp, fsync, os.replace; on S3 a single PUT (s3fs switches to a
+    multipart upload above its block size, which is equally invisible until completed).
+    """
+
+    def __init__(self, uri: str, options: StoreOptions | None = None):
+        self.options = options or StoreOptions()
+        self.fs, self.root = open_store_fs(uri, self.options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.scheme = "file" if self.local else "s3"
+        self.uri = join_uri(self.scheme, self.root)
+        self.endpoint = "" if self.local else s3_endpoint(self.options)
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def _retry(self, fn, what):
+        return with_retries(fn, what, self.options, self.endpoint)
+
+    # -- checks --------------------------------------------------------------------------
+    def probe(self, create_bucket: bool = False) -> None:
+        """Fail early and clearly: credentials, endpoint reachability, bucket existence."""
+        if self.local:
+            return
+        bucket = self.root.split("/")[0]
+        what = f"checking bucket '{bucket}' at {self.endpoint}"
+        try:
+            self._retry(lambda: self.fs.call_s3("head_bucket", Bucket=bucket), what)
+        except FileNotFoundError:
+            if not create_bucket:
+                raise StoreError(f"S3 bucket '{bucket}' does not exist at {self.endpoint} "
+                                 "(create it, or set StoreOptions.create_bucket=True)") from None
+            self._retry(lambda: self.fs.mkdir(bucket), f"creating bucket '{bucket}'")
+
+    # -- writes --------------------------------------------------------------------------
+    def put_bytes(self, rel: str, data: bytes | memoryview) -> None:
+        path = self.path(rel)
+        if self.local:
+            self._put_local(path, data)
+        else:
+            self._retry(lambda: self.fs.pipe_file(path, bytes(data)), f"writing {self.uri}/{rel}")
+
+    def _put_local(self, path: str, data) -> None:
+        d, name = os.path.split(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.options.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def remove(self, rels: Sequence[str]) -> None:
+        paths = [self.path(r) for r in rels]
+        if paths:
+            self._retry(lambda: self.fs.rm(paths), f"removing {len(paths)} objects")
+
+    # -- reads ---------------------------------------------------------------------------
+    def get_bytes(self, rel: str) -> bytes:
+        path = self.path(rel)
+        return self._retry(lambda: self.fs.cat_file(path), f"reading {self.uri}/{rel}")
+
+    def get_many(self, rels: Sequence[str]) -> list[bytes]:
+        """Whole objects, fetched concurrently on S3."""
+        return self.get_ranges(rels, [None] * len(rels), [None] * len(rels))
+
+    def get_ranges(self, rels: Sequence[str], starts: Sequence[int | None],
+                   ends: Sequence[int | None]) -> list[bytes]:
+        """Byte ranges [start, end) of objects (None = from start / to end), concurrent on S3."""
+        if not rels:
+            return []
+        paths = [self.path(r) for r in rels]
+
+        def fetch() -> list[bytes]:
+            out = self.fs.cat_ranges(paths, list(starts), list(ends), on_error="return")
+            for rel, o in zip(rels, out):
+                if isinstance(o, FileNotFoundError):
+                    raise FileNotFoundError(f"{self.uri}/{rel} does not exist")
+                if isinstance(o, BaseException):
+                    raise o  # classified (and retried if transient) by with_retries
+            return out
+
+        return self._retry(fetch, f"reading {len(paths)} objects under {self.uri}")
+
+    def exists(self, rel: str) -> bool:
+        path = self.path(rel)
+        if self.local:
+            return os.path.exists(path)
+        self.fs.invalidate_cache(path)
+        return self._retry(lambda: self.fs.exists(path), f"checking {self.uri}/{rel}")
+
+    def find(self, rel_dir: str) -> list[str]:
+        """All object paths under rel_dir (recursive), relative to the root, sorted."""
+        base = self.path(rel_dir)
+        if self.local:
+            if not os.path.isdir(base):
+                return []
+        else:
+            self.fs.invalidate_cache(base)
+        try:
+            found = self._retry(lambda: self.fs.find(base), f"listing {self.uri}/{rel_dir}")
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        rels = []
+        for p in found:
+            p = p if not self.local else p.replace(os.sep, "/")
+            rels.append(p[len(prefix):] if p.startswith(prefix) else p)
+        return sorted(rels)
+
+    def list_dir(self, rel_dir: str) -> list[str]:
+        """Names directly inside rel_dir (files and sub-directories), sorted."""
+        base = self.path(rel_dir)
+        if self.local:
+            return sorted(os.listdir(base)) if os.path.isdir(base) else []
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self._retry(lambda: self.fs.ls(base, detail=False),
+                                  f"listing {self.uri}/{rel_dir}")
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def glob(self, rel_pattern: str) -> list[str]:
+        """Objects matching a glob pattern relative to the root, sorted."""
+        base = self.path(rel_pattern)
+        if not self.local:
+            self.fs.invalidate_cache(self.root)
+        found = self._retry(lambda: self.fs.glob(base), f"listing {self.uri}/{rel_pattern}")
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] for p in found if p.startswith(prefix))

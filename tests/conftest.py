@@ -1,0 +1,61 @@
+"""Shared fixtures: a session-wide SeaweedFS S3 server and a store root on each backend.
+
+    def test_x(store_root):      # runs twice: [local] and [s3]
+        run = Run.create(store_root.uri, "r1", {}, options=store_root.options)
+
+    def test_y(s3_store):        # the SeaweedS3 server itself (root_uri(), env, restart())
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # make tests/s3server.py importable
+
+from s3server import SeaweedS3  # noqa: E402
+
+from rayattr.store import StoreOptions  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session (started on first use).
+
+    Attributes: root_uri(name) -> fresh "s3://rayattr-test/<name>-<random>", storage_options
+    (s3fs kwargs), env (AWS_* vars for subprocesses), endpoint_url, stop(), start(), restart().
+    """
+    # Never let botocore probe the EC2 metadata endpoint (only loopback is a valid target).
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class StoreRoot:
+    """Where a test keeps its runs, on one backend."""
+
+    backend: str  # "local" or "s3"
+    uri: str  # root URI to pass to Run.create / list_runs
+    options: StoreOptions  # connection options (credentials for S3)
+    env: dict = field(default_factory=dict)  # AWS_* variables a subprocess needs (S3 only)
+    server: SeaweedS3 | None = None  # the S3 server (S3 only)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path) -> StoreRoot:
+    """A fresh, empty store root: a local temp directory, then a unique prefix on SeaweedFS."""
+    if request.param == "local":
+        return StoreRoot("local", str(tmp_path / "store"), StoreOptions())
+    server: SeaweedS3 = request.getfixturevalue("s3_store")
+    opts = StoreOptions(storage_options=server.storage_options, connect_timeout_s=2.0,
+                        max_attempts=3, backoff_s=0.1)
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
+    return StoreRoot("s3", server.root_uri(name), opts, server.env, server)
