@@ -190,11 +190,12 @@ def test_mean_loss_and_fp16_style_scale_are_divided_out():
         cap.loss_scale = 0.0
 
 
-def test_gradient_accumulation_and_forward_only_passes():
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background-thread"])
+def test_gradient_accumulation_and_forward_only_passes(background):
     model = make_model(mix=True)
     batches = [make_data(batch=b, seed=s) for b, s in [(3, 1), (2, 2)]]
     spec = ProjectionSpec(rank=3, seed=0)
-    cap = GradientCapture(model, projection=spec)
+    cap = GradientCapture(model, projection=spec, background=background)
     with cap:
         for i, (x, y) in enumerate(batches):
             cap.loss_scale = 1.0 / (len(batches) * x.shape[0])  # DeepSpeed-style mean / accumulation
@@ -254,6 +255,23 @@ def test_reused_layer_sums_its_calls():
     expected = torch.cat([g["lin.weight"], g["lin.bias"].unsqueeze(-1)], -1).reshape(3, -1)
     assert list(cap.gradients()) == ["lin"]
     assert_close(cap.gradients()["lin"], expected)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background-thread"])
+def test_two_forwards_of_different_batches_need_a_boundary(background):
+    model = make_model()
+    x1, y1 = make_data(batch=3, seed=1)
+    x2, y2 = make_data(batch=2, seed=2)
+    cap = GradientCapture(model, background=background)
+    with cap, pytest.raises(RuntimeError):
+        (sample_losses(model, x1, y1).sum() + sample_losses(model, x2, y2).sum()).backward()
+        cap.gradients()
+    with cap:  # with an explicit boundary the rows come out per micro-batch, in forward order
+        loss = sample_losses(model, x1, y1).sum()
+        cap.next_micro_batch()
+        (loss + sample_losses(model, x2, y2).sum()).backward()
+    refs = [reference_grads(model, x, y) for x, y in [(x1, y1), (x2, y2)]]
+    assert_close(cap.gradients()["conv"], torch.cat([r["conv"].reshape(len(r["conv"]), -1) for r in refs]))
 
 
 def test_layer_patterns_and_errors():

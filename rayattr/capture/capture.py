@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .background import BackgroundWorker
 from .layers import LayerInfo, layer_info, select_layers
 from .projection import ProjectionSpec, projection_matrices
 
@@ -61,9 +62,10 @@ class _Layer:
 class _Pending:
     """What a forward call leaves for its backward: the (projected) a-factor and context."""
 
-    __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype")
+    __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype", "consumed")
 
     def __init__(self, micro, generation, a_factor, mask, batch, compute_dtype, out_dtype):
+        self.consumed = False  # set by the first backward through this call's output
         self.micro = micro
         self.generation = generation
         self.a_factor = a_factor
@@ -93,6 +95,8 @@ class GradientCapture:
             (mean over B -> 1/B; fp16 dynamic scale S -> times S); gradients are divided by it.
             May be changed between backwards.
         mask: optional (B, S) padding mask; tokens where it is 0/False contribute nothing.
+        background: run the backward-side projections on a worker thread (None: only for
+            CUDA gradients, where kernel launches from the autograd thread slow the step).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class GradientCapture:
         layers: Iterable[str] | None = None,
         loss_scale: float = 1.0,
         mask: torch.Tensor | None = None,
+        background: bool | None = None,
     ):
         if projection is not None and not isinstance(projection, ProjectionSpec):
             raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
@@ -120,6 +125,8 @@ class GradientCapture:
         self._rows: dict[str, dict[int, torch.Tensor]] = {}
         self._micro = 0
         self._backward_seen = False
+        self.background = background
+        self._worker = BackgroundWorker()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -181,9 +188,11 @@ class GradientCapture:
             if layer.handle is not None:
                 layer.handle.remove()
                 layer.handle = None
+        self._worker.stop()
 
     def reset(self) -> None:
         """Drop captured rows; backward hooks of forwards made before this are ignored."""
+        self._worker.drain()
         self._generation += 1
         self._rows = {}
         self._micro = 0
@@ -195,12 +204,17 @@ class GradientCapture:
         self._backward_seen = False
 
     # ------------------------------------------------------------------ results
+    def synchronize(self) -> None:
+        """Wait for background capture work (gradients() does this itself)."""
+        self._worker.drain()
+
     def gradients(self) -> dict[str, torch.Tensor]:
         """{layer name: (N, p)} with all micro-batches' rows concatenated in forward order.
 
         float32 (float64 for a float64 model), on the model's device. Layers that saw no
         backward give a (0, p) tensor.
         """
+        self._worker.drain()
         out = {}
         for name, layer in self._layers.items():
             parts = self._rows.get(name)
@@ -245,42 +259,64 @@ class GradientCapture:
         a = args[0]
         device_type = a.device.type
         out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if torch.is_autocast_enabled(device_type):
-            compute_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            compute_dtype = a.dtype
-        with torch.autocast(device_type, enabled=False), torch.no_grad():
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else a.dtype
+        # Context managers cost real time per call (49 layers x every step): enter only if needed.
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            a = a.detach()  # with constant projections, no autograd graph is built
             if self.projection is None:
                 mask = self._mask_for(a, layer.info.name, out_dtype)
-                a_factor = kernels.augment(a.detach(), layer.info.has_bias, mask, out_dtype)
+                a_factor = kernels.augment(a, layer.info.has_bias, mask, out_dtype)
             else:
                 mask = self._mask_for(a, layer.info.name, compute_dtype)
                 w, b, _ = layer.matrices(a.device, compute_dtype)
-                a_factor = kernels.project_activations(a.detach().to(compute_dtype), w, b, mask)
+                a_factor = kernels.project_activations(kernels.cast(a, compute_dtype), w, b, mask)
         batch = a.shape[0]
-        a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])  # (B, T, r_a or d_in_aug)
-        if mask is not None:
-            mask = mask.reshape(batch, -1, 1)
+        if a_factor.dim() != 3:  # (B, d) or (B, *, S, d) inputs -> (B, T, r_a or d_in_aug)
+            a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])
+            if mask is not None:
+                mask = mask.reshape(batch, -1, 1)
         pending = _Pending(self._micro, self._generation, a_factor, mask, batch, compute_dtype, out_dtype)
         output.register_hook(functools.partial(self._backward_hook, layer, pending))
 
     def _backward_hook(self, layer: _Layer, pending: _Pending, grad: torch.Tensor) -> None:
-        if not self._active or pending.generation != self._generation or pending.a_factor is None:
+        if not self._active or pending.generation != self._generation or pending.consumed:
             return  # outside the block, from before a reset, or a second backward of one graph
+        pending.consumed = True
         self._backward_seen = True
+        scale = 1.0 / self._loss_scale  # the scale in force for this backward
+        background = self.background if self.background is not None else grad.is_cuda
+        if background:
+            stream = torch.cuda.current_stream(grad.device) if grad.is_cuda else None
+            self._worker.submit(self._record, layer, pending, grad, scale, stream)
+        else:
+            self._record(layer, pending, grad, scale, None)
+
+    def _record(self, layer: _Layer, pending: _Pending, grad: torch.Tensor, scale: float, stream) -> None:
+        """Project the output gradient, form the per-sample product, store it under its micro-batch."""
         info = layer.info
-        with torch.autocast(grad.device.type, enabled=False), torch.no_grad():
-            ds = grad.reshape(pending.batch, -1, info.d_out)
+        device_type = grad.device.type
+        # Backward normally runs with grad mode off and autocast inactive; guard the rare cases
+        # (create_graph=True, backward() inside an autocast block) without paying for it always.
+        guard_grad = torch.is_grad_enabled()
+        guard_autocast = torch.is_autocast_enabled(device_type)
+        with (
+            torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
+            torch.no_grad() if guard_grad else contextlib.nullcontext(),
+            torch.autocast(device_type, enabled=False) if guard_autocast else contextlib.nullcontext(),
+        ):
+            ds = grad if grad.dim() == 3 else grad.reshape(pending.batch, -1, info.d_out)
             if self.projection is None:
-                ds_factor = ds.to(pending.out_dtype)
+                ds_factor = kernels.cast(ds, pending.out_dtype)
                 if pending.mask is not None:
                     ds_factor = ds_factor * pending.mask
             else:
                 _, _, p_s = layer.matrices(grad.device, pending.compute_dtype)
-                ds_factor = kernels.project_output_grads(ds.to(pending.compute_dtype), p_s, pending.mask)
-            g = kernels.per_sample_product(ds_factor, pending.a_factor, pending.out_dtype)
-            if self._loss_scale != 1.0:
-                g.mul_(1.0 / self._loss_scale)
+                ds_factor = kernels.project_output_grads(kernels.cast(ds, pending.compute_dtype), p_s, pending.mask)
+            g = kernels.per_sample_product(ds_factor, pending.a_factor, pending.out_dtype, scale)
+        pending.a_factor = None  # free it even if autograd keeps the hook alive
+        if pending.generation != self._generation:
+            return  # reset while this was queued
         rows = self._rows.setdefault(info.name, {})
         previous = rows.get(pending.micro)
         if previous is None:
@@ -293,4 +329,3 @@ class GradientCapture:
                 f"{previous.shape[0]} and {g.shape[0]}; call cap.next_micro_batch() between "
                 "forwards of different micro-batches"
             )
-        pending.a_factor = None  # free it even if autograd keeps the hook alive

@@ -25,15 +25,37 @@ def project_output_grads(ds: torch.Tensor, weight: torch.Tensor, mask: torch.Ten
     return out * mask if mask is not None else out
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; skips the call entirely when it already is (even a no-op .to() costs ~10 us)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def augment(a: torch.Tensor, has_bias: bool, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """[a, 1] (or a alone without bias) in `dtype`, masked tokens zeroed: the exact-mode a-factor."""
-    a = a.to(dtype)
+    a = cast(a, dtype)
     if has_bias:
         a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
     return a * mask.to(dtype) if mask is not None else a
 
 
-def per_sample_product(ds_factor: torch.Tensor, a_factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_t ds_t a_t^T per sample, accumulated in `dtype`, flattened row-major to (B, rows*cols)."""
-    g = torch.bmm(ds_factor.transpose(1, 2).to(dtype), a_factor.to(dtype))
+def per_sample_product(
+    ds_factor: torch.Tensor, a_factor: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> torch.Tensor:
+    """scale * sum_t ds_t a_t^T per sample, accumulated in `dtype`, flattened row-major to (B, rows*cols).
+
+    On CUDA, half-precision factors go straight into a bmm with float32 output (fp32
+    accumulation, no upcast copies); elsewhere the factors are upcast first.
+    """
+    lhs = ds_factor.transpose(1, 2)
+    if (
+        ds_factor.is_cuda
+        and dtype == torch.float32
+        and ds_factor.dtype in (torch.float16, torch.bfloat16)
+        and a_factor.dtype == ds_factor.dtype
+    ):
+        g = torch.bmm(lhs, a_factor, out_dtype=torch.float32)
+    else:
+        g = torch.bmm(cast(lhs, dtype), cast(a_factor, dtype))
+    if scale != 1.0:
+        g.mul_(scale)
     return g.reshape(g.shape[0], -1)
