@@ -51,6 +51,8 @@ class BackgroundWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread and on by default
+        if torch.cuda.is_available():
+            torch.cuda.init()
         while True:
             item = self._queue.get()
             try:

@@ -300,6 +300,8 @@ class GradientCapture:
         # (create_graph=True, backward() inside an autocast block) without paying for it always.
         guard_grad = torch.is_grad_enabled()
         guard_autocast = torch.is_autocast_enabled(device_type)
+        if stream is not None and torch.cuda.current_device() != grad.device.index:
+            torch.cuda.set_device(grad.device)  # a fresh worker thread starts on device 0
         with (
             torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
             torch.no_grad() if guard_grad else contextlib.nullcontext(),
