@@ -82,7 +82,7 @@ class TrainConfig:
     """One GPU per rank (NCCL) instead of CPU (gloo)."""
     checkpoint_every: int = 0
     """DeepSpeed checkpoint interval in steps (0 = only at the end)."""
-    deepspeed: dict[str, Any] = field(default_factory=dict)
+    deepspeed: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 1}})
     """DeepSpeed config passed through (zero_optimization, bf16/fp16, scheduler, optimizer...).
     Batch-size keys are filled from micro_batch/grad_accum/ranks."""
 
@@ -113,6 +113,8 @@ class EmbedConfig:
     """Write per-occurrence final embeddings (needed by `rayattr query`)."""
     phases: int = 10
     """Equal step buckets for the per-source x phase values."""
+    dtype: str = "float32"
+    """Precision of the recursion in the segment actors (float64 for exact comparisons)."""
 
 
 @dataclass
@@ -159,7 +161,7 @@ class Config:
     def to_dict(self, redact: bool = True) -> dict:
         d = dataclasses.asdict(self)
         if redact:  # credentials and endpoints stay out of manifests and logs
-            d["store"]["storage_options"] = {}
+            del d["store"]["storage_options"]
         return d
 
     def with_overrides(self, **dotted: Any) -> "Config":
@@ -189,6 +191,8 @@ class Config:
             raise ConfigError(f"capture.dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
         if not 0 < c.curvature_fraction <= 1:
             raise ConfigError(f"capture.curvature_fraction must be in (0, 1], got {c.curvature_fraction}")
+        if self.embed.dtype not in ("float32", "float64"):
+            raise ConfigError(f"embed.dtype must be float32 or float64, got {self.embed.dtype!r}")
         if self.embed.segments is not None and self.embed.segments < 1:
             raise ConfigError(f"embed.segments must be >= 1, got {self.embed.segments}")
         if (self.data.train is None) != (self.data.validation is None):

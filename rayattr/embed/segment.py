@@ -1,0 +1,162 @@
+"""SegmentActor: one influence-checkpoint segment of the DVEmb recursion (design.md §3).
+
+`compute()` sweeps the segment's steps backwards from M = 0 (K = I), writing the local
+embeddings of every occurrence, the segment matrix K per layer, and per-(source, phase) sums
+of local embeddings. `finalize(suffix, test_grad)` turns local embeddings into final ones with
+the product of the later segments' K's and scores them. Both read and write only the store,
+so a restarted actor redoes just its own segment.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from rayattr.dvemb import SegmentRecursion
+from rayattr.embed.sums import SourcePhaseSums
+from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
+from rayattr.embed.tensors import load_tensors, save_tensors
+
+LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
+FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """What one segment actor works on."""
+
+    index: int
+    """Segment number ℓ (0 = earliest)."""
+    start: int
+    """First optimizer step of the segment."""
+    end: int
+    """One past its last step."""
+
+
+def k_path(index: int) -> str:
+    return f"embed/K/seg{index:04d}.safetensors"
+
+
+def sums_path(index: int, final: bool = False) -> str:
+    return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
+
+
+def values_path(index: int) -> str:
+    return f"embed/values/seg{index:04d}.parquet"
+
+
+class SegmentWorker:
+    """The work of one segment (plain class; `SegmentActor` is its Ray actor)."""
+
+    def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
+                 phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
+                 read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
+                                readonly=False)
+        self.seg = segment
+        self.phase_edges = np.asarray(phase_edges)
+        self.curvature = curvature
+        self.dtype = getattr(torch, dtype)
+        self.read_chunk = read_chunk
+        self.keep = keep_sample_embeddings
+        self.dims = {k: int(v) for k, v in self.run.manifest["layer_dims"].items()}
+
+    def phase_of(self, step: int) -> int:
+        return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
+
+    # ------------------------------------------------------------------ the backward sweep
+
+    def compute(self) -> dict[str, Any]:
+        """Local embeddings, K and per-(source, phase) local sums of this segment."""
+        if self.run.exists(k_path(self.seg.index)):
+            return {"segment": self.seg.index, "skipped": True}  # done before a restart
+        t0 = time.perf_counter()
+        s = self.seg
+        etas = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
+        missing = [t for t in range(s.start, s.end) if t not in etas]
+        if missing:
+            raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
+        reader = GradientReader(self.run, kind="train")
+        curv = GradientReader(self.run, kind="curvature") if self.curvature else None
+        rec = SegmentRecursion(self.dims, dtype=self.dtype)
+        sums = SourcePhaseSums(self.dims, self.dtype)
+        local: list[tuple[Any, dict[str, torch.Tensor]]] = []
+        n_rows = 0
+        for b in range(s.end, s.start, -self.read_chunk):
+            a = max(s.start, b - self.read_chunk)
+            batches = reader.read_steps(a, b, dtype=self.dtype)
+            curv_by_step = ({c.step: c.grads for c in curv.read_steps(a, b, dtype=self.dtype)}
+                            if curv is not None else {})
+            for batch in reversed(batches):
+                record = etas[batch.step]
+                emb = rec.step(batch.grads, record.eta, curv_by_step.get(batch.step) if curv else None,
+                               batch_size=len(batch.sample_ids), step=batch.step)
+                sums.add(batch.sources, self.phase_of(batch.step), emb)
+                local.append((batch, emb))
+                n_rows += len(batch.sample_ids)
+        # written in increasing step order, so the embeddings read back like gradients
+        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
+                            steps_per_shard=max(1, s.end - s.start)) as w:
+            for batch, emb in reversed(local):
+                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
+                             positions=list(batch.positions))
+        self.run.write_table(sums_path(s.index), sums.to_table())
+        # K last: its presence marks the segment as done
+        self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
+                "seconds": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ finalisation
+
+    def finalize(self, suffix: dict[str, torch.Tensor], test_grad: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Final embeddings S·e, per-occurrence values and final per-(source, phase) sums."""
+        t0 = time.perf_counter()
+        s = self.seg
+        S = {n: m.to(self.dtype) for n, m in suffix.items()}
+        v = {n: g.to(self.dtype) for n, g in test_grad.items()}
+        epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
+        cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value")}
+        reader = GradientReader(self.run, kind=LOCAL_KIND)
+        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32",
+                                 steps_per_shard=self.read_chunk) if self.keep else None)
+        for a in range(s.start, s.end, self.read_chunk):
+            for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
+                final = {n: e @ S[n].T for n, e in batch.grads.items()}
+                value = sum(final[n] @ v[n] for n in final)
+                if writer is not None:
+                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
+                                      positions=list(batch.positions))
+                k = len(batch.sample_ids)
+                cols["sample_id"].append(batch.sample_ids.numpy())
+                cols["source"].extend(batch.sources)
+                cols["step"].append(np.full(k, batch.step))
+                cols["epoch"].append(np.full(k, epochs[batch.step]))
+                cols["position"].append(np.asarray(batch.positions))
+                cols["value"].append(value.double().numpy())
+        if writer is not None:
+            writer.close()
+        values = pa.table({
+            "sample_id": pa.array(np.concatenate(cols["sample_id"]), pa.int64()),
+            "source": pa.array(cols["source"], pa.string()),
+            "step": pa.array(np.concatenate(cols["step"]), pa.int64()),
+            "epoch": pa.array(np.concatenate(cols["epoch"]), pa.int64()),
+            "position": pa.array(np.concatenate(cols["position"]), pa.int64()),
+            "value": pa.array(np.concatenate(cols["value"]), pa.float64()),
+        })
+        self.run.write_table(values_path(s.index), values)
+        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims, self.dtype)
+        self.run.write_table(sums_path(s.index, final=True), sums.transformed(S).to_table())
+        return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
+
+    def load_k(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+SegmentActor = ray.remote(SegmentWorker)

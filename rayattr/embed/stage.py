@@ -1,0 +1,41 @@
+"""Driver side of the embedding stage: one SegmentActor per segment, all concurrent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+from rayattr.dvemb import segment_bounds
+from rayattr.embed.segment import SegmentActor, SegmentSpec
+
+
+def default_segments(use_gpu: bool = False) -> int:
+    res = ray.cluster_resources()  # totals: the training actors may still be releasing theirs
+    return max(1, int(res.get("GPU" if use_gpu else "CPU", 1)))
+
+
+def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
+                   edges: list[int], curvature: bool, keep_sample_embeddings: bool,
+                   use_gpu: bool = False, dtype: str = "float32") -> tuple[list, list[SegmentSpec]]:
+    bounds = segment_bounds(num_steps, n_segments)
+    specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    # a crashed actor is restarted and its method retried: compute() skips finished work
+    opts = dict(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=3, max_task_retries=3)
+    actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
+                                                  keep_sample_embeddings=keep_sample_embeddings)
+              for s in specs]
+    return actors, specs
+
+
+def wait_all(refs: list, desc: str, progress: bool = True) -> list[Any]:
+    """ray.get with a progress bar that advances as each segment finishes."""
+    pending, index = list(refs), {r: i for i, r in enumerate(refs)}
+    out: list[Any] = [None] * len(refs)
+    with tqdm(total=len(refs), desc=desc, unit="segment", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            out[index[done[0]]] = ray.get(done[0])
+            bar.update(1)
+    return out

@@ -1,0 +1,84 @@
+"""Per-(source, phase) sums of embeddings, accumulated inside a segment as it sweeps.
+
+Everything is linear in the embeddings, so a source's embedding is the sum of its
+occurrences' and the K-products commute with the sum (design.md §3, Aggregates): dataset-level
+answers cost O(#sources · #phases · p), never O(#samples · p).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+class SourcePhaseSums:
+    """(source, phase) -> occurrence count and per-layer embedding sum."""
+
+    def __init__(self, dims: Mapping[str, int], dtype: torch.dtype = torch.float64):
+        self.dims = dict(dims)
+        self.dtype = dtype
+        self.count: dict[tuple[str, int], int] = {}
+        self.sum: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def add(self, sources: Sequence[str], phase: int, emb: Mapping[str, torch.Tensor]) -> None:
+        """Add one step's embeddings (rows aligned with `sources`), all in `phase`."""
+        src = np.asarray(sources, dtype=object)
+        for name in np.unique(src):
+            rows = torch.from_numpy(np.flatnonzero(src == name))
+            key = (str(name), int(phase))
+            acc = self.sum.setdefault(key, {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()})
+            for n in self.dims:
+                acc[n] += emb[n][rows].sum(0).to(self.dtype)
+            self.count[key] = self.count.get(key, 0) + len(rows)
+
+    def merge(self, other: "SourcePhaseSums") -> "SourcePhaseSums":
+        for key, vecs in other.sum.items():
+            acc = self.sum.setdefault(key, {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()})
+            for n in self.dims:
+                acc[n] += vecs[n].to(self.dtype)
+            self.count[key] = self.count.get(key, 0) + other.count[key]
+        return self
+
+    def transformed(self, suffix: Mapping[str, torch.Tensor]) -> "SourcePhaseSums":
+        """The sums with every embedding mapped e ↦ S e (local -> final)."""
+        out = SourcePhaseSums(self.dims, self.dtype)
+        out.count = dict(self.count)
+        out.sum = {k: {n: suffix[n].to(self.dtype) @ v[n] for n in self.dims} for k, v in self.sum.items()}
+        return out
+
+    def values(self, test_grad: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
+        return {k: float(sum(v[n] @ test_grad[n].to(self.dtype) for n in self.dims)) for k, v in self.sum.items()}
+
+    def by_source(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Phases summed: source -> layer -> embedding."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for (source, _), vecs in self.sum.items():
+            acc = out.setdefault(source, {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()})
+            for n in self.dims:
+                acc[n] += vecs[n]
+        return out
+
+    def to_table(self) -> pa.Table:
+        keys = sorted(self.sum)
+        cols = {"source": pa.array([k[0] for k in keys], pa.string()),
+                "phase": pa.array([k[1] for k in keys], pa.int64()),
+                "n_occurrences": pa.array([self.count[k] for k in keys], pa.int64())}
+        for n, p in self.dims.items():
+            flat = np.concatenate([self.sum[k][n].double().numpy() for k in keys]) if keys else np.zeros(0)
+            cols[n] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float64()), p)
+        return pa.table(cols)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, dims: Mapping[str, int], dtype=torch.float64) -> "SourcePhaseSums":
+        out = cls(dims, dtype)
+        sources, phases = table["source"].to_pylist(), table["phase"].to_pylist()
+        counts = table["n_occurrences"].to_pylist()
+        mats = {n: torch.from_numpy(table[n].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, p).copy()).to(dtype)
+                for n, p in out.dims.items()}
+        for i, key in enumerate(zip(sources, phases)):
+            out.count[key] = counts[i]
+            out.sum[key] = {n: mats[n][i].clone() for n in out.dims}
+        return out

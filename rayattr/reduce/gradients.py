@@ -1,0 +1,58 @@
+"""Projected gradients of texts at a run's final model: the test side of every influence score.
+
+The same projection matrices as training are regenerated from the run's recorded spec, so a
+test gradient lives in the same space as the stored embeddings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load
+
+from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
+from rayattr.config import Config
+from rayattr.data import TokenizedDataset, load_tokenizer
+from rayattr.store import Run
+from rayattr.train.model import build_model, logits_of
+
+
+def final_model(run: Run, cfg: Config | None = None) -> torch.nn.Module:
+    cfg = cfg or Config.from_dict(run.manifest["config"])
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=cfg.train.seed)
+    model.load_state_dict(load(run.read_bytes("weights/final.safetensors")))
+    return model.float().eval()
+
+
+def text_gradients(run: Run, table: pa.Table, batch_size: int = 32, cfg: Config | None = None,
+                   model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample projected gradients (N, p) per layer of each text's own loss at the final model.
+
+    `table` has id, source, text columns; a sample's loss is the mean of its token losses,
+    as in training.
+    """
+    cfg = cfg or Config.from_dict(run.manifest["config"])
+    model = model if model is not None else final_model(run, cfg)
+    data = TokenizedDataset(table, load_tokenizer(cfg.data.tokenizer), cfg.data.seq_len)
+    spec = ProjectionSpec.from_dict(run.manifest["projection"])
+    cap = GradientCapture(model, projection=spec, layers=cfg.capture.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out: dict[str, list[torch.Tensor]] = {}
+    for a in range(0, len(data), batch_size):
+        b = data.batch(np.arange(a, min(len(data), a + batch_size)))
+        with cap:
+            cap.set_mask(b["attention_mask"])
+            logits = logits_of(model, b["input_ids"], b["attention_mask"])
+            losses = per_sample_loss(logits[:, :-1].float(), b["labels"][:, 1:], reduction="mean")
+            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        for n, g in cap.gradients().items():
+            out.setdefault(n, []).append(g)
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def validation_gradient(run: Run) -> dict[str, torch.Tensor]:
+    """Gradient of the mean validation loss at the final model (the values' test point)."""
+    grads = text_gradients(run, run.read_table("data/validation.parquet"))
+    return {n: g.double().mean(0) for n, g in grads.items()}

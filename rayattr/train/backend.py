@@ -1,0 +1,51 @@
+"""Process-group and DeepSpeed-config plumbing for rank actors (kept apart from the training loop)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any
+
+from rayattr.config import Config, ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:
+    """torch.distributed's env:// rendezvous, as the deepspeed launcher would set it."""
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_SIZE="1")
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The user's DeepSpeed config with batch sizes filled from the run's config.
+
+    Batch keys the user set must agree with ours: the per-sample step size depends on them.
+    """
+    ds = copy.deepcopy(cfg.train.deepspeed)
+    t = cfg.train
+    want = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": cfg.global_batch}
+    for key, value in want.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"train.deepspeed.{key}={ds[key]} disagrees with the run's batch settings ({value})")
+        ds[key] = value
+    opt = ds.get("optimizer")
+    if opt is not None and str(opt.get("type", "")).lower() != "sgd":
+        # DVEmb's recursion is derived for SGD updates (design.md §1).
+        raise ConfigError(f"train.deepspeed.optimizer.type={opt.get('type')!r}: rayattr's attribution assumes SGD")
+    ds.setdefault("zero_allow_untested_optimizer", True)  # plain torch.optim.SGD under ZeRO
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,48 @@
+"""Causal language models built from a config (random init: nothing is downloaded)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from rayattr.config import ConfigError, ModelConfig
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0) -> torch.nn.Module:
+    """A HuggingFace causal LM of the configured family, or the user's factory's model.
+
+    The seed fixes the initial weights, so every rank builds the identical model.
+    """
+    torch.manual_seed(seed)
+    if cfg.factory:
+        module_name, _, fn_name = cfg.factory.partition(":")
+        if not fn_name:
+            raise ConfigError(f"model.factory must look like 'module:function', got {cfg.factory!r}")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"model.factory {cfg.factory!r} cannot be loaded: {e}") from None
+        return fn(vocab_size, seq_len)
+    if cfg.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg_extra = {"bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, **cfg.extra}
+        hf = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg_extra)
+        return GPT2LMHeadModel(hf)
+    if cfg.family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=cfg.n_embd,
+                         intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                         **{"bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, **cfg.extra})
+        return LlamaForCausalLM(hf)
+    raise ConfigError(f"unknown model.family {cfg.family!r}")
+
+
+def logits_of(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits from a HuggingFace model (output object) or a factory model (plain tensor)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out if isinstance(out, torch.Tensor) else out.logits

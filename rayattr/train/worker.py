@@ -1,0 +1,224 @@
+"""RankActor: one DeepSpeed training rank inside a Ray actor, capturing and streaming gradients.
+
+Per optimizer step a rank runs its micro-batches through the DeepSpeed engine with the
+capture hooks live, then hands the step's projected per-sample gradients to a background
+GradientWriter. Rank 0 also writes the step record (lr, per-sample step size, global batch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
+from rayattr.capture.pseudo import sampled_label_losses
+from rayattr.config import Config
+from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
+from rayattr.train.backend import deepspeed_config, set_dist_env
+from rayattr.train.model import build_model, logits_of
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; what was committed so far stays readable."""
+
+
+def projection_spec(cfg: Config) -> ProjectionSpec:
+    c = cfg.capture
+    return ProjectionSpec(rank=c.rank, seed=c.seed, kind=c.kind)
+
+
+def state_dict_bytes(module: torch.nn.Module) -> bytes:
+    """float32 safetensors of a module's weights.
+
+    Copies each tensor: DeepSpeed flattens parameters into shared buffers and tied weights
+    (lm_head / wte) share storage, both of which safetensors refuses to save as views.
+    """
+    from safetensors.torch import save
+
+    return save({k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()})
+
+
+class RankWorker:
+    """The training loop of one rank (plain class; `RankActor` is its Ray actor)."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 config: dict, run_uri: str, storage_options: dict | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.cfg = Config.from_dict(config)
+        self.options = StoreOptions(storage_options=storage_options or {})
+        self.run = Run.open_uri(run_uri, options=self.options, readonly=False)
+        set_dist_env(rank, world_size, master_addr, master_port)
+        self._setup()
+
+    def _setup(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+        use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        table = self.run.read_table("data/train.parquet")
+        self.data = TokenizedDataset(table, self.tokenizer, cfg.data.seq_len)
+        t = cfg.train
+        self.plan = BatchPlan(len(self.data), t.micro_batch, self.world_size, t.grad_accum, t.epochs, t.seed)
+        self.num_steps = min(self.plan.num_steps, t.steps or self.plan.num_steps)
+
+        model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
+        if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
+            self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
+        ds_cfg = deepspeed_config(cfg)
+        optimizer = None
+        if "optimizer" not in ds_cfg:
+            optimizer = torch.optim.SGD(model.parameters(), lr=t.lr)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    model_parameters=None if optimizer else model.parameters(),
+                                                    config=ds_cfg)
+        self.capture = GradientCapture(self.engine.module, projection=projection_spec(cfg), layers=cfg.capture.layers)
+        self.curvature = None
+        if cfg.capture.curvature == "sampled":
+            self.curvature = GradientCapture(self.engine.module, projection=projection_spec(cfg),
+                                             layers=cfg.capture.layers)
+        dims = self.capture.layer_dims()
+        common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard)
+        self.writer = GradientWriter(self.run, self.rank, dims, kind="train", **common)
+        self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
+                            if self.curvature is not None else None)
+        self.pending_records: list[StepRecord] = []
+        self.sample_ids = np.asarray(self.data.ids)
+        self.sources = np.asarray(self.data.sources, dtype=object)
+
+    # ------------------------------------------------------------------ info for the driver
+
+    def layer_dims(self) -> dict[str, int]:
+        return self.capture.layer_dims()
+
+    def info(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "global_batch": self.plan.global_batch_size,
+                "layer_dims": self.capture.layer_dims(), "steps_per_epoch": self.plan.steps_per_epoch,
+                "n_train": len(self.data), "truncated": int(self.data.num_truncated)}
+
+    # ------------------------------------------------------------------ training
+
+    def _loss_scale(self) -> float:
+        """Factor between the backpropagated loss and the sum of per-sample losses."""
+        t = self.cfg.train
+        scale = 1.0 / (t.micro_batch * t.grad_accum)  # mean over micro-batch, DeepSpeed's 1/grad_accum
+        if self.engine.fp16_enabled():
+            opt = self.engine.optimizer
+            scale *= float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+        return scale
+
+    def _batch(self, idx: np.ndarray):
+        b = self.data.batch(idx)
+        return (b["input_ids"].to(self.device), b["attention_mask"].to(self.device), b["labels"].to(self.device))
+
+    def _pseudo_gradients(self, idx: np.ndarray, step: int) -> None:
+        """Sampled-label pseudo-gradients at the current weights, without touching .grad."""
+        m = max(1, math.ceil(len(idx) * self.cfg.capture.curvature_fraction))
+        ids, mask, _ = self._batch(idx[:m])
+        gen = torch.Generator(device=self.device).manual_seed(hash((self.cfg.train.seed, step, self.rank)) % 2**31)
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        with self.curvature:
+            self.curvature.set_mask(mask)
+            logits = logits_of(self.engine.module, ids, mask)[:, :-1]
+            losses = sampled_label_losses(logits.float(), generator=gen, mask=mask[:, 1:])
+            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+
+    def train_steps(self, start: int, end: int) -> dict[str, Any]:
+        """Run optimizer steps [start, end); returns mean loss and timing."""
+        t = self.cfg.train
+        share = t.micro_batch * t.grad_accum
+        positions = self.rank * share + np.arange(share)
+        losses, t0 = [], time.perf_counter()
+        for step in range(start, min(end, self.num_steps)):
+            lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
+            rows = self.plan.rank_indices(step, self.rank)
+            curv_rows: dict[str, list[torch.Tensor]] = {}
+            if self.curvature is not None:
+                # weights only move at the step boundary, so all micro-batches' pseudo-gradients
+                # are taken at θ_t before the training pass (whose hooks are not live yet)
+                for micro in range(t.grad_accum):
+                    self._pseudo_gradients(self.plan.rank_slice(step, self.rank, micro), step)
+                    for n, g in self.curvature.gradients().items():
+                        curv_rows.setdefault(n, []).append(g)
+            with self.capture:
+                for micro in range(t.grad_accum):
+                    idx = self.plan.rank_slice(step, self.rank, micro)
+                    ids, mask, labels = self._batch(idx)
+                    self.capture.set_mask(mask)
+                    self.capture.loss_scale = self._loss_scale()
+                    logits = logits_of(self.engine, ids, mask)
+                    per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:], reduction="mean")
+                    loss = per_sample.mean()
+                    if not torch.isfinite(loss):
+                        self.close()
+                        raise NonFiniteLoss(f"rank {self.rank}: loss is {loss.item()} at step {step}; "
+                                            f"steps before {step} are committed in {self.run.uri}")
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    losses.append(loss.item())
+            applied = self.engine.was_step_applied()
+            eta = lr / self.plan.global_batch_size if applied else 0.0  # a skipped fp16 step moved nothing
+            grads = self.capture.gradients()
+            self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
+                                   positions=positions.tolist())
+            if self.curv_writer is not None:
+                cat = {n: torch.cat(v) for n, v in curv_rows.items()}
+                m = next(iter(cat.values())).shape[0]
+                self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
+            if self.rank == 0:
+                lay = self.plan.layout(step)
+                self.pending_records.append(StepRecord(
+                    step=step, epoch=lay.epoch, lr=lr, eta=eta,
+                    sample_ids=self.sample_ids[lay.indices].tolist(),
+                    sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist()))
+            every = t.checkpoint_every
+            if every and (step + 1) % every == 0:
+                self.save_checkpoint(step + 1)
+        if self.pending_records:
+            self.run.write_step_records(self.pending_records)
+            self.pending_records = []
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ checkpoints and the end
+
+    def save_checkpoint(self, step: int) -> str:
+        ckpt = checkpoint_dir(self.run)
+        self.engine.save_checkpoint(ckpt, tag=f"step{step:08d}", client_state={"step": step})
+        return ckpt
+
+    def finish(self) -> dict[str, Any]:
+        """Commit everything, save final weights (rank 0) and a final checkpoint."""
+        self.close()
+        if self.rank == 0:
+            self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.engine.module))
+        return {"rank": self.rank, "last_committed_step": self.writer.last_committed_step}
+
+    def close(self) -> None:
+        for w in (self.writer, self.curv_writer):
+            if w is not None:
+                w.close()
+        if self.rank == 0 and self.pending_records:
+            self.run.write_step_records(self.pending_records)
+            self.pending_records = []
+
+
+def checkpoint_dir(run: Run) -> str:
+    """DeepSpeed checkpoints go beside a local run, or to local scratch for object stores."""
+    uri = run.uri
+    if "://" not in uri or uri.startswith("file://"):
+        return os.path.join(uri.removeprefix("file://"), "checkpoints")
+    return os.path.join("/tmp/rayattr-checkpoints", run.run_id)
+
+
+RankActor = ray.remote(RankWorker)
