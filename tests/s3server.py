@@ -144,7 +144,7 @@ class SeaweedS3:
         self.stop()
         raise RuntimeError(f"SeaweedFS S3 not ready after {timeout}s ({last}); see {self.log_path}")
 
-    def stop(self, grace: float = 3.0) -> None:
+    def stop(self, grace: float = 1.0) -> None:
         """Stop the server: SIGTERM to its process group, SIGKILL after `grace` seconds."""
         if self.proc is None:
             return

@@ -19,6 +19,7 @@ import torch
 
 from rayattr.store import (GradientReader, GradientWriter, Run, StepRecord, StoreError,
                            StoreOptions, list_runs, open_store_fs)
+from rayattr.store.retry import with_retries
 from rayattr.store.storage import Storage
 from rayattr.store.uploader import BackgroundUploader
 
@@ -188,6 +189,28 @@ def test_concurrent_writers_merge_in_global_batch_order(store_root):
         ids, src, grads = expected_step(b.step, world)
         assert b.sample_ids.tolist() == ids and b.sources == src
         assert all(torch.equal(b.grads[k], grads[k]) for k in LAYERS)
+    # One step per fetch window: partial shard reads with the next window prefetched.
+    small = GradientReader(run, window_bytes=1)
+    got = small.read_steps(3, 9, layers=["blocks.0.mlp"])
+    assert [b.step for b in got] == list(range(3, 9))
+    assert all(torch.equal(b.grads["blocks.0.mlp"], expected_step(b.step, world)[2]["blocks.0.mlp"])
+               for b in got)
+
+
+def test_curvature_rows_without_sample_ids_and_empty_steps(store_root):
+    run = new_run(store_root)
+    layers = {"lm_head": 16}
+    for rank in range(2):
+        with GradientWriter(run, rank, layers, kind="curvature", dtype="bfloat16") as w:
+            for s in range(3):
+                n = 0 if (rank == 1 and s == 1) else 2  # rank 1 sampled nothing at step 1
+                w.write_step(s, [-1] * n, ["sampled"] * n,
+                             {"lm_head": torch.full((n, 16), float(s * 10 + rank))})
+    assert GradientReader(run).committed_steps() == []  # other kinds are separate
+    batches = GradientReader(run, kind="curvature").read_steps()
+    assert [len(b) for b in batches] == [4, 2, 4]
+    assert batches[1].sample_ids.tolist() == [-1, -1] and batches[1].ranks.tolist() == [0, 0]
+    assert batches[2].grads["lm_head"][:, 0].tolist() == [20.0, 20.0, 21.0, 21.0]
 
 
 def test_steps_visible_only_when_all_open_ranks_committed(store_root):
@@ -456,7 +479,7 @@ def test_s3_missing_credentials(s3_store, monkeypatch, tmp_path):
 def test_s3_unreachable_endpoint_fails_fast():
     opts = StoreOptions(storage_options={"endpoint_url": f"http://127.0.0.1:{_free_port()}",
                                          "key": "k", "secret": "s"},
-                        connect_timeout_s=1, max_attempts=3, backoff_s=0.1)
+                        connect_timeout_s=1, probe_attempts=3, backoff_s=0.1)
     t0 = time.monotonic()
     with pytest.raises(StoreError, match=r"unreachable at http://127.0.0.1:\d+ after 3 attempts"):
         Run.open("s3://rayattr-test/x", "r", opts)
@@ -480,3 +503,46 @@ def test_s3_credentials_and_endpoint_from_environment(s3_store, monkeypatch):
     run = Run.create(root, "r", {"layers": LAYERS})  # default StoreOptions: AWS_* environment
     write_rank(run, 0, range(2))
     assert GradientReader(Run.open(root, "r")).committed_steps() == [0, 1]
+
+
+def test_with_retries_backs_off_then_gives_up():
+    opts = StoreOptions(max_attempts=3, backoff_s=0.01)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("peer reset")
+        return "ok"
+
+    assert with_retries(flaky, "op", opts) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(StoreError, match="op: object store unreachable at http://x after 3"):
+        with_retries(lambda: calls.append(1) or (_ for _ in ()).throw(TimeoutError()), "op",
+                     opts, "http://x")
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # not transient: no retry
+        with_retries(lambda: calls.append(1) or open("/nonexistent/x"), "op", opts)
+    assert len(calls) == 1
+
+
+def test_s3_writer_rides_out_a_server_restart(s3_store):
+    opts = StoreOptions(storage_options=s3_store.storage_options, connect_timeout_s=1,
+                        read_timeout_s=5, max_attempts=12, backoff_s=0.25, backoff_max_s=2)
+    run = Run.create(s3_store.root_uri("restart"), "r", {"layers": LAYERS}, options=opts)
+    w = GradientWriter(run, 0, LAYERS, steps_per_shard=2, queue_depth=4)
+    for s in range(4):
+        w.write_step(s, *_rows(s, 0, 1))
+    w.flush()
+    s3_store.stop(grace=0.5)
+    try:
+        for s in range(4, 8):  # returns at once: uploads retry in the background
+            w.write_step(s, *_rows(s, 0, 1))
+    finally:
+        s3_store.start()
+    w.close()
+    reader = GradientReader(run)
+    assert reader.committed_steps() == list(range(8))
+    for b in reader.iter_steps(4):
+        assert torch.equal(b.grads["lm_head"], expected_step(b.step, 1)[2]["lm_head"])

@@ -25,8 +25,12 @@ class StoreOptions:
     connect_timeout_s: float = 5.0
     # Seconds to wait for a response once connected.
     read_timeout_s: float = 60.0
-    # Total attempts for one operation on transient errors (connection, timeout, 5xx).
-    max_attempts: int = 4
+    # Total attempts for one data operation on transient errors (connection, timeout, 5xx);
+    # with the back-off below, 8 attempts ride out ~16 s of object-store outage.
+    max_attempts: int = 8
+    # Attempts for the connectivity check in Run.create/open and list_runs, kept small so a
+    # wrong endpoint or missing credentials fail within seconds.
+    probe_attempts: int = 3
     # First back-off delay in seconds; doubles after each failed attempt.
     backoff_s: float = 0.25
     # Upper bound for a single back-off delay.
@@ -39,8 +43,8 @@ class StoreOptions:
     create_bucket: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"StoreOptions.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_attempts < 1 or self.probe_attempts < 1:
+            raise ValueError("StoreOptions.max_attempts and probe_attempts must be >= 1")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("StoreOptions timeouts must be positive")
         if not isinstance(self.storage_options, dict):

@@ -87,11 +87,13 @@ class GradientReader:
                     index.setdefault(step, []).append(_Slot(r, entry, part))
         self._index = index
         self.ranks = sorted(ranks)
-        known = self.run.layers() or {}
+        written: dict[str, int] = {}
         for e in entries:
-            for name, p in e.layers.items():
-                known.setdefault(name, p)
-        self.layers: dict[str, int] = known
+            written.update(e.layers)
+        # Layers this kind holds (default for reads); the manifest's layers are also "known",
+        # so asking for one this kind lacks names the shard instead of "unknown layer".
+        self.layers: dict[str, int] = written or dict(self.run.layers() or {})
+        self._known = {**(self.run.layers() or {}), **written}
 
     def committed_steps(self) -> list[int]:
         """Sorted steps whose rows are committed by all ranks that write them."""
@@ -104,9 +106,9 @@ class GradientReader:
         if isinstance(layers, str):
             layers = [layers]
         for name in layers:
-            if name not in self.layers:
+            if name not in self._known:
                 raise StoreError(f"unknown layer '{name}' in run '{self.run.run_id}' "
-                                 f"({self.kind}); known layers: {sorted(self.layers)}")
+                                 f"({self.kind}); known layers: {sorted(self._known)}")
         return list(layers)
 
     def _windows(self, steps: list[int]) -> list[list[int]]:

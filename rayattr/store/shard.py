@@ -119,9 +119,9 @@ def open_sparse(size: int, chunks: Sequence[tuple[int, bytes]]) -> pa.ipc.Record
     """IPC reader over a file of which only `chunks` (offset, bytes) were fetched."""
     if len(chunks) == 1 and chunks[0][0] == 0 and len(chunks[0][1]) == size:
         return pa.ipc.open_file(pa.py_buffer(chunks[0][1]))
-    buf = bytearray(size)  # untouched pages stay zero and are never read
+    buf = np.zeros(size, np.uint8)  # calloc: pages never written are never touched
     for off, data in chunks:
-        buf[off:off + len(data)] = data
+        buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
     return pa.ipc.open_file(pa.py_buffer(buf))
 
 

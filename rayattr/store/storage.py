@@ -36,8 +36,8 @@ class Storage:
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel) if rel else self.root
 
-    def _retry(self, fn, what):
-        return with_retries(fn, what, self.options, self.endpoint)
+    def _retry(self, fn, what, attempts: int | None = None):
+        return with_retries(fn, what, self.options, self.endpoint, attempts)
 
     # -- checks --------------------------------------------------------------------------
     def probe(self, create_bucket: bool = False) -> None:
@@ -47,7 +47,8 @@ class Storage:
         bucket = self.root.split("/")[0]
         what = f"checking bucket '{bucket}' at {self.endpoint}"
         try:
-            self._retry(lambda: self.fs.call_s3("head_bucket", Bucket=bucket), what)
+            self._retry(lambda: self.fs.call_s3("head_bucket", Bucket=bucket), what,
+                        attempts=self.options.probe_attempts)
         except FileNotFoundError:
             if not create_bucket:
                 raise StoreError(f"S3 bucket '{bucket}' does not exist at {self.endpoint} "
