@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=4, help="alternating (plain, capture) rounds")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--inline", action="store_true", help="run the backward-side capture on the autograd thread")
+    p.add_argument("--background", action="store_true", help="run the backward-side capture on a worker thread")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of captured steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -61,7 +61,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     cap = GradientCapture(model, projection=ProjectionSpec(rank=args.rank, seed=0), layers=args.layers,
-                          loss_scale=1.0 / args.batch, background=False if args.inline else None)
+                          loss_scale=1.0 / args.batch, background=args.background)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "autocast"):
@@ -104,7 +104,7 @@ def main() -> None:
     print(f"model: GPT-2 {n_params / 1e6:.1f}M params, {args.n_layer} layers, d={args.n_embd}, vocab={args.vocab}; "
           f"batch {args.batch}x{args.seq}; {args.precision}")
     print(f"capture: {len(dims)} layers, r_a=r_s={args.rank}, {sum(dims.values())} floats/sample, "
-          f"{'inline' if args.inline else 'background thread on CUDA'}")
+          f"{'background thread' if args.background else 'inline hooks'}")
     n = args.steps * args.rounds
     base_rate, cap_rate = n / sum(plain), n / sum(captured)
     per_round = [100 * (c / p - 1) for p, c in zip(plain, captured)]

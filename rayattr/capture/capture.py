@@ -95,8 +95,9 @@ class GradientCapture:
             (mean over B -> 1/B; fp16 dynamic scale S -> times S); gradients are divided by it.
             May be changed between backwards.
         mask: optional (B, S) padding mask; tokens where it is 0/False contribute nothing.
-        background: run the backward-side projections on a worker thread (None: only for
-            CUDA gradients, where kernel launches from the autograd thread slow the step).
+        background: run the backward-side projections on a worker thread instead of the
+            autograd thread (None: only for CUDA gradients). Off by default: on an H100 it
+            did not measurably lower the overhead (see bench/capture_overhead.py --background).
     """
 
     def __init__(
@@ -106,7 +107,7 @@ class GradientCapture:
         layers: Iterable[str] | None = None,
         loss_scale: float = 1.0,
         mask: torch.Tensor | None = None,
-        background: bool | None = None,
+        background: bool | None = False,
     ):
         if projection is not None and not isinstance(projection, ProjectionSpec):
             raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
@@ -300,8 +301,8 @@ class GradientCapture:
         # (create_graph=True, backward() inside an autocast block) without paying for it always.
         guard_grad = torch.is_grad_enabled()
         guard_autocast = torch.is_autocast_enabled(device_type)
-        if stream is not None and torch.cuda.current_device() != grad.device.index:
-            torch.cuda.set_device(grad.device)  # a fresh worker thread starts on device 0
+        if stream is not None and not self._worker.on_autograd_thread():
+            self._worker.bind_cuda_device(grad.device)
         with (
             torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(),
             torch.no_grad() if guard_grad else contextlib.nullcontext(),
