@@ -165,6 +165,21 @@ def test_padding_mask_removes_padded_tokens():
     assert (cap.gradients()["fc1"] - ref["fc1"].reshape(3, -1)).norm() > 1e-3
 
 
+def test_mask_broadcasts_over_extra_middle_dims():
+    # Input (B, S, H, d): the (B, S) mask covers every H slice of a padded token.
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    cap = GradientCapture(lin, mask=mask)
+    with cap:
+        (lin(x) ** 2).sum().backward()
+    keep = mask.bool()[:, :, None, None].double()
+    xm = torch.cat([x, torch.ones(2, 4, 5, 1, dtype=torch.float64)], -1) * keep
+    expected = torch.einsum("bshi,bshj->bij", 2 * lin(x).detach() * keep, xm).reshape(2, -1)
+    assert_close(cap.gradients()[""], expected)
+
+
 def test_mask_shape_mismatch_is_a_clear_error():
     model = make_model()
     x, y = make_data(batch=2, seq=4)

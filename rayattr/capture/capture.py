@@ -275,8 +275,8 @@ class GradientCapture:
         batch = a.shape[0]
         if a_factor.dim() != 3:  # (B, d) or (B, *, S, d) inputs -> (B, T, r_a or d_in_aug)
             a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])
-            if mask is not None:
-                mask = mask.reshape(batch, -1, 1)
+            if mask is not None:  # (B, S, 1, ..) -> one entry per flattened token
+                mask = mask.expand(a.shape[:-1] + (1,)).reshape(batch, -1, 1)
         pending = _Pending(self._micro, self._generation, a_factor, mask, batch, compute_dtype, out_dtype)
         output.register_hook(functools.partial(self._backward_hook, layer, pending))
 
