@@ -232,6 +232,22 @@ def test_steps_visible_only_when_all_open_ranks_committed(store_root):
     assert [len(b) for b in reader.read_steps(2, 4)] == [8, 4]
 
 
+def test_writers_with_step_ranges_only_hold_back_their_own_steps(store_root):
+    run = new_run(store_root)
+    layers = {"lm_head": 16}
+    seg0 = GradientWriter(run, 0, layers, kind="local", step_range=(0, 4))
+    with GradientWriter(run, 1, layers, kind="local", step_range=(4, 8)) as seg1:
+        for s in range(4, 8):
+            seg1.write_step(s, [s], ["a"], {"lm_head": torch.ones(1, 16)})
+    seg0.write_step(0, [0], ["a"], {"lm_head": torch.ones(1, 16)})
+    seg0.flush()
+    # Segment 0 is still running (steps 1-3 pending) but does not hide segment 1's steps.
+    assert GradientReader(run, kind="local").committed_steps() == [0, 4, 5, 6, 7]
+    with pytest.raises(StoreError, match="outside this writer's step_range"):
+        seg0.write_step(4, [4], ["a"], {"lm_head": torch.ones(1, 16)})
+    seg0.close()
+
+
 def _rows(step, rank, world=2):
     ids, src, pos, g = make_step(step, rank, world)
     return ids, src, g, pos

@@ -69,21 +69,26 @@ class GradientReader:
         entries = load_commits(self._storage, layout.commit_dir(self.kind))
         regs_rel = [r for r in self._storage.find(layout.writer_dir(self.kind))
                     if r.endswith(".json")]
-        regs = [json.loads(b) for b in self._storage.get_many(regs_rel)]
-        status = {int(r["rank"]): r["status"] for r in regs}
+        regs = {int(r["rank"]): r for r in map(json.loads, self._storage.get_many(regs_rel))}
+        status = {rank: r["status"] for rank, r in regs.items()}
 
         by_rank: dict[int, list[ShardCommit]] = {}
         for e in entries:
             by_rank.setdefault(e.rank, []).append(e)
         ranks = set(by_rank) | set(status) | set(self.expected_ranks or ())
         watermark = {r: max((e.step_last for e in by_rank.get(r, [])), default=-1) for r in ranks}
-        waiting = [r for r in ranks if status.get(r) != "closed"]
-        limit = min((watermark[r] for r in waiting), default=None)
+        # Ranks still writing, with the step range each may still write (None = all steps).
+        waiting = [(watermark[r], (regs.get(r) or {}).get("step_range"))
+                   for r in ranks if status.get(r) != "closed"]
+
+        def visible(step: int) -> bool:
+            return all(mark >= step for mark, rng in waiting
+                       if rng is None or rng[0] <= step < rng[1])
 
         index: dict[int, list[_Slot]] = {}
         for r in sorted(by_rank):
             for step, (entry, part) in latest_per_step(by_rank[r]).items():
-                if limit is None or step <= limit:
+                if visible(step):
                     index.setdefault(step, []).append(_Slot(r, entry, part))
         self._index = index
         self.ranks = sorted(ranks)

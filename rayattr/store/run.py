@@ -65,8 +65,9 @@ def _encode_manifest(manifest: dict) -> bytes:
 
 
 def manifest_layers(manifest: dict) -> dict[str, int] | None:
-    """Layer name -> dim from manifest["layers"] ({name: p} or [{"name", "dim"|"p"}])."""
-    layers = manifest.get("layers")
+    """Layer name -> dim from manifest["layers"] ({name: p} or [{"name", "dim"|"p"}]),
+    or manifest["layer_dims"] ({name: p}) when "layers" is absent."""
+    layers = manifest.get("layers", manifest.get("layer_dims"))
     if layers is None:
         return None
     if isinstance(layers, dict):

@@ -47,7 +47,7 @@ class GradientWriter:
     def __init__(self, run: Run, rank: int, layers: dict[str, int], dtype: str = "float32",
                  steps_per_shard: int = 16, max_buffer_bytes: int = 64 << 20,
                  queue_depth: int = 2, kind: str = "train", projection: dict | None = None,
-                 compression: str | None = None):
+                 compression: str | None = None, step_range: tuple[int, int] | None = None):
         run._check_writable("GradientWriter")
         if not isinstance(rank, int) or rank < 0:
             raise StoreError(f"rank must be a non-negative int, got {rank!r}")
@@ -63,6 +63,15 @@ class GradientWriter:
         self.steps_per_shard = steps_per_shard
         self.max_buffer_bytes = max_buffer_bytes
         self.compression = compression
+        # Steps [start, end) this writer may write (e.g. one segment). Readers then wait for
+        # this rank only inside that range; None = every step (data-parallel ranks).
+        if step_range is not None:
+            a, b = (int(x) for x in step_range)
+            if not 0 <= a < b:
+                raise StoreError(f"step_range must be (start, end) with 0 <= start < end, "
+                                 f"got {step_range!r}")
+            step_range = (a, b)
+        self.step_range = step_range
         run.check_compatible(self.layers, projection)
         self._storage = run._storage
         self._schema = shard_schema(self.layers, self.dtype, self.kind)
@@ -100,6 +109,7 @@ class GradientWriter:
     def _register(self, status: str) -> None:
         info = {"rank": self.rank, "kind": self.kind, "status": status, "writer": self._id,
                 "layers": self.layers, "dtype": self.dtype, "time": time.time(),
+                "step_range": list(self.step_range) if self.step_range else None,
                 "last_committed_step": self._last_committed}
         self._storage.put_bytes(layout.writer_path(self.kind, self.rank),
                                 json.dumps(info).encode())
@@ -140,6 +150,9 @@ class GradientWriter:
                              f"({self.kind}); resume after step {self._last_committed}")
         if self._last_written is not None and step <= self._last_written:
             raise StoreError(f"steps must increase: got {step} after {self._last_written}")
+        if self.step_range and not self.step_range[0] <= step < self.step_range[1]:
+            raise StoreError(f"step {step} is outside this writer's step_range "
+                             f"{list(self.step_range)}")
         return step
 
     def _check_grads(self, step: int, grads: dict, n: int) -> None:
