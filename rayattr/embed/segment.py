@@ -103,7 +103,7 @@ class SegmentWorker:
                 n_rows += len(batch.sample_ids)
         # written in increasing step order, so the embeddings read back like gradients
         with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
-                            steps_per_shard=max(1, s.end - s.start)) as w:
+                            steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
             for batch, emb in reversed(local):
                 w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
                              positions=list(batch.positions))
@@ -125,7 +125,8 @@ class SegmentWorker:
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32",
-                                 steps_per_shard=self.read_chunk) if self.keep else None)
+                                 steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
+                  if self.keep else None)
         for a in range(s.start, s.end, self.read_chunk):
             for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
                 final = {n: e @ S[n].T for n, e in batch.grads.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ray
@@ -16,13 +17,24 @@ def default_segments(use_gpu: bool = False) -> int:
     return max(1, int(res.get("GPU" if use_gpu else "CPU", 1)))
 
 
+def actor_resources(n_segments: int, use_gpu: bool = False) -> dict[str, float]:
+    """One CPU (GPU) per segment actor, or an equal share when there are more segments than
+    devices: every actor must be alive at once, since finalize() runs on all of them."""
+    res = ray.cluster_resources()
+    key = "GPU" if use_gpu else "CPU"
+    share = min(1.0, math.floor(res.get(key, 1) / n_segments * 1000) / 1000)
+    if share <= 0:
+        raise ValueError(f"{n_segments} segments need {key}s, and the cluster has none")
+    return {"num_cpus": share if not use_gpu else 0, "num_gpus": share if use_gpu else 0}
+
+
 def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
                    use_gpu: bool = False, dtype: str = "float32") -> tuple[list, list[SegmentSpec]]:
     bounds = segment_bounds(num_steps, n_segments)
     specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     # a crashed actor is restarted and its method retried: compute() skips finished work
-    opts = dict(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=3, max_task_retries=3)
+    opts = dict(**actor_resources(n_segments, use_gpu), max_restarts=3, max_task_retries=3)
     actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
                                                   keep_sample_embeddings=keep_sample_embeddings)
               for s in specs]

@@ -1,0 +1,142 @@
+"""The distributed pipeline against the single-process core, and data parallelism against one rank."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import ray
+import torch
+
+from rayattr.config import Config
+from rayattr.dvemb import data_value_embeddings, influence
+from rayattr.pipeline import attribute, run_pipeline
+from rayattr.reduce import validation_gradient
+from rayattr.store import GradientReader, Run
+
+
+def small_config(store: str, run_id: str, **train) -> Config:
+    cfg = Config.from_dict({
+        "run_id": run_id,
+        "data": {"seq_len": 32, "builtin": {"n_train": 192, "n_validation": 32, "max_chars": 96}},
+        "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, **train},
+        "capture": {"rank": 4},
+        "embed": {"dtype": "float64", "phases": 4},
+        "store": {"uri": store, "steps_per_shard": 4},
+    })
+    return cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(local_ray, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("store"))
+    cfg = small_config(store, "base")
+    result = run_pipeline(cfg, progress=False)
+    return cfg, Run.open_uri(result.uri), result
+
+
+def core_embeddings(run: Run):
+    """Single-process DVEmb from the same recorded gradients, in float64."""
+    batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    etas = {r.step: r.eta for r in run.step_records()}
+    emb = data_value_embeddings([b.grads for b in batches], [etas[b.step] for b in batches])
+    return batches, emb
+
+
+def copy_trained(run: Run, dest: Path) -> Run:
+    """A copy of a trained local run without any embedding-stage output."""
+    src = Path(run.uri)
+    skip = {"embed", "values", "embeddings", "local"}
+    shutil.copytree(src, dest / run.run_id, ignore=lambda d, names: [n for n in names if n in skip])
+    return Run.open(str(dest), run.run_id, readonly=False)
+
+
+@pytest.mark.parametrize("segments", [1, 2, 3])
+def test_segments_equal_single_process_core(trained, tmp_path, segments):
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    out = attribute(cfg, run, result.num_steps, segments=segments, progress=False)
+    assert out.segments == segments
+
+    batches, emb = core_embeddings(run)
+    final = {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
+    assert sorted(final) == [b.step for b in batches]
+    for b, e in zip(batches, emb):
+        f = final[b.step]
+        assert f.sample_ids.tolist() == b.sample_ids.tolist()
+        for n in e:  # stored as float32
+            torch.testing.assert_close(f.grads[n], e[n], rtol=1e-5, atol=1e-9)
+
+    # values: local embeddings are stored as float32 between the sweep and finalize
+    vgrad = validation_gradient(run)
+    want = torch.cat(influence(emb, vgrad)).numpy()
+    samples = run.read_table("values/samples.parquet")
+    np.testing.assert_allclose(samples["value"].to_numpy(), want, rtol=2e-5, atol=1e-10)
+    assert samples["sample_id"].to_pylist() == torch.cat([b.sample_ids for b in batches]).tolist()
+
+    # aggregates are sums of the per-occurrence values
+    sources = run.read_table("values/sources.parquet").to_pylist()
+    phases = run.read_table("values/phases.parquet")
+    for row in sources:
+        mask = pc.equal(samples["source"], row["source"])
+        assert row["n_occurrences"] == pc.sum(mask).as_py()
+        np.testing.assert_allclose(row["value"], pc.sum(pc.filter(samples["value"], mask)).as_py(), rtol=1e-9)
+        src_phases = phases.filter(pc.equal(phases["source"], row["source"]))
+        np.testing.assert_allclose(pc.sum(src_phases["value"]).as_py(), row["value"], rtol=2e-5)
+
+
+def test_outputs_and_manifest(trained):
+    cfg, run, result = trained
+    m = run.reload_manifest()
+    assert m["status"] == "done" and m["num_steps"] == result.num_steps == 24
+    assert set(m["timings"]) == {"data", "train", "embed", "reduce"}
+    assert Config.from_dict(m["config"]).to_dict() == cfg.to_dict()  # replayable
+    samples = run.read_table("values/samples.parquet")
+    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value"]
+    assert samples.num_rows == 24 * 16
+    assert set(samples["epoch"].to_pylist()) == {0, 1}
+    # every training sample occurs once per epoch (192 samples, 12 full batches per epoch)
+    counts = samples.group_by("sample_id").aggregate([("step", "count")])
+    assert set(counts["step_count"].to_pylist()) == {2}
+    src = run.read_table("values/sources.parquet")
+    assert src.column_names == ["source", "n_samples", "n_occurrences", "value", "value_per_sample"]
+    assert "corrupted" in src["source"].to_pylist()
+    assert run.read_table("embeddings/sources.parquet").num_rows == src.num_rows
+    for rel in ("data/train.parquet", "data/validation.parquet", "weights/initial.safetensors",
+                "weights/final.safetensors"):
+        assert run.exists(rel), rel
+
+
+def _embeddings(run: Run) -> dict[int, dict]:
+    return {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_ranks_equal_one_rank(trained, tmp_path, zero_stage):
+    """Same global batch on 1 rank (micro-batch 16) and 2 ranks (8 each): same trajectory."""
+    cfg, base, _ = trained
+    one_cfg = small_config(str(tmp_path), "one", ranks=1, micro_batch=16)
+    two_cfg = small_config(str(tmp_path), "two", deepspeed={"zero_optimization": {"stage": zero_stage}})
+    one = Run.open_uri(run_pipeline(one_cfg, progress=False).uri)
+    two = Run.open_uri(run_pipeline(two_cfg, progress=False).uri)
+    assert [r.sample_ids for r in one.step_records()] == [r.sample_ids for r in two.step_records()]
+    e1, e2 = _embeddings(one), _embeddings(two)
+    assert sorted(e1) == sorted(e2)
+    for step in e1:
+        assert e1[step].sample_ids.tolist() == e2[step].sample_ids.tolist()
+        for n in e1[step].grads:
+            torch.testing.assert_close(e2[step].grads[n], e1[step].grads[n], rtol=2e-3, atol=1e-6)
+    v1 = one.read_table("values/samples.parquet")["value"].to_numpy()
+    v2 = two.read_table("values/samples.parquet")["value"].to_numpy()
+    np.testing.assert_allclose(v2, v1, rtol=2e-3, atol=1e-7)
