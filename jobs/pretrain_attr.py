@@ -3,6 +3,7 @@
 
     python jobs/pretrain_attr.py                                   # built-in demo, local Ray + local store
     python jobs/pretrain_attr.py --config jobs/configs/default.yaml --segments 4
+    python jobs/pretrain_attr.py --resume run-20261124-101500          # finish a run whose driver died
     ray job submit --working-dir . -- python jobs/pretrain_attr.py --store s3://bucket/runs
 
 With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster; otherwise it starts a
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 
 from rayattr.config import ConfigError, load_config  # noqa: E402
+from rayattr.train.worker import NonFiniteLoss  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,27 +35,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="stop training after this many optimizer steps")
     p.add_argument("--epochs", type=int, help="passes over the training data")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per rank (NCCL)")
+    p.add_argument("--resume", metavar="RUN", help="finish a partial run (its id under --store, or its URI) "
+                   "with its recorded config; --config/overrides must agree with it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    settings = {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
+                "train.epochs": args.epochs, "train.use_gpu": args.gpu}
+    from rayattr.data import DataError
+    from rayattr.pipeline import complete_run, open_for_resume, run_pipeline
+    from rayattr.store import StoreError
+
     try:
-        cfg = load_config(args.config, **{
-            "store.uri": args.store, "run_id": args.run_id, "train.ranks": args.ranks,
-            "embed.segments": args.segments, "train.steps": args.steps, "train.epochs": args.epochs,
-            "train.use_gpu": args.gpu})
-    except ConfigError as e:
+        cfg = load_config(args.config, **settings, **{"store.uri": args.store, "run_id": args.run_id})
+        if args.resume:
+            # compare with the recorded config only what the user actually asked for
+            given = cfg if args.config or any(v is not None for v in settings.values()) else None
+            cfg, run = open_for_resume(args.resume, given, store=cfg.store.uri,
+                                       storage_options=cfg.store.storage_options)
+            print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
+    except (ConfigError, StoreError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rayattr.pipeline import run_pipeline
 
     if not ray.is_initialized():
         # joins the cluster named by RAY_ADDRESS (ray job submit), else starts a local one
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    result = run_pipeline(cfg, progress=not args.no_progress)
+    try:
+        result = (complete_run(cfg, run, progress=not args.no_progress) if args.resume
+                  else run_pipeline(cfg, progress=not args.no_progress))
+    except (ConfigError, StoreError, DataError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     print(f"\nrun: {result.uri}")
     print(f"steps: {result.num_steps}, segments: {result.segments}")

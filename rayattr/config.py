@@ -81,7 +81,11 @@ class TrainConfig:
     use_gpu: bool = False
     """One GPU per rank (NCCL) instead of CPU (gloo)."""
     checkpoint_every: int = 0
-    """DeepSpeed checkpoint interval in steps (0 = only at the end)."""
+    """DeepSpeed checkpoint interval in steps (0 = none: a restart retrains from step 0)."""
+    max_restarts: int = 2
+    """Times training restarts from the last checkpoint after a rank actor dies."""
+    placement: str = "PACK"
+    """Placement-group strategy of the rank actors: PACK, SPREAD or STRICT_SPREAD (one per node)."""
     deepspeed: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 1}})
     """DeepSpeed config passed through (zero_optimization, bf16/fp16, scheduler, optimizer...).
     Batch-size keys are filled from micro_batch/grad_accum/ranks."""
@@ -183,6 +187,10 @@ class Config:
             raise ConfigError("train.ranks, micro_batch, grad_accum and epochs must all be >= 1")
         if t.steps is not None and t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if t.checkpoint_every < 0 or t.max_restarts < 0:
+            raise ConfigError("train.checkpoint_every and train.max_restarts must be >= 0")
+        if t.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"train.placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {t.placement!r}")
         if c.curvature not in ("empirical", "sampled"):
             raise ConfigError(f"capture.curvature must be 'empirical' or 'sampled', got {c.curvature!r}")
         if c.kind not in ("gaussian", "rademacher"):
@@ -201,9 +209,26 @@ class Config:
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
         return self
 
+    def differences(self, other: "Config", ignore: tuple[str, ...] = ()) -> list[str]:
+        """Dotted keys whose values differ, as "key: self_value != other_value" lines."""
+        a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
+        keys = sorted(k for k in set(a) | set(b)
+                      if a.get(k) != b.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore))
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys]
+
     @property
     def global_batch(self) -> int:
         return self.train.micro_batch * self.train.ranks * self.train.grad_accum
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and prefix + k not in ("train.deepspeed", "model.extra"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _build(cls, data: dict, prefix: str):

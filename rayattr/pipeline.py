@@ -14,12 +14,12 @@ from typing import Any
 import ray
 
 from rayattr.capture import ProjectionSpec
-from rayattr.config import Config
+from rayattr.config import Config, ConfigError
 from rayattr.data import builtin_corpus, load_dataset
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
-from rayattr.train import train
+from rayattr.train import NonFiniteLoss, train
 
 
 @dataclass
@@ -50,31 +50,97 @@ def prepare_data(cfg: Config, options: StoreOptions):
     return load_dataset(d.train, storage_options=so), load_dataset(d.validation, storage_options=so)
 
 
-def run_pipeline(cfg: Config, progress: bool = True) -> RunResult:
-    cfg.validate()
+def create_run(cfg: Config) -> Run:
+    """A new run in the store whose manifest holds the full, replayable config."""
     options = StoreOptions(storage_options=cfg.store.storage_options)
-    so = cfg.store.storage_options or None
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    run_id = cfg.run_id or new_run_id()
     spec = ProjectionSpec(rank=cfg.capture.rank, seed=cfg.capture.seed, kind=cfg.capture.kind)
     manifest = {"config": cfg.to_dict(), "projection": spec.to_dict(), "world_size": cfg.train.ranks,
                 "model": {"family": cfg.model.family, "factory": cfg.model.factory}}
-    train_table, val_table = prepare_data(cfg, options)
-    run = Run.create(cfg.store.uri, run_id, manifest, options=options)
-    run.write_table("data/train.parquet", train_table)
-    run.write_table("data/validation.parquet", val_table)
-    timings["data"] = time.perf_counter() - t
+    return Run.create(cfg.store.uri, cfg.run_id or new_run_id(), manifest, options=options)
 
+
+def run_pipeline(cfg: Config, progress: bool = True) -> RunResult:
+    """Every stage of a new run: data, training, embedding, reduce."""
+    cfg.validate()
+    return complete_run(cfg, create_run(cfg), progress)
+
+
+# Keys a resumed run may change: where the store is, how many restarts, where actors go.
+RESUMABLE_KEYS = ("run_id", "store", "train.max_restarts", "train.placement", "embed.segments")
+
+
+def open_for_resume(ref: str, given: Config | None, store: str | None = None,
+                    storage_options: dict | None = None) -> tuple[Config, Run]:
+    """The recorded config and the run named by `ref` (a run id under the store, or a run URI).
+
+    `given` (from --config and overrides) must agree with the recorded config except in
+    RESUMABLE_KEYS: resuming with other settings would splice two different trajectories.
+    """
+    root = store or (given.store.uri if given else Config().store.uri)
+    so = storage_options if storage_options is not None else (given.store.storage_options if given else {})
+    options = StoreOptions(storage_options=so)
+    run = (Run.open_uri(ref, options=options, readonly=False) if "/" in ref
+           else Run.open(root, ref, options=options, readonly=False))
+    if "config" not in run.manifest:
+        raise ConfigError(f"run {run.uri} has no recorded config: it was not made by rayattr's pipeline")
+    recorded = Config.from_dict(run.manifest["config"])
+    if given is not None:
+        diff = recorded.differences(given, ignore=RESUMABLE_KEYS)
+        if diff:
+            raise ConfigError(f"--resume {ref}: the run was made with a different config; "
+                              f"differing keys (recorded != given): {'; '.join(diff)}")
+        seg = run.manifest.get("segments")
+        if given.embed.segments is not None and seg is not None and given.embed.segments != seg:
+            raise ConfigError(f"--resume {ref}: embedding started with {seg} segments; "
+                              f"cannot switch to {given.embed.segments}")
+    cfg = recorded.with_overrides(**{"store.uri": run.uri.rsplit("/", 1)[0], "run_id": run.run_id})
+    cfg.store.storage_options = dict(so or {})
+    if given is not None:
+        cfg.train.max_restarts, cfg.train.placement = given.train.max_restarts, given.train.placement
+        cfg.embed.segments = given.embed.segments or cfg.embed.segments
+    return cfg.validate(), run
+
+
+def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
+    """The stages a run has not finished yet, in order; each finished stage is skipped.
+
+    A new run goes through all of them; a resumed one (driver killed) goes on where its store
+    says it stopped: training restarts from its last checkpoint, segments whose K is written
+    are not recomputed.
+    """
+    options = run.options
+    so = cfg.store.storage_options or None
+    timings: dict[str, float] = dict(run.manifest.get("timings") or {})
+    if run.manifest.get("status") == "done":
+        out = read_sources(run)
+        return RunResult(uri=run.uri, timings=timings, sources=out, segments=run.manifest.get("segments", 0),
+                         num_steps=run.manifest.get("num_steps", 0))
     t = time.perf_counter()
-    run.update_manifest(status="training")
-    info = train(cfg, run, so, progress=progress)
-    timings["train"] = time.perf_counter() - t
+    if not run.exists("data/validation.parquet"):
+        train_table, val_table = prepare_data(cfg, options)
+        run.write_table("data/train.parquet", train_table)
+        run.write_table("data/validation.parquet", val_table)
+        timings["data"] = time.perf_counter() - t
 
-    result = attribute(cfg, run, info["num_steps"], progress=progress)
+    if not run.exists("weights/final.safetensors"):
+        t = time.perf_counter()
+        run.update_manifest(status="training")
+        try:
+            info = train(cfg, run, so, progress=progress)
+        except NonFiniteLoss as err:  # what was committed stays readable; the run says why it stopped
+            run.update_manifest(status="failed", error=str(err))
+            raise
+        timings["train"] = time.perf_counter() - t
+        run.update_manifest(timings=timings, train_restarts=info["restarts"], resumed_from=info["resumed_from"])
+
+    result = attribute(cfg, run, run.reload_manifest()["num_steps"], progress=progress)
     result.timings = {**timings, **result.timings}
     run.update_manifest(timings=result.timings)
     return result
+
+
+def read_sources(run: Run) -> list[dict[str, Any]]:
+    return run.read_table("values/sources.parquet").to_pylist()
 
 
 def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
@@ -84,8 +150,12 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     timings: dict[str, float] = {}
     t = time.perf_counter()
     run.update_manifest(status="embedding")
-    n_seg = min(num_steps, segments or cfg.embed.segments or default_segments(cfg.train.use_gpu))
+    # a resumed run keeps the segments it started with: their K's may already be written
+    n_seg = segments or run.manifest.get("segments") or min(
+        num_steps, cfg.embed.segments or default_segments(cfg.train.use_gpu))
+    n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
+    run.update_manifest(segments=n_seg)
     # the test side needs only the final weights: start it before the segment actors take the CPUs
     val_ref = _validation_gradient.remote(run.uri, so)
     actors, _ = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
@@ -102,7 +172,7 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     for a in actors:
         ray.kill(a)
     timings["reduce"] = time.perf_counter() - t
-    run.update_manifest(status="done", segments=n_seg, phase_edges=edges,
+    run.update_manifest(status="done", phase_edges=edges,
                         finished=dt.datetime.now(dt.timezone.utc).isoformat())
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
 

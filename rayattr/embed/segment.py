@@ -20,6 +20,7 @@ import torch
 
 from rayattr.dvemb import SegmentRecursion
 from rayattr.embed.sums import SourcePhaseSums
+from rayattr.faults import maybe_fail
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.embed.tensors import load_tensors, save_tensors
 
@@ -101,10 +102,14 @@ class SegmentWorker:
                 sums.add(batch.sources, self.phase_of(batch.step), emb)
                 local.append((batch, emb))
                 n_rows += len(batch.sample_ids)
+                maybe_fail("segment.compute", segment=s.index, step=s.end - batch.step)
         # written in increasing step order, so the embeddings read back like gradients
         with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
                             steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
+            done = _committed(w)
             for batch, emb in reversed(local):
+                if batch.step <= done:
+                    continue  # written before a restart (K was not yet)
                 w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
                              positions=list(batch.positions))
         self.run.write_table(sums_path(s.index), sums.to_table())
@@ -127,11 +132,12 @@ class SegmentWorker:
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32",
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
+        done = _committed(writer)
         for a in range(s.start, s.end, self.read_chunk):
             for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
                 final = {n: e @ S[n].T for n, e in batch.grads.items()}
                 value = sum(final[n] @ v[n] for n in final)
-                if writer is not None:
+                if writer is not None and batch.step > done:  # a restart keeps what was committed
                     writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
                                       positions=list(batch.positions))
                 k = len(batch.sample_ids)
@@ -158,6 +164,12 @@ class SegmentWorker:
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+def _committed(writer: GradientWriter | None) -> int:
+    """Last step a (restarted) segment's writer already committed, -1 if none."""
+    last = writer.last_committed_step if writer is not None else None
+    return -1 if last is None else last
 
 
 SegmentActor = ray.remote(SegmentWorker)

@@ -1,19 +1,29 @@
-"""Driver side of training: gang-schedule one RankActor per DeepSpeed rank and step them together."""
+"""Driver side of training: gang-schedule one RankActor per DeepSpeed rank and step them together.
+
+If a rank actor dies, every rank is stopped (a DeepSpeed job cannot lose a member) and the
+gang is started again: the new ranks load the last complete checkpoint and skip writing what
+the store already holds (RankWorker._record), up to `train.max_restarts` times.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from rayattr.config import Config
+from rayattr.faults import maybe_fail
 from rayattr.store import Run
 from rayattr.train.backend import free_port, node_ip
-from rayattr.train.worker import RankActor
+from rayattr.train.worker import NonFiniteLoss, RankActor
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -29,12 +39,52 @@ def rank_resources(cfg: Config) -> dict[str, float]:
     return res
 
 
+def gather(refs: list) -> list[Any]:
+    """ray.get of all refs, raising the first failure as soon as it happens (not in list order:
+    a surviving rank may block in a collective forever after its peer died)."""
+    index = {r: i for i, r in enumerate(refs)}
+    out: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        out[index[done[0]]] = ray.get(done[0])
+    return out
+
+
+def _fatal(err: Exception) -> Exception | None:
+    """The user-facing error inside a task failure that a restart cannot fix, else None."""
+    cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
+    return cause if isinstance(cause, NonFiniteLoss) else None
+
+
 def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
           chunk_steps: int = 4) -> dict[str, Any]:
-    """Train all steps with capture; returns the ranks' info and the mean losses per chunk."""
+    """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
+    restarts = 0
+    while True:
+        try:
+            info = _train_gang(cfg, run, storage_options, progress, chunk_steps)
+            info["restarts"] = restarts
+            return info
+        except (RayActorError, RayTaskError) as err:
+            fatal = _fatal(err)
+            if fatal is not None:
+                raise fatal from None
+            if restarts >= cfg.train.max_restarts:
+                raise
+            restarts += 1
+            log.warning("training rank failed (%s); restart %d of %d from the last checkpoint",
+                        type(err).__name__, restarts, cfg.train.max_restarts)
+            print(f"training rank failed ({type(err).__name__}); restarting from the last checkpoint "
+                  f"({restarts}/{cfg.train.max_restarts})", flush=True)
+
+
+def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: bool,
+                chunk_steps: int) -> dict[str, Any]:
     world = cfg.train.ranks
-    pg = placement_group([rank_resources(cfg) for _ in range(world)], strategy="PACK")
+    pg = placement_group([rank_resources(cfg) for _ in range(world)], strategy=cfg.train.placement)
     ray.get(pg.ready(), timeout=600)
+    actors = []
     try:
         on = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
         addr, port = ray.get(_rendezvous.options(scheduling_strategy=on(0)).remote())
@@ -42,23 +92,27 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
         actors = [RankActor.options(scheduling_strategy=on(r), num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
                   .remote(r, world, addr, port, cfg.to_dict(redact=False), run.uri, storage_options)
                   for r in range(world)]
-        info = ray.get(actors[0].info.remote())
+        infos = gather([a.info.remote() for a in actors])
+        info = infos[0]
+        start = info["start_step"]
+        if any(i["start_step"] != start for i in infos):
+            raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"])
-        start = 0
         losses = []
         t0 = time.perf_counter()
         with tqdm(total=info["num_steps"], initial=start, desc="train", unit="step", disable=not progress) as bar:
             for a in range(start, info["num_steps"], chunk_steps):
                 b = min(info["num_steps"], a + chunk_steps)
-                out = ray.get([act.train_steps.remote(a, b) for act in actors])
+                out = gather([act.train_steps.remote(a, b) for act in actors])
                 losses.append(out[0]["loss"])
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{out[0]['loss']:.3f}")
-        ray.get([act.finish.remote() for act in actors])
-        info.update(losses=losses, train_seconds=time.perf_counter() - t0)
-        for act in actors:
-            ray.kill(act)
+                maybe_fail("driver.train", step=b)
+        gather([act.finish.remote() for act in actors])
+        info.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_from=start)
         return info
     finally:
+        for act in actors:
+            ray.kill(act)
         remove_placement_group(pg)

@@ -20,8 +20,10 @@ from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.faults import maybe_fail
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.train.backend import deepspeed_config, set_dist_env
+from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.model import build_model, logits_of
 
 
@@ -96,6 +98,13 @@ class RankWorker:
         self.pending_records: list[StepRecord] = []
         self.sample_ids = np.asarray(self.data.ids)
         self.sources = np.asarray(self.data.sources, dtype=object)
+        # Resuming: weights and optimizer from the last complete checkpoint; the steps from
+        # there to the last committed one are recomputed (identically) but not written again.
+        self.checkpoints = Checkpoints(self.run, self.rank)
+        self.start_step = self.checkpoints.restore(self.engine)
+        last = lambda w: -1 if w is None or w.last_committed_step is None else w.last_committed_step  # noqa: E731
+        records = max((r.step for r in self.run.step_records()), default=-1) if self.rank == 0 else -1
+        self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer), "records": records}
 
     # ------------------------------------------------------------------ info for the driver
 
@@ -103,7 +112,7 @@ class RankWorker:
         return self.capture.layer_dims()
 
     def info(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "global_batch": self.plan.global_batch_size,
+        return {"num_steps": self.num_steps, "start_step": self.start_step, "global_batch": self.plan.global_batch_size,
                 "layer_dims": self.capture.layer_dims(), "steps_per_epoch": self.plan.steps_per_epoch,
                 "n_train": len(self.data), "truncated": int(self.data.num_truncated)}
 
@@ -141,6 +150,7 @@ class RankWorker:
         positions = self.rank * share + np.arange(share)
         losses, t0 = [], time.perf_counter()
         for step in range(start, min(end, self.num_steps)):
+            maybe_fail("rank.step", rank=self.rank, step=step)
             lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
             rows = self.plan.rank_indices(step, self.rank)
             curv_rows: dict[str, list[torch.Tensor]] = {}
@@ -170,18 +180,7 @@ class RankWorker:
             applied = self.engine.was_step_applied()
             eta = lr / self.plan.global_batch_size if applied else 0.0  # a skipped fp16 step moved nothing
             grads = self.capture.gradients()
-            self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
-                                   positions=positions.tolist())
-            if self.curv_writer is not None:
-                cat = {n: torch.cat(v) for n, v in curv_rows.items()}
-                m = next(iter(cat.values())).shape[0]
-                self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
-            if self.rank == 0:
-                lay = self.plan.layout(step)
-                self.pending_records.append(StepRecord(
-                    step=step, epoch=lay.epoch, lr=lr, eta=eta,
-                    sample_ids=self.sample_ids[lay.indices].tolist(),
-                    sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist()))
+            self._record(step, lr, eta, rows, positions, grads, curv_rows)
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
                 self.save_checkpoint(step + 1)
@@ -190,15 +189,42 @@ class RankWorker:
             self.pending_records = []
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
 
+    def _record(self, step, lr, eta, rows, positions, grads, curv_rows) -> None:
+        """Hand one step's gradients (and, on rank 0, its step record) to the store.
+
+        After a restart, steps up to what is already committed are recomputed (identically)
+        but not written again, so the trajectory has neither gaps nor duplicates.
+        """
+        done = self.stored_through
+        if step > done["train"]:
+            self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
+                                   positions=positions.tolist())
+        if self.curv_writer is not None and step > done["curvature"]:
+            cat = {n: torch.cat(v) for n, v in curv_rows.items()}
+            m = next(iter(cat.values())).shape[0]
+            self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
+        if self.rank == 0 and step > done["records"]:
+            lay = self.plan.layout(step)
+            self.pending_records.append(StepRecord(
+                step=step, epoch=lay.epoch, lr=lr, eta=eta,
+                sample_ids=self.sample_ids[lay.indices].tolist(),
+                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist()))
+
     # ------------------------------------------------------------------ checkpoints and the end
 
-    def save_checkpoint(self, step: int) -> str:
-        ckpt = checkpoint_dir(self.run)
-        self.engine.save_checkpoint(ckpt, tag=f"step{step:08d}", client_state={"step": step})
-        return ckpt
+    def save_checkpoint(self, step: int) -> None:
+        """Commit everything before `step`, then checkpoint: a checkpoint never runs ahead of
+        the recorded trajectory, so resuming from it leaves no gap."""
+        for w in (self.writer, self.curv_writer):
+            if w is not None:
+                w.flush()
+        if self.rank == 0 and self.pending_records:
+            self.run.write_step_records(self.pending_records)
+            self.pending_records = []
+        self.checkpoints.save(self.engine, step)
 
     def finish(self) -> dict[str, Any]:
-        """Commit everything, save final weights (rank 0) and a final checkpoint."""
+        """Commit everything and save the final weights (rank 0)."""
         self.close()
         if self.rank == 0:
             self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.engine.module))
@@ -211,14 +237,6 @@ class RankWorker:
         if self.rank == 0 and self.pending_records:
             self.run.write_step_records(self.pending_records)
             self.pending_records = []
-
-
-def checkpoint_dir(run: Run) -> str:
-    """DeepSpeed checkpoints go beside a local run, or to local scratch for object stores."""
-    uri = run.uri
-    if "://" not in uri or uri.startswith("file://"):
-        return os.path.join(uri.removeprefix("file://"), "checkpoints")
-    return os.path.join("/tmp/rayattr-checkpoints", run.run_id)
 
 
 RankActor = ray.remote(RankWorker)

@@ -1,0 +1,145 @@
+"""Faults injected into real runs: nothing is lost and the values equal a fault-free run.
+
+Every run is the job script in its own process (its own local Ray), so a fault can kill
+a rank actor, a segment actor or the driver itself (rayattr.faults, RAYATTR_FAULT).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+import yaml
+
+from rayattr.faults import fired
+from rayattr.store import GradientReader, Run, StoreOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "jobs" / "pretrain_attr.py"
+
+SMALL = {
+    "data": {"seq_len": 32, "builtin": {"n_train": 160, "n_validation": 32, "max_chars": 96}},
+    "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "checkpoint_every": 4},
+    "capture": {"rank": 4},
+    "embed": {"segments": 2, "phases": 4},
+    "store": {"steps_per_shard": 4},
+}  # 20 steps
+
+
+def run_job(tmp: Path, *args: str, fault: str | None = None, env: dict | None = None,
+            config: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cfg_path = tmp / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config or SMALL))
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    e.pop("RAY_ADDRESS", None)
+    e.pop("RAYATTR_FAULT", None)
+    if fault:
+        e.update(RAYATTR_FAULT=fault, RAYATTR_FAULT_DIR=str(tmp))
+    return subprocess.run([sys.executable, str(JOB), "--config", str(cfg_path), "--no-progress", *args],
+                          env=e, capture_output=True, text=True, timeout=timeout, cwd=tmp)
+
+
+def values(run: Run) -> np.ndarray:
+    return run.read_table("values/samples.parquet")["value"].to_numpy()
+
+
+def assert_trajectory_complete(run: Run, num_steps: int, ranks: int = 2) -> None:
+    """Every step recorded once, and every rank's gradients committed for every step."""
+    steps = [r.step for r in run.step_records()]
+    assert steps == list(range(num_steps))
+    batches = GradientReader(run, kind="train").read_steps(0, None)
+    assert [b.step for b in batches] == list(range(num_steps))
+    for b, rec in zip(batches, run.step_records()):
+        assert b.sample_ids.tolist() == rec.sample_ids
+        assert sorted(set(b.ranks.tolist())) == list(range(ranks))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baseline")
+    out = run_job(tmp, "--store", str(tmp / "store"), "--run-id", "clean")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Run.open(str(tmp / "store"), "clean")
+    assert_trajectory_complete(run, run.manifest["num_steps"])
+    return run
+
+
+def test_rank_actor_killed_resumes_from_checkpoint(baseline, tmp_path):
+    out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "r",
+                  fault="rank.step:rank=1,step=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert fired(str(tmp_path), "rank.step")
+    run = Run.open(str(tmp_path / "store"), "r")
+    m = run.manifest
+    assert m["train_restarts"] == 1 and m["resumed_from"] == 8  # last checkpoint before step 10
+    assert_trajectory_complete(run, m["num_steps"])
+    np.testing.assert_array_equal(values(run), values(baseline))
+
+
+def test_segment_actor_killed_redoes_its_segment(baseline, tmp_path):
+    out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "s",
+                  fault="segment.compute:segment=1,step=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert fired(str(tmp_path), "segment.compute")
+    run = Run.open(str(tmp_path / "store"), "s")
+    assert run.manifest["train_restarts"] == 0
+    np.testing.assert_array_equal(values(run), values(baseline))
+
+
+def test_driver_killed_then_resumed(baseline, tmp_path):
+    store = str(tmp_path / "store")
+    out = run_job(tmp_path, "--store", store, "--run-id", "d", fault="driver.train:step=12")
+    assert out.returncode == 17, out.stderr[-3000:]
+    partial = Run.open(store, "d")
+    assert partial.manifest["status"] == "training"
+    assert not partial.exists("values/samples.parquet")
+
+    # the same config again would be accepted; a different one is refused, naming the key
+    bad = {**SMALL, "train": {**SMALL["train"], "lr": 0.1}}
+    out = run_job(tmp_path, "--store", store, "--resume", "d", config=bad)
+    assert out.returncode == 2 and "train.lr" in out.stderr and "different config" in out.stderr
+
+    out = run_job(tmp_path, "--store", store, "--resume", "d")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Run.open(store, "d")
+    assert run.manifest["status"] == "done" and run.manifest["resumed_from"] == 12
+    assert_trajectory_complete(run, run.manifest["num_steps"])
+    np.testing.assert_array_equal(values(run), values(baseline))
+
+
+def test_s3_server_restarted_mid_run(baseline, tmp_path, s3_store):
+    root = s3_store.root_uri("restart")
+    opts = StoreOptions(storage_options=s3_store.storage_options)
+    fs = s3fs.S3FileSystem(**s3_store.storage_options)
+    restarted = threading.Event()
+
+    def restart_when_training():
+        deadline = time.time() + 240
+        prefix = root.removeprefix("s3://") + "/s3/commits/train"
+        while time.time() < deadline:
+            try:
+                if fs.find(prefix):
+                    s3_store.restart()
+                    restarted.set()
+                    return
+            except Exception:  # noqa: BLE001 - the run may not exist yet
+                pass
+            fs.invalidate_cache()
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=restart_when_training, daemon=True)
+    watcher.start()
+    out = run_job(tmp_path, "--store", root, "--run-id", "s3", env=s3_store.env)
+    watcher.join(timeout=5)
+    assert restarted.is_set(), "the S3 server was never restarted during training"
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Run.open(root, "s3", options=opts)
+    assert_trajectory_complete(run, run.manifest["num_steps"])
+    np.testing.assert_array_equal(values(run), values(baseline))
