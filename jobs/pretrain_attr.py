@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--segments", type=int, help="influence-checkpoint segments (segment actors)")
     p.add_argument("--steps", type=int, help="stop training after this many optimizer steps")
     p.add_argument("--epochs", type=int, help="passes over the training data")
+    p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="rank actors' placement group strategy (STRICT_SPREAD: one rank per node)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per rank (NCCL)")
     p.add_argument("--resume", metavar="RUN", help="finish a partial run (its id under --store, or its URI) "
                    "with its recorded config; --config/overrides must agree with it")
@@ -45,12 +47,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
                 "train.epochs": args.epochs, "train.use_gpu": args.gpu}
+    where = {"store.uri": args.store, "run_id": args.run_id, "train.placement": args.placement}
     from rayattr.data import DataError
     from rayattr.pipeline import complete_run, open_for_resume, run_pipeline
     from rayattr.store import StoreError
 
     try:
-        cfg = load_config(args.config, **settings, **{"store.uri": args.store, "run_id": args.run_id})
+        cfg = load_config(args.config, **settings, **where)
         if args.resume:
             # compare with the recorded config only what the user actually asked for
             given = cfg if args.config or any(v is not None for v in settings.values()) else None
@@ -62,9 +65,12 @@ def main(argv=None) -> int:
         return 2
 
     if not ray.is_initialized():
-        # joins the cluster named by RAY_ADDRESS (ray job submit), else starts a local one
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        address = os.environ.get("RAY_ADDRESS")
+        if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
+            ray.init(address=address, log_to_driver=True)
+        else:  # a local Ray on this machine
+            ray.init(log_to_driver=True,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         result = (complete_run(cfg, run, progress=not args.no_progress) if args.resume
                   else run_pipeline(cfg, progress=not args.no_progress))

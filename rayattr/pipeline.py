@@ -160,8 +160,9 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     val_ref = _validation_gradient.remote(run.uri, so)
     actors, _ = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
                                cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype)
-    wait_all([a.compute.remote() for a in actors], "embed", progress)
+    done = wait_all([a.compute.remote() for a in actors], "embed", progress)
     timings["embed"] = time.perf_counter() - t
+    run.update_manifest(segment_nodes=[d["node"] for d in done])
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")

@@ -77,7 +77,8 @@ class SegmentWorker:
     def compute(self) -> dict[str, Any]:
         """Local embeddings, K and per-(source, phase) local sums of this segment."""
         if self.run.exists(k_path(self.seg.index)):
-            return {"segment": self.seg.index, "skipped": True}  # done before a restart
+            return {"segment": self.seg.index, "skipped": True,  # done before a restart
+                    "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
         s = self.seg
         etas = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
@@ -116,7 +117,7 @@ class SegmentWorker:
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address()}
 
     # ------------------------------------------------------------------ finalisation
 

@@ -34,7 +34,9 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
     bounds = segment_bounds(num_steps, n_segments)
     specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     # a crashed actor is restarted and its method retried: compute() skips finished work
-    opts = dict(**actor_resources(n_segments, use_gpu), max_restarts=3, max_task_retries=3)
+    # SPREAD: on a multi-node cluster the segments' reads and matmuls go to different nodes
+    opts = dict(**actor_resources(n_segments, use_gpu), max_restarts=3, max_task_retries=3,
+                scheduling_strategy="SPREAD")
     actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
                                                   keep_sample_embeddings=keep_sample_embeddings)
               for s in specs]

@@ -112,7 +112,7 @@ class RankWorker:
         return self.capture.layer_dims()
 
     def info(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "start_step": self.start_step, "global_batch": self.plan.global_batch_size,
+        return {"num_steps": self.num_steps, "start_step": self.start_step, "node": ray.util.get_node_ip_address(), "global_batch": self.plan.global_batch_size,
                 "layer_dims": self.capture.layer_dims(), "steps_per_epoch": self.plan.steps_per_epoch,
                 "n_train": len(self.data), "truncated": int(self.data.num_truncated)}
 

@@ -1,0 +1,82 @@
+"""The job end to end: `python jobs/pretrain_attr.py` on one node, and `ray job submit` to a
+two-node cluster (`ray start --head` + `ray start --address`) with a local store and with
+SeaweedFS S3. All three runs must give the same values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raycluster import LocalRayCluster
+from rayattr.store import Run, StoreOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+# the built-in job on its quick config: 2 epochs of 10 steps
+ARGS = ["--config", "jobs/configs/small.yaml", "--segments", "2", "--no-progress"]
+STEPS, BATCH = 20, 16
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory) -> Run:
+    """The job as a user runs it on one machine: no Ray address, so it starts a local Ray."""
+    store = tmp_path_factory.mktemp("single") / "store"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "one",
+                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"run: {store}/one" in out.stdout
+    return Run.open(str(store), "one")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalRayCluster(tmp_path_factory.mktemp("ray"), nodes=2).start()
+    yield c
+    c.stop()
+
+
+def check_outputs(run: Run, reference: Run, stdout: str) -> None:
+    m = run.manifest
+    assert m["status"] == "done" and m["num_steps"] == STEPS and m["segments"] == 2
+    for rel in ("values/samples.parquet", "values/sources.parquet", "values/phases.parquet",
+                "embeddings/sources.parquet", "data/train.parquet", "data/validation.parquet",
+                "weights/initial.safetensors", "weights/final.safetensors"):
+        assert run.exists(rel), rel
+    samples = run.read_table("values/samples.parquet")
+    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value"]
+    assert samples.num_rows == STEPS * BATCH
+    sources = run.read_table("values/sources.parquet").to_pylist()
+    assert sources[-1]["source"] == "corrupted"  # the deliberately corrupted source ranks last
+    assert "bottom source: corrupted" in stdout and "stage wall times:" in stdout
+    # the same values as the single-node run, whatever the cluster and the store
+    np.testing.assert_array_equal(samples["value"].to_numpy(),
+                                  reference.read_table("values/samples.parquet")["value"].to_numpy())
+
+
+def test_job_submit_local_store(cluster, single_node, tmp_path):
+    store = tmp_path / "store"
+    out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "sub", *ARGS],
+                         working_dir=str(ROOT))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "succeeded" in out.stdout + out.stderr
+    check_outputs(Run.open(str(store), "sub"), single_node, out.stdout)
+
+
+def test_job_submit_multinode_s3(cluster, single_node, s3_store):
+    """Ranks one per node (STRICT_SPREAD), segments spread, store on S3 from the AWS env."""
+    root = s3_store.root_uri("job")
+    out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", root, "--run-id", "multi",
+                          "--placement", "STRICT_SPREAD", *ARGS], env=s3_store.env, working_dir=str(ROOT))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    run = Run.open(root, "multi", options=StoreOptions(storage_options=s3_store.storage_options))
+    assert sorted(run.manifest["rank_nodes"]) == cluster.ips  # one rank on each node
+    assert len(set(run.manifest["segment_nodes"])) == 2
+    check_outputs(run, single_node, out.stdout)
+    # credentials stay out of the run
+    assert s3_store.secret_key not in run.read_bytes("run.json").decode()
