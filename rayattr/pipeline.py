@@ -156,13 +156,15 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg)
-    # the test side needs only the final weights: start it before the segment actors take the CPUs
-    val_ref = _validation_gradient.remote(run.uri, so)
+    # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
+    # (a short task), else on a small machine one segment actor would wait for it to finish
+    val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)
     actors, _ = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
                                cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype)
     done = wait_all([a.compute.remote() for a in actors], "embed", progress)
     timings["embed"] = time.perf_counter() - t
-    run.update_manifest(segment_nodes=[d["node"] for d in done])
+    run.update_manifest(segment_nodes=[d["node"] for d in done],
+                        segment_seconds=[d.get("seconds", 0.0) for d in done])
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")

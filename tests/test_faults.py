@@ -7,6 +7,7 @@ a rank actor, a segment actor or the driver itself (rayattr.faults, RAYATTR_FAUL
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -143,3 +144,20 @@ def test_s3_server_restarted_mid_run(baseline, tmp_path, s3_store):
     run = Run.open(root, "s3", options=opts)
     assert_trajectory_complete(run, run.manifest["num_steps"])
     np.testing.assert_array_equal(values(run), values(baseline))
+
+
+def test_nan_loss_stops_and_keeps_what_was_committed(tmp_path):
+    """A diverging run stops at the first non-finite loss, says where, and keeps every step
+    before it readable; its run records why it failed."""
+    diverging = {**SMALL, "train": {**SMALL["train"], "lr": 1e9}}
+    out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan", config=diverging)
+    assert out.returncode == 1, out.stderr[-3000:]
+    m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", out.stderr)
+    assert m, out.stderr[-3000:]
+    bad_step = int(m.group(2))
+    assert bad_step >= 1
+    run = Run.open(str(tmp_path / "store"), "nan")
+    assert run.manifest["status"] == "failed" and "at step" in run.manifest["error"]
+    assert [r.step for r in run.step_records()] == list(range(bad_step))
+    batches = GradientReader(run, kind="train").read_steps(0, None)
+    assert [b.step for b in batches] == list(range(bad_step))
