@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                 "train.epochs": args.epochs, "train.use_gpu": args.gpu}
     where = {"store.uri": args.store, "run_id": args.run_id, "train.placement": args.placement}
     from rayattr.data import DataError
-    from rayattr.pipeline import complete_run, open_for_resume, run_pipeline
+    from rayattr.pipeline import complete_run, open_for_resume, start_run
     from rayattr.store import StoreError
 
     try:
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
             cfg, run = open_for_resume(args.resume, given, store=cfg.store.uri,
                                        storage_options=cfg.store.storage_options)
             print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
+        else:
+            run = start_run(cfg)  # data and store are checked before Ray starts
     except (ConfigError, StoreError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -72,8 +74,7 @@ def main(argv=None) -> int:
             ray.init(log_to_driver=True,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        result = (complete_run(cfg, run, progress=not args.no_progress) if args.resume
-                  else run_pipeline(cfg, progress=not args.no_progress))
+        result = complete_run(cfg, run, progress=not args.no_progress)
     except (ConfigError, StoreError, DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -59,10 +59,29 @@ def create_run(cfg: Config) -> Run:
     return Run.create(cfg.store.uri, cfg.run_id or new_run_id(), manifest, options=options)
 
 
+def write_data(cfg: Config, run: Run, tables=None) -> float:
+    """The run's training and validation data into the run; returns the seconds it took."""
+    t = time.perf_counter()
+    train_table, val_table = tables or prepare_data(cfg, run.options)
+    run.write_table("data/train.parquet", train_table)
+    run.write_table("data/validation.parquet", val_table)
+    return time.perf_counter() - t
+
+
+def start_run(cfg: Config) -> Run:
+    """Load and check the data, then create the run holding it: bad data or an unreachable
+    store fail here, before any Ray work starts."""
+    cfg.validate()
+    t = time.perf_counter()
+    tables = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
+    run = create_run(cfg)
+    run.update_manifest(timings={"data": time.perf_counter() - t + write_data(cfg, run, tables)})
+    return run
+
+
 def run_pipeline(cfg: Config, progress: bool = True) -> RunResult:
     """Every stage of a new run: data, training, embedding, reduce."""
-    cfg.validate()
-    return complete_run(cfg, create_run(cfg), progress)
+    return complete_run(cfg, start_run(cfg), progress)
 
 
 # Keys a resumed run may change: where the store is, how many restarts, where actors go.
@@ -108,19 +127,14 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
     says it stopped: training restarts from its last checkpoint, segments whose K is written
     are not recomputed.
     """
-    options = run.options
     so = cfg.store.storage_options or None
     timings: dict[str, float] = dict(run.manifest.get("timings") or {})
     if run.manifest.get("status") == "done":
         out = read_sources(run)
         return RunResult(uri=run.uri, timings=timings, sources=out, segments=run.manifest.get("segments", 0),
                          num_steps=run.manifest.get("num_steps", 0))
-    t = time.perf_counter()
-    if not run.exists("data/validation.parquet"):
-        train_table, val_table = prepare_data(cfg, options)
-        run.write_table("data/train.parquet", train_table)
-        run.write_table("data/validation.parquet", val_table)
-        timings["data"] = time.perf_counter() - t
+    if not run.exists("data/validation.parquet"):  # a driver that died before writing it
+        timings["data"] = write_data(cfg, run)
 
     if not run.exists("weights/final.safetensors"):
         t = time.perf_counter()

@@ -80,3 +80,20 @@ def test_job_submit_multinode_s3(cluster, single_node, s3_store):
     check_outputs(run, single_node, out.stdout)
     # credentials stay out of the run
     assert s3_store.secret_key not in run.read_bytes("run.json").decode()
+
+
+def test_job_unreachable_store_fails_before_ray_starts(tmp_path):
+    """A store that cannot be reached is reported by name, after bounded retries, and no Ray
+    cluster is started for a run that could not be written anywhere."""
+    from s3server import pick_ports
+
+    closed = pick_ports(1)[0]  # free, so nothing listens there
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "secret-value", "AWS_EC2_METADATA_DISABLED": "true"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", "jobs/configs/small.yaml",
+                          "--store", "s3://rayattr-missing/runs", "--no-progress"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"unreachable at http://127.0.0.1:{closed}" in out.stderr
+    assert "Started a local Ray" not in out.stdout + out.stderr
