@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
 import ray
 
 from rayattr.capture import ProjectionSpec
@@ -55,7 +56,8 @@ def create_run(cfg: Config) -> Run:
     options = StoreOptions(storage_options=cfg.store.storage_options)
     spec = ProjectionSpec(rank=cfg.capture.rank, seed=cfg.capture.seed, kind=cfg.capture.kind)
     manifest = {"config": cfg.to_dict(), "projection": spec.to_dict(), "world_size": cfg.train.ranks,
-                "model": {"family": cfg.model.family, "factory": cfg.model.factory}}
+                "model": {"family": cfg.model.family, "factory": cfg.model.factory},
+                "model_family": cfg.model.factory or cfg.model.family}
     return Run.create(cfg.store.uri, cfg.run_id or new_run_id(), manifest, options=options)
 
 
@@ -75,7 +77,10 @@ def start_run(cfg: Config) -> Run:
     t = time.perf_counter()
     tables = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
     run = create_run(cfg)
-    run.update_manifest(timings={"data": time.perf_counter() - t + write_data(cfg, run, tables)})
+    seconds = time.perf_counter() - t + write_data(cfg, run, tables)
+    train_table = tables[0]
+    run.update_manifest(timings={"data": seconds}, n_train=train_table.num_rows,
+                        n_sources=len(pc.unique(train_table["source"])))
     return run
 
 

@@ -59,3 +59,28 @@ def store_root(request, tmp_path) -> StoreRoot:
                         max_attempts=3, backoff_s=0.1)
     name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40]
     return StoreRoot("s3", server.root_uri(name), opts, server.env, server)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A real finished run, made once per session by the job script in its own process (its
+    own local Ray): the quick built-in job with a projection large enough for per-sample
+    answers (r = 32; at r = 8 a training text no longer finds itself first for most samples).
+    Returns (store root, run URI)."""
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    settings = yaml.safe_load((root / "jobs/configs/small.yaml").read_text())
+    settings["capture"]["rank"] = 32
+    cfg = tmp_path_factory.mktemp("answers") / "answers.yaml"
+    cfg.write_text(yaml.safe_dump(settings))
+    store = tmp_path_factory.mktemp("answers-store")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(cfg), "--store", str(store),
+                          "--run-id", "answers", "--segments", "2", "--no-progress"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return str(store), f"{store}/answers"

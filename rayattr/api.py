@@ -1,0 +1,68 @@
+"""The Python face of a finished run, mirroring the `rayattr` command line.
+
+    import rayattr
+    run = rayattr.open_run("./rayattr_runs/run-20261124-101500")   # or s3://bucket/runs/<id>
+    run.sources()                     # per-source values (pyarrow Table), best first
+    run.values()                      # one row per training occurrence
+    run.phases()                      # source x training phase
+    run.query(["some new text"], k=5) # most helpful / harmful training samples for it
+    run.report("report/")             # report.html + PNGs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from rayattr.query import QueryResult, open_finished, query_run
+from rayattr.store import Run
+
+
+class FinishedRun:
+    """Read-only answers of one finished run; nothing here recomputes embeddings."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    @property
+    def uri(self) -> str:
+        return self.run.uri
+
+    @property
+    def manifest(self) -> dict:
+        return self.run.manifest
+
+    def values(self) -> pa.Table:
+        """values/samples.parquet: sample_id, source, step, epoch, value per occurrence."""
+        return self.run.read_table("values/samples.parquet")
+
+    def sources(self) -> pa.Table:
+        """values/sources.parquet: source, n_samples, n_occurrences, value, value_per_sample."""
+        return self.run.read_table("values/sources.parquet")
+
+    def phases(self) -> pa.Table:
+        """values/phases.parquet: source, phase, step_start, step_end, n_occurrences, value."""
+        return self.run.read_table("values/phases.parquet")
+
+    def query(self, texts: str | list[str], k: int = 10, by_source: bool = False,
+              each: bool = False) -> QueryResult | list[QueryResult]:
+        """Most helpful and harmful training samples for `texts` (one test set, or each=True
+        for one answer per text), scored against the stored final embeddings."""
+        return query_run(self.run, [texts] if isinstance(texts, str) else list(texts), k=k,
+                         each=each, by_source=by_source)
+
+    def report(self, out_dir: str | Path = "report", k: int = 10) -> Path:
+        """Write report.html and its PNGs into out_dir; returns report.html's path."""
+        from rayattr.report import write_report
+
+        return write_report(self.run, out_dir, k=k)
+
+    def __repr__(self) -> str:
+        return f"FinishedRun({self.uri!r})"
+
+
+def open_run(uri: str, storage_options: dict | None = None) -> FinishedRun:
+    """A finished run by its URI (local path, file:// or s3://); clear errors for an unknown
+    run (the runs that exist are listed) and for one that has not finished."""
+    return FinishedRun(open_finished(uri, storage_options))

@@ -1,0 +1,63 @@
+"""A query end to end: texts -> test gradients -> streamed scores -> ranked samples and sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rayattr.query.gradients import query_gradients
+from rayattr.query.ranking import rank_samples, rank_sources
+from rayattr.query.runs import require_finished
+from rayattr.query.scoring import OccurrenceScores, score_occurrences
+from rayattr.store import Run
+
+
+@dataclass
+class QueryResult:
+    """The answer for one query (or one set of texts scored together)."""
+
+    texts: list[str]
+    helpful: list[dict] = field(default_factory=list)
+    """Rows {sample_id, source, step, score, text, n_occurrences}, most helpful first."""
+    harmful: list[dict] = field(default_factory=list)
+    """Same rows, most harmful (most negative score) first."""
+    sources: list[dict] | None = None
+    """With by_source: {source, score, n_samples, n_occurrences, score_per_sample}, best first."""
+    notices: list[str] = field(default_factory=list)
+    """Things the user should know (e.g. a text truncated to the model's context)."""
+
+    def to_dict(self) -> dict:
+        out = {"helpful": self.helpful, "harmful": self.harmful}
+        if self.sources is not None:
+            out["sources"] = self.sources
+        return out
+
+
+def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, by_source: bool,
+           train, notices: list[str]) -> QueryResult:
+    ranked = rank_samples(occ, column, k, train)
+    return QueryResult(texts=texts, helpful=ranked["helpful"], harmful=ranked["harmful"],
+                       sources=rank_sources(occ, column) if by_source else None, notices=notices)
+
+
+def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_source: bool = False,
+              model: torch.nn.Module | None = None, chunk_rows: int = 4096
+              ) -> QueryResult | list[QueryResult]:
+    """Most helpful / harmful training samples for `texts`.
+
+    Together (default): the texts are one test set, scored by its mean loss (the mean of
+    their gradients, as the run's validation values are). each=True: one result per text,
+    all scored in the same single pass over the embeddings.
+    """
+    require_finished(run)
+    grads, notices = query_gradients(run, texts, model=model)
+    if not each:
+        grads = {n: g.double().mean(0, keepdim=True) for n, g in grads.items()}
+    occ = score_occurrences(run, grads, chunk_rows=chunk_rows)
+    train = run.read_table("data/train.parquet")
+    if not each:
+        return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices])
+    return [answer(occ, occ.scores[:, i], [t], k, by_source, train,
+                   [n.message for n in notices if n.query == i]) for i, t in enumerate(texts)]

@@ -1,0 +1,67 @@
+"""From per-occurrence scores to answers: samples ranked by their summed value, sources ranked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rayattr.query.scoring import OccurrenceScores
+
+
+def sample_totals(sample_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct sample ids, their value summed over occurrences, and each occurrence's sample index."""
+    ids, inverse = np.unique(sample_ids, return_inverse=True)
+    return ids, np.bincount(inverse, weights=scores, minlength=len(ids)), inverse
+
+
+def _top(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Indices of the k largest (or smallest) values, best first; only strictly positive
+    (negative) ones, so a "helpful" answer never lists a sample that hurt."""
+    keep = np.flatnonzero(values > 0 if largest else values < 0)
+    if keep.size == 0 or k <= 0:
+        return keep[:0]
+    order = np.argsort(-values[keep] if largest else values[keep], kind="stable")
+    return keep[order[:k]]
+
+
+def texts_of(train: pa.Table, ids: np.ndarray) -> list[str | None]:
+    """Texts of training sample ids (None where the id is not in the table)."""
+    where = pc.index_in(pa.array(ids, pa.int64()), value_set=train["id"])
+    return pc.take(train["text"], where).to_pylist()
+
+
+def rank_samples(occ: OccurrenceScores, column: np.ndarray, k: int,
+                 train: pa.Table | None = None) -> dict[str, list[dict]]:
+    """The k most helpful and k most harmful training samples for one score column.
+
+    A sample's score is its value summed over its occurrences (all epochs); `step` is the
+    occurrence that contributed most in the row's direction.
+    """
+    ids, totals, inverse = sample_totals(occ.sample_ids, column)
+    out: dict[str, list[dict]] = {}
+    for key, largest in (("helpful", True), ("harmful", False)):
+        rows = []
+        for j in _top(totals, k, largest):
+            mine = np.flatnonzero(inverse == j)
+            best = mine[np.argmax(column[mine]) if largest else np.argmin(column[mine])]
+            rows.append({"sample_id": int(ids[j]), "source": str(occ.sources[best]),
+                         "step": int(occ.steps[best]), "score": float(totals[j]),
+                         "n_occurrences": int(mine.size)})
+        if train is not None and rows:
+            for row, text in zip(rows, texts_of(train, np.array([r["sample_id"] for r in rows]))):
+                row["text"] = text
+        out[key] = rows
+    return out
+
+
+def rank_sources(occ: OccurrenceScores, column: np.ndarray) -> list[dict]:
+    """Sources ranked by their summed score for one column (most helpful first)."""
+    names, inverse = np.unique(occ.sources.astype(str), return_inverse=True)
+    totals = np.bincount(inverse, weights=column, minlength=len(names))
+    n_occ = np.bincount(inverse, minlength=len(names))
+    n_samples = [len(np.unique(occ.sample_ids[inverse == i])) for i in range(len(names))]
+    rows = [{"source": str(names[i]), "score": float(totals[i]), "n_samples": int(n_samples[i]),
+             "n_occurrences": int(n_occ[i]), "score_per_sample": float(totals[i] / max(1, n_samples[i]))}
+            for i in range(len(names))]
+    return sorted(rows, key=lambda r: -r["score"])

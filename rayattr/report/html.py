@@ -1,0 +1,91 @@
+"""report.html: one self-contained page (figures inlined as base64) with the PNGs beside it."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from rayattr.report import figures
+from rayattr.store import Run
+
+
+def sample_totals(samples: pa.Table, train: pa.Table) -> list[dict]:
+    """Each training sample's value summed over its occurrences, with source and text, best first."""
+    g = samples.group_by(["sample_id", "source"]).aggregate([("value", "sum"), ("step", "count")])
+    g = g.rename_columns(["sample_id", "source", "value", "n_occurrences"]).sort_by([("value", "descending")])
+    where = pc.index_in(g["sample_id"], value_set=train["id"])
+    return g.append_column("text", pc.take(train["text"], where)).to_pylist()
+
+
+def _table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
+    fmt = fmt or {}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt.get(c, str)(r[c]))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(name: str, png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" data-file="{name}"></figure>'
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
+vertical-align:top}th{background:#f1f3f5}td.text{max-width:520px}img{max-width:100%}
+pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#c92a2a}.pos{color:#2b8a3e}"""
+
+
+def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
+    """Write report.html and its PNGs into out_dir; returns the path of report.html."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = run.manifest
+    samples = run.read_table("values/samples.parquet")
+    sources = run.read_table("values/sources.parquet")
+    phases = run.read_table("values/phases.parquet")
+    train = run.read_table("data/train.parquet")
+    pngs = {
+        "sources.png": (figures.source_bars(sources), "value per sample of each source"),
+        "steps.png": (figures.influence_over_steps(samples, int(m.get("num_steps", 1))),
+                      "mean value of an occurrence against training step"),
+        "phases.png": (figures.phase_heatmap(phases), "value by source and training phase"),
+    }
+    for name, (png, _) in pngs.items():
+        (out / name).write_bytes(png)
+
+    totals = sample_totals(samples, train)
+    num = lambda v: f"{v:.4g}"  # noqa: E731
+    sample_cols = ["sample_id", "source", "n_occurrences", "value", "text"]
+    timings = m.get("timings") or {}
+    parts = [
+        f"<h1>rayattr run {html.escape(run.run_id)}</h1>",
+        f"<p><code>{html.escape(run.uri)}</code> — status <b>{html.escape(str(m.get('status')))}</b>, "
+        f"model {html.escape(str(m.get('model', {}).get('family')))}, {m.get('num_steps')} steps, "
+        f"{train.num_rows} training samples, {sources.num_rows} sources, {samples.num_rows} occurrences, "
+        f"{m.get('segments')} segments.</p>",
+        "<p>Value = predicted increase of the validation loss if a training occurrence were removed "
+        "(Data Value Embedding): positive helped, negative hurt.</p>",
+        "<h2>Sources</h2>", _img("sources.png", *pngs["sources.png"]),
+        _table(sources.to_pylist(), sources.column_names, {"value": num, "value_per_sample": num}),
+        "<h2>When in training</h2>", _img("steps.png", *pngs["steps.png"]),
+        _img("phases.png", *pngs["phases.png"]),
+        f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, {"value": num}),
+        f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, {"value": num}),
+        "<h2>Stage timings</h2>",
+        _table([{"stage": s, "seconds": f"{v:.1f}"} for s, v in timings.items()], ["stage", "seconds"]),
+        "<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(m.get('config', {}), sort_keys=False))}</pre>",
+        f"<p><small>rayattr {html.escape(str(m.get('rayattr_version')))}, report written "
+        f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</small></p>",
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rayattr {html.escape(run.run_id)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,105 @@
+"""The `rayattr` command on a real finished run: what each command prints, and its errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rayattr.cli import main
+from rayattr.store import Run
+
+
+def rayattr(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["rayattr", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "query" in out.stdout and "report" in out.stdout
+
+
+def test_runs(capsys, finished_run):
+    store, _ = finished_run
+    code, out, _ = rayattr(capsys, "runs", store)
+    assert code == 0
+    header, _, row = out.splitlines()[:3]
+    assert header.split() == ["run_id", "status", "model", "num_steps", "n_train", "n_sources", "created"]
+    assert row.split()[:6] == ["answers", "done", "gpt2", "20", "160", "7"]
+    code, out, _ = rayattr(capsys, "runs", store, "--format", "json")
+    assert json.loads(out)[0]["run_id"] == "answers"
+
+
+def test_values_formats(capsys, finished_run):
+    _, uri = finished_run
+    sources = Run.open_uri(uri).read_table("values/sources.parquet").to_pylist()
+    code, out, _ = rayattr(capsys, "values", uri, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [r["source"] for r in rows] == [s["source"] for s in sources]
+    assert rows[-1]["source"] == "corrupted"
+    assert float(rows[0]["value_per_sample"]) == pytest.approx(sources[0]["value_per_sample"])
+    code, out, _ = rayattr(capsys, "values", uri)
+    assert out.splitlines()[0].split() == ["source", "n_samples", "n_occurrences", "value", "value_per_sample"]
+    assert out.splitlines()[2].split()[0] == sources[0]["source"]
+    code, out, _ = rayattr(capsys, "values", uri, "--by-phase", "--format", "json")
+    phases = json.loads(out)
+    assert {p["phase"] for p in phases} == {0, 1, 2, 3}
+    assert sum(p["value"] for p in phases) == pytest.approx(sum(s["value"] for s in sources), rel=1e-4)
+
+
+def test_query_json_and_table(capsys, finished_run, tmp_path):
+    _, uri = finished_run
+    train = Run.open_uri(uri).read_table("data/train.parquet").to_pylist()
+    target = next(r for r in train if r["source"] == "data")
+    code, out, _ = rayattr(capsys, "query", uri, "--text", target["text"], "--k", "3", "--format", "json")
+    answer = json.loads(out)
+    assert code == 0 and set(answer) == {"helpful", "harmful"}
+    assert all(set(r) == {"sample_id", "source", "step", "score", "text"} for r in answer["helpful"])
+    assert len(answer["helpful"]) == 3 and len(answer["harmful"]) == 3
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"text": target["text"]}) + "\n")
+    code, out, _ = rayattr(capsys, "query", uri, "--file", str(queries), "--by-source")
+    assert code == 0 and "most helpful (10)" in out and "most harmful" in out and "sources:" in out
+
+
+def test_query_errors(capsys, finished_run, tmp_path):
+    store, uri = finished_run
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    code, _, err = rayattr(capsys, "query", uri, "--file", str(empty))
+    assert code == 2 and "holds no query texts" in err
+    code, _, err = rayattr(capsys, "query", f"{store}/no-such-run", "--text", "x")
+    assert code == 2 and "does not exist" in err and "answers" in err  # lists the runs there
+    code, _, err = rayattr(capsys, "query", uri, "--text", "token " * 100, "--k", "1")
+    assert code == 0 and "note: query 0 has" in err and "first 32 tokens" in err
+    busy = Run.create(store, "busy", {"config": {}})
+    busy.update_manifest(status="embedding")
+    code, _, err = rayattr(capsys, "values", busy.uri)
+    assert code == 2 and "not finished" in err and "embedding" in err
+
+
+def test_report_command(capsys, finished_run, tmp_path):
+    _, uri = finished_run
+    code, out, _ = rayattr(capsys, "report", uri, "--out", str(tmp_path / "rep"))
+    assert code == 0 and (tmp_path / "rep" / "report.html").is_file()
+    assert out.strip() == f"report: {tmp_path / 'rep' / 'report.html'}"
+
+
+def test_plan_subcommand(capsys):
+    code, out, _ = rayattr(capsys, "plan", "jobs/configs/default.yaml")
+    assert code == 0 and out.strip()
+    code, _, err = rayattr(capsys, "plan", "no-such.yaml")
+    assert code == 2 and "not found" in err
+
+
+def test_module_entry_point(finished_run):
+    out = subprocess.run([sys.executable, "-m", "rayattr.cli", "values", finished_run[1], "--format", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)[-1]["source"] == "corrupted"
