@@ -20,7 +20,7 @@ def run(finished_run) -> Run:
 def test_scores_equal_brute_force_float64(run):
     texts = ["Return the number of items in the list.", "Open a socket and read until EOF."]
     grads, _ = query_gradients(run, texts)
-    occ = score_occurrences(run, grads, chunk_rows=50)  # several chunks, split across steps
+    occ = score_occurrences(run, grads)
     want = []
     for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64):
         want.append(sum(b.grads[n] @ grads[n].double().T for n in b.grads))

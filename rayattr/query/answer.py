@@ -43,8 +43,7 @@ def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, 
 
 
 def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_source: bool = False,
-              model: torch.nn.Module | None = None, chunk_rows: int = 4096
-              ) -> QueryResult | list[QueryResult]:
+              model: torch.nn.Module | None = None) -> QueryResult | list[QueryResult]:
     """Most helpful / harmful training samples for `texts`.
 
     Together (default): the texts are one test set, scored by its mean loss (the mean of
@@ -55,7 +54,7 @@ def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_so
     grads, notices = query_gradients(run, texts, model=model)
     if not each:
         grads = {n: g.double().mean(0, keepdim=True) for n, g in grads.items()}
-    occ = score_occurrences(run, grads, chunk_rows=chunk_rows)
+    occ = score_occurrences(run, grads)
     train = run.read_table("data/train.parquet")
     if not each:
         return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices])

@@ -6,7 +6,10 @@ never held together; only the scores (Q floats per occurrence) are kept.
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,34 +46,79 @@ def embedding_reader(run: Run, window_bytes: int = 64 << 20) -> GradientReader:
     return reader
 
 
-class _Chunk:
-    """Step batches buffered until a chunk is large enough for efficient products."""
+def _in_background(batches: Iterator, depth: int = 4) -> Iterator:
+    """Iterate `batches` on a thread, `depth` items ahead: reading and stacking the next block
+    overlaps the products of this one (both release the GIL), so scoring runs at reading speed."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
 
-    def __init__(self):
-        self.batches = []
-        self.rows = 0
+    def produce():
+        try:
+            for item in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put(err)
 
-    def add(self, batch) -> None:
-        self.batches.append(batch)
-        self.rows += len(batch)
-
-    def score(self, test: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(rows, Q): one (rows x p) @ (p x Q) product per layer."""
-        total = None
-        for name, g in test.items():
-            e = torch.cat([b.grads[name] for b in self.batches]) if len(self.batches) > 1 \
-                else self.batches[0].grads[name]
-            s = e @ g.T
-            total = s if total is None else total.add_(s)
-        return total
+    thread = threading.Thread(target=produce, name="rayattr-query-read", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
-def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], chunk_rows: int = 4096,
+@dataclass
+class _Block:
+    """Consecutive steps' rows stacked into one matrix per layer."""
+
+    grads: dict[str, torch.Tensor]
+    sample_ids: np.ndarray
+    sources: list[str]
+    steps: np.ndarray
+
+
+def _blocks(batches: Iterator, rows: int) -> Iterator[_Block]:
+    """Step batches stacked into blocks of about `rows` rows (run on the reading thread, so
+    the copies overlap the products of the previous block)."""
+    pending: list = []
+
+    def stack() -> _Block:
+        names = pending[0].grads
+        return _Block({n: torch.cat([b.grads[n] for b in pending]) for n in names},
+                      np.concatenate([b.sample_ids.numpy() for b in pending]),
+                      [s for b in pending for s in b.sources],
+                      np.concatenate([np.full(len(b), b.step, dtype=np.int64) for b in pending]))
+
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        if count >= rows:
+            yield stack()
+            pending, count = [], 0
+    if pending:
+        yield stack()
+
+
+def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows: int = 1024,
                       reader: GradientReader | None = None) -> OccurrenceScores:
     """Dot products of every stored final embedding with each query gradient.
 
-    test_grads: layer -> (Q, p) (or (p,) for one query). Rows are scored `chunk_rows` at a
-    time in float32 (the embeddings' stored precision) and kept in float64.
+    test_grads: layer -> (Q, p) (or (p,) for one query). Rows are scored in blocks of about
+    `block_rows`, in float32 (the embeddings' stored precision); scores are kept in float64.
     """
     reader = reader or embedding_reader(run)
     missing = sorted(set(reader.layers) - set(test_grads))
@@ -80,23 +128,15 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], chunk_rows:
             for n, g in test_grads.items() if n in reader.layers}
     q = next(iter(test.values())).shape[0]
     ids, sources, steps, scores = [], [], [], []
-    chunk = _Chunk()
-
-    def flush():
-        nonlocal chunk
-        if chunk.rows:
-            scores.append(chunk.score(test).double().numpy())
-            for b in chunk.batches:
-                ids.append(b.sample_ids.numpy())
-                sources.extend(b.sources)
-                steps.append(np.full(len(b), b.step, dtype=np.int64))
-        chunk = _Chunk()
-
-    for batch in reader.iter_steps(layers=list(test)):
-        chunk.add(batch)
-        if chunk.rows >= chunk_rows:
-            flush()
-    flush()
+    for block in _in_background(_blocks(reader.iter_steps(layers=list(test)), block_rows)):
+        total = None
+        for name, g in test.items():
+            s = block.grads[name] @ g.T
+            total = s if total is None else total.add_(s)
+        scores.append(total.double().numpy())
+        ids.append(block.sample_ids)
+        sources.extend(block.sources)
+        steps.append(block.steps)
     if not scores:
         return OccurrenceScores(np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, np.int64),
                                 np.zeros((0, q)))
