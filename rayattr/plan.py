@@ -1,0 +1,492 @@
+"""Storage, memory and time estimates of a run from its Config, before running it (`rayattr plan`).
+
+Sizes are exact where the code fixes them: the hooked layers and their projected widths come
+from building the model on the meta device (no weights allocated) and asking `GradientCapture`
+for its layer dims, as the rank actors do; steps come from the same `BatchPlan`. Bytes follow
+the store's formats (Arrow IPC rows, float32 embeddings, p x p K matrices). Times are a simple
+rate model over per-actor throughputs (`Throughput`), whose defaults are this repo's measured
+numbers where there are any (see each field) and labelled assumptions where not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from rayattr.config import Config, ConfigError, load_config
+from rayattr.store.shard import META_COLUMNS
+
+MB = 1e6
+GIB = 1 << 30
+_DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+# Arrow IPC per row besides the layer columns: step, sample_id, position (int64), rank (int32),
+# the source string's int32 offset (+ its characters, counted separately)
+_ROW_META_BYTES = 8 + 8 + 8 + 4 + 4
+# Arrow IPC framing, fitted to encode_shard output (tests/test_plan.py checks it): per record
+# batch (one per step and writer) ~80 bytes of buffer metadata per column; per file the schema
+# twice (header and footer, ~120 bytes per column) and a 24-byte footer block per batch
+_BATCH_COLUMN_OVERHEAD = 80
+_FILE_COLUMN_OVERHEAD = 240
+_FILE_BATCH_OVERHEAD = 24
+_VALUE_ROW_BYTES = 48  # values/ tables: ids, step, epoch, position, value (+ source)
+_READ_CHUNK = 32  # steps per read in SegmentWorker
+_WINDOW_BYTES = 128 << 20  # GradientReader window (one decoded, one prefetched)
+_WRITER_BUFFER = 64 << 20  # GradientWriter.max_buffer_bytes
+_WRITER_QUEUE = 2  # GradientWriter.queue_depth
+
+
+# ---------------------------------------------------------------------------- throughputs
+
+@dataclass(frozen=True)
+class Throughput:
+    """Per-actor rates the time estimates divide by. `Throughput.cpu()`/`h100()` are the defaults."""
+
+    train_flops: float
+    """Effective model FLOP/s of one rank, counting 6 x params x tokens per training step."""
+    train_step_s: float
+    """Fixed cost per optimizer step and rank (DeepSpeed step, all-reduce latency, Python)."""
+    capture_overhead: float
+    """Fractional slowdown of a training step from the capture hooks."""
+    embed_flops: float
+    """Matmul FLOP/s of one segment actor (the recursion and finalize products)."""
+    embed_layer_step_s: float
+    """Fixed cost per step and captured layer in a segment actor (decode, stack, sums, encode)."""
+    store_write_mbps: float
+    """One writer's committed-write MB/s to the store."""
+    store_read_mbps: float
+    """One reader's MB/s from the store (checksums verified)."""
+    actor_start_s: float
+    """Starting a stage's actors (placement group, process, imports, DeepSpeed init)."""
+    reduce_rows_per_s: float
+    """Occurrence rows per second the driver concatenates, groups and writes in the reduce."""
+
+    @classmethod
+    def cpu(cls, s3: bool = False) -> "Throughput":
+        """Calibrated on the default run on 2 CPUs (192 steps x 16 samples; two runs measured
+        train 20-29 s, embed 10.7-15.5 s with 2 segments, reduce 0.35-0.9 s). A segment's
+        compute() alone took 0.44 s for 96 steps x 9 layers (0.5 ms per layer-step): the embed
+        stage there is mostly actor start-up. Store rates from bench/store_throughput.py
+        (docs/store.md: local 150/212 MB/s, SeaweedFS S3 41/141 MB/s on the same 2 cores).
+        The capture overhead is inside train_step_s: the calibration run had it on."""
+        return cls(train_flops=2e10, train_step_s=0.06, capture_overhead=0.0, embed_flops=2e10,
+                   embed_layer_step_s=0.0005, store_write_mbps=41 if s3 else 150,
+                   store_read_mbps=141 if s3 else 212, actor_start_s=10.0, reduce_rows_per_s=2e5)
+
+    @classmethod
+    def h100(cls, s3: bool = True) -> "Throughput":
+        """GPU ranks: capture overhead 15.5 % is measured (13-18 % for GPT-2 124M on an H100,
+        bench/capture_overhead.py --full). Assumed, not measured here: 40 % MFU of 989 TFLOP/s
+        bf16, 30 TFLOP/s fp32 in segment actors, 1 ms per layer-step (2x the CPU measurement:
+        host-device copies), 50 ms per step for ZeRO communication, and S3 at the measured
+        SeaweedFS rates (a real S3 bucket is usually faster per connection)."""
+        return cls(train_flops=0.40 * 989e12, train_step_s=0.05, capture_overhead=0.155,
+                   embed_flops=30e12, embed_layer_step_s=0.001, store_write_mbps=41 if s3 else 150,
+                   store_read_mbps=141 if s3 else 212, actor_start_s=60.0, reduce_rows_per_s=2e5)
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "Throughput":
+        s3 = cfg.store.uri.startswith("s3://")
+        return cls.h100(s3) if cfg.train.use_gpu else cls.cpu(s3)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One captured layer: its shape and projected width p."""
+
+    name: str
+    d_in: int
+    d_out: int
+    has_bias: bool
+    p: int
+
+
+@dataclass
+class Plan:
+    """Everything `estimate` predicts; bytes are bytes, times are seconds."""
+
+    n_params: int
+    vocab_size: int
+    seq_len: int
+    n_samples: int
+    epochs: int
+    steps: int
+    global_batch: int
+    ranks: int
+    nodes: int
+    segments: int
+    devices: int
+    """CPUs (or GPUs) the segment actors share."""
+    per_source: bool
+    """True: no per-sample final embeddings (embed.keep_sample_embeddings false)."""
+    layers: list[LayerPlan]
+    grad_dtype: str
+    embed_dtype: str
+    curvature_rows_per_step: int
+    """Sampled-label pseudo-gradient rows per step (0 with the empirical curvature)."""
+    n_sources: int
+    storage: dict[str, float] = field(default_factory=dict)
+    """Stored bytes per kind of object, in the chosen mode."""
+    storage_per_sample: float = 0.0
+    """Total stored bytes keeping per-sample embeddings."""
+    storage_per_source: float = 0.0
+    """Total stored bytes without them."""
+    objects: int = 0
+    """Gradient shard objects (+ as many commit entries) written by the ranks."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """Peak bytes per actor kind."""
+    time: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per stage."""
+    throughput: Throughput | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_dim(self) -> int:
+        """P = sum of the layers' p: numbers stored per sample."""
+        return sum(lay.p for lay in self.layers)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.global_batch * self.seq_len
+
+    @property
+    def occurrences(self) -> int:
+        """Rows every per-occurrence table has: steps x global batch."""
+        return self.steps * self.global_batch
+
+    @property
+    def grad_bytes_per_sample(self) -> int:
+        return self.total_dim * _DTYPE_BYTES[self.grad_dtype]
+
+    @property
+    def storage_total(self) -> float:
+        return sum(self.storage.values())
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(total_dim=self.total_dim, tokens=self.tokens, occurrences=self.occurrences,
+                 grad_bytes_per_sample=self.grad_bytes_per_sample, storage_total=self.storage_total)
+        return d
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def captured_layers(cfg: Config, vocab_size: int) -> tuple[list[LayerPlan], int, int]:
+    """The layers the rank actors hook with their p, the parameter count, and the numbers in
+    the state dict (tied weights count twice there: the saved weights hold both).
+
+    Builds the configured model on the meta device (shapes only, nothing allocated) and asks
+    GradientCapture, with the rank actors' projection and layer patterns, for its layers.
+    """
+    from rayattr.capture import GradientCapture
+    from rayattr.train.model import build_model
+    from rayattr.train.worker import projection_spec
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size, cfg.data.seq_len, seed=cfg.train.seed)
+    cap = GradientCapture(model, projection=projection_spec(cfg), layers=cfg.capture.layers)
+    dims, infos = cap.layer_dims(), cap.layer_info()
+    layers = [LayerPlan(n, i.d_in, i.d_out, i.has_bias, dims[n]) for n, i in infos.items()]
+    return (layers, sum(p.numel() for p in model.parameters()),
+            sum(v.numel() for v in model.state_dict().values()))
+
+
+def resolve_vocab(cfg: Config, vocab_size: int | None) -> int:
+    if vocab_size is not None:
+        return int(vocab_size)
+    from rayattr.data import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.data.tokenizer).vocab_size
+    except Exception as e:  # a cluster-only tokenizer path: let the user say the size
+        raise ConfigError(f"cannot load tokenizer {cfg.data.tokenizer!r} here ({e}); "
+                          "pass its vocabulary size (--vocab)") from None
+
+
+def resolve_samples(cfg: Config, n_samples: int | None, tokens: float | None) -> int:
+    """Training samples: given, from tokens (full seq_len samples), or the built-in corpus size."""
+    if n_samples is not None:
+        return int(n_samples)
+    if tokens is not None:
+        return int(tokens // cfg.data.seq_len)
+    if cfg.data.train is None:
+        return cfg.data.builtin.n_train
+    raise ConfigError(f"data.train is {cfg.data.train!r}: pass its size (--samples or --tokens)")
+
+
+def resolve_devices(cfg: Config, nodes: int | None, per_node: int | None) -> tuple[int, int]:
+    """(nodes, devices segment actors share): GPUs with use_gpu, else CPUs, summed over nodes."""
+    if cfg.train.use_gpu:
+        per_node = per_node or 8
+        nodes = nodes or math.ceil(cfg.train.ranks / per_node)
+    else:
+        per_node = per_node or os.cpu_count() or 1
+        nodes = nodes or 1
+    return nodes, nodes * per_node
+
+
+def model_state_bytes(cfg: Config, n_params: int) -> float:
+    """Per-rank weights + gradients + optimizer state under the DeepSpeed ZeRO stage (no activations)."""
+    ds = cfg.train.deepspeed
+    half = any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    w = 2 if half else 4
+    params_opt = ds.get("optimizer", {}).get("params", {})
+    state = (4 if half else 0) + (4 if params_opt.get("momentum", 0) else 0)  # fp32 master, momentum
+    world = cfg.train.ranks
+    return n_params * (w / (world if stage >= 3 else 1) + w / (world if stage >= 2 else 1)
+                       + state / (world if stage >= 1 else 1))
+
+
+def ipc_bytes(rows: int, batches: int, files: int, dtype: str, *, n_layers: int, total_dim: int,
+              source_chars: int) -> float:
+    """Bytes of gradient-shard files (Arrow IPC) holding `rows` rows in `batches` record batches."""
+    cols = n_layers + len(META_COLUMNS)
+    data = rows * (total_dim * _DTYPE_BYTES[dtype] + _ROW_META_BYTES + source_chars)
+    return (data + batches * (_BATCH_COLUMN_OVERHEAD * cols + _FILE_BATCH_OVERHEAD)
+            + files * _FILE_COLUMN_OVERHEAD * cols)
+
+
+def builtin_sources() -> tuple[int, int]:
+    """(number of sources, mean name length) of the built-in corpus."""
+    from rayattr.data.corpus import CLEAN_SOURCES, CORRUPTED_SOURCE
+
+    names = [*CLEAN_SOURCES, CORRUPTED_SOURCE]
+    return len(names), round(sum(map(len, names)) / len(names))
+
+
+# ---------------------------------------------------------------------------- estimate
+
+def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None = None,
+             vocab_size: int | None = None, segments: int | None = None, nodes: int | None = None,
+             devices_per_node: int | None = None, per_source: bool | None = None,
+             n_sources: int | None = None, source_chars: int = 16, actor_memory_gb: float | None = None,
+             throughput: Throughput | None = None) -> Plan:
+    """Predict a run's sizes and times. Arguments override what the config cannot know:
+
+    n_samples / tokens: training set size (required for file datasets); vocab_size: when the
+    tokenizer is not available here; segments: embed.segments; nodes / devices_per_node: the
+    cluster (default: one node of this machine's CPUs, or 8 GPUs per node); per_source: not
+    keeping per-sample embeddings; n_sources / source_chars: distinct sources and their mean name
+    length (default: the built-in corpus's, or 16 and 16);
+    actor_memory_gb: a segment actor's memory budget (a note says how many segments fit it).
+    """
+    cfg.validate()
+    from rayattr.data.batching import BatchPlan
+
+    t, c = cfg.train, cfg.capture
+    vocab = resolve_vocab(cfg, vocab_size)
+    n = resolve_samples(cfg, n_samples, tokens)
+    bp = BatchPlan(n, t.micro_batch, t.ranks, t.grad_accum, t.epochs, t.seed)
+    steps = min(bp.num_steps, t.steps or bp.num_steps)
+    layers, n_params, n_state = captured_layers(cfg, vocab)
+    nodes, devices = resolve_devices(cfg, nodes, devices_per_node)
+    n_seg = max(1, min(steps, segments or cfg.embed.segments or devices))
+    keep = cfg.embed.keep_sample_embeddings if per_source is None else not per_source
+    tp = throughput or Throughput.for_config(cfg)
+    if cfg.data.train is None and n_sources is None:
+        n_sources, source_chars = builtin_sources()
+    n_sources = n_sources or 16
+    G, L = bp.global_batch_size, len(layers)
+    m_curv = (math.ceil(t.micro_batch * c.curvature_fraction) * t.grad_accum * t.ranks
+              if c.curvature == "sampled" else 0)
+    plan = Plan(n_params=n_params, vocab_size=vocab, seq_len=cfg.data.seq_len, n_samples=n,
+                epochs=t.epochs, steps=steps, global_batch=G, ranks=t.ranks, nodes=nodes,
+                segments=n_seg, devices=devices, per_source=not keep, layers=layers,
+                grad_dtype=c.dtype, embed_dtype=cfg.embed.dtype, curvature_rows_per_step=m_curv,
+                n_sources=n_sources, throughput=tp)
+    P = plan.total_dim
+
+    # -- storage
+    rows = plan.occurrences
+    steps_seg = math.ceil(steps / n_seg)
+    ipc = functools.partial(ipc_bytes, n_layers=L, total_dim=P, source_chars=source_chars)
+    # training writers: one per rank, shards of steps_per_shard steps; segment writers: one per
+    # segment, local embeddings in one shard, final ones in read-chunk shards
+    spr = cfg.store.steps_per_shard
+    train = ipc(rows, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype)
+    storage = {
+        "train gradients": train,
+        "curvature rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
+                              source_chars=0) if m_curv else 0.0,
+        "local embeddings": ipc(rows, steps, n_seg, "float32"),
+        "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32"),
+        "K matrices": n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
+        "values tables": 2 * rows * _VALUE_ROW_BYTES,
+        # local and final sums: each segment holds the phases it overlaps; + source embeddings
+        "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) + 1) * n_sources * P * 8,
+        "weights (initial + final)": 2 * 4 * n_state,  # float32 safetensors
+    }
+    plan.storage_per_sample = sum(storage.values())
+    plan.storage_per_source = plan.storage_per_sample - storage["final embeddings"]
+    if not keep:
+        storage["final embeddings"] = 0.0
+    plan.storage = storage
+    plan.objects = t.ranks * math.ceil(steps / spr) * (2 if m_curv else 1)
+    shard = train / max(1, plan.objects)
+    if shard < 4 * MB:
+        plan.notes.append(f"gradient shards average {human_bytes(shard)}: raise store.steps_per_shard "
+                          "for fewer, larger objects (S3 requests)")
+
+    # -- memory
+    eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
+    rows_rank = t.micro_batch * t.grad_accum
+    proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in layers) * 4
+    shard_cap = min(cfg.store.steps_per_shard * rows_rank * P * gb, _WRITER_BUFFER)
+    fixed_seg = (sum(lay.p ** 2 for lay in layers) * eb
+                 + 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES)
+                 + n_sources * cfg.embed.phases * P * eb)
+    plan.memory = {
+        "rank: model + optimizer (no activations)": model_state_bytes(cfg, n_params),
+        # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
+        "rank: capture + writer": (rows_rank + m_curv / t.ranks) * P * 4 + 2 * proj
+                                  + (_WRITER_QUEUE + 1) * shard_cap,
+        # the backward sweep keeps each step's gradients and local embeddings until it writes them
+        "segment actor": 2 * steps_seg * G * P * eb + fixed_seg,
+        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
+    }
+    if actor_memory_gb:
+        budget = actor_memory_gb * GIB - fixed_seg
+        fit = math.floor(budget / (2 * G * P * eb)) if budget > 0 else 0
+        need = math.ceil(steps / fit) if fit else None
+        plan.notes.append(f"segment actors with {actor_memory_gb:g} GiB hold <= {fit} steps each: "
+                          + (f"use >= {need} segments" if need else "the fixed part alone exceeds it"))
+
+    # -- time
+    flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction if m_curv else 0))
+    compute = flops_step / t.ranks / tp.train_flops * (1 + tp.capture_overhead) + tp.train_step_s
+    write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (1 + (m_curv / G if m_curv else 0))
+    write_s = write / (tp.store_write_mbps * MB)  # a background thread: overlaps with compute
+    plan.time["train"] = tp.actor_start_s + steps * max(compute, write_s)
+    if write_s > compute:
+        plan.notes.append("training is bound by gradient writes to the store "
+                          f"({write_s:.3g} s vs {compute:.3g} s compute per step)")
+    share = max(1.0, n_seg / devices)  # segment actors outnumbering devices share them
+    sq = sum(lay.p ** 2 for lay in layers)
+    rows_seg = steps_seg * G
+    rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
+    io_in = ipc(rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
+    io_out = ipc(rows_seg, steps_seg, 1, "float32")
+    plan.time["embed"] = tp.actor_start_s + share * (
+        steps_seg * L * tp.embed_layer_step_s + rec_flops / tp.embed_flops
+        + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
+    fin = (steps_seg * L * tp.embed_layer_step_s + 2 * rows_seg * sq / tp.embed_flops
+           + io_out / (tp.store_read_mbps * MB) + (io_out / (tp.store_write_mbps * MB) if keep else 0))
+    chain = 2 * n_seg * sum(lay.p ** 3 for lay in layers) / tp.embed_flops
+    plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
+    return plan
+
+
+# ---------------------------------------------------------------------------- output
+
+def human_bytes(b: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def human_time(s: float) -> str:
+    for unit, scale in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the text `rayattr plan` prints."""
+    widths = sorted({lay.p for lay in plan.layers})
+    mode = "per-source (no per-sample embeddings)" if plan.per_source else "per-sample embeddings kept"
+    lines = [
+        f"model       {plan.n_params / 1e6:,.1f} M params, vocab {plan.vocab_size}, seq_len {plan.seq_len}",
+        f"data        {plan.n_samples:,} samples x {plan.epochs} epoch(s) -> {plan.steps:,} steps x "
+        f"{plan.global_batch} samples = {plan.tokens:.3g} tokens",
+        f"cluster     {plan.nodes} node(s): {plan.ranks} rank actors, {plan.segments} segment actors "
+        f"on {plan.devices} devices, 1 reducer (driver)",
+        f"capture     {len(plan.layers)} layers, p = {'/'.join(map(str, widths))} per layer, "
+        f"P = {plan.total_dim:,} numbers = {human_bytes(plan.grad_bytes_per_sample)} per sample ({plan.grad_dtype})"
+        + (f", {plan.curvature_rows_per_step} curvature rows per step" if plan.curvature_rows_per_step else ""),
+        "",
+        f"storage     ({mode})",
+    ]
+    lines += [f"  {k:<28}{human_bytes(v):>12}" for k, v in plan.storage.items() if v]
+    lines += [f"  {'total':<28}{human_bytes(plan.storage_total):>12}",
+              f"  {'per-sample mode total':<28}{human_bytes(plan.storage_per_sample):>12}",
+              f"  {'per-source mode total':<28}{human_bytes(plan.storage_per_source):>12}",
+              f"  {'gradient shards':<28}{plan.objects:>12,}  (+ as many commit entries)",
+              "", "memory      (peak per actor)"]
+    lines += [f"  {k:<40}{human_bytes(v):>12}" for k, v in plan.memory.items()]
+    lines += ["", "time        (wall, stages run one after another)"]
+    lines += [f"  {k:<12}{human_time(v):>12}" for k, v in plan.time.items()]
+    lines += [f"  {'total':<12}{human_time(sum(plan.time.values())):>12}"]
+    tp = plan.throughput
+    if tp is not None:
+        lines += ["", "throughputs " + ", ".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(tp).items())]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+
+def parse_count(text: str) -> float:
+    """'1e12', '1T', '500B', '2.5M' -> a number (K, M, B/G, T suffixes)."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    s = text.strip().upper()
+    try:
+        return float(s[:-1]) * scale[s[-1]] if s and s[-1] in scale else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1e12, 1T, 500B)") from None
+
+
+def plan_parser(prog: str = "rayattr plan") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Storage, memory and time estimates of a run.")
+    p.add_argument("config", nargs="?", help="YAML config (default: the built-in demo run)")
+    p.add_argument("--tokens", type=parse_count, help="training tokens per epoch (samples = tokens / seq_len)")
+    p.add_argument("--samples", type=parse_count, help="training samples per epoch")
+    p.add_argument("--vocab", type=int, help="vocabulary size (when the tokenizer is not available here)")
+    p.add_argument("--segments", type=int, help="segment actors (default: embed.segments or one per device)")
+    p.add_argument("--nodes", type=int, help="cluster nodes (default: enough for the ranks)")
+    p.add_argument("--devices-per-node", type=int, help="GPUs (use_gpu) or CPUs per node for segment actors")
+    p.add_argument("--per-source", action="store_true", default=None, help="no per-sample embeddings")
+    p.add_argument("--per-sample", dest="per_source", action="store_false", help="keep per-sample embeddings")
+    p.add_argument("--sources", type=int, help="distinct data sources (default: built-in corpus's, or 16)")
+    p.add_argument("--actor-memory-gb", type=float, help="segment actor memory budget: how many segments fit")
+    p.add_argument("--store-write-mbps", type=float, help="one writer's store MB/s")
+    p.add_argument("--store-read-mbps", type=float, help="one reader's store MB/s")
+    p.add_argument("--train-flops", type=float, help="effective FLOP/s per rank (6 N tokens)")
+    p.add_argument("--embed-flops", type=float, help="segment actor matmul FLOP/s")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """`rayattr plan CONFIG [flags]`: print the estimates; 2 on a config error."""
+    args = plan_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        tp = Throughput.for_config(cfg)
+        over = {"store_write_mbps": args.store_write_mbps, "store_read_mbps": args.store_read_mbps,
+                "train_flops": args.train_flops, "embed_flops": args.embed_flops}
+        tp = dataclasses.replace(tp, **{k: v for k, v in over.items() if v is not None})
+        plan = estimate(cfg, n_samples=args.samples, tokens=args.tokens, vocab_size=args.vocab,
+                        segments=args.segments, nodes=args.nodes, devices_per_node=args.devices_per_node,
+                        per_source=args.per_source, n_sources=args.sources,
+                        actor_memory_gb=args.actor_memory_gb, throughput=tp)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(plan_main())

@@ -1,0 +1,200 @@
+"""rayattr.plan: predicted sizes against the real objects, and how the estimates scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from rayattr.capture import GradientCapture
+from rayattr.config import Config, load_config
+from rayattr.dvemb import segment_bounds
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.plan import (Throughput, estimate, format_plan, ipc_bytes, parse_count, plan_main)
+from rayattr.reduce import phase_edges
+from rayattr.store import GradientWriter, Run, StepRecord
+from rayattr.train.model import build_model
+from rayattr.train.worker import projection_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "jobs", "configs", "default.yaml")
+BYTE_VOCAB = 259
+
+
+def small(**over) -> Config:
+    """The default config, shortened so a real store round trip takes a second."""
+    return load_config(DEFAULT, **{"train.steps": 24, "embed.segments": 2, **over})
+
+
+def tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize("over", [{}, {"model.family": "llama"}, {"capture.rank": 4},
+                                  {"capture.layers": ["*mlp*"]}])
+def test_layer_dims_equal_the_capture_on_the_real_model(over):
+    cfg = small(**over)
+    plan = estimate(cfg)
+    model = build_model(cfg.model, BYTE_VOCAB, cfg.data.seq_len, seed=0)
+    cap = GradientCapture(model, projection=projection_spec(cfg), layers=cfg.capture.layers)
+    assert {lay.name: lay.p for lay in plan.layers} == cap.layer_dims()
+    assert plan.n_params == sum(p.numel() for p in model.parameters())
+    assert plan.total_dim == sum(cap.layer_dims().values())
+    assert plan.grad_bytes_per_sample == plan.total_dim * 4
+
+
+def test_default_run_shape():
+    plan = estimate(load_config(DEFAULT))
+    # 1536 samples / (8 x 2 ranks) = 96 steps per epoch, 2 epochs; gpt2 2 blocks x 4 + lm_head
+    assert (plan.steps, plan.global_batch, len(plan.layers), plan.total_dim) == (192, 16, 9, 576)
+    assert plan.occurrences == 192 * 16
+
+
+@pytest.mark.parametrize("L,p,rows,steps,dtype", [(9, 64, 8, 8, "float32"), (225, 64, 4, 3, "bfloat16"),
+                                                   (2, 1024, 16, 5, "float16")])
+def test_ipc_bytes_match_encoded_shards(L, p, rows, steps, dtype):
+    from rayattr.store.shard import encode_shard, shard_schema, step_batch
+
+    layers = {f"model.layers.{i}.mlp.up_proj": p for i in range(L)}
+    schema = shard_schema(layers, dtype, "train")
+    batches = [step_batch(schema, s, 0, list(range(rows)), ["numeric"] * rows, list(range(rows)),
+                          {k: torch.randn(rows, p) for k in layers}, dtype) for s in range(steps)]
+    buf = encode_shard(schema, batches, list(range(steps)))[0]
+    predicted = ipc_bytes(rows * steps, steps, 1, dtype, n_layers=L, total_dim=L * p, source_chars=7)
+    assert predicted == pytest.approx(buf.size, rel=0.01)
+
+
+def test_sizes_match_a_real_store_run(tmp_path):
+    """Write what the rank actors write for the planned steps, run both segments for real,
+    and compare the bytes on disk with the plan."""
+    cfg = small()
+    plan = estimate(cfg)
+    t = cfg.train
+    dims = {lay.name: lay.p for lay in plan.layers}
+    run = Run.create(str(tmp_path), "r", {"layer_dims": dims}, options=None)
+    gen = torch.Generator().manual_seed(0)
+    share = t.micro_batch * t.grad_accum
+    records = []
+    writers = [GradientWriter(run, r, dims, dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard)
+               for r in range(t.ranks)]
+    for step in range(plan.steps):
+        ids = np.arange(step * plan.global_batch, (step + 1) * plan.global_batch)
+        sources = ["numeric"] * plan.global_batch  # 7 characters, the built-in mean
+        for r, w in enumerate(writers):
+            rows = slice(r * share, (r + 1) * share)
+            w.write_step(step, ids[rows].tolist(), sources[rows],
+                         {n: torch.randn(share, p, generator=gen) * 1e-2 for n, p in dims.items()},
+                         positions=list(range(share)))
+        records.append(StepRecord(step, 0, 0.1, 0.1 / plan.global_batch, ids.tolist(), sources,
+                                  (np.arange(plan.global_batch) // share).tolist()))
+    for w in writers:
+        w.close()
+    run.write_step_records(records)
+    edges = phase_edges(plan.steps, cfg.embed.phases)
+    bounds = segment_bounds(plan.steps, plan.segments)
+    workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges)
+               for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    for w in workers:
+        w.compute()
+    eye = {n: torch.eye(p) for n, p in dims.items()}
+    for w in workers:
+        w.finalize(eye, {n: torch.ones(p) for n, p in dims.items()})
+
+    root = os.path.join(str(tmp_path), "r")
+    assert tree_bytes(os.path.join(root, "grads", "train")) == pytest.approx(plan.storage["train gradients"], rel=0.01)
+    assert tree_bytes(os.path.join(root, "grads", "local")) == pytest.approx(plan.storage["local embeddings"], rel=0.01)
+    assert tree_bytes(os.path.join(root, "grads", "embeddings")) == pytest.approx(plan.storage["final embeddings"], rel=0.01)
+    assert tree_bytes(os.path.join(root, "embed", "K")) == pytest.approx(plan.storage["K matrices"], rel=0.02)
+    shards = [f for _, _, fs in os.walk(os.path.join(root, "grads", "train")) for f in fs]
+    assert len(shards) == plan.objects
+
+
+def test_per_source_mode_drops_only_the_final_embeddings():
+    a, b = estimate(small()), estimate(small(), per_source=True)
+    assert b.per_source and not a.per_source
+    assert b.storage["final embeddings"] == 0 < a.storage["final embeddings"]
+    assert a.storage_per_sample - a.storage_per_source == a.storage["final embeddings"]
+    assert b.storage_total == pytest.approx(a.storage_per_source)
+    assert estimate(small(**{"embed.keep_sample_embeddings": False})).per_source
+
+
+def test_scaling_laws():
+    base = estimate(small(**{"train.steps": 40}))
+    twice = estimate(small(**{"train.steps": 80}))
+    for kind in ("train gradients", "local embeddings", "final embeddings", "values tables"):
+        assert twice.storage[kind] == pytest.approx(2 * base.storage[kind], rel=0.02), kind
+    # a segment actor holds its steps' gradients and embeddings: affine in steps per segment
+    half = estimate(small(**{"train.steps": 20}))
+    seg = [x.memory["segment actor"] for x in (half, base, twice)]
+    assert seg[2] - seg[1] == pytest.approx(2 * (seg[1] - seg[0]))
+    assert seg[1] - seg[0] == 2 * 10 * 16 * base.total_dim * 4  # 10 more steps per segment, 16 rows
+    assert twice.time["train"] - twice.throughput.actor_start_s == pytest.approx(
+        2 * (base.time["train"] - base.throughput.actor_start_s))
+
+    # p = r^2: rank 16 stores ~4x the gradients of rank 8; K matrices grow with p^2 = r^4
+    wide = estimate(small(**{"train.steps": 40, "capture.rank": 16}))
+    assert wide.total_dim == 4 * base.total_dim
+    # the payload grows by the extra 3P numbers per row; framing is per column, not per number
+    assert wide.storage["train gradients"] - base.storage["train gradients"] == 40 * 16 * 3 * base.total_dim * 4
+    assert wide.storage["K matrices"] == 16 * base.storage["K matrices"]
+
+    # more segments: K grows, per-actor memory shrinks, gradients stay
+    four = estimate(small(**{"train.steps": 40}), segments=4)
+    assert four.storage["K matrices"] == 2 * base.storage["K matrices"]
+    assert four.memory["segment actor"] < base.memory["segment actor"]
+    assert four.storage["train gradients"] == base.storage["train gradients"]
+
+    # bfloat16 gradients halve the gradient payload, not the embeddings (always float32)
+    bf = estimate(small(**{"train.steps": 40, "capture.dtype": "bfloat16"}))
+    assert bf.storage["train gradients"] == pytest.approx(base.storage["train gradients"] / 2, rel=0.1)
+    assert bf.storage["local embeddings"] == base.storage["local embeddings"]
+
+    # sampled curvature adds pseudo-gradient rows: micro_batch * fraction per rank and micro-step
+    samp = estimate(small(**{"train.steps": 40, "capture.curvature": "sampled"}))
+    assert samp.curvature_rows_per_step == 4 * 2
+    assert samp.storage["curvature rows"] > 0.4 * base.storage["train gradients"]
+
+
+def test_tokens_nodes_and_memory_budget():
+    cfg = load_config(DEFAULT, **{"data.train": "s3://b/train", "data.validation": "s3://b/val",
+                                  "train.use_gpu": True, "train.ranks": 16})
+    plan = estimate(cfg, tokens=1e7, actor_memory_gb=0.05)
+    assert plan.n_samples == int(1e7 // 64)
+    assert plan.nodes == 2 and plan.devices == 16 and plan.segments == 16  # 8 GPUs per node
+    # 0.05 GiB per actor holds only some steps: the plan says how many segments are needed
+    fit = next(n for n in plan.notes if n.startswith("segment actors with 0.05 GiB"))
+    steps, need = (int(x) for x in re.findall(r"<= (\d+) steps each: use >= (\d+) segments", fit)[0])
+    assert need == -(-plan.steps // steps) > plan.segments
+    tiny = estimate(cfg, tokens=1e7, actor_memory_gb=0.001)
+    assert any("fixed part alone exceeds it" in n for n in tiny.notes)
+    with pytest.raises(Exception, match="--samples or --tokens"):
+        estimate(cfg)
+    assert parse_count("1T") == 1e12 and parse_count("2.5M") == 2.5e6 and parse_count("300") == 300
+
+
+def test_throughput_defaults_follow_the_config():
+    assert Throughput.for_config(small()) == Throughput.cpu(s3=False)
+    gpu = small(**{"train.use_gpu": True, "store.uri": "s3://bucket/runs"})
+    assert Throughput.for_config(gpu) == Throughput.h100(s3=True)
+    assert Throughput.h100().capture_overhead == pytest.approx(0.155)
+
+
+def test_plan_main_prints_text_and_json(capsys):
+    assert plan_main([DEFAULT, "--segments", "3", "--per-source"]) == 0
+    out = capsys.readouterr().out
+    assert "192 steps" in out and "3 segment actors" in out and "per-source" in out
+    assert plan_main([DEFAULT, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["steps"] == 192 and d["total_dim"] == 576
+    assert format_plan(estimate(small())).count("\n") > 20
+
+
+def test_plan_main_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian: {}\n")
+    assert plan_main([str(bad)]) == 2
+    assert "did you mean" in capsys.readouterr().err
