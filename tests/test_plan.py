@@ -198,3 +198,16 @@ def test_plan_main_reports_config_errors(tmp_path, capsys):
     bad.write_text("trian: {}\n")
     assert plan_main([str(bad)]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_docs_scale_shows_what_plan_prints(capsys):
+    """docs/scale.md quotes `rayattr plan` verbatim: rerun each command and compare."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "docs", "scale.md")).read()
+    blocks = re.findall(r"```\n\$ rayattr plan (.*?)\n(.*?)\n```", text, re.S)
+    assert len(blocks) >= 3
+    for args, shown in blocks:
+        argv = [os.path.join(ROOT, a) if a.endswith(".yaml") else a for a in shlex.split(args)]
+        assert plan_main(argv) == 0
+        assert capsys.readouterr().out.rstrip("\n") == shown, f"docs/scale.md is stale for: rayattr plan {args}"

@@ -34,10 +34,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0) 
     if cfg.family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        hf = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=seq_len, hidden_size=cfg.n_embd,
-                         intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-                         **{"bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, **cfg.extra})
+        # model.extra overrides the derived sizes (e.g. Llama-2-7B's intermediate_size 11008)
+        hf = LlamaConfig(**{"vocab_size": vocab_size, "max_position_embeddings": seq_len,
+                            "hidden_size": cfg.n_embd, "intermediate_size": 4 * cfg.n_embd,
+                            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+                            "num_key_value_heads": cfg.n_head, "bos_token_id": vocab_size - 1,
+                            "eos_token_id": vocab_size - 1, **cfg.extra})
         return LlamaForCausalLM(hf)
     raise ConfigError(f"unknown model.family {cfg.family!r}")
 

@@ -1,0 +1,124 @@
+"""The deployment files: they parse, Ray's own cluster schema accepts the launcher config,
+every path and config they name exists and loads, the image installs what pyproject.toml
+asks for, and no file carries a credential."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from rayattr.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+
+
+def load_yaml(rel: str) -> dict:
+    return yaml.safe_load((ROOT / rel).read_text())
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load_yaml("infra/aws/cluster.yaml")
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # Ray's JSON schema and node-type checks
+    assert cfg["provider"]["type"] == "aws"
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceType"].startswith(("p4", "p5", "g5", "g6"))
+    for node in cfg["available_node_types"].values():  # S3 through the instance role
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    broken = copy.deepcopy(cfg)
+    broken["head_node_type"] = "missing"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(broken))
+
+
+def entrypoint_args(entrypoint: str) -> list[str]:
+    args = shlex.split(entrypoint)
+    assert args[0] == "python" and (ROOT / args[1]).is_file(), args[:2]
+    return args
+
+
+def test_rayjob_runs_the_job_with_a_config_that_loads():
+    job = load_yaml("infra/k8s/rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    args = entrypoint_args(job["spec"]["entrypoint"])
+    assert args[1] == "jobs/pretrain_attr.py"
+    config = args[args.index("--config") + 1]
+    load_config(ROOT / config)
+    assert args[args.index("--store") + 1].startswith("s3://")
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert set(runtime_env) <= {"working_dir", "env_vars", "pip", "py_modules"}
+    spec = job["spec"]["rayClusterSpec"]
+    import ray
+
+    assert spec["rayVersion"] == ray.__version__
+    workers = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert int(workers["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {load_yaml("infra/aws/cluster.yaml")["docker"]["image"]}  # one image everywhere
+
+
+def dockerfile_requirements() -> tuple[list[Requirement], list[str]]:
+    text = (INFRA / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    reqs, installs = [], []
+    for line in text.splitlines():
+        if line.startswith("RUN ") and "pip install" in line:
+            words = shlex.split(line[4:])
+            pkgs = [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+            installs.append(" ".join(words))
+            reqs += [Requirement(p) for p in pkgs if p not in (".",)]
+    return reqs, installs
+
+
+def test_image_installs_what_pyproject_asks_for():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(d).name: Requirement(d) for d in project["dependencies"]}
+    pinned, installs = dockerfile_requirements()
+    assert any(re.search(r"pip install (-e )?\.$", i) for i in installs), "the image must install the project"
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM .*pytorch", text, re.M)  # CUDA torch from the base image
+    for name in ("pyproject.toml", "rayattr", "jobs"):
+        assert re.search(rf"^COPY .*\b{name}\b", text, re.M), name
+    got = {r.name: r for r in pinned}
+    for name, req in wanted.items():
+        if name == "torch":
+            continue  # the base image's CUDA build
+        assert name in got, f"{name} from pyproject.toml is not in the image's cached layer"
+        have = got[name]
+        for v in (s.version for s in have.specifier):  # each pin must satisfy pyproject's range
+            assert req.specifier.contains(v, prereleases=True), f"{have} vs pyproject {req}"
+
+
+def test_example_configs_load_and_are_gpu_cluster_shaped():
+    for path in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
+        load_config(path)
+    for name in ("gpu_cluster.yaml", "llama7b_1t.yaml"):
+        cfg = load_config(ROOT / "jobs" / "configs" / name)
+        assert cfg.train.use_gpu and cfg.store.uri.startswith("s3://")
+        assert not cfg.store.storage_options  # credentials come from the role / environment
+
+
+SECRET = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|aws_secret_access_key\s*[:=]|secret_key\s*[:=]\s*\S{8,}", re.I)
+
+
+def test_no_credentials_in_deployment_files():
+    files = [p for p in INFRA.rglob("*") if p.is_file()] + list((ROOT / "jobs" / "configs").glob("*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        assert not SECRET.search(path.read_text()), f"{path} looks like it holds a credential"
+
+
+def test_readme_commands_name_existing_files():
+    text = (INFRA / "README.md").read_text()
+    for rel in re.findall(r"(?:infra|jobs)/[\w./-]+\.(?:yaml|py)|docker/Dockerfile", text):
+        path = ROOT / (rel if rel.startswith(("infra", "jobs")) else f"infra/{rel}")
+        assert path.is_file(), rel
