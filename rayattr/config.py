@@ -240,8 +240,8 @@ def _build(cls, data: dict, prefix: str):
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {sorted(names)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {sorted(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value or {}, f"{prefix}{key}.")
