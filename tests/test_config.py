@@ -1,0 +1,67 @@
+"""The one typed config: YAML round trip, overrides, validation, redaction, differences."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayattr.config import Config, ConfigError, load_config
+
+DEFAULT = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "default.yaml"
+
+
+def test_default_yaml_is_the_builtin_default():
+    assert load_config(DEFAULT).to_dict() == Config().validate().to_dict()
+
+
+def test_overrides_and_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.1}, "capture": {"rank": 16}}))
+    cfg = load_config(path, **{"train.ranks": 4, "embed.segments": None, "store.uri": "s3://b/p"})
+    assert (cfg.train.lr, cfg.capture.rank, cfg.train.ranks, cfg.store.uri) == (0.1, 16, 4, "s3://b/p")
+    assert cfg.embed.segments is None  # None overrides are ignored
+    assert cfg.global_batch == 8 * 4
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # replayable from the manifest
+
+
+def test_storage_options_never_reach_the_recorded_config():
+    cfg = Config.from_dict({"store": {"storage_options": {"secret": "s3cr3t-value"}}})
+    assert "storage_options" not in cfg.to_dict()["store"]
+    assert cfg.to_dict(redact=False)["store"]["storage_options"] == {"secret": "s3cr3t-value"}
+
+
+def test_differences_name_dotted_keys():
+    a, b = Config(), load_config(None, **{"train.lr": 0.1, "run_id": "x"})
+    assert a.differences(b) == ["run_id: None != 'x'", "train.lr: 0.3 != 0.1"]
+    assert a.differences(b, ignore=("run_id",)) == ["train.lr: 0.3 != 0.1"]
+    c = load_config(None, **{"train.deepspeed": {"zero_optimization": {"stage": 2}}})
+    assert [d.split(":")[0] for d in a.differences(c)] == ["train.deepspeed"]  # pass-through dict: one key
+
+
+@pytest.mark.parametrize("dotted, message", [
+    ({"train.steps": 0}, "train.steps"),
+    ({"train.placement": "RANDOM"}, "train.placement"),
+    ({"train.max_restarts": -1}, "max_restarts"),
+    ({"capture.dtype": "int8"}, "capture.dtype"),
+    ({"capture.curvature_fraction": 0.0}, "curvature_fraction"),
+    ({"embed.segments": 0}, "embed.segments"),
+    ({"embed.dtype": "float16"}, "embed.dtype"),
+    ({"capture.kind": "sparse"}, "capture.kind"),
+])
+def test_validation_names_the_field(dotted, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, **dotted)
+
+
+def test_bad_yaml_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("train: {lr: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "section.yaml").write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="section train must be a mapping"):
+        load_config(tmp_path / "section.yaml")
