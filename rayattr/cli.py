@@ -56,6 +56,17 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_runs(args) -> int:
     from rayattr.store import StoreOptions, list_runs
 
@@ -139,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="run URI: <store>/<run_id>")
     q.add_argument("--text", action="append", help="query text (repeatable: scored together as one test set)")
     q.add_argument("--file", help="queries: .jsonl with a 'text' field per line, or one text per line")
-    q.add_argument("--k", type=int, default=10, help="rows per list (default 10)")
+    q.add_argument("--k", type=positive_int, default=10, help="rows per list (default 10)")
     q.add_argument("--by-source", action="store_true", help="also rank the data sources for this query")
     q.add_argument("--format", choices=("table", "json"), default="table")
     q.set_defaults(func=cmd_query)
@@ -147,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", parents=[so], help="report.html with figures, top/bottom samples, config")
     rp.add_argument("run", help="run URI: <store>/<run_id>")
     rp.add_argument("--out", default="report", help="output directory (default ./report)")
-    rp.add_argument("--k", type=int, default=10, help="samples in the top and bottom lists")
+    rp.add_argument("--k", type=positive_int, default=10, help="samples in the top and bottom lists")
     rp.set_defaults(func=cmd_report)
 
     sub.add_parser("plan", add_help=False, help="storage, memory and time estimates for a config "
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (QueryError, StoreError, DataError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a report directory that cannot be written
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

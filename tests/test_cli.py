@@ -85,6 +85,22 @@ def test_query_errors(capsys, finished_run, tmp_path):
     assert code == 2 and "not finished" in err and "embedding" in err
 
 
+def test_bad_arguments_exit_2_without_traceback(capsys, finished_run, tmp_path):
+    _, uri = finished_run
+    for k in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["query", uri, "--text", "hello", "--k", k])
+        assert exit_.value.code == 2 and "argument --k" in capsys.readouterr().err
+    code, _, err = rayattr(capsys, "query", uri)
+    assert code == 2 and "--text" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = rayattr(capsys, "report", uri, "--out", str(blocker / "rep"))
+    assert code == 2 and err.startswith("error: ") and "a-file" in err and "Traceback" not in err
+    code, _, err = rayattr(capsys, "values", uri, "--storage-option", "no-equals-sign")
+    assert code == 2 and "KEY=VALUE" in err
+
+
 def test_report_command(capsys, finished_run, tmp_path):
     _, uri = finished_run
     code, out, _ = rayattr(capsys, "report", uri, "--out", str(tmp_path / "rep"))
