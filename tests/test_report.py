@@ -39,6 +39,8 @@ def test_report_contents(report):
     assert "Most helpful samples" in page and "Most harmful samples" in page
     assert "&lt;" in page or "&amp;" in page or "&#x27;" in page  # texts are escaped
     assert "seq_len: 32" in page and re.search(r"<td>train</td><td>\d+\.\d</td>", page)
+    stages = re.findall(r"<tr><td>(\w+)</td><td>\d+\.\d</td></tr>", page)
+    assert stages == ["data", "train", "embed", "reduce", "total"]  # pipeline order, then the sum
 
 
 def test_step_buckets_are_means_of_occurrences(report):
