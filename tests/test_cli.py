@@ -119,3 +119,33 @@ def test_module_entry_point(finished_run):
     out = subprocess.run([sys.executable, "-m", "rayattr.cli", "values", finished_run[1], "--format", "json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout)[-1]["source"] == "corrupted"
+
+
+ANSWER_OBJECTS = ("run.json", "data", "values", "weights/final.safetensors", "grads/embeddings",
+                  "commits/embeddings", "writers/embeddings")
+
+
+def test_commands_on_s3_with_storage_options(capsys, finished_run, s3_store):
+    """The run's answer objects copied to S3 (SeaweedFS) give the same answers through
+    --storage-option, with no AWS variables in the environment."""
+    import s3fs
+
+    store, uri = finished_run
+    root = s3_store.root_uri("cli")
+    fs = s3fs.S3FileSystem(**s3_store.storage_options)
+    for rel in ANSWER_OBJECTS:
+        fs.put(f"{uri}/{rel}", f"{root}/answers/{rel}".removeprefix("s3://"), recursive=True)
+    opts = [f"--storage-option={k}={v}" for k, v in s3_store.storage_options.items()]
+    code, out, _ = rayattr(capsys, "runs", root, *opts, "--format", "json")
+    assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["answers"]
+    code, out, _ = rayattr(capsys, "values", f"{root}/answers", *opts, "--format", "json")
+    local = Run.open_uri(uri).read_table("values/sources.parquet").to_pylist()
+    assert code == 0 and json.loads(out) == local  # JSON floats round-trip exactly
+    query = ["query", "--text", "Return a new sorted list.", "--k", "4", "--format", "json"]
+    code, on_s3, _ = rayattr(capsys, query[0], f"{root}/answers", *opts, *query[1:])
+    code_local, here, _ = rayattr(capsys, query[0], uri, *query[1:])
+    assert code == code_local == 0
+    on_s3, here = json.loads(on_s3), json.loads(here)
+    for key in ("helpful", "harmful"):
+        assert [r["sample_id"] for r in on_s3[key]] == [r["sample_id"] for r in here[key]]
+        assert [r["score"] for r in on_s3[key]] == pytest.approx([r["score"] for r in here[key]], rel=1e-6)
