@@ -7,8 +7,9 @@ so an error can name the file it is about.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -40,12 +41,58 @@ def file_format(path: str) -> str | None:
     return None
 
 
+def _access_errors() -> tuple[type[BaseException], ...]:
+    """Errors of reaching a dataset's storage: OS/network errors and their botocore/aiohttp kin."""
+    types: list[type[BaseException]] = [OSError]
+    try:
+        import botocore.exceptions as bce
+        types += [bce.BotoCoreError, bce.ClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def _storage_access(uri: str, storage_options: dict | None) -> Iterator[None]:
+    """Turn failures to reach a dataset location (network down, wrong endpoint, missing
+    credentials, access denied) into a DataError that names the location and the endpoint."""
+    try:
+        yield
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"dataset file not found: {uri!r}") from None
+    except _access_errors() as err:
+        endpoint = (storage_options or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+        at = f" (endpoint {endpoint})" if endpoint and "://" in uri and not uri.startswith("file:") else ""
+        kind = type(err).__name__
+        if isinstance(err, PermissionError) or "AccessDenied" in str(err) or "Forbidden" in str(err):
+            problem = "access denied"
+        elif "credential" in kind.lower() or "credentials" in str(err).lower():
+            problem = "missing or invalid credentials"
+        elif isinstance(err, (ConnectionError, TimeoutError)) or "Connect" in kind or "Timeout" in kind:
+            problem = "object store unreachable"
+        else:
+            problem = "cannot read it"
+        raise DataError(f"dataset location {uri!r}{at}: {problem} ({kind}: {err})") from err
+
+
 def _expand(uri: str, storage_options: dict | None) -> list[tuple[fsspec.AbstractFileSystem, str]]:
     """The data files one URI stands for: itself, or every supported file under it (sorted)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except (ImportError, ValueError) as err:
         raise DataError(f"cannot open dataset location {uri!r}: {err}") from err
+    with _storage_access(uri, storage_options):
+        return _files_of(fs, path, uri)
+
+
+def _files_of(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
     if not fs.exists(path):
         raise DataError(f"dataset file not found: {uri!r}")
     if fs.isdir(path):
@@ -139,7 +186,8 @@ def load_dataset(uri_or_list: str | os.PathLike | Sequence[str | os.PathLike],
         for fs, path in _expand(os.fspath(uri), storage_options):
             # Local files are named by plain path, remote ones by full URL (s3://bucket/key).
             name = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-            table = _read(fs, path, name)
+            with _storage_access(name, storage_options):
+                table = _read(fs, path, name)
             if table.num_rows == 0:
                 continue  # an empty shard contributes nothing; an all-empty dataset fails below
             parts.append((name, _checked_columns(table, name)))
