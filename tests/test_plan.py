@@ -211,3 +211,49 @@ def test_docs_scale_shows_what_plan_prints(capsys):
         argv = [os.path.join(ROOT, a) if a.endswith(".yaml") else a for a in shlex.split(args)]
         assert plan_main(argv) == 0
         assert capsys.readouterr().out.rstrip("\n") == shown, f"docs/scale.md is stale for: rayattr plan {args}"
+
+
+def test_docs_scale_prose_quotes_the_plan():
+    """The numbers docs/scale.md's text quotes (rounded) are the plan's, not hand-typed."""
+    from rayattr.plan import human_bytes
+
+    text = " ".join(open(os.path.join(ROOT, "docs", "scale.md")).read().split())
+    cfg = load_config(os.path.join(ROOT, "jobs", "configs", "llama7b_1t.yaml"))
+    p = estimate(cfg, tokens=1e12, vocab_size=32000, per_source=True)
+    per_sample = estimate(cfg, tokens=1e12, vocab_size=32000, per_source=False)
+    budget = estimate(cfg, tokens=1e12, vocab_size=32000, per_source=True, actor_memory_gb=64, segments=512)
+    full_grad = p.n_params * 2  # bf16 gradient of every parameter
+    steps_per_segment = p.steps // p.segments
+    need = re.search(r"use >= (\d+) segments", " ".join(budget.notes)).group(1)
+
+    def tb(x):
+        return f"{x / 1e12:.1f} TB"
+
+    quoted = [
+        f"P = {len(p.layers)} × {p.layers[0].p} = {p.total_dim:,} numbers".replace(",", " "),
+        f"{p.grad_bytes_per_sample / 1e3:.1f} kB in bfloat16",
+        f"{full_grad / 1e9:.1f} GB for its full bf16 gradient",
+        f"a reduction of {round(full_grad / p.grad_bytes_per_sample, -4):,.0f}×".replace(",", " "),
+        f"Over {p.n_samples / 1e6:.0f} M samples that is {tb(p.storage['train gradients'])} of training gradients",
+        f"(float32, {tb(p.storage['local embeddings'])})",
+        f"another {tb(per_sample.storage['final embeddings'])}, {tb(per_sample.storage_total)} in all",
+        f"sums, {human_bytes(p.storage['source x phase sums'])}",
+        f"{p.layers[0].p} × {p.layers[0].p} per layer: {human_bytes(p.storage['K matrices'])}",
+        f"{p.throughput.capture_overhead * 100:.1f} % used",
+        f"{human_bytes(p.memory['rank: capture + writer'])} of buffers per rank",
+        f"{p.throughput.store_write_mbps} MB/s per writer",
+        f"{p.time['train'] / 86400:.1f} days at the assumed",
+        f"With one segment per GPU ({p.segments})",
+        f"{human_bytes(p.memory['segment actor'])} at {steps_per_segment} steps per segment",
+        f"512 segments (two per GPU, run as fractional-GPU actors) fit 64 GiB each; the note says at least {need}",
+        f"{p.ranks} rank actors, one GPU each",
+        f"checkpoints every {cfg.train.checkpoint_every} steps",
+        f"{p.segments} × {len(p.layers)} small matrix products",
+        f"{p.memory['driver: reduce'] / 1e9:.0f}–{budget.memory['driver: reduce'] / 1e9:.0f} GB of memory for "
+        f"{p.occurrences / 1e6:.0f} M occurrence rows",
+    ]
+    for q in quoted:
+        assert q in text, f"docs/scale.md does not say {q!r}"
+    # embedding and reduce take about half an hour each
+    assert 20 * 60 < p.time["embed"] < 40 * 60 and 20 * 60 < p.time["reduce"] < 40 * 60
+    assert "embedding and reduce stages take about half an hour each" in text
