@@ -56,6 +56,11 @@ def test_rayjob_runs_the_job_with_a_config_that_loads():
     assert args[args.index("--store") + 1].startswith("s3://")
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert set(runtime_env) <= {"working_dir", "env_vars", "pip", "py_modules"}
+    # the working dir is where the image put the checkout (K8sJobMode submits from the image)
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
+    assert runtime_env["working_dir"] == workdir
+    assert all(isinstance(v, str) for v in runtime_env.get("env_vars", {}).values())
     spec = job["spec"]["rayClusterSpec"]
     import ray
 
@@ -117,8 +122,13 @@ def test_no_credentials_in_deployment_files():
         assert not SECRET.search(path.read_text()), f"{path} looks like it holds a credential"
 
 
-def test_readme_commands_name_existing_files():
-    text = (INFRA / "README.md").read_text()
-    for rel in re.findall(r"(?:infra|jobs)/[\w./-]+\.(?:yaml|py)|docker/Dockerfile", text):
-        path = ROOT / (rel if rel.startswith(("infra", "jobs")) else f"infra/{rel}")
-        assert path.is_file(), rel
+def test_commands_in_infra_files_name_existing_files():
+    """Every repo path the README and the files' own usage comments mention exists."""
+    for doc in [INFRA / "README.md", *(p for p in INFRA.rglob("*") if p.is_file() and p.suffix != ".md")]:
+        text = doc.read_text()
+        named = re.findall(r"(?<![\w/])(?:infra|jobs|docs)/[\w./-]+(?:\.yaml|\.py|\.md|/Dockerfile)|(?<![\w/])(?:docker/Dockerfile|"
+                           r"aws/cluster\.yaml|k8s/rayjob\.yaml)", text)
+        for rel in named:
+            path = ROOT / rel if rel.startswith(("infra", "jobs", "docs")) else INFRA / rel
+            assert path.is_file(), f"{doc.relative_to(ROOT)} names {rel}, which does not exist"
+    assert "infra/docker/Dockerfile" in (INFRA / "aws" / "cluster.yaml").read_text()
