@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import types
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -183,10 +185,17 @@ class Config:
 
     def validate(self) -> "Config":
         t, c = self.train, self.capture
-        if t.ranks < 1 or t.micro_batch < 1 or t.grad_accum < 1 or t.epochs < 1:
-            raise ConfigError("train.ranks, micro_batch, grad_accum and epochs must all be >= 1")
-        if t.steps is not None and t.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
+                    "capture.rank", "store.steps_per_shard", "data.seq_len", "embed.phases",
+                    "embed.segments", "model.n_layer", "model.n_embd", "model.n_head",
+                    "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
+            value = self._get(key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not (math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
+        if not 0 <= self.data.builtin.corrupted_fraction < 1:
+            raise ConfigError(f"data.builtin.corrupted_fraction must be in [0, 1), got {self.data.builtin.corrupted_fraction}")
         if t.checkpoint_every < 0 or t.max_restarts < 0:
             raise ConfigError("train.checkpoint_every and train.max_restarts must be >= 0")
         if t.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -201,13 +210,17 @@ class Config:
             raise ConfigError(f"capture.curvature_fraction must be in (0, 1], got {c.curvature_fraction}")
         if self.embed.dtype not in ("float32", "float64"):
             raise ConfigError(f"embed.dtype must be float32 or float64, got {self.embed.dtype!r}")
-        if self.embed.segments is not None and self.embed.segments < 1:
-            raise ConfigError(f"embed.segments must be >= 1, got {self.embed.segments}")
         if (self.data.train is None) != (self.data.validation is None):
             raise ConfigError("data.train and data.validation must be given together (or neither, for the built-in corpus)")
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
         return self
+
+    def _get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
 
     def differences(self, other: "Config", ignore: tuple[str, ...] = ()) -> list[str]:
         """Dotted keys whose values differ, as "key: self_value != other_value" lines."""
@@ -246,8 +259,51 @@ def _build(cls, data: dict, prefix: str):
         if dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value or {}, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, sub, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against the field's type hint (ints are accepted where floats are)."""
+    if _matches(value, hint):
+        return float(value) if hint is float else value
+    raise ConfigError(f"config key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # YAML's `true` is a bool, and bool is an int in Python: not a count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) for k in value)
+    raise TypeError(f"config type {hint!r} is not supported")  # a bug in this module, not in the YAML
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:

@@ -177,6 +177,8 @@ def data_config(tmp_path: Path, train: str, validation: str | None = None) -> di
     ({"capture": {"curvature": "hessian"}}, ["capture.curvature", "'hessian'"]),
     ({"model": {"family": "bert"}}, ["model.family", "'bert'"]),
     ({"data": {"train": "x.parquet"}}, ["data.train and data.validation must be given together"]),
+    ({"train": {"ranks": "two"}}, ["'train.ranks' must be an integer, got 'two'"]),
+    ({"capture": {"rank": 0}}, ["capture.rank must be >= 1"]),
 ])
 def test_config_mistakes(tmp_path, config, phrases):
     assert_refused(job(tmp_path, config), *phrases)

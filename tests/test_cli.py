@@ -34,6 +34,8 @@ def test_runs(capsys, finished_run):
     assert row.split()[:6] == ["answers", "done", "gpt2", "20", "160", "7"]
     code, out, _ = rayattr(capsys, "runs", store, "--format", "json")
     assert json.loads(out)[0]["run_id"] == "answers"
+    code, _, err = rayattr(capsys, "runs", f"{store}-typo")
+    assert code == 2 and "no store at" in err and "does not exist" in err
 
 
 def test_values_formats(capsys, finished_run):

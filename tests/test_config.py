@@ -49,10 +49,42 @@ def test_differences_name_dotted_keys():
     ({"embed.segments": 0}, "embed.segments"),
     ({"embed.dtype": "float16"}, "embed.dtype"),
     ({"capture.kind": "sparse"}, "capture.kind"),
+    ({"capture.rank": 0}, "capture.rank must be >= 1, got 0"),
+    ({"store.steps_per_shard": 0}, "store.steps_per_shard must be >= 1"),
+    ({"data.seq_len": -1}, "data.seq_len must be >= 1, got -1"),
+    ({"train.lr": 0}, "train.lr must be a positive number"),
+    ({"train.lr": float("nan")}, "train.lr must be a positive number"),
+    ({"data.builtin.corrupted_fraction": 1.0}, "corrupted_fraction"),
+    ({"model.n_head": 0}, "model.n_head"),
 ])
 def test_validation_names_the_field(dotted, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, **dotted)
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "ranks", "two", "'train.ranks' must be an integer, got 'two' (str)"),
+    ("train", "ranks", 2.5, "'train.ranks' must be an integer, got 2.5 (float)"),
+    ("train", "ranks", True, "'train.ranks' must be an integer, got True (bool)"),
+    ("train", "lr", "fast", "'train.lr' must be a number, got 'fast' (str)"),
+    ("train", "steps", "ten", "'train.steps' must be an integer or null"),
+    ("train", "use_gpu", "yes", "'train.use_gpu' must be true or false"),
+    ("capture", "layers", "h.*", "'capture.layers' must be a list of a string or null"),
+    ("capture", "layers", ["h.*", 3], "'capture.layers' must be a list of a string or null"),
+    ("data", "train", 7, "'data.train' must be a string or a list of a string or null"),
+    ("train", "deepspeed", "zero2.json", "'train.deepspeed' must be a mapping"),
+])
+def test_wrongly_typed_values_name_key_and_type(section, key, value, expected):
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({section: {key: value}})
+    assert expected in str(err.value)
+
+
+def test_well_typed_values_pass_and_ints_become_floats():
+    cfg = Config.from_dict({"train": {"lr": 1, "steps": None}, "capture": {"layers": ["h.0.*"]},
+                            "data": {"train": ["a.parquet", "b.parquet"], "validation": "v.parquet"}})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.capture.layers == ["h.0.*"] and cfg.data.train == ["a.parquet", "b.parquet"]
 
 
 def test_bad_yaml_files(tmp_path):

@@ -184,9 +184,7 @@ class RankWorker:
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
                 self.save_checkpoint(step + 1)
-        if self.pending_records:
-            self.run.write_step_records(self.pending_records)
-            self.pending_records = []
+        self._commit_records()
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
 
     def _record(self, step, lr, eta, rows, positions, grads, curv_rows) -> None:
@@ -218,9 +216,7 @@ class RankWorker:
         for w in (self.writer, self.curv_writer):
             if w is not None:
                 w.flush()
-        if self.rank == 0 and self.pending_records:
-            self.run.write_step_records(self.pending_records)
-            self.pending_records = []
+        self._commit_records()
         self.checkpoints.save(self.engine, step)
 
     def finish(self) -> dict[str, Any]:
@@ -234,7 +230,11 @@ class RankWorker:
         for w in (self.writer, self.curv_writer):
             if w is not None:
                 w.close()
-        if self.rank == 0 and self.pending_records:
+        self._commit_records()
+
+    def _commit_records(self) -> None:
+        """Write the step records gathered since the last commit (only rank 0 gathers any)."""
+        if self.pending_records:
             self.run.write_step_records(self.pending_records)
             self.pending_records = []
 
