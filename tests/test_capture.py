@@ -436,3 +436,6 @@ def test_sampled_label_gradients_estimate_the_fisher():
     full = sampled_label_losses(logits, generator=torch.Generator().manual_seed(1), mask=mask)
     labels = sample_labels(logits, generator=torch.Generator().manual_seed(1), mask=mask)
     assert torch.allclose(full, per_sample_loss(logits, labels))
+    # reduction="mean" (the pipeline's per-sample loss) averages over each sample's own tokens
+    mean = sampled_label_losses(logits, generator=torch.Generator().manual_seed(1), mask=mask, reduction="mean")
+    assert torch.allclose(mean * mask.sum(1), full) and not torch.allclose(mean, full)

@@ -46,11 +46,14 @@ def trained(local_ray, tmp_path_factory):
     return cfg, Run.open_uri(result.uri), result
 
 
-def core_embeddings(run: Run):
-    """Single-process DVEmb from the same recorded gradients, in float64."""
+def core_embeddings(run: Run, curvature: bool = False):
+    """Single-process DVEmb from the same recorded gradients (and pseudo-gradients), in float64."""
     batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
     etas = {r.step: r.eta for r in run.step_records()}
-    emb = data_value_embeddings([b.grads for b in batches], [etas[b.step] for b in batches])
+    curv = None
+    if curvature:
+        curv = [b.grads for b in GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)]
+    emb = data_value_embeddings([b.grads for b in batches], [etas[b.step] for b in batches], curvature=curv)
     return batches, emb
 
 
@@ -94,6 +97,34 @@ def test_segments_equal_single_process_core(trained, tmp_path, segments):
         np.testing.assert_allclose(row["value"], pc.sum(pc.filter(samples["value"], mask)).as_py(), rtol=1e-9)
         src_phases = phases.filter(pc.equal(phases["source"], row["source"]))
         np.testing.assert_allclose(pc.sum(src_phases["value"]).as_py(), row["value"], rtol=2e-5)
+
+
+def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
+    """curvature: sampled end to end: pseudo-gradients on the training loss's scale, and the
+    segment actors' result equal to the core's on the same recorded rows."""
+    d = small_config(str(tmp_path), "sampled", epochs=1).to_dict(redact=False)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5)
+    d["embed"]["segments"] = 2
+    run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
+    train = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
+    assert [b.step for b in curv] == [b.step for b in train] and all(len(b) == 8 for b in curv)
+    # A sample's pseudo-gradient and its real gradient are of one loss (mean over tokens):
+    # their sizes agree within a small factor (a summed pseudo-loss was ~50x larger here).
+    for name in train[0].grads:
+        real = torch.cat([b.grads[name] for b in train]).norm(dim=1).median()
+        pseudo = torch.cat([b.grads[name] for b in curv]).norm(dim=1).median()
+        assert 0.25 < float(pseudo / real) < 4, (name, float(pseudo / real))
+
+    batches, emb = core_embeddings(run, curvature=True)
+    final = {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
+    for b, e in zip(batches, emb):
+        for n in e:
+            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-9)
+    values = run.read_table("values/samples.parquet")["value"].to_numpy()
+    assert np.isfinite(values).all() and np.abs(values).max() > 0
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
 
 
 def test_outputs_and_manifest(trained):

@@ -39,7 +39,12 @@ def sampled_label_losses(
     generator: torch.Generator | None = None,
     ignore_index: int = -100,
     mask: torch.Tensor | None = None,
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Per-sample summed cross-entropy against sampled labels: (B, C) or (B, S, C) logits -> (B,)."""
+    """Per-sample cross-entropy against sampled labels: (B, C) or (B, S, C) logits -> (B,).
+
+    `reduction` must be the training loss's own ("sum" or "mean" over a sample's tokens):
+    the pseudo-gradients estimate the curvature of that loss, at its scale.
+    """
     labels = sample_labels(logits, generator=generator, mask=mask, ignore_index=ignore_index)
-    return per_sample_loss(logits, labels, reduction="sum", ignore_index=ignore_index)
+    return per_sample_loss(logits, labels, reduction=reduction, ignore_index=ignore_index)

@@ -15,7 +15,7 @@ from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
 from rayattr.config import Config
 from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.store import Run
-from rayattr.train.model import build_model, logits_of
+from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
 
 
 def final_model(run: Run, cfg: Config | None = None) -> torch.nn.Module:
@@ -45,7 +45,8 @@ def text_gradients(run: Run, table: pa.Table, batch_size: int = 32, cfg: Config 
         with cap:
             cap.set_mask(b["attention_mask"])
             logits = logits_of(model, b["input_ids"], b["attention_mask"])
-            losses = per_sample_loss(logits[:, :-1].float(), b["labels"][:, 1:], reduction="mean")
+            losses = per_sample_loss(logits[:, :-1].float(), b["labels"][:, 1:],
+                                     reduction=SAMPLE_LOSS_REDUCTION)
             torch.autograd.grad(losses.sum(), params, allow_unused=True)
         for n, g in cap.gradients().items():
             out.setdefault(n, []).append(g)

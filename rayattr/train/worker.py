@@ -24,7 +24,7 @@ from rayattr.faults import maybe_fail
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.train.backend import deepspeed_config, set_dist_env
 from rayattr.train.checkpoints import Checkpoints
-from rayattr.train.model import build_model, logits_of
+from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
 
 
 class NonFiniteLoss(RuntimeError):
@@ -140,7 +140,8 @@ class RankWorker:
         with self.curvature:
             self.curvature.set_mask(mask)
             logits = logits_of(self.engine.module, ids, mask)[:, :-1]
-            losses = sampled_label_losses(logits.float(), generator=gen, mask=mask[:, 1:])
+            losses = sampled_label_losses(logits.float(), generator=gen, mask=mask[:, 1:],
+                                          reduction=SAMPLE_LOSS_REDUCTION)
             torch.autograd.grad(losses.sum(), params, allow_unused=True)
 
     def train_steps(self, start: int, end: int) -> dict[str, Any]:
@@ -168,7 +169,8 @@ class RankWorker:
                     self.capture.set_mask(mask)
                     self.capture.loss_scale = self._loss_scale()
                     logits = logits_of(self.engine, ids, mask)
-                    per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:], reduction="mean")
+                    per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:],
+                                                 reduction=SAMPLE_LOSS_REDUCTION)
                     loss = per_sample.mean()
                     if not torch.isfinite(loss):
                         self.close()
