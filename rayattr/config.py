@@ -76,7 +76,7 @@ class TrainConfig:
     """Passes over the training data."""
     steps: int | None = None
     """Stop after this many optimizer steps (None = all epochs)."""
-    lr: float = 0.3
+    lr: float = 0.1
     """SGD learning rate (when the DeepSpeed config has no optimizer)."""
     seed: int = 0
     """Seed of model init and data order."""

@@ -27,7 +27,7 @@ JOB = ROOT / "jobs" / "pretrain_attr.py"
 
 SMALL = {
     "data": {"seq_len": 32, "builtin": {"n_train": 160, "n_validation": 32, "max_chars": 96}},
-    "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "checkpoint_every": 4},
+    "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, "checkpoint_every": 4},
     "capture": {"rank": 4},
     "embed": {"segments": 2, "phases": 4},
     "store": {"steps_per_shard": 4},

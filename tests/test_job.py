@@ -82,6 +82,22 @@ def test_job_submit_multinode_s3(cluster, single_node, s3_store):
     assert s3_store.secret_key not in run.read_bytes("run.json").decode()
 
 
+def test_default_job_ranks_corrupted_last(tmp_path):
+    """README's first command: no arguments but a store: the built-in corpus, 2 ranks, 192 steps,
+    and the deliberately corrupted source has the lowest value per sample."""
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--store", str(tmp_path), "--run-id", "default",
+                          "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = Run.open(str(tmp_path), "default")
+    assert run.manifest["num_steps"] == 192 and run.manifest["n_sources"] == 7
+    sources = run.read_table("values/sources.parquet")
+    per_sample = dict(zip(sources["source"].to_pylist(), sources["value_per_sample"].to_pylist()))
+    assert min(per_sample, key=per_sample.get) == "corrupted", per_sample
+    assert "bottom source: corrupted" in out.stdout
+
+
 def test_job_unreachable_store_fails_before_ray_starts(tmp_path):
     """A store that cannot be reached is reported by name, after bounded retries, and no Ray
     cluster is started for a run that could not be written anywhere."""
