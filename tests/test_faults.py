@@ -146,16 +146,21 @@ def test_s3_server_restarted_mid_run(baseline, tmp_path, s3_store):
     np.testing.assert_array_equal(values(run), values(baseline))
 
 
-def test_nan_loss_stops_and_keeps_what_was_committed(tmp_path):
+@pytest.mark.parametrize("how", ["diverging", "one rank"])
+def test_nan_loss_stops_and_keeps_what_was_committed(tmp_path, how):
     """A diverging run stops at the first non-finite loss, says where, and keeps every step
-    before it readable; its run records why it failed."""
-    diverging = {**SMALL, "train": {**SMALL["train"], "lr": 1e9}}
-    out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan", config=diverging)
+    before it readable; its run records why it failed. When only one rank's loss turns NaN,
+    all ranks still stop at that step and commit what they hold."""
+    if how == "diverging":
+        out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan",
+                      config={**SMALL, "train": {**SMALL["train"], "lr": 1e9}})
+    else:
+        out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan", fault="rank.nan:rank=1,step=6")
     assert out.returncode == 1, out.stderr[-3000:]
     m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", out.stderr)
     assert m, out.stderr[-3000:]
     bad_step = int(m.group(2))
-    assert bad_step >= 1
+    assert bad_step >= 1 if how == "diverging" else bad_step == 6
     run = Run.open(str(tmp_path / "store"), "nan")
     assert run.manifest["status"] == "failed" and "at step" in run.manifest["error"]
     assert [r.step for r in run.step_records()] == list(range(bad_step))

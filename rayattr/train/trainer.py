@@ -25,6 +25,9 @@ from rayattr.train.worker import NonFiniteLoss, RankActor
 
 log = logging.getLogger(__name__)
 
+# Seconds the other ranks get to commit what they hold after one reports a non-finite loss.
+FATAL_GRACE_S = 120.0
+
 
 @ray.remote(num_cpus=0)
 def _rendezvous() -> tuple[str, int]:
@@ -47,7 +50,14 @@ def gather(refs: list) -> list[Any]:
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        out[index[done[0]]] = ray.get(done[0])
+        try:
+            out[index[done[0]]] = ray.get(done[0])
+        except RayTaskError as err:
+            if pending and _fatal(err) is not None:
+                # all ranks stop at the same non-finite step and commit what they hold: let the
+                # others finish that before the gang is torn down
+                ray.wait(pending, num_returns=len(pending), timeout=FATAL_GRACE_S)
+            raise
     return out
 
 

@@ -20,7 +20,7 @@ from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.faults import maybe_fail
+from rayattr.faults import maybe_fail, triggered
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.train.backend import deepspeed_config, set_dist_env
 from rayattr.train.checkpoints import Checkpoints
@@ -172,9 +172,12 @@ class RankWorker:
                     per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:],
                                                  reduction=SAMPLE_LOSS_REDUCTION)
                     loss = per_sample.mean()
-                    if not torch.isfinite(loss):
+                    if triggered("rank.nan", rank=self.rank, step=step):  # tests: this rank diverges alone
+                        loss = loss * float("nan")
+                    total = self._loss_of_all_ranks(loss)
+                    if not math.isfinite(total):
                         self.close()
-                        raise NonFiniteLoss(f"rank {self.rank}: loss is {loss.item()} at step {step}; "
+                        raise NonFiniteLoss(f"rank {self.rank}: loss is {total} at step {step}; "
                                             f"steps before {step} are committed in {self.run.uri}")
                     self.engine.backward(loss)
                     self.engine.step()
@@ -188,6 +191,15 @@ class RankWorker:
                 self.save_checkpoint(step + 1)
         self._commit_records()
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
+
+    def _loss_of_all_ranks(self, loss: torch.Tensor) -> float:
+        """Sum of every rank's loss. Non-finite on one rank makes it non-finite on all, so all
+        ranks stop at the same step and commit what they hold; a rank stopping alone would leave
+        its peers in a collective, to be killed with uncommitted data."""
+        total = loss.detach().float().reshape(1).clone()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        return total.item()
 
     def _record(self, step, lr, eta, rows, positions, grads, curv_rows) -> None:
         """Hand one step's gradients (and, on rank 0, its step record) to the store.
