@@ -155,7 +155,8 @@ def test_nan_loss_stops_and_keeps_what_was_committed(tmp_path, how):
         out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan",
                       config={**SMALL, "train": {**SMALL["train"], "lr": 1e9}})
     else:
-        out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan", fault="rank.nan:rank=1,step=6")
+        out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan",
+                      fault="rank.nan:rank=1,step=6")
     assert out.returncode == 1, out.stderr[-3000:]
     m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", out.stderr)
     assert m, out.stderr[-3000:]

@@ -46,15 +46,18 @@ def trained(local_ray, tmp_path_factory):
     return cfg, Run.open_uri(result.uri), result
 
 
-def core_embeddings(run: Run, curvature: bool = False):
-    """Single-process DVEmb from the same recorded gradients (and pseudo-gradients), in float64."""
+def core_embeddings(run: Run, curvature: list | None = None):
+    """Single-process DVEmb from the same recorded gradients (and pseudo-gradient batches), in float64."""
     batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
     etas = {r.step: r.eta for r in run.step_records()}
-    curv = None
-    if curvature:
-        curv = [b.grads for b in GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)]
+    curv = [b.grads for b in curvature] if curvature is not None else None
     emb = data_value_embeddings([b.grads for b in batches], [etas[b.step] for b in batches], curvature=curv)
     return batches, emb
+
+
+def _embeddings(run: Run) -> dict[int, dict]:
+    """The run's final embeddings by step."""
+    return {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
 
 
 def copy_trained(run: Run, dest: Path) -> Run:
@@ -73,7 +76,7 @@ def test_segments_equal_single_process_core(trained, tmp_path, segments):
     assert out.segments == segments
 
     batches, emb = core_embeddings(run)
-    final = {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
+    final = _embeddings(run)
     assert sorted(final) == [b.step for b in batches]
     for b, e in zip(batches, emb):
         f = final[b.step]
@@ -106,18 +109,17 @@ def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
     d["capture"].update(curvature="sampled", curvature_fraction=0.5)
     d["embed"]["segments"] = 2
     run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
-    train = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
     curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
-    assert [b.step for b in curv] == [b.step for b in train] and all(len(b) == 8 for b in curv)
+    batches, emb = core_embeddings(run, curvature=curv)
+    assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 8 for b in curv)
     # A sample's pseudo-gradient and its real gradient are of one loss (mean over tokens):
     # their sizes agree within a small factor (a summed pseudo-loss was ~50x larger here).
-    for name in train[0].grads:
-        real = torch.cat([b.grads[name] for b in train]).norm(dim=1).median()
+    for name in batches[0].grads:
+        real = torch.cat([b.grads[name] for b in batches]).norm(dim=1).median()
         pseudo = torch.cat([b.grads[name] for b in curv]).norm(dim=1).median()
         assert 0.25 < float(pseudo / real) < 4, (name, float(pseudo / real))
 
-    batches, emb = core_embeddings(run, curvature=True)
-    final = {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
+    final = _embeddings(run)
     for b, e in zip(batches, emb):
         for n in e:
             torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-9)
@@ -147,10 +149,6 @@ def test_outputs_and_manifest(trained):
     for rel in ("data/train.parquet", "data/validation.parquet", "weights/initial.safetensors",
                 "weights/final.safetensors"):
         assert run.exists(rel), rel
-
-
-def _embeddings(run: Run) -> dict[int, dict]:
-    return {b.step: b for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64)}
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])

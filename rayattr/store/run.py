@@ -125,8 +125,7 @@ class Run:
         try:
             raw = storage.get_bytes(layout.RUN_JSON)
         except FileNotFoundError:
-            exists = not root.local or os.path.isdir(root.root)
-            known = [r["run_id"] for r in list_runs(root_uri, options)][:10] if exists else []
+            known = [r["run_id"] for r in list_runs(root_uri, options)][:10] if root.exists("") else []
             raise StoreError(f"run '{run_id}' does not exist under {root.uri} (no run.json); "
                              f"existing runs: {known or 'none'}") from None
         try:
@@ -284,7 +283,7 @@ def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
     options = options or StoreOptions()
     root = Storage(root_uri, options)
     root.probe()
-    if root.local and not os.path.isdir(root.root):  # a typo must not read as "no runs yet"
+    if root.local and not root.exists(""):  # a typo must not read as "no runs yet"
         raise StoreError(f"no store at {root.uri}: the directory does not exist")
     found = root.glob(f"*/{layout.RUN_JSON}")
     out = []
