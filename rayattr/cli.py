@@ -4,6 +4,7 @@
     rayattr values ./rayattr_runs/run-001 [--by-phase] [--format table|csv|json]
     rayattr query ./rayattr_runs/run-001 --text "def parse(s):" [--k 5] [--by-source] [--format json]
     rayattr report ./rayattr_runs/run-001 [--out report/]
+    rayattr validate ./rayattr_runs/run-001 --subsets 16 --fraction 0.1 --sources [--occurrences 16]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
 
 S3 runs take their endpoint and credentials from the AWS environment, or from
@@ -127,6 +128,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def cmd_validate(args) -> int:
+    from rayattr.validate import validate_run
+    from rayattr.validate.validation import dumps, format_summary
+
+    so = _storage_options(args.storage_option)
+    if not (args.subsets or args.sources is not None or args.occurrences):
+        args.subsets, args.sources = 16, []  # a default that fits the built-in run in minutes
+    result = validate_run(args.run, subsets=args.subsets, fraction=args.fraction,
+                          sources=(args.sources or True) if args.sources is not None else False,
+                          occurrences=args.occurrences, seed=args.seed, gangs=args.gangs,
+                          storage_options=so, progress=not args.no_progress)
+    print(dumps(result.summary) if args.format == "json" else
+          f"validation of {result.uri}\n{format_summary(result.summary)}\nwritten to {result.uri}/validation/")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayattr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +189,21 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--k", type=positive_int, default=10, help="samples in the top and bottom lists")
     rp.set_defaults(func=cmd_report)
 
+    va = sub.add_parser("validate", parents=[so], help="retrain counterfactually and check the values "
+                                                       "predict it (LDS, source and occurrence Spearman)")
+    va.add_argument("run", help="run URI: <store>/<run_id>")
+    va.add_argument("--subsets", type=int, default=0, metavar="N",
+                    help="N random subsets of training samples, all their occurrences removed")
+    va.add_argument("--fraction", type=fraction, default=0.1, help="share of samples per subset (default 0.1)")
+    va.add_argument("--sources", nargs="*", metavar="SOURCE",
+                    help="leave one source out: every source, or the ones named")
+    va.add_argument("--occurrences", type=int, default=0, metavar="N", help="N single occurrences removed")
+    va.add_argument("--seed", type=int, default=0, help="seed of the subsets and occurrences drawn")
+    va.add_argument("--gangs", type=positive_int, help="retraining gangs at once (default: as many as fit)")
+    va.add_argument("--format", choices=("table", "json"), default="table")
+    va.add_argument("--no-progress", action="store_true")
+    va.set_defaults(func=cmd_validate)
+
     sub.add_parser("plan", add_help=False, help="storage, memory and time estimates for a config "
                                                 "(rayattr plan --help)")
     return p
@@ -177,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     from rayattr.data import DataError
     from rayattr.query import QueryError
     from rayattr.store import StoreError
+    from rayattr.validate.errors import ValidationError
 
     try:
         return args.func(args)
-    except (QueryError, StoreError, DataError, ConfigError, ValueError) as e:
+    except (QueryError, StoreError, DataError, ConfigError, ValidationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a report directory that cannot be written

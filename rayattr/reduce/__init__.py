@@ -2,6 +2,6 @@
 
 from rayattr.reduce.aggregate import phase_edges, write_outputs
 from rayattr.reduce.chain import chain_segments
-from rayattr.reduce.gradients import final_model, text_gradients, validation_gradient
+from rayattr.reduce.gradients import final_model, mean_loss, text_gradients, validation_gradient
 
-__all__ = ["chain_segments", "final_model", "phase_edges", "text_gradients", "validation_gradient", "write_outputs"]
+__all__ = ["chain_segments", "final_model", "mean_loss", "phase_edges", "text_gradients", "validation_gradient", "write_outputs"]

@@ -57,3 +57,19 @@ def validation_gradient(run: Run) -> dict[str, torch.Tensor]:
     """Gradient of the mean validation loss at the final model (the values' test point)."""
     grads = text_gradients(run, run.read_table("data/validation.parquet"))
     return {n: g.double().mean(0) for n, g in grads.items()}
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, data: TokenizedDataset, batch_size: int = 64) -> float:
+    """Mean over `data`'s samples of each sample's own loss: the validation loss whose change
+    the values predict (accumulated in float64)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for a in range(0, len(data), batch_size):
+        b = data.batch(np.arange(a, min(len(data), a + batch_size)))
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        logits = logits_of(model, ids, mask)
+        losses = per_sample_loss(logits[:, :-1].float(), b["labels"][:, 1:].to(device),
+                                 reduction=SAMPLE_LOSS_REDUCTION)
+        total += float(losses.double().sum())
+    return total / len(data)

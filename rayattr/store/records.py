@@ -28,7 +28,7 @@ _SCHEMA = pa.schema([
     pa.field("step", pa.int64()), pa.field("epoch", pa.int64()),
     pa.field("lr", pa.float64()), pa.field("eta", pa.float64()),
     pa.field("sample_ids", pa.list_(pa.int64())), pa.field("sources", pa.list_(pa.string())),
-    pa.field("ranks", pa.list_(pa.int32())),
+    pa.field("ranks", pa.list_(pa.int32())), pa.field("clip", pa.float64()),
 ])
 
 
@@ -43,6 +43,7 @@ class StepRecord:
     sample_ids: list[int] = field(default_factory=list)  # global batch, in global-batch order
     sources: list[str] = field(default_factory=list)  # source (dataset) of each sample
     ranks: list[int] = field(default_factory=list)  # rank that processed each sample
+    clip: float = 1.0  # κ_t, the global-norm clipping factor of the step (folded into eta)
 
     def validate(self) -> None:
         n = len(self.sample_ids)
@@ -68,7 +69,8 @@ def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
         "step": steps, "epoch": [int(r.epoch) for r in recs], "lr": [float(r.lr) for r in recs],
         "eta": [float(r.eta) for r in recs], "sample_ids": [list(map(int, r.sample_ids)) for r in recs],
         "sources": [list(map(str, r.sources)) for r in recs],
-        "ranks": [list(map(int, r.ranks)) for r in recs]}, schema=_SCHEMA)
+        "ranks": [list(map(int, r.ranks)) for r in recs], "clip": [float(r.clip) for r in recs]},
+        schema=_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
@@ -91,5 +93,5 @@ def read_step_records(run: "Run") -> list[StepRecord]:
         if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
             raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
         for row in pq.read_table(pa.BufferReader(data)).to_pylist():
-            by_step[row["step"]] = StepRecord(**row)
+            by_step[row["step"]] = StepRecord(**row)  # runs before `clip` was recorded: 1.0
     return [by_step[s] for s in sorted(by_step)]

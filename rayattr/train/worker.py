@@ -16,14 +16,15 @@ import numpy as np
 import ray
 import torch
 
-from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
+from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.faults import maybe_fail, triggered
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
-from rayattr.train.backend import deepspeed_config, set_dist_env
+from rayattr.train.backend import set_dist_env
 from rayattr.train.checkpoints import Checkpoints
+from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
 
 
@@ -78,13 +79,7 @@ class RankWorker:
         model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
         if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
             self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
-        ds_cfg = deepspeed_config(cfg)
-        optimizer = None
-        if "optimizer" not in ds_cfg:
-            optimizer = torch.optim.SGD(model.parameters(), lr=t.lr)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    model_parameters=None if optimizer else model.parameters(),
-                                                    config=ds_cfg)
+        self.engine = build_engine(cfg, model)
         self.capture = GradientCapture(self.engine.module, projection=projection_spec(cfg), layers=cfg.capture.layers)
         self.curvature = None
         if cfg.capture.curvature == "sampled":
@@ -168,10 +163,7 @@ class RankWorker:
                     ids, mask, labels = self._batch(idx)
                     self.capture.set_mask(mask)
                     self.capture.loss_scale = self._loss_scale()
-                    logits = logits_of(self.engine, ids, mask)
-                    per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:],
-                                                 reduction=SAMPLE_LOSS_REDUCTION)
-                    loss = per_sample.mean()
+                    loss = micro_batch_loss(self.engine, ids, mask, labels)
                     if triggered("rank.nan", rank=self.rank, step=step):  # tests: this rank diverges alone
                         loss = loss * float("nan")
                     total = self._loss_of_all_ranks(loss)
@@ -180,12 +172,15 @@ class RankWorker:
                         raise NonFiniteLoss(f"rank {self.rank}: loss is {total} at step {step}; "
                                             f"steps before {step} are committed in {self.run.uri}")
                     self.engine.backward(loss)
+                    norm = grad_norm_before_step(self.engine) if micro == t.grad_accum - 1 else None
                     self.engine.step()
                     losses.append(loss.item())
             applied = self.engine.was_step_applied()
-            eta = lr / self.plan.global_batch_size if applied else 0.0  # a skipped fp16 step moved nothing
+            clip = clip_coefficient(self.engine, norm)
+            # a skipped fp16 step moved nothing; clipping scales every sample's step alike
+            eta = clip * lr / self.plan.global_batch_size if applied else 0.0
             grads = self.capture.gradients()
-            self._record(step, lr, eta, rows, positions, grads, curv_rows)
+            self._record(step, lr, eta, rows, positions, grads, curv_rows, clip)
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
                 self.save_checkpoint(step + 1)
@@ -201,7 +196,7 @@ class RankWorker:
             torch.distributed.all_reduce(total)
         return total.item()
 
-    def _record(self, step, lr, eta, rows, positions, grads, curv_rows) -> None:
+    def _record(self, step, lr, eta, rows, positions, grads, curv_rows, clip) -> None:
         """Hand one step's gradients (and, on rank 0, its step record) to the store.
 
         After a restart, steps up to what is already committed are recomputed (identically)
@@ -218,7 +213,7 @@ class RankWorker:
         if self.rank == 0 and step > done["records"]:
             lay = self.plan.layout(step)
             self.pending_records.append(StepRecord(
-                step=step, epoch=lay.epoch, lr=lr, eta=eta,
+                step=step, epoch=lay.epoch, lr=lr, eta=eta, clip=clip,
                 sample_ids=self.sample_ids[lay.indices].tolist(),
                 sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist()))
 

@@ -1,0 +1,103 @@
+"""RetrainWorker: one DeepSpeed rank that replays a run's trajectory with occurrences removed.
+
+A gang of these (one per rank of the original run) starts once and then runs counterfactual
+after counterfactual: each starts from the run's initial weights with a fresh engine and
+optimizer, follows the same batch plan and schedule, and gives the removed occurrences loss
+weight 0 (train/engine.py). Nothing is captured. Rank 0 returns the final validation loss and,
+when asked, the largest difference from the run's recorded final weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from safetensors.torch import load
+
+from rayattr.config import Config
+from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.reduce.gradients import mean_loss
+from rayattr.store import Run, StoreOptions
+from rayattr.train.backend import set_dist_env
+from rayattr.train.engine import build_engine, micro_batch_loss
+from rayattr.train.model import build_model
+from rayattr.validate.counterfactuals import Removal
+from rayattr.validate.errors import ValidationError
+
+
+class RetrainWorker:
+    """One rank of a retraining gang (plain class; `RetrainActor` is its Ray actor)."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 config: dict, run_uri: str, storage_options: dict | None = None):
+        import deepspeed
+
+        self.rank, self.world_size = rank, world_size
+        self.cfg = cfg = Config.from_dict(config)
+        self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
+        set_dist_env(rank, world_size, master_addr, master_port)
+        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+        use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.data = TokenizedDataset(self.run.read_table("data/train.parquet"), self.tokenizer, cfg.data.seq_len)
+        t = cfg.train
+        self.plan = BatchPlan(len(self.data), t.micro_batch, world_size, t.grad_accum, t.epochs, t.seed)
+        self.num_steps = int(self.run.manifest["num_steps"])
+        self.sample_ids = self.data.ids.numpy()
+        self.initial = load(self.run.read_bytes("weights/initial.safetensors"))
+        self.validation = (TokenizedDataset(self.run.read_table("data/validation.parquet"), self.tokenizer,
+                                            cfg.data.seq_len) if rank == 0 else None)
+
+    def retrain(self, removal: dict) -> dict[str, Any]:
+        """Train the whole trajectory without `removal`'s occurrences; rank 0 returns the
+        final validation loss (and, for the baseline, the distance to the run's final weights)."""
+        r = Removal.from_dict(removal)
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.cfg.data.seq_len, seed=t.seed)
+        model.load_state_dict(self.initial)
+        engine = build_engine(self.cfg, model)
+        removed = 0
+        for step in range(self.num_steps):
+            for micro in range(t.grad_accum):
+                idx = self.plan.rank_slice(step, self.rank, micro)
+                gone = r.removes(step, self.sample_ids[idx])
+                removed += int(gone.sum())
+                b = self.data.batch(idx)
+                weights = torch.from_numpy(np.where(gone, r.weight, 1.0).astype(np.float32))
+                loss = micro_batch_loss(engine, b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
+                                        b["labels"].to(self.device), weights.to(self.device))
+                if not math.isfinite(loss.item()):
+                    raise ValidationError(f"retrain {r.kind} {r.name!r}: loss is {loss.item()} at step {step}")
+                engine.backward(loss)
+                engine.step()
+        out: dict[str, Any] = {"rank": self.rank, "removed": removed, "seconds": time.perf_counter() - t0}
+        if self.rank == 0:
+            engine.module.eval()
+            out["loss"] = mean_loss(engine.module, self.validation)
+            if r.kind == "baseline":
+                out["max_abs_diff"] = _max_abs_diff(engine.module, load(self.run.read_bytes("weights/final.safetensors")))
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+        return out
+
+    def node(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+def _max_abs_diff(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    state = module.state_dict()
+    missing = sorted(set(reference) - set(state))
+    if missing:
+        raise ValidationError(f"retrained model lacks weights {missing[:3]} of the run's final model")
+    return max(float((state[k].detach().float().cpu() - v.float()).abs().max()) for k, v in reference.items())
+
+
+RetrainActor = ray.remote(RetrainWorker)

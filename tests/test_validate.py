@@ -1,0 +1,262 @@
+"""`rayattr validate`: counterfactual retraining of a run's own trajectory.
+
+- a retrain that removes nothing reproduces the run's final weights exactly;
+- removal by loss weight 0 is the trajectory-specific leave-out: a plain float64 PyTorch
+  loop over the same plan, dropping the same occurrences, gives the same loss change;
+- the files follow their schema, retrains already done are reused, bad arguments are named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import ray
+import torch
+from safetensors.torch import load
+
+from rayattr.config import Config
+from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.pipeline import run_pipeline
+from rayattr.reduce import mean_loss
+from rayattr.store import Run
+from rayattr.train.model import build_model
+from rayattr.validate import Removal, ValidationError, validate_run
+from rayattr.validate.counterfactuals import occurrence_removals, predicted, source_removals, subset_removals
+from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
+from rayattr.validate.validation import SUMMARY, TABLES, read_validation
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(store: str, run_id: str, **train) -> Config:
+    return Config.from_dict({
+        "run_id": run_id,
+        "data": {"seq_len": 32, "builtin": {"n_train": 96, "n_validation": 16, "max_chars": 96}},
+        "train": {"ranks": 2, "micro_batch": 4, "epochs": 2, "lr": 0.1, **train},
+        "capture": {"rank": 4},
+        "embed": {"phases": 2},
+        "store": {"uri": store, "steps_per_shard": 4},
+    }).validate()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(local_ray, tmp_path_factory) -> Run:
+    """A finished run on 2 ranks (ZeRO-1, the default) to validate."""
+    result = run_pipeline(tiny_config(str(tmp_path_factory.mktemp("store")), "two"), progress=False)
+    return Run.open_uri(result.uri, readonly=False)
+
+
+# --------------------------------------------------------------------------- retraining
+
+
+def test_validate_writes_schema_and_reproduces_the_run(two_ranks):
+    result = validate_run(two_ranks, subsets=4, fraction=0.2, sources=["corrupted", "text"], occurrences=3,
+                          seed=1, progress=False)
+    s = result.summary
+    # nothing removed: the same weights bit for bit on the same world size, so no noise floor
+    assert s["baseline_max_abs_diff"] == 0.0
+    assert s["noise_floor"] == 0.0 and s["baseline_loss"] == s["run_loss"]
+    assert (s["n_subsets"], s["n_sources"], s["n_occurrences"]) == (4, 2, 3)
+    for kind, (path, cols) in TABLES.items():
+        table = two_ranks.read_table(path)
+        assert table.column_names == cols, kind
+        assert np.isfinite(table["actual"].to_numpy()).all() and np.isfinite(table["predicted"].to_numpy()).all()
+    samples = two_ranks.read_table("values/samples.parquet")
+    subsets = two_ranks.read_table("validation/subsets.parquet").to_pylist()
+    assert all(r["n_removed"] == round(0.2 * 96) and r["n_occurrences"] == 2 * r["n_removed"] for r in subsets)
+    # predicted is the sum of the removed occurrences' values
+    src = two_ranks.read_table("validation/sources.parquet").to_pylist()
+    corrupted = samples.filter(pc.equal(samples["source"], "corrupted"))
+    got = {r["source"]: r["predicted"] for r in src}
+    assert got["corrupted"] == pytest.approx(float(np.sum(corrupted["value"].to_numpy())))
+    # removing a whole source moves the loss by more than nothing
+    assert all(r["actual"] != 0.0 for r in src)
+    summary = json.loads(two_ranks.read_bytes(SUMMARY))
+    for key in ("lds", "lds_ci", "source_spearman", "occurrence_spearman", "occurrence_slope",
+                "baseline_max_abs_diff", "schema_version"):
+        assert key in summary
+    assert summary["lds_ci"] is None or summary["lds_ci"][0] <= summary["lds"] <= summary["lds_ci"][1]
+    assert read_validation(Run.open_uri(two_ranks.uri)).summary == summary
+
+
+def test_clip_coefficients_recorded_under_zero1(two_ranks):
+    """Under ZeRO-1 the clip factor comes from the optimizer's global norm; it matches a
+    by-hand float64 replay of the same trajectory."""
+    _, kappas = _reference_loss(two_ranks, None, 1.0)
+    assert min(kappas) < 0.9
+    np.testing.assert_allclose([r.clip for r in two_ranks.step_records()], kappas, rtol=1e-4)
+
+
+def test_finished_retrains_are_reused(two_ranks, monkeypatch):
+    """A second validation asking for the same counterfactuals retrains nothing."""
+    validate_run(two_ranks, sources=["net"], progress=False)
+    from rayattr.validate import gangs
+
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained a counterfactual that was already in the run")
+
+    monkeypatch.setattr(gangs, "retrain_all", fail)
+    again = validate_run(two_ranks, sources=["net"], progress=False)
+    assert again.tables["source"].num_rows == 1
+
+
+def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[float, list[float]]:
+    """Trajectory-specific leave-out by hand: float64 SGD over the run's batch plan with the
+    removed occurrences dropped from their micro-batches' sums (the divisor kept), clipped
+    to global norm `clip` as DeepSpeed does."""
+    cfg = Config.from_dict(run.manifest["config"])
+    tok = load_tokenizer(cfg.data.tokenizer)
+    data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
+    t = cfg.train
+    plan = BatchPlan(len(data), t.micro_batch, t.ranks, t.grad_accum, t.epochs, t.seed)
+    model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed)
+    model.load_state_dict(load(run.read_bytes("weights/initial.safetensors")))
+    model.double()
+    ids = data.ids.numpy()
+    kappas = []
+    for step in range(plan.num_steps):
+        model.zero_grad()
+        for rank in range(t.ranks):
+            for micro in range(t.grad_accum):
+                idx = plan.rank_slice(step, rank, micro)
+                keep = ~removal.removes(step, ids[idx]) if removal else np.ones(len(idx), bool)
+                b = data.batch(idx[keep])
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"][:, 1:],
+                                                             ignore_index=-100, reduction="none")
+                per_sample = tok_loss.sum(1) / (b["labels"][:, 1:] != -100).sum(1)
+                # the global batch's mean loss: each rank's micro-batch mean, averaged over ranks and micro-steps
+                (per_sample.sum() / (t.micro_batch * t.ranks * t.grad_accum)).backward()
+        with torch.no_grad():
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = float(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt())
+            kappa = min(1.0, clip / (norm + 1e-6)) if clip else 1.0  # DeepSpeed's global-norm clipping
+            kappas.append(kappa)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= kappa * t.lr * p.grad
+    val = TokenizedDataset(run.read_table("data/validation.parquet"), tok, cfg.data.seq_len)
+    return mean_loss(model.eval(), val), kappas
+
+
+def test_zero_weight_equals_trajectory_specific_leave_out(local_ray, tmp_path):
+    """On a tiny GPT-2 with ZeRO off and gradient accumulation, the retrained loss change
+    equals a float64 by-hand leave-out for a subset and for single occurrences."""
+    cfg = tiny_config(str(tmp_path), "loo", grad_accum=2, micro_batch=2,
+                      deepspeed={"zero_optimization": {"stage": 0}})
+    run = Run.open_uri(run_pipeline(cfg, progress=False).uri, readonly=False)
+    samples = run.read_table("values/samples.parquet")
+    rng = np.random.default_rng(3)
+    removals = subset_removals(samples, 1, 0.1, rng) + occurrence_removals(samples, 2, rng)
+    result = validate_run(run, subsets=1, fraction=0.1, occurrences=2, seed=3, progress=False)
+    clip = 1.0  # DeepSpeed's default gradient_clipping, which the run did not set
+    base, kappas = _reference_loss(run, None, clip)
+    assert base == pytest.approx(result.summary["run_loss"], abs=2e-5)  # the same trajectory
+    # the step records carry the clipping the run applied, folded into eta (ZeRO-0 path)
+    records = run.step_records()
+    assert min(kappas) < 0.9  # the test clips, else it would prove nothing
+    np.testing.assert_allclose([r.clip for r in records], kappas, rtol=1e-4)
+    np.testing.assert_allclose([r.eta for r in records], [k * 0.1 / 8 for k in kappas], rtol=1e-4)
+    actual = {("subset", r["subset"]): r["actual"] for r in result.tables["subset"].to_pylist()}
+    actual.update({("occurrence", f"{r['sample_id']}@{r['step']}"): r["actual"]
+                   for r in result.tables["occurrence"].to_pylist()})
+    for removal in removals:
+        want = _reference_loss(run, removal, clip)[0] - base
+        got = actual[(removal.kind, removal.name)]
+        assert abs(want) > 1e-6, removal  # something measurable was removed
+        assert got == pytest.approx(want, rel=0.02, abs=3e-6), removal
+
+
+def test_cli_validate_end_to_end(two_ranks):
+    """`rayattr validate RUN --sources --format json` in its own process (its own local Ray)."""
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", two_ranks.uri, "--sources", "data",
+                          "--occurrences", "2", "--seed", "5", "--format", "json", "--no-progress"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["baseline_max_abs_diff"] == 0.0 and summary["n_sources"] == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_are_named(two_ranks, tmp_path):
+    with pytest.raises(ValidationError, match="strictly between 0 and 1"):
+        validate_run(two_ranks, subsets=2, fraction=1.0, progress=False)
+    with pytest.raises(ValidationError, match=r"unknown source\(s\) \['nope'\]"):
+        validate_run(two_ranks, sources=["nope"], progress=False)
+    with pytest.raises(ValidationError, match="nothing to validate"):
+        validate_run(two_ranks, progress=False)
+    unfinished = Run.create(str(tmp_path), "busy", {"status": "training", "config": {}})
+    with pytest.raises(ValidationError, match="not finished"):
+        validate_run(unfinished, sources=True, progress=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--subsets", "2", "--fraction", "0"], "strictly between 0 and 1"),
+    (["--subsets", "2", "--fraction", "1.5"], "strictly between 0 and 1"),
+    (["--sources", "nope"], "unknown source"),
+])
+def test_cli_bad_arguments(two_ranks, args, message, capsys):
+    from rayattr.cli import main
+
+    try:
+        code = main(["validate", two_ranks.uri, *args])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _samples() -> pa.Table:
+    ids = np.array([1, 2, 3, 4, 1, 2, 3, 4])
+    return pa.table({"sample_id": ids, "source": ["a", "a", "b", "b"] * 2,
+                     "step": np.array([0, 0, 1, 1, 2, 2, 3, 3]), "value": np.arange(8, dtype=float)})
+
+
+def test_removals_and_their_predictions():
+    samples = _samples()
+    a, b = source_removals(samples, None)
+    assert (a.name, a.sample_ids, b.sample_ids) == ("a", (1, 2), (3, 4))
+    assert predicted(samples, a) == (0 + 1 + 4 + 5, 4)
+    one = Removal("occurrence", "3@1", (3,), 1)
+    assert predicted(samples, one) == (2.0, 1)
+    assert one.removes(1, np.array([3, 4])).tolist() == [True, False]
+    assert not one.removes(3, np.array([3, 4])).any()  # the same sample at another step stays
+    subs = subset_removals(samples, 3, 0.5, np.random.default_rng(0))
+    assert all(len(s.sample_ids) == 2 for s in subs) and len({s.key for s in subs}) >= 2
+    occ = occurrence_removals(samples, 20, np.random.default_rng(0))
+    assert len(occ) == 8 and len({o.key for o in occ}) == 8
+    assert Removal.from_dict(one.to_dict()) == one
+
+
+def test_statistics():
+    p = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(p, 2 * p) == pytest.approx(1.0) and spearman(p, -p) == pytest.approx(-1.0)
+    assert spearman(p[:2], p[:2]) is None and spearman(p, np.ones(5)) is None
+    assert slope(p, 0.5 * p) == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    noisy = p + rng.normal(0, 1.5, 5)
+    lo, hi = bootstrap_spearman_ci(p, noisy, rng)
+    assert -1 <= lo <= spearman(p, noisy) <= hi <= 1 and hi - lo > 0
