@@ -260,3 +260,27 @@ def test_only_the_known_harmless_warnings_are_filtered(device):
     assert "some other deprecation" in err and "a warning nobody checked" in err
     # a GPU run that falls back to the CPU must still say so
     assert ("Setting accelerator to CPU" in err) == (device == "gpu")
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_loss_curve_validation_set_and_honest_captions(finished_run, tmp_path):
+    import pyarrow as pa
+
+    from rayattr.report import write_report
+    from rayattr.report.figures import HARMFUL, HELPFUL, phase_means
+
+    run = Run.open_uri(finished_run[1])
+    page = write_report(run, tmp_path).read_text()
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG") and "<h2>Training loss</h2>" in page
+    assert "Values refer to the validation set: 32 texts, by source:" in page
+    assert "typically shows high influence in the warm-up" not in page  # the old caption, not what it showed
+    assert "The largest mean in size is" in page and "steps " in page
+    assert (HELPFUL, HARMFUL) == ("#0072b2", "#d55e00")  # Okabe-Ito: no red/green pair
+
+    phases = pa.table({"source": ["a", "a", "b", "b"], "phase": [0, 1, 0, 1], "step_start": [0, 5, 0, 5],
+                       "step_end": [5, 10, 5, 10], "n_occurrences": [2, 4, 10, 10], "value": [1.0, 2.0, -5.0, 1.0]})
+    sources, labels, grid = phase_means(phases)
+    assert sources == ["a", "b"] and labels == ["0–5", "5–10"]  # a: 3/6 per occurrence beats b: -4/20
+    assert grid.tolist() == [[0.5, 0.5], [-0.5, 0.1]]
