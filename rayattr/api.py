@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
-from rayattr.query import QueryResult, open_finished, query_run
+from rayattr.query.runs import open_finished
 from rayattr.store import Run
+
+if TYPE_CHECKING:  # scoring needs torch: imported by query() only, so tables open fast
+    from rayattr.query.answer import QueryResult
 
 
 class FinishedRun:
@@ -46,11 +50,15 @@ class FinishedRun:
         return self.run.read_table("values/phases.parquet")
 
     def query(self, texts: str | list[str], k: int = 10, by_source: bool = False,
-              each: bool = False) -> QueryResult | list[QueryResult]:
+              each: bool = False, sources: list[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> QueryResult | list[QueryResult]:
         """Most helpful and harmful training samples for `texts` (one test set, or each=True
-        for one answer per text), scored against the stored final embeddings."""
+        for one answer per text), scored against the stored final embeddings; `sources`
+        limits the ranked samples to those sources."""
+        from rayattr.query.answer import query_run
+
         return query_run(self.run, [texts] if isinstance(texts, str) else list(texts), k=k,
-                         each=each, by_source=by_source)
+                         each=each, by_source=by_source, sources=sources, progress=progress)
 
     def report(self, out_dir: str | Path = "report", k: int = 10) -> Path:
         """Write report.html and its PNGs into out_dir; returns report.html's path."""

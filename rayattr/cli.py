@@ -1,13 +1,17 @@
 """The `rayattr` command: answers from finished runs, and plans for new ones.
 
-    rayattr runs ./rayattr_runs
-    rayattr values ./rayattr_runs/run-001 [--by-phase] [--format table|csv|json]
-    rayattr query ./rayattr_runs/run-001 --text "def parse(s):" [--k 5] [--by-source] [--format json]
-    rayattr report ./rayattr_runs/run-001 [--out report/]
-    rayattr validate ./rayattr_runs/run-001 --subsets 16 --fraction 0.1 --sources [--occurrences 16]
+    rayattr runs [STORE]
+    rayattr show RUN [--format json]
+    rayattr values RUN [--by-phase] [--format table|csv|json]
+    rayattr query RUN --text "def parse(s):" [--k 5] [--each] [--source NAME] [--by-source] [--format csv|json]
+    rayattr report RUN [--out report/]
+    rayattr gc RUN [--dry-run]
+    rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
 
-S3 runs take their endpoint and credentials from the AWS environment, or from
+RUN is a run id in the store ($RAYATTR_STORE, else ./rayattr_runs), e.g. run-20261124-101500,
+or the run's path or URI (<store>/<run_id>, s3://bucket/prefix/<run_id>). S3 runs take their
+endpoint and credentials from the AWS environment, or from
 `--storage-option endpoint_url=http://...` (repeatable; s3fs keyword arguments).
 """
 
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
+import os
 import sys
+import time
 from typing import Any, Sequence
 
 FORMATS = ("table", "csv", "json")
@@ -69,11 +76,12 @@ def positive_int(text: str) -> int:
 
 
 def cmd_runs(args) -> int:
-    from rayattr.store import StoreOptions, list_runs
+    from rayattr.store import StoreOptions, default_store, list_runs
 
-    runs = list_runs(args.store, StoreOptions(storage_options=_storage_options(args.storage_option)))
+    store = args.store or default_store()
+    runs = list_runs(store, StoreOptions(storage_options=_storage_options(args.storage_option)))
     if not runs:
-        print(f"no runs under {args.store}", file=sys.stderr)
+        print(f"no runs under {store}", file=sys.stderr)
         return 0
     cols = ["run_id", "status", "model", "num_steps", "n_train", "n_sources", "created"]
     rows = [{**r, "model": r.get("model_family", "-")} for r in runs]
@@ -96,29 +104,97 @@ def cmd_values(args) -> int:
     return 0
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+SAMPLE_COLUMNS = ("sample_id", "source", "step", "score", "text")
+
+
+def _samples(rows: list[dict]) -> list[dict]:
+    return [{c: r.get(c) for c in SAMPLE_COLUMNS} for r in rows]
+
+
+def _query_json(meta: dict, results: list, each: bool) -> dict:
+    """The run, the queries (text and sha256), k and the projection, then the answer(s)."""
+    def body(res) -> dict:
+        out = {"helpful": _samples(res.helpful), "harmful": _samples(res.harmful)}
+        if res.sources is not None:
+            out["sources"] = res.sources
+        if res.notices:
+            out["notes"] = res.notices
+        return out
+
+    if each:
+        return {**meta, "answers": [{"query": i, "sha256": q["sha256"], **body(r)}
+                                    for i, (q, r) in enumerate(zip(meta["queries"], results))]}
+    return {**meta, **body(results[0])}
+
+
+def _query_csv(results: list, each: bool) -> str:
+    """One tidy table: a row per listed sample (list helpful/harmful) and, with --by-source,
+    per source (list source); `query` is the text's index, or "all" for texts scored together."""
+    rows = []
+    for i, res in enumerate(results):
+        for key in ("helpful", "harmful"):
+            rows += [{"query": i if each else "all", "list": key, "rank": n, **r}
+                     for n, r in enumerate(_samples(getattr(res, key)), 1)]
+        for n, r in enumerate(res.sources or [], 1):
+            rows.append({"query": i if each else "all", "list": "source", "rank": n,
+                         "source": r["source"], "score": r["score"]})
+    return format_rows(rows, ["query", "list", "rank", *SAMPLE_COLUMNS], "csv")
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _query_table(res) -> str:
+    cols = list(SAMPLE_COLUMNS)
+    text = (f"most helpful ({len(res.helpful)}):\n{format_rows(res.helpful, cols, 'table')}\n\n"
+            f"most harmful ({len(res.harmful)}):\n{format_rows(res.harmful, cols, 'table')}")
+    if res.sources is not None:
+        text += f"\n\nsources:\n{format_rows(res.sources, list(res.sources[0]) if res.sources else [], 'table')}"
+    return text
+
+
 def cmd_query(args) -> int:
     from rayattr.query import read_query_file
+    from rayattr.query.texts import check_encodable
 
     texts = list(args.text or [])
+    for i, text in enumerate(texts):  # undecodable argv bytes arrive as lone surrogates
+        check_encodable(text, f"query {i} (--text number {i + 1})")
     if args.file:
         texts += read_query_file(args.file)
     if not texts:
         raise ValueError("give the query as --text TEXT (repeatable) or --file queries.jsonl")
-    result = _open(args).query(texts, k=args.k, by_source=args.by_source)
-    for notice in result.notices:
+    t0 = time.perf_counter()
+    say = (lambda msg: None) if args.quiet else \
+        (lambda msg: print(f"[{time.perf_counter() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True))
+    run = _open(args)
+    say(f"run {run.run.run_id}: loading torch")  # the first few seconds of every query
+    result = run.query(texts, k=args.k, by_source=args.by_source, each=args.each,
+                       sources=args.source, progress=say)
+    results = result if args.each else [result]
+    say("done")
+    notes = [(i, n) for i, r in enumerate(results) for n in r.notices]
+    for _, notice in notes:
         print(f"note: {notice}", file=sys.stderr)
+    proj = run.manifest.get("projection") or {}
+    meta = {"run_id": run.run.run_id, "run_uri": run.uri, "k": args.k, "projection_rank": proj.get("rank"),
+            "projection": proj, "scored": "each" if args.each else "together", "source_filter": args.source,
+            "queries": [{"index": i, "sha256": _sha256(t), "text": t} for i, t in enumerate(texts)]}
     if args.format == "json":
-        out = {key: [{c: r.get(c) for c in ("sample_id", "source", "step", "score", "text")}
-                     for r in getattr(result, key)] for key in ("helpful", "harmful")}
-        if result.sources is not None:
-            out["sources"] = result.sources
-        print(json.dumps(out, indent=1))
-        return 0
-    cols = ["sample_id", "source", "step", "score", "text"]
-    print(f"most helpful ({len(result.helpful)}):\n{format_rows(result.helpful, cols, 'table')}\n")
-    print(f"most harmful ({len(result.harmful)}):\n{format_rows(result.harmful, cols, 'table')}")
-    if result.sources is not None:
-        print(f"\nsources:\n{format_rows(result.sources, list(result.sources[0]) if result.sources else [], 'table')}")
+        print(json.dumps(_query_json(meta, results, args.each), indent=1))
+    elif args.format == "csv":
+        print(_query_csv(results, args.each))
+    elif args.each:
+        print("\n\n".join(f"query {i}: {_short(t)}\n{_query_table(r)}"
+                           for i, (t, r) in enumerate(zip(texts, results))))
+    else:
+        print(_query_table(result))
     return 0
 
 
@@ -155,43 +231,94 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from rayattr.store import StoreOptions, open_run_ref
+    from rayattr.summary import format_summary, run_summary
+
+    run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)))
+    summary = run_summary(run)
+    print(json.dumps(summary, indent=1) if args.format == "json" else format_summary(summary))
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from rayattr.store import StoreOptions, open_run_ref
+    from rayattr.store.gc import check_collectable, collect, collectable
+    from rayattr.summary import format_bytes
+
+    run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)),
+                       readonly=args.dry_run)
+    check_collectable(run)
+    garbage = collectable(run)
+    if not garbage:
+        print(f"nothing to delete in {run.uri}")
+        return 0
+    rows = [{"what": g.group, "objects": len(g.objects), "size": format_bytes(g.bytes)} for g in garbage]
+    total = sum(g.bytes for g in garbage)
+    rows.append({"what": "total", "objects": sum(len(g.objects) for g in garbage), "size": format_bytes(total)})
+    print(format_rows(rows, ["what", "objects", "size"], "table"))
+    if args.dry_run:
+        print(f"\ndry run: would delete the above from {run.uri}; values, embeddings, weights, data, "
+              "step records and run.json stay")
+        return 0
+    collect(run, garbage)
+    print(f"\ndeleted {format_bytes(total)} of intermediates from {run.uri}")
+    return 0
+
+
+RUN_HELP = "run id in the store ($RAYATTR_STORE, else ./rayattr_runs), or the run's path or URI"
+
+
 def parser() -> argparse.ArgumentParser:
+    from rayattr import __version__
+
     p = argparse.ArgumentParser(prog="rayattr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     so = argparse.ArgumentParser(add_help=False)
     so.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                     help="fsspec/s3fs option for the store, e.g. endpoint_url=http://127.0.0.1:8333")
 
     r = sub.add_parser("runs", parents=[so], help="runs under a store root, with status, model, steps, samples")
-    r.add_argument("store", help="store root: local path or s3://bucket/prefix")
+    r.add_argument("store", nargs="?", help="store root: local path or s3://bucket/prefix "
+                                            "(default $RAYATTR_STORE, else ./rayattr_runs)")
     r.add_argument("--format", choices=FORMATS, default="table")
     r.set_defaults(func=cmd_runs)
 
+    sh = sub.add_parser("show", parents=[so], help="one run: status, config, stage timings, counts, training loss")
+    sh.add_argument("run", help=RUN_HELP)
+    sh.add_argument("--format", choices=("table", "json"), default="table")
+    sh.set_defaults(func=cmd_show)
+
     v = sub.add_parser("values", parents=[so], help="per-source value table (or source x phase)")
-    v.add_argument("run", help="run URI: <store>/<run_id>")
+    v.add_argument("run", help=RUN_HELP)
     v.add_argument("--by-phase", action="store_true", help="source x training phase")
     v.add_argument("--format", choices=FORMATS, default="table")
     v.set_defaults(func=cmd_values)
 
     q = sub.add_parser("query", parents=[so], help="most helpful and harmful training samples for new text")
-    q.add_argument("run", help="run URI: <store>/<run_id>")
+    q.add_argument("run", help=RUN_HELP)
     q.add_argument("--text", action="append", help="query text (repeatable: scored together as one test set)")
     q.add_argument("--file", help="queries: .jsonl with a 'text' field per line, or one text per line")
     q.add_argument("--k", type=positive_int, default=10, help="rows per list (default 10)")
+    q.add_argument("--each", action="store_true", help="one answer per text instead of one for all together")
+    q.add_argument("--source", action="append", metavar="NAME",
+                   help="rank only training samples of this source (repeatable)")
     q.add_argument("--by-source", action="store_true", help="also rank the data sources for this query")
-    q.add_argument("--format", choices=("table", "json"), default="table")
+    q.add_argument("--format", choices=FORMATS, default="table")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     q.set_defaults(func=cmd_query)
 
     rp = sub.add_parser("report", parents=[so], help="report.html with figures, top/bottom samples, config")
-    rp.add_argument("run", help="run URI: <store>/<run_id>")
+    rp.add_argument("run", help=RUN_HELP)
     rp.add_argument("--out", default="report", help="output directory (default ./report)")
     rp.add_argument("--k", type=positive_int, default=10, help="samples in the top and bottom lists")
     rp.set_defaults(func=cmd_report)
 
     va = sub.add_parser("validate", parents=[so], help="retrain counterfactually and check the values "
                                                        "predict it (LDS, source and occurrence Spearman)")
-    va.add_argument("run", help="run URI: <store>/<run_id>")
+    va.add_argument("run", help=RUN_HELP)
     va.add_argument("--subsets", type=int, default=0, metavar="N",
                     help="N random subsets of training samples, all their occurrences removed")
     va.add_argument("--fraction", type=fraction, default=0.1, help="share of samples per subset (default 0.1)")
@@ -204,33 +331,57 @@ def parser() -> argparse.ArgumentParser:
     va.add_argument("--no-progress", action="store_true")
     va.set_defaults(func=cmd_validate)
 
+    g = sub.add_parser("gc", parents=[so], help="delete a finished run's intermediates (gradient shards, "
+                                                "checkpoints); answers stay")
+    g.add_argument("run", help=RUN_HELP)
+    g.add_argument("--dry-run", action="store_true", help="list what would be deleted, with sizes")
+    g.set_defaults(func=cmd_gc)
+
     sub.add_parser("plan", add_help=False, help="storage, memory and time estimates for a config "
                                                 "(rayattr plan --help)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
-        from rayattr.plan import plan_main
-
-        return plan_main(argv[1:])
-    args = parser().parse_args(argv)
-    from rayattr.config import ConfigError
-    from rayattr.data import DataError
-    from rayattr.query import QueryError
-    from rayattr.store import StoreError
-    from rayattr.validate.errors import ValidationError
+def _run(args) -> int:
+    # Only cheap error types here: the config, data and query errors are ValueErrors, and
+    # importing their packages would load torch for every command.
+    from rayattr.store.errors import StoreError
 
     try:
         return args.func(args)
-    except (QueryError, StoreError, DataError, ConfigError, ValidationError, ValueError) as e:
+    except BrokenPipeError:
+        raise
+    except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a report directory that cannot be written
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "plan":
+            from rayattr.plan import plan_main
+
+            return plan_main(argv[1:])
+        code = _run(parser().parse_args(argv))
+        sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        # Quiet, like Unix tools: point stdout at /dev/null so the interpreter's own flush at
+        # exit does not raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass  # stdout is not a real file (in-process callers)
+        return SIGPIPE_EXIT
 
 
 if __name__ == "__main__":

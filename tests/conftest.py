@@ -83,4 +83,5 @@ def finished_run(tmp_path_factory):
                           "--run-id", "answers", "--segments", "2", "--no-progress"],
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    (store / "job-output.txt").write_text(out.stdout + out.stderr)  # read by the noise test
     return str(store), f"{store}/answers"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import subprocess
@@ -61,7 +62,10 @@ def test_query_json_and_table(capsys, finished_run, tmp_path):
     target = next(r for r in train if r["source"] == "data")
     code, out, _ = rayattr(capsys, "query", uri, "--text", target["text"], "--k", "3", "--format", "json")
     answer = json.loads(out)
-    assert code == 0 and set(answer) == {"helpful", "harmful"}
+    assert code == 0 and {"helpful", "harmful", "run_id", "queries", "k", "projection_rank"} <= set(answer)
+    assert answer["run_id"] == "answers" and answer["k"] == 3 and answer["projection_rank"] == 32
+    assert answer["queries"] == [{"index": 0, "text": target["text"],
+                                  "sha256": hashlib.sha256(target["text"].encode()).hexdigest()}]
     assert all(set(r) == {"sample_id", "source", "step", "score", "text"} for r in answer["helpful"])
     assert len(answer["helpful"]) == 3 and len(answer["harmful"]) == 3
 

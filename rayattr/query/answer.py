@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from rayattr.query.errors import QueryError
 from rayattr.query.gradients import query_gradients
 from rayattr.query.ranking import rank_samples, rank_sources
 from rayattr.query.runs import require_finished
@@ -42,20 +44,44 @@ def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, 
                        sources=rank_sources(occ, column) if by_source else None, notices=notices)
 
 
+def keep_sources(occ: OccurrenceScores, sources: list[str]) -> OccurrenceScores:
+    """Only the occurrences of training samples from `sources`."""
+    keep = np.isin(occ.sources.astype(str), list(sources))
+    return OccurrenceScores(occ.sample_ids[keep], occ.sources[keep], occ.steps[keep], occ.scores[keep])
+
+
+def check_sources(train, sources: list[str]) -> None:
+    """QueryError naming the sources the run does not have, and the ones it does."""
+    known = set(train["source"].to_pylist())
+    unknown = [s for s in sources if s not in known]
+    if unknown:
+        raise QueryError(f"unknown source(s) {unknown}: the run's training data has sources {sorted(known)}")
+
+
 def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_source: bool = False,
-              model: torch.nn.Module | None = None) -> QueryResult | list[QueryResult]:
+              model: torch.nn.Module | None = None, sources: list[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> QueryResult | list[QueryResult]:
     """Most helpful / harmful training samples for `texts`.
 
     Together (default): the texts are one test set, scored by its mean loss (the mean of
     their gradients, as the run's validation values are). each=True: one result per text,
-    all scored in the same single pass over the embeddings.
+    all scored in the same single pass over the embeddings. sources: rank only training
+    samples of these sources. progress: called with a line before each slow stage.
     """
+    say = progress or (lambda _msg: None)
     require_finished(run)
+    train = run.read_table("data/train.parquet")
+    if sources:
+        check_sources(train, sources)  # before the slow part
+    say(f"loading the final model; test gradients of {len(texts)} text(s)")
     grads, notices = query_gradients(run, texts, model=model)
     if not each:
         grads = {n: g.double().mean(0, keepdim=True) for n, g in grads.items()}
+    say("scoring the stored per-occurrence embeddings")
     occ = score_occurrences(run, grads)
-    train = run.read_table("data/train.parquet")
+    if sources:
+        occ = keep_sources(occ, sources)
+    say(f"ranking {len(occ)} occurrences")
     if not each:
         return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices])
     return [answer(occ, occ.scores[:, i], [t], k, by_source, train,

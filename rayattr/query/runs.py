@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rayattr.query.errors import QueryError
-from rayattr.store import Run, StoreOptions
+from rayattr.store import Run, StoreOptions, open_run_ref
 
 
 class RunNotFinished(QueryError):
@@ -20,10 +20,11 @@ def require_finished(run: Run) -> Run:
 
 
 def open_finished(uri: str, storage_options: dict | None = None) -> Run:
-    """Open a run by its URI (local path, file:// or s3://) read-only and check it finished.
+    """Open a run by its URI (local path, file:// or s3://) or its bare id in the default store
+    ($RAYATTR_STORE, else ./rayattr_runs) read-only and check it finished.
 
     StoreError for an unknown run (it lists the runs that exist), RunNotFinished for one
     still running or abandoned.
     """
     options = StoreOptions(storage_options=dict(storage_options or {}))
-    return require_finished(Run.open_uri(str(uri).rstrip("/"), options=options, readonly=True))
+    return require_finished(open_run_ref(str(uri), options=options, readonly=True))

@@ -15,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-HELPFUL, HARMFUL = "#2b8a3e", "#c92a2a"
+# Okabe-Ito blue and vermillion: told apart with every common colour-vision deficiency
+# (the former green/red pair was not); the heat map uses the matching diverging RdBu.
+HELPFUL, HARMFUL = "#0072b2", "#d55e00"
 
 
 def _png(fig) -> bytes:
@@ -63,21 +65,44 @@ def influence_over_steps(samples: pa.Table, num_steps: int, buckets: int = 20) -
     return _png(fig)
 
 
+def phase_means(phases: pa.Table) -> tuple[list[str], list[str], np.ndarray]:
+    """Sources (rows, highest value per occurrence first), phase labels and the mean value of
+    one occurrence in each (source, phase): sums would mostly show how often a source came up."""
+    rows = phases.to_pylist()
+    ids = sorted({r["phase"] for r in rows})
+    labels = {r["phase"]: f"{r['step_start']}–{r['step_end']}" for r in rows}
+    total: dict[str, list[float]] = {}
+    for r in rows:
+        t = total.setdefault(r["source"], [0.0, 0.0])
+        t[0] += r["value"]
+        t[1] += r["n_occurrences"]
+    sources = sorted(total, key=lambda s: -total[s][0] / max(1.0, total[s][1]))
+    grid = np.full((len(sources), len(ids)), np.nan)
+    for r in rows:
+        if r["n_occurrences"]:
+            grid[sources.index(r["source"]), ids.index(r["phase"])] = r["value"] / r["n_occurrences"]
+    return sources, [labels[i] for i in ids], grid
+
+
 def phase_heatmap(phases: pa.Table) -> bytes:
-    """Source x phase value (values/phases.parquet), diverging around zero."""
-    sources = sorted(set(phases["source"].to_pylist()))
-    ids = sorted(set(phases["phase"].to_pylist()))
-    grid = np.zeros((len(sources), len(ids)))
-    labels = {}
-    for r in phases.to_pylist():
-        grid[sources.index(r["source"]), ids.index(r["phase"])] = r["value"]
-        labels[r["phase"]] = f"{r['step_start']}–{r['step_end']}"
-    lim = float(np.abs(grid).max()) or 1.0
+    """Mean value per occurrence by source x phase (values/phases.parquet), diverging around zero."""
+    sources, labels, grid = phase_means(phases)
+    lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(sources) + 1.6))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")
+    im = ax.imshow(grid, cmap="RdBu", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto")
     ax.set_yticks(range(len(sources)), sources)
-    ax.set_xticks(range(len(ids)), [labels[i] for i in ids], rotation=45, ha="right")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_xlabel("training steps (phase)")
-    ax.set_title("Value by source and phase")
-    fig.colorbar(im, ax=ax, label="summed value")
+    ax.set_title("Value per occurrence by source and phase (best source on top)")
+    fig.colorbar(im, ax=ax, label="mean value per occurrence")
+    return _png(fig)
+
+
+def loss_curve(steps: list[int], losses: list[float]) -> bytes:
+    """The training loss recorded per step (global-batch mean)."""
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    ax.plot(steps, losses, color=HELPFUL, linewidth=1.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
     return _png(fig)

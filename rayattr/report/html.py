@@ -13,6 +13,7 @@ import yaml
 
 from rayattr.report import figures
 from rayattr.store import Run
+from rayattr.summary import loss_summary
 
 
 def sample_totals(samples: pa.Table, train: pa.Table) -> list[dict]:
@@ -43,6 +44,28 @@ def timing_rows(timings: dict) -> list[dict]:
     return rows
 
 
+def step_caption(starts, means, num_steps: int) -> str:
+    """What the step chart shows for this run, in numbers (not what runs typically show)."""
+    if len(means) == 0:
+        return "No occurrences were valued."
+    top = int(abs(means).argmax())
+    q = max(1, len(means) // 4)
+    end = starts[top + 1] if top + 1 < len(starts) else num_steps
+    span = f"steps {starts[top]:.0f}–{end:.0f}"
+    return (f"Mean value of one occurrence per bucket of training steps. The largest mean in size is "
+            f"{means[top]:.3g}, in {span}; the first quarter of the buckets averages {means[:q].mean():.3g} "
+            f"and the last quarter {means[-q:].mean():.3g} per occurrence.")
+
+
+def validation_text(validation: pa.Table) -> str:
+    """A sentence on the validation set the values refer to."""
+    counts = validation.group_by("source").aggregate([("source", "count")]).to_pylist()
+    parts = ", ".join(f"{html.escape(str(c['source']))} ({c['source_count']})"
+                      for c in sorted(counts, key=lambda c: -c["source_count"]))
+    return (f"<p>Values refer to the validation set: {validation.num_rows} texts, by source: {parts}. "
+            "The value of an occurrence is how much the loss on these texts would rise without it.</p>")
+
+
 def _img(name: str, png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode()
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" data-file="{name}"></figure>'
@@ -51,7 +74,7 @@ def _img(name: str, png: bytes, alt: str) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f1f3f5}td.text{max-width:520px}img{max-width:100%}
-pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#c92a2a}.pos{color:#2b8a3e}"""
+pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#d55e00}.pos{color:#0072b2}"""
 
 
 def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
@@ -67,8 +90,11 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "sources.png": (figures.source_bars(sources), "value per sample of each source"),
         "steps.png": (figures.influence_over_steps(samples, int(m.get("num_steps", 1))),
                       "mean value of an occurrence against training step"),
-        "phases.png": (figures.phase_heatmap(phases), "value by source and training phase"),
+        "phases.png": (figures.phase_heatmap(phases), "mean value per occurrence by source and training phase"),
     }
+    loss = loss_summary(run.step_records())
+    if loss:
+        pngs["loss.png"] = (figures.loss_curve(loss["steps"], loss["loss"]), "training loss per step")
     for name, (png, _) in pngs.items():
         (out / name).write_bytes(png)
 
@@ -84,13 +110,19 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         f"{m.get('segments')} segments.</p>",
         "<p>Value = predicted increase of the validation loss if a training occurrence were removed "
         "(Data Value Embedding): positive helped, negative hurt.</p>",
+        validation_text(run.read_table("data/validation.parquet")),
         "<h2>Sources</h2>", _img("sources.png", *pngs["sources.png"]),
         _table(sources.to_pylist(), sources.column_names, {"value": num, "value_per_sample": num}),
         "<h2>When in training</h2>", _img("steps.png", *pngs["steps.png"]),
-        "<p>Mean value of one occurrence per bucket of training steps. Data Value Embedding "
-        "typically shows high influence in the warm-up, a low basin in the middle of training and "
-        "a late ascent near its end; the heat map splits the same by source.</p>",
+        f"<p>{html.escape(step_caption(*figures.step_buckets(samples, int(m.get('num_steps', 1))), int(m.get('num_steps', 1))))}</p>",
         _img("phases.png", *pngs["phases.png"]),
+        "<p>Each cell is the mean value of one occurrence of that source in that phase; sources are "
+        "sorted by their value per occurrence over the whole run. Late occurrences act on a model "
+        "close to the final one and are not damped by later updates, so the last phase often has "
+        "the largest values, and a sign there can differ from the source's overall sign: that "
+        "says what the source did to the final model's validation loss at the end of training, "
+        "not what it did overall.</p>",
+        *(["<h2>Training loss</h2>", _img("loss.png", *pngs["loss.png"])] if "loss.png" in pngs else []),
         f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, {"value": num}),
         f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, {"value": num}),
         "<h2>Stage timings</h2>",

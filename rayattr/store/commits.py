@@ -7,12 +7,19 @@ commits/<kind>/rNNNN/. Readers list entries, never data directories: a shard wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import StoreError
 from .storage import Storage
+
+
+def sha256_hex(data) -> str:
+    """Checksum of a stored object, as commit entries record it."""
+    return hashlib.sha256(data).hexdigest()
+
 
 SHARD_FORMAT = "arrow-ipc/1"
 RECORDS_FORMAT = "parquet/1"

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
-from .commits import RECORDS_FORMAT, ShardCommit, load_commits, write_commit
+from .commits import RECORDS_FORMAT, ShardCommit, load_commits, sha256_hex, write_commit
 from .errors import StoreError
-from .shard import sha256_hex
 
 if TYPE_CHECKING:
     from .run import Run
@@ -29,6 +28,7 @@ _SCHEMA = pa.schema([
     pa.field("lr", pa.float64()), pa.field("eta", pa.float64()),
     pa.field("sample_ids", pa.list_(pa.int64())), pa.field("sources", pa.list_(pa.string())),
     pa.field("ranks", pa.list_(pa.int32())), pa.field("clip", pa.float64()),
+    pa.field("loss", pa.float64()),  # null in runs recorded before it was (and when unknown)
 ])
 
 
@@ -44,6 +44,7 @@ class StepRecord:
     sources: list[str] = field(default_factory=list)  # source (dataset) of each sample
     ranks: list[int] = field(default_factory=list)  # rank that processed each sample
     clip: float = 1.0  # κ_t, the global-norm clipping factor of the step (folded into eta)
+    loss: float | None = None  # training loss of the step: mean over the global batch (None = not recorded)
 
     def validate(self) -> None:
         n = len(self.sample_ids)
@@ -54,6 +55,8 @@ class StepRecord:
             raise StoreError(f"step record has invalid step {self.step!r}")
         if not (math.isfinite(self.lr) and math.isfinite(self.eta)):
             raise StoreError(f"step record {self.step}: lr/eta must be finite")
+        if self.loss is not None and not math.isfinite(self.loss):
+            raise StoreError(f"step record {self.step}: loss must be finite or None")
 
 
 def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
@@ -69,8 +72,8 @@ def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
         "step": steps, "epoch": [int(r.epoch) for r in recs], "lr": [float(r.lr) for r in recs],
         "eta": [float(r.eta) for r in recs], "sample_ids": [list(map(int, r.sample_ids)) for r in recs],
         "sources": [list(map(str, r.sources)) for r in recs],
-        "ranks": [list(map(int, r.ranks)) for r in recs], "clip": [float(r.clip) for r in recs]},
-        schema=_SCHEMA)
+        "ranks": [list(map(int, r.ranks)) for r in recs], "clip": [float(r.clip) for r in recs],
+        "loss": [None if r.loss is None else float(r.loss) for r in recs]}, schema=_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
@@ -92,6 +95,6 @@ def read_step_records(run: "Run") -> list[StepRecord]:
     for e, data in zip(entries, blobs):  # later commits win for a re-written step
         if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
             raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
-        for row in pq.read_table(pa.BufferReader(data)).to_pylist():
+        for row in pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).to_pylist():  # see Run.read_table
             by_step[row["step"]] = StepRecord(**row)  # runs before `clip` was recorded: 1.0
     return [by_step[s] for s in sorted(by_step)]

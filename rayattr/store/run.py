@@ -21,6 +21,11 @@ from .records import StepRecord, read_step_records, write_step_records
 from .storage import Storage
 
 STORE_FORMAT = 1
+# Parquet objects smaller than this decode on the calling thread: as fast at that size, and
+# a process that never starts pyarrow's thread pool cannot hit its abort at interpreter exit
+# ("terminate called without an active exception", apache/arrow#34314), which made about
+# one `rayattr values` in six exit with status 134 after printing its answer.
+THREADED_READ_BYTES = 64 << 20
 # Fields the store owns in run.json; callers may not change them after creation.
 _FIXED_FIELDS = ("run_id", "created", "store_format")
 # Directories whose objects only the writers/commit protocol may create.
@@ -252,7 +257,8 @@ class Run:
     def read_table(self, rel: str) -> pa.Table:
         data = self.read_bytes(rel)
         if rel.endswith(".parquet"):
-            return pq.read_table(pa.BufferReader(data))
+            # ParquetFile, not read_table: one object needs no pyarrow.dataset (which imports pandas)
+            return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=len(data) > THREADED_READ_BYTES)
         if rel.endswith((".arrow", ".feather")):
             return pa.ipc.open_file(pa.py_buffer(data)).read_all()
         raise StoreError(f"read_table: '{rel}' needs a .parquet, .arrow or .feather suffix")

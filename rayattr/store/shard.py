@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .commits import Part
+from .commits import Part, sha256_hex  # noqa: F401 - reader and writer import it from here
 from .errors import StoreError
 
 META_COLUMNS = ("step", "sample_id", "source", "position", "rank")
@@ -98,10 +98,6 @@ def encode_shard(schema: pa.Schema, batches: Sequence[pa.RecordBatch], steps: Se
     foot_start = ends[-1] if ends else header_len
     footer = Part(foot_start, buf.size - foot_start, _sha(view[foot_start:]))
     return buf, header, footer, parts
-
-
-def sha256_hex(data) -> str:
-    return _sha(data)
 
 
 def merge_ranges(parts: Sequence[Part]) -> list[tuple[int, int]]:

@@ -158,3 +158,21 @@ class Storage:
         found = self._retry(lambda: self.fs.glob(base), f"listing {self.uri}/{rel_pattern}")
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix))
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        """Size in bytes of every object under rel_dir (recursive), by path relative to the root."""
+        base = self.path(rel_dir)
+        if self.local and not os.path.isdir(base):
+            return {}
+        if not self.local:
+            self.fs.invalidate_cache(base)
+        try:
+            found = self._retry(lambda: self.fs.find(base, detail=True), f"listing {self.uri}/{rel_dir}")
+        except FileNotFoundError:
+            return {}
+        prefix = self.root.rstrip("/") + "/"
+        out = {}
+        for p, info in found.items():
+            p = p.replace(os.sep, "/") if self.local else p
+            out[p[len(prefix):] if p.startswith(prefix) else p] = int(info.get("size") or 0)
+        return out

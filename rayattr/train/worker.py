@@ -26,6 +26,7 @@ from rayattr.train.backend import set_dist_env
 from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
+from rayattr.train.quiet import quiet_known_noise
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,6 +56,7 @@ class RankWorker:
                  config: dict, run_uri: str, storage_options: dict | None = None):
         self.rank, self.world_size = rank, world_size
         self.cfg = Config.from_dict(config)
+        quiet_known_noise(expect_gpu=self.cfg.train.use_gpu)
         self.options = StoreOptions(storage_options=storage_options or {})
         self.run = Run.open_uri(run_uri, options=self.options, readonly=False)
         set_dist_env(rank, world_size, master_addr, master_port)
@@ -91,6 +93,7 @@ class RankWorker:
         self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
                             if self.curvature is not None else None)
         self.pending_records: list[StepRecord] = []
+        self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
         self.sample_ids = np.asarray(self.data.ids)
         self.sources = np.asarray(self.data.sources, dtype=object)
         # Resuming: weights and optimizer from the last complete checkpoint; the steps from
@@ -194,6 +197,7 @@ class RankWorker:
         total = loss.detach().float().reshape(1).clone()
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
+        self._step_losses.append(total.item() / self.world_size)  # every rank's micro-batch is the same size
         return total.item()
 
     def _record(self, step, lr, eta, rows, positions, grads, curv_rows, clip) -> None:
@@ -203,6 +207,7 @@ class RankWorker:
         but not written again, so the trajectory has neither gaps nor duplicates.
         """
         done = self.stored_through
+        loss, self._step_losses = (float(np.mean(self._step_losses)) if self._step_losses else None), []
         if step > done["train"]:
             self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
                                    positions=positions.tolist())
@@ -215,7 +220,7 @@ class RankWorker:
             self.pending_records.append(StepRecord(
                 step=step, epoch=lay.epoch, lr=lr, eta=eta, clip=clip,
                 sample_ids=self.sample_ids[lay.indices].tolist(),
-                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist()))
+                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist(), loss=loss))
 
     # ------------------------------------------------------------------ checkpoints and the end
 

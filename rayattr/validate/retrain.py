@@ -26,6 +26,7 @@ from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import set_dist_env
 from rayattr.train.engine import build_engine, micro_batch_loss
 from rayattr.train.model import build_model
+from rayattr.train.quiet import quiet_known_noise
 from rayattr.validate.counterfactuals import Removal
 from rayattr.validate.errors import ValidationError
 
@@ -39,6 +40,7 @@ class RetrainWorker:
 
         self.rank, self.world_size = rank, world_size
         self.cfg = cfg = Config.from_dict(config)
+        quiet_known_noise(expect_gpu=cfg.train.use_gpu)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
         set_dist_env(rank, world_size, master_addr, master_port)
         torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
