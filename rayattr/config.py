@@ -121,6 +121,10 @@ class EmbedConfig:
     """Equal step buckets for the per-source x phase values."""
     dtype: str = "float32"
     """Precision of the recursion in the segment actors (float64 for exact comparisons)."""
+    error_blocks: int = 2
+    """q: the recursion also runs on the q×q blocks of each projected layer, whose spread gives
+    every value a standard error (values/samples.parquet value_se); 1 = off. Needs capture.rank
+    divisible by q."""
 
 
 @dataclass
@@ -187,7 +191,7 @@ class Config:
         t, c = self.train, self.capture
         for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
                     "capture.rank", "store.steps_per_shard", "data.seq_len", "embed.phases",
-                    "embed.segments", "model.n_layer", "model.n_embd", "model.n_head",
+                    "embed.segments", "embed.error_blocks", "model.n_layer", "model.n_embd", "model.n_head",
                     "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
             value = self._get(key)
             if value is not None and value < 1:

@@ -17,6 +17,7 @@ import ray
 from rayattr.capture import ProjectionSpec
 from rayattr.config import Config, ConfigError
 from rayattr.data import builtin_corpus, load_dataset
+from rayattr.embed.blocks import ProjectionBlocks, is_block
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
@@ -174,12 +175,14 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
         num_steps, cfg.embed.segments or default_segments(cfg.train.use_gpu))
     n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
-    run.update_manifest(segments=n_seg)
+    blocks = ProjectionBlocks.for_run(run.manifest, cfg.embed.error_blocks)
+    run.update_manifest(segments=n_seg, derived_layers={n: p for n, p in blocks.dims.items() if is_block(n)})
     # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
     # (a short task), else on a small machine one segment actor would wait for it to finish
     val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)
     actors, _ = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
-                               cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype)
+                               cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
+                               cfg.embed.error_blocks)
     done = wait_all([a.compute.remote() for a in actors], "embed", progress)
     timings["embed"] = time.perf_counter() - t
     run.update_manifest(segment_nodes=[d["node"] for d in done],

@@ -48,7 +48,7 @@ def test_values_formats(capsys, finished_run):
     assert rows[-1]["source"] == "corrupted"
     assert float(rows[0]["value_per_sample"]) == pytest.approx(sources[0]["value_per_sample"])
     code, out, _ = rayattr(capsys, "values", uri)
-    assert out.splitlines()[0].split() == ["source", "n_samples", "n_occurrences", "value", "value_per_sample"]
+    assert out.splitlines()[0].split() == ["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample"]
     assert out.splitlines()[2].split()[0] == sources[0]["source"]
     code, out, _ = rayattr(capsys, "values", uri, "--by-phase", "--format", "json")
     phases = json.loads(out)

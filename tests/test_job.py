@@ -49,7 +49,7 @@ def check_outputs(run: Run, reference: Run, stdout: str) -> None:
                 "weights/initial.safetensors", "weights/final.safetensors"):
         assert run.exists(rel), rel
     samples = run.read_table("values/samples.parquet")
-    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value"]
+    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value", "value_se"]
     assert samples.num_rows == STEPS * BATCH
     sources = run.read_table("values/sources.parquet").to_pylist()
     assert sources[-1]["source"] == "corrupted"  # the deliberately corrupted source ranks last

@@ -136,14 +136,14 @@ def test_outputs_and_manifest(trained):
     assert set(m["timings"]) == {"data", "train", "embed", "reduce"}
     assert Config.from_dict(m["config"]).to_dict() == cfg.to_dict()  # replayable
     samples = run.read_table("values/samples.parquet")
-    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value"]
+    assert samples.column_names == ["sample_id", "source", "step", "epoch", "value", "value_se"]
     assert samples.num_rows == 24 * 16
     assert set(samples["epoch"].to_pylist()) == {0, 1}
     # every training sample occurs once per epoch (192 samples, 12 full batches per epoch)
     counts = samples.group_by("sample_id").aggregate([("step", "count")])
     assert set(counts["step_count"].to_pylist()) == {2}
     src = run.read_table("values/sources.parquet")
-    assert src.column_names == ["source", "n_samples", "n_occurrences", "value", "value_per_sample"]
+    assert src.column_names == ["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample"]
     assert "corrupted" in src["source"].to_pylist()
     assert run.read_table("embeddings/sources.parquet").num_rows == src.num_rows
     for rel in ("data/train.parquet", "data/validation.parquet", "weights/initial.safetensors",

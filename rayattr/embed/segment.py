@@ -19,6 +19,7 @@ import ray
 import torch
 
 from rayattr.dvemb import SegmentRecursion
+from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.faults import maybe_fail
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
@@ -57,7 +58,8 @@ class SegmentWorker:
 
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
-                 read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1):
+                 read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1,
+                 error_blocks: int = 2):
         torch.set_num_threads(threads)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
@@ -67,7 +69,10 @@ class SegmentWorker:
         self.dtype = getattr(torch, dtype)
         self.read_chunk = read_chunk
         self.keep = keep_sample_embeddings
-        self.dims = {k: int(v) for k, v in self.run.manifest["layer_dims"].items()}
+        # the recursion also runs on projection blocks, for each value's standard error
+        self.blocks = ProjectionBlocks.for_run(self.run.manifest, error_blocks)
+        self.layers = self.blocks.layers  # the model's layers
+        self.dims = self.blocks.dims  # layers and block layers
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -94,11 +99,11 @@ class SegmentWorker:
         for b in range(s.end, s.start, -self.read_chunk):
             a = max(s.start, b - self.read_chunk)
             batches = reader.read_steps(a, b, dtype=self.dtype)
-            curv_by_step = ({c.step: c.grads for c in curv.read_steps(a, b, dtype=self.dtype)}
+            curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
                             if curv is not None else {})
             for batch in reversed(batches):
                 record = etas[batch.step]
-                emb = rec.step(batch.grads, record.eta, curv_by_step.get(batch.step) if curv else None,
+                emb = rec.step(self.blocks.augment(batch.grads), record.eta, curv_by_step.get(batch.step) if curv else None,
                                batch_size=len(batch.sample_ids), step=batch.step)
                 sums.add(batch.sources, self.phase_of(batch.step), emb)
                 local.append((batch, emb))
@@ -126,21 +131,21 @@ class SegmentWorker:
         t0 = time.perf_counter()
         s = self.seg
         S = {n: m.to(self.dtype) for n, m in suffix.items()}
-        v = {n: g.to(self.dtype) for n, g in test_grad.items()}
+        v = self.blocks.augment({n: g.to(self.dtype) for n, g in test_grad.items()})
         epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
-        cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value")}
+        cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
-        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32",
+        writer = (GradientWriter(self.run, s.index, self.layers, kind=FINAL_KIND, dtype="float32",
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
         done = _committed(writer)
         for a in range(s.start, s.end, self.read_chunk):
             for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
                 final = {n: e @ S[n].T for n, e in batch.grads.items()}
-                value = sum(final[n] @ v[n] for n in final)
+                value, se = self.blocks.values(final, v)
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
-                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
-                                      positions=list(batch.positions))
+                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources,
+                                      {n: final[n] for n in self.layers}, positions=list(batch.positions))
                 k = len(batch.sample_ids)
                 cols["sample_id"].append(batch.sample_ids.numpy())
                 cols["source"].extend(batch.sources)
@@ -148,6 +153,7 @@ class SegmentWorker:
                 cols["epoch"].append(np.full(k, epochs[batch.step]))
                 cols["position"].append(np.asarray(batch.positions))
                 cols["value"].append(value.double().numpy())
+                cols["se"].append(se.double().numpy() if se is not None else np.full(k, np.nan))
         if writer is not None:
             writer.close()
         values = pa.table({
@@ -157,6 +163,8 @@ class SegmentWorker:
             "epoch": pa.array(np.concatenate(cols["epoch"]), pa.int64()),
             "position": pa.array(np.concatenate(cols["position"]), pa.int64()),
             "value": pa.array(np.concatenate(cols["value"]), pa.float64()),
+            # the projection's standard error of the value (null without blocks)
+            "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
         })
         self.run.write_table(values_path(s.index), values)
         sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims, self.dtype)

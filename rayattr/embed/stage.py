@@ -30,7 +30,8 @@ def actor_resources(n_segments: int, use_gpu: bool = False) -> dict[str, float]:
 
 def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
-                   use_gpu: bool = False, dtype: str = "float32") -> tuple[list, list[SegmentSpec]]:
+                   use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2
+                   ) -> tuple[list, list[SegmentSpec]]:
     bounds = segment_bounds(num_steps, n_segments)
     specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     # a crashed actor is restarted and its method retried: compute() skips finished work
@@ -38,7 +39,8 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
     opts = dict(**actor_resources(n_segments, use_gpu), max_restarts=3, max_task_retries=3,
                 scheduling_strategy="SPREAD")
     actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
-                                                  keep_sample_embeddings=keep_sample_embeddings)
+                                                  keep_sample_embeddings=keep_sample_embeddings,
+                                                  error_blocks=error_blocks)
               for s in specs]
     return actors, specs
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,14 +26,43 @@ def sample_values(run: Run, n_segments: int) -> pa.Table:
     return table.sort_by([("step", "ascending"), ("position", "ascending")])
 
 
-def source_values(samples: pa.Table) -> pa.Table:
-    """Per source: distinct samples, occurrences, summed value and value per sample."""
+# Resamples of the per-source bootstrap; above BOOTSTRAP_MAX_N occurrences the normal limit
+# of the same bootstrap (√n · sd) is used instead of drawing n indices B times.
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_MAX_N = 1000, 20_000
+
+
+def sum_interval(values: np.ndarray, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of Σ values over occurrences resampled with replacement: how much a
+    source's value rests on which of its occurrences it happened to have."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    tail = (1 - level) / 2
+    if n > BOOTSTRAP_MAX_N:
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1 - tail)
+        half = z * math.sqrt(n) * float(np.std(values))
+        total = float(np.sum(values, dtype=np.float64))
+        return total - half, total + half
+    sums = values[rng.integers(0, n, (BOOTSTRAP_RESAMPLES, n))].sum(1, dtype=np.float64)
+    return float(np.quantile(sums, tail)), float(np.quantile(sums, 1 - tail))
+
+
+def source_values(samples: pa.Table, seed: int = 0) -> pa.Table:
+    """Per source: distinct samples, occurrences, summed value with its 95 % bootstrap interval
+    (value_low, value_high) and value per sample."""
     g = samples.group_by("source").aggregate([("sample_id", "count_distinct"), ("sample_id", "count"),
                                               ("value", "sum")])
     names = {"sample_id_count_distinct": "n_samples", "sample_id_count": "n_occurrences", "value_sum": "value"}
     g = g.rename_columns([names.get(c, c) for c in g.column_names])
     g = g.append_column("value_per_sample", pc.divide(g["value"], pc.cast(g["n_samples"], pa.float64())))
-    g = g.select(["source", "n_samples", "n_occurrences", "value", "value_per_sample"])
+    rng = np.random.default_rng(seed)
+    src, val = samples["source"].to_numpy(zero_copy_only=False), samples["value"].to_numpy()
+    bounds = [sum_interval(val[src == s], rng) for s in g["source"].to_pylist()]
+    g = g.append_column("value_low", pa.array([b[0] for b in bounds], pa.float64()))
+    g = g.append_column("value_high", pa.array([b[1] for b in bounds], pa.float64()))
+    g = g.select(["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample"])
     return g.sort_by([("value_per_sample", "descending")])
 
 
@@ -72,7 +103,8 @@ def write_outputs(run: Run, n_segments: int, edges: list[int], test_grad: dict[s
     samples = sample_values(run, n_segments)
     sources = source_values(samples)
     sums = merged_sums(run, n_segments, dims)
-    run.write_table("values/samples.parquet", samples.select(["sample_id", "source", "step", "epoch", "value"]))
+    run.write_table("values/samples.parquet",
+                    samples.select(["sample_id", "source", "step", "epoch", "value", "value_se"]))
     run.write_table("values/sources.parquet", sources)
     run.write_table("values/phases.parquet", phase_values(sums, edges, test_grad))
     run.write_table("embeddings/sources.parquet", source_embeddings(sums))

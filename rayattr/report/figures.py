@@ -32,10 +32,34 @@ def source_bars(sources: pa.Table) -> bytes:
     rows = sorted(sources.to_pylist(), key=lambda r: r["value_per_sample"])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     vals = [r["value_per_sample"] for r in rows]
-    ax.barh([r["source"] for r in rows], vals, color=[HELPFUL if v >= 0 else HARMFUL for v in vals])
+    err = None
+    if "value_low" in sources.column_names:  # 95 % bootstrap interval over the source's occurrences
+        err = np.array([[r["value_per_sample"] - r["value_low"] / r["n_samples"] for r in rows],
+                        [r["value_high"] / r["n_samples"] - r["value_per_sample"] for r in rows]])
+    ax.barh([r["source"] for r in rows], vals, xerr=err, capsize=3,
+            color=[HELPFUL if v >= 0 else HARMFUL for v in vals])
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("value per sample (predicted increase of validation loss if removed)")
-    ax.set_title("Data sources")
+    ax.set_title("Data sources" + (" (bars: 95 % bootstrap interval)" if err is not None else ""))
+    return _png(fig)
+
+
+def predicted_vs_actual(table: pa.Table, label: str | None, title: str) -> bytes:
+    """Validation: predicted Σ value against the retrained change of the validation loss, one
+    point per counterfactual, with the line actual = predicted."""
+    p, a = table["predicted"].to_numpy(), table["actual"].to_numpy()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.scatter(p, a, color=HELPFUL, s=22)
+    if label is not None:
+        for x, y, name in zip(p, a, table[label].to_pylist()):
+            ax.annotate(str(name), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    lo, hi = float(min(p.min(), a.min())), float(max(p.max(), a.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("predicted (Σ value of the removed occurrences)")
+    ax.set_ylabel("actual (retrained Δ validation loss)")
+    ax.set_title(title, fontsize=10)
     return _png(fig)
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import html
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
@@ -17,11 +18,70 @@ from rayattr.summary import loss_summary
 
 
 def sample_totals(samples: pa.Table, train: pa.Table) -> list[dict]:
-    """Each training sample's value summed over its occurrences, with source and text, best first."""
-    g = samples.group_by(["sample_id", "source"]).aggregate([("value", "sum"), ("step", "count")])
-    g = g.rename_columns(["sample_id", "source", "value", "n_occurrences"]).sort_by([("value", "descending")])
+    """Each training sample's value summed over its occurrences, with source, text and the
+    projection's standard error (occurrences' errors added in quadrature), best first."""
+    if "value_se" not in samples.column_names:  # runs made before value_se
+        samples = samples.append_column("value_se", pa.nulls(samples.num_rows, pa.float64()))
+    samples = samples.append_column("se2", pc.multiply(samples["value_se"], samples["value_se"]))
+    g = samples.group_by(["sample_id", "source"]).aggregate([("value", "sum"), ("step", "count"), ("se2", "sum")])
+    g = g.rename_columns(["sample_id", "source", "value", "n_occurrences", "se2"]).sort_by([("value", "descending")])
     where = pc.index_in(g["sample_id"], value_set=train["id"])
-    return g.append_column("text", pc.take(train["text"], where)).to_pylist()
+    rows = g.append_column("text", pc.take(train["text"], where)).to_pylist()
+    for r in rows:
+        se2 = r.pop("se2")
+        r["se"] = se2 ** 0.5 if se2 is not None and se2 == se2 else None
+        r["noise"] = "" if r["se"] is None else ("within noise" if abs(r["value"]) < 2 * r["se"] else "")
+    return rows
+
+
+def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
+    """"How far to trust this run": validation figures where `rayattr validate` has run, and the
+    projection noise of the values either way."""
+    from rayattr.validate import read_validation
+
+    parts = ["<h2>How far to trust this run</h2>"]
+    if "value_se" in samples.column_names and samples["value_se"].null_count < samples.num_rows:
+        v, se = samples["value"].to_numpy(), samples["value_se"].to_numpy()
+        ok = se > 0
+        ratio = abs(v[ok]) / se[ok]
+        parts.append(f"<p>Projection noise: each value carries a standard error from the random projection "
+                     f"(spread over projection blocks, docs/method.md). For this run the median |value|/SE is "
+                     f"{float(np.median(ratio)):.1f}, and {float(np.mean(ratio < 2)):.0%} of the occurrences lie "
+                     "within 2 SE of zero: their sign is not known. Ranked samples marked <i>within noise</i> "
+                     "below are such samples.</p>")
+    result = read_validation(run)
+    if result is None:
+        parts.append("<p>This run has not been validated against retraining. <code>rayattr validate "
+                     f"{html.escape(run.run_id)} --subsets 16 --sources</code> retrains its trajectory without chosen "
+                     "data and shows here how well the values predicted it.</p>")
+        return parts
+    s = result.summary
+    f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    ci = s.get("lds_ci")
+    parts.append(
+        f"<p>Validated by retraining the run's own trajectory without chosen data (loss weight 0, "
+        f"everything else identical). Subsets: LDS (Spearman of predicted against actual over "
+        f"{s['n_subsets']} random subsets) <b>{f(s['lds'])}</b>"
+        + (f" (95 % interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
+        + f", magnitude {f(s['subset_slope'])}. Sources left out one at a time: Spearman <b>{f(s['source_spearman'])}</b>"
+        f" over {s['n_sources']}. Single occurrences: Spearman {f(s['occurrence_spearman'])} over "
+        f"{s['n_occurrences']}"
+        + (f"; one occurrence moves the final loss by {s['occurrence_actual_rms']:.2g} (rms) where "
+           f"{s['occurrence_predicted_rms']:.2g} was predicted" if s.get("occurrence_actual_rms") else "")
+        + f". A retrain with nothing removed reproduced the final weights to {s['baseline_max_abs_diff']:.2g} "
+        f"(noise floor of the loss {s['noise_floor']:.2g}).</p>")
+    for kind, label, title in (("source", "source", "leave one source out"),
+                               ("subset", None, "random subsets removed")):
+        table = result.tables.get(kind)
+        if table is not None and table.num_rows:
+            name = f"validation_{kind}s.png"
+            png = figures.predicted_vs_actual(table, label, title)
+            (out / name).write_bytes(png)
+            parts.append(_img(name, png, f"predicted against retrained loss change, {title}"))
+            parts.append(f"<p>Each point is one retrain ({title}): x is the sum of the removed occurrences' "
+                         "values, y the retrained change of the validation loss; on the dashed line the "
+                         "values predicted retraining exactly.</p>")
+    return parts
 
 
 def _table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
@@ -100,7 +160,8 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
 
     totals = sample_totals(samples, train)
     num = lambda v: f"{v:.4g}"  # noqa: E731
-    sample_cols = ["sample_id", "source", "n_occurrences", "value", "text"]
+    sample_cols = ["sample_id", "source", "n_occurrences", "value", "se", "noise", "text"]
+    fmt = {"value": num, "se": lambda v: "–" if v is None else f"{v:.2g}"}
     timings = m.get("timings") or {}
     parts = [
         f"<h1>rayattr run {html.escape(run.run_id)}</h1>",
@@ -112,7 +173,11 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "(Data Value Embedding): positive helped, negative hurt.</p>",
         validation_text(run.read_table("data/validation.parquet")),
         "<h2>Sources</h2>", _img("sources.png", *pngs["sources.png"]),
-        _table(sources.to_pylist(), sources.column_names, {"value": num, "value_per_sample": num}),
+        _table(sources.to_pylist(), sources.column_names,
+               {"value": num, "value_per_sample": num, "value_low": num, "value_high": num}),
+        "<p>value_low and value_high bound the source's value by a 95 % bootstrap over its occurrences: "
+        "how much it rests on which occurrences the source happened to have. Training randomness "
+        "(the seed) is not in it; see the trust section below.</p>",
         "<h2>When in training</h2>", _img("steps.png", *pngs["steps.png"]),
         f"<p>{html.escape(step_caption(*figures.step_buckets(samples, int(m.get('num_steps', 1))), int(m.get('num_steps', 1))))}</p>",
         _img("phases.png", *pngs["phases.png"]),
@@ -123,8 +188,9 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "says what the source did to the final model's validation loss at the end of training, "
         "not what it did overall.</p>",
         *(["<h2>Training loss</h2>", _img("loss.png", *pngs["loss.png"])] if "loss.png" in pngs else []),
-        f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, {"value": num}),
-        f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, {"value": num}),
+        *trust_section(run, samples, out),
+        f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, fmt),
+        f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, fmt),
         "<h2>Stage timings</h2>",
         _table(timing_rows(timings), ["stage", "seconds"]),
         "<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(m.get('config', {}), sort_keys=False))}</pre>",

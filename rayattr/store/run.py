@@ -185,8 +185,13 @@ class Run:
 
     def check_compatible(self, layers: dict[str, int] | None = None,
                          projection: dict | None = None) -> None:
-        """StoreError if layers (name -> dim) or the projection spec differ from the manifest."""
+        """StoreError if layers (name -> dim) or the projection spec differ from the manifest.
+
+        Besides the model's layers, a writer may use the manifest's `derived_layers`: layers the
+        embedding stage derives from them (projection blocks)."""
         recorded = self.layers()
+        if recorded is not None:
+            recorded = {**recorded, **{k: int(v) for k, v in (self._manifest.get("derived_layers") or {}).items()}}
         if layers is not None and recorded is not None:
             for name, p in layers.items():
                 if name not in recorded:
