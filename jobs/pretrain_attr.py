@@ -7,7 +7,7 @@
     ray job submit --working-dir . -- python jobs/pretrain_attr.py --store s3://bucket/runs
 
 With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster; otherwise it starts a
-local Ray on this machine.
+Ray instance of its own on this machine, even when `ray start` left a cluster running.
 """
 
 from __future__ import annotations
@@ -43,6 +43,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def connect_ray() -> str:
+    """Join the cluster named by RAY_ADDRESS, else start a Ray instance of this job's own.
+    Returns a line saying which cluster the job is on."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
+        ctx = ray.init(address=address, log_to_driver=True)
+        return f"ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})"
+    # "local", never the default: a bare ray.init() attaches to whatever `ray start` left on
+    # the machine, and retries for ever a dead head still named in Ray's ray_current_cluster
+    ctx = ray.init(address="local", log_to_driver=True,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    return (f"ray: started a local Ray instance for this job at {ctx.address_info['gcs_address']} "
+            "(set RAY_ADDRESS to join a cluster)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
@@ -67,12 +82,7 @@ def main(argv=None) -> int:
         return 2
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
-            ray.init(address=address, log_to_driver=True)
-        else:  # a local Ray on this machine
-            ray.init(log_to_driver=True,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        print(connect_ray(), flush=True)
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
     except (ConfigError, StoreError, DataError, NonFiniteLoss) as e:
