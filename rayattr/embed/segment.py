@@ -18,9 +18,9 @@ import pyarrow as pa
 import ray
 import torch
 
+from rayattr import hooks
 from rayattr.dvemb import SegmentRecursion
 from rayattr.embed.sums import SourcePhaseSums
-from rayattr.faults import maybe_fail
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.embed.tensors import load_tensors, save_tensors
 
@@ -103,7 +103,7 @@ class SegmentWorker:
                 sums.add(batch.sources, self.phase_of(batch.step), emb)
                 local.append((batch, emb))
                 n_rows += len(batch.sample_ids)
-                maybe_fail("segment.compute", segment=s.index, step=s.end - batch.step)
+                hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
         # written in increasing step order, so the embeddings read back like gradients
         with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
                             steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:

@@ -17,8 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
+from rayattr import hooks
 from rayattr.config import Config
-from rayattr.faults import maybe_fail
 from rayattr.store import Run
 from rayattr.train.backend import free_port, node_ip
 from rayattr.train.worker import NonFiniteLoss, RankActor
@@ -119,7 +119,7 @@ def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: b
                 losses.append(out[0]["loss"])
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{out[0]['loss']:.3f}")
-                maybe_fail("driver.train", step=b)
+                hooks.call("driver.train", step=b)  # test seam: empty in production
         gather([act.finish.remote() for act in actors])
         info.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_from=start)
         return info

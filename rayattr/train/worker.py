@@ -18,9 +18,9 @@ import torch
 
 from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
 from rayattr.capture.pseudo import sampled_label_losses
+from rayattr import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.faults import maybe_fail, triggered
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.train.backend import deepspeed_config, set_dist_env
 from rayattr.train.checkpoints import Checkpoints
@@ -151,7 +151,7 @@ class RankWorker:
         positions = self.rank * share + np.arange(share)
         losses, t0 = [], time.perf_counter()
         for step in range(start, min(end, self.num_steps)):
-            maybe_fail("rank.step", rank=self.rank, step=step)
+            hooks.call("rank.step", rank=self.rank, step=step)  # test seam: empty in production
             lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
             rows = self.plan.rank_indices(step, self.rank)
             curv_rows: dict[str, list[torch.Tensor]] = {}
@@ -171,9 +171,7 @@ class RankWorker:
                     logits = logits_of(self.engine, ids, mask)
                     per_sample = per_sample_loss(logits[:, :-1].float(), labels[:, 1:],
                                                  reduction=SAMPLE_LOSS_REDUCTION)
-                    loss = per_sample.mean()
-                    if triggered("rank.nan", rank=self.rank, step=step):  # tests: this rank diverges alone
-                        loss = loss * float("nan")
+                    loss = hooks.passed("rank.loss", per_sample.mean(), rank=self.rank, step=step)  # test seam
                     total = self._loss_of_all_ranks(loss)
                     if not math.isfinite(total):
                         self.close()
