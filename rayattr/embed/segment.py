@@ -88,7 +88,7 @@ class SegmentWorker:
         reader = GradientReader(self.run, kind="train")
         curv = GradientReader(self.run, kind="curvature") if self.curvature else None
         rec = SegmentRecursion(self.dims, dtype=self.dtype)
-        sums = SourcePhaseSums(self.dims, self.dtype)
+        sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
         for b in range(s.end, s.start, -self.read_chunk):
@@ -159,7 +159,7 @@ class SegmentWorker:
             "value": pa.array(np.concatenate(cols["value"]), pa.float64()),
         })
         self.run.write_table(values_path(s.index), values)
-        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims, self.dtype)
+        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
         self.run.write_table(sums_path(s.index, final=True), sums.transformed(S).to_table())
         return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
 
