@@ -287,15 +287,27 @@ def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
         raise StoreError(f"no store at {root.uri}: the directory does not exist")
     found = root.glob(f"*/{layout.RUN_JSON}")
     out = []
-    for rel, raw in zip(found, root.get_many(found)):
-        try:
-            m = json.loads(raw)
-        except ValueError:
-            continue  # not a run directory of ours
+    for rel, raw in zip(found, root.get_many(found, keep_errors=True)):
         run_id = rel.split("/")[0]
-        info = {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool))}
+        m, problem = _parse_manifest(raw)
+        # a run whose run.json cannot be read is listed, marked, never skipped: it holds data
+        info = {"status": "unreadable", "error": problem} if problem else \
+            {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool))}
         info.update(run_id=run_id, uri=f"{root.uri}/{run_id}")
         info.setdefault("status", "unknown")
         info.setdefault("created", "")
         out.append(info)
     return sorted(out, key=lambda d: d["run_id"])
+
+
+def _parse_manifest(raw) -> tuple[dict, str]:
+    """(manifest, "") or ({}, why run.json cannot be read)."""
+    if isinstance(raw, BaseException):
+        return {}, f"run.json cannot be read ({type(raw).__name__}: {raw})"
+    try:
+        m = json.loads(raw)
+    except ValueError as err:
+        return {}, f"run.json is not valid JSON ({err})"
+    if not isinstance(m, dict):
+        return {}, f"run.json holds a JSON {type(m).__name__}, not an object"
+    return m, ""

@@ -12,7 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import StoreError
 from .fs import join_uri, open_store_fs, s3_endpoint
 from .options import StoreOptions
-from .retry import with_retries
+from .retry import is_transient, with_retries
 
 TMP_MARK = ".tmp-"  # local temporary files are "<dir>/.<name>.tmp-<uuid>"
 
@@ -89,23 +89,24 @@ class Storage:
         path = self.path(rel)
         return self._retry(lambda: self.fs.cat_file(path), f"reading {self.uri}/{rel}")
 
-    def get_many(self, rels: Sequence[str]) -> list[bytes]:
-        """Whole objects, fetched concurrently on S3."""
-        return self.get_ranges(rels, [None] * len(rels), [None] * len(rels))
+    def get_many(self, rels: Sequence[str], keep_errors: bool = False) -> list:
+        """Whole objects, fetched concurrently on S3. keep_errors: an object that cannot be
+        read (for a reason retrying cannot fix) gives its exception in its place."""
+        return self.get_ranges(rels, [None] * len(rels), [None] * len(rels), keep_errors)
 
     def get_ranges(self, rels: Sequence[str], starts: Sequence[int | None],
-                   ends: Sequence[int | None]) -> list[bytes]:
+                   ends: Sequence[int | None], keep_errors: bool = False) -> list:
         """Byte ranges [start, end) of objects (None = from start / to end), concurrent on S3."""
         if not rels:
             return []
         paths = [self.path(r) for r in rels]
 
-        def fetch() -> list[bytes]:
+        def fetch() -> list:
             out = self.fs.cat_ranges(paths, list(starts), list(ends), on_error="return")
-            for rel, o in zip(rels, out):
+            for i, (rel, o) in enumerate(zip(rels, out)):
                 if isinstance(o, FileNotFoundError):
-                    raise FileNotFoundError(f"{self.uri}/{rel} does not exist")
-                if isinstance(o, BaseException):
+                    o = out[i] = FileNotFoundError(f"{self.uri}/{rel} does not exist")
+                if isinstance(o, BaseException) and not (keep_errors and not is_transient(o)):
                     raise o  # classified (and retried if transient) by with_retries
             return out
 
