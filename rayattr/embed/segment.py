@@ -105,7 +105,8 @@ class SegmentWorker:
                 n_rows += len(batch.sample_ids)
                 hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
         # written in increasing step order, so the embeddings read back like gradients
-        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
+        # takeover: an open writer of this segment is this actor's own before Ray restarted it
+        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
                             steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
             done = _committed(w)
             for batch, emb in reversed(local):
@@ -130,7 +131,7 @@ class SegmentWorker:
         epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
-        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32",
+        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
         done = _committed(writer)

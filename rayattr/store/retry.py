@@ -57,7 +57,7 @@ def _transient_types() -> tuple[type, ...]:
 _TRANSIENT = _transient_types()
 
 
-def _s3_answer(err: BaseException) -> tuple[str | None, int | None] | None:
+def s3_answer(err: BaseException) -> tuple[str | None, int | None] | None:
     """(error code, HTTP status) of the botocore ClientError behind err (s3fs keeps it as
     __cause__ of the OSError it raises), or None when no S3 answer is attached."""
     seen = 0
@@ -80,7 +80,7 @@ def is_transient(err: BaseException) -> bool:
     """
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
-    answer = _s3_answer(err)
+    answer = s3_answer(err)
     if answer is not None:
         code, status = answer
         return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS

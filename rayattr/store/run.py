@@ -103,14 +103,16 @@ class Run:
         root = Storage(root_uri, options)
         root.probe(create_bucket=options.create_bucket)
         storage = Storage(f"{root.uri}/{run_id}", options)
-        if storage.exists(layout.RUN_JSON):
-            if exist_ok:
-                return cls.open(root_uri, run_id, options, readonly=False)
-            raise StoreError(f"run '{run_id}' already exists at {storage.uri}")
         full = {"run_id": run_id, "created": _now(), "store_format": STORE_FORMAT,
                 "status": "created", "rayattr_version": _package_version()}
         full.update(manifest)
-        storage.put_bytes(layout.RUN_JSON, _encode_manifest(full))
+        try:  # exclusive: of two jobs creating the same run id, one gets this error
+            storage.create_bytes(layout.RUN_JSON, _encode_manifest(full))
+        except FileExistsError:
+            if exist_ok:
+                return cls.open(root_uri, run_id, options, readonly=False)
+            raise StoreError(f"run '{run_id}' already exists at {storage.uri}; another job may be "
+                             "writing it (choose another run id, or --resume it)") from None
         return cls(storage, run_id, full, readonly=False)
 
     @classmethod

@@ -91,7 +91,9 @@ class RankWorker:
             self.curvature = GradientCapture(self.engine.module, projection=projection_spec(cfg),
                                              layers=cfg.capture.layers)
         dims = self.capture.layer_dims()
-        common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard)
+        # takeover: the trainer kills a failed gang before starting the next, so a writer
+        # still registered open for this rank is a dead one (possibly on another node)
+        common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard, takeover=True)
         self.writer = GradientWriter(self.run, self.rank, dims, kind="train", **common)
         self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
                             if self.curvature is not None else None)
