@@ -89,6 +89,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    m = run.reload_manifest()
+    if m.get("n_truncated"):  # truncation is by design (as in training), but never silent
+        print(f"note: {m['n_truncated']} of {m.get('n_train')} training texts are longer than data.seq_len = "
+              f"{cfg.data.seq_len} tokens and were truncated to it (run.json: n_truncated)")
     print(f"\nrun: {result.uri}")
     print(f"steps: {result.num_steps}, segments: {result.segments}")
     print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))

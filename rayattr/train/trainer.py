@@ -109,7 +109,7 @@ def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: b
             raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"],
-                            rank_nodes=[i["node"] for i in infos])
+                            rank_nodes=[i["node"] for i in infos], n_truncated=info["truncated"])
         losses = []
         t0 = time.perf_counter()
         with tqdm(total=info["num_steps"], initial=start, desc="train", unit="step", disable=not progress) as bar:
