@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 
 from rayattr.config import ConfigError, load_config  # noqa: E402
+from rayattr.embed.guard import DivergenceError  # noqa: E402
 from rayattr.train.worker import NonFiniteLoss  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         print(connect_ray(), flush=True)
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
-    except (ConfigError, StoreError, DataError, NonFiniteLoss) as e:
+    except (ConfigError, StoreError, DataError, NonFiniteLoss, DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

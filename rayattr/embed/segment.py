@@ -9,6 +9,7 @@ so a restarted actor redoes just its own segment.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,12 @@ import torch
 
 from rayattr import hooks
 from rayattr.dvemb import SegmentRecursion
+from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.embed.tensors import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
 FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
@@ -91,6 +95,7 @@ class SegmentWorker:
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
+        worst = (0.0, -1)  # largest η·λ_max(H) and its step
         for b in range(s.end, s.start, -self.read_chunk):
             a = max(s.start, b - self.read_chunk)
             batches = reader.read_steps(a, b, dtype=self.dtype)
@@ -98,8 +103,11 @@ class SegmentWorker:
                             if curv is not None else {})
             for batch in reversed(batches):
                 record = etas[batch.step]
-                emb = rec.step(batch.grads, record.eta, curv_by_step.get(batch.step) if curv else None,
-                               batch_size=len(batch.sample_ids), step=batch.step)
+                rows = curv_by_step.get(batch.step) if curv else None
+                emb = rec.step(batch.grads, record.eta, rows, batch_size=len(batch.sample_ids), step=batch.step)
+                el = eta_lambda_max(batch.grads, record.eta, rows, len(batch.sample_ids))
+                check_step(s.index, batch.step, rec.K, emb, el)  # stops before anything is written
+                worst = max(worst, (el, batch.step))
                 sums.add(batch.sources, self.phase_of(batch.step), emb)
                 local.append((batch, emb))
                 n_rows += len(batch.sample_ids)
@@ -117,8 +125,12 @@ class SegmentWorker:
         self.run.write_table(sums_path(s.index), sums.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        if worst[0] > ETA_LAMBDA_WARN:
+            log.warning("segment %d: η·λ_max(H) = %.3g at step %d (> %g): the step can amplify K",
+                        s.index, worst[0], worst[1], ETA_LAMBDA_WARN)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
-                "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address()}
+                "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
+                "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
 
     # ------------------------------------------------------------------ finalisation
 
@@ -139,6 +151,7 @@ class SegmentWorker:
             for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
                 final = {n: e @ S[n].T for n, e in batch.grads.items()}
                 value = sum(final[n] @ v[n] for n in final)
+                check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
                     writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
                                       positions=list(batch.positions))
