@@ -7,7 +7,7 @@
     ray job submit --working-dir . -- python jobs/pretrain_attr.py --store s3://bucket/runs
 
 With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster; otherwise it starts a
-local Ray on this machine.
+Ray instance of its own on this machine, even when `ray start` left a cluster running.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
 
+from rayattr.cluster import connect  # noqa: E402
 from rayattr.config import ConfigError, load_config  # noqa: E402
+from rayattr.embed.guard import DivergenceError  # noqa: E402
 from rayattr.train.worker import NonFiniteLoss  # noqa: E402
 
 
@@ -67,18 +69,17 @@ def main(argv=None) -> int:
         return 2
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
-            ray.init(address=address, log_to_driver=True)
-        else:  # a local Ray on this machine
-            ray.init(log_to_driver=True,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        print(connect(), flush=True)
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
-    except (ConfigError, StoreError, DataError, NonFiniteLoss) as e:
+    except (ConfigError, StoreError, DataError, NonFiniteLoss, DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    m = run.reload_manifest()
+    if m.get("n_truncated"):  # truncation is by design (as in training), but never silent
+        print(f"note: {m['n_truncated']} of {m.get('n_train')} training texts are longer than data.seq_len = "
+              f"{cfg.data.seq_len} tokens and were truncated to it (run.json: n_truncated)")
     print(f"\nrun: {result.uri}")
     print(f"steps: {result.num_steps}, segments: {result.segments}")
     print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))

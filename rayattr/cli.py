@@ -84,6 +84,8 @@ def cmd_runs(args) -> int:
         print(f"no runs under {store}", file=sys.stderr)
         return 0
     cols = ["run_id", "status", "model", "num_steps", "n_train", "n_sources", "created"]
+    if any(r.get("error") for r in runs):  # why a run failed or cannot be read
+        cols.append("error")
     rows = [{**r, "model": r.get("model_family", "-")} for r in runs]
     print(format_rows(rows, cols, args.format))
     return 0

@@ -123,7 +123,9 @@ def segment_embeddings(
 ) -> tuple[list[Grads], Grads]:
     """Algorithm 2's work unit: local embeddings and K of one segment (steps given in order).
 
-    Returns (embeddings in the input structure, K as Tensor or dict layer -> (p, p)).
+    Returns (embeddings in the input structure, K as Tensor or dict layer -> (p, p)), both in
+    the compute dtype: the input's for float32/float64, float32 for half precision (they are
+    intermediate results, still to be multiplied by the later segments' K).
     """
     single = isinstance(grads[0], torch.Tensor) if grads else False
     gl = [_layers(g) for g in grads]
@@ -204,7 +206,11 @@ def data_value_embeddings(
     out: list[Grads] = []
     for e_seg, S in zip(locals_, suffix_products(Ks)):
         out.extend(apply_suffix(e, S) for e in e_seg)
-    return out
+    # half-precision inputs were computed in float32; hand back what was given
+    given = {n: t.dtype for n, t in _layers(grads[0]).items()}
+    if isinstance(out[0], torch.Tensor):
+        return [e.to(given["_"]) for e in out]
+    return [{n: t.to(given[n]) for n, t in e.items()} for e in out]
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[int]:

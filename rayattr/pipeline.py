@@ -18,6 +18,7 @@ from rayattr.capture import ProjectionSpec
 from rayattr.config import Config, ConfigError
 from rayattr.data import builtin_corpus, load_dataset
 from rayattr.embed.blocks import ProjectionBlocks, is_block
+from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
@@ -153,7 +154,12 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
         timings["train"] = time.perf_counter() - t
         run.update_manifest(timings=timings, train_restarts=info["restarts"], resumed_from=info["resumed_from"])
 
-    result = attribute(cfg, run, run.reload_manifest()["num_steps"], progress=progress)
+    try:
+        result = attribute(cfg, run, run.reload_manifest()["num_steps"], progress=progress)
+    except DivergenceError as err:  # nothing non-finite was written; the run says where it stopped
+        message = str(getattr(err, "cause", None) or err)  # the message, not Ray's task traceback
+        run.update_manifest(status="failed", error=message)
+        raise DivergenceError(message) from None
     result.timings = {**timings, **result.timings}
     run.update_manifest(timings=result.timings)
     return result
@@ -187,6 +193,12 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     timings["embed"] = time.perf_counter() - t
     run.update_manifest(segment_nodes=[d["node"] for d in done],
                         segment_seconds=[d.get("seconds", 0.0) for d in done])
+    worst = max(((d.get("max_eta_lambda", 0.0), d.get("max_eta_lambda_step", -1)) for d in done), default=(0.0, -1))
+    if worst[0] > 0:
+        run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1])
+    if worst[0] > ETA_LAMBDA_WARN:
+        print(f"warning: η·λ_max(H) = {worst[0]:.3g} at step {worst[1]} (above {ETA_LAMBDA_WARN:g}): "
+              "the learning rate is beyond the stable range there; values may be dominated by it", flush=True)
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")

@@ -1,7 +1,7 @@
 """Faults injected into real runs: nothing is lost and the values equal a fault-free run.
 
 Every run is the job script in its own process (its own local Ray), so a fault can kill
-a rank actor, a segment actor or the driver itself (rayattr.faults, RAYATTR_FAULT).
+a rank actor, a segment actor or the driver itself (tests/faults.py at rayattr.hooks' seams).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 import s3fs
 import yaml
 
-from rayattr.faults import fired
+import faults
+from faults import fired
 from rayattr.store import GradientReader, Run, StoreOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +41,9 @@ def run_job(tmp: Path, *args: str, fault: str | None = None, env: dict | None = 
     cfg_path.write_text(yaml.safe_dump(config or SMALL))
     e = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
     e.pop("RAY_ADDRESS", None)
-    e.pop("RAYATTR_FAULT", None)
+    e.pop(faults.ENV, None)
     if fault:
-        e.update(RAYATTR_FAULT=fault, RAYATTR_FAULT_DIR=str(tmp))
+        e.update(faults.env(fault, str(tmp)))
     return subprocess.run([sys.executable, str(JOB), "--config", str(cfg_path), "--no-progress", *args],
                           env=e, capture_output=True, text=True, timeout=timeout, cwd=tmp)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -143,6 +144,11 @@ def _checked_columns(table: pa.Table, name: str) -> dict[str, pa.ChunkedArray]:
             raise DataError(f"column {column!r} in dataset file {name!r} has "
                             f"{values.null_count} null value(s)")
         out[column] = values.cast(pa.string())
+    # a sample must say where it comes from: "" would be a source of its own in every answer
+    empty = np.flatnonzero(pc.equal(out["source"], "").to_numpy(zero_copy_only=False))
+    if len(empty):
+        raise DataError(f"column 'source' in dataset file {name!r} has {len(empty)} empty value(s), "
+                        f"e.g. row(s) {empty[:_SHOW].tolist()}")
     if "id" in table.column_names:
         ids = table["id"]
         if not pa.types.is_integer(ids.type):

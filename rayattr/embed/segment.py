@@ -9,6 +9,7 @@ so a restarted actor redoes just its own segment.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +19,15 @@ import pyarrow as pa
 import ray
 import torch
 
+from rayattr import hooks
 from rayattr.dvemb import SegmentRecursion
 from rayattr.embed.blocks import ProjectionBlocks
+from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
-from rayattr.faults import maybe_fail
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.embed.tensors import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
 FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
@@ -93,9 +97,10 @@ class SegmentWorker:
         reader = GradientReader(self.run, kind="train")
         curv = GradientReader(self.run, kind="curvature") if self.curvature else None
         rec = SegmentRecursion(self.dims, dtype=self.dtype)
-        sums = SourcePhaseSums(self.dims, self.dtype)
+        sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
+        worst = (0.0, -1)  # largest η·λ_max(H) and its step
         for b in range(s.end, s.start, -self.read_chunk):
             a = max(s.start, b - self.read_chunk)
             batches = reader.read_steps(a, b, dtype=self.dtype)
@@ -103,14 +108,20 @@ class SegmentWorker:
                             if curv is not None else {})
             for batch in reversed(batches):
                 record = etas[batch.step]
-                emb = rec.step(self.blocks.augment(batch.grads), record.eta, curv_by_step.get(batch.step) if curv else None,
+                rows = curv_by_step.get(batch.step) if curv else None
+                emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
                                batch_size=len(batch.sample_ids), step=batch.step)
+                el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
+                                    {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
+                check_step(s.index, batch.step, rec.K, emb, el)  # stops before anything is written
+                worst = max(worst, (el, batch.step))
                 sums.add(batch.sources, self.phase_of(batch.step), emb)
                 local.append((batch, emb))
                 n_rows += len(batch.sample_ids)
-                maybe_fail("segment.compute", segment=s.index, step=s.end - batch.step)
+                hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
         # written in increasing step order, so the embeddings read back like gradients
-        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32",
+        # takeover: an open writer of this segment is this actor's own before Ray restarted it
+        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
                             steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
             done = _committed(w)
             for batch, emb in reversed(local):
@@ -121,8 +132,12 @@ class SegmentWorker:
         self.run.write_table(sums_path(s.index), sums.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        if worst[0] > ETA_LAMBDA_WARN:
+            log.warning("segment %d: η·λ_max(H) = %.3g at step %d (> %g): the step can amplify K",
+                        s.index, worst[0], worst[1], ETA_LAMBDA_WARN)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
-                "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address()}
+                "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
+                "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
 
     # ------------------------------------------------------------------ finalisation
 
@@ -135,7 +150,7 @@ class SegmentWorker:
         epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
-        writer = (GradientWriter(self.run, s.index, self.layers, kind=FINAL_KIND, dtype="float32",
+        writer = (GradientWriter(self.run, s.index, self.layers, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
         done = _committed(writer)
@@ -143,6 +158,7 @@ class SegmentWorker:
             for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
                 final = {n: e @ S[n].T for n, e in batch.grads.items()}
                 value, se = self.blocks.values(final, v)
+                check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
                     writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources,
                                       {n: final[n] for n in self.layers}, positions=list(batch.positions))
@@ -167,7 +183,7 @@ class SegmentWorker:
             "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
         })
         self.run.write_table(values_path(s.index), values)
-        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims, self.dtype)
+        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
         self.run.write_table(sums_path(s.index, final=True), sums.transformed(S).to_table())
         return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
 

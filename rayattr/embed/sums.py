@@ -15,11 +15,14 @@ import torch
 
 
 class SourcePhaseSums:
-    """(source, phase) -> occurrence count and per-layer embedding sum."""
+    """(source, phase) -> occurrence count and per-layer embedding sum, in float64 whatever
+    the embeddings' dtype: a source's sum runs over millions of occurrences, where float32
+    loses the small values to the large ones."""
 
-    def __init__(self, dims: Mapping[str, int], dtype: torch.dtype = torch.float64):
+    dtype = torch.float64
+
+    def __init__(self, dims: Mapping[str, int]):
         self.dims = dict(dims)
-        self.dtype = dtype
         self.count: dict[tuple[str, int], int] = {}
         self.sum: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
@@ -31,7 +34,7 @@ class SourcePhaseSums:
             key = (str(name), int(phase))
             acc = self.sum.setdefault(key, {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()})
             for n in self.dims:
-                acc[n] += emb[n][rows].sum(0).to(self.dtype)
+                acc[n] += emb[n][rows].to(self.dtype).sum(0)
             self.count[key] = self.count.get(key, 0) + len(rows)
 
     def merge(self, other: "SourcePhaseSums") -> "SourcePhaseSums":
@@ -44,7 +47,7 @@ class SourcePhaseSums:
 
     def transformed(self, suffix: Mapping[str, torch.Tensor]) -> "SourcePhaseSums":
         """The sums with every embedding mapped e ↦ S e (local -> final)."""
-        out = SourcePhaseSums(self.dims, self.dtype)
+        out = SourcePhaseSums(self.dims)
         out.count = dict(self.count)
         out.sum = {k: {n: suffix[n].to(self.dtype) @ v[n] for n in self.dims} for k, v in self.sum.items()}
         return out
@@ -72,11 +75,11 @@ class SourcePhaseSums:
         return pa.table(cols)
 
     @classmethod
-    def from_table(cls, table: pa.Table, dims: Mapping[str, int], dtype=torch.float64) -> "SourcePhaseSums":
-        out = cls(dims, dtype)
+    def from_table(cls, table: pa.Table, dims: Mapping[str, int]) -> "SourcePhaseSums":
+        out = cls(dims)
         sources, phases = table["source"].to_pylist(), table["phase"].to_pylist()
         counts = table["n_occurrences"].to_pylist()
-        mats = {n: torch.from_numpy(table[n].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, p).copy()).to(dtype)
+        mats = {n: torch.from_numpy(table[n].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, p).copy()).to(out.dtype)
                 for n, p in out.dims.items()}
         for i, key in enumerate(zip(sources, phases)):
             out.count[key] = counts[i]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from rayattr.embed.guard import check_values
 from rayattr.embed.segment import sums_path, values_path
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import Run
@@ -101,6 +102,7 @@ def source_embeddings(sums: SourcePhaseSums) -> pa.Table:
 def write_outputs(run: Run, n_segments: int, edges: list[int], test_grad: dict[str, torch.Tensor]) -> dict:
     dims = {k: int(v) for k, v in run.manifest["layer_dims"].items()}
     samples = sample_values(run, n_segments)
+    check_values(torch.from_numpy(samples["value"].to_numpy()), samples["step"].to_numpy(), "values/samples.parquet")
     sources = source_values(samples)
     sums = merged_sums(run, n_segments, dims)
     run.write_table("values/samples.parquet",

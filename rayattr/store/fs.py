@@ -14,6 +14,7 @@ from .options import StoreOptions
 
 LOCAL_SCHEMES = ("", "file", "local")
 S3_SCHEMES = ("s3", "s3a")
+BOTOCORE_ATTEMPTS = 2
 
 # One filesystem object per (process, scheme, options): s3fs clients are costly to build and
 # are bound to the process that made them, so the pid is part of the key.
@@ -61,8 +62,10 @@ def _s3_kwargs(options: StoreOptions) -> dict[str, Any]:
     config = dict(kw.pop("config_kwargs", None) or {})
     config.setdefault("connect_timeout", options.connect_timeout_s)
     config.setdefault("read_timeout", options.read_timeout_s)
-    # rayattr.store.retry does the (bounded, logged) retrying; botocore tries once.
-    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    # botocore's standard mode retries one request on throttling / 5xx / connection blips,
+    # with jitter and a retry quota; two tries keep a dead endpoint's probe within seconds.
+    # rayattr.store.retry retries whole operations on top. {"mode": "adaptive"} also works.
+    config.setdefault("retries", {"mode": "standard", "total_max_attempts": BOTOCORE_ATTEMPTS})
     kw["config_kwargs"] = config
     # Other processes add objects all the time: a cached listing would hide them (s3fs would
     # even answer FileNotFoundError for a new object whose directory listing is cached).

@@ -26,7 +26,8 @@ class StoreOptions:
     # Seconds to wait for a response once connected.
     read_timeout_s: float = 60.0
     # Total attempts for one data operation on transient errors (connection, timeout, 5xx);
-    # with the back-off below, 8 attempts ride out ~16 s of object-store outage.
+    # with the back-off below (jittered to 50-100 % of each delay), 8 attempts ride out
+    # 8 to 16 s of object-store outage.
     max_attempts: int = 8
     # Attempts for the connectivity check in Run.create/open and list_runs, kept small so a
     # wrong endpoint or missing credentials fail within seconds.

@@ -1,10 +1,17 @@
-"""Bounded retries with exponential back-off for transient object-store errors."""
+"""Bounded retries with jittered exponential back-off for transient object-store errors.
+
+Two layers: botocore's "standard" retry mode retries one request on throttling, 5xx and
+connection blips (its own jittered back-off and retry quota); this one retries the whole
+operation for outages that outlast it (an S3 server restarting), and turns what is left
+into a StoreError naming the operation and the endpoint.
+"""
 
 from __future__ import annotations
 
 import builtins
 import errno
 import logging
+import random
 import time
 from typing import Callable, TypeVar
 
@@ -14,10 +21,17 @@ from .options import StoreOptions
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Words in an error message that mean "try again later" (S3 throttling / server errors).
-_TRANSIENT_ERRNOS = (errno.EBUSY, errno.EIO, getattr(errno, "EREMOTEIO", 121))
-_TRANSIENT_WORDS = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "Service Unavailable", "Internal Server Error", "503", "502", "500")
+# What "try again later" looks like in an S3 answer: the error code, else the HTTP status
+# (botocore's standard retry mode uses the same codes and statuses).
+_TRANSIENT_CODES = frozenset({
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "InternalError",
+    "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "TooManyRequestsException", "OperationAborted"})
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+# Errnos worth retrying when no S3 answer is attached: s3fs gives throttling EBUSY and a 500
+# EREMOTEIO. Not EIO: that is s3fs' catch-all for codes it does not know (e.g. a 400).
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT,
+                               getattr(errno, "EREMOTEIO", 121)})
 
 
 def _transient_types() -> tuple[type, ...]:
@@ -43,17 +57,37 @@ def _transient_types() -> tuple[type, ...]:
 _TRANSIENT = _transient_types()
 
 
+def s3_answer(err: BaseException) -> tuple[str | None, int | None] | None:
+    """(error code, HTTP status) of the botocore ClientError behind err (s3fs keeps it as
+    __cause__ of the OSError it raises), or None when no S3 answer is attached."""
+    seen = 0
+    while err is not None and seen < 8:
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and ("Error" in response or "ResponseMetadata" in response):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return (str(code) if code else None), (int(status) if status else None)
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def is_transient(err: BaseException) -> bool:
-    """True for errors worth retrying: network trouble, timeouts, throttling, 5xx."""
+    """True for errors worth retrying: network trouble, timeouts, throttling, 5xx.
+
+    Decided by the S3 error code and HTTP status when the server answered, else by the
+    exception type and errno; never by the message (an ENOSPC on a shard named
+    00000500-00000507.arrow is not a server error).
+    """
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
+    answer = s3_answer(err)
+    if answer is not None:
+        code, status = answer
+        return code in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
     if isinstance(err, _TRANSIENT):
         return True
-    # s3fs turns throttling / 5xx answers into plain OSErrors (EBUSY, EREMOTEIO, EIO); local
-    # errors are OSError subclasses (NotADirectoryError, ...) and are not retried.
-    if type(err) is OSError:
-        return err.errno in _TRANSIENT_ERRNOS or any(w in str(err) for w in _TRANSIENT_WORDS)
-    return False
+    # local errors are OSError subclasses (NotADirectoryError, ...) and are not retried
+    return type(err) is OSError and err.errno in _TRANSIENT_ERRNOS
 
 
 def is_missing_credentials(err: BaseException) -> bool:
@@ -94,8 +128,11 @@ def with_retries(fn: Callable[[], T], what: str, options: StoreOptions, where: s
                 raise StoreError(
                     f"{what}: object store unreachable{' at ' + where if where else ''} after "
                     f"{attempt} attempts ({type(err).__name__}: {err})") from err
+            # jitter, so writers that failed together do not come back together; at least
+            # half the delay, so max_attempts still rides out a known outage length
+            pause = delay * random.uniform(0.5, 1.0)
             log.warning("%s: transient error (%s), retry %d/%d in %.2fs", what,
-                        type(err).__name__, attempt, attempts - 1, delay)
-            time.sleep(delay)
+                        type(err).__name__, attempt, attempts - 1, pause)
+            time.sleep(pause)
             delay = min(delay * 2, options.backoff_max_s)
     raise AssertionError("unreachable")

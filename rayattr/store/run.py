@@ -108,14 +108,16 @@ class Run:
         root = Storage(root_uri, options)
         root.probe(create_bucket=options.create_bucket)
         storage = Storage(f"{root.uri}/{run_id}", options)
-        if storage.exists(layout.RUN_JSON):
-            if exist_ok:
-                return cls.open(root_uri, run_id, options, readonly=False)
-            raise StoreError(f"run '{run_id}' already exists at {storage.uri}")
         full = {"run_id": run_id, "created": _now(), "store_format": STORE_FORMAT,
                 "status": "created", "rayattr_version": _package_version()}
         full.update(manifest)
-        storage.put_bytes(layout.RUN_JSON, _encode_manifest(full))
+        try:  # exclusive: of two jobs creating the same run id, one gets this error
+            storage.create_bytes(layout.RUN_JSON, _encode_manifest(full))
+        except FileExistsError:
+            if exist_ok:
+                return cls.open(root_uri, run_id, options, readonly=False)
+            raise StoreError(f"run '{run_id}' already exists at {storage.uri}; another job may be "
+                             "writing it (choose another run id, or --resume it)") from None
         return cls(storage, run_id, full, readonly=False)
 
     @classmethod
@@ -298,15 +300,27 @@ def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
         raise StoreError(f"no store at {root.uri}: the directory does not exist")
     found = root.glob(f"*/{layout.RUN_JSON}")
     out = []
-    for rel, raw in zip(found, root.get_many(found)):
-        try:
-            m = json.loads(raw)
-        except ValueError:
-            continue  # not a run directory of ours
+    for rel, raw in zip(found, root.get_many(found, keep_errors=True)):
         run_id = rel.split("/")[0]
-        info = {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool))}
+        m, problem = _parse_manifest(raw)
+        # a run whose run.json cannot be read is listed, marked, never skipped: it holds data
+        info = {"status": "unreadable", "error": problem} if problem else \
+            {k: v for k, v in m.items() if isinstance(v, (str, int, float, bool))}
         info.update(run_id=run_id, uri=f"{root.uri}/{run_id}")
         info.setdefault("status", "unknown")
         info.setdefault("created", "")
         out.append(info)
     return sorted(out, key=lambda d: d["run_id"])
+
+
+def _parse_manifest(raw) -> tuple[dict, str]:
+    """(manifest, "") or ({}, why run.json cannot be read)."""
+    if isinstance(raw, BaseException):
+        return {}, f"run.json cannot be read ({type(raw).__name__}: {raw})"
+    try:
+        m = json.loads(raw)
+    except ValueError as err:
+        return {}, f"run.json is not valid JSON ({err})"
+    if not isinstance(m, dict):
+        return {}, f"run.json holds a JSON {type(m).__name__}, not an object"
+    return m, ""

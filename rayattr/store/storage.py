@@ -12,7 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import StoreError
 from .fs import join_uri, open_store_fs, s3_endpoint
 from .options import StoreOptions
-from .retry import with_retries
+from .retry import is_transient, s3_answer, with_retries
 
 TMP_MARK = ".tmp-"  # local temporary files are "<dir>/.<name>.tmp-<uuid>"
 
@@ -63,7 +63,22 @@ class Storage:
         else:
             self._retry(lambda: self.fs.pipe_file(path, bytes(data)), f"writing {self.uri}/{rel}")
 
-    def _put_local(self, path: str, data) -> None:
+    def create_bytes(self, rel: str, data: bytes) -> None:
+        """Write a new object; FileExistsError if it exists. Of two concurrent creators exactly
+        one wins: a hard link locally, a conditional PUT (If-None-Match: *) on S3."""
+        path = self.path(rel)
+        if self.local:
+            self._put_local(path, data, exclusive=True)
+            return
+        try:
+            self._retry(lambda: self.fs.pipe_file(path, bytes(data), mode="create"),
+                        f"creating {self.uri}/{rel}")
+        except OSError as err:  # s3fs knows the 412 only when the server names the condition
+            if (s3_answer(err) or (None, None))[1] == 412:
+                raise FileExistsError(f"{self.uri}/{rel} exists") from None
+            raise
+
+    def _put_local(self, path: str, data, exclusive: bool = False) -> None:
         d, name = os.path.split(path)
         os.makedirs(d, exist_ok=True)
         tmp = os.path.join(d, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
@@ -73,7 +88,11 @@ class Storage:
                 if self.options.fsync:
                     f.flush()
                     os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:  # link fails when path exists; rename would replace it
+                os.link(tmp, path)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -89,23 +108,28 @@ class Storage:
         path = self.path(rel)
         return self._retry(lambda: self.fs.cat_file(path), f"reading {self.uri}/{rel}")
 
-    def get_many(self, rels: Sequence[str]) -> list[bytes]:
-        """Whole objects, fetched concurrently on S3."""
-        return self.get_ranges(rels, [None] * len(rels), [None] * len(rels))
+    def get_many(self, rels: Sequence[str], keep_errors: bool = False) -> list:
+        """Whole objects, fetched concurrently on S3. keep_errors: an object that cannot be
+        read (for a reason retrying cannot fix) gives its exception in its place."""
+        whole = [None] * len(rels)
+        return self._ranges(rels, whole, whole, True) if keep_errors else self.get_ranges(rels, whole, whole)
 
     def get_ranges(self, rels: Sequence[str], starts: Sequence[int | None],
                    ends: Sequence[int | None]) -> list[bytes]:
         """Byte ranges [start, end) of objects (None = from start / to end), concurrent on S3."""
+        return self._ranges(rels, starts, ends, False)
+
+    def _ranges(self, rels, starts, ends, keep_errors: bool) -> list:
         if not rels:
             return []
         paths = [self.path(r) for r in rels]
 
-        def fetch() -> list[bytes]:
+        def fetch() -> list:
             out = self.fs.cat_ranges(paths, list(starts), list(ends), on_error="return")
-            for rel, o in zip(rels, out):
+            for i, (rel, o) in enumerate(zip(rels, out)):
                 if isinstance(o, FileNotFoundError):
-                    raise FileNotFoundError(f"{self.uri}/{rel} does not exist")
-                if isinstance(o, BaseException):
+                    o = out[i] = FileNotFoundError(f"{self.uri}/{rel} does not exist")
+                if isinstance(o, BaseException) and not (keep_errors and not is_transient(o)):
                     raise o  # classified (and retried if transient) by with_retries
             return out
 

@@ -4,7 +4,9 @@ background (data object first, then its commit entry)."""
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import socket
 import time
 import uuid
 from functools import partial
@@ -18,6 +20,24 @@ from .errors import StoreError
 from .run import Run
 from .shard import META_COLUMNS, check_dtype, encode_shard, sha256_hex, shard_schema, step_batch
 from .uploader import BackgroundUploader
+
+_OPEN: set[str] = set()  # ids of the writers this process has open
+
+
+def _holder_alive(reg: dict) -> bool:
+    """Whether the writer a registration names may still be running. Only a process on this
+    machine can be seen to be gone; one elsewhere (or an old registration) counts as alive."""
+    if reg.get("host") != socket.gethostname() or not isinstance(reg.get("pid"), int):
+        return True
+    if reg["pid"] == os.getpid():
+        return reg.get("writer") in _OPEN
+    try:
+        os.kill(reg["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def check_layers(layers: dict[str, int]) -> dict[str, int]:
@@ -42,12 +62,17 @@ class GradientWriter:
     commit happen on a background thread behind a queue of `queue_depth` shards (a full queue
     blocks write_step: back-pressure). A restarted rank resumes after last_committed_step;
     uncommitted leftovers of an earlier writer for the same rank are removed.
+
+    One writer per (run, kind, rank): a second one is refused while the first is open and may
+    be alive (it would remove the first's uncommitted shards). `takeover=True` is for a caller
+    that knows the earlier writer is dead, e.g. a restarted rank whose gang was killed.
     """
 
     def __init__(self, run: Run, rank: int, layers: dict[str, int], dtype: str = "float32",
                  steps_per_shard: int = 16, max_buffer_bytes: int = 64 << 20,
                  queue_depth: int = 2, kind: str = "train", projection: dict | None = None,
-                 compression: str | None = None, step_range: tuple[int, int] | None = None):
+                 compression: str | None = None, step_range: tuple[int, int] | None = None,
+                 takeover: bool = False):
         run._check_writable("GradientWriter")
         if not isinstance(rank, int) or rank < 0:
             raise StoreError(f"rank must be a non-negative int, got {rank!r}")
@@ -77,6 +102,8 @@ class GradientWriter:
         self._schema = shard_schema(self.layers, self.dtype, self.kind)
         self._id = uuid.uuid4().hex[:12]
 
+        if not takeover:
+            self._refuse_if_open()
         entries = load_commits(self._storage, layout.commit_dir(kind, rank))
         for e in entries:
             if e.layers != self.layers:
@@ -86,6 +113,7 @@ class GradientWriter:
         self._last_written = self._last_committed
         self._remove_leftovers({e.shard for e in entries})
         self._register("open")
+        _OPEN.add(self._id)
 
         self._batches: list = []
         self._steps: list[int] = []
@@ -99,6 +127,18 @@ class GradientWriter:
         """Last step durably committed for this rank (None if none); resume after it."""
         return self._last_committed
 
+    def _refuse_if_open(self) -> None:
+        try:
+            reg = json.loads(self._storage.get_bytes(layout.writer_path(self.kind, self.rank)))
+        except (FileNotFoundError, ValueError):
+            return
+        if isinstance(reg, dict) and reg.get("status") == "open" and _holder_alive(reg):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(reg.get("time", 0)))
+            raise StoreError(
+                f"run '{self.run.run_id}': rank {self.rank} ({self.kind}) already has an open writer "
+                f"{reg.get('writer')} (pid {reg.get('pid')} on {reg.get('host')}, since {since} UTC); "
+                "a second writer is refused. Close the first, or pass takeover=True if it is dead")
+
     def _remove_leftovers(self, committed: set[str]) -> None:
         stale = [r for r in self._storage.find(layout.shard_dir(self.kind, self.rank))
                  if r not in committed]
@@ -108,6 +148,7 @@ class GradientWriter:
 
     def _register(self, status: str) -> None:
         info = {"rank": self.rank, "kind": self.kind, "status": status, "writer": self._id,
+                "host": socket.gethostname(), "pid": os.getpid(),
                 "layers": self.layers, "dtype": self.dtype, "time": time.time(),
                 "step_range": list(self.step_range) if self.step_range else None,
                 "last_committed_step": self._last_committed}
@@ -205,6 +246,7 @@ class GradientWriter:
             self._submit_shard()
         finally:
             self._closed = True
+            _OPEN.discard(self._id)
             self._uploader.close()  # drains, re-raises an upload failure, stops the thread
         if _mark_closed:
             self._register("closed")

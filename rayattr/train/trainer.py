@@ -17,8 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
+from rayattr import hooks
 from rayattr.config import Config
-from rayattr.faults import maybe_fail
 from rayattr.store import Run
 from rayattr.train.backend import free_port, node_ip
 from rayattr.train.worker import NonFiniteLoss, RankActor
@@ -109,7 +109,7 @@ def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: b
             raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"],
-                            rank_nodes=[i["node"] for i in infos])
+                            rank_nodes=[i["node"] for i in infos], n_truncated=info["truncated"])
         losses = []
         t0 = time.perf_counter()
         with tqdm(total=info["num_steps"], initial=start, desc="train", unit="step", disable=not progress) as bar:
@@ -119,7 +119,7 @@ def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: b
                 losses.append(out[0]["loss"])
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{out[0]['loss']:.3f}")
-                maybe_fail("driver.train", step=b)
+                hooks.call("driver.train", step=b)  # test seam: empty in production
         gather([act.finish.remote() for act in actors])
         info.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_from=start)
         return info

@@ -18,9 +18,9 @@ import torch
 
 from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
+from rayattr import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.faults import maybe_fail, triggered
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.train.backend import set_dist_env
 from rayattr.train.checkpoints import Checkpoints
@@ -88,7 +88,9 @@ class RankWorker:
             self.curvature = GradientCapture(self.engine.module, projection=projection_spec(cfg),
                                              layers=cfg.capture.layers)
         dims = self.capture.layer_dims()
-        common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard)
+        # takeover: the trainer kills a failed gang before starting the next, so a writer
+        # still registered open for this rank is a dead one (possibly on another node)
+        common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard, takeover=True)
         self.writer = GradientWriter(self.run, self.rank, dims, kind="train", **common)
         self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
                             if self.curvature is not None else None)
@@ -149,7 +151,7 @@ class RankWorker:
         positions = self.rank * share + np.arange(share)
         losses, t0 = [], time.perf_counter()
         for step in range(start, min(end, self.num_steps)):
-            maybe_fail("rank.step", rank=self.rank, step=step)
+            hooks.call("rank.step", rank=self.rank, step=step)  # test seam: empty in production
             lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
             rows = self.plan.rank_indices(step, self.rank)
             curv_rows: dict[str, list[torch.Tensor]] = {}
@@ -166,9 +168,8 @@ class RankWorker:
                     ids, mask, labels = self._batch(idx)
                     self.capture.set_mask(mask)
                     self.capture.loss_scale = self._loss_scale()
-                    loss = micro_batch_loss(self.engine, ids, mask, labels)
-                    if triggered("rank.nan", rank=self.rank, step=step):  # tests: this rank diverges alone
-                        loss = loss * float("nan")
+                    loss = hooks.passed("rank.loss", micro_batch_loss(self.engine, ids, mask, labels),
+                                        rank=self.rank, step=step)  # test seam
                     total = self._loss_of_all_ranks(loss)
                     if not math.isfinite(total):
                         self.close()

@@ -80,7 +80,7 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
         from rayattr.cluster import connect
         from rayattr.validate.gangs import retrain_all
 
-        connect(log_to_driver=False)  # joins RAY_ADDRESS's cluster, else starts a local one
+        print(connect(log_to_driver=False), flush=True)  # RAY_ADDRESS's cluster, else a local one
 
         def keep(removal: Removal, out: dict) -> None:
             record = {"removal": removal.to_dict(), **out}

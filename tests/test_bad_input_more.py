@@ -1,0 +1,139 @@
+"""Bad input, second round: each gets a one-line error naming the problem and leaves nothing
+half-written; a store path with spaces or non-ASCII letters simply works. Only 127.0.0.1 is
+ever a network target."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from rayattr.data import DataError, TokenizedDataset, load_dataset, load_tokenizer
+from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions, list_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def job(tmp: Path, config: dict, *args: str, env: dict | None = None, timeout: float = 300):
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    e = {**os.environ, **(env or {})}
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(cfg), "--no-progress", *args],
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(out) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines and lines[-1].startswith("error: "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    return lines[-1]
+
+
+def texts(n: int, source="s", length=20) -> dict:
+    return {"id": list(range(n)), "text": [f"def f{i}(x): return x" [:length] for i in range(n)],
+            "source": [source] * n}
+
+
+@pytest.mark.parametrize("column,values,found", [
+    ("text", pa.array([b"abc"] * 4, pa.binary()), "binary"),
+    ("source", pa.array([1, 2, 3, 4], pa.int64()), "int64"),
+])
+def test_wrong_column_types(tmp_path, column, values, found):
+    good = texts(4)
+    good[column] = values
+    pq.write_table(pa.table(good), tmp_path / "train.parquet")
+    pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
+    out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
+              "--store", str(tmp_path / "store"))
+    line = one_line_error(out)
+    assert f"column '{column}'" in line and "must hold strings" in line and found in line
+    assert not (tmp_path / "store").exists()  # checked before the run is created
+
+
+def test_empty_source_string(tmp_path):
+    rows = texts(6)
+    rows["source"][2] = rows["source"][4] = ""
+    pq.write_table(pa.table(rows), tmp_path / "train.parquet")
+    with pytest.raises(DataError, match=r"column 'source' in dataset file .* has 2 empty value\(s\), e.g. row\(s\) \[2, 4\]"):
+        load_dataset(str(tmp_path / "train.parquet"))  # before: accepted, "" became a source
+    pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
+    out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
+              "--store", str(tmp_path / "store"))
+    assert "2 empty value(s)" in one_line_error(out)
+    assert not (tmp_path / "store").exists()
+
+
+def test_texts_longer_than_the_context_are_counted(tmp_path):
+    """Truncation is what training does (and queries do likewise); the run counts it in
+    run.json n_truncated and the job says so."""
+    rows = texts(48)
+    long = "x = 1  # " + "a long comment " * 10
+    for i in range(0, 48, 4):
+        rows["text"][i] = long
+    pq.write_table(pa.table(rows), tmp_path / "train.parquet")
+    pq.write_table(pa.table(texts(8)), tmp_path / "val.parquet")
+    seq_len = 32
+    expected = TokenizedDataset(load_dataset(str(tmp_path / "train.parquet")), load_tokenizer("byte"), seq_len).num_truncated
+    assert expected == 12
+    config = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet"),
+                       "seq_len": seq_len}, "train": {"lr": 0.3}, "capture": {"rank": 4}, "embed": {"phases": 1}}
+    out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == 12  # before: not recorded
+    assert "note: 12 of 48 training texts are longer than data.seq_len = 32 tokens" in out.stdout
+
+
+def test_store_path_with_spaces_and_unicode(store_root, capsys):
+    from rayattr.cli import main
+
+    root = f"{store_root.uri}/my störe ü/x y"
+    run = Run.create(root, "r", {"layers": {"l": 2}}, options=store_root.options)
+    with GradientWriter(run, 0, {"l": 2}) as w:
+        w.write_step(0, [0], ["s"], {"l": torch.ones(1, 2)})
+    again = Run.open(root, "r", store_root.options)
+    assert GradientReader(again).committed_steps() == [0]
+    assert [r["run_id"] for r in list_runs(root, store_root.options)] == ["r"]
+    args = ["runs", root, "--format", "csv"]
+    for k, v in store_root.options.storage_options.items():
+        args += ["--storage-option", f"{k}={v}"]
+    assert main(args) == 0 and "\nr," in capsys.readouterr().out
+
+
+def test_wrong_s3_credentials(tmp_path, s3_store):
+    """Credentials that are wrong, not absent: SeaweedFS enforces them."""
+    env = {**s3_store.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    root = s3_store.root_uri("wrongcreds")
+    out = job(tmp_path, yaml.safe_load((ROOT / "jobs/configs/small.yaml").read_text()), "--store", root,
+              "--run-id", "r", env=env, timeout=120)
+    line = one_line_error(out)
+    assert "access denied" in line and "not-the-secret" not in out.stderr
+    assert list_runs(root, StoreOptions(storage_options=s3_store.storage_options)) == []
+
+
+def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, capsys):
+    from rayattr.cli import main
+    from rayattr.query import answer
+
+    store, uri = finished_run
+    copy = tmp_path / "store" / "answers"
+    shutil.copytree(uri, copy)
+    scoring = answer.score_occurrences
+
+    def deleted_first(run, grads, *a, **kw):  # the model is loaded; the embeddings are next
+        shutil.rmtree(copy)
+        return scoring(run, grads, *a, **kw)
+
+    monkeypatch.setattr(answer, "score_occurrences", deleted_first)
+    assert main(["query", str(copy), "--text", "def parse(s):", "--k", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "was deleted while being read" in err[-1], err
+    assert "keep_sample_embeddings" not in err[-1]  # before: blamed a setting

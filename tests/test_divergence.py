@@ -1,0 +1,101 @@
+"""Divergence guard: the segment sweep stops at the first step whose K or embeddings are
+non-finite or exploding, naming the step and why, with nothing written for the segment;
+η·λ_max(H) above 2 is reported; no NaN ever reaches a values table."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from rayattr.embed.guard import DivergenceError, eta_lambda_max
+from rayattr.embed.segment import SegmentSpec, SegmentWorker, k_path, sums_path, values_path
+from rayattr.reduce.aggregate import write_outputs
+from rayattr.store import GradientWriter, Run, StepRecord
+
+DIMS = {"l": 2}
+
+
+def make_run(tmp_path, rows: list[list[float]], eta: float | list[float]) -> Run:
+    """One sample per step with gradient rows[step] (width 2), step size eta."""
+    etas = eta if isinstance(eta, list) else [eta] * len(rows)
+    run = Run.create(str(tmp_path), "r", {"layer_dims": DIMS})
+    with GradientWriter(run, 0, DIMS, steps_per_shard=len(rows)) as w:
+        for step, g in enumerate(rows):
+            w.write_step(step, [step], ["s"], {"l": torch.tensor([g])}, positions=[0])
+    run.write_step_records([StepRecord(s, 0, 1.0, etas[s], [s], ["s"], [0]) for s in range(len(rows))])
+    return run
+
+
+def segment(run: Run, n: int) -> SegmentWorker:
+    return SegmentWorker(run.uri, None, SegmentSpec(0, 0, n), [0, n])
+
+
+def assert_nothing_written(run: Run) -> None:
+    assert not run.exists(k_path(0)) and not run.exists(sums_path(0))
+    assert not run.exists("grads/local")
+
+
+def test_exploding_K_stops_at_the_step(tmp_path):
+    """η·g² = 5 at every step: each step multiplies K's first direction by -4; the sweep
+    (backwards from step 15) passes the bound at its 11th step, step 5."""
+    run = make_run(tmp_path, [[math.sqrt(5.0), 0.0]] * 16, 1.0)
+    with pytest.raises(DivergenceError, match=r"segment 0: K of layer 'l' is exploding at step 5: .*"
+                                              r"\(η·λ_max\(H\) = 5 at this step\)"):
+        segment(run, 16).compute()
+    assert_nothing_written(run)
+
+
+def test_non_finite_gradient_stops_at_the_step(tmp_path):
+    rows = [[0.1, 0.2]] * 6
+    rows[3] = [float("nan"), 0.0]
+    run = make_run(tmp_path, rows, 0.5)
+    with pytest.raises(DivergenceError, match=r"embeddings of layer 'l' are not finite at step 3"):
+        segment(run, 6).compute()
+    assert_nothing_written(run)
+
+
+def test_large_step_is_reported(tmp_path, caplog):
+    """One step with η·λ_max = 2.5 flips and stretches K once: no divergence, but reported."""
+    rows = [[0.1, 0.0]] * 6
+    rows[2] = [math.sqrt(2.5), 0.0]
+    run = make_run(tmp_path, rows, 1.0)
+    with caplog.at_level(logging.WARNING):
+        out = segment(run, 6).compute()
+    assert out["max_eta_lambda"] == pytest.approx(2.5) and out["max_eta_lambda_step"] == 2
+    assert "η·λ_max(H) = 2.5 at step 2" in caplog.text
+    assert run.exists(k_path(0))
+
+
+def test_eta_lambda_max_matches_the_spectrum():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(8, 5, generator=gen)
+    exact = float(torch.linalg.eigvalsh(g.T.double() @ g.double())[-1])
+    assert eta_lambda_max({"a": g}, 0.1) == pytest.approx(0.1 * exact, rel=1e-3)
+    c = torch.randn(3, 5, generator=gen)  # sampled-label rows: H = (B / m) Σ ĝ ĝᵀ
+    exact_c = float(torch.linalg.eigvalsh(c.T.double() @ c.double())[-1]) * 8 / 3
+    assert eta_lambda_max({"a": g}, 0.1, {"a": c}, batch_size=8) == pytest.approx(0.1 * exact_c, rel=1e-3)
+
+
+def test_non_finite_values_are_never_written(tmp_path):
+    run = make_run(tmp_path, [[0.1, 0.2]] * 4, 0.5)
+    worker = segment(run, 4)
+    worker.compute()
+    with pytest.raises(DivergenceError, match=r"segment 0: 1 value\(s\) are not finite, the first at step 0"):
+        worker.finalize({"l": torch.eye(2)}, {"l": torch.tensor([float("nan"), 0.0])})
+    assert not run.exists(values_path(0))
+
+
+def test_values_tables_refuse_nan(tmp_path):
+    """The reducer's last check, for values that reached a segment table some other way."""
+    run = Run.create(str(tmp_path), "r", {"layer_dims": DIMS})
+    run.write_table(values_path(0), pa.table({
+        "sample_id": pa.array([0, 1, 2], pa.int64()), "source": ["s"] * 3, "step": pa.array([5, 6, 7], pa.int64()),
+        "epoch": pa.array([0, 0, 0], pa.int64()), "position": pa.array([0, 0, 0], pa.int64()),
+        "value": pa.array([0.5, float("nan"), float("inf")], pa.float64())}))
+    with pytest.raises(DivergenceError, match=r"values/samples.parquet: 2 value\(s\) are not finite, the first at step 6"):
+        write_outputs(run, 1, [0, 8], {"l": torch.ones(2)})
+    assert not run.exists("values/samples.parquet") and not run.exists("values/sources.parquet")

@@ -1,0 +1,69 @@
+"""Which Ray the job joins without RAY_ADDRESS: always a new local instance of its own, never
+a cluster that `ray start` left on the machine (alive, or dead but still named in Ray's
+ray_current_cluster file), and it says which one it joined."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from raycluster import LocalRayCluster
+from rayattr.store import Run
+from s3server import pick_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+# the quick config cut to 2 steps: only start-up is under test
+ARGS = ["--config", "jobs/configs/small.yaml", "--steps", "2", "--segments", "1", "--no-progress"]
+STARTED = "ray: started a local Ray instance at "
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A Ray temp root of the test's own (RAY_TMPDIR): Ray looks for ray_current_cluster in
+    $RAY_TMPDIR/ray/. Short, because Ray's unix socket paths must stay under ~107 characters."""
+    d = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_job(store: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **env}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "r", *ARGS],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_stale_cluster_file_does_not_hang(ray_tmpdir, tmp_path):
+    """A head killed without `ray stop` leaves its address behind; nothing listens there."""
+    dead = f"127.0.0.1:{pick_ports(1)[0]}"
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
+    out = run_job(tmp_path / "store", {"RAY_TMPDIR": str(ray_tmpdir)})  # before: retried the dead GCS for ever
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert STARTED in out.stdout
+    assert "Connecting to existing Ray cluster" not in out.stdout + out.stderr
+    assert Run.open(str(tmp_path / "store"), "r").manifest["status"] == "done"
+
+
+def test_live_head_from_ray_start_is_left_alone(ray_tmpdir, tmp_path):
+    """A head started with `ray start` (on its own loopback IP and ports) is running and named
+    in ray_current_cluster: the job still starts its own instance and says so."""
+    cluster = LocalRayCluster(tmp_path / "head", nodes=1, cpus_per_node=2)
+    (ray_tmpdir / "ray").symlink_to(cluster.temp_dir)  # `ray start --temp-dir` writes the file there
+    cluster.start()
+    try:
+        assert (ray_tmpdir / "ray" / "ray_current_cluster").read_text().strip() == cluster.gcs_address
+        # the head's token too, so that joining it would have worked: the job must not
+        out = run_job(tmp_path / "store", {"RAY_TMPDIR": str(ray_tmpdir), "RAY_AUTH_MODE": "token",
+                                           "RAY_AUTH_TOKEN": cluster.token})
+    finally:
+        cluster.stop()  # kills exactly the head's processes (a bare `ray stop` would kill any Ray here)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert cluster.gcs_address not in out.stdout + out.stderr  # before: "Connecting to existing Ray cluster"
+    assert STARTED in out.stdout
