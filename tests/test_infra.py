@@ -180,3 +180,51 @@ def test_commands_in_infra_files_name_existing_files():
             path = ROOT / rel if rel.startswith(("infra", "jobs", "docs")) else INFRA / rel
             assert path.is_file(), f"{doc.relative_to(ROOT)} names {rel}, which does not exist"
     assert "infra/docker/Dockerfile" in (INFRA / "aws" / "cluster.yaml").read_text()
+
+
+def pod_mounts(group: dict) -> list[str]:
+    """The mount paths of a RayJob group's Ray container, for volumes the pod declares."""
+    spec = group["template"]["spec"]
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    (container,) = spec["containers"]
+    return [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in volumes]
+
+
+def local_paths(cfg) -> list[str]:
+    """The absolute local paths an example config reads (not URIs, not built-in names)."""
+    return [p for p in (cfg.data.tokenizer, cfg.data.train, cfg.data.validation)
+            if isinstance(p, str) and p.startswith("/")]
+
+
+def test_every_local_path_of_the_example_configs_is_in_the_image_or_mounted():
+    job = load_yaml("infra/k8s/rayjob.yaml")["spec"]["rayClusterSpec"]
+    groups = [job["headGroupSpec"], *job["workerGroupSpecs"]]
+    launcher = load_yaml("infra/aws/cluster.yaml")["file_mounts"]
+    under = lambda path, roots: any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
+    named = 0
+    for config in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
+        for path in local_paths(load_config(config)):
+            named += 1
+            if (ROOT / path.lstrip("/")).exists():
+                continue
+            for g in groups:  # the driver (head) and the ranks (workers) both read it
+                assert under(path, pod_mounts(g)), f"{config.name}: {path} is not mounted in rayjob.yaml"
+            assert under(path, launcher), f"{config.name}: {path} is not in cluster.yaml's file_mounts"
+    assert named >= 1  # llama7b_1t.yaml's tokenizer
+    assert under("/opt/tokenizers/llama-2", ["/opt/tokenizers"]) and not under("/opt/tokenizersX", ["/opt/tokenizers"])
+
+
+def test_rayjob_can_grow_to_the_7b_examples_ranks():
+    spec = load_yaml("infra/k8s/rayjob.yaml")["spec"]["rayClusterSpec"]
+    autoscaling = spec.get("enableInTreeAutoscaling", False)
+    gpus = 0
+    for g in spec["workerGroupSpecs"]:
+        (container,) = g["template"]["spec"]["containers"]
+        per_pod = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        gpus += per_pod * (g["maxReplicas"] if autoscaling else g["replicas"])  # without it: replicas, fixed
+    for name in ("gpu_cluster.yaml", "llama7b_1t.yaml"):
+        ranks = load_config(ROOT / "jobs" / "configs" / name).train.ranks
+        assert gpus >= ranks, f"rayjob.yaml reaches {gpus} GPUs; {name} has {ranks} ranks"
+    cluster = load_yaml("infra/aws/cluster.yaml")  # the launcher's ceiling too: 32 nodes x 8 GPUs
+    assert cluster["available_node_types"]["gpu_worker"]["max_workers"] * 8 >= ranks
