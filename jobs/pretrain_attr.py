@@ -22,15 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 
 from rayattr.cluster import connect  # noqa: E402
-from rayattr.config import ConfigError, load_config  # noqa: E402
+from rayattr.config import Config, ConfigError, load_config  # noqa: E402
 from rayattr.embed.guard import DivergenceError  # noqa: E402
+from rayattr.store.names import STORE_ENV  # noqa: E402
 from rayattr.train.worker import NonFiniteLoss  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see jobs/configs/default.yaml); defaults: built-in demo")
-    p.add_argument("--store", help="store root URI (local path or s3://bucket/prefix)")
+    p.add_argument("--store", help="store root URI (local path or s3://bucket/prefix); default: $RAYATTR_STORE, "
+                   "else the config's store.uri (./rayattr_runs)")
     p.add_argument("--run-id", help="run name under the store root")
     p.add_argument("--ranks", type=int, help="DeepSpeed ranks (Ray actors)")
     p.add_argument("--segments", type=int, help="influence-checkpoint segments (segment actors)")
@@ -45,20 +47,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def command_line_settings(args: argparse.Namespace) -> dict:
+    """The config keys the command line sets (None: not given)."""
+    return {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
+            "train.epochs": args.epochs, "train.use_gpu": args.gpu}
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
+    """The config to run: the file (or built-in defaults) with the command line's settings, and
+    the store root from --store, else $RAYATTR_STORE, else the config's store.uri. The
+    environment comes before the file so that a run the job writes is where `rayattr` looks up
+    run ids (rayattr.store.default_store). Returns it and, when $RAYATTR_STORE replaced a store
+    the config file names, a note saying so."""
+    where = {"run_id": args.run_id, "train.placement": args.placement}
+    cfg = load_config(args.config, **command_line_settings(args), **where)
+    env = os.environ.get(STORE_ENV)
+    store = args.store or env or cfg.store.uri
+    note = None
+    if store != cfg.store.uri:
+        if not args.store and args.config:
+            note = (f"note: store {store} from ${STORE_ENV}, not {cfg.store.uri} from {args.config} "
+                    "(--store overrides both)")
+        cfg = cfg.with_overrides(**{"store.uri": store}).validate()
+    return cfg, note
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
-                "train.epochs": args.epochs, "train.use_gpu": args.gpu}
-    where = {"store.uri": args.store, "run_id": args.run_id, "train.placement": args.placement}
     from rayattr.data import DataError
     from rayattr.pipeline import complete_run, open_for_resume, start_run
     from rayattr.store import StoreError
 
     try:
-        cfg = load_config(args.config, **settings, **where)
+        cfg, note = resolve_config(args)
+        if note:
+            print(note, file=sys.stderr, flush=True)
         if args.resume:
             # compare with the recorded config only what the user actually asked for
-            given = cfg if args.config or any(v is not None for v in settings.values()) else None
+            given = cfg if args.config or any(v is not None for v in command_line_settings(args).values()) else None
             cfg, run = open_for_resume(args.resume, given, store=cfg.store.uri,
                                        storage_options=cfg.store.storage_options)
             print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)

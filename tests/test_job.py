@@ -113,3 +113,41 @@ def test_job_unreachable_store_fails_before_ray_starts(tmp_path):
     assert out.returncode == 2
     assert f"unreachable at http://127.0.0.1:{closed}" in out.stderr
     assert "Started a local Ray" not in out.stdout + out.stderr
+
+
+def job_module():
+    """jobs/pretrain_attr.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_attr_job", ROOT / "jobs" / "pretrain_attr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, env, store, noted", [
+    ([], None, "./rayattr_runs", False),                                    # built-in default
+    ([], "/srv/runs", "/srv/runs", False),                                  # the environment, as the CLI
+    (["--store", "/cli/runs"], "/srv/runs", "/cli/runs", False),            # the flag wins
+    (["--config", "jobs/configs/gpu_cluster.yaml"], None, "s3://my-attribution-bucket/runs", False),
+    (["--config", "jobs/configs/gpu_cluster.yaml"], "/srv/runs", "/srv/runs", True),  # said on stderr
+    (["--config", "jobs/configs/default.yaml"], "/srv/runs", "/srv/runs", True),
+])
+def test_job_store_defaults_to_rayattr_store(monkeypatch, argv, env, store, noted):
+    """The job writes where `rayattr RUN_ID` looks: --store, else $RAYATTR_STORE, else the config."""
+    from rayattr.store import default_store
+
+    job = job_module()
+    if env is None:
+        monkeypatch.delenv("RAYATTR_STORE", raising=False)
+    else:
+        monkeypatch.setenv("RAYATTR_STORE", env)
+    monkeypatch.chdir(ROOT)
+    cfg, note = job.resolve_config(job.parse_args([*argv, "--run-id", "x", "--ranks", "3"]))
+    assert cfg.store.uri == store
+    assert (cfg.run_id, cfg.train.ranks) == ("x", 3)  # the other settings still apply
+    assert (note is not None) == noted
+    if noted:
+        assert env in note and argv[1] in note
+    if "--store" not in argv and "--config" not in argv:
+        assert cfg.store.uri == default_store()  # the same answer as the CLI's

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -32,7 +34,12 @@ def test_report_contents(report):
         assert base64.b64encode(png).decode() in page  # inlined: the page stands alone
         pixels = mpimg.imread(path.parent / name)
         assert pixels.std() > 0.01  # a real figure, not an empty canvas
-    assert "src=\"http" not in page and "<script" not in page  # nothing fetched from anywhere
+    # nothing fetched from anywhere: one inline script, no external src/href/url()
+    assert re.findall(r"<script\b[^>]*>", page) == ["<script>"]
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:[a-z][\w+.-]*:)?//|url\(\s*["']?(?:https?:)?//|@import""",
+                         page, re.I)
+    assert "http" not in page[page.index("<script>"):]  # nor does the script (XHR, fetch or a CDN)
+    assert '<th>value_per_sample</th>' in page and 'addEventListener("click"' in page
     for s in run.read_table("values/sources.parquet")["source"].to_pylist():
         assert f"<td>{s}</td>" in page
     # top and bottom samples with their (escaped) text, the config and the stage timings
@@ -41,6 +48,10 @@ def test_report_contents(report):
     assert "seq_len: 32" in page and re.search(r"<td>train</td><td>\d+\.\d</td>", page)
     stages = re.findall(r"<tr><td>(\w+)</td><td>\d+\.\d</td></tr>", page)
     assert stages == ["data", "train", "embed", "reduce", "total"]  # pipeline order, then the sum
+    assert re.search(r"<tfoot><tr><td>total</td>", page)  # sorting the stages leaves the total last
+    # numbers carry their unrounded value for sorting: the sources table's value_per_sample column
+    sources = run.read_table("values/sources.parquet").to_pylist()
+    assert f'<td data-v="{sources[0]["value_per_sample"]!r}">{sources[0]["value_per_sample"]:.4g}</td>' in page
 
 
 def test_step_buckets_are_means_of_occurrences(report):
@@ -54,16 +65,22 @@ def test_step_buckets_are_means_of_occurrences(report):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium binary (Debian: apt-get install chromium)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium binary (Debian: apt-get install chromium)")
+def chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium with nothing that reaches the network on its own."""
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+@needs_chromium
 def test_report_renders_in_headless_chromium(report, tmp_path):
     _, path = report
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1100,2400",
-                    path.as_uri()], capture_output=True, timeout=120, check=True)
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1100,2400", path.as_uri())
     pixels = mpimg.imread(shot)[..., :3]
     assert pixels.shape[:2] == (2400, 1100)
     # not blank: many distinct colours, and the figures' blue (helpful) bars are on screen
@@ -71,3 +88,102 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert len(colours) > 50
     blue = (pixels[..., 2] > 0.55) & (pixels[..., 0] < 0.2) & (pixels[..., 1] > 0.3) & (pixels[..., 1] < 0.6)
     assert blue.sum() > 1000
+
+
+class Tables(HTMLParser):
+    """The tables of a page as Chromium left them: per table, its headers with their aria-sort,
+    and its body rows (cell texts, hidden or not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.cell, self.part = [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append({"headers": [], "sort": [], "rows": []})
+        elif tag in ("thead", "tbody", "tfoot"):
+            self.part = tag
+        elif tag == "tr" and self.part == "tbody":
+            self.tables[-1]["rows"].append({"cells": [], "hidden": "hidden" in a})
+        elif tag in ("th", "td"):
+            self.cell = []
+            if tag == "th":
+                self.tables[-1]["sort"].append(a.get("aria-sort"))
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self.cell is not None:
+            text = "".join(self.cell).strip()
+            if tag == "th":
+                self.tables[-1]["headers"].append(text)
+            elif self.part == "tbody":
+                self.tables[-1]["rows"][-1]["cells"].append(text)
+            self.cell = None
+        elif tag in ("thead", "tbody", "tfoot"):
+            self.part = None
+
+
+def dom_tables(dom: str) -> list[dict]:
+    parser = Tables()
+    parser.feed(dom)
+    return parser.tables
+
+
+# What a user does, as a script after the page's own: click headers, type into a filter box.
+# Chromium runs it with the page's handlers and --dump-dom prints the DOM it leaves.
+CLICKS = """<script>
+var tables = document.querySelectorAll("table");
+function header(t, name) {
+  return Array.prototype.find.call(tables[t].tHead.rows[0].cells, function (th) { return th.textContent === name; });
+}
+header(0, "value_per_sample").click();                 // sources: ascending
+header(1, "value").click(); header(1, "value").click(); // most helpful: ascending, then descending
+header(2, "source").dispatchEvent(new KeyboardEvent("keydown", {key: "Enter"}));  // by keyboard
+header(3, "seconds").click();                           // stage timings: ascending, total stays last
+var box = tables[2].previousElementSibling.querySelector("input[type=search]");
+box.value = %s;
+box.dispatchEvent(new Event("input"));
+</script></body>"""
+
+
+@needs_chromium
+def test_report_tables_sort_and_filter_in_headless_chromium(report, tmp_path):
+    run, path = report
+    page = path.read_text()
+    harmful = dom_tables(page)[2]
+    word = harmful["rows"][0]["cells"][1]  # a source among the most harmful samples
+    clicked = tmp_path / "report.html"
+    clicked.write_text(page.replace("</body>", CLICKS % json.dumps(word.upper())))  # case-insensitive
+    dom = chromium(tmp_path, "--dump-dom", clicked.as_uri()).stdout
+    before, after = dom_tables(page), dom_tables(dom)
+    assert [t["headers"] for t in after] == [t["headers"] for t in before]
+    assert "Filter rows" in dom and dom.count('type="search"') == len(after)  # a filter box per table
+
+    def column(table, name):
+        i = table["headers"].index(name)
+        return [r["cells"][i] for r in table["rows"]]
+
+    # sources by value per sample, ascending: the parquet's order (best first) reversed
+    sources = run.read_table("values/sources.parquet").sort_by("value_per_sample").to_pylist()
+    assert column(after[0], "source") == [s["source"] for s in sources]
+    assert column(before[0], "source") != column(after[0], "source")
+    assert after[0]["sort"][after[0]["headers"].index("value_per_sample")] == "ascending"
+    # the second click on a header turns the order round: most helpful back to best first
+    helpful = [float(v) for v in column(after[1], "value")]
+    assert helpful == sorted(helpful, reverse=True) and after[1]["sort"].count("descending") == 1
+    assert sorted(column(after[1], "sample_id")) == sorted(column(before[1], "sample_id"))
+    # most harmful sorted by source name, keyboard-driven, and filtered to one source's rows
+    names = column(after[2], "source")
+    assert names == sorted(names, key=str.lower)
+    shown = [r["cells"][1] for r in after[2]["rows"] if not r["hidden"]]
+    assert shown == [r["cells"][1] for r in after[2]["rows"] if word.lower() in "".join(r["cells"]).lower()]
+    assert word in shown
+    assert len(shown) < len(names) or len(set(names)) == 1
+    assert f"{len(shown)} of {len(names)} rows" in dom
+    # stage timings: numerically ascending in the body, the total (in the foot) not among them
+    seconds = [float(v) for v in column(after[3], "seconds")]
+    assert seconds == sorted(seconds) and "total" not in column(after[3], "stage")

@@ -84,12 +84,24 @@ def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
     return parts
 
 
-def _table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
+def _cell(value, fmt) -> str:
+    """A table cell; a number also carries its unrounded value, which the table sort uses."""
+    text = html.escape(fmt(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'<td data-v="{value!r}">{text}</td>'
+    return f"<td>{text}</td>"
+
+
+def _table(rows: list[dict], columns: list[str], fmt: dict | None = None, foot: int = 0) -> str:
+    """A table the page's script makes sortable and filterable; the last `foot` rows (totals)
+    go in a <tfoot>, which neither sorting nor filtering moves."""
     fmt = fmt or {}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt.get(c, str)(r[c]))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    split = len(rows) - foot if foot else len(rows)
+    body, tail = ("".join("<tr>" + "".join(_cell(r[c], fmt.get(c, str)) for c in columns) + "</tr>" for r in part)
+                  for part in (rows[:split], rows[split:]))
+    return (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+            f"{f'<tfoot>{tail}</tfoot>' if tail else ''}</table>")
 
 
 STAGES = ("data", "train", "embed", "reduce")
@@ -134,7 +146,68 @@ def _img(name: str, png: bytes, alt: str) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f1f3f5}td.text{max-width:520px}img{max-width:100%}
-pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#d55e00}.pos{color:#0072b2}"""
+pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#d55e00}.pos{color:#0072b2}
+tfoot td{font-weight:bold}th[tabindex]{cursor:pointer;user-select:none}th[tabindex]:after{content:" \\2195";color:#999}
+th[aria-sort=ascending]:after{content:" \\25B2";color:#222}th[aria-sort=descending]:after{content:" \\25BC";color:#222}
+.filter{margin:.5em 0 0;padding:2px 6px;width:16em}.filter+span{margin-left:.8em;color:#555;font-size:90%}"""
+
+# Sorting and filtering of every table, inline (the report works offline and fetches nothing).
+# Without JavaScript the tables are plain and complete; the script only adds to them.
+_JS = r"""(function () {
+  "use strict";
+  var NUMBER = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
+  function key(td) {  // numbers by value (unrounded where the cell has data-v), the rest as text
+    var v = td.getAttribute("data-v"), t = td.textContent.trim();
+    var n = parseFloat(v !== null ? v : t);
+    return (v !== null || NUMBER.test(t)) && !isNaN(n) ? n : t;
+  }
+  function compare(a, b) {
+    var an = typeof a === "number", bn = typeof b === "number";
+    if (an && bn) return a - b;
+    if (an !== bn) return an ? -1 : 1;  // numbers before text
+    return a.localeCompare(b, undefined, {numeric: true, sensitivity: "base"});
+  }
+  function sortBy(table, col) {  // first click ascending, the next descending, and so on
+    var cells = table.tHead.rows[0].cells, th = cells[col];
+    var dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
+    for (var i = 0; i < cells.length; i++) cells[i].removeAttribute("aria-sort");
+    th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
+    var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (r, s) { return dir * compare(key(r.cells[col]), key(s.cells[col])); });
+    rows.forEach(function (r) { body.appendChild(r); });
+  }
+  function filter(table, box, count) {  // rows holding every word typed, in any column
+    var words = box.value.toLowerCase().split(/\s+/).filter(Boolean);
+    var rows = table.tBodies[0].rows, shown = 0;
+    for (var i = 0; i < rows.length; i++) {
+      var text = rows[i].textContent.toLowerCase();
+      rows[i].hidden = !words.every(function (w) { return text.indexOf(w) >= 0; });
+      if (!rows[i].hidden) shown++;
+    }
+    count.textContent = words.length ? shown + " of " + rows.length + " rows" : "";
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("table"), function (table) {
+    if (!table.tHead || !table.tBodies.length) return;
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      th.tabIndex = 0;
+      th.title = "Sort by " + th.textContent;
+      th.addEventListener("click", function () { sortBy(table, col); });
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, col); }
+      });
+    });
+    var box = document.createElement("input"), count = document.createElement("span");
+    box.type = "search";
+    box.className = "filter";
+    box.placeholder = "Filter rows";
+    box.setAttribute("aria-label", "Filter the rows of the table below");
+    box.addEventListener("input", function () { filter(table, box, count); });
+    var bar = document.createElement("div");
+    bar.appendChild(box);
+    bar.appendChild(count);
+    table.parentNode.insertBefore(bar, table);
+  });
+})();"""
 
 
 def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
@@ -192,13 +265,13 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, fmt),
         f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, fmt),
         "<h2>Stage timings</h2>",
-        _table(timing_rows(timings), ["stage", "seconds"]),
+        _table(timing_rows(timings), ["stage", "seconds"], foot=1),  # the total stays last
         "<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(m.get('config', {}), sort_keys=False))}</pre>",
         f"<p><small>rayattr {html.escape(str(m.get('rayattr_version')))}, report written "
         f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</small></p>",
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rayattr {html.escape(run.run_id)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_JS}</script></body></html>")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
