@@ -95,7 +95,7 @@ class TrainConfig:
 
 @dataclass
 class CaptureConfig:
-    rank: int = 8
+    rank: int = 16
     """Projection rank r for both Kronecker factors (p = r*r per layer)."""
     seed: int = 0
     """Projection seed: the same matrices are regenerated at query time."""

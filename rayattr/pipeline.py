@@ -17,7 +17,7 @@ import ray
 from rayattr.capture import ProjectionSpec
 from rayattr.config import Config, ConfigError
 from rayattr.data import builtin_corpus, load_dataset
-from rayattr.embed.blocks import ProjectionBlocks, is_block
+from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
@@ -181,8 +181,8 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
         num_steps, cfg.embed.segments or default_segments(cfg.train.use_gpu))
     n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
-    blocks = ProjectionBlocks.for_run(run.manifest, cfg.embed.error_blocks)
-    run.update_manifest(segments=n_seg, derived_layers={n: p for n, p in blocks.dims.items() if is_block(n)})
+    run.update_manifest(segments=n_seg)
+    ProjectionBlocks.register(run, cfg.embed.error_blocks)
     # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
     # (a short task), else on a small machine one segment actor would wait for it to finish
     val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)

@@ -313,17 +313,23 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     # training writers: one per rank, shards of steps_per_shard steps; segment writers: one per
     # segment, local embeddings in one shard, final ones in read-chunk shards
     spr = cfg.store.steps_per_shard
+    # projection blocks (embed/blocks.py) ride along as extra layers: q² blocks of p/q² numbers
+    # double the local embeddings and sums, and add p²/q² to each layer's K
+    q = cfg.embed.error_blocks
+    blocked = q >= 2 and c.rank % q == 0
+    wide, kfac = (2, 1 + 1 / q ** 2) if blocked else (1, 1.0)
     train = ipc(rows, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype)
     storage = {
         "train gradients": train,
         "curvature rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
                               source_chars=0) if m_curv else 0.0,
-        "local embeddings": ipc(rows, steps, n_seg, "float32"),
+        "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
+                                total_dim=P * wide),
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32"),
-        "K matrices": n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
+        "K matrices": kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
-        "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) + 1) * n_sources * P * 8,
+        "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,
         "weights (initial + final)": 2 * 4 * n_state,  # float32 safetensors
     }
     plan.storage_per_sample = sum(storage.values())
@@ -342,21 +348,21 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     rows_rank = t.micro_batch * t.grad_accum
     proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in layers) * 4
     shard_cap = min(cfg.store.steps_per_shard * rows_rank * P * gb, _WRITER_BUFFER)
-    fixed_seg = (sum(lay.p ** 2 for lay in layers) * eb
+    fixed_seg = (kfac * sum(lay.p ** 2 for lay in layers) * eb
                  + 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES)
-                 + n_sources * cfg.embed.phases * P * eb)
+                 + n_sources * cfg.embed.phases * P * wide * eb)
     plan.memory = {
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, n_params),
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
         "rank: capture + writer": (rows_rank + m_curv / t.ranks) * P * 4 + 2 * proj
                                   + (_WRITER_QUEUE + 1) * shard_cap,
         # the backward sweep keeps each step's gradients and local embeddings until it writes them
-        "segment actor": 2 * steps_seg * G * P * eb + fixed_seg,
-        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
+        "segment actor": (1 + wide) * steps_seg * G * P * eb + fixed_seg,
+        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
     }
     if actor_memory_gb:
         budget = actor_memory_gb * GIB - fixed_seg
-        fit = math.floor(budget / (2 * G * P * eb)) if budget > 0 else 0
+        fit = math.floor(budget / ((1 + wide) * G * P * eb)) if budget > 0 else 0
         need = math.ceil(steps / fit) if fit else None
         plan.notes.append(f"segment actors with {actor_memory_gb:g} GiB hold <= {fit} steps each: "
                           + (f"use >= {need} segments" if need else "the fixed part alone exceeds it"))
@@ -371,7 +377,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         plan.notes.append("training is bound by gradient writes to the store "
                           f"({write_s:.3g} s vs {compute:.3g} s compute per step)")
     share = max(1.0, n_seg / devices)  # segment actors outnumbering devices share them
-    sq = sum(lay.p ** 2 for lay in layers)
+    sq = kfac * sum(lay.p ** 2 for lay in layers)
     rows_seg = steps_seg * G
     rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
     io_in = ipc(rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)

@@ -85,7 +85,7 @@ def test_query_errors(capsys, finished_run, tmp_path):
     assert code == 2 and "does not exist" in err and "answers" in err  # lists the runs there
     code, _, err = rayattr(capsys, "query", uri, "--text", "token " * 100, "--k", "1")
     assert code == 0 and "note: query 0 has" in err and "first 32 tokens" in err
-    busy = Run.create(store, "busy", {"config": {}})
+    busy = Run.create(str(tmp_path), "busy", {"config": {}})  # not in the shared store: others list it
     busy.update_manifest(status="embedding")
     code, _, err = rayattr(capsys, "values", busy.uri)
     assert code == 2 and "not finished" in err and "embedding" in err

@@ -18,9 +18,9 @@ def test_default_yaml_is_the_builtin_default():
 
 def test_overrides_and_yaml(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"train": {"lr": 0.1}, "capture": {"rank": 16}}))
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.1}, "capture": {"rank": 32}}))
     cfg = load_config(path, **{"train.ranks": 4, "embed.segments": None, "store.uri": "s3://b/p"})
-    assert (cfg.train.lr, cfg.capture.rank, cfg.train.ranks, cfg.store.uri) == (0.1, 16, 4, "s3://b/p")
+    assert (cfg.train.lr, cfg.capture.rank, cfg.train.ranks, cfg.store.uri) == (0.1, 32, 4, "s3://b/p")
     assert cfg.embed.segments is None  # None overrides are ignored
     assert cfg.global_batch == 8 * 4
     assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # replayable from the manifest

@@ -201,8 +201,9 @@ def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path):
     lrs = [r.lr for r in records]
     # the lr each update used: DeepSpeed's WarmupLR starts at warmup_min_lr and moves after a step
     assert lrs == pytest.approx([0.0, 0.0, 0.05, 0.1, 0.15, 0.2])
-    for r in records:
-        assert r.eta == pytest.approx(r.lr / 16)  # per-sample step size: lr / global batch
+    for r in records:  # per-sample step size: lr / global batch, times the clip factor κ ≤ 1
+        assert 0 < r.clip <= 1 and r.eta == pytest.approx(r.clip * r.lr / 16)
+    assert min(r.clip for r in records) < 1  # DeepSpeed clips at 1.0 unless told otherwise
     samples = run.read_table("values/samples.parquet")
     steps = samples["step"].to_numpy()
     assert (samples["value"].to_numpy()[steps < 2] == 0).all()  # a zero-lr update has no influence

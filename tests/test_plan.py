@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from rayattr.capture import GradientCapture
+from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.config import Config, load_config
 from rayattr.dvemb import segment_bounds
+from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
 from rayattr.plan import (Throughput, estimate, format_plan, ipc_bytes, parse_count, plan_main)
 from rayattr.reduce import phase_edges
@@ -49,8 +50,8 @@ def test_layer_dims_equal_the_capture_on_the_real_model(over):
 
 def test_default_run_shape():
     plan = estimate(load_config(DEFAULT))
-    # 1536 samples / (8 x 2 ranks) = 96 steps per epoch, 2 epochs; gpt2 2 blocks x 4 + lm_head
-    assert (plan.steps, plan.global_batch, len(plan.layers), plan.total_dim) == (192, 16, 9, 576)
+    # 1536 samples / (8 x 2 ranks) = 96 steps per epoch, 2 epochs; gpt2 2 blocks x 4 + lm_head, p = 16 x 16
+    assert (plan.steps, plan.global_batch, len(plan.layers), plan.total_dim) == (192, 16, 9, 9 * 16 * 16)
     assert plan.occurrences == 192 * 16
 
 
@@ -75,7 +76,9 @@ def test_sizes_match_a_real_store_run(tmp_path):
     plan = estimate(cfg)
     t = cfg.train
     dims = {lay.name: lay.p for lay in plan.layers}
-    run = Run.create(str(tmp_path), "r", {"layer_dims": dims}, options=None)
+    run = Run.create(str(tmp_path), "r", {"layer_dims": dims,
+                                          "projection": ProjectionSpec(rank=cfg.capture.rank).to_dict()}, options=None)
+    ProjectionBlocks.register(run, cfg.embed.error_blocks)  # as the pipeline does before embedding
     gen = torch.Generator().manual_seed(0)
     share = t.micro_batch * t.grad_accum
     records = []
@@ -100,7 +103,7 @@ def test_sizes_match_a_real_store_run(tmp_path):
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     for w in workers:
         w.compute()
-    eye = {n: torch.eye(p) for n, p in dims.items()}
+    eye = {n: torch.eye(p) for n, p in workers[0].dims.items()}  # layers and their projection blocks
     for w in workers:
         w.finalize(eye, {n: torch.ones(p) for n, p in dims.items()})
 
@@ -131,12 +134,15 @@ def test_scaling_laws():
     half = estimate(small(**{"train.steps": 20}))
     seg = [x.memory["segment actor"] for x in (half, base, twice)]
     assert seg[2] - seg[1] == pytest.approx(2 * (seg[1] - seg[0]))
-    assert seg[1] - seg[0] == 2 * 10 * 16 * base.total_dim * 4  # 10 more steps per segment, 16 rows
+    # 10 more steps per segment, 16 rows: their gradients (P) and local embeddings with the
+    # projection blocks beside them (2P)
+    assert seg[1] - seg[0] == 3 * 10 * 16 * base.total_dim * 4
     assert twice.time["train"] - twice.throughput.actor_start_s == pytest.approx(
         2 * (base.time["train"] - base.throughput.actor_start_s))
 
-    # p = r^2: rank 16 stores ~4x the gradients of rank 8; K matrices grow with p^2 = r^4
-    wide = estimate(small(**{"train.steps": 40, "capture.rank": 16}))
+    # p = r^2: rank 32 stores ~4x the gradients of rank 16; K matrices grow with p^2 = r^4
+    assert base.total_dim == 9 * 16 * 16  # the default rank, 16
+    wide = estimate(small(**{"train.steps": 40, "capture.rank": 32}))
     assert wide.total_dim == 4 * base.total_dim
     # the payload grows by the extra 3P numbers per row; framing is per column, not per number
     assert wide.storage["train gradients"] - base.storage["train gradients"] == 40 * 16 * 3 * base.total_dim * 4
@@ -162,11 +168,11 @@ def test_scaling_laws():
 def test_tokens_nodes_and_memory_budget():
     cfg = load_config(DEFAULT, **{"data.train": "s3://b/train", "data.validation": "s3://b/val",
                                   "train.use_gpu": True, "train.ranks": 16})
-    plan = estimate(cfg, tokens=1e7, actor_memory_gb=0.05)
+    plan = estimate(cfg, tokens=1e7, actor_memory_gb=0.1)
     assert plan.n_samples == int(1e7 // 64)
     assert plan.nodes == 2 and plan.devices == 16 and plan.segments == 16  # 8 GPUs per node
-    # 0.05 GiB per actor holds only some steps: the plan says how many segments are needed
-    fit = next(n for n in plan.notes if n.startswith("segment actors with 0.05 GiB"))
+    # 0.1 GiB per actor holds only some steps: the plan says how many segments are needed
+    fit = next(n for n in plan.notes if n.startswith("segment actors with 0.1 GiB"))
     steps, need = (int(x) for x in re.findall(r"<= (\d+) steps each: use >= (\d+) segments", fit)[0])
     assert need == -(-plan.steps // steps) > plan.segments
     tiny = estimate(cfg, tokens=1e7, actor_memory_gb=0.001)
@@ -189,7 +195,7 @@ def test_plan_main_prints_text_and_json(capsys):
     assert "192 steps" in out and "3 segment actors" in out and "per-source" in out
     assert plan_main([DEFAULT, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["steps"] == 192 and d["total_dim"] == 576
+    assert d["steps"] == 192 and d["total_dim"] == 9 * 16 * 16
     assert format_plan(estimate(small())).count("\n") > 20
 
 

@@ -52,6 +52,14 @@ class ProjectionBlocks:
         rank = int(spec["rank"])
         return cls(dims, int(spec.get("rank_out") or rank), int(spec.get("rank_in") or rank), q)
 
+    @classmethod
+    def register(cls, run, q: int) -> "ProjectionBlocks":
+        """The run's blocks, recorded in its manifest as `derived_layers` so that the segment
+        actors' writers accept the block layers (call before the embedding stage)."""
+        blocks = cls.for_run(run.manifest, q)
+        run.update_manifest(derived_layers={n: p for n, p in blocks.dims.items() if is_block(n)})
+        return blocks
+
     @property
     def enabled(self) -> bool:
         return bool(self.index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,8 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
         from rayattr.cluster import connect
         from rayattr.validate.gangs import retrain_all
 
-        print(connect(log_to_driver=False), flush=True)  # RAY_ADDRESS's cluster, else a local one
+        # RAY_ADDRESS's cluster, else a local one; on stderr, so --format json stays parseable
+        print(connect(log_to_driver=False), file=sys.stderr, flush=True)
 
         def keep(removal: Removal, out: dict) -> None:
             record = {"removal": removal.to_dict(), **out}
