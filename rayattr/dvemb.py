@@ -1,13 +1,13 @@
 """Data Value Embedding: the backward recursion and influence checkpointing.
 
-Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions in design.md).
+Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions in docs/method.md).
 Everything distributed in rayattr -- segment actors, the reducer, queries -- calls into here.
 
 Notation, per layer (layers are independent: block-diagonal curvature):
     g            a recorded per-sample gradient row (p,)
     eta_t        per-sample step size at step t (lr_t / |B_t| for a mean loss)
     H_t          curvature at step t: Σ g gᵀ over the batch (empirical Fisher, the paper), or
-                 (|B_t|/m_t) Σ ĝ ĝᵀ over sampled-label pseudo-gradients (design.md §5)
+                 (|B_t|/m_t) Σ ĝ ĝᵀ over sampled-label pseudo-gradients (docs/method.md §3)
     K_{t→}       Π_{k=t}^{T-1} (I - eta_k H_k), later steps on the left
     DVEmb(t, z)  eta_t K_{t+1→} g_z
 

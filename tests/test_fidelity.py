@@ -112,6 +112,6 @@ def test_large_learning_rate_both_curvatures(lr):
     rho_e = spearmanr(pred_e, true).statistic
     rho_s = spearmanr(pred_s, true).statistic
     print(f"\nlr={lr}: Spearman empirical Fisher {rho_e:.3f}, sampled-label Fisher {rho_s:.3f}")
-    # where curvature matters, the sampled-label Fisher (design.md §5) tracks retraining better
+    # where curvature matters, the sampled-label Fisher (docs/method.md §3) tracks retraining better
     assert rho_s > rho_e
     assert rho_s >= 0.8

@@ -187,3 +187,44 @@ def test_report_tables_sort_and_filter_in_headless_chromium(report, tmp_path):
     # stage timings: numerically ascending in the body, the total (in the foot) not among them
     seconds = [float(v) for v in column(after[3], "seconds")]
     assert seconds == sorted(seconds) and "total" not in column(after[3], "stage")
+
+
+def test_trust_section_before_and_after_validation(finished_run, tmp_path):
+    """Unvalidated: the report says so and how to validate; after `rayattr validate` (its own
+    process and Ray) it shows LDS, source Spearman, the scatter plots and a verdict. Ranked
+    samples carry the projection's standard error."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from rayattr.report import write_report
+
+    store, uri = finished_run
+    src = Path(uri)
+    copy = Path(store).parent / "trust-copy"  # a copy: the shared run stays unvalidated
+    shutil.copytree(src, copy / "trusted")
+    run = Run.open(str(copy), "trusted")
+    page = write_report(run, tmp_path / "before").read_text()
+    assert "How far to trust this run" in page and "has not been validated" in page
+    assert "Projection noise" in page and "<th>se</th>" in page
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", run.uri, "--subsets", "4",
+                          "--fraction", "0.2", "--sources", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    path = write_report(Run.open(str(copy), "trusted"), tmp_path / "after")
+    page = path.read_text()
+    assert "has not been validated" not in page and "LDS (Spearman" in page and "Verdict:" in page
+    for name in ("validation_sources.png", "validation_subsets.png"):
+        assert (path.parent / name).read_bytes().startswith(b"\x89PNG") and name in page
+
+
+def test_verdict_reads_the_figures():
+    from rayattr.report.html import verdict
+
+    assert verdict({"lds": 0.93, "source_spearman": 0.9}).startswith("the values predict")
+    assert "roughly" in verdict({"lds": 0.6, "source_spearman": None})
+    chaotic = verdict({"lds": 0.1, "source_spearman": -0.2, "occurrence_actual_rms": 8e-3,
+                       "occurrence_predicted_rms": 1e-3})
+    assert "hypotheses" in chaotic and "8×" in chaotic
+    assert "too few" in verdict({"lds": None, "source_spearman": None})

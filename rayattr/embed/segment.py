@@ -1,4 +1,4 @@
-"""SegmentActor: one influence-checkpoint segment of the DVEmb recursion (design.md §3).
+"""SegmentActor: one influence-checkpoint segment of the DVEmb recursion (docs/method.md §4).
 
 `compute()` sweeps the segment's steps backwards from M = 0 (K = I), writing the local
 embeddings of every occurrence, the segment matrix K per layer, and per-(source, phase) sums

@@ -1,7 +1,7 @@
 """Per-(source, phase) sums of embeddings, accumulated inside a segment as it sweeps.
 
 Everything is linear in the embeddings, so a source's embedding is the sum of its
-occurrences' and the K-products commute with the sum (design.md §3, Aggregates): dataset-level
+occurrences' and the K-products commute with the sum (docs/method.md §4): dataset-level
 answers cost O(#sources · #phases · p), never O(#samples · p).
 """
 

@@ -39,7 +39,7 @@ class StepRecord:
     step: int  # global step index (0-based)
     epoch: int  # epoch the step belongs to
     lr: float  # learning rate the optimizer applied at this step
-    eta: float  # per-sample step size eta_t = lr_t / |B_t| (design.md §1)
+    eta: float  # per-sample step size eta_t = clip * lr_t / |B_t| (docs/method.md §2)
     sample_ids: list[int] = field(default_factory=list)  # global batch, in global-batch order
     sources: list[str] = field(default_factory=list)  # source (dataset) of each sample
     ranks: list[int] = field(default_factory=list)  # rank that processed each sample

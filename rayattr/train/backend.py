@@ -43,7 +43,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         ds[key] = value
     opt = ds.get("optimizer")
     if opt is not None and str(opt.get("type", "")).lower() != "sgd":
-        # DVEmb's recursion is derived for SGD updates (design.md §1).
+        # DVEmb's recursion is derived for SGD updates (docs/method.md §1).
         raise ConfigError(f"train.deepspeed.optimizer.type={opt.get('type')!r}: rayattr's attribution assumes SGD")
     ds.setdefault("zero_allow_untested_optimizer", True)  # plain torch.optim.SGD under ZeRO
     ds.setdefault("steps_per_print", 10**9)
