@@ -110,7 +110,7 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-SAMPLE_COLUMNS = ("sample_id", "source", "step", "score", "text")
+SAMPLE_COLUMNS = ("sample_id", "source", "step", "score", "se", "within_noise", "text")
 
 
 def _samples(rows: list[dict]) -> list[dict]:

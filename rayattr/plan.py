@@ -325,7 +325,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                               source_chars=0) if m_curv else 0.0,
         "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
                                 total_dim=P * wide),
-        "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32"),
+        "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32",
+                                n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
         "K matrices": kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings

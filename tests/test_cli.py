@@ -66,7 +66,10 @@ def test_query_json_and_table(capsys, finished_run, tmp_path):
     assert answer["run_id"] == "answers" and answer["k"] == 3 and answer["projection_rank"] == 32
     assert answer["queries"] == [{"index": 0, "text": target["text"],
                                   "sha256": hashlib.sha256(target["text"].encode()).hexdigest()}]
-    assert all(set(r) == {"sample_id", "source", "step", "score", "text"} for r in answer["helpful"])
+    assert all(set(r) == {"sample_id", "source", "step", "score", "se", "within_noise", "text"}
+               for r in answer["helpful"])
+    # every answer carries the projection's standard error of its score
+    assert all(r["se"] > 0 and r["within_noise"] == (abs(r["score"]) < 2 * r["se"]) for r in answer["helpful"])
     assert len(answer["helpful"]) == 3 and len(answer["harmful"]) == 3
 
     queries = tmp_path / "q.jsonl"

@@ -21,16 +21,29 @@ def test_scores_equal_brute_force_float64(run):
     texts = ["Return the number of items in the list.", "Open a socket and read until EOF."]
     grads, _ = query_gradients(run, texts)
     occ = score_occurrences(run, grads)
-    want = []
+    want, blocks = [], []
     for b in GradientReader(run, kind="embeddings").read_steps(0, None, dtype=torch.float64):
-        want.append(sum(b.grads[n] @ grads[n].double().T for n in b.grads))
+        want.append(sum(b.grads[n] @ grads[n].double().T for n in grads))
+        # standard error: sd over the q x q projection blocks stored beside each layer (q = 2)
+        est = [sum(b.grads[f"{n}@{i}{j}"] @ (2 * grads[n].double()[:, idx(n, i, j)]).T for n in grads)
+               for i in range(2) for j in range(2)]
+        blocks.append(torch.stack(est).std(0))
     want = torch.cat(want).numpy()
     assert occ.scores.shape == want.shape == (run.manifest["num_steps"] * run.manifest["global_batch"], 2)
     np.testing.assert_allclose(occ.scores, want, rtol=1e-4, atol=1e-7 * np.abs(want).max())
+    se = torch.cat(blocks).numpy()
+    np.testing.assert_allclose(occ.se, se, rtol=1e-3, atol=1e-6 * se.max())
 
     # the stored values are the same scores for the validation set
     vals = run.read_table("values/samples.parquet")
     assert occ.sample_ids.tolist() == vals["sample_id"].to_pylist()
+
+
+def idx(layer: str, i: int, j: int, r: int = 32, q: int = 2) -> torch.Tensor:
+    """Flat positions of block (i, j) of a layer's r x r projected gradient (row-major)."""
+    rows = torch.arange(i * r // q, (i + 1) * r // q)
+    cols = torch.arange(j * r // q, (j + 1) * r // q)
+    return (rows[:, None] * r + cols[None, :]).reshape(-1)
 
 
 def test_self_influence_ranks_the_sample_first(run):

@@ -79,11 +79,15 @@ class ProjectionBlocks:
     def values(self, emb: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per row: the value over real layers, and its standard error from the blocks (None
-        without blocks). `emb` rows (B, p) per layer, `test` (p,) per layer, blocks included."""
-        value = sum(emb[n] @ test[n] for n in self.layers)
+        without blocks). `emb` rows (B, p) per layer; `test` (p,) per layer, or (Q, p) for Q
+        test points (then (B, Q) results); blocks included."""
+        def dot(e, t):
+            return e @ (t.T if t.ndim == 2 else t)
+
+        value = sum(dot(emb[n], test[n]) for n in self.layers)
         if not self.enabled:
             return value, None
         q = self.q
-        est = torch.stack([sum(emb[f"{n}{SEP}{a}{b}"] @ test[f"{n}{SEP}{a}{b}"] for n in self.layers)
-                           for a in range(q) for b in range(q)])  # (q², B)
+        est = torch.stack([sum(dot(emb[f"{n}{SEP}{a}{b}"], test[f"{n}{SEP}{a}{b}"]) for n in self.layers)
+                           for a in range(q) for b in range(q)])  # (q², B[, Q])
         return value, est.std(0, correction=1)

@@ -150,7 +150,8 @@ class SegmentWorker:
         epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
-        writer = (GradientWriter(self.run, s.index, self.layers, kind=FINAL_KIND, dtype="float32", takeover=True,
+        # block layers too: a query's scores get their standard errors from them
+        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
         done = _committed(writer)
@@ -160,8 +161,8 @@ class SegmentWorker:
                 value, se = self.blocks.values(final, v)
                 check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
-                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources,
-                                      {n: final[n] for n in self.layers}, positions=list(batch.positions))
+                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
+                                      positions=list(batch.positions))
                 k = len(batch.sample_ids)
                 cols["sample_id"].append(batch.sample_ids.numpy())
                 cols["source"].extend(batch.sources)

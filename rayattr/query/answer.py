@@ -22,7 +22,8 @@ class QueryResult:
 
     texts: list[str]
     helpful: list[dict] = field(default_factory=list)
-    """Rows {sample_id, source, step, score, text, n_occurrences}, most helpful first."""
+    """Rows {sample_id, source, step, score, se, within_noise, text, n_occurrences}, most helpful
+    first; se is the projection's standard error of the score (None for runs without blocks)."""
     harmful: list[dict] = field(default_factory=list)
     """Same rows, most harmful (most negative score) first."""
     sources: list[dict] | None = None
@@ -38,16 +39,15 @@ class QueryResult:
 
 
 def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, by_source: bool,
-           train, notices: list[str]) -> QueryResult:
-    ranked = rank_samples(occ, column, k, train)
+           train, notices: list[str], se: np.ndarray | None = None) -> QueryResult:
+    ranked = rank_samples(occ, column, k, train, se=se)
     return QueryResult(texts=texts, helpful=ranked["helpful"], harmful=ranked["harmful"],
                        sources=rank_sources(occ, column) if by_source else None, notices=notices)
 
 
 def keep_sources(occ: OccurrenceScores, sources: list[str]) -> OccurrenceScores:
     """Only the occurrences of training samples from `sources`."""
-    keep = np.isin(occ.sources.astype(str), list(sources))
-    return OccurrenceScores(occ.sample_ids[keep], occ.sources[keep], occ.steps[keep], occ.scores[keep])
+    return occ.subset(np.isin(occ.sources.astype(str), list(sources)))
 
 
 def check_sources(train, sources: list[str]) -> None:
@@ -83,6 +83,11 @@ def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_so
         occ = keep_sources(occ, sources)
     say(f"ranking {len(occ)} occurrences")
     if not each:
-        return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices])
+        return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices],
+                      se=_column(occ.se, 0))
     return [answer(occ, occ.scores[:, i], [t], k, by_source, train,
-                   [n.message for n in notices if n.query == i]) for i, t in enumerate(texts)]
+                   [n.message for n in notices if n.query == i], se=_column(occ.se, i)) for i, t in enumerate(texts)]
+
+
+def _column(se: np.ndarray | None, i: int) -> np.ndarray | None:
+    return None if se is None else se[:, i]

@@ -32,11 +32,12 @@ def texts_of(train: pa.Table, ids: np.ndarray) -> list[str | None]:
 
 
 def rank_samples(occ: OccurrenceScores, column: np.ndarray, k: int,
-                 train: pa.Table | None = None) -> dict[str, list[dict]]:
+                 train: pa.Table | None = None, se: np.ndarray | None = None) -> dict[str, list[dict]]:
     """The k most helpful and k most harmful training samples for one score column.
 
     A sample's score is its value summed over its occurrences (all epochs); `step` is the
-    occurrence that contributed most in the row's direction.
+    occurrence that contributed most in the row's direction. With `se` (per occurrence), a
+    row's se adds its occurrences' in quadrature, and within_noise says |score| < 2·se.
     """
     ids, totals, inverse = sample_totals(occ.sample_ids, column)
     out: dict[str, list[dict]] = {}
@@ -45,8 +46,10 @@ def rank_samples(occ: OccurrenceScores, column: np.ndarray, k: int,
         for j in _top(totals, k, largest):
             mine = np.flatnonzero(inverse == j)
             best = mine[np.argmax(column[mine]) if largest else np.argmin(column[mine])]
+            row_se = float(np.sqrt(np.sum(se[mine] ** 2))) if se is not None else None
             rows.append({"sample_id": int(ids[j]), "source": str(occ.sources[best]),
-                         "step": int(occ.steps[best]), "score": float(totals[j]),
+                         "step": int(occ.steps[best]), "score": float(totals[j]), "se": row_se,
+                         "within_noise": None if row_se is None else bool(abs(totals[j]) < 2 * row_se),
                          "n_occurrences": int(mine.size)})
         if train is not None and rows:
             for row, text in zip(rows, texts_of(train, np.array([r["sample_id"] for r in rows]))):

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from rayattr.embed.blocks import ProjectionBlocks, is_block
 from rayattr.embed.segment import FINAL_KIND
 from rayattr.query.errors import QueryError
 from rayattr.store import GradientReader, Run, StoreError
@@ -31,6 +32,13 @@ class OccurrenceScores:
     """(N,) int64 optimizer step of each occurrence."""
     scores: np.ndarray
     """(N, Q) float64: dot(final embedding, query gradient) summed over layers."""
+    se: np.ndarray | None = None
+    """(N, Q) float64: each score's standard error from the projection blocks (None for runs
+    made without them)."""
+
+    def subset(self, keep: np.ndarray) -> "OccurrenceScores":
+        return OccurrenceScores(self.sample_ids[keep], self.sources[keep], self.steps[keep], self.scores[keep],
+                                None if self.se is None else self.se[keep])
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -123,24 +131,36 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows:
     `block_rows`, in float32 (the embeddings' stored precision); scores are kept in float64.
     """
     reader = reader or embedding_reader(run)
-    missing = sorted(set(reader.layers) - set(test_grads))
+    blocks = stored_blocks(run, reader)
+    test = {n: (g if g.ndim == 2 else g[None]).to(torch.float32).contiguous()
+            for n, g in test_grads.items() if n in blocks.layers}
+    missing = sorted(set(blocks.layers) - set(test))
     if missing:
         raise QueryError(f"query gradients lack layers {missing} of run {run.uri}")
-    test = {n: (g if g.ndim == 2 else g[None]).to(torch.float32).contiguous()
-            for n, g in test_grads.items() if n in reader.layers}
+    test = blocks.augment(test)
     q = next(iter(test.values())).shape[0]
-    ids, sources, steps, scores = [], [], [], []
+    ids, sources, steps, scores, ses = [], [], [], [], []
     for block in _in_background(_blocks(reader.iter_steps(layers=list(test)), block_rows)):
-        total = None
-        for name, g in test.items():
-            s = block.grads[name] @ g.T
-            total = s if total is None else total.add_(s)
-        scores.append(total.double().numpy())
+        value, se = blocks.values(block.grads, test)
+        scores.append(value.double().numpy())
+        if se is not None:
+            ses.append(se.double().numpy())
         ids.append(block.sample_ids)
         sources.extend(block.sources)
         steps.append(block.steps)
     if not scores:
         return OccurrenceScores(np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, np.int64),
-                                np.zeros((0, q)))
+                                np.zeros((0, q)), np.zeros((0, q)) if blocks.enabled else None)
     return OccurrenceScores(np.concatenate(ids), np.asarray(sources, dtype=object),
-                            np.concatenate(steps), np.concatenate(scores))
+                            np.concatenate(steps), np.concatenate(scores), np.concatenate(ses) if ses else None)
+
+
+def stored_blocks(run: Run, reader: GradientReader) -> ProjectionBlocks:
+    """The projection blocks stored beside the run's final embeddings (none for older runs,
+    or runs made with embed.error_blocks = 1)."""
+    q = int(((run.manifest.get("config") or {}).get("embed") or {}).get("error_blocks", 1))
+    layers = {n: p for n, p in reader.layers.items() if not is_block(n)}
+    blocks = ProjectionBlocks.for_run({**run.manifest, "layer_dims": layers}, q)
+    if blocks.enabled and not set(blocks.index) <= set(reader.layers):
+        return ProjectionBlocks(layers, 1, 1, 1)
+    return blocks
