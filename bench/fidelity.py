@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--exact", action="store_true", help="also exact first-order values (float64 replay)")
     p.add_argument("--store", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
+    if args.store:
+        os.makedirs(args.store, exist_ok=True)
     store = args.store or tempfile.mkdtemp(prefix="rayattr-fidelity-")
     extra: dict = {}
     for item in args.set:

@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--store", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
+    if args.store:
+        os.makedirs(args.store, exist_ok=True)
     store = args.store or tempfile.mkdtemp(prefix="rayattr-noise-")
     runs = [run_job(store, f"rank{args.rank}-seed{s}", {"capture": {"rank": args.rank, "seed": s}})
             for s in range(args.seeds)]

@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=YAML", help="config override, dotted")
     p.add_argument("--store", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
+    if args.store:
+        os.makedirs(args.store, exist_ok=True)
     store = args.store or tempfile.mkdtemp(prefix="rayattr-stability-")
     extra = dotted(args.set)
     # the data files of one default run, then every seed trains on exactly those
