@@ -49,6 +49,10 @@ class FinishedRun:
         """values/phases.parquet: source, phase, step_start, step_end, n_occurrences, value."""
         return self.run.read_table("values/phases.parquet")
 
+    def layers(self) -> pa.Table:
+        """values/layers.parquet: source, layer, value (each layer's part of the source's value)."""
+        return self.run.read_table("values/layers.parquet")
+
     def query(self, texts: str | list[str], k: int = 10, by_source: bool = False,
               each: bool = False, sources: list[str] | None = None,
               progress: Callable[[str], None] | None = None) -> QueryResult | list[QueryResult]:

@@ -2,7 +2,7 @@
 
     rayattr runs [STORE]
     rayattr show RUN [--format json]
-    rayattr values RUN [--by-phase] [--format table|csv|json]
+    rayattr values RUN [--by-phase | --by-layer] [--format table|csv|json]
     rayattr query RUN --text "def parse(s):" [--k 5] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
@@ -99,9 +99,12 @@ def _open(args):
 
 def cmd_values(args) -> int:
     run = _open(args)
-    table = run.phases() if args.by_phase else run.sources()
     if args.by_phase:
-        table = table.sort_by([("source", "ascending"), ("phase", "ascending")])
+        table = run.phases().sort_by([("source", "ascending"), ("phase", "ascending")])
+    elif args.by_layer:
+        table = run.layers().sort_by([("source", "ascending"), ("layer", "ascending")])
+    else:
+        table = run.sources()
     print(format_rows(table.to_pylist(), table.column_names, args.format))
     return 0
 
@@ -295,7 +298,9 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("values", parents=[so], help="per-source value table (or source x phase)")
     v.add_argument("run", help=RUN_HELP)
-    v.add_argument("--by-phase", action="store_true", help="source x training phase")
+    how = v.add_mutually_exclusive_group()
+    how.add_argument("--by-phase", action="store_true", help="source x training phase")
+    how.add_argument("--by-layer", action="store_true", help="source x layer")
     v.add_argument("--format", choices=FORMATS, default="table")
     v.set_defaults(func=cmd_values)
 

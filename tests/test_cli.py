@@ -110,6 +110,17 @@ def test_bad_arguments_exit_2_without_traceback(capsys, finished_run, tmp_path):
     assert code == 2 and "KEY=VALUE" in err
 
 
+def test_values_by_layer(capsys, finished_run):
+    _, uri = finished_run
+    code, out, _ = rayattr(capsys, "values", uri, "--by-layer", "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and {"source", "layer", "value"} == set(rows[0])
+    code, out, _ = rayattr(capsys, "values", uri, "--format", "json")
+    for src in json.loads(out):  # the layers' parts add up to the source's value
+        parts = sum(r["value"] for r in rows if r["source"] == src["source"])
+        assert parts == pytest.approx(src["value"], rel=1e-4, abs=1e-9)
+
+
 def test_report_command(capsys, finished_run, tmp_path):
     _, uri = finished_run
     code, out, _ = rayattr(capsys, "report", uri, "--out", str(tmp_path / "rep"))

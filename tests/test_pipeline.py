@@ -212,3 +212,19 @@ def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path):
     assert set(samples["source"].to_pylist()) == set(train["source"].to_pylist())
     assert np.isfinite(samples["value"].to_numpy()).all()
     assert any("self_attn" in n for n in run.manifest["layer_dims"])  # Llama layers were captured
+
+
+def test_phase_and_layer_breakdowns_sum_to_the_source_values(trained):
+    """values/phases.parquet and values/layers.parquet split each source's value; the parts add
+    up to values/sources.parquet (the per-occurrence sum). The sums are taken in float64 inside
+    the sweep, the occurrence values from local embeddings stored in float32: 1e-6 apart."""
+    _, run, _ = trained
+    total = {r["source"]: r["value"] for r in run.read_table("values/sources.parquet").to_pylist()}
+    for name, n_parts in (("phases", 4), ("layers", len(run.manifest["layer_dims"]))):
+        parts = run.read_table(f"values/{name}.parquet").group_by("source").aggregate([("value", "sum"),
+                                                                                         ("value", "count")])
+        got = {r["source"]: r["value_sum"] for r in parts.to_pylist()}
+        assert got.keys() == total.keys()
+        for s in total:
+            assert got[s] == pytest.approx(total[s], rel=1e-6, abs=1e-12), (name, s)
+        assert max(r["value_count"] for r in parts.to_pylist()) == n_parts

@@ -88,6 +88,16 @@ def phase_values(sums: SourcePhaseSums, edges: list[int], test_grad: dict[str, t
     })
 
 
+def layer_values(sums: SourcePhaseSums, test_grad: dict[str, torch.Tensor]) -> pa.Table:
+    """Per source x layer: the part of the source's value carried by each layer's block of the
+    curvature (layers are independent in the recursion, so the parts add up to the value)."""
+    by_src = sums.by_source()
+    rows = [{"source": s, "layer": n, "value": float(by_src[s][n] @ test_grad[n].to(by_src[s][n].dtype))}
+            for s in sorted(by_src) for n in sums.dims]
+    return pa.Table.from_pylist(rows, schema=pa.schema([("source", pa.string()), ("layer", pa.string()),
+                                                        ("value", pa.float64())]))
+
+
 def source_embeddings(sums: SourcePhaseSums) -> pa.Table:
     """Final per-source embeddings (sum over occurrences), to value new test sets later."""
     by_src = sums.by_source()
@@ -109,5 +119,6 @@ def write_outputs(run: Run, n_segments: int, edges: list[int], test_grad: dict[s
                     samples.select(["sample_id", "source", "step", "epoch", "value", "value_se"]))
     run.write_table("values/sources.parquet", sources)
     run.write_table("values/phases.parquet", phase_values(sums, edges, test_grad))
+    run.write_table("values/layers.parquet", layer_values(sums, test_grad))
     run.write_table("embeddings/sources.parquet", source_embeddings(sums))
     return {"sources": sources.to_pylist(), "occurrences": samples.num_rows}
