@@ -1,5 +1,5 @@
 """Per-sample gradient capture: hooks on Linear / Conv1D layers that project each factor of a
-sample's gradient as it streams past (design.md section 4).
+sample's gradient as it streams past (docs/method.md §5).
 
     from rayattr.capture import GradientCapture, ProjectionSpec
     cap = GradientCapture(model, projection=ProjectionSpec(rank=16, seed=0), layers=None)

@@ -1,4 +1,4 @@
-"""Sampled-label ("true Fisher") pseudo-losses for the curvature estimate (design.md section 5).
+"""Sampled-label ("true Fisher") pseudo-losses for the curvature estimate (docs/method.md §3).
 
 Backpropagating a loss against labels drawn from the model's own predictive distribution
 gives pseudo-gradients g^ with E[g^ g^^T] = the Gauss-Newton matrix of cross-entropy.
