@@ -77,11 +77,16 @@ def adam_preconditioner(
     return Preconditioner(rho, gamma, diagonal, int(step))
 
 
+def in_gradient_orientation(module: nn.Module, weight_state: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped state in G's (d_out, d_in) orientation: a GPT-2 Conv1D stores (d_in, d_out)."""
+    return weight_state if isinstance(module, nn.Linear) else weight_state.t()
+
+
 def module_preconditioner(module: nn.Module, optimizer: torch.optim.Optimizer, full: bool = False) -> Preconditioner:
     """The Preconditioner of a Linear / Conv1D module trained by a torch Adam/AdamW optimizer
     whose whole state is local (not for ZeRO-partitioned states)."""
     group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
     state = optimizer.state[module.weight]
-    v = state["exp_avg_sq"] if isinstance(module, nn.Linear) else state["exp_avg_sq"].t()
+    v = in_gradient_orientation(module, state["exp_avg_sq"])
     bias = optimizer.state[module.bias]["exp_avg_sq"] if getattr(module, "bias", None) is not None else None
     return adam_preconditioner(v, bias, int(state["step"]), group["betas"][1], group["eps"], full)

@@ -13,7 +13,7 @@ import torch
 
 from rayattr.capture import per_sample_loss
 from rayattr.config import Config
-from rayattr.optimizer import resolve_optimizer
+from rayattr.optimizer import check_param_groups, resolve_optimizer
 from rayattr.train.backend import deepspeed_config
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
@@ -31,6 +31,7 @@ def build_engine(cfg: Config, model: torch.nn.Module):
     if spec.adamw:
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2),
                                       eps=spec.eps, weight_decay=spec.weight_decay)
+        check_param_groups(optimizer, dict(model.named_modules()))
     elif "optimizer" not in ds_cfg:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
