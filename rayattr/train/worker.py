@@ -22,6 +22,7 @@ from rayattr import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
+from rayattr.store.layout import UPDATE_KIND
 from rayattr.optimizer import resolve_optimizer
 from rayattr.train.adam_state import adam_step_count, read_preconditioners
 from rayattr.train.backend import set_dist_env
@@ -29,9 +30,6 @@ from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
 from rayattr.train.quiet import quiet_known_noise
-
-
-UPDATE_KIND = "update"  # AdamW update rows u = P g, stored like the "train" rows
 
 
 class NonFiniteLoss(RuntimeError):
