@@ -27,6 +27,18 @@ def adam_step_count(engine) -> int:
     return 0
 
 
+def link_partitioned_state(engine, params: list[torch.nn.Parameter]) -> None:
+    """ZeRO 1/2 link each parameter to its fragment of the optimizer state only at their next
+    step(), and a checkpoint load re-creates the links without it: a resumed rank reading v
+    before its first step would find nothing. Link now (DeepSpeed's own lazy hook)."""
+    opt = engine.optimizer
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+    unlinked = any(getattr(getattr(p, "_hp_mapping", None), "optim_fragment", {}) is None for p in params)
+    if link is not None and unlinked:
+        opt._hp_optimizer_states_linked = False
+        link()
+
+
 def full_exp_avg_sq(engine, param: torch.nn.Parameter) -> torch.Tensor:
     """The whole exp_avg_sq of one parameter. Under ZeRO 1/2 this is a collective: every rank
     must call it for the same parameters in the same order."""
@@ -49,6 +61,8 @@ def read_preconditioners(engine, layers: list[str], spec: OptimizerSpec, exact: 
     if k == 0:
         return None, 0
     model = engine.module
+    modules = [model.get_submodule(name) for name in layers]
+    link_partitioned_state(engine, [p for m in modules for p in (m.weight, getattr(m, "bias", None)) if p is not None])
     out = {}
     for name in layers:  # the same order on every rank (collective reads)
         module = model.get_submodule(name)
