@@ -65,6 +65,22 @@ class DataConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    """The optimizer the attribution models (docs/method.md §2 SGD, §7 AdamW). DeepSpeed's own
+    `train.deepspeed.optimizer` block (type SGD, Adam or AdamW) may be used instead: it
+    resolves to the same settings (rayattr/optimizer.py); giving both is an error."""
+
+    type: str = "sgd"
+    """"sgd" (plain SGD at train.lr, no momentum) or "adamw" (torch.optim.AdamW semantics)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (β₁, β₂): the momentum's and the second moment's decay; read only with adamw."""
+    eps: float = 1e-8
+    """AdamW's ε in the preconditioner 1/(√v̂ + ε); read only with adamw."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay λ: each step scales the weights by 1 − lr_t·λ; adamw only."""
+
+
+@dataclass
 class TrainConfig:
     ranks: int = 2
     """DeepSpeed ranks, one Ray actor each."""
@@ -77,7 +93,8 @@ class TrainConfig:
     steps: int | None = None
     """Stop after this many optimizer steps (None = all epochs)."""
     lr: float = 0.1
-    """SGD learning rate (when the DeepSpeed config has no optimizer)."""
+    """Peak learning rate of train.optimizer (when the DeepSpeed config has no optimizer; a
+    DeepSpeed scheduler then moves it per step)."""
     seed: int = 0
     """Seed of model init and data order."""
     use_gpu: bool = False
@@ -88,6 +105,8 @@ class TrainConfig:
     """Times training restarts from the last checkpoint after a rank actor dies."""
     placement: str = "PACK"
     """Placement-group strategy of the rank actors: PACK, SPREAD or STRICT_SPREAD (one per node)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer: sgd (default) or adamw, with its settings."""
     deepspeed: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 1}})
     """DeepSpeed config passed through (zero_optimization, bf16/fp16, scheduler, optimizer...).
     Batch-size keys are filled from micro_batch/grad_accum/ranks."""
@@ -109,6 +128,10 @@ class CaptureConfig:
     """Share of each micro-batch used for sampled-label pseudo-gradients."""
     dtype: str = "float32"
     """Stored gradient dtype: float32, bfloat16 or float16."""
+    precondition_every: int = 1
+    """AdamW: re-read Adam's second moment v for the update rows every this many steps
+    (docs/method.md §7); checkpoint_every must be a multiple of it, so a resumed run reads the
+    same v."""
 
 
 @dataclass
@@ -190,7 +213,7 @@ class Config:
     def validate(self) -> "Config":
         t, c = self.train, self.capture
         for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
-                    "capture.rank", "store.steps_per_shard", "data.seq_len", "embed.phases",
+                    "capture.rank", "capture.precondition_every", "store.steps_per_shard", "data.seq_len", "embed.phases",
                     "embed.segments", "embed.error_blocks", "model.n_layer", "model.n_embd", "model.n_head",
                     "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
             value = self._get(key)
@@ -218,6 +241,9 @@ class Config:
             raise ConfigError("data.train and data.validation must be given together (or neither, for the built-in corpus)")
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
+        from rayattr.optimizer import check_adamw_capture, resolve_optimizer
+
+        check_adamw_capture(self, resolve_optimizer(self))
         return self
 
     def _get(self, dotted: str) -> Any:

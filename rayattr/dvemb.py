@@ -1,7 +1,8 @@
 """Data Value Embedding: the backward recursion and influence checkpointing.
 
-Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions in docs/method.md).
-Everything distributed in rayattr -- segment actors, the reducer, queries -- calls into here.
+Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions and the AdamW
+extension in docs/method.md). Everything distributed in rayattr -- segment actors, the
+reducer, queries -- calls into here.
 
 Notation, per layer (layers are independent: block-diagonal curvature):
     g            a recorded per-sample gradient row (p,)
@@ -10,6 +11,14 @@ Notation, per layer (layers are independent: block-diagonal curvature):
                  (|B_t|/m_t) Σ ĝ ĝᵀ over sampled-label pseudo-gradients (docs/method.md §3)
     K_{t→}       Π_{k=t}^{T-1} (I - eta_k H_k), later steps on the left
     DVEmb(t, z)  eta_t K_{t+1→} g_z
+
+AdamW (docs/method.md §7): u = P_t g is the occurrence's update direction (P the frozen
+preconditioner), alpha_t = 1 - lr_t λ the decoupled decay and beta1 the momentum. Then
+    K_t          alpha_t I - eta_t Σ u gᵀ   (sampled-label: alpha_t I - eta_t (|B_t|/m_t) Σ û ĝᵀ)
+    w_{t,s}      (1 - beta1) beta1^(s-t) / (1 - beta1^(s+1))   momentum weights, bias-corrected
+    DVEmb(t, z)  Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u_z = R_t u_z
+    R_t          c_t eta_t K_{t+1→} + beta1 R_{t+1},  c_t = (1 - beta1)/(1 - beta1^(t+1)),  R_T = 0
+With beta1 = 0 R_t is eta_t K_{t+1→}, so R is only carried when there is momentum.
 
 We carry K itself rather than M = I - K: the two are the same memory traffic, and with the
 empirical Fisher K Gᵀ is just the transposed embeddings, so a step costs two (B×p)(p×p)
@@ -32,13 +41,23 @@ Grads = torch.Tensor | Mapping[str, torch.Tensor]
 # ----------------------------------------------------------------------------- one segment
 
 
+def momentum_weight(momentum: float, step: int) -> float:
+    """c_t = (1 - beta1) / (1 - beta1^(t+1)): the share of step t's gradient in its own bias-corrected
+    momentum m̂_t (1 without momentum). ``step`` is Adam's 0-based step, so its counter is t + 1."""
+    if momentum == 0.0:
+        return 1.0
+    return (1.0 - momentum) / (1.0 - momentum ** (step + 1))
+
+
 @dataclass
 class SegmentRecursion:
     """Backward sweep over one influence-checkpoint segment, one step at a time.
 
     Feed steps in *decreasing* order with :meth:`step`; each call returns the local embeddings
-    ``eta_t K_{t+1→t_end} g`` of that step's samples. After the first step of the segment has
-    been fed, :attr:`K` holds the segment matrix ``Π_{t∈segment} (I - eta_t H_t)``.
+    of that step's samples: ``eta_t K_{t+1→t_end} g`` for SGD, ``R_t u`` for AdamW. After the
+    first step of the segment has been fed, :attr:`K` holds the segment matrix
+    ``Π_{t∈segment} K_t`` and :attr:`R` the segment's local R at its first step (both are
+    what :func:`segment_combine` needs).
 
     Layers with the same width are stacked and processed with one batched matmul.
     """
@@ -47,11 +66,14 @@ class SegmentRecursion:
     """Layer name -> projected gradient width p."""
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
+    momentum: float = 0.0
+    """Adam's beta1; > 0 carries R next to K and needs each step's index (bias correction)."""
     last_step: int | None = field(init=False, default=None)
     """The last step fed (steps must decrease)."""
 
     def __post_init__(self) -> None:
         self.dims = dict(self.dims)
+        self.momentum = check_momentum(self.momentum)
         # group layer names by width: one (L, p, p) stack per group
         self._groups: dict[int, list[str]] = {}
         for name, p in self.dims.items():
@@ -60,11 +82,27 @@ class SegmentRecursion:
             p: torch.eye(p, dtype=self.dtype, device=self.device).repeat(len(names), 1, 1)
             for p, names in self._groups.items()
         }
+        # R starts at R_{t_end} = 0 (local to the segment); without momentum it is eta K, not stored
+        self._r_stacks = {
+            p: torch.zeros_like(K) for p, K in self._stacks.items()
+        } if self.momentum else None
 
     @property
     def K(self) -> dict[str, torch.Tensor]:
-        """Layer -> product Π (I - eta_t H_t) over the steps fed so far (views, not copies)."""
-        return {n: self._stacks[p][i] for p, names in self._groups.items() for i, n in enumerate(names)}
+        """Layer -> product of the step Jacobians K_t over the steps fed so far (views, not copies)."""
+        return self._unstack(self._stacks)
+
+    @property
+    def R(self) -> dict[str, torch.Tensor] | None:
+        """Layer -> local R at the last step fed (views); None without momentum, where it is not
+        needed to combine segments."""
+        return self._unstack(self._r_stacks) if self._r_stacks is not None else None
+
+    def _unstack(self, stacks) -> dict[str, torch.Tensor]:
+        return {n: stacks[p][i] for p, names in self._groups.items() for i, n in enumerate(names)}
+
+    def _stack(self, rows: Mapping[str, torch.Tensor], names: list[str], p: int) -> torch.Tensor:
+        return torch.stack([_as(rows[n], self.dtype, self.device, p, n) for n in names])  # (L,B,p)
 
     def step(
         self,
@@ -73,40 +111,95 @@ class SegmentRecursion:
         curvature: Mapping[str, torch.Tensor] | None = None,
         batch_size: int | None = None,
         step: int | None = None,
+        updates: Mapping[str, torch.Tensor] | None = None,
+        curvature_updates: Mapping[str, torch.Tensor] | None = None,
+        decay: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """Process one training step (the next earlier one) and return its local embeddings.
 
-        grads: layer -> (B, p) per-sample gradients of this step's samples.
+        grads: layer -> (B, p) per-sample gradients g of this step's samples.
         curvature: layer -> (m, p) pseudo-gradient rows, H = (batch_size / m) Σ ĝ ĝᵀ;
             None uses the empirical Fisher of ``grads`` itself.
         batch_size: |B_t| for the sampled-label scale; defaults to the rows in ``grads``.
-        step: optional global step index, checked to be strictly decreasing.
+        step: global 0-based optimizer step; checked to be strictly decreasing, and required
+            with momentum (its bias correction depends on it).
+        updates: layer -> (B, p) update directions u = P_t g (None: SGD, u = g).
+        curvature_updates: layer -> (m, p) rows P_t ĝ matching ``curvature``; required when
+            both ``curvature`` and ``updates`` are given.
+        decay: alpha_t = 1 - lr_t λ, the decoupled weight decay's factor in K_t.
         """
-        if step is not None:
-            if self.last_step is not None and step >= self.last_step:
-                raise ValueError(f"steps must be fed in decreasing order: got {step} after {self.last_step}")
-            self.last_step = step
-        missing = set(self.dims) - set(grads)
-        if missing:
-            raise KeyError(f"gradients missing for layers {sorted(missing)}")
+        self._check_step(step)
+        _check_step_inputs(self.dims, grads, curvature, updates, curvature_updates)
+        if self.momentum and step is None:
+            raise ValueError("with momentum, step= (the 0-based optimizer step) is required for the bias correction")
         out: dict[str, torch.Tensor] = {}
         for p, names in self._groups.items():
             K = self._stacks[p]
-            G = torch.stack([_as(grads[n], self.dtype, self.device, p, n) for n in names])  # (L,B,p)
-            E = eta * torch.matmul(G, K.transpose(1, 2))  # (L,B,p): eta K g per row
-            if curvature is None:
-                # K Gᵀ = Eᵀ / eta, so K ← K - eta K Gᵀ G = K - Eᵀ G
-                K.sub_(torch.matmul(E.transpose(1, 2), G))
+            G = self._stack(grads, names, p)
+            U = G if updates is None else self._stack(updates, names, p)
+            if self._r_stacks is None:
+                E = eta * torch.matmul(U, K.transpose(1, 2))  # (L,B,p): eta K u per row
             else:
-                C = torch.stack([_as(curvature[n], self.dtype, self.device, p, n) for n in names])
+                R = self._r_stacks[p]  # R_{t+1} -> R_t = c_t eta_t K_{t+1→} + beta1 R_{t+1}
+                R.mul_(self.momentum).add_(K, alpha=momentum_weight(self.momentum, step) * eta)
+                E = torch.matmul(U, R.transpose(1, 2))
+            if curvature is None:
+                # K_{t→} = K (alpha I - eta Uᵀ G); eta K Uᵀ is Eᵀ unless momentum changed E
+                KU = E.transpose(1, 2) if self._r_stacks is None else eta * torch.matmul(K, U.transpose(1, 2))
+                _decay(K, decay)
+                K.sub_(torch.matmul(KU, G))
+            else:
+                C = self._stack(curvature, names, p)
+                CU = C if curvature_updates is None else self._stack(curvature_updates, names, p)
                 m = C.shape[1]
+                KC = torch.matmul(K, CU.transpose(1, 2)) if m else None  # (L,p,m), before the decay
+                _decay(K, decay)
                 if m:
                     scale = eta * (batch_size if batch_size is not None else G.shape[1]) / m
-                    KC = torch.matmul(K, C.transpose(1, 2))  # (L,p,m)
                     K.sub_(scale * torch.matmul(KC, C))
             for i, n in enumerate(names):
                 out[n] = E[i]
         return out
+
+    def _check_step(self, step: int | None) -> None:
+        if step is None:
+            return
+        if self.last_step is not None and step >= self.last_step:
+            raise ValueError(f"steps must be fed in decreasing order: got {step} after {self.last_step}")
+        self.last_step = step
+
+
+def _decay(K: torch.Tensor, decay: float) -> None:
+    if decay != 1.0:  # SGD leaves K untouched, bit for bit
+        K.mul_(decay)
+
+
+def check_momentum(momentum: float) -> float:
+    """beta1 as a float in [0, 1), or a ValueError."""
+    beta = float(momentum)
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"momentum (Adam's beta1) must be in [0, 1), got {momentum!r}")
+    return beta
+
+
+def _check_step_inputs(dims, grads, curvature, updates, curvature_updates) -> None:
+    for what, rows in (("gradients", grads), ("updates", updates)):
+        missing = set(dims) - set(rows) if rows is not None else set()
+        if missing:
+            raise KeyError(f"{what} missing for layers {sorted(missing)}")
+    if curvature is not None and updates is not None and curvature_updates is None:
+        raise ValueError("curvature and updates need curvature_updates (the rows P_t ĝ matching curvature)")
+    if curvature_updates is not None and (curvature is None or updates is None):
+        raise ValueError("curvature_updates only go with both curvature and updates")
+    if updates is not None:
+        for n in dims:
+            if updates[n].shape[0] != grads[n].shape[0]:
+                raise ValueError(f"layer {n!r}: {updates[n].shape[0]} update rows for {grads[n].shape[0]} gradient rows")
+    if curvature_updates is not None:
+        for n in dims:
+            if curvature_updates[n].shape[0] != curvature[n].shape[0]:
+                raise ValueError(f"layer {n!r}: {curvature_updates[n].shape[0]} curvature update rows "
+                                 f"for {curvature[n].shape[0]} curvature rows")
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype, device, p: int, name: str) -> torch.Tensor:
@@ -120,27 +213,47 @@ def segment_embeddings(
     step_sizes: Sequence[float],
     curvature: Sequence[Grads] | None = None,
     batch_sizes: Sequence[int] | None = None,
-) -> tuple[list[Grads], Grads]:
-    """Algorithm 2's work unit: local embeddings and K of one segment (steps given in order).
+    updates: Sequence[Grads] | None = None,
+    curvature_updates: Sequence[Grads] | None = None,
+    momentum: float = 0.0,
+    decay: Sequence[float] | None = None,
+    first_step: int = 0,
+) -> tuple[list[Grads], Grads, Grads | None]:
+    """Algorithm 2's work unit: local embeddings, K and local R of one segment (steps in order).
 
-    Returns (embeddings in the input structure, K as Tensor or dict layer -> (p, p)), both in
-    the compute dtype: the input's for float32/float64, float32 for half precision (they are
-    intermediate results, still to be multiplied by the later segments' K).
+    The per-step arguments are as in :func:`data_value_embeddings`, for this segment's steps
+    only; ``first_step`` is the global 0-based index of the first one (momentum's bias
+    correction depends on it). Returns (embeddings in the input structure, K, R) with K and R
+    Tensors or dicts layer -> (p, p); R is the local R at the segment's first step, None
+    without momentum. All are in the compute dtype: the input's for float32/float64, float32
+    for half precision (they are intermediate results, still to be combined with later segments).
     """
     single = isinstance(grads[0], torch.Tensor) if grads else False
     gl = [_layers(g) for g in grads]
-    cl = [_layers(c) for c in curvature] if curvature is not None else None
-    _check_lengths(gl, step_sizes, cl)
+    per_step = _per_step_layers(len(gl), curvature=curvature, updates=updates, curvature_updates=curvature_updates)
+    _check_lengths(gl, step_sizes, per_step["curvature"], updates=updates,
+                   curvature_updates=curvature_updates, decay=decay, batch_sizes=batch_sizes)
     first = gl[0]
-    rec = SegmentRecursion({n: t.shape[1] for n, t in first.items()}, dtype=_dtype(first), device=_device(first))
+    rec = SegmentRecursion({n: t.shape[1] for n, t in first.items()}, dtype=_dtype(first),
+                           device=_device(first), momentum=momentum)
     embs: list[dict[str, torch.Tensor]] = [None] * len(gl)  # type: ignore[list-item]
     for t in range(len(gl) - 1, -1, -1):
-        bs = batch_sizes[t] if batch_sizes is not None else None
-        embs[t] = rec.step(gl[t], float(step_sizes[t]), cl[t] if cl is not None else None, bs)
-    K = rec.K
+        embs[t] = rec.step(
+            gl[t], float(step_sizes[t]), per_step["curvature"][t],
+            batch_sizes[t] if batch_sizes is not None else None,
+            step=first_step + t, updates=per_step["updates"][t],
+            curvature_updates=per_step["curvature_updates"][t],
+            decay=float(decay[t]) if decay is not None else 1.0,
+        )
+    K, R = rec.K, rec.R
     if single:
-        return [e["_"] for e in embs], K["_"]
-    return embs, K
+        return [e["_"] for e in embs], K["_"], R["_"] if R is not None else None
+    return embs, K, R
+
+
+def _per_step_layers(T: int, **seqs: Sequence[Grads] | None) -> dict[str, list]:
+    """Each optional per-step sequence as a list of layer dicts, or of None when not given."""
+    return {k: [_layers(x) for x in s] if s is not None else [None] * T for k, s in seqs.items()}
 
 
 # ----------------------------------------------------------------------------- combination
@@ -161,11 +274,72 @@ def suffix_products(Ks: Sequence[Grads]) -> list[Grads]:
     return [o["_"] for o in out] if single else out
 
 
+def segment_combine(
+    Ks: Sequence[Grads],
+    Rs: Sequence[Grads] | None = None,
+    lengths: Sequence[int] | None = None,
+    momentum: float = 0.0,
+) -> tuple[list[Grads], list[Grads | None]]:
+    """Chain the segments: (S_ℓ, R at the end of segment ℓ) for every segment ℓ.
+
+    Ks: each segment's K (Tensor or dict layer -> (p, p)), earliest segment first.
+    Rs: each segment's local R at its first step (from :func:`segment_embeddings` or
+        ``SegmentRecursion.R``); only read with momentum.
+    lengths: steps in each segment (b - a); only read with momentum.
+    Returns the suffix products S_ℓ (:func:`suffix_products`) and the global R at each
+    segment's end, R_{b_ℓ} (zero for the last segment), computed backwards by
+    R_{a_ℓ} = S_ℓ R^loc_{a_ℓ} + beta1^(b_ℓ - a_ℓ) R_{b_ℓ}. Without momentum the second list is
+    all None: nothing is carried across segments.
+    """
+    suffixes = suffix_products(Ks)
+    momentum = check_momentum(momentum)
+    if not momentum:
+        return suffixes, [None] * len(Ks)
+    if Rs is None or lengths is None or len(Rs) != len(Ks) or len(lengths) != len(Ks):
+        raise ValueError("with momentum, segment_combine needs one local R and one length per segment")
+    single = isinstance(Ks[0], torch.Tensor)
+    r_end = {n: torch.zeros_like(S) for n, S in _layers(suffixes[-1]).items()}
+    ends: list[dict[str, torch.Tensor]] = [None] * len(Ks)  # type: ignore[list-item]
+    for ell in range(len(Ks) - 1, -1, -1):
+        ends[ell] = r_end
+        S, R_loc = _layers(suffixes[ell]), _layers(Rs[ell])
+        carry = momentum ** int(lengths[ell])
+        r_end = {n: S[n] @ R_loc[n].to(S[n].dtype) + carry * r_end[n] for n in S}
+    return suffixes, [e["_"] for e in ends] if single else ends
+
+
 def apply_suffix(local: Grads, suffix: Grads) -> Grads:
     """Final embeddings from local ones: rows e ↦ S e (i.e. E Sᵀ)."""
     if isinstance(local, torch.Tensor):
         return local @ suffix.T.to(local.dtype)
     return {n: local[n] @ suffix[n].T.to(local[n].dtype) for n in local}
+
+
+def finalise_step(
+    local: Grads,
+    suffix: Grads,
+    r_end: Grads | None = None,
+    updates: Grads | None = None,
+    momentum: float = 0.0,
+    steps_to_end: int | None = None,
+) -> Grads:
+    """Final embeddings of one step's occurrences from their local ones.
+
+    local: the step's local embeddings (R^loc_t u, or eta_t K g for SGD), (B, p) / dict.
+    suffix, r_end: S_ℓ and R at the segment's end, as :func:`segment_combine` returns them.
+    updates: the step's update rows u (its gradient rows when there is no preconditioner).
+    steps_to_end: b - t, the steps from this one to the segment's end.
+    Returns S_ℓ e + beta1^(b - t) R_b u per row; without momentum just S_ℓ e.
+    """
+    if not momentum or r_end is None:
+        return apply_suffix(local, suffix)
+    if updates is None or steps_to_end is None:
+        raise ValueError("with momentum, finalise_step needs the step's update rows and steps_to_end")
+    carry = momentum ** int(steps_to_end)
+    out = _layers(apply_suffix(local, suffix))
+    U, R = _layers(updates), _layers(r_end)
+    out = {n: e + carry * (U[n].to(e.dtype) @ R[n].T.to(e.dtype)) for n, e in out.items()}
+    return out["_"] if isinstance(local, torch.Tensor) else out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -177,6 +351,10 @@ def data_value_embeddings(
     segments: int = 1,
     curvature: Sequence[Grads] | None = None,
     batch_sizes: Sequence[int] | None = None,
+    updates: Sequence[Grads] | None = None,
+    curvature_updates: Sequence[Grads] | None = None,
+    momentum: float = 0.0,
+    decay: Sequence[float] | torch.Tensor | None = None,
 ) -> list[Grads]:
     """DVEmb(t, z) for every occurrence of every step.
 
@@ -186,31 +364,57 @@ def data_value_embeddings(
     curvature: None (empirical Fisher of ``grads``), or list over steps of pseudo-gradient rows
         (m_t, p) / dicts of them, with H_t = (B_t / m_t) Σ ĝ ĝᵀ.
     batch_sizes: B_t for the sampled-label scale (default: rows of grads[t]).
-    Returns the same structure as grads, in the input dtype.
+    updates: AdamW: list over steps, shaped like grads, of update directions u = P_t g
+        (None: SGD, u = g).
+    curvature_updates: the rows P_t ĝ matching ``curvature``; required when both ``curvature``
+        and ``updates`` are given.
+    momentum: Adam's beta1, in [0, 1). Step s (0-based position in ``grads``) uses the
+        occurrence at t with weight (1 - beta1) beta1^(s-t) / (1 - beta1^(s+1)).
+    decay: per step alpha_t = 1 - lr_t λ (decoupled weight decay); None: 1.
+    Returns Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u per occurrence (docs/method.md §7), the same
+    structure as grads, in the input dtype. With the defaults this is SGD's eta_t K_{t+1→} g.
     """
     T = len(grads)
     if T == 0:
         return []
-    steps = [float(s) for s in (step_sizes.tolist() if isinstance(step_sizes, torch.Tensor) else step_sizes)]
-    _check_lengths(grads, steps, curvature)
+    steps = _floats(step_sizes)
+    decays = _floats(decay) if decay is not None else None
+    momentum = check_momentum(momentum)
+    _check_lengths(grads, steps, curvature, updates=updates, curvature_updates=curvature_updates,
+                   decay=decays, batch_sizes=batch_sizes)
+    if curvature is not None and updates is not None and curvature_updates is None:
+        raise ValueError("curvature and updates need curvature_updates (the rows P_t ĝ matching curvature)")
     bounds = segment_bounds(T, segments)
-    locals_, Ks = [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        e, K = segment_embeddings(
-            grads[a:b], steps[a:b],
-            curvature[a:b] if curvature is not None else None,
-            batch_sizes[a:b] if batch_sizes is not None else None,
+    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    locals_, Ks, Rs = [], [], []
+    for sl in pieces:
+        e, K, R = segment_embeddings(
+            grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
+            updates=_part(updates, sl), curvature_updates=_part(curvature_updates, sl),
+            momentum=momentum, decay=_part(decays, sl), first_step=sl.start,
         )
         locals_.append(e)
         Ks.append(K)
+        Rs.append(R)
+    suffixes, r_ends = segment_combine(Ks, Rs, [sl.stop - sl.start for sl in pieces], momentum)
+    rows = updates if updates is not None else grads  # u, which momentum carries across segments
     out: list[Grads] = []
-    for e_seg, S in zip(locals_, suffix_products(Ks)):
-        out.extend(apply_suffix(e, S) for e in e_seg)
+    for sl, e_seg, S, r_end in zip(pieces, locals_, suffixes, r_ends):
+        out.extend(finalise_step(e, S, r_end, rows[t], momentum, sl.stop - t)
+                   for t, e in zip(range(sl.start, sl.stop), e_seg))
     # half-precision inputs were computed in float32; hand back what was given
     given = {n: t.dtype for n, t in _layers(grads[0]).items()}
     if isinstance(out[0], torch.Tensor):
         return [e.to(given["_"]) for e in out]
     return [{n: t.to(given[n]) for n, t in e.items()} for e in out]
+
+
+def _floats(x: Sequence[float] | torch.Tensor) -> list[float]:
+    return [float(s) for s in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+
+
+def _part(seq, sl: slice):
+    return seq[sl] if seq is not None else None
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[int]:
@@ -269,8 +473,11 @@ def _device(d: Mapping[str, torch.Tensor]) -> torch.device:
     return next(iter(d.values())).device
 
 
-def _check_lengths(grads, steps, curvature) -> None:
+def _check_lengths(grads, steps, curvature, **per_step) -> None:
+    """Every per-step argument that is given has one entry per step of gradients."""
     if len(steps) != len(grads):
         raise ValueError(f"{len(grads)} steps of gradients but {len(steps)} step sizes")
-    if curvature is not None and len(curvature) != len(grads):
-        raise ValueError(f"{len(grads)} steps of gradients but {len(curvature)} steps of curvature rows")
+    given = {"curvature": curvature, **per_step}
+    for what, seq in given.items():
+        if seq is not None and len(seq) != len(grads):
+            raise ValueError(f"{len(grads)} steps of gradients but {len(seq)} steps of {what}")

@@ -20,6 +20,7 @@ from rayattr.data import builtin_corpus, load_dataset
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.stage import default_segments, start_segments, wait_all
+from rayattr.optimizer import resolve_optimizer
 from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
 from rayattr.train import NonFiniteLoss, train
@@ -186,9 +187,10 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
     # (a short task), else on a small machine one segment actor would wait for it to finish
     val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)
-    actors, _ = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
-                               cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
-                               cfg.embed.error_blocks)
+    opt = resolve_optimizer(cfg)
+    actors, specs = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
+                                   cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
+                                   cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
     done = wait_all([a.compute.remote() for a in actors], "embed", progress)
     timings["embed"] = time.perf_counter() - t
     run.update_manifest(segment_nodes=[d["node"] for d in done],
@@ -202,9 +204,10 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")
-    suffixes = chain_segments(run, n_seg)
+    suffixes, r_ends = chain_segments(run, n_seg, momentum=opt.beta1, lengths=[s.end - s.start for s in specs])
     val_grad = ray.get(val_ref)
-    wait_all([a.finalize.remote(ray.put(S), val_grad) for a, S in zip(actors, suffixes)], "finalize", progress)
+    wait_all([a.finalize.remote(ray.put(S), val_grad, ray.put(R) if R is not None else None)
+              for a, S, R in zip(actors, suffixes, r_ends)], "finalize", progress)
     out = write_outputs(run, n_seg, edges, val_grad)
     for a in actors:
         ray.kill(a)

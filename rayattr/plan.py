@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayattr.config import Config, ConfigError, load_config
+from rayattr.optimizer import resolve_optimizer
 from rayattr.store.shard import META_COLUMNS
 
 MB = 1e6
@@ -133,6 +134,8 @@ class Plan:
     embed_dtype: str
     curvature_rows_per_step: int
     """Sampled-label pseudo-gradient rows per step (0 with the empirical curvature)."""
+    update_rows: bool
+    """AdamW: every occurrence also stores an update row u = P g (docs/method.md §7)."""
     n_sources: int
     storage: dict[str, float] = field(default_factory=dict)
     """Stored bytes per kind of object, in the chosen mode."""
@@ -240,8 +243,8 @@ def model_state_bytes(cfg: Config, n_params: int) -> float:
     half = any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     w = 2 if half else 4
-    params_opt = ds.get("optimizer", {}).get("params", {})
-    state = (4 if half else 0) + (4 if params_opt.get("momentum", 0) else 0)  # fp32 master, momentum
+    # fp32 master weights; AdamW's exp_avg and exp_avg_sq (SGD keeps none: momentum is refused)
+    state = (4 if half else 0) + (8 if resolve_optimizer(cfg).adamw else 0)
     world = cfg.train.ranks
     return n_params * (w / (world if stage >= 3 else 1) + w / (world if stage >= 2 else 1)
                        + state / (world if stage >= 1 else 1))
@@ -303,6 +306,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                 epochs=t.epochs, steps=steps, global_batch=G, ranks=t.ranks, nodes=nodes,
                 segments=n_seg, devices=devices, per_source=not keep, layers=layers,
                 grad_dtype=c.dtype, embed_dtype=cfg.embed.dtype, curvature_rows_per_step=m_curv,
+                update_rows=resolve_optimizer(cfg).adamw,
                 n_sources=n_sources, throughput=tp)
     P = plan.total_dim
 
@@ -319,15 +323,18 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     blocked = q >= 2 and c.rank % q == 0
     wide, kfac = (2, 1 + 1 / q ** 2) if blocked else (1, 1.0)
     train = ipc(rows, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype)
+    kinds = 2 if plan.update_rows else 1  # AdamW: "update" shards as large as the "train" ones
     storage = {
         "train gradients": train,
+        "update rows": train if plan.update_rows else 0.0,
         "curvature rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
                               source_chars=0) if m_curv else 0.0,
         "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
                                 total_dim=P * wide),
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
-        "K matrices": kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
+        # + R beside K under AdamW
+        "K matrices": kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
         "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,
@@ -338,7 +345,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     if not keep:
         storage["final embeddings"] = 0.0
     plan.storage = storage
-    plan.objects = t.ranks * math.ceil(steps / spr) * (2 if m_curv else 1)
+    plan.objects = t.ranks * math.ceil(steps / spr) * (kinds + (1 if m_curv else 0))
     shard = train / max(1, plan.objects)
     if shard < 4 * MB:
         plan.notes.append(f"gradient shards average {human_bytes(shard)}: raise store.steps_per_shard "
@@ -348,22 +355,23 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
     rows_rank = t.micro_batch * t.grad_accum
     proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in layers) * 4
-    shard_cap = min(cfg.store.steps_per_shard * rows_rank * P * gb, _WRITER_BUFFER)
+    shard_cap = kinds * min(cfg.store.steps_per_shard * rows_rank * P * gb, _WRITER_BUFFER)
     fixed_seg = (kfac * sum(lay.p ** 2 for lay in layers) * eb
                  + 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES)
                  + n_sources * cfg.embed.phases * P * wide * eb)
     plan.memory = {
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, n_params),
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
-        "rank: capture + writer": (rows_rank + m_curv / t.ranks) * P * 4 + 2 * proj
+        "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
                                   + (_WRITER_QUEUE + 1) * shard_cap,
-        # the backward sweep keeps each step's gradients and local embeddings until it writes them
-        "segment actor": (1 + wide) * steps_seg * G * P * eb + fixed_seg,
-        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
+        # the backward sweep keeps each step's gradient rows (and update rows under AdamW) and
+        # its local embeddings (with their projection blocks) until it writes them
+        "segment actor": (kinds + wide) * steps_seg * G * P * eb + kinds * fixed_seg,
+        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
     }
     if actor_memory_gb:
-        budget = actor_memory_gb * GIB - fixed_seg
-        fit = math.floor(budget / ((1 + wide) * G * P * eb)) if budget > 0 else 0
+        budget = actor_memory_gb * GIB - kinds * fixed_seg
+        fit = math.floor(budget / ((kinds + wide) * G * P * eb)) if budget > 0 else 0
         need = math.ceil(steps / fit) if fit else None
         plan.notes.append(f"segment actors with {actor_memory_gb:g} GiB hold <= {fit} steps each: "
                           + (f"use >= {need} segments" if need else "the fixed part alone exceeds it"))
@@ -371,7 +379,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     # -- time
     flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction if m_curv else 0))
     compute = flops_step / t.ranks / tp.train_flops * (1 + tp.capture_overhead) + tp.train_step_s
-    write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (1 + (m_curv / G if m_curv else 0))
+    write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (kinds + (m_curv / G if m_curv else 0))
     write_s = write / (tp.store_write_mbps * MB)  # a background thread: overlaps with compute
     plan.time["train"] = tp.actor_start_s + steps * max(compute, write_s)
     if write_s > compute:
@@ -381,7 +389,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     sq = kfac * sum(lay.p ** 2 for lay in layers)
     rows_seg = steps_seg * G
     rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
-    io_in = ipc(rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
+    io_in = ipc(kinds * rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
     io_out = ipc(rows_seg, steps_seg, 1, "float32")
     plan.time["embed"] = tp.actor_start_s + share * (
         steps_seg * L * tp.embed_layer_step_s + rec_flops / tp.embed_flops
@@ -421,7 +429,8 @@ def format_plan(plan: Plan) -> str:
         f"on {plan.devices} devices, 1 reducer (driver)",
         f"capture     {len(plan.layers)} layers, p = {'/'.join(map(str, widths))} per layer, "
         f"P = {plan.total_dim:,} numbers = {human_bytes(plan.grad_bytes_per_sample)} per sample ({plan.grad_dtype})"
-        + (f", {plan.curvature_rows_per_step} curvature rows per step" if plan.curvature_rows_per_step else ""),
+        + (f", {plan.curvature_rows_per_step} curvature rows per step" if plan.curvature_rows_per_step else "")
+        + (", + an update row per sample (AdamW)" if plan.update_rows else ""),
         "",
         f"storage     ({mode})",
     ]

@@ -85,6 +85,30 @@ def test_rank_actor_killed_resumes_from_checkpoint(baseline, tmp_path):
     np.testing.assert_array_equal(values(run), values(baseline))
 
 
+ADAMW = {**SMALL, "train": {**SMALL["train"], "lr": 3e-3, "optimizer": {"type": "adamw", "weight_decay": 0.1}},
+         "capture": {**SMALL["capture"], "precondition_every": 2}}
+
+
+def test_adamw_rank_killed_keeps_the_adam_state(tmp_path):
+    """DeepSpeed's checkpoint holds Adam's m, v and step: the resumed trajectory, its update
+    rows and the values are bit-equal to an uninterrupted run's."""
+    runs = {}
+    for name, fault in (("clean", None), ("killed", "rank.step:rank=1,step=10")):
+        (tmp_path / name).mkdir()
+        out = run_job(tmp_path / name, "--store", str(tmp_path / "store"), "--run-id", name, config=ADAMW,
+                      fault=fault)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[name] = Run.open(str(tmp_path / "store"), name)
+    assert fired(str(tmp_path / "killed"), "rank.step")
+    clean, killed = runs["clean"], runs["killed"]
+    assert killed.manifest["train_restarts"] == 1 and killed.manifest["resumed_from"] == 8
+    assert_trajectory_complete(killed, killed.manifest["num_steps"])
+    assert killed.step_records() == clean.step_records()
+    for a, b in zip(*(GradientReader(r, kind="update").read_steps(0, None) for r in (clean, killed))):
+        assert all(np.array_equal(a.grads[n].numpy(), b.grads[n].numpy()) for n in a.grads), a.step
+    np.testing.assert_array_equal(values(killed), values(clean))
+
+
 def test_segment_actor_killed_redoes_its_segment(baseline, tmp_path):
     out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "s",
                   fault="segment.compute:segment=1,step=3")

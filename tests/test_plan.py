@@ -165,6 +165,21 @@ def test_scaling_laws():
     assert samp.storage["curvature rows"] > 0.4 * base.storage["train gradients"]
 
 
+def test_adamw_counts_update_rows():
+    """AdamW stores an update row next to every raw row and an R next to every K."""
+    sgd = estimate(small(**{"train.steps": 40}))
+    adamw = estimate(small(**{"train.steps": 40, "train.optimizer": {"type": "adamw"}}))
+    assert adamw.update_rows and not sgd.update_rows
+    assert adamw.storage["update rows"] == sgd.storage["train gradients"] == adamw.storage["train gradients"]
+    assert not sgd.storage["update rows"]
+    assert adamw.storage["K matrices"] == 2 * sgd.storage["K matrices"]
+    assert adamw.objects == 2 * sgd.objects
+    for key in ("rank: capture + writer", "segment actor", "rank: model + optimizer (no activations)"):
+        assert adamw.memory[key] > sgd.memory[key], key
+    assert adamw.memory["segment actor"] - sgd.memory["segment actor"] >= 20 * 16 * sgd.total_dim * 4
+    assert "update row per sample (AdamW)" in format_plan(adamw)
+
+
 def test_tokens_nodes_and_memory_budget():
     cfg = load_config(DEFAULT, **{"data.train": "s3://b/train", "data.validation": "s3://b/val",
                                   "train.use_gpu": True, "train.ranks": 16})

@@ -11,13 +11,18 @@ sample's gradient as it streams past (docs/method.md §5).
 from .capture import GradientCapture
 from .layers import LayerInfo, select_layers
 from .losses import per_sample_loss
+from .precondition import Preconditioner, adam_preconditioner, factor_second_moment, module_preconditioner
 from .projection import ProjectionSpec, projection_matrices
 from .pseudo import sample_labels, sampled_label_losses
 
 __all__ = [
     "GradientCapture",
     "LayerInfo",
+    "Preconditioner",
     "ProjectionSpec",
+    "adam_preconditioner",
+    "factor_second_moment",
+    "module_preconditioner",
     "per_sample_loss",
     "projection_matrices",
     "sample_labels",

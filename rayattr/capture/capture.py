@@ -24,6 +24,7 @@ from torch import nn
 from . import kernels
 from .background import BackgroundWorker
 from .layers import LayerInfo, layer_info, select_layers
+from .precondition import Preconditioner
 from .projection import ProjectionSpec, projection_matrices
 
 
@@ -37,6 +38,8 @@ class _Layer:
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
         self.handle = None
+        self.preconditioner: Preconditioner | None = None
+        self._update_cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
 
     @property
     def dim(self) -> int:
@@ -58,14 +61,50 @@ class _Layer:
             self._cache[key] = cached
         return cached
 
+    def set_preconditioner(self, pre: Preconditioner | None) -> None:
+        if pre is not None:
+            _check_preconditioner(self.info, pre, exact=self.spec is None)
+        self.preconditioner = pre
+        self._update_cache = {}
+
+    def update_matrices(self, device: torch.device, dtype: torch.dtype):
+        """The projections of the update row: P_a's columns scaled by γ, P_s's by ρ, so that
+        (a ⊙ γ) P_aᵀ and (δ ⊙ ρ) P_sᵀ cost what the raw projections cost."""
+        key = (device, dtype)
+        cached = self._update_cache.get(key)
+        if cached is None:
+            w, b, p_s = self.matrices(device, dtype)
+            gamma = self.preconditioner.gamma.to(device=device, dtype=dtype)
+            rho = self.preconditioner.rho.to(device=device, dtype=dtype)
+            d = self.info.d_in
+            cached = (w * gamma[:d], b * gamma[d] if b is not None else None, p_s * rho)
+            self._update_cache[key] = cached
+        return cached
+
+
+def _check_preconditioner(info: LayerInfo, pre: Preconditioner, exact: bool) -> None:
+    shapes = {"rho": (pre.rho, (info.d_out,)), "gamma": (pre.gamma, (info.d_in_aug,))}
+    if exact:
+        if pre.full is None:
+            raise ValueError(f"layer {info.name!r}: exact capture (projection=None) needs the full "
+                             "diagonal preconditioner (adam_preconditioner(..., full=True))")
+        shapes["full"] = (pre.full, (info.d_out, info.d_in_aug))
+    for what, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"layer {info.name!r}: preconditioner {what} has shape {tuple(t.shape)}, expected {shape}")
+
 
 class _Pending:
     """What a forward call leaves for its backward: the (projected) a-factor and context."""
 
-    __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype", "consumed")
+    __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype", "consumed",
+                 "update")
 
     def __init__(self, micro, generation, a_factor, mask, batch, compute_dtype, out_dtype):
         self.consumed = False  # set by the first backward through this call's output
+        # (projected a-factor of the update row, ρ-scaled P_s) or (None, flattened full diagonal)
+        # when a preconditioner is set: the one in force at the forward is the one the backward uses
+        self.update: tuple | None = None
         self.micro = micro
         self.generation = generation
         self.a_factor = a_factor
@@ -98,6 +137,10 @@ class GradientCapture:
         background: run the backward-side projections on a worker thread instead of the
             autograd thread (None: only for CUDA gradients). Off by default: on an H100 it
             did not measurably lower the overhead (see bench/capture_overhead.py --background).
+        preconditioner: {layer name: Preconditioner} (see `set_preconditioner`), or None.
+
+    With a preconditioner set, each sample also gets an *update row* u = P ⊙ G, projected like
+    the raw row (docs/method.md §7); `updates()` returns them.
     """
 
     def __init__(
@@ -108,6 +151,7 @@ class GradientCapture:
         loss_scale: float = 1.0,
         mask: torch.Tensor | None = None,
         background: bool | None = False,
+        preconditioner: dict[str, Preconditioner] | None = None,
     ):
         if projection is not None and not isinstance(projection, ProjectionSpec):
             raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
@@ -124,10 +168,12 @@ class GradientCapture:
         self._active = False
         self._generation = 0
         self._rows: dict[str, dict[int, torch.Tensor]] = {}
+        self._update_rows: dict[str, dict[int, torch.Tensor]] = {}
         self._micro = 0
         self._backward_seen = False
         self.background = background
         self._worker = BackgroundWorker()
+        self.set_preconditioner(preconditioner)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -160,6 +206,20 @@ class GradientCapture:
             yield self
         finally:
             self.set_mask(previous)
+
+    def set_preconditioner(self, preconditioner: dict[str, Preconditioner] | None) -> None:
+        """Set (or clear with None) Adam's preconditioner per layer for subsequent forwards.
+
+        Every captured layer needs one (projected mode: ρ and γ; exact mode: the full
+        diagonal). A forward keeps the one in force when it ran, so refreshing between steps
+        never mixes two v's in one row.
+        """
+        if preconditioner is not None:
+            missing = set(self._layers) - set(preconditioner)
+            if missing:
+                raise KeyError(f"preconditioner missing for layers {sorted(missing)}")
+        for name, layer in self._layers.items():
+            layer.set_preconditioner(preconditioner[name] if preconditioner is not None else None)
 
     def layer_names(self) -> list[str]:
         """Names of the captured layers, in module order."""
@@ -196,6 +256,7 @@ class GradientCapture:
         self._worker.drain()
         self._generation += 1
         self._rows = {}
+        self._update_rows = {}
         self._micro = 0
         self._backward_seen = False
 
@@ -215,10 +276,18 @@ class GradientCapture:
         float32 (float64 for a float64 model), on the model's device. Layers that saw no
         backward give a (0, p) tensor.
         """
+        return self._collect(self._rows)
+
+    def updates(self) -> dict[str, torch.Tensor]:
+        """{layer name: (N, p)} update rows u = P ⊙ G (projected like gradients()), in the same
+        order; (0, p) for a layer whose forwards ran without a preconditioner."""
+        return self._collect(self._update_rows)
+
+    def _collect(self, rows: dict[str, dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         self._worker.drain()
         out = {}
         for name, layer in self._layers.items():
-            parts = self._rows.get(name)
+            parts = rows.get(name)
             if parts:
                 out[name] = torch.cat([parts[k] for k in sorted(parts)], dim=0)
             else:
@@ -230,6 +299,12 @@ class GradientCapture:
         grads = self.gradients()
         self.reset()
         return grads
+
+    def pop_rows(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(gradients(), updates()) followed by reset()."""
+        rows = self.gradients(), self.updates()
+        self.reset()
+        return rows
 
     # ------------------------------------------------------------------ hooks
     def _mask_for(self, a: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor | None:
@@ -265,6 +340,7 @@ class GradientCapture:
         # Context managers cost real time per call (49 layers x every step): enter only if needed.
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             a = a.detach()  # with constant projections, no autograd graph is built
+            a_update = update_side = None
             if self.projection is None:
                 mask = self._mask_for(a, layer.info.name, out_dtype)
                 a_factor = kernels.augment(a, layer.info.has_bias, mask, out_dtype)
@@ -272,12 +348,20 @@ class GradientCapture:
                 mask = self._mask_for(a, layer.info.name, compute_dtype)
                 w, b, _ = layer.matrices(a.device, compute_dtype)
                 a_factor = kernels.project_activations(kernels.cast(a, compute_dtype), w, b, mask)
+                if layer.preconditioner is not None:  # (a ⊙ γ) P_aᵀ via γ-scaled columns of P_a
+                    w_u, b_u, update_side = layer.update_matrices(a.device, compute_dtype)
+                    a_update = kernels.project_activations(kernels.cast(a, compute_dtype), w_u, b_u, mask)
         batch = a.shape[0]
         if a_factor.dim() != 3:  # (B, d) or (B, *, S, d) inputs -> (B, T, r_a or d_in_aug)
+            if a_update is not None:
+                a_update = a_update.reshape(batch, -1, a_update.shape[-1])
             a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])
             if mask is not None:  # (B, S, 1, ..) -> one entry per flattened token
                 mask = mask.expand(a.shape[:-1] + (1,)).reshape(batch, -1, 1)
         pending = _Pending(self._micro, self._generation, a_factor, mask, batch, compute_dtype, out_dtype)
+        if layer.preconditioner is not None:  # projected: ρ-scaled P_s; exact: the full diagonal
+            full = layer.preconditioner.full
+            pending.update = (a_update, update_side) if a_update is not None else (None, full.reshape(1, -1))
         output.register_hook(functools.partial(self._backward_hook, layer, pending))
 
     def _backward_hook(self, layer: _Layer, pending: _Pending, grad: torch.Tensor) -> None:
@@ -317,15 +401,32 @@ class GradientCapture:
                 _, _, p_s = layer.matrices(grad.device, pending.compute_dtype)
                 ds_factor = kernels.project_output_grads(kernels.cast(ds, pending.compute_dtype), p_s, pending.mask)
             g = kernels.per_sample_product(ds_factor, pending.a_factor, pending.out_dtype, scale)
-        pending.a_factor = None  # free it even if autograd keeps the hook alive
+            u = self._update_row(pending, ds, g, scale) if pending.update is not None else None
+        pending.a_factor = pending.update = None  # free them even if autograd keeps the hook alive
         if pending.generation != self._generation:
             return  # reset while this was queued
-        rows = self._rows.setdefault(info.name, {})
-        previous = rows.get(pending.micro)
+        self._store(self._rows, info, pending.micro, g)
+        if u is not None:
+            self._store(self._update_rows, info, pending.micro, u)
+
+    @staticmethod
+    def _update_row(pending: _Pending, ds: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
+        """u = P ⊙ G: the exact diagonal on the formed G, or the factored one through the scaled factors."""
+        a_update, side = pending.update
+        if a_update is None:
+            return g * side.to(device=g.device, dtype=g.dtype)
+        ds_update = kernels.project_output_grads(kernels.cast(ds, pending.compute_dtype), side, pending.mask)
+        return kernels.per_sample_product(ds_update, a_update, pending.out_dtype, scale)
+
+    @staticmethod
+    def _store(store: dict[str, dict[int, torch.Tensor]], info: LayerInfo, micro: int, g: torch.Tensor) -> None:
+        """Keep a micro-batch's rows; a layer that ran twice in one micro-batch adds up."""
+        rows = store.setdefault(info.name, {})
+        previous = rows.get(micro)
         if previous is None:
-            rows[pending.micro] = g
+            rows[micro] = g
         elif previous.shape == g.shape:  # the layer ran more than once in this micro-batch
-            rows[pending.micro] = previous + g
+            rows[micro] = previous + g
         else:
             raise RuntimeError(
                 f"layer {info.name!r} ran twice in one micro-batch with batch sizes "

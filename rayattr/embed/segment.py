@@ -1,10 +1,14 @@
 """SegmentActor: one influence-checkpoint segment of the DVEmb recursion (docs/method.md §4).
 
-`compute()` sweeps the segment's steps backwards from M = 0 (K = I), writing the local
-embeddings of every occurrence, the segment matrix K per layer, and per-(source, phase) sums
-of local embeddings. `finalize(suffix, test_grad)` turns local embeddings into final ones with
-the product of the later segments' K's and scores them. Both read and write only the store,
-so a restarted actor redoes just its own segment.
+`compute()` sweeps the segment's steps backwards from K = I, writing the local embeddings of
+every occurrence, the segment matrix K per layer, and per-(source, phase) sums of local
+embeddings. `finalize(suffix, test_grad)` turns local embeddings into final ones with the
+product of the later segments' K's and scores them. Both read and write only the store, so a
+restarted actor redoes just its own segment.
+
+AdamW (docs/method.md §7): the sweep also reads the update rows, carries R next to K (saved
+beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; `finalize(..., r_end)` adds the
+momentum that leaks past the segment's end.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import ray
 import torch
 
 from rayattr import hooks
-from rayattr.dvemb import SegmentRecursion
+from rayattr.dvemb import SegmentRecursion, finalise_step
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
+from rayattr.store.layout import UPDATE_KIND
 from rayattr.embed.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,15 @@ def k_path(index: int) -> str:
     return f"embed/K/seg{index:04d}.safetensors"
 
 
+def r_path(index: int) -> str:
+    return f"embed/R/seg{index:04d}.safetensors"
+
+
+def carry_path(index: int) -> str:
+    """Per-(source, phase) Σ β₁^(b−t) u of a segment (AdamW with momentum)."""
+    return f"embed/carry/seg{index:04d}.parquet"
+
+
 def sums_path(index: int, final: bool = False) -> str:
     return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
 
@@ -63,7 +77,7 @@ class SegmentWorker:
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1,
-                 error_blocks: int = 2):
+                 error_blocks: int = 2, updates: bool = False, momentum: float = 0.0):
         torch.set_num_threads(threads)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
@@ -77,6 +91,8 @@ class SegmentWorker:
         self.blocks = ProjectionBlocks.for_run(self.run.manifest, error_blocks)
         self.layers = self.blocks.layers  # the model's layers
         self.dims = self.blocks.dims  # layers and block layers
+        self.updates = updates  # AdamW: the run stored update rows (kind "update")
+        self.momentum = momentum  # Adam's β₁
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -96,8 +112,10 @@ class SegmentWorker:
             raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
         reader = GradientReader(self.run, kind="train")
         curv = GradientReader(self.run, kind="curvature") if self.curvature else None
-        rec = SegmentRecursion(self.dims, dtype=self.dtype)
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if self.updates else None
+        rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
+        carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
         local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
@@ -106,11 +124,20 @@ class SegmentWorker:
             batches = reader.read_steps(a, b, dtype=self.dtype)
             curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
                             if curv is not None else {})
+            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
             for batch in reversed(batches):
                 record = etas[batch.step]
                 rows = curv_by_step.get(batch.step) if curv else None
-                emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
-                               batch_size=len(batch.sample_ids), step=batch.step)
+                if upd is None:
+                    emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
+                                   batch_size=len(batch.sample_ids), step=batch.step)
+                else:
+                    u = upd.rows(u_by_step, batch, record)
+                    emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
+                                   batch_size=len(batch.sample_ids), step=batch.step, updates=u,
+                                   decay=record.decay)
+                    if self.momentum:
+                        carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
                 el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
                                     {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
                 check_step(s.index, batch.step, rec.K, emb, el)  # stops before anything is written
@@ -130,6 +157,9 @@ class SegmentWorker:
                 w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
                              positions=list(batch.positions))
         self.run.write_table(sums_path(s.index), sums.to_table())
+        if rec.R is not None:
+            self.run.write_bytes(r_path(s.index), save_tensors(rec.R))
+            self.run.write_table(carry_path(s.index), carry.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
         if worst[0] > ETA_LAMBDA_WARN:
@@ -141,13 +171,18 @@ class SegmentWorker:
 
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, suffix: dict[str, torch.Tensor], test_grad: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Final embeddings S·e, per-occurrence values and final per-(source, phase) sums."""
+    def finalize(self, suffix: dict[str, torch.Tensor], test_grad: dict[str, torch.Tensor],
+                 r_end: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Final embeddings S·e (+ β₁^(b−t) R_b u with momentum, r_end = R_b from the chain),
+        per-occurrence values and final per-(source, phase) sums."""
         t0 = time.perf_counter()
         s = self.seg
         S = {n: m.to(self.dtype) for n, m in suffix.items()}
+        R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if R_end is not None else None
+        records = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
         v = self.blocks.augment({n: g.to(self.dtype) for n, g in test_grad.items()})
-        epochs = {r.step: r.epoch for r in self.run.step_records() if s.start <= r.step < s.end}
+        epochs = {t: r.epoch for t, r in records.items()}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
         # block layers too: a query's scores get their standard errors from them
@@ -156,8 +191,14 @@ class SegmentWorker:
                   if self.keep else None)
         done = _committed(writer)
         for a in range(s.start, s.end, self.read_chunk):
-            for batch in reader.read_steps(a, min(s.end, a + self.read_chunk), dtype=self.dtype):
-                final = {n: e @ S[n].T for n, e in batch.grads.items()}
+            b = min(s.end, a + self.read_chunk)
+            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+            for batch in reader.read_steps(a, b, dtype=self.dtype):
+                if upd is None:
+                    final = {n: e @ S[n].T for n, e in batch.grads.items()}
+                else:
+                    final = finalise_step(batch.grads, S, R_end, upd.rows(u_by_step, batch, records[batch.step]),
+                                          self.momentum, s.end - batch.step)
                 value, se = self.blocks.values(final, v)
                 check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
@@ -184,12 +225,55 @@ class SegmentWorker:
             "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
         })
         self.run.write_table(values_path(s.index), values)
-        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
-        self.run.write_table(sums_path(s.index, final=True), sums.transformed(S).to_table())
+        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims).transformed(S)
+        if R_end is not None:
+            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
+            sums.add_vectors(carry.transformed(R_end))
+        self.run.write_table(sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+class AdamSteps:
+    """A segment's view of an AdamW run's update rows and step records (docs/method.md §7).
+
+    Clipping scales ḡ_t by κ_t, and the momentum carries that scaled change into every later
+    update s at lr_s, not κ_s·lr_s. So the recursion gets η_s = lr_s/|B| (the recorded
+    κ_s·lr_s/|B| over κ_s) and each occurrence's row κ_t·u; K_s's curvature term, η_s·(κ_s U)ᵀG,
+    comes out as κ_s·lr_s/|B| as before.
+    """
+
+    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, end: int):
+        self.reader = GradientReader(run, kind=UPDATE_KIND)
+        self.blocks, self.momentum, self.end = blocks, momentum, end
+
+    def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:
+        return {u.step: u for u in self.reader.read_steps(a, b, dtype=dtype)}
+
+    def rows(self, by_step: dict[int, Any], batch, record) -> dict[str, torch.Tensor]:
+        """κ_t·u of the step's occurrences, block layers included, in the batch's row order."""
+        u = by_step.get(batch.step)
+        if u is None or u.sample_ids.tolist() != batch.sample_ids.tolist():
+            raise RuntimeError(f"step {batch.step}: the update rows do not match the gradient rows")
+        if record.adam_step is not None and record.adam_step != batch.step + 1:
+            # the momentum weights index Adam's counter by the step (no skipped updates)
+            raise RuntimeError(f"step {batch.step}: Adam's step counter is {record.adam_step}, not "
+                               f"{batch.step + 1} (a skipped update); not supported with AdamW")
+        if abs(record.beta1 - self.momentum) > 0:
+            raise RuntimeError(f"step {batch.step}: recorded β₁ {record.beta1} differs from the run's {self.momentum}")
+        return {n: record.clip * g for n, g in self.blocks.augment(u.grads).items()}
+
+    @staticmethod
+    def step_size(record) -> float:
+        """η_t = lr_t/|B| of an applied step (0 for a skipped one), without κ_t."""
+        return record.eta / record.clip if record.clip > 0 else 0.0
+
+    def carried(self, rows: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """β₁^(b−t)·(κ_t u): what of the occurrence's row the momentum carries past the segment."""
+        w = self.momentum ** (self.end - step)
+        return {n: w * r for n, r in rows.items()}
 
 
 def _committed(writer: GradientWriter | None) -> int:

@@ -30,8 +30,9 @@ def actor_resources(n_segments: int, use_gpu: bool = False) -> dict[str, float]:
 
 def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
-                   use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2
-                   ) -> tuple[list, list[SegmentSpec]]:
+                   use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2,
+                   updates: bool = False, momentum: float = 0.0) -> tuple[list, list[SegmentSpec]]:
+    """One actor per segment; `updates` and `momentum` (Adam's β₁) for an AdamW run."""
     bounds = segment_bounds(num_steps, n_segments)
     specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     # a crashed actor is restarted and its method retried: compute() skips finished work
@@ -40,7 +41,7 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
                 scheduling_strategy="SPREAD")
     actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
                                                   keep_sample_embeddings=keep_sample_embeddings,
-                                                  error_blocks=error_blocks)
+                                                  error_blocks=error_blocks, updates=updates, momentum=momentum)
               for s in specs]
     return actors, specs
 

@@ -52,6 +52,14 @@ class SourcePhaseSums:
         out.sum = {k: {n: suffix[n].to(self.dtype) @ v[n] for n in self.dims} for k, v in self.sum.items()}
         return out
 
+    def add_vectors(self, other: "SourcePhaseSums") -> "SourcePhaseSums":
+        """Add other's vectors key by key, counts unchanged: the momentum term R_b·Σβ₁^(b−t)u
+        of the same occurrences (docs/method.md §7, Segments)."""
+        for key, vecs in other.sum.items():
+            for n in self.dims:
+                self.sum[key][n] += vecs[n].to(self.dtype)
+        return self
+
     def values(self, test_grad: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
         return {k: float(sum(v[n] @ test_grad[n].to(self.dtype) for n in self.dims)) for k, v in self.sum.items()}
 

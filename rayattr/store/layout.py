@@ -21,6 +21,7 @@ RUN_JSON = "run.json"
 STEP_DIGITS = 8
 SHARD_SUFFIX = ".arrow"
 RECORDS_KIND = "steps"
+UPDATE_KIND = "update"  # AdamW update rows u = P g, beside the "train" rows (docs/method.md §7)
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -29,7 +29,12 @@ _SCHEMA = pa.schema([
     pa.field("sample_ids", pa.list_(pa.int64())), pa.field("sources", pa.list_(pa.string())),
     pa.field("ranks", pa.list_(pa.int32())), pa.field("clip", pa.float64()),
     pa.field("loss", pa.float64()),  # null in runs recorded before it was (and when unknown)
+    # AdamW (docs/method.md §7); SGD runs and runs recorded before them read the defaults
+    pa.field("optimizer", pa.string()), pa.field("weight_decay", pa.float64()),
+    pa.field("beta1", pa.float64()), pa.field("beta2", pa.float64()), pa.field("eps", pa.float64()),
+    pa.field("adam_step", pa.int64()), pa.field("precondition_step", pa.int64()),
 ])
+_ADAM_FIELDS = ("optimizer", "weight_decay", "beta1", "beta2", "eps", "adam_step", "precondition_step")
 
 
 @dataclass
@@ -39,12 +44,24 @@ class StepRecord:
     step: int  # global step index (0-based)
     epoch: int  # epoch the step belongs to
     lr: float  # learning rate the optimizer applied at this step
-    eta: float  # per-sample step size eta_t = clip * lr_t / |B_t| (docs/method.md §2)
+    eta: float  # per-sample step size eta_t = κ_t·lr_t / |B_t| (docs/method.md §2)
     sample_ids: list[int] = field(default_factory=list)  # global batch, in global-batch order
     sources: list[str] = field(default_factory=list)  # source (dataset) of each sample
     ranks: list[int] = field(default_factory=list)  # rank that processed each sample
     clip: float = 1.0  # κ_t, the global-norm clipping factor of the step (folded into eta)
     loss: float | None = None  # training loss of the step: mean over the global batch (None = not recorded)
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    weight_decay: float = 0.0  # λ: the weights were scaled by 1 - lr·λ at this step (AdamW)
+    beta1: float = 0.0  # Adam's β₁ (momentum)
+    beta2: float = 0.0  # Adam's β₂
+    eps: float = 0.0  # Adam's ε
+    adam_step: int | None = None  # Adam's step counter of this update (its bias correction); None for SGD
+    precondition_step: int | None = None  # Adam's counter of the v the update rows used (0: none yet, u = g)
+
+    @property
+    def decay(self) -> float:
+        """α_t = 1 - lr_t·λ, decoupled weight decay's factor in K_t (docs/method.md §7)."""
+        return 1.0 - self.lr * self.weight_decay if self.weight_decay else 1.0
 
     def validate(self) -> None:
         n = len(self.sample_ids)
@@ -73,7 +90,8 @@ def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
         "eta": [float(r.eta) for r in recs], "sample_ids": [list(map(int, r.sample_ids)) for r in recs],
         "sources": [list(map(str, r.sources)) for r in recs],
         "ranks": [list(map(int, r.ranks)) for r in recs], "clip": [float(r.clip) for r in recs],
-        "loss": [None if r.loss is None else float(r.loss) for r in recs]}, schema=_SCHEMA)
+        "loss": [None if r.loss is None else float(r.loss) for r in recs],
+        **{k: [getattr(r, k) for r in recs] for k in _ADAM_FIELDS}}, schema=_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
@@ -96,5 +114,6 @@ def read_step_records(run: "Run") -> list[StepRecord]:
         if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
             raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
         for row in pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).to_pylist():  # see Run.read_table
-            by_step[row["step"]] = StepRecord(**row)  # runs before `clip` was recorded: 1.0
+            # runs before `clip` (or the AdamW fields) were recorded read the defaults
+            by_step[row["step"]] = StepRecord(**{k: v for k, v in row.items() if v is not None or k == "loss"})
     return [by_step[s] for s in sorted(by_step)]

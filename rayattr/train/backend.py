@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from rayattr.config import Config, ConfigError
+from rayattr.optimizer import resolve_optimizer
 
 
 def free_port() -> int:
@@ -41,11 +42,10 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         if key in ds and ds[key] != value:
             raise ConfigError(f"train.deepspeed.{key}={ds[key]} disagrees with the run's batch settings ({value})")
         ds[key] = value
-    opt = ds.get("optimizer")
-    if opt is not None and str(opt.get("type", "")).lower() != "sgd":
-        # DVEmb's recursion is derived for SGD updates (docs/method.md §1).
-        raise ConfigError(f"train.deepspeed.optimizer.type={opt.get('type')!r}: rayattr's attribution assumes SGD")
-    ds.setdefault("zero_allow_untested_optimizer", True)  # plain torch.optim.SGD under ZeRO
+    if resolve_optimizer(cfg).adamw:
+        # the rank builds torch.optim.AdamW itself (engine.py), whichever block asked for it
+        ds.pop("optimizer", None)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # plain torch.optim.SGD / AdamW under ZeRO
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -13,17 +13,26 @@ import torch
 
 from rayattr.capture import per_sample_loss
 from rayattr.config import Config
+from rayattr.optimizer import check_param_groups, resolve_optimizer
 from rayattr.train.backend import deepspeed_config
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
 
 def build_engine(cfg: Config, model: torch.nn.Module):
-    """deepspeed.initialize on `model`: the user's DeepSpeed optimizer block, else plain SGD at train.lr."""
+    """deepspeed.initialize on `model` with the run's optimizer (rayattr/optimizer.py): AdamW
+    is always torch.optim.AdamW, so its state (exp_avg_sq, step) reads the same whether it was
+    asked for in train.optimizer or in DeepSpeed's block (whose fused Adam needs a GPU build);
+    SGD is DeepSpeed's block when given, else torch.optim.SGD at train.lr."""
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg)
+    spec = resolve_optimizer(cfg)
     optimizer = None
-    if "optimizer" not in ds_cfg:
+    if spec.adamw:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2),
+                                      eps=spec.eps, weight_decay=spec.weight_decay)
+        check_param_groups(optimizer, dict(model.named_modules()))
+    elif "optimizer" not in ds_cfg:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            model_parameters=None if optimizer else model.parameters(),

@@ -22,6 +22,9 @@ from rayattr import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
+from rayattr.store.layout import UPDATE_KIND
+from rayattr.optimizer import resolve_optimizer
+from rayattr.train.adam_state import adam_step_count, read_preconditioners
 from rayattr.train.backend import set_dist_env
 from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
@@ -82,6 +85,8 @@ class RankWorker:
         if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
             self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
         self.engine = build_engine(cfg, model)
+        self.optimizer = resolve_optimizer(cfg)
+        self.precondition_step = 0  # Adam's counter of the v the update rows use (0: none yet, u = g)
         self.capture = GradientCapture(self.engine.module, projection=projection_spec(cfg), layers=cfg.capture.layers)
         self.curvature = None
         if cfg.capture.curvature == "sampled":
@@ -94,6 +99,9 @@ class RankWorker:
         self.writer = GradientWriter(self.run, self.rank, dims, kind="train", **common)
         self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
                             if self.curvature is not None else None)
+        # AdamW: update rows u = P g next to the raw rows (docs/method.md §7)
+        self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
+                              if self.optimizer.adamw else None)
         self.pending_records: list[StepRecord] = []
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
         self.sample_ids = np.asarray(self.data.ids)
@@ -104,7 +112,8 @@ class RankWorker:
         self.start_step = self.checkpoints.restore(self.engine)
         last = lambda w: -1 if w is None or w.last_committed_step is None else w.last_committed_step  # noqa: E731
         records = max((r.step for r in self.run.step_records()), default=-1) if self.rank == 0 else -1
-        self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer), "records": records}
+        self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer),
+                               UPDATE_KIND: last(self.update_writer), "records": records}
 
     # ------------------------------------------------------------------ info for the driver
 
@@ -154,6 +163,7 @@ class RankWorker:
             hooks.call("rank.step", rank=self.rank, step=step)  # test seam: empty in production
             lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
             rows = self.plan.rank_indices(step, self.rank)
+            self._refresh_preconditioner(step)
             curv_rows: dict[str, list[torch.Tensor]] = {}
             if self.curvature is not None:
                 # weights only move at the step boundary, so all micro-batches' pseudo-gradients
@@ -184,12 +194,31 @@ class RankWorker:
             # a skipped fp16 step moved nothing; clipping scales every sample's step alike
             eta = clip * lr / self.plan.global_batch_size if applied else 0.0
             grads = self.capture.gradients()
-            self._record(step, lr, eta, rows, positions, grads, curv_rows, clip)
+            updates = self._update_rows(grads)
+            self._record(step, lr, eta, rows, positions, grads, curv_rows, clip, updates)
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
                 self.save_checkpoint(step + 1)
         self._commit_records()
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
+
+    def _refresh_preconditioner(self, step: int) -> None:
+        """AdamW: every capture.precondition_every steps, before the step's forwards, set the
+        capture's preconditioner from Adam's v as it stands (after step - 1). Every rank calls
+        this at the same steps: under ZeRO 1/2 reading v is a collective. A resumed rank starts
+        at a checkpoint, which config validation puts on a refresh step."""
+        if not self.optimizer.adamw or step % self.cfg.capture.precondition_every:
+            return
+        pre, k = read_preconditioners(self.engine, self.capture.layer_names(), self.optimizer,
+                                      exact=self.capture.projection is None)
+        self.capture.set_preconditioner(pre)
+        self.precondition_step = k
+
+    def _update_rows(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The step's update rows; u = g while there is no v yet (the first step)."""
+        if not self.optimizer.adamw:
+            return None
+        return self.capture.updates() if self.precondition_step else grads
 
     def _loss_of_all_ranks(self, loss: torch.Tensor) -> float:
         """Sum of every rank's loss. Non-finite on one rank makes it non-finite on all, so all
@@ -201,7 +230,7 @@ class RankWorker:
         self._step_losses.append(total.item() / self.world_size)  # every rank's micro-batch is the same size
         return total.item()
 
-    def _record(self, step, lr, eta, rows, positions, grads, curv_rows, clip) -> None:
+    def _record(self, step, lr, eta, rows, positions, grads, curv_rows, clip, updates=None) -> None:
         """Hand one step's gradients (and, on rank 0, its step record) to the store.
 
         After a restart, steps up to what is already committed are recomputed (identically)
@@ -212,6 +241,9 @@ class RankWorker:
         if step > done["train"]:
             self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
                                    positions=positions.tolist())
+        if self.update_writer is not None and step > done[UPDATE_KIND]:
+            self.update_writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), updates,
+                                          positions=positions.tolist())
         if self.curv_writer is not None and step > done["curvature"]:
             cat = {n: torch.cat(v) for n, v in curv_rows.items()}
             m = next(iter(cat.values())).shape[0]
@@ -221,14 +253,23 @@ class RankWorker:
             self.pending_records.append(StepRecord(
                 step=step, epoch=lay.epoch, lr=lr, eta=eta, clip=clip,
                 sample_ids=self.sample_ids[lay.indices].tolist(),
-                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist(), loss=loss))
+                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist(), loss=loss,
+                **self._optimizer_fields()))
+
+    def _optimizer_fields(self) -> dict[str, Any]:
+        """What a step record says about AdamW: λ, β's, ε, the bias-correction step, the v used."""
+        o = self.optimizer
+        if not o.adamw:
+            return {}
+        return dict(optimizer="adamw", weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                    adam_step=adam_step_count(self.engine), precondition_step=self.precondition_step)
 
     # ------------------------------------------------------------------ checkpoints and the end
 
     def save_checkpoint(self, step: int) -> None:
         """Commit everything before `step`, then checkpoint: a checkpoint never runs ahead of
         the recorded trajectory, so resuming from it leaves no gap."""
-        for w in (self.writer, self.curv_writer):
+        for w in (self.writer, self.curv_writer, self.update_writer):
             if w is not None:
                 w.flush()
         self._commit_records()
@@ -242,7 +283,7 @@ class RankWorker:
         return {"rank": self.rank, "last_committed_step": self.writer.last_committed_step}
 
     def close(self) -> None:
-        for w in (self.writer, self.curv_writer):
+        for w in (self.writer, self.curv_writer, self.update_writer):
             if w is not None:
                 w.close()
         self._commit_records()

@@ -1,0 +1,92 @@
+"""Adam's preconditioner P = 1/(√v̂ + ε) for one layer, in the form the hooks apply it
+(docs/method.md §7).
+
+P is diagonal in parameter space but not in the projected space, so it must be applied to
+the gradient before projection. A per-sample gradient is G = Σ_s δ_s [a_s, 1]ᵀ; with v̂
+factored Adafactor-style, v̂_ij ≈ r_i c_j / Σr (r, c the row and column sums), the scaled
+gradient is P ⊙ G ≈ Σ_s (δ_s ⊙ ρ)([a_s, 1] ⊙ γ)ᵀ with ρ_i = (Σr)^¼/√r_i, γ_j = (Σr)^¼/√c_j:
+scaling the two factors is the same as scaling the columns of the projection matrices, so
+the update row costs one more pair of projections. Exact mode (no projection) uses the full
+diagonal instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Preconditioner:
+    """One layer's preconditioner over its (d_out, d_in_aug) gradient (bias = last column)."""
+
+    rho: torch.Tensor
+    """(d_out,) factor on the output-gradient side."""
+    gamma: torch.Tensor
+    """(d_in_aug,) factor on the activation side, the bias column's last."""
+    full: torch.Tensor | None = None
+    """(d_out, d_in_aug) the exact diagonal 1/(√v̂ + ε); needed in exact mode (projection=None)."""
+    step: int | None = None
+    """Adam's step counter of the v it was made from (recorded with the steps that use it)."""
+
+
+def second_moment_matrix(exp_avg_sq: torch.Tensor, exp_avg_sq_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The (d_out, d_in_aug) v of a layer: weight state (d_out, d_in) with the bias state as last column.
+
+    Pass the weight state in G's orientation (transpose a GPT-2 Conv1D's (d_in, d_out) state).
+    """
+    v = exp_avg_sq.detach().to(torch.float64)
+    if exp_avg_sq_bias is None:
+        return v
+    return torch.cat([v, exp_avg_sq_bias.detach().to(torch.float64).reshape(-1, 1)], dim=1)
+
+
+def factor_second_moment(v_hat: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ρ, γ) with ρ_i γ_j ≈ 1/√v̂_ij from the row and column sums of v̂ (Adafactor's factoring).
+
+    ε enters as a floor: each entry counts as at least ε² in the sums, so a coordinate whose
+    v̂ is below ε² is treated as if it were ε², where 1/(√v̂ + ε) is within 2× of 1/ε. That
+    keeps ρ, γ finite for rows or columns that never had a gradient (e.g. constant inputs).
+    """
+    floored = v_hat.to(torch.float64).clamp_min(eps * eps)
+    r, c = floored.sum(1), floored.sum(0)
+    scale = r.sum() ** 0.25
+    return scale / r.sqrt(), scale / c.sqrt()
+
+
+def adam_preconditioner(
+    exp_avg_sq: torch.Tensor,
+    exp_avg_sq_bias: torch.Tensor | None = None,
+    step: int = 1,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    full: bool = False,
+) -> Preconditioner:
+    """A layer's Preconditioner from Adam's exp_avg_sq state after ``step`` optimizer steps.
+
+    v is bias-corrected first, v̂ = v / (1 - β₂^step), as Adam divides by √v̂; ``full`` also
+    keeps the exact diagonal 1/(√v̂ + ε) for exact-mode capture.
+    """
+    if step < 1:
+        raise ValueError(f"Adam's step counter must be >= 1 (a v exists only after a step), got {step}")
+    v_hat = second_moment_matrix(exp_avg_sq, exp_avg_sq_bias) / (1.0 - beta2 ** step)
+    rho, gamma = factor_second_moment(v_hat, eps)
+    diagonal = 1.0 / (v_hat.sqrt() + eps) if full else None
+    return Preconditioner(rho, gamma, diagonal, int(step))
+
+
+def in_gradient_orientation(module: nn.Module, weight_state: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped state in G's (d_out, d_in) orientation: a GPT-2 Conv1D stores (d_in, d_out)."""
+    return weight_state if isinstance(module, nn.Linear) else weight_state.t()
+
+
+def module_preconditioner(module: nn.Module, optimizer: torch.optim.Optimizer, full: bool = False) -> Preconditioner:
+    """The Preconditioner of a Linear / Conv1D module trained by a torch Adam/AdamW optimizer
+    whose whole state is local (not for ZeRO-partitioned states)."""
+    group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
+    state = optimizer.state[module.weight]
+    v = in_gradient_orientation(module, state["exp_avg_sq"])
+    bias = optimizer.state[module.bias]["exp_avg_sq"] if getattr(module, "bias", None) is not None else None
+    return adam_preconditioner(v, bias, int(state["step"]), group["betas"][1], group["eps"], full)

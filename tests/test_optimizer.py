@@ -1,0 +1,83 @@
+"""train.optimizer and DeepSpeed's optimizer block: the same AdamW either way, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayattr.config import Config, ConfigError
+from rayattr.optimizer import OptimizerSpec, check_param_groups, resolve_optimizer
+from rayattr.train.backend import deepspeed_config
+
+
+def cfg_of(train: dict, capture: dict | None = None) -> Config:
+    return Config.from_dict({"train": train, "capture": capture or {}})
+
+
+def test_sgd_is_the_default():
+    assert resolve_optimizer(Config()) == OptimizerSpec("sgd", 0.1)
+
+
+def test_own_block_and_deepspeed_block_mean_the_same():
+    own = cfg_of({"lr": 1e-3, "optimizer": {"type": "adamw", "betas": [0.9, 0.95], "eps": 1e-6,
+                                            "weight_decay": 0.1}}).validate()
+    for ds_type in ("AdamW", "Adam"):
+        ds = cfg_of({"deepspeed": {"optimizer": {"type": ds_type, "params": {
+            "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}}}}).validate()
+        a, b = resolve_optimizer(own), resolve_optimizer(ds)
+        assert a.adamw and b.adamw and b.from_deepspeed
+        assert (a.lr, a.beta1, a.beta2, a.eps, a.weight_decay) == (b.lr, b.beta1, b.beta2, b.eps, b.weight_decay)
+        # the rank builds torch's AdamW for both: DeepSpeed's block is not passed on
+        assert "optimizer" not in deepspeed_config(ds) and "optimizer" not in deepspeed_config(own)
+
+
+def test_deepspeed_sgd_block_still_passes_through():
+    cfg = cfg_of({"deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.05}}}}).validate()
+    assert resolve_optimizer(cfg) == OptimizerSpec("sgd", 0.05, from_deepspeed=True)
+    assert deepspeed_config(cfg)["optimizer"]["type"] == "SGD"
+
+
+@pytest.mark.parametrize("train, capture, key", [
+    ({"deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}}}, {},
+     "train.deepspeed.optimizer.params.momentum"),
+    ({"deepspeed": {"optimizer": {"type": "SGD", "params": {"lr": 0.1, "nesterov": True}}}}, {},
+     "train.deepspeed.optimizer.params.nesterov"),
+    ({"deepspeed": {"optimizer": {"type": "Lamb", "params": {"lr": 0.1}}}}, {}, "train.deepspeed.optimizer.type"),
+    ({"deepspeed": {"optimizer": {"type": "Adam", "params": {"weight_decay": 0.1, "adam_w_mode": False}}}}, {},
+     "train.deepspeed.optimizer.params.adam_w_mode"),
+    ({"deepspeed": {"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}}, {},
+     "train.deepspeed.optimizer.params.amsgrad"),
+    ({"optimizer": {"type": "lion"}}, {}, "train.optimizer.type"),
+    ({"optimizer": {"type": "adamw", "betas": [0.9, 1.0]}}, {}, "train.optimizer.betas"),
+    ({"optimizer": {"type": "adamw", "eps": 0}}, {}, "train.optimizer.eps"),
+    ({"optimizer": {"type": "adamw"}, "deepspeed": {"optimizer": {"type": "AdamW"}}}, {}, "train.optimizer and"),
+    ({"optimizer": {"type": "adamw"}}, {"curvature": "sampled"}, "capture.curvature"),
+    ({"optimizer": {"type": "adamw"}, "checkpoint_every": 3}, {"precondition_every": 2},
+     "train.checkpoint_every=3 must be a multiple of capture.precondition_every"),
+])
+def test_refusals_name_the_key(train, capture, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg_of(train, capture).validate()
+
+
+def test_per_group_lr_or_decay_within_a_layer_is_refused():
+    layer = torch.nn.Linear(3, 2)
+    same = torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias]}], lr=1e-3)
+    check_param_groups(same, {"fc": layer})  # two groups, equal settings: fine
+    for key, value in (("lr", 1e-2), ("weight_decay", 0.0)):
+        opt = torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias], key: value}],
+                                lr=1e-3, weight_decay=0.1)
+        with pytest.raises(ConfigError, match=f"layer 'fc' different {key}"):
+            check_param_groups(opt, {"fc": layer})
+
+
+def test_step_records_keep_the_adamw_settings(tmp_path):
+    from rayattr.store import Run, StepRecord
+
+    run = Run.create(str(tmp_path), "r", {})
+    adam = StepRecord(1, 0, 1e-3, 1e-4, [3], ["a"], [0], clip=0.5, optimizer="adamw", weight_decay=0.1,
+                      beta1=0.9, beta2=0.95, eps=1e-8, adam_step=2, precondition_step=1)
+    run.write_step_records([StepRecord(0, 0, 0.1, 0.05, [1], ["a"], [0]), adam])
+    sgd, back = run.step_records()
+    assert back == adam and back.decay == pytest.approx(1 - 1e-3 * 0.1)
+    assert (sgd.optimizer, sgd.adam_step, sgd.decay, sgd.loss) == ("sgd", None, 1.0, None)
