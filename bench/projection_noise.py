@@ -15,29 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from rayattr.store import Run  # noqa: E402
-
-
-def run_job(store: str, run_id: str, settings: dict) -> Run:
-    cfg = Path(store) / f"{run_id}.yaml"
-    cfg.write_text(yaml.safe_dump(settings))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(cfg), "--store", store,
-                          "--run-id", run_id, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(out.stderr[-3000:])
-    return Run.open(store, run_id)
+from harness import run_job  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ run:
 - the Spearman between seed-averaged predictions and seed-averaged retrain effects;
 - the same pairwise Spearman for the retrain effects (how stable the truth itself is).
 
-    python bench/stability.py --seeds 5 [--set capture.rank=16]
+    python bench/stability.py --seeds 5 [--set capture.rank=8] [--config jobs/configs/adamw.yaml]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,40 +29,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from rayattr.store import Run  # noqa: E402
+from harness import dotted, merge, run_job  # noqa: E402
 from rayattr.validate import validate_run  # noqa: E402
 from rayattr.validate.stats import spearman  # noqa: E402
-
-
-def run_job(store: str, run_id: str, settings: dict) -> Run:
-    cfg = Path(store) / f"{run_id}.yaml"
-    cfg.write_text(yaml.safe_dump(settings))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(cfg), "--store", store,
-                          "--run-id", run_id, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(out.stderr[-3000:])
-    return Run.open(store, run_id, readonly=False)
-
-
-def dotted(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def pairwise(rows: np.ndarray) -> float:
@@ -73,13 +43,15 @@ def pairwise(rows: np.ndarray) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--config", help="base config (YAML), e.g. jobs/configs/adamw.yaml; default: the built-in")
     p.add_argument("--set", action="append", default=[], metavar="KEY=YAML", help="config override, dotted")
     p.add_argument("--store", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
     if args.store:
         os.makedirs(args.store, exist_ok=True)
     store = args.store or tempfile.mkdtemp(prefix="rayattr-stability-")
-    extra = dotted(args.set)
+    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    extra = merge(base or {}, dotted(args.set))
     # the data files of one default run, then every seed trains on exactly those
     first = run_job(store, "data-source", extra)
     data_dir = Path(store) / "data"
@@ -103,7 +75,8 @@ def main() -> None:
               + "   (predicted/retrained)", flush=True)
     P, A = np.array(preds), np.array(truths)
     c = sources.index("corrupted")
-    print(f"\n{args.seeds} seeds, data fixed{'; ' + ', '.join(args.set) if args.set else ''}")
+    print(f"\n{args.seeds} seeds, data fixed{'; ' + args.config if args.config else ''}"
+          f"{'; ' + ', '.join(args.set) if args.set else ''}")
     print(f"pairwise Spearman of predicted source values: {pairwise(P):.2f}   (retrained: {pairwise(A):.2f})")
     print(f"corrupted last: predicted {int(np.sum(P.argmin(1) == c))}/{args.seeds}, "
           f"retrained {int(np.sum(A.argmin(1) == c))}/{args.seeds}")

@@ -61,6 +61,17 @@ def store_root(request, tmp_path) -> StoreRoot:
     return StoreRoot("s3", server.root_uri(name), opts, server.env, server)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray in the test process for one module (2 CPUs, one thread per worker)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A real finished run, made once per session by the job script in its own process (its

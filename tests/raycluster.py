@@ -95,11 +95,13 @@ class LocalRayCluster:
             time.sleep(1)
         raise RuntimeError(f"the {self.nodes} Ray nodes did not all join within {timeout}s")
 
-    def submit(self, entrypoint: list[str], env: dict | None = None, working_dir: str = ".",
+    def submit(self, entrypoint: list[str], env: dict | None = None, working_dir: str | None = ".",
                timeout: float = 600) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir DIR` and wait for the job; its logs are in stdout."""
+        """`ray job submit --working-dir DIR` (none: the installed package) and wait for the job;
+        its logs are in stdout."""
         runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", **(env or {})}}
-        cmd = ["ray", "job", "submit", f"--address={self.dashboard_url}", f"--working-dir={working_dir}",
+        wd = [f"--working-dir={working_dir}"] if working_dir is not None else []
+        cmd = ["ray", "job", "submit", f"--address={self.dashboard_url}", *wd,
                f"--runtime-env-json={json.dumps(runtime_env)}", "--", *entrypoint]
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
 

@@ -82,6 +82,28 @@ def test_job_submit_multinode_s3(cluster, single_node, s3_store):
     assert s3_store.secret_key not in run.read_bytes("run.json").decode()
 
 
+def test_validate_through_job_submit(cluster, single_node, tmp_path):
+    """`rayattr validate` as a Ray job on the two-node cluster: its retraining gangs run there,
+    and the nothing-removed retrain reproduces the single-node run's final weights exactly."""
+    import json
+    import shutil
+
+    shutil.copytree(single_node.uri, tmp_path / "store" / "one")  # the shared run stays unvalidated
+    uri = str(tmp_path / "store" / "one")
+    # no working_dir: the installed `rayattr` command runs. (Both "nodes" of this one-machine
+    # cluster share one Ray temp dir, and one node's runtime-env clean-up can delete a shipped
+    # working_dir under the other's long-running driver.)
+    out = cluster.submit(["python", "-m", "rayattr.cli", "validate", uri, "--sources", "corrupted", "text",
+                          "--occurrences", "2", "--no-progress"], working_dir=None)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "ray: joined the cluster" in out.stdout + out.stderr
+    run = Run.open(str(tmp_path / "store"), "one")
+    summary = json.loads(run.read_bytes("validation/summary.json"))
+    assert summary["baseline_max_abs_diff"] == 0.0 and summary["n_sources"] == 2 and summary["n_occurrences"] == 2
+    sources = run.read_table("validation/sources.parquet").to_pylist()
+    assert {r["source"] for r in sources} == {"corrupted", "text"} and all(r["actual"] != 0 for r in sources)
+
+
 def test_default_job_ranks_corrupted_last(tmp_path):
     """README's first command: no arguments but a store: the built-in corpus, 2 ranks, 192 steps,
     and the deliberately corrupted source has the lowest value per sample."""

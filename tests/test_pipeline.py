@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-import ray
 import torch
 
 from rayattr.config import Config
@@ -28,14 +27,6 @@ def small_config(store: str, run_id: str, **train) -> Config:
         "store": {"uri": store, "steps_per_shard": 4},
     })
     return cfg.validate()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

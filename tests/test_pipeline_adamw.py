@@ -12,7 +12,7 @@ from rayattr.dvemb import data_value_embeddings, influence
 from rayattr.pipeline import attribute, run_pipeline
 from rayattr.reduce import validation_gradient
 from rayattr.store import GradientReader, Run
-from test_pipeline import _embeddings, copy_trained, local_ray, small_config  # noqa: F401 (fixture)
+from test_pipeline import _embeddings, copy_trained, small_config
 
 SCHEDULE = {"type": "WarmupCosineLR", "params": {"total_num_steps": 24, "warmup_num_steps": 4,
                                                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
@@ -28,7 +28,7 @@ def adamw_config(store: str, run_id: str, stage: int = 1, **train) -> Config:
 
 
 @pytest.fixture(scope="module")
-def trained(local_ray, tmp_path_factory):  # noqa: F811
+def trained(local_ray, tmp_path_factory):
     cfg = adamw_config(str(tmp_path_factory.mktemp("store")), "adamw")
     result = run_pipeline(cfg, progress=False)
     return cfg, Run.open_uri(result.uri), result
@@ -95,7 +95,7 @@ def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):  # noqa: F811
+def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):
     one = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "one", ranks=1, micro_batch=16, epochs=1),
                                     progress=False).uri)
     two = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "two", stage=zero_stage, epochs=1),

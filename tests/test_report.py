@@ -207,6 +207,10 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
     page = write_report(run, tmp_path / "before").read_text()
     assert "How far to trust this run" in page and "has not been validated" in page
     assert "Projection noise" in page and "<th>se</th>" in page
+    # the step size against curvature the divergence guard measured, and what it means
+    el = run.manifest["max_eta_lambda"]
+    assert f"η·λ_max(H) of any step was {el:.2g}" in page
+    assert ("amplifies small changes" in page) == (el > 2) and ("Below 2 throughout" in page) == (el <= 2)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", run.uri, "--subsets", "4",
                           "--fraction", "0.2", "--sources", "--no-progress"],

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-import ray
 import torch
 from safetensors.torch import load
 
@@ -45,14 +44,6 @@ def tiny_config(store: str, run_id: str, **train) -> Config:
         "embed": {"phases": 2},
         "store": {"uri": store, "steps_per_shard": 4},
     }).validate()
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,14 @@ def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
                      f"{float(np.median(ratio)):.1f}, and {float(np.mean(ratio < 2)):.0%} of the occurrences lie "
                      "within 2 SE of zero: their sign is not known. Ranked samples marked <i>within noise</i> "
                      "below are such samples.</p>")
+    el, at = run.manifest.get("max_eta_lambda"), run.manifest.get("max_eta_lambda_step")
+    if el is not None:
+        parts.append(f"<p>Step size against curvature: the largest η·λ_max(H) of any step was {el:.2g} "
+                     f"(step {at}). "
+                     + ("Above 2 the trajectory amplifies small changes, and first-order values, Data Value "
+                        "Embedding included, rank sources and samples unreliably there (docs/method.md §9)."
+                        if el > 2 else "Below 2 throughout: the regime where first-order values are reliable.")
+                     + "</p>")
     result = read_validation(run)
     if result is None:
         parts.append("<p>This run has not been validated against retraining. <code>rayattr validate "
@@ -267,6 +275,9 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "(Data Value Embedding): positive helped, negative hurt.</p>",
         validation_text(run.read_table("data/validation.parquet")),
         "<h2>Sources</h2>", _img("sources.png", *pngs["sources.png"]),
+        "<p>Each bar is a source's value divided by its number of distinct samples; the whiskers "
+        "are its 95 % bootstrap interval over occurrences. Blue helped the validation loss, "
+        "vermillion hurt it.</p>",
         _table(sources.to_pylist(), sources.column_names,
                {"value": num, "value_per_sample": num, "value_low": num, "value_high": num}),
         "<p>value_low and value_high bound the source's value by a 95 % bootstrap over its occurrences: "
@@ -281,7 +292,10 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "the largest values, and a sign there can differ from the source's overall sign: that "
         "says what the source did to the final model's validation loss at the end of training, "
         "not what it did overall.</p>",
-        *(["<h2>Training loss</h2>", _img("loss.png", *pngs["loss.png"])] if "loss.png" in pngs else []),
+        *(["<h2>Training loss</h2>", _img("loss.png", *pngs["loss.png"]),
+           "<p>The mean training loss of each optimizer step's global batch, as the ranks recorded it "
+           "(the values above refer to the validation loss at the last step).</p>"]
+          if "loss.png" in pngs else []),
         *trust_section(run, samples, out),
         f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, fmt),
         f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, fmt),
