@@ -251,3 +251,13 @@ def test_statistics():
     noisy = p + rng.normal(0, 1.5, 5)
     lo, hi = bootstrap_spearman_ci(p, noisy, rng)
     assert -1 <= lo <= spearman(p, noisy) <= hi <= 1 and hi - lo > 0
+
+
+def test_summary_schema_is_documented(two_ranks):
+    """Every key validate writes into summary.json is in docs/method.md's schema table (the
+    schema is a promise to users: a new key must be documented)."""
+    summary = json.loads(two_ranks.read_bytes(SUMMARY)) if two_ranks.exists(SUMMARY) else \
+        validate_run(two_ranks, sources=["data"], progress=False).summary
+    row = next(line for line in (ROOT / "docs" / "method.md").read_text().splitlines()
+               if line.startswith("| `validation/summary.json`"))
+    assert [k for k in summary if k not in row] == []
