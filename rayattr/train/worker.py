@@ -8,7 +8,6 @@ GradientWriter. Rank 0 also writes the step record (lr, per-sample step size, gl
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
 from rayattr.optimizer import resolve_optimizer
 from rayattr.train.adam_state import adam_step_count, read_preconditioners
-from rayattr.train.backend import set_dist_env
+from rayattr.train.backend import join_process_group
 from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
@@ -62,17 +61,11 @@ class RankWorker:
         quiet_known_noise(expect_gpu=self.cfg.train.use_gpu)
         self.options = StoreOptions(storage_options=storage_options or {})
         self.run = Run.open_uri(run_uri, options=self.options, readonly=False)
-        set_dist_env(rank, world_size, master_addr, master_port)
+        self.device = join_process_group(self.cfg, rank, world_size, master_addr, master_port)
         self._setup()
 
     def _setup(self) -> None:
-        import deepspeed
-
         cfg = self.cfg
-        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
-        use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         table = self.run.read_table("data/train.parquet")

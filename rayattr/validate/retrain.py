@@ -10,7 +10,6 @@ when asked, the largest difference from the run's recorded final weights.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -23,7 +22,7 @@ from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.reduce.gradients import mean_loss
 from rayattr.store import Run, StoreOptions
-from rayattr.train.backend import set_dist_env
+from rayattr.train.backend import join_process_group
 from rayattr.train.engine import build_engine, micro_batch_loss
 from rayattr.train.model import build_model
 from rayattr.train.quiet import quiet_known_noise
@@ -36,17 +35,11 @@ class RetrainWorker:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
                  config: dict, run_uri: str, storage_options: dict | None = None):
-        import deepspeed
-
         self.rank, self.world_size = rank, world_size
         self.cfg = cfg = Config.from_dict(config)
         quiet_known_noise(expect_gpu=cfg.train.use_gpu)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-        set_dist_env(rank, world_size, master_addr, master_port)
-        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
-        use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        self.device = join_process_group(cfg, rank, world_size, master_addr, master_port)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.data = TokenizedDataset(self.run.read_table("data/train.parquet"), self.tokenizer, cfg.data.seq_len)
         t = cfg.train

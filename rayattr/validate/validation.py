@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayattr.config import Config
-from rayattr.store import Run, StoreOptions
+from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.validate.counterfactuals import (Removal, occurrence_removals, predicted, source_removals,
                                               subset_removals)
 from rayattr.validate.errors import ValidationError
@@ -39,8 +39,6 @@ class ValidationResult:
 
 def open_validatable(uri: str | Run, storage_options: dict | None = None) -> Run:
     """The run, writable, if its pipeline finished (values exist to compare with)."""
-    from rayattr.store import open_run_ref
-
     run = uri if isinstance(uri, Run) else open_run_ref(  # a run id, path or URI
         str(uri).rstrip("/"), StoreOptions(storage_options=dict(storage_options or {})), readonly=False)
     status = run.manifest.get("status", "unknown")
