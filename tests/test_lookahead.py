@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
-import torch
 
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
