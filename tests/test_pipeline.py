@@ -17,11 +17,15 @@ from rayattr.reduce import validation_gradient
 from rayattr.store import GradientReader, Run
 
 
+# the SGD runs of these tests (plain SGD, constant lr; the built-in default is AdamW)
+SGD = {"optimizer": {"type": "sgd"}, "deepspeed": {"zero_optimization": {"stage": 1}}}
+
+
 def small_config(store: str, run_id: str, **train) -> Config:
     cfg = Config.from_dict({
         "run_id": run_id,
         "data": {"seq_len": 32, "builtin": {"n_train": 192, "n_validation": 32, "max_chars": 96}},
-        "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, **train},
+        "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, **SGD, **train},
         "capture": {"rank": 4},
         "embed": {"dtype": "float64", "phases": 4},
         "store": {"uri": store, "steps_per_shard": 4},

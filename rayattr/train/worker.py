@@ -78,7 +78,7 @@ class RankWorker:
         model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
         if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
             self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
-        self.engine = build_engine(cfg, model)
+        self.engine = build_engine(cfg, model, self.num_steps)
         self.optimizer = resolve_optimizer(cfg)
         self.precondition_step = 0  # Adam's counter of the v the update rows use (0: none yet, u = g)
         self.capture = GradientCapture(self.engine.module, projection=projection_spec(cfg), layers=cfg.capture.layers)
