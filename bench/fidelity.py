@@ -11,7 +11,7 @@ With --exact it also replays each run in float64 and computes exact first-order 
 (bench/exact_reference.py: exact Hessian-vector products, exact clipping) to tell the
 approximations (projection, Fisher curvature) from the limits of any first-order method.
 
-    python bench/fidelity.py                       # empirical and sampled curvature, 16 subsets
+    python bench/fidelity.py                       # SGD with empirical and sampled curvature, 16 subsets
     python bench/fidelity.py --subsets 32 --exact
     python bench/fidelity.py --settings adamw
 """
