@@ -6,7 +6,7 @@
   part-*.parquet for files from elsewhere, copied a record batch at a time), or, when the files
   already sit in the store's own filesystem or bucket, left where they are: data/train.files.json
   records their URLs, sizes and versions (data/scan.py), and a run checks them again before it
-  trains, resumes or shows texts (docs/scale.md: the driver never holds or copies the corpus).
+  trains, resumes or shows texts (docs/store.md, "What the pipeline keeps in a run").
 - data/tokens/: the token shards of the steps the run trains on (data/shards.py); their
   meta.json is written last and marks the data as complete.
 

@@ -6,7 +6,7 @@ columns id (int64), source (string) and the body (`text` strings, or pre-tokenis
 lists); without an `id` column, ids are the global row order, as in files.load_dataset.
 
 The listing (`DataFile` per file: URL, size, version, rows) is what a run records when it
-leaves data where it is (docs/scale.md): a run checks it again before it uses the data.
+leaves data where it is (docs/store.md): a run checks it again before it uses the data.
 """
 
 from __future__ import annotations

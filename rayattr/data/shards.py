@@ -1,6 +1,6 @@
 """Token shards of the training data in batch-plan order, written once, read by step and rank.
 
-Why: a rank needs only its own rows of each step (docs/scale.md), so the tokens of the steps a
+Why: a rank needs only its own rows of each step (docs/store.md), so the tokens of the steps a
 run trains on are laid out in the order it trains on them. File `data/tokens/<first step>.parquet`
 covers `steps_per_file` consecutive steps; inside it, row group r holds rank r's rows of those
 steps in (step, micro-step, offset) order. A rank reads one row group per file (a range read of
