@@ -123,12 +123,12 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
                                           max_chars=b.max_chars)
         batches, n = iter(copy.to_batches(max_chunksize=BATCH_ROWS)), copy.num_rows
     else:
-        validation = pa.Table.from_batches(list(scan(d.validation, so, d.pretokenized)))
-        check_unique_ids(validation["id"].to_numpy(), f"validation dataset {d.validation}")
         files = listing(d.train, so)
         n = sum(f.rows for f in files)
         if n == 0:
             raise DataError(f"dataset {d.train} is empty (no rows)")
+        validation = pa.Table.from_batches(list(scan(d.validation, so, d.pretokenized)))
+        check_unique_ids(validation["id"].to_numpy(), f"validation dataset {d.validation}")
         batches = scan(d.train, so, d.pretokenized)
         if not d.copy and in_store([f.url for f in files], cfg.store.uri):
             ref = {"spec": d.train, "pretokenized": d.pretokenized, "files": [asdict(f) for f in files],
