@@ -17,12 +17,12 @@ from rayattr.config import Config, ConfigError
 from rayattr.data import BatchPlan, ByteTokenizer, DataError, TokenizedDataset, builtin_corpus, load_tokenizer
 from rayattr.data import run_data
 from rayattr.pipeline import complete_run, create_run, prepare_data, write_data
-from rayattr.store import StoreOptions
+from rayattr.store import Run, StoreOptions
 
 
 def make_run(cfg: Config):
     run = create_run(cfg)
-    write_data(cfg, run, prepare_data(cfg, StoreOptions()))
+    write_data(cfg, run, prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options)))
     return run
 
 
@@ -241,3 +241,38 @@ def test_pretokenized_files_without_source_and_config_checks(tmp_path):
     assert run_data.texts_by_id(run, [0, 25]) == {0: "\x01\x02\x03", 25: "\x04\x05"}
     with pytest.raises(ConfigError, match="data.pretokenized needs data.train"):
         config(tmp_path, **{"data.pretokenized": True})
+
+
+def test_data_in_and_outside_the_store_on_both_backends(store_root, tmp_path):
+    """Files in the store's bucket (or filesystem) are recorded and read where they are; files
+    from elsewhere are copied in parts; ranks range-read their row groups from either backend."""
+    import fsspec
+
+    so = store_root.options.storage_options
+    train, val = builtin_corpus()
+    data = f"{store_root.uri}-data/corpus"  # beside the runs' root, in the same bucket
+    fs, root = fsspec.core.url_to_fs(data, **so)
+    fs.makedirs(root, exist_ok=True)
+    for i, a in enumerate(range(0, train.num_rows, 512)):
+        with fs.open(f"{root}/part-{i}.parquet", "wb") as f:
+            pq.write_table(train.slice(a, 512), f)
+    pq.write_table(train, tmp_path / "elsewhere.parquet")
+    pq.write_table(val, tmp_path / "val.parquet")
+    base = {"store.uri": store_root.uri, "store.storage_options": so, "data.validation": str(tmp_path / "val.parquet"),
+            "train.steps": 6}
+    ids = [2, 700, 1500]
+    for run_id, train_uri, copy in (("in", data, False), ("out", str(tmp_path / "elsewhere.parquet"), True)):
+        cfg = Config().with_overrides(**base, **{"run_id": run_id, "data.train": train_uri}).validate()
+        if store_root.backend == "s3":
+            copy = run_id == "out"  # a local file is not in the bucket: copied without being asked
+        else:
+            cfg.data.copy = copy
+        run = make_run(cfg)
+        assert run.manifest["data"]["train"] == ("copied" if copy else "referenced")
+        assert run.exists("data/train/part-00000.parquet") == copy
+        assert_same_as_whole_table(run, train, cfg)
+        assert run_data.texts_by_id(run, ids) == {i: train["text"][i].as_py() for i in ids}
+    with fs.open(f"{root}/part-1.parquet", "wb") as f:  # the data changes under the "in" run
+        pq.write_table(train.slice(0, 512), f)
+    with pytest.raises(DataError, match="part-1.parquet: .*version"):
+        run_data.check_data(Run.open(store_root.uri, "in", options=store_root.options))
