@@ -138,7 +138,13 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
             batches = _copying(batches, scratch.name, parts)
     TokenizedDataset(validation, tokenizer, d.seq_len)  # bad validation rows fail here, not in reduce
     try:
-        spill = spill_tokens(batches, layout_of(cfg, n), encode)
+        try:
+            lay = layout_of(cfg, n)
+        except DataError:
+            for _ in batches:  # what is wrong with the files themselves is said first
+                pass
+            raise
+        spill = spill_tokens(batches, lay, encode)
     except BaseException:
         if scratch is not None:
             scratch.cleanup()
