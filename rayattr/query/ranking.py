@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from rayattr.query.scoring import OccurrenceScores
 
@@ -25,12 +23,6 @@ def _top(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
         return keep[:0]
     order = np.argsort(-values[keep] if largest else values[keep], kind="stable")
     return keep[order[:k]]
-
-
-def texts_of(train: pa.Table, ids: np.ndarray) -> list[str | None]:
-    """Texts of training sample ids (None where the id is not in the table)."""
-    where = pc.index_in(pa.array(ids, pa.int64()), value_set=train["id"])
-    return pc.take(train["text"], where).to_pylist()
 
 
 TextLookup = Callable[[np.ndarray], list]
