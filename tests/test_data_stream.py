@@ -66,6 +66,24 @@ def test_shards_equal_the_whole_table_reader(tmp_path, over):
     assert_same_as_whole_table(run, run.read_table("data/train.parquet"), cfg)
 
 
+def test_a_data_stage_cut_short_is_redone_the_same(tmp_path):
+    """A driver that died before the token meta was written leaves the data incomplete; the
+    resume writes it again, file for file the same."""
+    cfg = config(tmp_path, **{"train.steps": 10, "store.steps_per_shard": 4})
+    run = make_run(cfg)
+    files = sorted(p for p in run.list("data/tokens") if p.endswith(".parquet"))
+    assert files == ["00000000.parquet", "00000004.parquet", "00000008.parquet"]
+    before = {f: run.read_bytes(f"data/tokens/{f}") for f in files}
+    os.remove(os.path.join(run.uri.removeprefix("file://"), run_data.META))
+    os.remove(os.path.join(run.uri.removeprefix("file://"), "data/tokens", files[1]))
+    assert not run_data.complete(run)
+    with pytest.raises(DataError, match="its data stage did not finish"):
+        run_data.rank_tokens(run, 0)
+    write_data(cfg, run)  # what complete_run does for such a run
+    assert run_data.complete(run)
+    assert {f: run.read_bytes(f"data/tokens/{f}") for f in files} == before
+
+
 # ------------------------------------------------------------------ unused data costs nothing
 
 def write_corpus(path, factor: int, with_id: bool = True, rows_per_file: int | None = None) -> list[str]:

@@ -238,7 +238,8 @@ def train_rows(run, ids: Sequence[int] | np.ndarray, columns: Sequence[str] = ("
     want = pa.array(np.unique(np.asarray(ids, dtype=np.int64)), pa.int64())
     if run.exists(LISTING):
         return _referenced_rows(run, run.read_json(LISTING), want, list(columns))
-    rels = [TRAIN_COPY] if run.exists(TRAIN_COPY) else [f"{TRAIN_PARTS}/{p}" for p in run.list(TRAIN_PARTS)]
+    rels = [TRAIN_COPY] if run.exists(TRAIN_COPY) else [
+        f"{TRAIN_PARTS}/{p}" for p in run.list(TRAIN_PARTS) if p.endswith(".parquet") and not p.startswith(".")]
     dataset = _dataset(_run_files(run, rels))
     cols = [c for c in columns if c in dataset.schema.names]
     return dataset.to_table(columns=cols, filter=pc.field("id").isin(want))
