@@ -157,6 +157,8 @@ def test_in_store_data_is_recorded_not_copied_and_a_change_is_refused(tmp_path):
     listing = run.read_json(run_data.LISTING)
     assert [f["url"] for f in listing["files"]] == files
     assert [f["size"] for f in listing["files"]] == [os.path.getsize(f) for f in files]
+    # each file's id range (from its Parquet statistics) tells a lookup which files to open
+    assert [(f["id_min"], f["id_max"]) for f in listing["files"]] == [(0, 499), (500, 999), (1000, 1499), (1500, 1535)]
     table = pa.concat_tables([pq.read_table(f) for f in files])
     assert_same_as_whole_table(run, table, cfg)
     # texts come from the recorded files, by id
@@ -171,8 +173,9 @@ def test_in_store_data_is_recorded_not_copied_and_a_change_is_refused(tmp_path):
         run_data.check_data(run)
     with pytest.raises(DataError, match="changed since the run recorded it"):
         complete_run(cfg, run, progress=False)  # a resume refuses before training
-    with pytest.raises(DataError, match="changed since the run recorded it"):
-        run_data.texts_by_id(run, [1])
+    with pytest.raises(DataError, match="changed since the run recorded it: .*part-002"):
+        run_data.texts_by_id(run, [1200])  # a lookup checks the files it opens...
+    assert run_data.texts_by_id(run, [1]) == {1: table["text"][1].as_py()}  # ...and only those
     os.remove(files[3])
     with pytest.raises(DataError, match="part-003.parquet is gone"):
         run_data.check_data(run)

@@ -246,27 +246,31 @@ def train_rows(run, ids: Sequence[int] | np.ndarray, columns: Sequence[str] = ("
 
 
 def _referenced_rows(run, ref: dict, want: pa.Array, columns: list[str]) -> pa.Table:
-    check_data(run)
+    """Rows by id from files left where they are: only the files that can hold the ids are
+    checked against the recorded listing and opened (by their id range, or by row order)."""
     so = run.options.storage_options or None
-    files = [files_of(f["url"], so)[0] for f in ref["files"]]
-    parts = []
-    if ref["with_id"]:  # one format per run: mixed endings are read file by file
-        for fs, path, url in files:
-            d = _dataset([(fs, path)])
-            cols = [c for c in columns if c in d.schema.names]
-            parts.append(_with_source(d.to_table(columns=cols, filter=pc.field("id").isin(want)), url, columns))
+    recorded = [DataFile.from_dict(f) for f in ref["files"]]
+    ids = want.to_numpy()
+    if ref["with_id"]:
+        rows_of_file = {i: None for i, f in enumerate(recorded)
+                        if f.id_min is None or ((ids >= f.id_min) & (ids <= f.id_max)).any()}
     else:  # ids are the global row order: file by cumulative row counts, then rows by position
-        ends = np.cumsum([f["rows"] for f in ref["files"]])
-        ids = want.to_numpy()
+        ends = np.cumsum([f.rows for f in recorded])
         which = np.searchsorted(ends, ids, side="right")
-        for i in np.unique(which[which < len(files)]):
-            fs, path, url = files[i]
-            rows = ids[which == i] - (ends[i] - ref["files"][i]["rows"])
-            d = _dataset([(fs, path)])
-            cols = [c for c in columns if c in d.schema.names and c != "id"]
-            t = d.take(pa.array(rows), columns=cols)
-            t = t.append_column("id", pa.array(ids[which == i], pa.int64()))
-            parts.append(_with_source(t, url, columns))
+        rows_of_file = {int(i): (ids[which == i], ids[which == i] - (ends[i] - recorded[i].rows))
+                        for i in np.unique(which[which < len(recorded)])}
+    opened = [recorded[i] for i in rows_of_file]
+    check_unchanged(opened, stat_files([f.url for f in opened], so), f"training data {ref['spec']}")
+    parts = []
+    for i, rows in rows_of_file.items():
+        fs, path, url = files_of(recorded[i].url, so)[0]
+        d = _dataset([(fs, path)])
+        cols = [c for c in columns if c in d.schema.names and (rows is None or c != "id")]
+        if rows is None:
+            t = d.to_table(columns=cols, filter=pc.field("id").isin(want))
+        else:
+            t = d.take(pa.array(rows[1]), columns=cols).append_column("id", pa.array(rows[0], pa.int64()))
+        parts.append(_with_source(t, url, columns))
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables([p.select([c for c in columns if c in p.column_names]) for p in parts],

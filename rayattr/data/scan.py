@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -43,10 +44,13 @@ class DataFile:
     size: int  # bytes
     version: str  # ETag on S3, modification time (ns) locally: changes when the file is rewritten
     rows: int  # rows in the file
+    id_min: int | None = None  # smallest and largest id (Parquet statistics), so a lookup by id
+    id_max: int | None = None  # opens only the files that can hold it
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataFile":
-        return cls(url=d["url"], size=int(d["size"]), version=str(d["version"]), rows=int(d["rows"]))
+        return cls(url=d["url"], size=int(d["size"]), version=str(d["version"]), rows=int(d["rows"]),
+                   id_min=d.get("id_min"), id_max=d.get("id_max"))
 
 
 def files_of(uri_or_list, storage_options: dict | None) -> list[tuple[fsspec.AbstractFileSystem, str, str]]:
@@ -197,17 +201,36 @@ def listing(uri_or_list, storage_options: dict | None = None, count_rows: bool =
     for fs, path, url in files_of(uri_or_list, storage_options):
         with _storage_access(url, storage_options):
             info = fs.info(path)
+            lo = hi = None
             if not count_rows:
                 rows = -1
             elif _empty(fs, path):
                 rows = 0
             else:
                 try:
-                    rows = _dataset(fs, path).count_rows()
+                    if file_format(path) == "parquet":
+                        with fs.open(path, "rb") as f:
+                            meta = pq.ParquetFile(f).metadata
+                        rows, (lo, hi) = meta.num_rows, _id_range(meta)
+                    else:
+                        rows = _dataset(fs, path).count_rows()
                 except pa.ArrowInvalid as err:
                     raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
-        out.append(DataFile(url=url, size=int(info.get("size") or 0), version=_version(info), rows=rows))
+        out.append(DataFile(url=url, size=int(info.get("size") or 0), version=_version(info), rows=rows,
+                            id_min=lo, id_max=hi))
     return out
+
+
+def _id_range(meta: pq.FileMetaData) -> tuple[int | None, int | None]:
+    """Smallest and largest value of the file's integer `id` column from its row-group
+    statistics, or (None, None) where there is no such column or statistics."""
+    column = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == "id"), None)
+    if column is None or meta.num_row_groups == 0:
+        return None, None
+    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    if not all(s is not None and s.has_min_max and isinstance(s.min, int) for s in stats):
+        return None, None
+    return min(s.min for s in stats), max(s.max for s in stats)
 
 
 def stat_files(urls: Sequence[str], storage_options: dict | None = None) -> list[DataFile]:
