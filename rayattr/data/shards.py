@@ -11,8 +11,8 @@ seq_len int32 token ids, right-padded).
 Writing streams the corpus once (data/scan.py): rows that no trained step uses are never
 tokenised, used rows are tokenised once (even when several epochs use them) and spilled to local
 buckets by destination file; each bucket is then ordered and written. What a process holds is
-one record batch, one bucket and two int64s per corpus row (the batch plan's slot of each row,
-and its id for the uniqueness check).
+one record batch, one bucket and, per corpus row and epoch, the batch plan's slot of the row
+(int32), plus each row's int64 id for the uniqueness check.
 """
 
 from __future__ import annotations
@@ -137,14 +137,18 @@ def _file_bytes(rows: pa.Table, lay: ShardLayout) -> bytes:
 
 
 def plan_slots(lay: ShardLayout) -> np.ndarray:
-    """(epochs, n_samples) int64: the global slot (step * G + position in the global batch) each
-    row fills in each epoch, -1 where no written step uses it."""
+    """(epochs, n_samples): the global slot (step * G + position in the global batch) each row
+    fills in each epoch, -1 where no written step uses it; int32 while slots fit (half the memory)."""
     plan, g = lay.plan, lay.plan.global_batch_size
     spe = plan.steps_per_epoch
-    slots = np.full((lay.epochs, lay.n_samples), -1, dtype=np.int64)
+    dtype = np.int32 if lay.num_steps * g < np.iinfo(np.int32).max else np.int64
+    slots = np.full((lay.epochs, lay.n_samples), -1, dtype=dtype)
     for e in range(lay.epochs):
         used = max(0, min(spe, lay.num_steps - e * spe)) * g
-        slots[e, epoch_permutation(lay.n_samples, e, lay.seed)[:used]] = e * spe * g + np.arange(used)
+        # uncached: the driver need not keep n-long permutations after the data stage
+        perm = epoch_permutation.__wrapped__(lay.n_samples, e, lay.seed)
+        slots[e, perm[:used]] = e * spe * g + np.arange(used)
+        del perm
     return slots
 
 
@@ -186,7 +190,7 @@ def spill_tokens(batches: Iterable[pa.RecordBatch], lay: ShardLayout, encode: En
                 keep = np.flatnonzero(mine[e, used] >= 0)
                 if not len(keep):
                     continue
-                slot = mine[e, used[keep]]
+                slot = mine[e, used[keep]].astype(np.int64)
                 part = pa.record_batch([pa.array(slot), rows["id"].take(keep), rows["source"].take(keep),
                                         pa.array(lengths[keep].astype(np.int32)), flat.take(keep)], schema=schema)
                 bucket = slot // g // lay.steps_per_file // files_per_bucket
