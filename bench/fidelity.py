@@ -11,7 +11,7 @@ With --exact it also replays each run in float64 and computes exact first-order 
 (bench/exact_reference.py: exact Hessian-vector products, exact clipping) to tell the
 approximations (projection, Fisher curvature) from the limits of any first-order method.
 
-    python bench/fidelity.py                       # empirical and sampled curvature, 16 subsets
+    python bench/fidelity.py                       # SGD with empirical and sampled curvature, 16 subsets
     python bench/fidelity.py --subsets 32 --exact
     python bench/fidelity.py --settings adamw
 """
@@ -36,11 +36,14 @@ from rayattr.validate import validate_run  # noqa: E402
 from rayattr.validate.counterfactuals import Removal  # noqa: E402
 from rayattr.validate.stats import slope, spearman  # noqa: E402
 
+SGD = yaml.safe_load((ROOT / "jobs/configs/sgd.yaml").read_text())
 SETTINGS = {
-    "empirical": {"capture": {"curvature": "empirical"}},
-    "sampled": {"capture": {"curvature": "sampled"}},
-    # the built-in run under AdamW (jobs/configs/adamw.yaml: warm-up, cosine decay, decay 0.1)
-    "adamw": yaml.safe_load((ROOT / "jobs/configs/adamw.yaml").read_text()),
+    # the built-in run under plain SGD (jobs/configs/sgd.yaml), with either curvature
+    "empirical": {**SGD, "capture": {"curvature": "empirical"}},
+    "sampled": {**SGD, "capture": {"curvature": "sampled"}},
+    # the built-in default: AdamW, warm-up then cosine decay, weight decay 0.1, lookahead P
+    "adamw": {},
+    "adamw-lagged": {"capture": {"preconditioner": "lagged"}},
 }
 
 

@@ -12,7 +12,7 @@ run:
 - the Spearman between seed-averaged predictions and seed-averaged retrain effects;
 - the same pairwise Spearman for the retrain effects (how stable the truth itself is).
 
-    python bench/stability.py --seeds 5 [--set capture.rank=8] [--config jobs/configs/adamw.yaml]
+    python bench/stability.py --seeds 5 [--set capture.rank=8] [--config jobs/configs/sgd.yaml]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def pairwise(rows: np.ndarray) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--config", help="base config (YAML), e.g. jobs/configs/adamw.yaml; default: the built-in")
+    p.add_argument("--config", help="base config (YAML), e.g. jobs/configs/sgd.yaml; default: the built-in (AdamW)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=YAML", help="config override, dotted")
     p.add_argument("--store", help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()

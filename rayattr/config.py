@@ -79,13 +79,13 @@ class OptimizerConfig:
     `train.deepspeed.optimizer` block (type SGD, Adam or AdamW) may be used instead: it
     resolves to the same settings (rayattr/optimizer.py); giving both is an error."""
 
-    type: str = "sgd"
-    """"sgd" (plain SGD at train.lr, no momentum) or "adamw" (torch.optim.AdamW semantics)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    type: str = "adamw"
+    """"adamw" (torch.optim.AdamW semantics, the default) or "sgd" (plain SGD at train.lr, no momentum)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW's (β₁, β₂): the momentum's and the second moment's decay; read only with adamw."""
     eps: float = 1e-8
     """AdamW's ε in the preconditioner 1/(√v̂ + ε); read only with adamw."""
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     """AdamW's decoupled weight decay λ: each step scales the weights by 1 − lr_t·λ; adamw only."""
 
 
@@ -101,7 +101,7 @@ class TrainConfig:
     """Passes over the training data."""
     steps: int | None = None
     """Stop after this many optimizer steps (None = all epochs)."""
-    lr: float = 0.1
+    lr: float = 0.002
     """Peak learning rate of train.optimizer (when the DeepSpeed config has no optimizer; a
     DeepSpeed scheduler then moves it per step)."""
     seed: int = 0
@@ -115,10 +115,19 @@ class TrainConfig:
     placement: str = "PACK"
     """Placement-group strategy of the rank actors: PACK, SPREAD or STRICT_SPREAD (one per node)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    """The optimizer: sgd (default) or adamw, with its settings."""
-    deepspeed: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 1}})
+    """The optimizer: adamw (default) or sgd, with its settings."""
+    deepspeed: dict[str, Any] = field(default_factory=lambda: {
+        "zero_optimization": {"stage": 1},
+        "gradient_clipping": 1.0,
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
+                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}},
+    })
     """DeepSpeed config passed through (zero_optimization, bf16/fp16, scheduler, optimizer...).
-    Batch-size keys are filled from micro_batch/grad_accum/ranks."""
+    Batch-size keys are filled from micro_batch/grad_accum/ranks; a scheduler's
+    total_num_steps / warmup_num_steps may be "auto" (the run's steps / a tenth of them). The
+    default: ZeRO-1, clipping at 1.0, linear warm-up then cosine decay to a tenth of train.lr.
+    Giving this key replaces the whole default."""
 
 
 @dataclass
@@ -137,10 +146,15 @@ class CaptureConfig:
     """Share of each micro-batch used for sampled-label pseudo-gradients."""
     dtype: str = "float32"
     """Stored gradient dtype: float32, bfloat16 or float16."""
+    preconditioner: str = "lookahead"
+    """AdamW: which second moment v the update rows' P = 1/(√v̂ + ε) comes from (docs/method.md §7).
+    "lookahead": v_t, the one the step's own update divides by, from one extra forward and
+    backward per step without hooks; "lagged": v as it stands before the step, read every
+    `precondition_every` steps (no extra pass, but it overstates P wherever gradients grow)."""
     precondition_every: int = 1
-    """AdamW: re-read Adam's second moment v for the update rows every this many steps
-    (docs/method.md §7); checkpoint_every must be a multiple of it, so a resumed run reads the
-    same v."""
+    """AdamW with preconditioner "lagged": re-read Adam's second moment v for the update rows
+    every this many steps; checkpoint_every must be a multiple of it, so a resumed run reads the
+    same v. "lookahead" forms v every step and needs 1."""
 
 
 @dataclass

@@ -20,6 +20,12 @@ preconditioner), alpha_t = 1 - lr_t λ the decoupled decay and beta1 the momentu
     R_t          c_t eta_t K_{t+1→} + beta1 R_{t+1},  c_t = (1 - beta1)/(1 - beta1^(t+1)),  R_T = 0
 With beta1 = 0 R_t is eta_t K_{t+1→}, so R is only carried when there is momentum.
 
+Second-moment response (optional; docs/method.md §7, "v's response"): removing an occurrence
+also lowers Adam's v for every later step, which raises later steps' P. To first order, with
+D_t = m̂_t ⊙ P_t² / √v̂_t frozen at the occurrence's step and y = D_t ⊙ ḡ_t ⊙ g its row,
+    DVEmb(t, z) -= Q_t y_z,   Q_t = c2_t eta_t K_{t+1→} + beta2 Q_{t+1},  c2_t = (1 - beta2)/(1 - beta2^(t+1))
+Q has R's shape and recursion with beta2 in place of beta1; beta2 = 0 (the default) leaves v frozen.
+
 We carry K itself rather than M = I - K: the two are the same memory traffic, and with the
 empirical Fisher K Gᵀ is just the transposed embeddings, so a step costs two (B×p)(p×p)
 products either way, and the sampled-label curvature shares the code path.
@@ -68,12 +74,16 @@ class SegmentRecursion:
     device: torch.device | str = "cpu"
     momentum: float = 0.0
     """Adam's beta1; > 0 carries R next to K and needs each step's index (bias correction)."""
+    beta2: float = 0.0
+    """Adam's beta2 for the second-moment response; > 0 carries Q next to K and needs each
+    step's ``v_rows`` (0: v frozen, no Q)."""
     last_step: int | None = field(init=False, default=None)
     """The last step fed (steps must decrease)."""
 
     def __post_init__(self) -> None:
         self.dims = dict(self.dims)
         self.momentum = check_momentum(self.momentum)
+        self.beta2 = check_momentum(self.beta2, "beta2")
         # group layer names by width: one (L, p, p) stack per group
         self._groups: dict[int, list[str]] = {}
         for name, p in self.dims.items():
@@ -86,6 +96,7 @@ class SegmentRecursion:
         self._r_stacks = {
             p: torch.zeros_like(K) for p, K in self._stacks.items()
         } if self.momentum else None
+        self._q_stacks = {p: torch.zeros_like(K) for p, K in self._stacks.items()} if self.beta2 else None
 
     @property
     def K(self) -> dict[str, torch.Tensor]:
@@ -97,6 +108,11 @@ class SegmentRecursion:
         """Layer -> local R at the last step fed (views); None without momentum, where it is not
         needed to combine segments."""
         return self._unstack(self._r_stacks) if self._r_stacks is not None else None
+
+    @property
+    def Q(self) -> dict[str, torch.Tensor] | None:
+        """Layer -> local Q (the second-moment response's R) at the last step fed; None when v is frozen."""
+        return self._unstack(self._q_stacks) if self._q_stacks is not None else None
 
     def _unstack(self, stacks) -> dict[str, torch.Tensor]:
         return {n: stacks[p][i] for p, names in self._groups.items() for i, n in enumerate(names)}
@@ -114,6 +130,7 @@ class SegmentRecursion:
         updates: Mapping[str, torch.Tensor] | None = None,
         curvature_updates: Mapping[str, torch.Tensor] | None = None,
         decay: float = 1.0,
+        v_rows: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Process one training step (the next earlier one) and return its local embeddings.
 
@@ -127,11 +144,19 @@ class SegmentRecursion:
         curvature_updates: layer -> (m, p) rows P_t ĝ matching ``curvature``; required when
             both ``curvature`` and ``updates`` are given.
         decay: alpha_t = 1 - lr_t λ, the decoupled weight decay's factor in K_t.
+        v_rows: layer -> (B, p) rows y = D_t ⊙ ḡ_t ⊙ g of the second-moment response; required
+            with beta2 > 0, refused without it.
         """
-        self._check_step(step)
         _check_step_inputs(self.dims, grads, curvature, updates, curvature_updates)
-        if self.momentum and step is None:
+        if (self.momentum or self.beta2) and step is None:
             raise ValueError("with momentum, step= (the 0-based optimizer step) is required for the bias correction")
+        if (v_rows is None) != (self._q_stacks is None):
+            raise ValueError("v_rows (the second-moment response rows) go with beta2 > 0, and beta2 > 0 needs them")
+        if v_rows is not None:
+            missing = set(self.dims) - set(v_rows)
+            if missing:
+                raise KeyError(f"v_rows missing for layers {sorted(missing)}")
+        self._check_step(step)  # last: a refused call leaves the recursion where it was
         out: dict[str, torch.Tensor] = {}
         for p, names in self._groups.items():
             K = self._stacks[p]
@@ -143,9 +168,14 @@ class SegmentRecursion:
                 R = self._r_stacks[p]  # R_{t+1} -> R_t = c_t eta_t K_{t+1→} + beta1 R_{t+1}
                 R.mul_(self.momentum).add_(K, alpha=momentum_weight(self.momentum, step) * eta)
                 E = torch.matmul(U, R.transpose(1, 2))
+            if self._q_stacks is not None:
+                Q = self._q_stacks[p]  # Q_t = c2_t eta_t K_{t+1→} + beta2 Q_{t+1}, before K moves on
+                Q.mul_(self.beta2).add_(K, alpha=momentum_weight(self.beta2, step) * eta)
+                E = E - torch.matmul(self._stack(v_rows, names, p), Q.transpose(1, 2))
             if curvature is None:
                 # K_{t→} = K (alpha I - eta Uᵀ G); eta K Uᵀ is Eᵀ unless momentum changed E
-                KU = E.transpose(1, 2) if self._r_stacks is None else eta * torch.matmul(K, U.transpose(1, 2))
+                KU = (E.transpose(1, 2) if self._r_stacks is None and self._q_stacks is None
+                      else eta * torch.matmul(K, U.transpose(1, 2)))
                 _decay(K, decay)
                 K.sub_(torch.matmul(KU, G))
             else:
@@ -174,11 +204,11 @@ def _decay(K: torch.Tensor, decay: float) -> None:
         K.mul_(decay)
 
 
-def check_momentum(momentum: float) -> float:
-    """beta1 as a float in [0, 1), or a ValueError."""
+def check_momentum(momentum: float, what: str = "momentum (Adam's beta1)") -> float:
+    """A decay rate (beta1, beta2) as a float in [0, 1), or a ValueError."""
     beta = float(momentum)
     if not 0.0 <= beta < 1.0:
-        raise ValueError(f"momentum (Adam's beta1) must be in [0, 1), got {momentum!r}")
+        raise ValueError(f"{what} must be in [0, 1), got {momentum!r}")
     return beta
 
 
@@ -228,14 +258,25 @@ def segment_embeddings(
     without momentum. All are in the compute dtype: the input's for float32/float64, float32
     for half precision (they are intermediate results, still to be combined with later segments).
     """
-    single = isinstance(grads[0], torch.Tensor) if grads else False
+    embs, rec = _sweep(grads, step_sizes, curvature, batch_sizes, updates, curvature_updates,
+                       momentum, decay, first_step)
+    K, R = rec.K, rec.R
+    if isinstance(grads[0], torch.Tensor):
+        return [e["_"] for e in embs], K["_"], R["_"] if R is not None else None
+    return embs, K, R
+
+
+def _sweep(grads, step_sizes, curvature, batch_sizes, updates, curvature_updates, momentum, decay,
+           first_step, v_rows=None, beta2=0.0) -> tuple[list[dict[str, torch.Tensor]], SegmentRecursion]:
+    """One segment's backward sweep: (local embeddings as layer dicts, the finished recursion)."""
     gl = [_layers(g) for g in grads]
-    per_step = _per_step_layers(len(gl), curvature=curvature, updates=updates, curvature_updates=curvature_updates)
+    per_step = _per_step_layers(len(gl), curvature=curvature, updates=updates,
+                                curvature_updates=curvature_updates, v_rows=v_rows)
     _check_lengths(gl, step_sizes, per_step["curvature"], updates=updates,
-                   curvature_updates=curvature_updates, decay=decay, batch_sizes=batch_sizes)
+                   curvature_updates=curvature_updates, decay=decay, batch_sizes=batch_sizes, v_rows=v_rows)
     first = gl[0]
     rec = SegmentRecursion({n: t.shape[1] for n, t in first.items()}, dtype=_dtype(first),
-                           device=_device(first), momentum=momentum)
+                           device=_device(first), momentum=momentum, beta2=beta2)
     embs: list[dict[str, torch.Tensor]] = [None] * len(gl)  # type: ignore[list-item]
     for t in range(len(gl) - 1, -1, -1):
         embs[t] = rec.step(
@@ -244,11 +285,9 @@ def segment_embeddings(
             step=first_step + t, updates=per_step["updates"][t],
             curvature_updates=per_step["curvature_updates"][t],
             decay=float(decay[t]) if decay is not None else 1.0,
+            v_rows=per_step["v_rows"][t],
         )
-    K, R = rec.K, rec.R
-    if single:
-        return [e["_"] for e in embs], K["_"], R["_"] if R is not None else None
-    return embs, K, R
+    return embs, rec
 
 
 def _per_step_layers(T: int, **seqs: Sequence[Grads] | None) -> dict[str, list]:
@@ -297,15 +336,23 @@ def segment_combine(
         return suffixes, [None] * len(Ks)
     if Rs is None or lengths is None or len(Rs) != len(Ks) or len(lengths) != len(Ks):
         raise ValueError("with momentum, segment_combine needs one local R and one length per segment")
-    single = isinstance(Ks[0], torch.Tensor)
-    r_end = {n: torch.zeros_like(S) for n, S in _layers(suffixes[-1]).items()}
-    ends: list[dict[str, torch.Tensor]] = [None] * len(Ks)  # type: ignore[list-item]
-    for ell in range(len(Ks) - 1, -1, -1):
-        ends[ell] = r_end
-        S, R_loc = _layers(suffixes[ell]), _layers(Rs[ell])
-        carry = momentum ** int(lengths[ell])
-        r_end = {n: S[n] @ R_loc[n].to(S[n].dtype) + carry * r_end[n] for n in S}
-    return suffixes, [e["_"] for e in ends] if single else ends
+    return suffixes, carried_ends(suffixes, Rs, lengths, momentum)
+
+
+def carried_ends(suffixes: Sequence[Grads], locals_: Sequence[Grads], lengths: Sequence[int],
+                 beta: float) -> list[Grads]:
+    """The global value at each segment's end of a carried matrix (R with beta1, Q with beta2),
+    from the segments' local ones at their first steps: X_{a_ℓ} = S_ℓ X^loc_{a_ℓ} + beta^(b_ℓ - a_ℓ) X_{b_ℓ},
+    backwards from zero after the last segment."""
+    single = isinstance(suffixes[0], torch.Tensor)
+    x_end = {n: torch.zeros_like(S) for n, S in _layers(suffixes[-1]).items()}
+    ends: list[dict[str, torch.Tensor]] = [None] * len(suffixes)  # type: ignore[list-item]
+    for ell in range(len(suffixes) - 1, -1, -1):
+        ends[ell] = x_end
+        S, X_loc = _layers(suffixes[ell]), _layers(locals_[ell])
+        carry = beta ** int(lengths[ell])
+        x_end = {n: S[n] @ X_loc[n].to(S[n].dtype) + carry * x_end[n] for n in S}
+    return [e["_"] for e in ends] if single else ends
 
 
 def apply_suffix(local: Grads, suffix: Grads) -> Grads:
@@ -322,6 +369,9 @@ def finalise_step(
     updates: Grads | None = None,
     momentum: float = 0.0,
     steps_to_end: int | None = None,
+    v_rows: Grads | None = None,
+    q_end: Grads | None = None,
+    beta2: float = 0.0,
 ) -> Grads:
     """Final embeddings of one step's occurrences from their local ones.
 
@@ -329,16 +379,23 @@ def finalise_step(
     suffix, r_end: S_ℓ and R at the segment's end, as :func:`segment_combine` returns them.
     updates: the step's update rows u (its gradient rows when there is no preconditioner).
     steps_to_end: b - t, the steps from this one to the segment's end.
-    Returns S_ℓ e + beta1^(b - t) R_b u per row; without momentum just S_ℓ e.
+    v_rows, q_end, beta2: the second-moment response's rows y, Q at the segment's end and beta2.
+    Returns S_ℓ e + beta1^(b - t) R_b u - beta2^(b - t) Q_b y per row; without momentum and
+    second-moment response just S_ℓ e.
     """
-    if not momentum or r_end is None:
+    carries = []
+    if momentum and r_end is not None:
+        carries.append((updates, r_end, momentum ** int(steps_to_end) if steps_to_end is not None else None, "update"))
+    if beta2 and q_end is not None:
+        carries.append((v_rows, q_end, -beta2 ** int(steps_to_end) if steps_to_end is not None else None, "v"))
+    if not carries:
         return apply_suffix(local, suffix)
-    if updates is None or steps_to_end is None:
-        raise ValueError("with momentum, finalise_step needs the step's update rows and steps_to_end")
-    carry = momentum ** int(steps_to_end)
     out = _layers(apply_suffix(local, suffix))
-    U, R = _layers(updates), _layers(r_end)
-    out = {n: e + carry * (U[n].to(e.dtype) @ R[n].T.to(e.dtype)) for n, e in out.items()}
+    for rows, end, carry, what in carries:
+        if rows is None or carry is None:
+            raise ValueError(f"carrying across segments, finalise_step needs the step's {what} rows and steps_to_end")
+        X, M = _layers(rows), _layers(end)
+        out = {n: e + carry * (X[n].to(e.dtype) @ M[n].T.to(e.dtype)) for n, e in out.items()}
     return out["_"] if isinstance(local, torch.Tensor) else out
 
 
@@ -355,6 +412,8 @@ def data_value_embeddings(
     curvature_updates: Sequence[Grads] | None = None,
     momentum: float = 0.0,
     decay: Sequence[float] | torch.Tensor | None = None,
+    v_rows: Sequence[Grads] | None = None,
+    beta2: float | None = None,
 ) -> list[Grads]:
     """DVEmb(t, z) for every occurrence of every step.
 
@@ -371,8 +430,12 @@ def data_value_embeddings(
     momentum: Adam's beta1, in [0, 1). Step s (0-based position in ``grads``) uses the
         occurrence at t with weight (1 - beta1) beta1^(s-t) / (1 - beta1^(s+1)).
     decay: per step alpha_t = 1 - lr_t λ (decoupled weight decay); None: 1.
-    Returns Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u per occurrence (docs/method.md §7), the same
-    structure as grads, in the input dtype. With the defaults this is SGD's eta_t K_{t+1→} g.
+    v_rows: the second-moment response: list over steps, shaped like grads, of rows
+        y = D_t ⊙ ḡ_t ⊙ g (D_t = m̂_t ⊙ P_t² / √v̂_t); needs ``beta2``. None: v frozen.
+    beta2: Adam's beta2 for ``v_rows``, in (0, 1).
+    Returns Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u (- Q_t y with v_rows) per occurrence
+    (docs/method.md §7), the same structure as grads, in the input dtype. With the defaults
+    this is SGD's eta_t K_{t+1→} g.
     """
     T = len(grads)
     if T == 0:
@@ -384,24 +447,34 @@ def data_value_embeddings(
                    decay=decays, batch_sizes=batch_sizes)
     if curvature is not None and updates is not None and curvature_updates is None:
         raise ValueError("curvature and updates need curvature_updates (the rows P_t ĝ matching curvature)")
+    if (v_rows is None) != (beta2 is None):
+        raise ValueError("v_rows (the second-moment response) and beta2 go together")
+    beta2 = check_momentum(beta2, "beta2") if beta2 is not None else 0.0
+    if v_rows is not None and not beta2:
+        raise ValueError("the second-moment response needs beta2 in (0, 1), got 0")
+    single = isinstance(grads[0], torch.Tensor)
     bounds = segment_bounds(T, segments)
     pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    locals_, Ks, Rs = [], [], []
+    locals_, Ks, Rs, Qs = [], [], [], []
     for sl in pieces:
-        e, K, R = segment_embeddings(
-            grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
-            updates=_part(updates, sl), curvature_updates=_part(curvature_updates, sl),
-            momentum=momentum, decay=_part(decays, sl), first_step=sl.start,
-        )
+        e, rec = _sweep(grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
+                        _part(updates, sl), _part(curvature_updates, sl), momentum, _part(decays, sl),
+                        sl.start, v_rows=_part(v_rows, sl), beta2=beta2)
         locals_.append(e)
-        Ks.append(K)
-        Rs.append(R)
-    suffixes, r_ends = segment_combine(Ks, Rs, [sl.stop - sl.start for sl in pieces], momentum)
+        Ks.append(rec.K)
+        Rs.append(rec.R)
+        Qs.append(rec.Q)
+    lengths = [sl.stop - sl.start for sl in pieces]
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum)
+    q_ends = carried_ends(suffixes, Qs, lengths, beta2) if beta2 else [None] * len(pieces)
     rows = updates if updates is not None else grads  # u, which momentum carries across segments
     out: list[Grads] = []
-    for sl, e_seg, S, r_end in zip(pieces, locals_, suffixes, r_ends):
-        out.extend(finalise_step(e, S, r_end, rows[t], momentum, sl.stop - t)
+    for sl, e_seg, S, r_end, q_end in zip(pieces, locals_, suffixes, r_ends, q_ends):
+        out.extend(finalise_step(e, S, r_end, _layers(rows[t]), momentum, sl.stop - t,
+                                 _layers(v_rows[t]) if v_rows is not None else None, q_end, beta2)
                    for t, e in zip(range(sl.start, sl.stop), e_seg))
+    if single:
+        out = [e["_"] for e in out]
     # half-precision inputs were computed in float32; hand back what was given
     given = {n: t.dtype for n, t in _layers(grads[0]).items()}
     if isinstance(out[0], torch.Tensor):

@@ -126,6 +126,11 @@ def check_adamw_capture(cfg: "Config", spec: OptimizerSpec) -> None:
     if c.curvature != "empirical":
         raise ConfigError("capture.curvature: 'sampled' is not wired for AdamW runs yet (its pseudo-gradients "
                           "need update rows of their own); use 'empirical'")
+    if c.preconditioner not in ("lookahead", "lagged"):
+        raise ConfigError(f"capture.preconditioner must be 'lookahead' or 'lagged', got {c.preconditioner!r}")
+    if c.preconditioner == "lookahead" and c.precondition_every != 1:
+        raise ConfigError(f"capture.precondition_every={c.precondition_every} needs capture.preconditioner: lagged "
+                          "(the lookahead forms this step's v at every step)")
     if t.checkpoint_every and t.checkpoint_every % c.precondition_every:
         # a resumed rank re-reads v at its checkpoint: that must be a refresh step
         raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be a multiple of "

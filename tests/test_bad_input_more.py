@@ -91,7 +91,7 @@ def test_texts_longer_than_the_context_are_counted(tmp_path):
     expected = TokenizedDataset(table.take(used), load_tokenizer("byte"), seq_len).num_truncated
     assert 0 < expected < 12 and len(used) == 32
     config = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet"),
-                       "seq_len": seq_len}, "train": {"lr": 0.3}, "capture": {"rank": 4}, "embed": {"phases": 1}}
+                       "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
     out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected  # before: not recorded

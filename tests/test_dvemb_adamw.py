@@ -207,3 +207,66 @@ def test_bad_input_is_a_clear_error():
         rec.step({"w": grads[0]}, 0.1, step=0, updates={})
     with pytest.raises(ValueError, match="one local R and one length"):
         segment_combine([torch.eye(2)], None, None, momentum=0.9)
+
+
+# ----------------------------------------------------------------------------- v's response
+
+
+def brute_force_v(grads, updates, v_rows, etas, beta1, beta2, decay, **curv):
+    """The explicit formula with the second-moment response (docs/method.md §7):
+    Σ_{s≥t} eta_s K_{s+1→} (w_{t,s} u - c_{t,s} y),  c_{t,s} = (1-β₂) β₂^(s-t) / (1-β₂^(s+1))."""
+    T, p = len(grads), grads[0].shape[1]
+    Ks = step_jacobians(grads, updates, etas, decay, **curv)
+    out = []
+    for t in range(T):
+        emb = torch.zeros_like(updates[t])
+        for s in range(t, T):
+            S = torch.eye(p, dtype=F64)
+            for k in range(s + 1, T):
+                S = Ks[k] @ S
+            w = (1 - beta1) * beta1 ** (s - t) / (1 - beta1 ** (s + 1))
+            c = (1 - beta2) * beta2 ** (s - t) / (1 - beta2 ** (s + 1))
+            emb = emb + etas[s] * (w * updates[t] - c * v_rows[t]) @ S.T
+        out.append(emb)
+    return out
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["empirical", "sampled"])
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_second_moment_response_equals_the_explicit_formula_for_every_segment_count(beta1, sampled):
+    grads, updates, curv, cu, etas, decay = make(seed=5)
+    T = len(grads)
+    g = torch.Generator().manual_seed(6)
+    v_rows = [torch.randn(x.shape, generator=g, dtype=F64) for x in grads]
+    bs = [6] * T
+    kw = dict(curvature=curv, curv_updates=cu, batch_sizes=bs) if sampled else {}
+    ref = brute_force_v(grads, updates, v_rows, etas, beta1, 0.95, decay, **kw)
+    for segments in range(1, T + 1):
+        got = data_value_embeddings(
+            grads, etas, segments=segments, updates=updates, momentum=beta1, decay=decay,
+            curvature=curv if sampled else None, curvature_updates=cu if sampled else None,
+            batch_sizes=bs if sampled else None, v_rows=v_rows, beta2=0.95,
+        )
+        assert_all_close(got, ref)
+
+
+def test_second_moment_response_across_layers_and_its_bad_input():
+    T = 5
+    grads = [{"a": torch.randn(2, 3, dtype=F64), "b": torch.randn(2, 4, dtype=F64)} for _ in range(T)]
+    v_rows = [{n: torch.randn_like(x) for n, x in g.items()} for g in grads]
+    etas, decay = [0.05] * T, [0.99] * T
+    got = data_value_embeddings(grads, etas, segments=2, momentum=0.9, decay=decay, v_rows=v_rows, beta2=0.9)
+    for n in ("a", "b"):
+        ref = brute_force_v([s[n] for s in grads], [s[n] for s in grads], [s[n] for s in v_rows],
+                            etas, 0.9, 0.9, decay)
+        for t in range(T):
+            torch.testing.assert_close(got[t][n], ref[t], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="go together"):
+        data_value_embeddings(grads, etas, v_rows=v_rows)
+    with pytest.raises(ValueError, match="beta2"):
+        data_value_embeddings(grads, etas, v_rows=v_rows, beta2=1.0)
+    rec = SegmentRecursion({"a": 3, "b": 4}, dtype=F64, beta2=0.9)
+    with pytest.raises(ValueError, match="v_rows"):
+        rec.step(grads[-1], 0.05, step=T - 1)
+    with pytest.raises(KeyError, match="'b'"):
+        rec.step(grads[-1], 0.05, step=T - 1, v_rows={"a": v_rows[-1]["a"]})

@@ -28,7 +28,8 @@ JOB = ROOT / "jobs" / "pretrain_attr.py"
 
 SMALL = {
     "data": {"seq_len": 32, "builtin": {"n_train": 160, "n_validation": 32, "max_chars": 96}},
-    "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, "checkpoint_every": 4},
+    "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, "checkpoint_every": 4,
+              "optimizer": {"type": "sgd"}, "deepspeed": {"zero_optimization": {"stage": 1}}},
     "capture": {"rank": 4},
     "embed": {"segments": 2, "phases": 4},
     "store": {"steps_per_shard": 4},
@@ -86,7 +87,7 @@ def test_rank_actor_killed_resumes_from_checkpoint(baseline, tmp_path):
 
 
 ADAMW = {**SMALL, "train": {**SMALL["train"], "lr": 3e-3, "optimizer": {"type": "adamw", "weight_decay": 0.1}},
-         "capture": {**SMALL["capture"], "precondition_every": 2}}
+         "capture": {**SMALL["capture"], "preconditioner": "lookahead"}}
 
 
 def test_adamw_rank_killed_keeps_the_adam_state(tmp_path):

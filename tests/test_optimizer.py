@@ -14,8 +14,20 @@ def cfg_of(train: dict, capture: dict | None = None) -> Config:
     return Config.from_dict({"train": train, "capture": capture or {}})
 
 
-def test_sgd_is_the_default():
-    assert resolve_optimizer(Config()) == OptimizerSpec("sgd", 0.1)
+def test_adamw_with_warmup_cosine_and_clipping_is_the_default():
+    cfg = Config().validate()
+    assert resolve_optimizer(cfg) == OptimizerSpec("adamw", 0.002, 0.9, 0.95, 1e-8, 0.1)
+    ds = deepspeed_config(cfg, num_steps=192)
+    assert ds["gradient_clipping"] == 1.0 and ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 192 and ds["scheduler"]["params"]["warmup_num_steps"] == 19
+    assert Config().train.deepspeed["scheduler"]["params"]["total_num_steps"] == "auto"  # not filled in place
+    with pytest.raises(ConfigError, match="'auto' needs the run's number of steps"):
+        deepspeed_config(cfg)
+    odd = cfg_of({"deepspeed": {"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}}}})
+    with pytest.raises(ConfigError, match="scheduler.params.warmup_max_lr"):
+        deepspeed_config(odd, num_steps=10)
+    sgd = cfg_of({"lr": 0.1, "optimizer": {"type": "sgd"}}).validate()
+    assert resolve_optimizer(sgd) == OptimizerSpec("sgd", 0.1)
 
 
 def test_own_block_and_deepspeed_block_mean_the_same():

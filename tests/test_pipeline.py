@@ -17,11 +17,15 @@ from rayattr.reduce import validation_gradient
 from rayattr.store import GradientReader, Run
 
 
+# the SGD runs of these tests (plain SGD, constant lr; the built-in default is AdamW)
+SGD = {"optimizer": {"type": "sgd"}, "deepspeed": {"zero_optimization": {"stage": 1}}}
+
+
 def small_config(store: str, run_id: str, **train) -> Config:
     cfg = Config.from_dict({
         "run_id": run_id,
         "data": {"seq_len": 32, "builtin": {"n_train": 192, "n_validation": 32, "max_chars": 96}},
-        "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, **train},
+        "train": {"ranks": 2, "micro_batch": 8, "epochs": 2, "lr": 0.3, **SGD, **train},
         "capture": {"rank": 4},
         "embed": {"dtype": "float64", "phases": 4},
         "store": {"uri": store, "steps_per_shard": 4},
@@ -162,13 +166,16 @@ def test_two_ranks_equal_one_rank(trained, tmp_path, zero_stage):
     np.testing.assert_allclose(v2, v1, rtol=2e-3, atol=1e-7)
 
 
-def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path, optimizer):
     """DeepSpeed pass-through on a Llama-shaped model: ZeRO-2, bf16, gradient accumulation and
-    a warm-up LR schedule, trained on the user's JSONL files (text, source; no id column)."""
+    a warm-up LR schedule, trained on the user's JSONL files (text, source; no id column).
+    AdamW reads its partitioned bf16-run state (fp32 master copies) for the lookahead P."""
     import json
 
     from rayattr.data import builtin_corpus
 
+    peak = 0.2 if optimizer == "sgd" else 0.004
     train, val = builtin_corpus(n_train=96, n_validation=16, corrupted_fraction=0.1, seed=1, max_chars=80)
     for name, table in (("train", train), ("val", val)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
@@ -178,9 +185,10 @@ def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path):
         "run_id": "llama",
         "model": {"family": "llama", "n_layer": 1, "n_embd": 32, "n_head": 2},
         "data": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "val.jsonl"), "seq_len": 32},
-        "train": {"ranks": 2, "micro_batch": 4, "grad_accum": 2, "epochs": 1, "deepspeed": {
+        "train": {"ranks": 2, "micro_batch": 4, "grad_accum": 2, "epochs": 1, "optimizer": {"type": optimizer},
+                  "deepspeed": {
             "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.2,
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": peak,
                                                          "warmup_num_steps": 4, "warmup_type": "linear"}}}},
         "capture": {"rank": 4},
         "embed": {"segments": 2, "phases": 3},
@@ -191,13 +199,18 @@ def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path):
     assert len(records) == 96 // 16
     lrs = [r.lr for r in records]
     # the lr each update used: DeepSpeed's WarmupLR starts at warmup_min_lr and moves after a step
-    assert lrs == pytest.approx([0.0, 0.0, 0.05, 0.1, 0.15, 0.2])
+    assert lrs == pytest.approx([0.0, 0.0, 0.25 * peak, 0.5 * peak, 0.75 * peak, peak])
     for r in records:  # per-sample step size: lr / global batch, times the clip factor κ ≤ 1
         assert 0 < r.clip <= 1 and r.eta == pytest.approx(r.clip * r.lr / 16)
     assert min(r.clip for r in records) < 1  # DeepSpeed clips at 1.0 unless told otherwise
     samples = run.read_table("values/samples.parquet")
     steps = samples["step"].to_numpy()
-    assert (samples["value"].to_numpy()[steps < 2] == 0).all()  # a zero-lr update has no influence
+    if optimizer == "sgd":
+        assert (samples["value"].to_numpy()[steps < 2] == 0).all()  # a zero-lr update has no influence
+    else:  # Adam's momentum carries steps 0-1's gradients into the later, non-zero-lr updates
+        assert {r.optimizer for r in records} == {"adamw"}
+        assert all(r.precondition_step == r.adam_step for r in records)
+        assert (samples["value"].to_numpy()[steps < 2] != 0).all()
     assert (samples["value"].to_numpy()[steps >= 2] != 0).all()
     assert sorted(set(samples["sample_id"].to_pylist())) == list(range(96))  # ids = row order
     assert set(samples["source"].to_pylist()) == set(train["source"].to_pylist())

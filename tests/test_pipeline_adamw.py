@@ -18,12 +18,14 @@ SCHEDULE = {"type": "WarmupCosineLR", "params": {"total_num_steps": 24, "warmup_
                                                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
 
 
-def adamw_config(store: str, run_id: str, stage: int = 1, **train) -> Config:
+def adamw_config(store: str, run_id: str, stage: int = 1, preconditioner: str = "lagged", **train) -> Config:
+    """The small AdamW run; "lagged" re-reads v every 2 steps, "lookahead" forms v_t every step."""
     d = small_config(store, run_id, lr=3e-3, **train).to_dict(redact=False)
     d["train"]["optimizer"] = {"type": "adamw", "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
     d["train"]["deepspeed"] = {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
                                "scheduler": SCHEDULE}
-    d["capture"]["precondition_every"] = 2
+    d["capture"]["preconditioner"] = preconditioner
+    d["capture"]["precondition_every"] = 2 if preconditioner == "lagged" else 1
     return Config.from_dict(d).validate()
 
 
@@ -96,11 +98,14 @@ def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):
-    one = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "one", ranks=1, micro_batch=16, epochs=1),
-                                    progress=False).uri)
-    two = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "two", stage=zero_stage, epochs=1),
-                                    progress=False).uri)
+    """With the lookahead preconditioner (the default): its gradient average is an all-reduce."""
+    one = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "one", preconditioner="lookahead", ranks=1,
+                                                 micro_batch=16, epochs=1), progress=False).uri)
+    two = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "two", stage=zero_stage, preconditioner="lookahead",
+                                                 epochs=1), progress=False).uri)
     assert [r.sample_ids for r in one.step_records()] == [r.sample_ids for r in two.step_records()]
+    # every step's update rows use the v of that step's own update
+    assert all(r.precondition_step == r.adam_step == r.step + 1 for r in two.step_records())
     np.testing.assert_allclose([r.clip for r in two.step_records()], [r.clip for r in one.step_records()], rtol=1e-5)
     for kind in ("update", "embeddings"):
         a = {b.step: b for b in GradientReader(one, kind=kind).read_steps(0, None, dtype=torch.float64)}

@@ -27,8 +27,9 @@ BYTE_VOCAB = 259
 
 
 def small(**over) -> Config:
-    """The default config, shortened so a real store round trip takes a second."""
-    return load_config(DEFAULT, **{"train.steps": 24, "embed.segments": 2, **over})
+    """The default config with plain SGD (no update rows), shortened so a real store round trip
+    takes a second; test_adamw_counts_update_rows adds AdamW's rows."""
+    return load_config(DEFAULT, **{"train.steps": 24, "embed.segments": 2, "train.optimizer.type": "sgd", **over})
 
 
 def tree_bytes(path: str) -> int:
@@ -182,7 +183,7 @@ def test_adamw_counts_update_rows():
 
 def test_tokens_nodes_and_memory_budget():
     cfg = load_config(DEFAULT, **{"data.train": "s3://b/train", "data.validation": "s3://b/val",
-                                  "train.use_gpu": True, "train.ranks": 16})
+                                  "train.use_gpu": True, "train.ranks": 16, "train.optimizer.type": "sgd"})
     plan = estimate(cfg, tokens=1e7, actor_memory_gb=0.1)
     assert plan.n_samples == int(1e7 // 64)
     assert plan.nodes == 2 and plan.devices == 16 and plan.segments == 16  # 8 GPUs per node

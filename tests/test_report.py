@@ -232,3 +232,15 @@ def test_verdict_reads_the_figures():
                        "occurrence_predicted_rms": 1e-3})
     assert "hypotheses" in chaotic and "8×" in chaotic
     assert "too few" in verdict({"lds": None, "source_spearman": None})
+
+
+def test_sources_apart_are_those_whose_interval_overlaps_no_other():
+    import pyarrow as pa
+
+    from rayattr.report.html import separated_sources
+
+    table = pa.table({"source": ["a", "b", "c", "d"], "value": [1.0, 0.9, -0.5, 3.0],
+                      "value_low": [0.5, 0.8, -0.9, 2.0], "value_high": [1.5, 1.0, -0.1, 4.0]})
+    apart, n = separated_sources(table)
+    assert n == 4 and apart == ["c", "d"]  # a and b overlap each other
+    assert separated_sources(table.drop_columns(["value_low", "value_high"])) == ([], 0)

@@ -39,7 +39,8 @@ def tiny_config(store: str, run_id: str, **train) -> Config:
     return Config.from_dict({
         "run_id": run_id,
         "data": {"seq_len": 32, "builtin": {"n_train": 96, "n_validation": 16, "max_chars": 96}},
-        "train": {"ranks": 2, "micro_batch": 4, "epochs": 2, "lr": 0.1, **train},
+        "train": {"ranks": 2, "micro_batch": 4, "epochs": 2, "lr": 0.1, "optimizer": {"type": "sgd"},
+                  "deepspeed": {"zero_optimization": {"stage": 1}}, **train},
         "capture": {"rank": 4},
         "embed": {"phases": 2},
         "store": {"uri": store, "steps_per_shard": 4},

@@ -11,7 +11,14 @@ sample's gradient as it streams past (docs/method.md §5).
 from .capture import GradientCapture
 from .layers import LayerInfo, select_layers
 from .losses import per_sample_loss
-from .precondition import Preconditioner, adam_preconditioner, factor_second_moment, module_preconditioner
+from .precondition import (
+    Preconditioner,
+    adam_preconditioner,
+    factor_second_moment,
+    module_preconditioner,
+    module_second_moment_response,
+    second_moment_response,
+)
 from .projection import ProjectionSpec, projection_matrices
 from .pseudo import sample_labels, sampled_label_losses
 
@@ -23,6 +30,8 @@ __all__ = [
     "adam_preconditioner",
     "factor_second_moment",
     "module_preconditioner",
+    "module_second_moment_response",
+    "second_moment_response",
     "per_sample_loss",
     "projection_matrices",
     "sample_labels",

@@ -90,3 +90,34 @@ def module_preconditioner(module: nn.Module, optimizer: torch.optim.Optimizer, f
     v = in_gradient_orientation(module, state["exp_avg_sq"])
     bias = optimizer.state[module.bias]["exp_avg_sq"] if getattr(module, "bias", None) is not None else None
     return adam_preconditioner(v, bias, int(state["step"]), group["betas"][1], group["eps"], full)
+
+
+def second_moment_response(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, mean_grad: torch.Tensor,
+                           step: int, beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """M_t = D_t ⊙ ḡ_t with D_t = m̂_t ⊙ P_t² / √v̂_t, from Adam's state after ``step`` steps and
+    the step's mean gradient ḡ_t (all (d_out, d_in_aug), float64). A sample's second-moment
+    response row is y = M_t ⊙ g (docs/method.md §7, "v's response"). Coordinates with v̂ = 0
+    (never a gradient) have no response."""
+    if step < 1:
+        raise ValueError(f"Adam's step counter must be >= 1 (a v exists only after a step), got {step}")
+    m_hat = exp_avg.to(torch.float64) / (1.0 - beta1 ** step)
+    root = (exp_avg_sq.to(torch.float64) / (1.0 - beta2 ** step)).sqrt()
+    D = m_hat / ((root + eps) ** 2 * root.clamp_min(torch.finfo(torch.float64).tiny))
+    return torch.where(root > 0, D, torch.zeros_like(D)) * mean_grad.to(torch.float64)
+
+
+def module_second_moment_response(module: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """:func:`second_moment_response` of a Linear / Conv1D module right after ``optimizer.step()``
+    (its .grad still the step's mean gradient), for a torch Adam/AdamW whose state is local."""
+    group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
+    params = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+
+    def joined(get) -> torch.Tensor:  # (d_out, d_in_aug): the weight in G's orientation, bias last
+        w = in_gradient_orientation(module, get(params[0])).detach()
+        return torch.cat([w, get(params[1]).detach().reshape(-1, 1)], 1) if len(params) > 1 else w
+
+    state = optimizer.state[module.weight]
+    beta1, beta2 = group["betas"]
+    return second_moment_response(joined(lambda p: optimizer.state[p]["exp_avg"]),
+                                  joined(lambda p: optimizer.state[p]["exp_avg_sq"]),
+                                  joined(lambda p: p.grad), int(state["step"]), beta1, beta2, group["eps"])

@@ -53,6 +53,41 @@ def verdict(s: dict) -> str:
     return text
 
 
+def separated_sources(sources: pa.Table) -> tuple[list[str], int]:
+    """Sources whose 95 % interval overlaps no other source's (their place in the order is
+    established by this run), and how many sources have intervals at all."""
+    if "value_low" not in sources.column_names:
+        return [], 0
+    rows = [r for r in sources.to_pylist() if r["value_low"] is not None]
+    apart = [r["source"] for r in rows
+             if all(r["value_high"] < o["value_low"] or o["value_high"] < r["value_low"] for o in rows if o is not r)]
+    return apart, len(rows)
+
+
+def seed_caveat(run: Run) -> str:
+    """What one training run's source values say and do not say (docs/method.md §9)."""
+    apart, n = separated_sources(run.read_table("values/sources.parquet"))
+    text = ("Training seed: these values belong to this run's trajectory (its initial weights and batch "
+            "order), and a retrain with another seed orders similar sources differently; on the built-in job "
+            "only a source that stands apart, like the deliberately corrupted one, keeps its place from seed "
+            "to seed (measurements in docs/method.md §9). ")
+    if n:
+        signed = [r["source"] for r in run.read_table("values/sources.parquet").to_pylist()
+                  if r.get("value_low") is not None and (r["value_low"] > 0 or r["value_high"] < 0)]
+        text += (f"In this run {len(apart)} of {n} sources have a 95 % interval clear of every other source's"
+                 + (f" ({', '.join(apart)})" if apart else "")
+                 + f", and {len(signed)} an interval clear of zero"
+                 + (f" ({', '.join(signed)})" if signed else "")
+                 + ": act on such places and signs, not on the order among sources whose intervals overlap.")
+    cfg = (run.manifest.get("config") or {}).get("capture") or {}
+    optimizer = ((run.manifest.get("config") or {}).get("train") or {}).get("optimizer") or {}
+    if optimizer.get("type") == "adamw" and cfg.get("preconditioner") == "lagged":
+        text += (" This AdamW run used the lagged preconditioner, which overstates single occurrences "
+                 "wherever gradients grow (early training): rerun with capture.preconditioner: lookahead "
+                 "before trusting its source order (docs/method.md §7).")
+    return text
+
+
 def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
     """"How far to trust this run": validation figures where `rayattr validate` has run, and the
     projection noise of the values either way."""
@@ -68,6 +103,7 @@ def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
                      f"{float(np.median(ratio)):.1f}, and {float(np.mean(ratio < 2)):.0%} of the occurrences lie "
                      "within 2 SE of zero: their sign is not known. Ranked samples marked <i>within noise</i> "
                      "below are such samples.</p>")
+    parts.append(f"<p>{html.escape(seed_caveat(run))}</p>")
     el, at = run.manifest.get("max_eta_lambda"), run.manifest.get("max_eta_lambda_step")
     if el is not None:
         parts.append(f"<p>Step size against curvature: the largest η·λ_max(H) of any step was {el:.2g} "

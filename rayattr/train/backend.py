@@ -42,12 +42,31 @@ def join_process_group(cfg: Config, rank: int, world_size: int, master_addr: str
     return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The user's DeepSpeed config with batch sizes filled from the run's config.
+# Scheduler params that may say "auto" and what they become for a run of n optimizer steps
+# (the way HF's DeepSpeed integration fills "auto" from its own settings)
+AUTO_SCHEDULER_PARAMS = {
+    "total_num_steps": lambda n: n,
+    "warmup_num_steps": lambda n: max(1, round(0.1 * n)),  # a tenth of the run
+}
+
+
+def deepspeed_config(cfg: Config, num_steps: int | None = None) -> dict[str, Any]:
+    """The user's DeepSpeed config with batch sizes filled from the run's config, and the
+    scheduler's "auto" step counts from the run's number of optimizer steps.
 
     Batch keys the user set must agree with ours: the per-sample step size depends on them.
     """
     ds = copy.deepcopy(cfg.train.deepspeed)
+    params = (ds.get("scheduler") or {}).get("params") or {}
+    for key, value in params.items():
+        if value != "auto":
+            continue
+        if key not in AUTO_SCHEDULER_PARAMS:
+            raise ConfigError(f"train.deepspeed.scheduler.params.{key}: 'auto' is only understood for "
+                              f"{', '.join(AUTO_SCHEDULER_PARAMS)}")
+        if num_steps is None:
+            raise ConfigError(f"train.deepspeed.scheduler.params.{key}: 'auto' needs the run's number of steps")
+        params[key] = AUTO_SCHEDULER_PARAMS[key](int(num_steps))
     t = cfg.train
     want = {"train_micro_batch_size_per_gpu": t.micro_batch, "gradient_accumulation_steps": t.grad_accum,
             "train_batch_size": cfg.global_batch}

@@ -18,14 +18,15 @@ from rayattr.train.backend import deepspeed_config
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
 
-def build_engine(cfg: Config, model: torch.nn.Module):
+def build_engine(cfg: Config, model: torch.nn.Module, num_steps: int | None = None):
     """deepspeed.initialize on `model` with the run's optimizer (rayattr/optimizer.py): AdamW
     is always torch.optim.AdamW, so its state (exp_avg_sq, step) reads the same whether it was
     asked for in train.optimizer or in DeepSpeed's block (whose fused Adam needs a GPU build);
-    SGD is DeepSpeed's block when given, else torch.optim.SGD at train.lr."""
+    SGD is DeepSpeed's block when given, else torch.optim.SGD at train.lr. ``num_steps``: the
+    run's optimizer steps, for a scheduler whose step counts say "auto"."""
     import deepspeed
 
-    ds_cfg = deepspeed_config(cfg)
+    ds_cfg = deepspeed_config(cfg, num_steps)
     spec = resolve_optimizer(cfg)
     optimizer = None
     if spec.adamw:

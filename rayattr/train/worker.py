@@ -28,6 +28,7 @@ from rayattr.train.adam_state import adam_step_count, read_preconditioners
 from rayattr.train.backend import join_process_group
 from rayattr.train.checkpoints import Checkpoints
 from rayattr.train.engine import build_engine, clip_coefficient, grad_norm_before_step, micro_batch_loss
+from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
 from rayattr.train.quiet import quiet_known_noise
 
@@ -81,7 +82,7 @@ class RankWorker:
         model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
         if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
             self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
-        self.engine = build_engine(cfg, model)
+        self.engine = build_engine(cfg, model, self.num_steps)
         self.optimizer = resolve_optimizer(cfg)
         self.precondition_step = 0  # Adam's counter of the v the update rows use (0: none yet, u = g)
         self.capture = GradientCapture(self.engine.module, projection=projection_spec(cfg), layers=cfg.capture.layers)
@@ -198,14 +199,21 @@ class RankWorker:
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
 
     def _refresh_preconditioner(self, step: int) -> None:
-        """AdamW: every capture.precondition_every steps, before the step's forwards, set the
-        capture's preconditioner from Adam's v as it stands (after step - 1). Every rank calls
+        """AdamW: before the step's forwards, set the capture's preconditioner: from v_t with
+        capture.preconditioner "lookahead", else every capture.precondition_every steps from
+        Adam's v as it stands (after step - 1). Every rank calls
         this at the same steps: under ZeRO 1/2 reading v is a collective. A resumed rank starts
         at a checkpoint, which config validation puts on a refresh step."""
-        if not self.optimizer.adamw or step % self.cfg.capture.precondition_every:
+        c = self.cfg.capture
+        if not self.optimizer.adamw or step % c.precondition_every:
             return
-        pre, k = read_preconditioners(self.engine, self.capture.layer_names(), self.optimizer,
-                                      exact=self.capture.projection is None)
+        exact = self.capture.projection is None
+        if c.preconditioner == "lookahead":  # v_t, from one extra pass (rayattr/train/lookahead.py)
+            batches = (self._batch(self.plan.rank_slice(step, self.rank, micro)) for micro in range(self.cfg.train.grad_accum))
+            pre, k = lookahead_preconditioners(self.engine, self.capture.layer_names(), self.optimizer, batches,
+                                               self.cfg.train.grad_accum, self.world_size, exact=exact)
+        else:
+            pre, k = read_preconditioners(self.engine, self.capture.layer_names(), self.optimizer, exact=exact)
         self.capture.set_preconditioner(pre)
         self.precondition_step = k
 

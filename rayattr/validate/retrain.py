@@ -56,7 +56,7 @@ class RetrainWorker:
         t = self.cfg.train
         model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.cfg.data.seq_len, seed=t.seed)
         model.load_state_dict(self.initial)
-        engine = build_engine(self.cfg, model)
+        engine = build_engine(self.cfg, model, self.num_steps)
         removed = 0
         for step in range(self.num_steps):
             for micro in range(t.grad_accum):
