@@ -83,7 +83,7 @@ def test_texts_longer_than_the_context_are_counted(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     pq.write_table(pa.table(texts(8)), tmp_path / "val.parquet")
     seq_len = 32
-    # only the rows the trained steps use are tokenised (unused data costs nothing, docs/scale.md)
+    # only the rows the trained steps use are tokenised (unused data costs nothing, docs/store.md)
     table = load_dataset(str(tmp_path / "train.parquet"))
     assert TokenizedDataset(table, load_tokenizer("byte"), seq_len).num_truncated == 12
     plan = BatchPlan(table.num_rows, 8, 2, 1, 2, 0)  # the default micro_batch, ranks, grad_accum, epochs, seed

@@ -209,7 +209,7 @@ class RankWorker:
             return
         exact = self.capture.projection is None
         if c.preconditioner == "lookahead":  # v_t, from one extra pass (rayattr/train/lookahead.py)
-            batches = (self._batch(self.plan.rank_slice(step, self.rank, micro)) for micro in range(self.cfg.train.grad_accum))
+            batches = (self._batch(step, micro) for micro in range(self.cfg.train.grad_accum))
             pre, k = lookahead_preconditioners(self.engine, self.capture.layer_names(), self.optimizer, batches,
                                                self.cfg.train.grad_accum, self.world_size, exact=exact)
         else:
