@@ -53,6 +53,7 @@ def assert_same_as_whole_table(run, table: pa.Table, cfg: Config) -> None:
             if rank == 0:
                 ids, sources = shards.step_ids(step)
                 assert ids.tolist() == old.ids[plan.global_batch(step)].tolist()
+                assert sources.tolist() == [old.sources[i] for i in plan.global_batch(step)]
         with pytest.raises(DataError, match="outside the .* steps"):
             shards.micro_batch(steps, 0)
 
