@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from rayattr.config import load_config  # noqa: E402
-from rayattr.pipeline import attribute, create_run, prepare_data  # noqa: E402
+from rayattr.pipeline import attribute, create_run, write_data  # noqa: E402
 from rayattr.train import train  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
@@ -62,9 +62,7 @@ def main(argv=None) -> int:
                                           "train.steps": args.steps, "train.use_gpu": args.gpu or None,
                                           "capture.rank": args.rank})
         run = create_run(cfg)
-        train_table, val_table = prepare_data(cfg, run.options)
-        run.write_table("data/train.parquet", train_table)
-        run.write_table("data/validation.parquet", val_table)
+        write_data(cfg, run)
         t0 = time.perf_counter()
         info = train(cfg, run, progress=False)
         train_s = time.perf_counter() - t0

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
 
     m = run.reload_manifest()
     if m.get("n_truncated"):  # truncation is by design (as in training), but never silent
-        print(f"note: {m['n_truncated']} of {m.get('n_train')} training texts are longer than data.seq_len = "
+        used = (m.get("data") or {}).get("n_used", m.get("n_train"))  # only trained-on rows are tokenised
+        print(f"note: {m['n_truncated']} of the {used} training texts the run trains on are longer than data.seq_len = "
               f"{cfg.data.seq_len} tokens and were truncated to it (run.json: n_truncated)")
     print(f"\nrun: {result.uri}")
     print(f"steps: {result.num_steps}, segments: {result.segments}")

@@ -56,6 +56,15 @@ class DataConfig:
     """Parquet/JSONL file(s) or directory with `text` and `source` (optional `id`); local or s3://. None = built-in corpus."""
     validation: str | list[str] | None = None
     """Validation file(s), same format; required when `train` is given."""
+    pretokenized: bool = False
+    """The files hold token ids in an `input_ids` list column (optional `id` and `source`; a file
+    without `source` is its own source), as Megatron and HuggingFace pipelines hand data over.
+    Rows are used as they are: no eos is added, a row longer than seq_len is an error, and every
+    id must be below the vocab_size of `tokenizer` (which must be the one that made them)."""
+    copy: bool = False
+    """Copy `train` into the run even when it sits in the store's own filesystem or bucket. By
+    default such data stays where it is: the run records its files' URLs, sizes and versions and
+    refuses to resume or show texts if they changed. Data from elsewhere is always copied."""
     tokenizer: str = "byte"
     """"byte" (byte-level) or a local HuggingFace tokenizer directory."""
     seq_len: int = 64
@@ -253,6 +262,8 @@ class Config:
             raise ConfigError(f"embed.dtype must be float32 or float64, got {self.embed.dtype!r}")
         if (self.data.train is None) != (self.data.validation is None):
             raise ConfigError("data.train and data.validation must be given together (or neither, for the built-in corpus)")
+        if self.data.pretokenized and self.data.train is None:
+            raise ConfigError("data.pretokenized needs data.train and data.validation: the built-in corpus is text")
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
         from rayattr.optimizer import check_adamw_capture, resolve_optimizer

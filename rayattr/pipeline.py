@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.compute as pc
 import ray
 
 from rayattr.capture import ProjectionSpec
 from rayattr.config import Config, ConfigError
-from rayattr.data import builtin_corpus, load_dataset
+from rayattr.data import run_data
+from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.stage import default_segments, start_segments, wait_all
@@ -44,14 +44,9 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 
-def prepare_data(cfg: Config, options: StoreOptions):
-    d = cfg.data
-    if d.train is None:
-        b = d.builtin
-        return builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
-                              corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed, max_chars=b.max_chars)
-    so = options.storage_options or None
-    return load_dataset(d.train, storage_options=so), load_dataset(d.validation, storage_options=so)
+def prepare_data(cfg: Config, options: StoreOptions) -> PreparedData:
+    """The data checked and the trained steps tokenised, streaming (rayattr/data/run_data.py)."""
+    return run_data.prepare(cfg, options.storage_options or None)
 
 
 def create_run(cfg: Config) -> Run:
@@ -64,12 +59,12 @@ def create_run(cfg: Config) -> Run:
     return Run.create(cfg.store.uri, cfg.run_id or new_run_id(), manifest, options=options)
 
 
-def write_data(cfg: Config, run: Run, tables=None) -> float:
-    """The run's training and validation data into the run; returns the seconds it took."""
+def write_data(cfg: Config, run: Run, prepared: PreparedData | None = None) -> float:
+    """The run's data (validation set, training texts or where they are, token shards) into the
+    run, and its counts into the manifest; returns the seconds it took."""
     t = time.perf_counter()
-    train_table, val_table = tables or prepare_data(cfg, run.options)
-    run.write_table("data/train.parquet", train_table)
-    run.write_table("data/validation.parquet", val_table)
+    fields = run_data.write(run, prepared or prepare_data(cfg, run.options))
+    run.update_manifest(**fields)
     return time.perf_counter() - t
 
 
@@ -78,12 +73,14 @@ def start_run(cfg: Config) -> Run:
     store fail here, before any Ray work starts."""
     cfg.validate()
     t = time.perf_counter()
-    tables = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
-    run = create_run(cfg)
-    seconds = time.perf_counter() - t + write_data(cfg, run, tables)
-    train_table = tables[0]
-    run.update_manifest(timings={"data": seconds}, n_train=train_table.num_rows,
-                        n_sources=len(pc.unique(train_table["source"])))
+    prepared = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
+    try:
+        run = create_run(cfg)
+    except BaseException:
+        prepared.cleanup()
+        raise
+    seconds = time.perf_counter() - t + write_data(cfg, run, prepared)
+    run.update_manifest(timings={"data": seconds})
     return run
 
 
@@ -141,7 +138,8 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
         out = read_sources(run)
         return RunResult(uri=run.uri, timings=timings, sources=out, segments=run.manifest.get("segments", 0),
                          num_steps=run.manifest.get("num_steps", 0))
-    if not run.exists("data/validation.parquet"):  # a driver that died before writing it
+    run_data.check_data(run)  # training files left in the store must be the ones recorded
+    if not run_data.complete(run):  # a driver that died before the data was written
         timings["data"] = write_data(cfg, run)
 
     if not run.exists("weights/final.safetensors"):

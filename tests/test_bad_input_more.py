@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
-from rayattr.data import DataError, TokenizedDataset, load_dataset, load_tokenizer
+from rayattr.data import BatchPlan, DataError, TokenizedDataset, load_dataset, load_tokenizer
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions, list_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,14 +83,19 @@ def test_texts_longer_than_the_context_are_counted(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     pq.write_table(pa.table(texts(8)), tmp_path / "val.parquet")
     seq_len = 32
-    expected = TokenizedDataset(load_dataset(str(tmp_path / "train.parquet")), load_tokenizer("byte"), seq_len).num_truncated
-    assert expected == 12
+    # only the rows the trained steps use are tokenised (unused data costs nothing, docs/store.md)
+    table = load_dataset(str(tmp_path / "train.parquet"))
+    assert TokenizedDataset(table, load_tokenizer("byte"), seq_len).num_truncated == 12
+    plan = BatchPlan(table.num_rows, 8, 2, 1, 2, 0)  # the default micro_batch, ranks, grad_accum, epochs, seed
+    used = np.unique(np.concatenate([plan.global_batch(s) for s in range(2)]))
+    expected = TokenizedDataset(table.take(used), load_tokenizer("byte"), seq_len).num_truncated
+    assert 0 < expected < 12 and len(used) == 32
     config = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet"),
                        "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
     out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == 12  # before: not recorded
-    assert "note: 12 of 48 training texts are longer than data.seq_len = 32 tokens" in out.stdout
+    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected  # before: not recorded
+    assert f"note: {expected} of the 32 training texts the run trains on are longer than data.seq_len = 32 tokens" in out.stdout
 
 
 def test_store_path_with_spaces_and_unicode(store_root, capsys):

@@ -1,4 +1,6 @@
-"""rayattr.data: the built-in corpus, tokenizers, dataset files, tokenised tensors, batch plans."""
+"""rayattr.data: the built-in corpus, tokenizers, dataset files (read whole, or streamed by
+scan.py), tokenised tensors, batch plans, and the token shards and data a run keeps (shards.py,
+run_data.py)."""
 
 from rayattr.data.batching import BatchPlan, Owners, StepLayout, epoch_order, epoch_permutation
 from rayattr.data.corpus import CLEAN_SOURCES, CORRUPTED_SOURCE, builtin_corpus

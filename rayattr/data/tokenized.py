@@ -1,4 +1,9 @@
-"""A dataset table tokenised once into fixed-length, right-padded tensors."""
+"""A dataset table tokenised once into fixed-length, right-padded tensors.
+
+`encode_texts` and `token_matrix` are the one place texts and pre-tokenised rows become padded
+token rows: the whole-table `TokenizedDataset` (validation sets, queries) and the streaming
+token shards of the training data (data/shards.py) both use them, so both give the same tokens.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,55 @@ import torch
 
 from rayattr.data.errors import DataError
 from rayattr.data.files import check_unique_ids
+from rayattr.data.pretokenized import token_matrix
 from rayattr.data.tokenizer import Tokenizer
 
 # Label value the HuggingFace / torch cross-entropy losses skip.
 IGNORE_INDEX = -100
 
 
+def encode_texts(texts: Sequence[str], ids: np.ndarray, tokenizer: Tokenizer, seq_len: int,
+                 add_eos: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """(n, seq_len) int64 token rows right-padded with pad_id, (n,) real lengths, and how many
+    rows were truncated. Each text is encoded (plus eos when add_eos and the tokenizer has one)
+    and cut to seq_len; `ids` only name a row in errors."""
+    eos = tokenizer.eos_id if add_eos else None
+    input_ids = np.full((len(texts), seq_len), tokenizer.pad_id, dtype=np.int64)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    truncated = 0
+    for row, text in enumerate(texts):
+        tokens = tokenizer.encode(text)
+        if eos is not None:
+            tokens.append(eos)
+        if not tokens:
+            raise DataError(f"sample id {ids[row]} encodes to no tokens (empty text and no eos)")
+        if len(tokens) > seq_len:
+            truncated += 1
+            tokens = tokens[:seq_len]
+        input_ids[row, :len(tokens)] = tokens
+        lengths[row] = len(tokens)
+    return input_ids, lengths, truncated
+
+
+def rows_of(table: pa.Table | pa.RecordBatch, tokenizer: Tokenizer, seq_len: int, add_eos: bool = True,
+            what: str = "table") -> tuple[np.ndarray, np.ndarray, int]:
+    """Token rows of a table with a `text` column (encoded) or an `input_ids` column (pre-tokenised,
+    checked and used as they are)."""
+    ids = table["id"].to_numpy()
+    if "input_ids" in table.column_names:
+        tokens, lengths = token_matrix(table["input_ids"], ids, seq_len, tokenizer.vocab_size,
+                                       tokenizer.pad_id, what)
+        return tokens, lengths, 0
+    return encode_texts(table["text"].to_pylist(), ids, tokenizer, seq_len, add_eos)
+
+
 class TokenizedDataset:
-    """Rows of an (id, source, text) table as tensors, aligned row for row with the table.
+    """Rows of an (id, source, text) or (id, source, input_ids) table as tensors, aligned row for
+    row with the table.
 
     Each text is encoded (plus eos when add_eos and the tokenizer has one), truncated to
-    seq_len (counted in num_truncated) and right-padded with tokenizer.pad_id.
+    seq_len (counted in num_truncated) and right-padded with tokenizer.pad_id; pre-tokenised
+    rows (an `input_ids` list column) are used as they are (data/pretokenized.py).
 
     Attributes (N rows, L = seq_len):
       input_ids (N, L) long; attention_mask (N, L) long, 1 on real tokens;
@@ -33,9 +76,10 @@ class TokenizedDataset:
     """
 
     def __init__(self, table: pa.Table, tokenizer: Tokenizer, seq_len: int, add_eos: bool = True):
-        missing = [c for c in ("id", "source", "text") if c not in table.column_names]
+        body = "input_ids" if "input_ids" in table.column_names else "text"
+        missing = [c for c in ("id", "source", body) if c not in table.column_names]
         if missing:
-            raise DataError(f"TokenizedDataset needs columns id, source, text; missing {missing} "
+            raise DataError(f"TokenizedDataset needs columns id, source, text (or input_ids); missing {missing} "
                             f"(table has {table.column_names})")
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
@@ -45,31 +89,10 @@ class TokenizedDataset:
         self.tokenizer = tokenizer
         ids = table["id"].to_numpy().astype(np.int64)
         check_unique_ids(ids, "TokenizedDataset table")
-        texts = table["text"].to_pylist()
         self.sources: list[str] = table["source"].to_pylist()
-
-        eos = tokenizer.eos_id if add_eos else None
-        input_ids = np.full((len(texts), seq_len), tokenizer.pad_id, dtype=np.int64)
-        lengths = np.zeros(len(texts), dtype=np.int64)
-        truncated = 0
-        for row, text in enumerate(texts):
-            tokens = tokenizer.encode(text)
-            if eos is not None:
-                tokens.append(eos)
-            if not tokens:
-                raise DataError(f"sample id {ids[row]} encodes to no tokens (empty text and no eos)")
-            if len(tokens) > seq_len:
-                truncated += 1
-                tokens = tokens[:seq_len]
-            input_ids[row, :len(tokens)] = tokens
-            lengths[row] = len(tokens)
-        self.num_truncated = truncated
-
-        mask = np.arange(seq_len)[None, :] < lengths[:, None]
-        self.input_ids = torch.from_numpy(input_ids)
-        self.attention_mask = torch.from_numpy(mask.astype(np.int64))
-        # Mask by position, not by comparing with pad_id: pad may equal eos (HF fallback).
-        self.labels = self.input_ids.masked_fill(~torch.from_numpy(mask), IGNORE_INDEX)
+        input_ids, lengths, self.num_truncated = rows_of(table, tokenizer, seq_len, add_eos)
+        t = tensors(input_ids, lengths)
+        self.input_ids, self.attention_mask, self.labels = t["input_ids"], t["attention_mask"], t["labels"]
         self.lengths = torch.from_numpy(lengths)
         self.ids = torch.from_numpy(ids)
         self.source_names: list[str] = sorted(set(self.sources))
@@ -98,3 +121,13 @@ class TokenizedDataset:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.batch([i]).items()}
+
+
+def tensors(input_ids: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask (1 on real tokens) and labels (IGNORE_INDEX at padding) as long
+    tensors from right-padded token rows and their lengths."""
+    mask = np.arange(input_ids.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+    # Mask by position, not by comparing with pad_id: pad may equal eos (HF fallback).
+    return {"input_ids": ids, "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "labels": ids.masked_fill(~torch.from_numpy(mask), IGNORE_INDEX)}

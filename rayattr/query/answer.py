@@ -10,7 +10,7 @@ import torch
 
 from rayattr.query.errors import QueryError
 from rayattr.query.gradients import query_gradients
-from rayattr.query.ranking import rank_samples, rank_sources
+from rayattr.query.ranking import TextLookup, rank_samples, rank_sources
 from rayattr.query.runs import require_finished
 from rayattr.query.scoring import OccurrenceScores, score_occurrences
 from rayattr.store import Run
@@ -39,8 +39,8 @@ class QueryResult:
 
 
 def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, by_source: bool,
-           train, notices: list[str], se: np.ndarray | None = None) -> QueryResult:
-    ranked = rank_samples(occ, column, k, train, se=se)
+           texts_of: TextLookup | None, notices: list[str], se: np.ndarray | None = None) -> QueryResult:
+    ranked = rank_samples(occ, column, k, texts_of, se=se)
     return QueryResult(texts=texts, helpful=ranked["helpful"], harmful=ranked["harmful"],
                        sources=rank_sources(occ, column) if by_source else None, notices=notices)
 
@@ -50,12 +50,21 @@ def keep_sources(occ: OccurrenceScores, sources: list[str]) -> OccurrenceScores:
     return occ.subset(np.isin(occ.sources.astype(str), list(sources)))
 
 
-def check_sources(train, sources: list[str]) -> None:
+def check_sources(known: list[str], sources: list[str]) -> None:
     """QueryError naming the sources the run does not have, and the ones it does."""
-    known = set(train["source"].to_pylist())
-    unknown = [s for s in sources if s not in known]
+    unknown = [s for s in sources if s not in set(known)]
     if unknown:
-        raise QueryError(f"unknown source(s) {unknown}: the run's training data has sources {sorted(known)}")
+        raise QueryError(f"unknown source(s) {unknown}: the run trained on sources {sorted(known)}")
+
+
+def run_texts(run: Run) -> TextLookup:
+    """Texts of training sample ids, fetched from the run's data by id (data/run_data.py)."""
+    from rayattr.data.run_data import texts_by_id
+
+    def lookup(ids: np.ndarray) -> list:
+        found = texts_by_id(run, ids)
+        return [found.get(int(i)) for i in ids]
+    return lookup
 
 
 def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_source: bool = False,
@@ -70,9 +79,11 @@ def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_so
     """
     say = progress or (lambda _msg: None)
     require_finished(run)
-    train = run.read_table("data/train.parquet")
+    train = run_texts(run)
     if sources:
-        check_sources(train, sources)  # before the slow part
+        from rayattr.data.run_data import token_meta
+
+        check_sources(token_meta(run)["sources"], sources)  # before the slow part
     say(f"loading the final model; test gradients of {len(texts)} text(s)")
     grads, notices = query_gradients(run, texts, model=model)
     if not each:

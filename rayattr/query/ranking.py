@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from rayattr.query.scoring import OccurrenceScores
 
@@ -25,14 +25,12 @@ def _top(values: np.ndarray, k: int, largest: bool) -> np.ndarray:
     return keep[order[:k]]
 
 
-def texts_of(train: pa.Table, ids: np.ndarray) -> list[str | None]:
-    """Texts of training sample ids (None where the id is not in the table)."""
-    where = pc.index_in(pa.array(ids, pa.int64()), value_set=train["id"])
-    return pc.take(train["text"], where).to_pylist()
+TextLookup = Callable[[np.ndarray], list]
+"""Texts of the given training sample ids, in their order (None where unknown)."""
 
 
 def rank_samples(occ: OccurrenceScores, column: np.ndarray, k: int,
-                 train: pa.Table | None = None, se: np.ndarray | None = None) -> dict[str, list[dict]]:
+                 texts: TextLookup | None = None, se: np.ndarray | None = None) -> dict[str, list[dict]]:
     """The k most helpful and k most harmful training samples for one score column.
 
     A sample's score is its value summed over its occurrences (all epochs); `step` is the
@@ -51,8 +49,8 @@ def rank_samples(occ: OccurrenceScores, column: np.ndarray, k: int,
                          "step": int(occ.steps[best]), "score": float(totals[j]), "se": row_se,
                          "within_noise": None if row_se is None else bool(abs(totals[j]) < 2 * row_se),
                          "n_occurrences": int(mine.size)})
-        if train is not None and rows:
-            for row, text in zip(rows, texts_of(train, np.array([r["sample_id"] for r in rows]))):
+        if texts is not None and rows:  # only the rows shown are fetched
+            for row, text in zip(rows, texts(np.array([r["sample_id"] for r in rows]))):
                 row["text"] = text
         out[key] = rows
     return out

@@ -17,16 +17,15 @@ from rayattr.store import Run
 from rayattr.summary import loss_summary
 
 
-def sample_totals(samples: pa.Table, train: pa.Table) -> list[dict]:
-    """Each training sample's value summed over its occurrences, with source, text and the
+def sample_totals(samples: pa.Table) -> list[dict]:
+    """Each training sample's value summed over its occurrences, with source and the
     projection's standard error (occurrences' errors added in quadrature), best first."""
     if "value_se" not in samples.column_names:  # runs made before value_se
         samples = samples.append_column("value_se", pa.nulls(samples.num_rows, pa.float64()))
     samples = samples.append_column("se2", pc.multiply(samples["value_se"], samples["value_se"]))
     g = samples.group_by(["sample_id", "source"]).aggregate([("value", "sum"), ("step", "count"), ("se2", "sum")])
     g = g.rename_columns(["sample_id", "source", "value", "n_occurrences", "se2"]).sort_by([("value", "descending")])
-    where = pc.index_in(g["sample_id"], value_set=train["id"])
-    rows = g.append_column("text", pc.take(train["text"], where)).to_pylist()
+    rows = g.to_pylist()
     for r in rows:
         se2 = r.pop("se2")
         r["se"] = se2 ** 0.5 if se2 is not None and se2 == se2 else None
@@ -283,7 +282,6 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
     samples = run.read_table("values/samples.parquet")
     sources = run.read_table("values/sources.parquet")
     phases = run.read_table("values/phases.parquet")
-    train = run.read_table("data/train.parquet")
     pngs = {
         "sources.png": (figures.source_bars(sources), "value per sample of each source"),
         "steps.png": (figures.influence_over_steps(samples, int(m.get("num_steps", 1))),
@@ -296,7 +294,13 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
     for name, (png, _) in pngs.items():
         (out / name).write_bytes(png)
 
-    totals = sample_totals(samples, train)
+    from rayattr.data.run_data import texts_by_id  # the data package needs torch; the module must not
+
+    totals = sample_totals(samples)
+    shown = totals[:k] + totals[::-1][:k]  # only the rows the page shows get their text fetched
+    texts = texts_by_id(run, [r["sample_id"] for r in shown])
+    for r in shown:
+        r["text"] = texts.get(r["sample_id"])
     num = lambda v: f"{v:.4g}"  # noqa: E731
     sample_cols = ["sample_id", "source", "n_occurrences", "value", "se", "noise", "text"]
     fmt = {"value": num, "se": lambda v: "–" if v is None else f"{v:.2g}"}
@@ -305,7 +309,7 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         f"<h1>rayattr run {html.escape(run.run_id)}</h1>",
         f"<p><code>{html.escape(run.uri)}</code> — status <b>{html.escape(str(m.get('status')))}</b>, "
         f"model {html.escape(str(m.get('model', {}).get('family')))}, {m.get('num_steps')} steps, "
-        f"{train.num_rows} training samples, {sources.num_rows} sources, {samples.num_rows} occurrences, "
+        f"{m.get('n_train')} training samples, {sources.num_rows} sources, {samples.num_rows} occurrences, "
         f"{m.get('segments')} segments.</p>",
         "<p>Value = predicted increase of the validation loss if a training occurrence were removed "
         "(Data Value Embedding): positive helped, negative hurt.</p>",

@@ -237,6 +237,13 @@ class Run:
         except FileNotFoundError:
             raise StoreError(f"{self.uri}/{rel} does not exist") from None
 
+    def open_read(self, rel: str):
+        """A seekable read-only file of an object of the run (range reads on S3)."""
+        try:
+            return self._storage.open_read(self._rel(rel))
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri}/{rel} does not exist") from None
+
     def write_json(self, rel: str, obj: Any) -> None:
         try:
             data = json.dumps(obj, indent=2, allow_nan=False).encode()

@@ -135,6 +135,12 @@ class Storage:
 
         return self._retry(fetch, f"reading {len(paths)} objects under {self.uri}")
 
+    def open_read(self, rel: str):
+        """A seekable read-only file of one object: readers that need parts of it (a Parquet row
+        group) fetch byte ranges instead of the whole object."""
+        path = self.path(rel)
+        return self._retry(lambda: self.fs.open(path, "rb"), f"opening {self.uri}/{rel}")
+
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
         if self.local:

@@ -19,7 +19,8 @@ from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr import hooks
 from rayattr.config import Config
-from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.data import BatchPlan, DataError, load_tokenizer
+from rayattr.data.run_data import rank_tokens
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
 from rayattr.optimizer import resolve_optimizer
@@ -69,11 +70,14 @@ class RankWorker:
         cfg = self.cfg
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        table = self.run.read_table("data/train.parquet")
-        self.data = TokenizedDataset(table, self.tokenizer, cfg.data.seq_len)
+        # only this rank's rows of each step, read from the token shards (data/shards.py)
+        self.data = rank_tokens(self.run, self.rank)
         t = cfg.train
-        self.plan = BatchPlan(len(self.data), t.micro_batch, self.world_size, t.grad_accum, t.epochs, t.seed)
+        self.plan = BatchPlan(self.data.n_train, t.micro_batch, self.world_size, t.grad_accum, t.epochs, t.seed)
         self.num_steps = min(self.plan.num_steps, t.steps or self.plan.num_steps)
+        if self.data.lay.num_steps < self.num_steps or self.data.lay.world_size != self.world_size:
+            raise DataError(f"the run's token shards hold {self.data.lay.num_steps} steps for "
+                            f"{self.data.lay.world_size} ranks; training needs {self.num_steps} for {self.world_size}")
 
         model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
         if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
@@ -98,8 +102,6 @@ class RankWorker:
                               if self.optimizer.adamw else None)
         self.pending_records: list[StepRecord] = []
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
-        self.sample_ids = np.asarray(self.data.ids)
-        self.sources = np.asarray(self.data.sources, dtype=object)
         # Resuming: weights and optimizer from the last complete checkpoint; the steps from
         # there to the last committed one are recomputed (identically) but not written again.
         self.checkpoints = Checkpoints(self.run, self.rank)
@@ -117,7 +119,7 @@ class RankWorker:
     def info(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps, "start_step": self.start_step, "node": ray.util.get_node_ip_address(), "global_batch": self.plan.global_batch_size,
                 "layer_dims": self.capture.layer_dims(), "steps_per_epoch": self.plan.steps_per_epoch,
-                "n_train": len(self.data), "truncated": int(self.data.num_truncated)}
+                "n_train": self.data.n_train, "truncated": self.data.num_truncated}
 
     # ------------------------------------------------------------------ training
 
@@ -130,14 +132,15 @@ class RankWorker:
             scale *= float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
         return scale
 
-    def _batch(self, idx: np.ndarray):
-        b = self.data.batch(idx)
-        return (b["input_ids"].to(self.device), b["attention_mask"].to(self.device), b["labels"].to(self.device))
+    def _batch(self, step: int, micro: int, rows: int | None = None):
+        """The first `rows` (default all) rows of this rank's micro-batch `micro` of `step`."""
+        b = self.data.micro_batch(step, micro)
+        return tuple(b[k][:rows].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
 
-    def _pseudo_gradients(self, idx: np.ndarray, step: int) -> None:
+    def _pseudo_gradients(self, step: int, micro: int) -> None:
         """Sampled-label pseudo-gradients at the current weights, without touching .grad."""
-        m = max(1, math.ceil(len(idx) * self.cfg.capture.curvature_fraction))
-        ids, mask, _ = self._batch(idx[:m])
+        m = max(1, math.ceil(self.cfg.train.micro_batch * self.cfg.capture.curvature_fraction))
+        ids, mask, _ = self._batch(step, micro, m)
         gen = torch.Generator(device=self.device).manual_seed(hash((self.cfg.train.seed, step, self.rank)) % 2**31)
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         with self.curvature:
@@ -156,20 +159,19 @@ class RankWorker:
         for step in range(start, min(end, self.num_steps)):
             hooks.call("rank.step", rank=self.rank, step=step)  # test seam: empty in production
             lr = float(self.engine.get_lr()[0]) if self.engine.get_lr() else t.lr
-            rows = self.plan.rank_indices(step, self.rank)
+            rows = self.data.share(step)  # (ids, sources) of this rank's rows of the step
             self._refresh_preconditioner(step)
             curv_rows: dict[str, list[torch.Tensor]] = {}
             if self.curvature is not None:
                 # weights only move at the step boundary, so all micro-batches' pseudo-gradients
                 # are taken at θ_t before the training pass (whose hooks are not live yet)
                 for micro in range(t.grad_accum):
-                    self._pseudo_gradients(self.plan.rank_slice(step, self.rank, micro), step)
+                    self._pseudo_gradients(step, micro)
                     for n, g in self.curvature.gradients().items():
                         curv_rows.setdefault(n, []).append(g)
             with self.capture:
                 for micro in range(t.grad_accum):
-                    idx = self.plan.rank_slice(step, self.rank, micro)
-                    ids, mask, labels = self._batch(idx)
+                    ids, mask, labels = self._batch(step, micro)
                     self.capture.set_mask(mask)
                     self.capture.loss_scale = self._loss_scale()
                     loss = hooks.passed("rank.loss", micro_batch_loss(self.engine, ids, mask, labels),
@@ -207,7 +209,7 @@ class RankWorker:
             return
         exact = self.capture.projection is None
         if c.preconditioner == "lookahead":  # v_t, from one extra pass (rayattr/train/lookahead.py)
-            batches = (self._batch(self.plan.rank_slice(step, self.rank, micro)) for micro in range(self.cfg.train.grad_accum))
+            batches = (self._batch(step, micro) for micro in range(self.cfg.train.grad_accum))
             pre, k = lookahead_preconditioners(self.engine, self.capture.layer_names(), self.optimizer, batches,
                                                self.cfg.train.grad_accum, self.world_size, exact=exact)
         else:
@@ -239,22 +241,21 @@ class RankWorker:
         """
         done = self.stored_through
         loss, self._step_losses = (float(np.mean(self._step_losses)) if self._step_losses else None), []
+        ids, sources = rows
         if step > done["train"]:
-            self.writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), grads,
-                                   positions=positions.tolist())
+            self.writer.write_step(step, ids.tolist(), sources.tolist(), grads, positions=positions.tolist())
         if self.update_writer is not None and step > done[UPDATE_KIND]:
-            self.update_writer.write_step(step, self.sample_ids[rows].tolist(), self.sources[rows].tolist(), updates,
-                                          positions=positions.tolist())
+            self.update_writer.write_step(step, ids.tolist(), sources.tolist(), updates, positions=positions.tolist())
         if self.curv_writer is not None and step > done["curvature"]:
             cat = {n: torch.cat(v) for n, v in curv_rows.items()}
             m = next(iter(cat.values())).shape[0]
             self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
         if self.rank == 0 and step > done["records"]:
-            lay = self.plan.layout(step)
+            step_ids, step_sources = self.data.step_ids(step)  # the global batch, from the shards
             self.pending_records.append(StepRecord(
-                step=step, epoch=lay.epoch, lr=lr, eta=eta, clip=clip,
-                sample_ids=self.sample_ids[lay.indices].tolist(),
-                sources=self.sources[lay.indices].tolist(), ranks=lay.ranks.tolist(), loss=loss,
+                step=step, epoch=self.plan.epoch_of(step), lr=lr, eta=eta, clip=clip,
+                sample_ids=step_ids.tolist(), sources=step_sources.tolist(),
+                ranks=self.plan.owner(step).ranks.tolist(), loss=loss,
                 **self._optimizer_fields()))
 
     def _optimizer_fields(self) -> dict[str, Any]:

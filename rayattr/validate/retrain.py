@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load
 
 from rayattr.config import Config
-from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
+from rayattr.data import TokenizedDataset, load_tokenizer
+from rayattr.data.run_data import rank_tokens
 from rayattr.reduce.gradients import mean_loss
 from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import join_process_group
@@ -41,11 +42,8 @@ class RetrainWorker:
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
         self.device = join_process_group(cfg, rank, world_size, master_addr, master_port)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.data = TokenizedDataset(self.run.read_table("data/train.parquet"), self.tokenizer, cfg.data.seq_len)
-        t = cfg.train
-        self.plan = BatchPlan(len(self.data), t.micro_batch, world_size, t.grad_accum, t.epochs, t.seed)
+        self.data = rank_tokens(self.run, rank)  # this rank's rows of each step (data/shards.py)
         self.num_steps = int(self.run.manifest["num_steps"])
-        self.sample_ids = self.data.ids.numpy()
         self.initial = load(self.run.read_bytes("weights/initial.safetensors"))
         self.validation = (TokenizedDataset(self.run.read_table("data/validation.parquet"), self.tokenizer,
                                             cfg.data.seq_len) if rank == 0 else None)
@@ -62,10 +60,9 @@ class RetrainWorker:
         removed = 0
         for step in range(self.num_steps):
             for micro in range(t.grad_accum):
-                idx = self.plan.rank_slice(step, self.rank, micro)
-                gone = r.removes(step, self.sample_ids[idx])
+                b = self.data.micro_batch(step, micro)
+                gone = r.removes(step, b["ids"].numpy())
                 removed += int(gone.sum())
-                b = self.data.batch(idx)
                 weights = torch.from_numpy(np.where(gone, r.weight, 1.0).astype(np.float32))
                 loss = micro_batch_loss(engine, b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
                                         b["labels"].to(self.device), weights.to(self.device))

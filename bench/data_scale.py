@@ -1,0 +1,135 @@
+"""Data path at 1x, 10x and 100x the corpus with training steps capped: unused data must cost nothing.
+
+    python bench/data_scale.py                  # corpus 1x, 10x, 100x of the built-in 1536 rows, 24 steps
+    python bench/data_scale.py --factors 1 10 --steps 48
+
+For each corpus size, in fresh processes (so each peak is its own):
+  driver: the data stage of a run (rayattr/data/run_data.py: streaming scan, tokenising the
+          trained steps' rows, token shards into the run), as `start_run` does it;
+  rank:   one rank's data path for every trained step (rank_tokens: its rows of each step);
+  old rank: what a rank did before (the whole table read and tokenised, TokenizedDataset),
+          for contrast.
+Prints wall seconds (the fastest of 3, after imports), peak RSS (ru_maxrss) and the peak above
+the RSS after imports (the data path's own memory) of each, and their ratios against 1x.
+Target (issue 13): driver and rank <= 1.2x at 10x and 100x.
+The corpus is the built-in training corpus repeated (each copy's texts made distinct) as
+Parquet files in the store's filesystem, so the run records them instead of copying them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPEATS = 3
+sys.path.insert(0, str(ROOT))
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def write_corpus(path: Path, factor: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayattr.data import builtin_corpus
+
+    train, val = builtin_corpus()
+    path.mkdir(parents=True)
+    texts = train["text"].to_pylist()
+    for k in range(factor):  # one file per copy: the writer never holds the 100x table either
+        pq.write_table(pa.table({"id": np.arange(train.num_rows) + k * train.num_rows, "source": train["source"],
+                                 "text": texts if k == 0 else [f"{t} #{k}" for t in texts]}),
+                       path / f"part-{k:04d}.parquet", row_group_size=4096)
+    pq.write_table(val, path.parent / f"{path.name}-validation.parquet")
+
+
+def config(data: Path, store: Path, steps: int):
+    from rayattr.config import Config
+
+    return Config().with_overrides(**{"data.train": str(data), "data.validation": f"{data}-validation.parquet",
+                                      "train.steps": steps, "store.uri": str(store), "run_id": "r"}).validate()
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(role: str, data: Path, store: Path, steps: int) -> dict:
+    from rayattr.data import TokenizedDataset, load_dataset, load_tokenizer
+    from rayattr.data.run_data import rank_tokens
+    from rayattr.pipeline import start_run
+    from rayattr.store import Run
+
+    base = rss_mb()  # after the imports: what follows is the data path's own
+    times = []
+    for i in range(REPEATS):  # the fastest of a few: sub-second stages are noisy on a shared machine
+        t = time.perf_counter()
+        if role == "driver":
+            start_run(config(data, store, steps).with_overrides(run_id=f"r{i}"))
+        elif role == "rank":
+            tokens = rank_tokens(Run.open(str(store), "r0"), 0)
+            for step in range(tokens.lay.num_steps):
+                for micro in range(tokens.lay.grad_accum):
+                    tokens.micro_batch(step, micro)
+                tokens.share(step), tokens.step_ids(step)
+        else:  # "old_rank", the old path: every rank read the whole training table and tokenised all of it
+            TokenizedDataset(load_dataset(str(data)), load_tokenizer("byte"), 64)
+        times.append(time.perf_counter() - t)
+    return {"seconds": min(times), "peak_mb": peak_mb(), "growth_mb": peak_mb() - base}
+
+
+def measure(role: str, data: Path, store: Path, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", role, "--data", str(data), "--store", str(store),
+                          "--steps", str(steps)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--factors", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--steps", type=int, default=24, help="train.steps cap")
+    p.add_argument("--no-old", action="store_true", help="skip the old whole-table rank path")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, Path(args.data), Path(args.store), args.steps)))
+        return 0
+    roles = ["driver", "rank"] + ([] if args.no_old else ["old rank"])
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in args.factors:
+            data, store = Path(tmp) / f"corpus{f}", Path(tmp) / f"store{f}"
+            write_corpus(data, f)
+            rows[f] = {r: measure(r.replace(" ", "_"), data, store, args.steps) for r in roles}
+            print(f"corpus {f}x done", file=sys.stderr, flush=True)
+    base = rows[args.factors[0]]
+    print(f"corpus of {args.factors[0]}x = 1536 rows, {args.steps} steps x 16 rows trained, 2 ranks; "
+          "s = wall seconds after imports, MB = peak RSS, +MB = peak RSS above the RSS after imports")
+    print(f"{'corpus':>7} {'process':>9} {'s':>7} {'ratio':>6} {'MB':>6} {'ratio':>6} {'+MB':>7} {'ratio':>6}")
+    for f, row in rows.items():
+        for r in roles:
+            m, b = row[r], base[r]
+            print(f"{str(f) + 'x':>7} {r:>9} {m['seconds']:>7.2f} {m['seconds'] / b['seconds']:>5.2f}x "
+                  f"{m['peak_mb']:>6.0f} {m['peak_mb'] / b['peak_mb']:>5.2f}x {m['growth_mb']:>7.1f} "
+                  f"{m['growth_mb'] / max(b['growth_mb'], 1.0):>5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
