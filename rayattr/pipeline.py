@@ -21,7 +21,7 @@ from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
-from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
+from rayattr.reduce import phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
 from rayattr.train import NonFiniteLoss, train
 
@@ -204,11 +204,19 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")
-    suffixes, r_ends = chain_segments(run, n_seg, momentum=opt.beta1, lengths=[s.end - s.start for s in specs])
-    val_grad = ray.get(val_ref)
-    wait_all([a.finalize.remote(ray.put(S), val_grad, ray.put(R) if R is not None else None)
-              for a, S, R in zip(actors, suffixes, r_ends)], "finalize", progress)
-    out = write_outputs(run, n_seg, edges, val_grad)
+    # chain from the last segment backwards through the actors (docs/method.md §4): values from
+    # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
+    # actor uses its own K only, and the driver holds only object refs
+    vectors: list = [None] * n_seg
+    vectors[-1] = actors[-1].value_vectors.remote(val_ref)
+    links: list = [None] * n_seg
+    for ell in range(n_seg - 1, 0, -1):
+        vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
+        links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
+    finals = [a.finalize.remote(v, link) for a, v, link in zip(actors, vectors, links)]
+    del vectors, links  # each suffix is freed once its segment has finalised
+    wait_all(finals, "finalize", progress)
+    out = write_outputs(run, n_seg, edges)
     for a in actors:
         ray.kill(a)
     timings["reduce"] = time.perf_counter() - t

@@ -103,9 +103,14 @@ def test_sizes_match_a_real_store_run(tmp_path):
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     for w in workers:
         w.compute()
-    eye = {n: torch.eye(p) for n, p in workers[0].dims.items()}  # layers and their projection blocks
-    for w in workers:
-        w.finalize(eye, {n: torch.ones(p) for n, p in dims.items()})
+    # the reduce's chains, run through the workers from the last segment backwards
+    vectors, links = [None] * len(workers), [None] * len(workers)
+    vectors[-1] = workers[-1].value_vectors({n: torch.ones(p) for n, p in dims.items()})
+    for ell in range(len(workers) - 1, 0, -1):
+        vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
+        links[ell - 1] = workers[ell].chain_suffix(links[ell])
+    for w, v, link in zip(workers, vectors, links):
+        w.finalize(v, link)
 
     root = os.path.join(str(tmp_path), "r")
     assert tree_bytes(os.path.join(root, "grads", "train")) == pytest.approx(plan.storage["train gradients"], rel=0.01)

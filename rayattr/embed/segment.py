@@ -2,13 +2,17 @@
 
 `compute()` sweeps the segment's steps backwards from K = I, writing the local embeddings of
 every occurrence, the segment matrix K per layer, and per-(source, phase) sums of local
-embeddings. `finalize(suffix, test_grad)` turns local embeddings into final ones with the
-product of the later segments' K's and scores them. Both read and write only the store, so a
-restarted actor redoes just its own segment.
+embeddings. The reduce then chains the segments through the actors themselves, from the last
+backwards (docs/method.md §4): `chain_vectors` passes (w, z) = (S_ℓᵀ v, R_bᵀ v) for the
+validation gradient v (O(p²) per layer), `chain_suffix` passes (S_ℓ, R_b) for the final
+embeddings; each actor uses only its own K, so no process holds all of them.
+`finalize(vectors, link)` scores every occurrence from the vectors and writes the final
+embeddings from the link. Everything is read from and written to the store, so a restarted
+actor redoes just its own segment.
 
 AdamW (docs/method.md §7): the sweep also reads the update rows, carries R next to K (saved
-beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; `finalize(..., r_end)` adds the
-momentum that leaks past the segment's end.
+beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; z (and R_b) add the momentum
+that leaks past the segment's end.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import ray
 import torch
 
 from rayattr import hooks
-from rayattr.dvemb import SegmentRecursion, finalise_step
+from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
+                           finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
@@ -69,6 +74,15 @@ def sums_path(index: int, final: bool = False) -> str:
 
 def values_path(index: int) -> str:
     return f"embed/values/seg{index:04d}.parquet"
+
+
+def scores_path(index: int) -> str:
+    """Per-(source, phase, layer) value sums of a segment (the vector chain's, float64)."""
+    return f"embed/scores/seg{index:04d}.parquet"
+
+
+# (w, z) of a segment in the vector chain: w = S_ℓᵀ v, z = R_bᵀ v (None without momentum)
+ValueVectors = tuple  # tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]
 
 
 class SegmentWorker:
@@ -169,19 +183,54 @@ class SegmentWorker:
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
 
+    # ------------------------------------------------------------------ chaining the segments
+
+    def _own_chain_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """This segment's K and (with momentum) local R, read once from the store."""
+        if getattr(self, "_chain_inputs", None) is None:
+            K = self.load_k()
+            R = load_tensors(self.run.read_bytes(r_path(self.seg.index))) if self.momentum else None
+            self._chain_inputs = (K, R)
+        return self._chain_inputs
+
+    def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> ValueVectors:
+        """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4)."""
+        w = self.blocks.augment({n: g.to(torch.float64) for n, g in test_grad.items()})
+        return w, ({n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None)
+
+    def chain_vectors(self, vectors: ValueVectors) -> ValueVectors:
+        """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =
+        R^locᵀ_ℓ w_ℓ + β₁^(b−a) z_ℓ (docs/method.md §4, §7). O(p²) per layer."""
+        K, R = self._own_chain_inputs()
+        w, z = vectors
+        return chain_vectors_back(K, w, R, z, self.seg.end - self.seg.start, self.momentum)
+
+    def chain_suffix(self, link: tuple | None) -> tuple:
+        """The previous segment's (S, R_b) from this one's (None: the last segment, S = I):
+        the scan that gives every actor its suffix without any process holding all K's."""
+        K, R = self._own_chain_inputs()
+        S, r_end = link if link is not None else (None, None)
+        return chain_suffix_back(K, S, R, r_end, self.seg.end - self.seg.start, self.momentum)
+
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, suffix: dict[str, torch.Tensor], test_grad: dict[str, torch.Tensor],
-                 r_end: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Final embeddings S·e (+ β₁^(b−t) R_b u with momentum, r_end = R_b from the chain),
-        per-occurrence values and final per-(source, phase) sums."""
+    def finalize(self, vectors: ValueVectors, link: tuple | None = None) -> dict[str, Any]:
+        """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
+        e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
+        from the local sums the same way. `link` = (S, R_b) from the suffix scan (None for the
+        last segment: S = I, R_b = 0) gives the final embeddings (kept per sample when
+        keep_sample_embeddings) and the final per-(source, phase) sums."""
         t0 = time.perf_counter()
         s = self.seg
-        S = {n: m.to(self.dtype) for n, m in suffix.items()}
+        w, z = vectors
+        w = {n: x.to(torch.float64) for n, x in w.items()}
+        z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
+        S0, r_end = link if link is not None else (None, None)
+        S = {n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
+             for n, p in self.dims.items()}
         R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if R_end is not None else None
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if z is not None else None
         records = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
-        v = self.blocks.augment({n: g.to(self.dtype) for n, g in test_grad.items()})
         epochs = {t: r.epoch for t, r in records.items()}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND)
@@ -194,14 +243,12 @@ class SegmentWorker:
             b = min(s.end, a + self.read_chunk)
             u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
             for batch in reader.read_steps(a, b, dtype=self.dtype):
-                if upd is None:
-                    final = {n: e @ S[n].T for n, e in batch.grads.items()}
-                else:
-                    final = finalise_step(batch.grads, S, R_end, upd.rows(u_by_step, batch, records[batch.step]),
-                                          self.momentum, s.end - batch.step)
-                value, se = self.blocks.values(final, v)
+                u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
+                value, se = self.blocks.combine(
+                    finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))
                 check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                 if writer is not None and batch.step > done:  # a restart keeps what was committed
+                    final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step)
                     writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
                                       positions=list(batch.positions))
                 k = len(batch.sample_ids)
@@ -210,8 +257,8 @@ class SegmentWorker:
                 cols["step"].append(np.full(k, batch.step))
                 cols["epoch"].append(np.full(k, epochs[batch.step]))
                 cols["position"].append(np.asarray(batch.positions))
-                cols["value"].append(value.double().numpy())
-                cols["se"].append(se.double().numpy() if se is not None else np.full(k, np.nan))
+                cols["value"].append(value.numpy())
+                cols["se"].append(se.numpy() if se is not None else np.full(k, np.nan))
         if writer is not None:
             writer.close()
         values = pa.table({
@@ -225,15 +272,41 @@ class SegmentWorker:
             "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
         })
         self.run.write_table(values_path(s.index), values)
-        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims).transformed(S)
+        local = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
+        carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
+                 if z is not None else None)
+        self.run.write_table(scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
+        sums = local.transformed(S)
         if R_end is not None:
-            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
             sums.add_vectors(carry.transformed(R_end))
         self.run.write_table(sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w: dict[str, torch.Tensor],
+                        z: dict[str, torch.Tensor] | None, layers) -> pa.Table:
+    """Per (source, phase, real layer): Σ of the occurrences' values, from the summed local
+    embeddings and carried update rows, Σe·w + (Σβ₁^(b−t)u)·z (float64; docs/method.md §4)."""
+    keys = sorted(local.sum)
+    rows = {"source": [], "phase": [], "layer": [], "n_occurrences": [], "value": []}
+    for key in keys:
+        for n in layers:
+            v = float(local.sum[key][n] @ w[n])
+            if z is not None and carry is not None and key in carry.sum:
+                v += float(carry.sum[key][n] @ z[n])
+            rows["source"].append(key[0])
+            rows["phase"].append(key[1])
+            rows["layer"].append(n)
+            rows["n_occurrences"].append(local.count[key])
+            rows["value"].append(v)
+    return pa.table(rows, schema=SCORES_SCHEMA)
+
+
+SCORES_SCHEMA = pa.schema([("source", pa.string()), ("phase", pa.int64()), ("layer", pa.string()),
+                           ("n_occurrences", pa.int64()), ("value", pa.float64())])
 
 
 class AdamSteps:

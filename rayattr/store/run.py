@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import io
@@ -261,6 +262,19 @@ class Run:
             raise StoreError(f"write_table: '{rel}' needs a .parquet, .arrow or .feather suffix")
         self.write_bytes(rel, data)
 
+    @contextlib.contextmanager
+    def table_writer(self, rel: str):
+        """Stream a Parquet table into the run batch by batch: yields an object whose
+        write(table) appends row groups (the schema is the first table's). Atomic like
+        write_table: nothing is visible if the block raises."""
+        if not rel.endswith(".parquet"):
+            raise StoreError(f"table_writer: '{rel}' needs a .parquet suffix")
+        self._check_writable("table_writer")
+        with self._storage.open_output(self._rel(rel, writing=True)) as f:
+            out = _ParquetStream(f)
+            yield out
+            out.close()
+
     def read_table(self, rel: str) -> pa.Table:
         data = self.read_bytes(rel)
         if rel.endswith(".parquet"):
@@ -289,6 +303,22 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.uri!r}, readonly={self.readonly})"
+
+
+class _ParquetStream:
+    """pq.ParquetWriter opened on the first table written (an empty stream writes nothing)."""
+
+    def __init__(self, f):
+        self.f, self.writer = f, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.f, table.schema, compression="zstd")
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
