@@ -272,8 +272,10 @@ class Run:
         self._check_writable("table_writer")
         with self._storage.open_output(self._rel(rel, writing=True)) as f:
             out = _ParquetStream(f)
-            yield out
-            out.close()
+            try:
+                yield out
+            finally:  # on an error too (into the temp object that is then dropped)
+                out.close()
 
     def read_table(self, rel: str) -> pa.Table:
         data = self.read_bytes(rel)
