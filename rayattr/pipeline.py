@@ -19,10 +19,12 @@ from rayattr.config import Config, ConfigError
 from rayattr.data import builtin_corpus, load_dataset
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
+from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
 from rayattr.reduce import phase_edges, validation_gradient, write_outputs
 from rayattr.store import Run, StoreOptions
+from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.train import NonFiniteLoss, train
 
 
@@ -170,6 +172,11 @@ def read_sources(run: Run) -> list[dict[str, Any]]:
     return run.read_table("values/sources.parquet").to_pylist()
 
 
+# commit kinds the pipeline folds into index manifests (one compactor: this driver)
+TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, RECORDS_KIND)
+EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
+
+
 def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
               progress: bool = True) -> RunResult:
     """Embedding and reduce stages on a trained run: segment actors, K chain, values."""
@@ -183,6 +190,9 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg)
+    # training's commit entries folded into a few manifests: each segment's readers then open
+    # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
+    run.compact_index(TRAINING_KINDS)
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
     # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
     # (a short task), else on a small machine one segment actor would wait for it to finish
@@ -217,6 +227,7 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     del vectors, links  # each suffix is freed once its segment has finalised
     wait_all(finals, "finalize", progress)
     out = write_outputs(run, n_seg, edges)
+    run.compact_index(EMBEDDING_KINDS)  # what queries read
     for a in actors:
         ray.kill(a)
     timings["reduce"] = time.perf_counter() - t

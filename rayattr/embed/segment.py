@@ -120,13 +120,14 @@ class SegmentWorker:
                     "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
         s = self.seg
-        etas = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
+        etas = {r.step: r for r in self.run.step_records(s.start, s.end)}
         missing = [t for t in range(s.start, s.end) if t not in etas]
         if missing:
             raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
-        reader = GradientReader(self.run, kind="train")
-        curv = GradientReader(self.run, kind="curvature") if self.curvature else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if self.updates else None
+        span = (s.start, s.end)  # each reader opens only the index objects of this segment
+        reader = GradientReader(self.run, kind="train", step_range=span)
+        curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if self.updates else None
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
@@ -229,11 +230,11 @@ class SegmentWorker:
         S = {n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
              for n, p in self.dims.items()}
         R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if z is not None else None
-        records = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
+        records = {r.step: r for r in self.run.step_records(s.start, s.end)}
         epochs = {t: r.epoch for t, r in records.items()}
         cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
-        reader = GradientReader(self.run, kind=LOCAL_KIND)
+        reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
@@ -318,8 +319,8 @@ class AdamSteps:
     comes out as κ_s·lr_s/|B| as before.
     """
 
-    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, end: int):
-        self.reader = GradientReader(run, kind=UPDATE_KIND)
+    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, start: int, end: int):
+        self.reader = GradientReader(run, kind=UPDATE_KIND, step_range=(start, end))
         self.blocks, self.momentum, self.end = blocks, momentum, end
 
     def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:

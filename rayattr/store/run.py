@@ -299,9 +299,18 @@ class Run:
         self._check_writable("write_step_records")
         write_step_records(self, records)
 
-    def step_records(self) -> list[StepRecord]:
-        """Committed step records in step order (a re-written step: latest commit wins)."""
-        return read_step_records(self)
+    def step_records(self, step_start: int = 0, step_end: int | None = None) -> list[StepRecord]:
+        """Committed step records of [step_start, step_end) in step order (end None: all;
+        a re-written step: latest commit wins)."""
+        return read_step_records(self, step_start, step_end)
+
+    def compact_index(self, kinds: Sequence[str]) -> dict[str, int]:
+        """Fold each kind's loose commit entries into its index manifests (store/index.py):
+        kind -> entries folded. One compactor at a time (the driver, between stages)."""
+        from .index import compact
+
+        self._check_writable("compact_index")
+        return {k: compact(self._storage, k) for k in kinds}
 
     def __repr__(self) -> str:
         return f"Run({self.uri!r}, readonly={self.readonly})"
