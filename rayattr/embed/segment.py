@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,8 @@ class SegmentWorker:
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1,
-                 error_blocks: int = 2, updates: bool = False, momentum: float = 0.0):
+                 error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
+                 write_chunk: int = 256):
         torch.set_num_threads(threads)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
@@ -100,6 +101,7 @@ class SegmentWorker:
         self.curvature = curvature
         self.dtype = getattr(torch, dtype)
         self.read_chunk = read_chunk
+        self.write_chunk = max(1, write_chunk)  # steps of local embeddings held before writing
         self.keep = keep_sample_embeddings
         # the recursion also runs on projection blocks, for each value's standard error
         self.blocks = ProjectionBlocks.for_run(self.run.manifest, error_blocks)
@@ -120,7 +122,9 @@ class SegmentWorker:
                     "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
         s = self.seg
-        etas = {r.step: r for r in self.run.step_records(s.start, s.end)}
+        # the records' per-sample lists are dropped: the rows come with the gradients
+        etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])
+                for r in self.run.step_records(s.start, s.end)}
         missing = [t for t in range(s.start, s.end) if t not in etas]
         if missing:
             raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
@@ -131,46 +135,44 @@ class SegmentWorker:
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
-        local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
-        for b in range(s.end, s.start, -self.read_chunk):
-            a = max(s.start, b - self.read_chunk)
-            batches = reader.read_steps(a, b, dtype=self.dtype)
-            curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
-                            if curv is not None else {})
-            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
-            for batch in reversed(batches):
-                record = etas[batch.step]
-                rows = curv_by_step.get(batch.step) if curv else None
-                if upd is None:
-                    emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
-                                   batch_size=len(batch.sample_ids), step=batch.step)
-                else:
-                    u = upd.rows(u_by_step, batch, record)
-                    emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
-                                   batch_size=len(batch.sample_ids), step=batch.step, updates=u,
-                                   decay=record.decay)
-                    if self.momentum:
-                        carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
-                el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
-                                    {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
-                check_step(s.index, batch.step, rec.K, emb, el)  # stops before anything is written
-                worst = max(worst, (el, batch.step))
-                sums.add(batch.sources, self.phase_of(batch.step), emb)
-                local.append((batch, emb))
-                n_rows += len(batch.sample_ids)
-                hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
-        # written in increasing step order, so the embeddings read back like gradients
-        # takeover: an open writer of this segment is this actor's own before Ray restarted it
-        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
-                            steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
-            done = _committed(w)
-            for batch, emb in reversed(local):
-                if batch.step <= done:
-                    continue  # written before a restart (K was not yet)
-                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
-                             positions=list(batch.positions))
+        # Backwards in write chunks of `write_chunk` steps (aligned on the segment's end, so a
+        # restarted actor cuts the same chunks): each chunk's embeddings are written as soon as
+        # it is swept, so memory is K (and R) plus one chunk, never the segment
+        for wb in range(s.end, s.start, -self.write_chunk):
+            wa = max(s.start, wb - self.write_chunk)
+            chunk: list[tuple[Any, dict[str, torch.Tensor]]] = []
+            for b in range(wb, wa, -self.read_chunk):
+                a = max(wa, b - self.read_chunk)
+                batches = reader.read_steps(a, b, dtype=self.dtype)
+                curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
+                                if curv is not None else {})
+                u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                for batch in reversed(batches):
+                    record = etas[batch.step]
+                    rows = curv_by_step.get(batch.step) if curv else None
+                    if upd is None:
+                        emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
+                                       batch_size=len(batch.sample_ids), step=batch.step)
+                    else:
+                        u = upd.rows(u_by_step, batch, record)
+                        emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
+                                       batch_size=len(batch.sample_ids), step=batch.step, updates=u,
+                                       decay=record.decay)
+                        if self.momentum:
+                            carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
+                    el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
+                                        {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
+                    # stops before this step's rows are written (and K, which marks the segment done)
+                    check_step(s.index, batch.step, rec.K, emb, el)
+                    worst = max(worst, (el, batch.step))
+                    sums.add(batch.sources, self.phase_of(batch.step), emb)
+                    batch.grads = None  # keep the rows' ids, not their gradients
+                    chunk.append((batch, emb))
+                    n_rows += len(batch.sample_ids)
+                    hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
+            self._write_local(wa, wb, chunk)
         self.run.write_table(sums_path(s.index), sums.to_table())
         if rec.R is not None:
             self.run.write_bytes(r_path(s.index), save_tensors(rec.R))
@@ -183,6 +185,20 @@ class SegmentWorker:
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
+
+    def _write_local(self, a: int, b: int, chunk: list) -> None:
+        """One write chunk's local embeddings, in increasing step order (so they read back like
+        gradients), by a writer of its own: its "rank" is the chunk's first step, unique in the
+        run, and its step_range the chunk. A restart skips what the chunk's writer committed."""
+        # takeover: an open writer of this chunk is this actor's own before Ray restarted it
+        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
+                            steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
+            done = _committed(w)
+            for batch, emb in reversed(chunk):
+                if batch.step <= done:
+                    continue  # written before a restart (K was not yet)
+                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
+                             positions=list(batch.positions))
 
     # ------------------------------------------------------------------ chaining the segments
 
