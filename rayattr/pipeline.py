@@ -22,7 +22,8 @@ from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
-from rayattr.reduce import phase_edges, validation_gradient, write_outputs
+from rayattr.reduce import phase_edges, write_outputs
+from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.train import NonFiniteLoss, train
@@ -194,9 +195,9 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
     run.compact_index(TRAINING_KINDS)
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
-    # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
-    # (a short task), else on a small machine one segment actor would wait for it to finish
-    val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)
+    # the test side needs only the final weights: submitted before the segment actors, so on a
+    # small machine they wait for its CPUs (it never waits for them: no deadlock)
+    val_ref = start_validation_gradient(run, so, cfg.train.use_gpu)
     opt = resolve_optimizer(cfg)
     actors, specs = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
                                    cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
@@ -236,7 +237,34 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
 
 
-@ray.remote(num_cpus=1)
-def _validation_gradient(run_uri: str, storage_options: dict | None):
+# at most this many validation shards: each loads the model once
+MAX_VALIDATION_SHARDS = 16
+
+
+def validation_shards(use_gpu: bool) -> int:
+    """One validation shard per CPU (GPU) of the cluster, at most MAX_VALIDATION_SHARDS."""
+    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
+    return max(1, min(devices, MAX_VALIDATION_SHARDS))
+
+
+def start_validation_gradient(run: Run, storage_options: dict | None, use_gpu: bool = False,
+                              shards: int | None = None):
+    """The validation gradient as Ray tasks with real resources (a CPU each, or a GPU with
+    use_gpu), one per shard of the validation set, averaged by a small task: returns its
+    ObjectRef, so the driver never holds the gradient or the data."""
+    n = shards or validation_shards(use_gpu)
+    res = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
+    device = "cuda" if use_gpu else "cpu"
+    parts = [_validation_shard.options(**res).remote(run.uri, storage_options, i, n, device) for i in range(n)]
+    return _mean_of_sums.options(num_cpus=0).remote(*parts)
+
+
+@ray.remote
+def _validation_shard(run_uri: str, storage_options: dict | None, shard: int, n_shards: int, device: str):
     run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-    return validation_gradient(run)
+    return validation_gradient_sum(run, shard, n_shards, device)
+
+
+@ray.remote
+def _mean_of_sums(*parts):
+    return mean_of_sums(list(parts))

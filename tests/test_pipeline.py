@@ -219,3 +219,27 @@ def test_phase_and_layer_breakdowns_sum_to_the_source_values(trained):
         for s in total:
             assert got[s] == pytest.approx(total[s], rel=1e-6, abs=1e-12), (name, s)
         assert max(r["value_count"] for r in parts.to_pylist()) == n_parts
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
+    """Ray tasks with a CPU each, one per shard of the validation set, summed in float64:
+    the mean gradient of the whole set (per-sample rows are float32, batched differently)."""
+    import ray
+
+    from rayattr.pipeline import start_validation_gradient
+    from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
+
+    _, run, _ = trained
+    whole = validation_gradient(run)
+    got = ray.get(start_validation_gradient(run, None, shards=shards))
+    assert set(got) == set(whole)
+    for n in whole:
+        assert got[n].dtype == torch.float64
+        torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-7)
+    parts = [validation_gradient_sum(run, i, 5) for i in range(5)]
+    assert sum(p[1] for p in parts) == run.read_table("data/validation.parquet").num_rows
+    local = mean_of_sums(parts)
+    for n in whole:
+        torch.testing.assert_close(local[n], got[n], rtol=1e-5, atol=1e-7)
+        assert float(whole[n].abs().max()) > 0

@@ -249,46 +249,43 @@ class SegmentWorker:
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
         records = {r.step: r for r in self.run.step_records(s.start, s.end)}
         epochs = {t: r.epoch for t, r in records.items()}
-        cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
         reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep else None)
         done = _committed(writer)
-        for a in range(s.start, s.end, self.read_chunk):
-            b = min(s.end, a + self.read_chunk)
-            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
-            for batch in reader.read_steps(a, b, dtype=self.dtype):
-                u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
-                value, se = self.blocks.combine(
-                    finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))
-                check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
-                if writer is not None and batch.step > done:  # a restart keeps what was committed
-                    final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step)
-                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
-                                      positions=list(batch.positions))
-                k = len(batch.sample_ids)
-                cols["sample_id"].append(batch.sample_ids.numpy())
-                cols["source"].extend(batch.sources)
-                cols["step"].append(np.full(k, batch.step))
-                cols["epoch"].append(np.full(k, epochs[batch.step]))
-                cols["position"].append(np.asarray(batch.positions))
-                cols["value"].append(value.numpy())
-                cols["se"].append(se.numpy() if se is not None else np.full(k, np.nan))
+        n_rows = 0
+        # the values stream into their table one read chunk at a time (atomic: nothing if a
+        # value is bad); memory is one chunk of local embeddings, never the segment
+        with self.run.table_writer(values_path(s.index)) as out:
+            for a in range(s.start, s.end, self.read_chunk):
+                b = min(s.end, a + self.read_chunk)
+                u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
+                for batch in reader.read_steps(a, b, dtype=self.dtype):
+                    u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
+                    value, se = self.blocks.combine(
+                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))
+                    check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
+                    if writer is not None and batch.step > done:  # a restart keeps what was committed
+                        final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step)
+                        writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
+                                          positions=list(batch.positions))
+                    k = len(batch.sample_ids)
+                    cols["sample_id"].append(batch.sample_ids.numpy())
+                    cols["source"].append(np.asarray(batch.sources, dtype=object))
+                    cols["step"].append(np.full(k, batch.step))
+                    cols["epoch"].append(np.full(k, epochs[batch.step]))
+                    cols["position"].append(np.asarray(batch.positions))
+                    cols["value"].append(value.numpy())
+                    # the projection's standard error of the value (null without blocks)
+                    cols["value_se"].append(se.numpy() if se is not None else np.full(k, np.nan))
+                    n_rows += k
+                if cols["step"]:
+                    out.write(values_table(cols))
         if writer is not None:
             writer.close()
-        values = pa.table({
-            "sample_id": pa.array(np.concatenate(cols["sample_id"]), pa.int64()),
-            "source": pa.array(cols["source"], pa.string()),
-            "step": pa.array(np.concatenate(cols["step"]), pa.int64()),
-            "epoch": pa.array(np.concatenate(cols["epoch"]), pa.int64()),
-            "position": pa.array(np.concatenate(cols["position"]), pa.int64()),
-            "value": pa.array(np.concatenate(cols["value"]), pa.float64()),
-            # the projection's standard error of the value (null without blocks)
-            "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
-        })
-        self.run.write_table(values_path(s.index), values)
         local = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
         carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
                  if z is not None else None)
@@ -297,10 +294,23 @@ class SegmentWorker:
         if R_end is not None:
             sums.add_vectors(carry.transformed(R_end))
         self.run.write_table(sums_path(s.index, final=True), sums.to_table())
-        return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
+        return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+VALUE_COLUMNS = ("sample_id", "source", "step", "epoch", "position", "value", "value_se")
+VALUES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("step", pa.int64()),
+                           ("epoch", pa.int64()), ("position", pa.int64()), ("value", pa.float64()),
+                           ("value_se", pa.float64())])
+
+
+def values_table(cols: dict[str, list]) -> pa.Table:
+    """Rows of a segment's values table from per-step column arrays (NaN se -> null)."""
+    arrays = {k: np.concatenate(cols[k]) for k in VALUE_COLUMNS}
+    return pa.table({k: pa.array(arrays[k], VALUES_SCHEMA.field(k).type, from_pandas=k == "value_se")
+                     for k in VALUE_COLUMNS}, schema=VALUES_SCHEMA)
 
 
 def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w: dict[str, torch.Tensor],

@@ -195,7 +195,7 @@ def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
     dims = {k: int(v) for k, v in run.manifest["layer_dims"].items()}
     acc = SourceAccumulator()
     for table in segment_values(run, n_segments):
-        check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy(), "values/samples.parquet")
+        check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), "values/samples.parquet")
         acc.add(table)
     sources = acc.table()
     with run.table_writer("values/samples.parquet") as w:
