@@ -35,6 +35,7 @@ from .storage import Storage
 INDEX = "index"
 SPAN = 4096  # steps per manifest chunk: a segment's reader opens one or two of them
 _NAME = re.compile(r"^c(\d+)-(\d+)-(\d+)\.parquet$")
+_ENTRY = re.compile(r"^(\d+)-(\d+)\.json$")
 _SCHEMA = pa.schema([("rank", pa.int64()), ("step_first", pa.int64()), ("step_last", pa.int64()),
                      ("shard", pa.string()), ("entry", pa.string())])
 
@@ -132,14 +133,19 @@ def compact(storage: Storage, kind: str, span: int = SPAN) -> int:
     loose = _loose(storage, kind)
     if not loose:
         return 0
-    entries = [ShardCommit.from_json(b, f"{storage.uri}/{r}") for r, b in zip(loose, storage.get_many(loose))]
-    by_chunk: dict[int, list[tuple[str, ShardCommit]]] = {}
-    for rel, e in zip(loose, entries):
-        by_chunk.setdefault(e.step_first // span, []).append((rel, e))
+    # entries are named <first>-<last>.json: grouped by chunk from the names, so only one
+    # chunk's entries are ever in memory
+    names: dict[int, list[str]] = {}
+    for rel in loose:
+        m = _ENTRY.match(posixpath.basename(rel))
+        if not m:
+            raise StoreError(f"unexpected commit entry name {storage.uri}/{rel}")
+        names.setdefault(int(m[1]) // span, []).append(rel)
     existing: dict[int, list[str]] = {}
     for rel, chunk, _, _ in _manifests(storage, kind):
         existing.setdefault(chunk, []).append(rel)
-    for chunk, items in sorted(by_chunk.items()):
+    for chunk, rels in sorted(names.items()):
+        items = [(r, ShardCommit.from_json(b, f"{storage.uri}/{r}")) for r, b in zip(rels, storage.get_many(rels))]
         old = existing.get(chunk, [])
         merged: dict[tuple, ShardCommit] = {}
         for rel, data in zip(old, storage.get_many(old)):
@@ -159,4 +165,4 @@ def compact(storage: Storage, kind: str, span: int = SPAN) -> int:
         done = [r for r, _ in items]
         for i in range(0, len(done), 1000):  # S3 deletes at most 1000 keys per request
             storage.remove(done[i:i + 1000])
-    return len(entries)
+    return len(loose)
