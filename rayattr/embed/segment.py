@@ -39,6 +39,8 @@ from rayattr.embed.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
+# a write chunk's local embeddings are held until written: at most this many bytes of them
+WRITE_CHUNK_BYTES = 512 << 20
 LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
 FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
 
@@ -123,8 +125,8 @@ class SegmentWorker:
         t0 = time.perf_counter()
         s = self.seg
         # the records' per-sample lists are dropped: the rows come with the gradients
-        etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])
-                for r in self.run.step_records(s.start, s.end)}
+        records = self.run.step_records(s.start, s.end)
+        etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[]) for r in records}
         missing = [t for t in range(s.start, s.end) if t not in etas]
         if missing:
             raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
@@ -132,16 +134,18 @@ class SegmentWorker:
         reader = GradientReader(self.run, kind="train", step_range=span)
         curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if self.updates else None
+        chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
-        # Backwards in write chunks of `write_chunk` steps (aligned on the segment's end, so a
+        # Backwards in write chunks of chunk_steps steps (aligned on the segment's end, so a
         # restarted actor cuts the same chunks): each chunk's embeddings are written as soon as
         # it is swept, so memory is K (and R) plus one chunk, never the segment
-        for wb in range(s.end, s.start, -self.write_chunk):
-            wa = max(s.start, wb - self.write_chunk)
+        del records
+        for wb in range(s.end, s.start, -chunk_steps):
+            wa = max(s.start, wb - chunk_steps)
             chunk: list[tuple[Any, dict[str, torch.Tensor]]] = []
             for b in range(wb, wa, -self.read_chunk):
                 a = max(wa, b - self.read_chunk)
@@ -185,6 +189,12 @@ class SegmentWorker:
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
+
+    def chunk_steps(self, batch_rows: int) -> int:
+        """Steps per write chunk: write_chunk, fewer if their local embeddings (block layers
+        included) would pass WRITE_CHUNK_BYTES. Fixed by the run, so a restart cuts the same."""
+        row = sum(self.dims.values()) * self.dtype.itemsize
+        return max(1, min(self.write_chunk, WRITE_CHUNK_BYTES // max(1, batch_rows * row)))
 
     def _write_local(self, a: int, b: int, chunk: list) -> None:
         """One write chunk's local embeddings, in increasing step order (so they read back like
@@ -247,7 +257,8 @@ class SegmentWorker:
              for n, p in self.dims.items()}
         R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
-        records = {r.step: r for r in self.run.step_records(s.start, s.end)}
+        records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
+                   for r in self.run.step_records(s.start, s.end)}
         epochs = {t: r.epoch for t, r in records.items()}
         reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them

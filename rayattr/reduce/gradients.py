@@ -77,8 +77,18 @@ def validation_gradient_sum(run: Run, shard: int, n_shards: int, device: str | t
     a, b = shard_rows(table.num_rows, shard, n_shards)
     if b == a:
         return {}, 0
-    grads = text_gradients(run, table.slice(a, b - a), device=device)
-    return {n: g.double().sum(0) for n, g in grads.items()}, b - a
+    cfg = Config.from_dict(run.manifest["config"])
+    model = final_model(run, cfg)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(a, b, VALIDATION_ROWS):  # the per-sample rows of one slice at a time
+        grads = text_gradients(run, table.slice(start, min(b, start + VALIDATION_ROWS) - start),
+                               cfg=cfg, model=model, device=device)
+        for n, g in grads.items():
+            sums[n] = sums[n] + g.double().sum(0) if n in sums else g.double().sum(0)
+    return sums, b - a
+
+
+VALIDATION_ROWS = 256  # validation rows whose per-sample gradients are held at once
 
 
 def mean_of_sums(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
