@@ -1,7 +1,7 @@
 """The whole run, stage by stage: data -> train (rank actors) -> embed (segment actors) -> reduce.
 
-Each stage reads and writes only the run in the store; the driver passes small things
-(K suffix products, the validation gradient) between them.
+Each stage reads and writes only the run in the store; the driver passes only object refs
+between them (the segments chain their K's among themselves, docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
 
 def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
               progress: bool = True) -> RunResult:
-    """Embedding and reduce stages on a trained run: segment actors, K chain, values."""
+    """Embedding and reduce stages on a trained run: segment actors, the chain through them
+    (vectors for the values, suffixes for the final embeddings), values and aggregates."""
     so = cfg.store.storage_options or None
     timings: dict[str, float] = {}
     t = time.perf_counter()
