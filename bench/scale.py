@@ -5,8 +5,8 @@
 
 1. **Steps 1x, 4x, 16x at projection rank 32** (2 segments, so a segment's steps grow the
    same): the whole job (jobs/pretrain_attr.py) in its own process and local Ray, three
-   times. A poller reads the peak RSS (VmHWM in /proc) of the driver and of every Ray
-   worker process, grouped by what it runs (rank actors, segment actors, validation
+   times. A poller reads the peak RSS of the driver (VmHWM in /proc) and samples every Ray
+   worker process's RSS, grouped by what it runs (rank actors, segment actors, validation
    tasks), and prints each group's peak against the 1x run with wall time. Target: every
    process <= 1.3x; time grows with the steps. The plan's figure for a segment actor
    (rayattr/plan.py) is printed beside the measured one.
@@ -63,16 +63,17 @@ def peak_rss(pid: int) -> int:
 
 
 class Poller(threading.Thread):
-    """Every `every` s: the peak RSS of the job process and of each descendant, by group."""
+    """Every `every` s: the job process's peak RSS (VmHWM), and for each Ray worker process the
+    largest RSS sampled while its title names a group. Ray reuses idle worker processes, so a
+    worker's own high-water mark may come from an earlier task; sampling keeps each figure to
+    the group running at the time (a peak shorter than `every` can be missed)."""
 
-    def __init__(self, pid: int, every: float = 0.2):
+    def __init__(self, pid: int, every: float = 0.1):
         super().__init__(daemon=True)
         self.root, self.every, self.stop = pid, every, threading.Event()
-        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (group, peak)
+        self.peaks: dict[tuple[int, str], int] = {}  # (pid, group) -> peak bytes
 
     def group(self, proc: psutil.Process) -> str | None:
-        if proc.pid == self.root:
-            return "driver"
         try:
             title = " ".join(proc.cmdline())
         except psutil.Error:
@@ -83,20 +84,24 @@ class Poller(threading.Thread):
         root = psutil.Process(self.root)
         while not self.stop.is_set():
             try:
-                procs = [root] + root.children(recursive=True)
+                self.peaks[(self.root, "driver")] = max(peak_rss(self.root), self.peaks.get((self.root, "driver"), 0))
+                procs = root.children(recursive=True)
             except psutil.Error:
                 return
             for p in procs:
                 g = self.group(p)
-                if g is None and p.pid in self.peaks:
-                    g = self.peaks[p.pid][0]  # idle between tasks: keep its first group
-                if g is not None:
-                    self.peaks[p.pid] = (g, max(peak_rss(p.pid), self.peaks.get(p.pid, (g, 0))[1]))
+                if g is None:
+                    continue
+                try:
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peaks[(p.pid, g)] = max(rss, self.peaks.get((p.pid, g), 0))
             time.sleep(self.every)
 
     def by_group(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for g, peak in self.peaks.values():
+        for (_, g), peak in self.peaks.items():
             out[g] = max(out.get(g, 0), peak)
         return out
 
@@ -144,20 +149,26 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     for w in workers:
         w.compute()
     t1 = time.perf_counter()
-    vectors, links = [None] * n_seg, [None] * n_seg
+    vectors = [None] * n_seg
     vectors[-1] = workers[-1].value_vectors(test_grad)
     for ell in range(n_seg - 1, 0, -1):
         vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
     t2 = time.perf_counter()
-    for ell in range(n_seg - 1, 0, -1):
-        links[ell - 1] = workers[ell].chain_suffix(links[ell])
-    t3 = time.perf_counter()
-    for w, v, link in zip(workers, vectors, links):
-        w.finalize(v, link)
+    # as the actors do: each passes its suffix on and finalises, then lets go of it
+    scan = fin = 0.0
+    link = None
+    for ell in range(n_seg - 1, -1, -1):
+        a = time.perf_counter()
+        before = workers[ell].chain_suffix(link) if ell else None
+        b = time.perf_counter()
+        workers[ell].finalize(vectors[ell], link)
+        workers[ell]._chain_inputs = None
+        scan, fin = scan + b - a, fin + time.perf_counter() - b
+        link = before
     t4 = time.perf_counter()
     write_outputs(run, n_seg, edges)
     t5 = time.perf_counter()
-    return {"embed": t1 - t0, "vector chain": t2 - t1, "suffix scan": t3 - t2, "finalize": t4 - t3,
+    return {"embed": t1 - t0, "vector chain": t2 - t1, "suffix scan": scan, "finalize": fin,
             "write_outputs": t5 - t4, "reduce": t5 - t1}
 
 

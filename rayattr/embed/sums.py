@@ -49,7 +49,18 @@ class SourcePhaseSums:
         """The sums with every embedding mapped e ↦ S e (local -> final)."""
         out = SourcePhaseSums(self.dims)
         out.count = dict(self.count)
-        out.sum = {k: {n: suffix[n].to(self.dtype) @ v[n] for n in self.dims} for k, v in self.sum.items()}
+        # each layer's matrix cast once, not once per key: a p x p float64 copy per (key, layer)
+        # left the allocator's heap fragmented at GBs (measured with bench/scale.py)
+        keys = sorted(self.sum)
+        out.sum = {k: {} for k in keys}
+        for n in self.dims:
+            S = suffix[n].to(self.dtype)
+            if not keys:
+                continue
+            mapped = torch.stack([self.sum[k][n] for k in keys]) @ S.T  # rows v ↦ S v
+            for i, k in enumerate(keys):
+                out.sum[k][n] = mapped[i].clone()
+            del S, mapped
         return out
 
     def add_vectors(self, other: "SourcePhaseSums") -> "SourcePhaseSums":
