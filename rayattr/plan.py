@@ -281,6 +281,9 @@ _WRITE_CHUNK = 256  # SegmentWorker.write_chunk: steps of local embeddings held 
 _WRITE_CHUNK_BYTES = 512 << 20  # embed/segment.WRITE_CHUNK_BYTES: ... or this many bytes of them
 _VALIDATION_ROWS = 256  # reduce/gradients.VALIDATION_ROWS: per-sample rows a validation task holds
 _BOOTSTRAP_MAX_N = 20_000  # reduce/aggregate.py: values kept per source for the bootstrap
+# Every process's interpreter with torch, pyarrow and Ray imported: a Ray worker measured at
+# 0.30-0.34 GB before its first task (bench/scale.py, CPU torch; a CUDA context adds more)
+_RUNTIME_BYTES = 0.35e9
 
 
 def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
@@ -306,7 +309,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     chunk_steps = max(1, min(_WRITE_CHUNK, steps_seg, _WRITE_CHUNK_BYTES // (G * P * wide * eb)))
     seg_rows = steps_seg * G
     momentum = resolve_optimizer(cfg).beta1 > 0
-    return {
+    terms = {
         # pipeline.start_run: the train and validation tables, loaded whole to copy them in
         "driver: corpus tables (data stage)": text * 1.01,
         # store/index.compact: one chunk of one kind's commit entries, all ranks
@@ -346,6 +349,9 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
                                                 + min(_VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
     }
+    for proc in ("driver", "rank", "segment actor", "validation task"):
+        terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
+    return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
 
 
 def validation_tasks(plan: Plan) -> int:
