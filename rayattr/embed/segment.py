@@ -183,6 +183,7 @@ class SegmentWorker:
             self.run.write_table(carry_path(s.index), carry.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
         if worst[0] > ETA_LAMBDA_WARN:
             log.warning("segment %d: η·λ_max(H) = %.3g at step %d (> %g): the step can amplify K",
                         s.index, worst[0], worst[1], ETA_LAMBDA_WARN)
