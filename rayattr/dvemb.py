@@ -429,6 +429,41 @@ def chain_suffix_back(
     return (s_prev["_"], r_prev["_"]) if single else (s_prev, r_prev)
 
 
+def chain_sums_forward(
+    K: Grads,
+    x: Grads,
+    y_prev: Grads | None = None,
+    R_loc: Grads | None = None,
+    d: Grads | None = None,
+    c: Grads | None = None,
+    length: int = 0,
+    momentum: float = 0.0,
+) -> tuple[Grads, Grads | None]:
+    """One link of the forward scan that finalises sums of embeddings without any suffix
+    matrix (docs/method.md §4, §7). Summed over segments, the final sums are
+    Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: local sums, c: Σ β₁^(b−t) u), and by Horner's rule from the
+    first segment on
+
+        y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ,    d_{ℓ+1} = β₁^(b_ℓ - a_ℓ) d_ℓ + c_ℓ,    y_{-1} = d_0 = 0
+
+    so y_{n-1} is the total: one matrix times a (keys × p) block per layer and segment, O(p²)
+    per key. Tensors are (k, p) rows (one per key) or dicts of them; returns (y_ℓ, d_{ℓ+1})
+    in float64, d None without momentum."""
+    single = isinstance(x, torch.Tensor)
+    Kd, Xd = _layers(K), _layers(x)
+    f64 = torch.float64
+    y = {n: Xd[n].to(f64) + (_layers(y_prev)[n].to(f64) @ Kd[n].to(f64).T if y_prev is not None else 0.0)
+         for n in Xd}
+    if not check_momentum(momentum) or R_loc is None:
+        return (y["_"] if single else y), None
+    Rd, Cd = _layers(R_loc), _layers(c)
+    Dd = _layers(d) if d is not None else {n: torch.zeros_like(v, dtype=f64) for n, v in Xd.items()}
+    y = {n: y[n] + Dd[n].to(f64) @ Rd[n].to(f64).T for n in y}
+    carry = momentum ** int(length)
+    d_next = {n: carry * Dd[n].to(f64) + Cd[n].to(f64) for n in Xd}
+    return (y["_"], d_next["_"]) if single else (y, d_next)
+
+
 def finalise_scores(
     local: Grads,
     w: Grads,

@@ -221,11 +221,19 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     # actor uses its own K only, and the driver holds only object refs
     vectors: list = [None] * n_seg
     vectors[-1] = actors[-1].value_vectors.remote(val_ref)
-    links: list = [None] * n_seg
     for ell in range(n_seg - 1, 0, -1):
         vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
-        links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
-    finals = [a.finalize.remote(v, link) for a, v, link in zip(actors, vectors, links)]
+    keep = cfg.embed.keep_sample_embeddings
+    links: list = [None] * n_seg
+    if keep:  # per-sample final embeddings need each segment's S
+        for ell in range(n_seg - 1, 0, -1):
+            links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
+    finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
+    if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
+        carry = None
+        for ell, a in enumerate(actors):
+            carry = a.chain_sums.remote(carry, ell == n_seg - 1)
+        finals.append(carry)
     del vectors, links  # each suffix is freed once its segment has finalised
     wait_all(finals, "finalize", progress)
     out = write_outputs(run, n_seg, edges)

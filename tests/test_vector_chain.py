@@ -7,6 +7,7 @@ import torch
 
 from rayattr.dvemb import (
     chain_suffix_back,
+    chain_sums_forward,
     chain_vectors_back,
     finalise_scores,
     finalise_step,
@@ -109,3 +110,23 @@ def test_a_vector_link_is_o_p2_and_needs_z_only_with_momentum():
     torch.testing.assert_close(z_prev, R.T @ w)
     with pytest.raises(ValueError, match="update rows"):
         finalise_scores(torch.ones(2, 4, dtype=F64), w, z_prev, None, 0.5, None)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_forward_sum_scan_equals_suffix_products(beta, n):
+    """Sums finalised by the forward scan (no suffix matrix anywhere) equal Σ_ℓ S_ℓ x_ℓ +
+    R_{b_ℓ} c_ℓ from segment_combine, for 3 keys of rows at once."""
+    grads, updates, etas, decay, _ = make(T=10, seed=7, adamw=beta > 0)
+    segs = segments_of(grads, updates, etas, decay, beta, n)
+    Ks, Rs, lengths = [s[3] for s in segs], [s[4] for s in segs], [s[1] - s[0] for s in segs]
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 5, generator=g, dtype=F64) for _ in segs]
+    cs = [torch.randn(3, 5, generator=g, dtype=F64) for _ in segs]
+    want = sum(x @ S.T + (c @ r.T if beta else 0) for x, c, S, r in zip(xs, cs, suffixes, r_ends))
+    y = d = None
+    for ell in range(len(segs)):
+        y, d = chain_sums_forward(Ks[ell], xs[ell], y, Rs[ell] if beta else None, d, cs[ell], lengths[ell], beta)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-13)
+    assert (d is None) == (not beta)

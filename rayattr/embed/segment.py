@@ -74,6 +74,11 @@ def sums_path(index: int, final: bool = False) -> str:
     return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
 
 
+def all_sums_path() -> str:
+    """The whole run's final per-(source, phase) sums, from the forward scan (chain_sums)."""
+    return "embed/final_sums/all.parquet"
+
+
 def values_path(index: int) -> str:
     return f"embed/values/seg{index:04d}.parquet"
 
@@ -240,23 +245,45 @@ class SegmentWorker:
         S, r_end = link if link is not None else (None, None)
         return chain_suffix_back(K, S, R, r_end, self.seg.end - self.seg.start, self.momentum)
 
+    def chain_sums(self, prev: tuple | None, last: bool = False) -> tuple | None:
+        """Forward scan (segment 0 first) finalising the per-(source, phase) sums without any
+        suffix matrix (docs/method.md §4, §7): y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ and
+        d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
+        Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
+        whole run, to `all_sums_path()`. Used when no per-sample final embeddings are kept."""
+        K, R = self._own_chain_inputs()
+        y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(self.dims)
+        y.merge(SourcePhaseSums.from_table(self.run.read_table(sums_path(self.seg.index)), self.dims))
+        d = None
+        if self.momentum:
+            d_in = prev[1] if prev is not None else SourcePhaseSums(self.dims)
+            y.add_vectors(d_in.transformed(R))
+            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(self.seg.index)), self.dims)
+            d = d_in.scaled(self.momentum ** (self.seg.end - self.seg.start)).add_vectors(carry)
+        if last:
+            self.run.write_table(all_sums_path(), y.to_table())
+            return None
+        return y, d
+
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, vectors: ValueVectors, link: tuple | None = None) -> dict[str, Any]:
+    def finalize(self, vectors: ValueVectors, link: tuple | None = None, embeddings: bool = True) -> dict[str, Any]:
         """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
         e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
         from the local sums the same way. `link` = (S, R_b) from the suffix scan (None for the
         last segment: S = I, R_b = 0) gives the final embeddings (kept per sample when
-        keep_sample_embeddings) and the final per-(source, phase) sums."""
+        keep_sample_embeddings) and the final per-(source, phase) sums; `embeddings` False
+        skips both (the sums then come from `chain_sums`)."""
         t0 = time.perf_counter()
         s = self.seg
         w, z = vectors
         w = {n: x.to(torch.float64) for n, x in w.items()}
         z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
         S0, r_end = link if link is not None else (None, None)
-        S = {n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
-             for n, p in self.dims.items()}
-        R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
+        S = ({n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
+              for n, p in self.dims.items()} if embeddings else None)
+        R_end = ({n: m.to(self.dtype) for n, m in r_end.items()}
+                 if r_end is not None and self.momentum and embeddings else None)
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
         records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
                    for r in self.run.step_records(s.start, s.end)}
@@ -265,7 +292,7 @@ class SegmentWorker:
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
-                  if self.keep else None)
+                  if self.keep and embeddings else None)
         done = _committed(writer)
         n_rows = 0
         # the values stream into their table one read chunk at a time (atomic: nothing if a
@@ -302,10 +329,11 @@ class SegmentWorker:
         carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
                  if z is not None else None)
         self.run.write_table(scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
-        sums = local.transformed(S)
-        if R_end is not None:
-            sums.add_vectors(carry.transformed(R_end))
-        self.run.write_table(sums_path(s.index, final=True), sums.to_table())
+        if embeddings:
+            sums = local.transformed(S)
+            if R_end is not None:
+                sums.add_vectors(carry.transformed(R_end))
+            self.run.write_table(sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:

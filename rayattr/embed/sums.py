@@ -67,9 +67,20 @@ class SourcePhaseSums:
         """Add other's vectors key by key, counts unchanged: the momentum term R_b·Σβ₁^(b−t)u
         of the same occurrences (docs/method.md §7, Segments)."""
         for key, vecs in other.sum.items():
+            acc = self.sum.get(key)
+            if acc is None:  # a key only the other has: its vectors, no occurrences of its own
+                acc = self.sum[key] = {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()}
+                self.count[key] = 0
             for n in self.dims:
-                self.sum[key][n] += vecs[n].to(self.dtype)
+                acc[n] += vecs[n].to(self.dtype)
         return self
+
+    def scaled(self, factor: float) -> "SourcePhaseSums":
+        """The sums times a scalar, counts unchanged."""
+        out = SourcePhaseSums(self.dims)
+        out.count = dict(self.count)
+        out.sum = {k: {n: factor * v[n] for n in self.dims} for k, v in self.sum.items()}
+        return out
 
     def values(self, test_grad: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
         return {k: float(sum(v[n] @ test_grad[n].to(self.dtype) for n in self.dims)) for k, v in self.sum.items()}

@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from rayattr.embed.guard import check_values
-from rayattr.embed.segment import scores_path, sums_path, values_path
+from rayattr.embed.segment import all_sums_path, scores_path, sums_path, values_path
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import Run
 
@@ -205,6 +205,9 @@ def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
     by_phase, by_layer, count = merged_scores(run, n_segments)
     run.write_table("values/phases.parquet", phase_values(by_phase, count, edges))
     run.write_table("values/layers.parquet", layer_values(by_layer, list(dims)))
-    if all(run.exists(sums_path(i, final=True)) for i in range(n_segments)):
+    if run.exists(all_sums_path()):  # the forward scan's (no suffix matrices were formed)
+        sums = SourcePhaseSums.from_table(run.read_table(all_sums_path()), dims)
+        run.write_table("embeddings/sources.parquet", source_embeddings(sums))
+    elif all(run.exists(sums_path(i, final=True)) for i in range(n_segments)):
         run.write_table("embeddings/sources.parquet", source_embeddings(merged_sums(run, n_segments, dims)))
     return {"sources": sources.to_pylist(), "occurrences": sum(acc.n.values())}
