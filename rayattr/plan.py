@@ -330,8 +330,11 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # train/worker: rank 0 reads every step record to resume
         "rank 0: step records": steps * G * (_PY_RECORD_BYTES + source_chars),
         # embed/segment: K (and R) in the embed dtype; the chain's incoming and outgoing S (and
-        # R_b) in float64; w, z are vectors
-        "segment actor: K, R and the chain": kinds * sq * eb + 2 * kinds * sq * 8,
+        # R_b) in float64 when per-sample embeddings are kept, else the forward scan's sums y
+        # (and d) in and out; w, z are vectors
+        "segment actor: K, R and the chain": kinds * sq * eb + (
+            2 * kinds * sq * 8 if not plan.per_source
+            else 2 * kinds * plan.n_sources * phases * P * wide * 8),
         # GradientReader windows (one decoded, one prefetched) per kind read
         "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES),
         # one write chunk of local embeddings (blocks included) and the writer's queued shards
@@ -507,7 +510,11 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
     fin = (steps_seg * L * tp.embed_layer_step_s + 2 * rows_seg * sq / tp.embed_flops
            + io_out / (tp.store_read_mbps * MB) + (io_out / (tp.store_write_mbps * MB) if keep else 0))
-    chain = 2 * n_seg * sum(lay.p ** 3 for lay in layers) / tp.embed_flops
+    # the suffix scan (p³ per layer and segment) only with per-sample embeddings; else the
+    # forward scan of the sums (keys × p² per layer); the vector chain is p² either way
+    chain = (2 * n_seg * sum(lay.p ** 3 for lay in layers) if keep
+             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(lay.p ** 2 for lay in layers)
+             ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan
 
