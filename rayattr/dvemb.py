@@ -399,6 +399,149 @@ def finalise_step(
     return out["_"] if isinstance(local, torch.Tensor) else out
 
 
+# ----------------------------------------------------------------------------- vector chain
+
+
+def chain_vectors_back(
+    K: Grads,
+    w: Grads,
+    R_loc: Grads | None = None,
+    z: Grads | None = None,
+    length: int = 0,
+    momentum: float = 0.0,
+) -> tuple[Grads, Grads | None]:
+    """One link of the vector chain (docs/method.md §4, §7): from segment ℓ's (w_ℓ, z_ℓ) and
+    its own K_ℓ, R^loc_ℓ, the pair of segment ℓ-1:
+
+        w_{ℓ-1} = K_ℓᵀ w_ℓ,    z_{ℓ-1} = R^locᵀ_ℓ w_ℓ + β₁^(b_ℓ - a_ℓ) z_ℓ
+
+    where w_ℓ = S_ℓᵀ v and z_ℓ = R_{b_ℓ}ᵀ v, so a value is v·(S_ℓ e + β₁^(b-t) R_b u) =
+    e·w_ℓ + β₁^(b-t) u·z_ℓ without ever forming S_ℓ or R_b. O(p²) per layer. ``z`` is None
+    without momentum (nothing crosses a segment's end). Computed in w's dtype.
+    """
+    single = isinstance(w, torch.Tensor)
+    Kd, Wd = _layers(K), _layers(w)
+    w_prev = {n: Kd[n].to(v.dtype).T @ v for n, v in Wd.items()}
+    if not check_momentum(momentum) or R_loc is None:
+        return (w_prev["_"] if single else w_prev), None
+    Rd = _layers(R_loc)
+    Zd = _layers(z) if z is not None else {n: torch.zeros_like(v) for n, v in Wd.items()}
+    carry = momentum ** int(length)
+    z_prev = {n: Rd[n].to(v.dtype).T @ v + carry * Zd[n] for n, v in Wd.items()}
+    return (w_prev["_"], z_prev["_"]) if single else (w_prev, z_prev)
+
+
+def vector_chain(
+    Ks: Sequence[Grads],
+    test_grad: Grads,
+    Rs: Sequence[Grads] | None = None,
+    lengths: Sequence[int] | None = None,
+    momentum: float = 0.0,
+) -> list[tuple[Grads, Grads | None]]:
+    """(w_ℓ, z_ℓ) for every segment ℓ, from the last backwards: w_{n-1} = v, z_{n-1} = 0.
+    The vector form of :func:`segment_combine` for one test vector v: w_ℓ = S_ℓᵀ v and
+    z_ℓ = R_{b_ℓ}ᵀ v (None without momentum)."""
+    momentum = check_momentum(momentum)
+    if momentum and (Rs is None or lengths is None):
+        raise ValueError("with momentum, vector_chain needs one local R and one length per segment")
+    n = len(Ks)
+    out: list[tuple[Grads, Grads | None]] = [None] * n  # type: ignore[list-item]
+    w = test_grad
+    z = ({k: torch.zeros_like(v) for k, v in _layers(w).items()} if momentum else None)
+    if momentum and isinstance(w, torch.Tensor):
+        z = z["_"]
+    for ell in range(n - 1, -1, -1):
+        out[ell] = (w, z)
+        if ell:
+            w, z = chain_vectors_back(Ks[ell], w, Rs[ell] if momentum else None, z,
+                                      lengths[ell] if momentum else 0, momentum)
+    return out
+
+
+def chain_suffix_back(
+    K: Grads,
+    S: Grads | None,
+    R_loc: Grads | None = None,
+    r_end: Grads | None = None,
+    length: int = 0,
+    momentum: float = 0.0,
+) -> tuple[Grads, Grads | None]:
+    """One link of the matrix scan across segment actors: from segment ℓ's S_ℓ (None: the
+    identity, ℓ the last) and R_{b_ℓ} with its own K_ℓ, R^loc_ℓ, segment ℓ-1's pair
+
+        S_{ℓ-1} = S_ℓ K_ℓ,    R_{b_{ℓ-1}} = R_{a_ℓ} = S_ℓ R^loc_ℓ + β₁^(b_ℓ - a_ℓ) R_{b_ℓ}
+
+    (:func:`segment_combine`, one step of its loop), in float64. Only the segment that owns K_ℓ
+    runs it, so no process holds every K (docs/method.md §4)."""
+    single = isinstance(K, torch.Tensor)
+    Kd = {n: k.to(torch.float64) for n, k in _layers(K).items()}
+    Sd = _layers(S) if S is not None else {n: torch.eye(k.shape[0], dtype=torch.float64) for n, k in Kd.items()}
+    s_prev = {n: Sd[n] @ Kd[n] for n in Kd}
+    if not check_momentum(momentum) or R_loc is None:
+        return (s_prev["_"] if single else s_prev), None
+    Rd = _layers(R_loc)
+    Ed = _layers(r_end) if r_end is not None else {n: torch.zeros_like(m) for n, m in Kd.items()}
+    carry = momentum ** int(length)
+    r_prev = {n: Sd[n] @ Rd[n].to(torch.float64) + carry * Ed[n] for n in Kd}
+    return (s_prev["_"], r_prev["_"]) if single else (s_prev, r_prev)
+
+
+def chain_sums_forward(
+    K: Grads,
+    x: Grads,
+    y_prev: Grads | None = None,
+    R_loc: Grads | None = None,
+    d: Grads | None = None,
+    c: Grads | None = None,
+    length: int = 0,
+    momentum: float = 0.0,
+) -> tuple[Grads, Grads | None]:
+    """One link of the forward scan that finalises sums of embeddings without any suffix
+    matrix (docs/method.md §4, §7). Summed over segments, the final sums are
+    Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: local sums, c: Σ β₁^(b−t) u), and by Horner's rule from the
+    first segment on
+
+        y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ,    d_{ℓ+1} = β₁^(b_ℓ - a_ℓ) d_ℓ + c_ℓ,    y_{-1} = d_0 = 0
+
+    so y_{n-1} is the total: one matrix times a (keys × p) block per layer and segment, O(p²)
+    per key. Tensors are (k, p) rows (one per key) or dicts of them; returns (y_ℓ, d_{ℓ+1})
+    in float64, d None without momentum."""
+    single = isinstance(x, torch.Tensor)
+    Kd, Xd = _layers(K), _layers(x)
+    f64 = torch.float64
+    y = {n: Xd[n].to(f64) + (_layers(y_prev)[n].to(f64) @ Kd[n].to(f64).T if y_prev is not None else 0.0)
+         for n in Xd}
+    if not check_momentum(momentum) or R_loc is None:
+        return (y["_"] if single else y), None
+    Rd, Cd = _layers(R_loc), _layers(c)
+    Dd = _layers(d) if d is not None else {n: torch.zeros_like(v, dtype=f64) for n, v in Xd.items()}
+    y = {n: y[n] + Dd[n].to(f64) @ Rd[n].to(f64).T for n in y}
+    carry = momentum ** int(length)
+    d_next = {n: carry * Dd[n].to(f64) + Cd[n].to(f64) for n in Xd}
+    return (y["_"], d_next["_"]) if single else (y, d_next)
+
+
+def finalise_scores(
+    local: Grads,
+    w: Grads,
+    z: Grads | None = None,
+    updates: Grads | None = None,
+    momentum: float = 0.0,
+    steps_to_end: int | None = None,
+) -> dict[str, torch.Tensor] | torch.Tensor:
+    """Per layer, each row's value v·(S e + β₁^(b-t) R_b u) = e·w + β₁^(b-t) u·z, from the
+    vector chain's (w, z) of the segment (:func:`vector_chain`), in w's dtype; (B,) per layer."""
+    E, W = _layers(local), _layers(w)
+    out = {n: E[n].to(W[n].dtype) @ W[n] for n in E}
+    if check_momentum(momentum) and z is not None:
+        if updates is None or steps_to_end is None:
+            raise ValueError("with momentum, finalise_scores needs the step's update rows and steps_to_end")
+        U, Z = _layers(updates), _layers(z)
+        carry = momentum ** int(steps_to_end)
+        out = {n: s + carry * (U[n].to(Z[n].dtype) @ Z[n]) for n, s in out.items()}
+    return out["_"] if isinstance(local, torch.Tensor) else out
+
+
 # ----------------------------------------------------------------------------- public API
 
 

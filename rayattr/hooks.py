@@ -4,7 +4,7 @@ the process as a lost node would, or turn a loss non-finite.
 Nothing is registered in production, and no configuration or environment variable registers
 anything: only code running in the process can (the fault tests do it from a sitecustomize on
 a PYTHONPATH of their own, tests/faultsite). Points: "rank.step" (rank, step), "rank.loss"
-(the loss; rank, step), "driver.train" (step), "segment.compute" (segment, step).
+(the loss; rank, step), "driver.train" (step), "segment.compute" (segment, step), "index.compact" (kind, chunk, at).
 """
 
 from __future__ import annotations

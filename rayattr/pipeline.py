@@ -1,7 +1,7 @@
 """The whole run, stage by stage: data -> train (rank actors) -> embed (segment actors) -> reduce.
 
-Each stage reads and writes only the run in the store; the driver passes small things
-(K suffix products, the validation gradient) between them.
+Each stage reads and writes only the run in the store; the driver passes only object refs
+between them (the segments chain their K's among themselves, docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
+from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
-from rayattr.reduce import chain_segments, phase_edges, validation_gradient, write_outputs
+from rayattr.reduce import phase_edges, write_outputs
+from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
+from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.train import NonFiniteLoss, train
 
 
@@ -168,9 +171,15 @@ def read_sources(run: Run) -> list[dict[str, Any]]:
     return run.read_table("values/sources.parquet").to_pylist()
 
 
+# commit kinds the pipeline folds into index manifests (one compactor: this driver)
+TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, RECORDS_KIND)
+EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
+
+
 def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
               progress: bool = True) -> RunResult:
-    """Embedding and reduce stages on a trained run: segment actors, K chain, values."""
+    """Embedding and reduce stages on a trained run: segment actors, the chain through them
+    (vectors for the values, suffixes for the final embeddings), values and aggregates."""
     so = cfg.store.storage_options or None
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -181,10 +190,13 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg)
+    # training's commit entries folded into a few manifests: each segment's readers then open
+    # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
+    run.compact_index(TRAINING_KINDS)
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
-    # the test side needs only the final weights, so it overlaps the sweep; it reserves no CPU
-    # (a short task), else on a small machine one segment actor would wait for it to finish
-    val_ref = _validation_gradient.options(num_cpus=0, num_gpus=0).remote(run.uri, so)
+    # the test side needs only the final weights: submitted before the segment actors, so on a
+    # small machine they wait for its CPUs (it never waits for them: no deadlock)
+    val_ref = start_validation_gradient(run, so, cfg.train.use_gpu)
     opt = resolve_optimizer(cfg)
     actors, specs = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
                                    cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
@@ -202,11 +214,28 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")
-    suffixes, r_ends = chain_segments(run, n_seg, momentum=opt.beta1, lengths=[s.end - s.start for s in specs])
-    val_grad = ray.get(val_ref)
-    wait_all([a.finalize.remote(ray.put(S), val_grad, ray.put(R) if R is not None else None)
-              for a, S, R in zip(actors, suffixes, r_ends)], "finalize", progress)
-    out = write_outputs(run, n_seg, edges, val_grad)
+    # chain from the last segment backwards through the actors (docs/method.md §4): values from
+    # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
+    # actor uses its own K only, and the driver holds only object refs
+    vectors: list = [None] * n_seg
+    vectors[-1] = actors[-1].value_vectors.remote(val_ref)
+    for ell in range(n_seg - 1, 0, -1):
+        vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
+    keep = cfg.embed.keep_sample_embeddings
+    links: list = [None] * n_seg
+    if keep:  # per-sample final embeddings need each segment's S
+        for ell in range(n_seg - 1, 0, -1):
+            links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
+    finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
+    if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
+        carry = None
+        for ell, a in enumerate(actors):
+            carry = a.chain_sums.remote(carry, ell == n_seg - 1)
+        finals.append(carry)
+    del vectors, links  # each suffix is freed once its segment has finalised
+    wait_all(finals, "finalize", progress)
+    out = write_outputs(run, n_seg, edges)
+    run.compact_index(EMBEDDING_KINDS)  # what queries read
     for a in actors:
         ray.kill(a)
     timings["reduce"] = time.perf_counter() - t
@@ -215,7 +244,34 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
 
 
-@ray.remote(num_cpus=1)
-def _validation_gradient(run_uri: str, storage_options: dict | None):
+# at most this many validation shards: each loads the model once
+MAX_VALIDATION_SHARDS = 16
+
+
+def validation_shards(use_gpu: bool) -> int:
+    """One validation shard per CPU (GPU) of the cluster, at most MAX_VALIDATION_SHARDS."""
+    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
+    return max(1, min(devices, MAX_VALIDATION_SHARDS))
+
+
+def start_validation_gradient(run: Run, storage_options: dict | None, use_gpu: bool = False,
+                              shards: int | None = None):
+    """The validation gradient as Ray tasks with real resources (a CPU each, or a GPU with
+    use_gpu), one per shard of the validation set, averaged by a small task: returns its
+    ObjectRef, so the driver never holds the gradient or the data."""
+    n = shards or validation_shards(use_gpu)
+    res = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
+    device = "cuda" if use_gpu else "cpu"
+    parts = [_validation_shard.options(**res).remote(run.uri, storage_options, i, n, device) for i in range(n)]
+    return _mean_of_sums.options(num_cpus=0).remote(*parts)
+
+
+@ray.remote
+def _validation_shard(run_uri: str, storage_options: dict | None, shard: int, n_shards: int, device: str):
     run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-    return validation_gradient(run)
+    return validation_gradient_sum(run, shard, n_shards, device)
+
+
+@ray.remote
+def _mean_of_sums(*parts):
+    return mean_of_sums(list(parts))

@@ -32,6 +32,8 @@ _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # the source string's int32 offset (+ its characters, counted separately)
 _ROW_META_BYTES = 8 + 8 + 8 + 4 + 4
 # Arrow IPC framing, fitted to encode_shard output (tests/test_plan.py checks it): per record
+# Rows of one record batch of the data stage's streaming scan (pyarrow.dataset's default)
+_DATA_BATCH_ROWS = 131_072
 # batch (one per step and writer) ~80 bytes of buffer metadata per column; per file the schema
 # twice (header and footer, ~120 bytes per column) and a 24-byte footer block per batch
 _BATCH_COLUMN_OVERHEAD = 80
@@ -146,7 +148,9 @@ class Plan:
     objects: int = 0
     """Gradient shard objects (+ as many commit entries) written by the ranks."""
     memory: dict[str, float] = field(default_factory=dict)
-    """Peak bytes per actor kind."""
+    """Peak bytes of each memory term, keyed "<process>: <what>"."""
+    process_memory: dict[str, float] = field(default_factory=dict)
+    """Peak bytes per process (the sum of its terms)."""
     time: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage."""
     throughput: Throughput | None = None
@@ -267,12 +271,133 @@ def builtin_sources() -> tuple[int, int]:
     return len(names), round(sum(map(len, names)) / len(names))
 
 
+# ---------------------------------------------------------------------------- memory
+
+# Python objects per occurrence in a step record (int id, source str, int rank, list slots)
+_PY_RECORD_BYTES = 140
+# A commit entry in memory: the ShardCommit and its header/footer Parts, + one Part per step
+_PY_ENTRY_BYTES, _PY_PART_BYTES = 600, 200
+# Raw text bytes per token of a corpus (English text under a BPE tokenizer: ~4 characters)
+_TEXT_BYTES_PER_TOKEN = 4
+_WRITE_CHUNK = 256  # SegmentWorker.write_chunk: steps of local embeddings held before writing
+_WRITE_CHUNK_BYTES = 512 << 20  # embed/segment.WRITE_CHUNK_BYTES: ... or this many bytes of them
+_VALIDATION_ROWS = 256  # reduce/gradients.VALIDATION_ROWS: per-sample rows a validation task holds
+_BOOTSTRAP_MAX_N = 20_000  # reduce/aggregate.py: values kept per source for the bootstrap
+# Every process's interpreter with torch, pyarrow and Ray imported: a Ray worker measured at
+# 0.30-0.34 GB before its first task (bench/scale.py, CPU torch; a CUDA context adds more)
+_RUNTIME_BYTES = 0.35e9
+
+
+def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
+                 source_chars: int, n_val: int) -> dict[str, float]:
+    """Peak bytes of every term of every process, keyed "<process>: <what>". The processes
+    are the driver, each rank actor (rank 0 has one more term), each segment actor and each
+    validation task; the code each term follows is named beside it."""
+    from rayattr.store.index import SPAN
+
+    c, t = cfg.capture, cfg.train
+    P, G, L, n = plan.total_dim, plan.global_batch, len(plan.layers), plan.n_samples
+    steps, n_seg = plan.steps, plan.segments
+    eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
+    sq = kfac * sum(lay.p ** 2 for lay in plan.layers)
+    rows_rank = t.micro_batch * t.grad_accum
+    steps_seg = math.ceil(steps / n_seg)
+    spr = cfg.store.steps_per_shard
+    proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in plan.layers) * 4
+    shard_cap = kinds * min(spr * rows_rank * P * gb, _WRITER_BUFFER)
+    entry = _PY_ENTRY_BYTES + _PY_PART_BYTES * spr
+    phases = min(cfg.embed.phases, steps)
+    chunk_steps = max(1, min(_WRITE_CHUNK, steps_seg, _WRITE_CHUNK_BYTES // (G * P * wide * eb)))
+    seg_rows = steps_seg * G
+    momentum = resolve_optimizer(cfg).beta1 > 0
+    terms = {
+        # data/shards: the streaming pass holds each row's int64 id (uniqueness check) and an
+        # int32 slot per row and epoch (where the batch plan puts it), plus one record batch
+        "driver: batch plan and ids (data stage)": n * (8 + 4 * t.epochs)
+                                                   + min(n, _DATA_BATCH_ROWS) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN,
+        # store/index.compact: one chunk of one kind's commit entries, all ranks
+        "driver: index compaction": t.ranks * math.ceil(SPAN / spr) * entry,
+        # reduce/aggregate.write_outputs: one segment's values table (and its sorted copy), the
+        # distinct sample ids per source (and union1d's copy), the bootstrap's kept values, the
+        # merged final sums and the source embeddings
+        "driver: reduce": 2 * seg_rows * _VALUE_ROW_BYTES + 2 * 8 * min(n, plan.occurrences)
+                          + plan.n_sources * _BOOTSTRAP_MAX_N * 8
+                          + plan.n_sources * (phases + 1) * P * wide * 8,
+        "rank: model + optimizer (no activations)": model_state_bytes(cfg, plan.n_params),
+        # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
+        "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
+                                  + (_WRITER_QUEUE + 1) * shard_cap,
+        # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
+        # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
+        "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
+        # train/worker: rank 0 reads every step record to resume
+        "rank 0: step records": steps * G * (_PY_RECORD_BYTES + source_chars),
+        # embed/segment: K (and R) in the embed dtype; the chain's incoming and outgoing S (and
+        # R_b) in float64 when per-sample embeddings are kept, else the forward scan's sums y
+        # (and d) in and out; w, z are vectors
+        "segment actor: K, R and the chain": kinds * sq * eb + (
+            2 * kinds * sq * 8 if not plan.per_source
+            else 2 * kinds * plan.n_sources * phases * P * wide * 8),
+        # GradientReader windows (one decoded, one prefetched) per kind read
+        "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES),
+        # one write chunk of local embeddings (blocks included) and the writer's queued shards
+        "segment actor: one write chunk": chunk_steps * G * P * wide * eb
+                                          + min(chunk_steps * G * P * wide * 4, (_WRITER_QUEUE + 1) * _WRITER_BUFFER),
+        # per-(source, phase) sums in float64 (+ the carried update rows under AdamW)
+        "segment actor: sums": (2 if momentum else 1) * plan.n_sources * phases * P * wide * 8,
+        # its step records while they load (then without their per-sample lists) and the index
+        # entries of the manifests covering its steps, per kind read
+        "segment actor: step records and index": seg_rows * (_PY_RECORD_BYTES + source_chars)
+                                                 + kinds * t.ranks * math.ceil((steps_seg + SPAN) / spr) * entry,
+        # pipeline._validation_shard: the model, the validation table, one slice's per-sample
+        # gradients (float32, with the float64 sums beside) and tokens
+        "validation task: model and gradients": 4 * plan.n_params + n_val * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
+                                                + min(_VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
+                                                + P * 8,
+    }
+    for proc in ("driver", "rank", "segment actor", "validation task"):
+        terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
+    return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
+
+
+def validation_tasks(plan: Plan) -> int:
+    """Validation shards: one per device, at most 16 (pipeline.MAX_VALIDATION_SHARDS)."""
+    return max(1, min(plan.devices, 16))
+
+
+def process_totals(memory: dict[str, float]) -> dict[str, float]:
+    """Peak bytes per process: the sum of its terms (rank 0 has the rank's too)."""
+    out: dict[str, float] = {}
+    for key, v in memory.items():
+        proc = key.split(":")[0]
+        out[proc] = out.get(proc, 0.0) + v
+    if "rank 0" in out:
+        out["rank 0"] += out.get("rank", 0.0)
+    return out
+
+
+def memory_warnings(plan: Plan, node_gb: float) -> list[str]:
+    """A warning for each term, process and node share that needs more than a node has."""
+    node = node_gb * GIB
+    out = [f"warning: {k} needs {human_bytes(v)}, more than a node's {node_gb:g} GiB"
+           for k, v in plan.memory.items() if v > node]
+    out += [f"warning: one {proc} needs {human_bytes(v)} in all, more than a node's {node_gb:g} GiB"
+            for proc, v in plan.process_memory.items() if v > node]
+    per_node = {"rank": math.ceil(plan.ranks / plan.nodes), "segment actor": math.ceil(plan.segments / plan.nodes)}
+    for proc, k in per_node.items():
+        total = k * plan.process_memory.get(proc, 0.0)
+        if k > 1 and total > node >= plan.process_memory.get(proc, 0.0):
+            out.append(f"warning: {k} {proc}s per node need {human_bytes(total)}, more than a node's {node_gb:g} GiB")
+    return out
+
+
 # ---------------------------------------------------------------------------- estimate
 
 def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None = None,
              vocab_size: int | None = None, segments: int | None = None, nodes: int | None = None,
              devices_per_node: int | None = None, per_source: bool | None = None,
              n_sources: int | None = None, source_chars: int = 16, actor_memory_gb: float | None = None,
+             node_memory_gb: float | None = None, n_validation: int | None = None,
              throughput: Throughput | None = None) -> Plan:
     """Predict a run's sizes and times. Arguments override what the config cannot know:
 
@@ -281,7 +406,10 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     cluster (default: one node of this machine's CPUs, or 8 GPUs per node); per_source: not
     keeping per-sample embeddings; n_sources / source_chars: distinct sources and their mean name
     length (default: the built-in corpus's, or 16 and 16);
-    actor_memory_gb: a segment actor's memory budget (a note says how many segments fit it).
+    actor_memory_gb: a segment actor's memory budget (a note says whether one fits it);
+    node_memory_gb: a node's memory: a warning for every process, and every node's share of
+    processes, that needs more; n_validation: validation samples (default: the built-in's, or
+    1 % of the training set).
     """
     cfg.validate()
     from rayattr.data.batching import BatchPlan
@@ -299,6 +427,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     if cfg.data.train is None and n_sources is None:
         n_sources, source_chars = builtin_sources()
     n_sources = n_sources or 16
+    n_val = n_validation or (cfg.data.builtin.n_validation if cfg.data.train is None else max(1, n // 100))
     G, L = bp.global_batch_size, len(layers)
     m_curv = (math.ceil(t.micro_batch * c.curvature_fraction) * t.grad_accum * t.ranks
               if c.curvature == "sampled" else 0)
@@ -351,32 +480,20 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         plan.notes.append(f"gradient shards average {human_bytes(shard)}: raise store.steps_per_shard "
                           "for fewer, larger objects (S3 requests)")
 
-    # -- memory
-    eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
-    rows_rank = t.micro_batch * t.grad_accum
-    proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in layers) * 4
-    shard_cap = kinds * min(cfg.store.steps_per_shard * rows_rank * P * gb, _WRITER_BUFFER)
-    fixed_seg = (kfac * sum(lay.p ** 2 for lay in layers) * eb
-                 + 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES)
-                 + n_sources * cfg.embed.phases * P * wide * eb)
-    plan.memory = {
-        "rank: model + optimizer (no activations)": model_state_bytes(cfg, n_params),
-        # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
-        "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
-                                  + (_WRITER_QUEUE + 1) * shard_cap,
-        # the backward sweep keeps each step's gradient rows (and update rows under AdamW) and
-        # its local embeddings (with their projection blocks) until it writes them
-        "segment actor": (kinds + wide) * steps_seg * G * P * eb + kinds * fixed_seg,
-        "driver: reduce": rows * _VALUE_ROW_BYTES * 2 + 2 * kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * 8,
-    }
+    # -- memory: every term of every process (docs/scale.md, "Memory")
+    plan.memory = memory_terms(cfg, plan, kinds=kinds, wide=wide, kfac=kfac, m_curv=m_curv,
+                               source_chars=source_chars, n_val=n_val)
+    plan.process_memory = process_totals(plan.memory)
     if actor_memory_gb:
-        budget = actor_memory_gb * GIB - kinds * fixed_seg
-        fit = math.floor(budget / ((kinds + wide) * G * P * eb)) if budget > 0 else 0
-        need = math.ceil(steps / fit) if fit else None
-        plan.notes.append(f"segment actors with {actor_memory_gb:g} GiB hold <= {fit} steps each: "
-                          + (f"use >= {need} segments" if need else "the fixed part alone exceeds it"))
+        need = plan.process_memory["segment actor"]
+        plan.notes.append(f"segment actors need {human_bytes(need)} each, whatever their steps: "
+                          + (f"fits {actor_memory_gb:g} GiB" if need <= actor_memory_gb * GIB
+                             else f"more than {actor_memory_gb:g} GiB (lower embed dtype or capture rank)"))
+    if node_memory_gb:
+        plan.notes += memory_warnings(plan, node_memory_gb)
 
     # -- time
+    rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
     flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction if m_curv else 0))
     compute = flops_step / t.ranks / tp.train_flops * (1 + tp.capture_overhead) + tp.train_step_s
     write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (kinds + (m_curv / G if m_curv else 0))
@@ -396,7 +513,11 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
     fin = (steps_seg * L * tp.embed_layer_step_s + 2 * rows_seg * sq / tp.embed_flops
            + io_out / (tp.store_read_mbps * MB) + (io_out / (tp.store_write_mbps * MB) if keep else 0))
-    chain = 2 * n_seg * sum(lay.p ** 3 for lay in layers) / tp.embed_flops
+    # the suffix scan (p³ per layer and segment) only with per-sample embeddings; else the
+    # forward scan of the sums (keys × p² per layer); the vector chain is p² either way
+    chain = (2 * n_seg * sum(lay.p ** 3 for lay in layers) if keep
+             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(lay.p ** 2 for lay in layers)
+             ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan
 
@@ -439,8 +560,11 @@ def format_plan(plan: Plan) -> str:
               f"  {'per-sample mode total':<28}{human_bytes(plan.storage_per_sample):>12}",
               f"  {'per-source mode total':<28}{human_bytes(plan.storage_per_source):>12}",
               f"  {'gradient shards':<28}{plan.objects:>12,}  (+ as many commit entries)",
-              "", "memory      (peak per actor)"]
-    lines += [f"  {k:<40}{human_bytes(v):>12}" for k, v in plan.memory.items()]
+              "", "memory      (peak per process, by term)"]
+    for proc, total in plan.process_memory.items():
+        lines.append(f"  {proc:<48}{human_bytes(total):>12}")
+        lines += [f"    {k.split(': ', 1)[1]:<46}{human_bytes(v):>12}"
+                  for k, v in plan.memory.items() if k.split(":")[0] == proc]
     lines += ["", "time        (wall, stages run one after another)"]
     lines += [f"  {k:<12}{human_time(v):>12}" for k, v in plan.time.items()]
     lines += [f"  {'total':<12}{human_time(sum(plan.time.values())):>12}"]
@@ -475,7 +599,9 @@ def plan_parser(prog: str = "rayattr plan") -> argparse.ArgumentParser:
     p.add_argument("--per-source", action="store_true", default=None, help="no per-sample embeddings")
     p.add_argument("--per-sample", dest="per_source", action="store_false", help="keep per-sample embeddings")
     p.add_argument("--sources", type=int, help="distinct data sources (default: built-in corpus's, or 16)")
-    p.add_argument("--actor-memory-gb", type=float, help="segment actor memory budget: how many segments fit")
+    p.add_argument("--actor-memory-gb", type=float, help="segment actor memory budget: whether one fits")
+    p.add_argument("--node-memory-gb", type=float, help="a node's memory: warn for every process or term above it")
+    p.add_argument("--validation-samples", type=parse_count, help="validation samples (default: built-in's or 1 %%)")
     p.add_argument("--store-write-mbps", type=float, help="one writer's store MB/s")
     p.add_argument("--store-read-mbps", type=float, help="one reader's store MB/s")
     p.add_argument("--train-flops", type=float, help="effective FLOP/s per rank (6 N tokens)")
@@ -496,7 +622,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         plan = estimate(cfg, n_samples=args.samples, tokens=args.tokens, vocab_size=args.vocab,
                         segments=args.segments, nodes=args.nodes, devices_per_node=args.devices_per_node,
                         per_source=args.per_source, n_sources=args.sources,
-                        actor_memory_gb=args.actor_memory_gb, throughput=tp)
+                        actor_memory_gb=args.actor_memory_gb, node_memory_gb=args.node_memory_gb,
+                        n_validation=int(args.validation_samples) if args.validation_samples else None,
+                        throughput=tp)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

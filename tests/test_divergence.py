@@ -85,7 +85,7 @@ def test_non_finite_values_are_never_written(tmp_path):
     worker = segment(run, 4)
     worker.compute()
     with pytest.raises(DivergenceError, match=r"segment 0: 1 value\(s\) are not finite, the first at step 0"):
-        worker.finalize({"l": torch.eye(2)}, {"l": torch.tensor([float("nan"), 0.0])})
+        worker.finalize(worker.value_vectors({"l": torch.tensor([float("nan"), 0.0])}))
     assert not run.exists(values_path(0))
 
 
@@ -97,5 +97,5 @@ def test_values_tables_refuse_nan(tmp_path):
         "epoch": pa.array([0, 0, 0], pa.int64()), "position": pa.array([0, 0, 0], pa.int64()),
         "value": pa.array([0.5, float("nan"), float("inf")], pa.float64())}))
     with pytest.raises(DivergenceError, match=r"values/samples.parquet: 2 value\(s\) are not finite, the first at step 6"):
-        write_outputs(run, 1, [0, 8], {"l": torch.ones(2)})
+        write_outputs(run, 1, [0, 8])
     assert not run.exists("values/samples.parquet") and not run.exists("values/sources.parquet")

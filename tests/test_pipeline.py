@@ -232,3 +232,60 @@ def test_phase_and_layer_breakdowns_sum_to_the_source_values(trained):
         for s in total:
             assert got[s] == pytest.approx(total[s], rel=1e-6, abs=1e-12), (name, s)
         assert max(r["value_count"] for r in parts.to_pylist()) == n_parts
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
+    """Ray tasks with a CPU each, one per shard of the validation set, summed in float64:
+    the mean gradient of the whole set (per-sample rows are float32, batched differently)."""
+    import ray
+
+    from rayattr.pipeline import start_validation_gradient
+    from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
+
+    _, run, _ = trained
+    whole = validation_gradient(run)
+    got = ray.get(start_validation_gradient(run, None, shards=shards))
+    assert set(got) == set(whole)
+    for n in whole:
+        assert got[n].dtype == torch.float64
+        torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-7)
+    parts = [validation_gradient_sum(run, i, 5) for i in range(5)]
+    assert sum(p[1] for p in parts) == run.read_table("data/validation.parquet").num_rows
+    local = mean_of_sums(parts)
+    for n in whole:
+        torch.testing.assert_close(local[n], got[n], rtol=1e-5, atol=1e-7)
+        assert float(whole[n].abs().max()) > 0
+
+
+def source_sums(batches, emb) -> dict[str, dict[str, np.ndarray]]:
+    """Per source, the sum of its occurrences' embeddings (real layers), in float64."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for b, e in zip(batches, emb):
+        for i, src in enumerate(b.sources):
+            acc = out.setdefault(src, {n: np.zeros(e[n].shape[1]) for n in e})
+            for n in e:
+                acc[n] += e[n][i].double().numpy()
+    return out
+
+
+def assert_source_embeddings(run, want, rtol=1e-5):
+    table = run.read_table("embeddings/sources.parquet").to_pylist()
+    assert sorted(r["source"] for r in table) == sorted(want)
+    for row in table:
+        for n, vec in want[row["source"]].items():
+            np.testing.assert_allclose(row[n], vec, rtol=rtol, atol=1e-9 * np.abs(vec).max())
+
+
+def test_per_source_mode_forms_no_suffix_and_equals_the_core(trained, tmp_path):
+    """Without per-sample embeddings the sums are finalised by the forward scan (matrix times
+    vectors only): the source embeddings and values equal the core's, in float64."""
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    per_source = cfg.with_overrides(**{"embed.keep_sample_embeddings": False})
+    attribute(per_source, run, result.num_steps, segments=3, progress=False)
+    assert not run.exists("grads/embeddings") and not run.exists("embed/final_sums/seg0000.parquet")
+    batches, emb = core_embeddings(run)
+    assert_source_embeddings(run, source_sums(batches, emb))
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want, rtol=2e-5, atol=1e-10)

@@ -120,3 +120,16 @@ def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):
     v1 = one.read_table("values/samples.parquet")["value"].to_numpy()
     v2 = two.read_table("values/samples.parquet")["value"].to_numpy()
     np.testing.assert_allclose(v2, v1, rtol=2e-3, atol=1e-7)
+
+
+def test_adamw_per_source_mode_equals_the_core(trained, tmp_path):
+    """The forward scan of the sums carries the momentum past each segment's end (R^loc d):
+    source embeddings equal the core's summed per source."""
+    from tests.test_pipeline import assert_source_embeddings, source_sums
+
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    attribute(cfg.with_overrides(**{"embed.keep_sample_embeddings": False}), run, result.num_steps,
+              segments=3, progress=False)
+    batches, emb = core_adamw(run)
+    assert_source_embeddings(run, source_sums(batches, emb), rtol=1e-4)

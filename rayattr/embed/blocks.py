@@ -84,10 +84,15 @@ class ProjectionBlocks:
         def dot(e, t):
             return e @ (t.T if t.ndim == 2 else t)
 
-        value = sum(dot(emb[n], test[n]) for n in self.layers)
+        return self.combine({n: dot(emb[n], test[n]) for n in emb if n in test})
+
+    def combine(self, scores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-layer scores (each row's e·v of one layer or block layer) -> (value over the real
+        layers, standard error over the blocks' estimates or None without blocks)."""
+        value = sum(scores[n] for n in self.layers)
         if not self.enabled:
             return value, None
         q = self.q
-        est = torch.stack([sum(dot(emb[f"{n}{SEP}{a}{b}"], test[f"{n}{SEP}{a}{b}"]) for n in self.layers)
+        est = torch.stack([sum(scores[f"{n}{SEP}{a}{b}"] for n in self.layers)
                            for a in range(q) for b in range(q)])  # (q², B[, Q])
         return value, est.std(0, correction=1)

@@ -2,20 +2,24 @@
 
 `compute()` sweeps the segment's steps backwards from K = I, writing the local embeddings of
 every occurrence, the segment matrix K per layer, and per-(source, phase) sums of local
-embeddings. `finalize(suffix, test_grad)` turns local embeddings into final ones with the
-product of the later segments' K's and scores them. Both read and write only the store, so a
-restarted actor redoes just its own segment.
+embeddings. The reduce then chains the segments through the actors themselves, from the last
+backwards (docs/method.md §4): `chain_vectors` passes (w, z) = (S_ℓᵀ v, R_bᵀ v) for the
+validation gradient v (O(p²) per layer), `chain_suffix` passes (S_ℓ, R_b) for the final
+embeddings; each actor uses only its own K, so no process holds all of them.
+`finalize(vectors, link)` scores every occurrence from the vectors and writes the final
+embeddings from the link. Everything is read from and written to the store, so a restarted
+actor redoes just its own segment.
 
 AdamW (docs/method.md §7): the sweep also reads the update rows, carries R next to K (saved
-beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; `finalize(..., r_end)` adds the
-momentum that leaks past the segment's end.
+beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; z (and R_b) add the momentum
+that leaks past the segment's end.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,8 @@ import ray
 import torch
 
 from rayattr import hooks
-from rayattr.dvemb import SegmentRecursion, finalise_step
+from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
+                           finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
@@ -34,6 +39,8 @@ from rayattr.embed.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
+# a write chunk's local embeddings are held until written: at most this many bytes of them
+WRITE_CHUNK_BYTES = 512 << 20
 LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
 FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
 
@@ -67,8 +74,22 @@ def sums_path(index: int, final: bool = False) -> str:
     return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
 
 
+def all_sums_path() -> str:
+    """The whole run's final per-(source, phase) sums, from the forward scan (chain_sums)."""
+    return "embed/final_sums/all.parquet"
+
+
 def values_path(index: int) -> str:
     return f"embed/values/seg{index:04d}.parquet"
+
+
+def scores_path(index: int) -> str:
+    """Per-(source, phase, layer) value sums of a segment (the vector chain's, float64)."""
+    return f"embed/scores/seg{index:04d}.parquet"
+
+
+# (w, z) of a segment in the vector chain: w = S_ℓᵀ v, z = R_bᵀ v (None without momentum)
+ValueVectors = tuple  # tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]
 
 
 class SegmentWorker:
@@ -77,7 +98,8 @@ class SegmentWorker:
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1,
-                 error_blocks: int = 2, updates: bool = False, momentum: float = 0.0):
+                 error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
+                 write_chunk: int = 256):
         torch.set_num_threads(threads)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
@@ -86,6 +108,7 @@ class SegmentWorker:
         self.curvature = curvature
         self.dtype = getattr(torch, dtype)
         self.read_chunk = read_chunk
+        self.write_chunk = max(1, write_chunk)  # steps of local embeddings held before writing
         self.keep = keep_sample_embeddings
         # the recursion also runs on projection blocks, for each value's standard error
         self.blocks = ProjectionBlocks.for_run(self.run.manifest, error_blocks)
@@ -106,62 +129,66 @@ class SegmentWorker:
                     "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
         s = self.seg
-        etas = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
+        # the records' per-sample lists are dropped: the rows come with the gradients
+        records = self.run.step_records(s.start, s.end)
+        etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[]) for r in records}
         missing = [t for t in range(s.start, s.end) if t not in etas]
         if missing:
             raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
-        reader = GradientReader(self.run, kind="train")
-        curv = GradientReader(self.run, kind="curvature") if self.curvature else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if self.updates else None
+        span = (s.start, s.end)  # each reader opens only the index objects of this segment
+        reader = GradientReader(self.run, kind="train", step_range=span)
+        curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if self.updates else None
+        chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
-        local: list[tuple[Any, dict[str, torch.Tensor]]] = []
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
-        for b in range(s.end, s.start, -self.read_chunk):
-            a = max(s.start, b - self.read_chunk)
-            batches = reader.read_steps(a, b, dtype=self.dtype)
-            curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
-                            if curv is not None else {})
-            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
-            for batch in reversed(batches):
-                record = etas[batch.step]
-                rows = curv_by_step.get(batch.step) if curv else None
-                if upd is None:
-                    emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
-                                   batch_size=len(batch.sample_ids), step=batch.step)
-                else:
-                    u = upd.rows(u_by_step, batch, record)
-                    emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
-                                   batch_size=len(batch.sample_ids), step=batch.step, updates=u,
-                                   decay=record.decay)
-                    if self.momentum:
-                        carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
-                el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
-                                    {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
-                check_step(s.index, batch.step, rec.K, emb, el)  # stops before anything is written
-                worst = max(worst, (el, batch.step))
-                sums.add(batch.sources, self.phase_of(batch.step), emb)
-                local.append((batch, emb))
-                n_rows += len(batch.sample_ids)
-                hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
-        # written in increasing step order, so the embeddings read back like gradients
-        # takeover: an open writer of this segment is this actor's own before Ray restarted it
-        with GradientWriter(self.run, s.index, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
-                            steps_per_shard=max(1, s.end - s.start), step_range=(s.start, s.end)) as w:
-            done = _committed(w)
-            for batch, emb in reversed(local):
-                if batch.step <= done:
-                    continue  # written before a restart (K was not yet)
-                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
-                             positions=list(batch.positions))
+        # Backwards in write chunks of chunk_steps steps (aligned on the segment's end, so a
+        # restarted actor cuts the same chunks): each chunk's embeddings are written as soon as
+        # it is swept, so memory is K (and R) plus one chunk, never the segment
+        del records
+        for wb in range(s.end, s.start, -chunk_steps):
+            wa = max(s.start, wb - chunk_steps)
+            chunk: list[tuple[Any, dict[str, torch.Tensor]]] = []
+            for b in range(wb, wa, -self.read_chunk):
+                a = max(wa, b - self.read_chunk)
+                batches = reader.read_steps(a, b, dtype=self.dtype)
+                curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
+                                if curv is not None else {})
+                u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                for batch in reversed(batches):
+                    record = etas[batch.step]
+                    rows = curv_by_step.get(batch.step) if curv else None
+                    if upd is None:
+                        emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
+                                       batch_size=len(batch.sample_ids), step=batch.step)
+                    else:
+                        u = upd.rows(u_by_step, batch, record)
+                        emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
+                                       batch_size=len(batch.sample_ids), step=batch.step, updates=u,
+                                       decay=record.decay)
+                        if self.momentum:
+                            carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
+                    el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
+                                        {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
+                    # stops before this step's rows are written (and K, which marks the segment done)
+                    check_step(s.index, batch.step, rec.K, emb, el)
+                    worst = max(worst, (el, batch.step))
+                    sums.add(batch.sources, self.phase_of(batch.step), emb)
+                    batch.grads = None  # keep the rows' ids, not their gradients
+                    chunk.append((batch, emb))
+                    n_rows += len(batch.sample_ids)
+                    hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
+            self._write_local(wa, wb, chunk)
         self.run.write_table(sums_path(s.index), sums.to_table())
         if rec.R is not None:
             self.run.write_bytes(r_path(s.index), save_tensors(rec.R))
             self.run.write_table(carry_path(s.index), carry.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
         if worst[0] > ETA_LAMBDA_WARN:
             log.warning("segment %d: η·λ_max(H) = %.3g at step %d (> %g): the step can amplify K",
                         s.index, worst[0], worst[1], ETA_LAMBDA_WARN)
@@ -169,71 +196,184 @@ class SegmentWorker:
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
 
+    def chunk_steps(self, batch_rows: int) -> int:
+        """Steps per write chunk: write_chunk, fewer if their local embeddings (block layers
+        included) would pass WRITE_CHUNK_BYTES. Fixed by the run, so a restart cuts the same."""
+        row = sum(self.dims.values()) * self.dtype.itemsize
+        return max(1, min(self.write_chunk, WRITE_CHUNK_BYTES // max(1, batch_rows * row)))
+
+    def _write_local(self, a: int, b: int, chunk: list) -> None:
+        """One write chunk's local embeddings, in increasing step order (so they read back like
+        gradients), by a writer of its own: its "rank" is the chunk's first step, unique in the
+        run, and its step_range the chunk. A restart skips what the chunk's writer committed."""
+        # takeover: an open writer of this chunk is this actor's own before Ray restarted it
+        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
+                            steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
+            done = _committed(w)
+            for batch, emb in reversed(chunk):
+                if batch.step <= done:
+                    continue  # written before a restart (K was not yet)
+                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
+                             positions=list(batch.positions))
+
+    # ------------------------------------------------------------------ chaining the segments
+
+    def _own_chain_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """This segment's K and (with momentum) local R, read once from the store."""
+        if getattr(self, "_chain_inputs", None) is None:
+            K = self.load_k()
+            R = load_tensors(self.run.read_bytes(r_path(self.seg.index))) if self.momentum else None
+            self._chain_inputs = (K, R)
+        return self._chain_inputs
+
+    def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> ValueVectors:
+        """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4)."""
+        w = self.blocks.augment({n: g.to(torch.float64) for n, g in test_grad.items()})
+        return w, ({n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None)
+
+    def chain_vectors(self, vectors: ValueVectors) -> ValueVectors:
+        """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =
+        R^locᵀ_ℓ w_ℓ + β₁^(b−a) z_ℓ (docs/method.md §4, §7). O(p²) per layer."""
+        K, R = self._own_chain_inputs()
+        w, z = vectors
+        return chain_vectors_back(K, w, R, z, self.seg.end - self.seg.start, self.momentum)
+
+    def chain_suffix(self, link: tuple | None) -> tuple:
+        """The previous segment's (S, R_b) from this one's (None: the last segment, S = I):
+        the scan that gives every actor its suffix without any process holding all K's."""
+        K, R = self._own_chain_inputs()
+        S, r_end = link if link is not None else (None, None)
+        return chain_suffix_back(K, S, R, r_end, self.seg.end - self.seg.start, self.momentum)
+
+    def chain_sums(self, prev: tuple | None, last: bool = False) -> tuple | None:
+        """Forward scan (segment 0 first) finalising the per-(source, phase) sums without any
+        suffix matrix (docs/method.md §4, §7): y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ and
+        d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
+        Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
+        whole run, to `all_sums_path()`. Used when no per-sample final embeddings are kept."""
+        K, R = self._own_chain_inputs()
+        y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(self.dims)
+        y.merge(SourcePhaseSums.from_table(self.run.read_table(sums_path(self.seg.index)), self.dims))
+        d = None
+        if self.momentum:
+            d_in = prev[1] if prev is not None else SourcePhaseSums(self.dims)
+            y.add_vectors(d_in.transformed(R))
+            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(self.seg.index)), self.dims)
+            d = d_in.scaled(self.momentum ** (self.seg.end - self.seg.start)).add_vectors(carry)
+        if last:
+            self.run.write_table(all_sums_path(), y.to_table())
+            return None
+        return y, d
+
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, suffix: dict[str, torch.Tensor], test_grad: dict[str, torch.Tensor],
-                 r_end: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Final embeddings S·e (+ β₁^(b−t) R_b u with momentum, r_end = R_b from the chain),
-        per-occurrence values and final per-(source, phase) sums."""
+    def finalize(self, vectors: ValueVectors, link: tuple | None = None, embeddings: bool = True) -> dict[str, Any]:
+        """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
+        e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
+        from the local sums the same way. `link` = (S, R_b) from the suffix scan (None for the
+        last segment: S = I, R_b = 0) gives the final embeddings (kept per sample when
+        keep_sample_embeddings) and the final per-(source, phase) sums; `embeddings` False
+        skips both (the sums then come from `chain_sums`)."""
         t0 = time.perf_counter()
         s = self.seg
-        S = {n: m.to(self.dtype) for n, m in suffix.items()}
-        R_end = {n: m.to(self.dtype) for n, m in r_end.items()} if r_end is not None and self.momentum else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.end) if R_end is not None else None
-        records = {r.step: r for r in self.run.step_records() if s.start <= r.step < s.end}
-        v = self.blocks.augment({n: g.to(self.dtype) for n, g in test_grad.items()})
+        w, z = vectors
+        w = {n: x.to(torch.float64) for n, x in w.items()}
+        z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
+        S0, r_end = link if link is not None else (None, None)
+        S = ({n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
+              for n, p in self.dims.items()} if embeddings else None)
+        R_end = ({n: m.to(self.dtype) for n, m in r_end.items()}
+                 if r_end is not None and self.momentum and embeddings else None)
+        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
+        records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
+                   for r in self.run.step_records(s.start, s.end)}
         epochs = {t: r.epoch for t, r in records.items()}
-        cols: dict[str, list] = {k: [] for k in ("sample_id", "source", "step", "epoch", "position", "value", "se")}
-        reader = GradientReader(self.run, kind=LOCAL_KIND)
+        reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
-                  if self.keep else None)
+                  if self.keep and embeddings else None)
         done = _committed(writer)
-        for a in range(s.start, s.end, self.read_chunk):
-            b = min(s.end, a + self.read_chunk)
-            u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
-            for batch in reader.read_steps(a, b, dtype=self.dtype):
-                if upd is None:
-                    final = {n: e @ S[n].T for n, e in batch.grads.items()}
-                else:
-                    final = finalise_step(batch.grads, S, R_end, upd.rows(u_by_step, batch, records[batch.step]),
-                                          self.momentum, s.end - batch.step)
-                value, se = self.blocks.values(final, v)
-                check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
-                if writer is not None and batch.step > done:  # a restart keeps what was committed
-                    writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
-                                      positions=list(batch.positions))
-                k = len(batch.sample_ids)
-                cols["sample_id"].append(batch.sample_ids.numpy())
-                cols["source"].extend(batch.sources)
-                cols["step"].append(np.full(k, batch.step))
-                cols["epoch"].append(np.full(k, epochs[batch.step]))
-                cols["position"].append(np.asarray(batch.positions))
-                cols["value"].append(value.double().numpy())
-                cols["se"].append(se.double().numpy() if se is not None else np.full(k, np.nan))
+        n_rows = 0
+        # the values stream into their table one read chunk at a time (atomic: nothing if a
+        # value is bad); memory is one chunk of local embeddings, never the segment
+        with self.run.table_writer(values_path(s.index)) as out:
+            for a in range(s.start, s.end, self.read_chunk):
+                b = min(s.end, a + self.read_chunk)
+                u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
+                for batch in reader.read_steps(a, b, dtype=self.dtype):
+                    u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
+                    value, se = self.blocks.combine(
+                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))
+                    check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
+                    if writer is not None and batch.step > done:  # a restart keeps what was committed
+                        final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step)
+                        writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
+                                          positions=list(batch.positions))
+                    k = len(batch.sample_ids)
+                    cols["sample_id"].append(batch.sample_ids.numpy())
+                    cols["source"].append(np.asarray(batch.sources, dtype=object))
+                    cols["step"].append(np.full(k, batch.step))
+                    cols["epoch"].append(np.full(k, epochs[batch.step]))
+                    cols["position"].append(np.asarray(batch.positions))
+                    cols["value"].append(value.numpy())
+                    # the projection's standard error of the value (null without blocks)
+                    cols["value_se"].append(se.numpy() if se is not None else np.full(k, np.nan))
+                    n_rows += k
+                if cols["step"]:
+                    out.write(values_table(cols))
         if writer is not None:
             writer.close()
-        values = pa.table({
-            "sample_id": pa.array(np.concatenate(cols["sample_id"]), pa.int64()),
-            "source": pa.array(cols["source"], pa.string()),
-            "step": pa.array(np.concatenate(cols["step"]), pa.int64()),
-            "epoch": pa.array(np.concatenate(cols["epoch"]), pa.int64()),
-            "position": pa.array(np.concatenate(cols["position"]), pa.int64()),
-            "value": pa.array(np.concatenate(cols["value"]), pa.float64()),
-            # the projection's standard error of the value (null without blocks)
-            "value_se": pa.array(np.concatenate(cols["se"]), pa.float64(), from_pandas=True),
-        })
-        self.run.write_table(values_path(s.index), values)
-        sums = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims).transformed(S)
-        if R_end is not None:
-            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
-            sums.add_vectors(carry.transformed(R_end))
-        self.run.write_table(sums_path(s.index, final=True), sums.to_table())
-        return {"segment": s.index, "occurrences": values.num_rows, "seconds": time.perf_counter() - t0}
+        local = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
+        carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
+                 if z is not None else None)
+        self.run.write_table(scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
+        if embeddings:
+            sums = local.transformed(S)
+            if R_end is not None:
+                sums.add_vectors(carry.transformed(R_end))
+            self.run.write_table(sums_path(s.index, final=True), sums.to_table())
+        return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+
+
+VALUE_COLUMNS = ("sample_id", "source", "step", "epoch", "position", "value", "value_se")
+VALUES_SCHEMA = pa.schema([("sample_id", pa.int64()), ("source", pa.string()), ("step", pa.int64()),
+                           ("epoch", pa.int64()), ("position", pa.int64()), ("value", pa.float64()),
+                           ("value_se", pa.float64())])
+
+
+def values_table(cols: dict[str, list]) -> pa.Table:
+    """Rows of a segment's values table from per-step column arrays (NaN se -> null)."""
+    arrays = {k: np.concatenate(cols[k]) for k in VALUE_COLUMNS}
+    return pa.table({k: pa.array(arrays[k], VALUES_SCHEMA.field(k).type, from_pandas=k == "value_se")
+                     for k in VALUE_COLUMNS}, schema=VALUES_SCHEMA)
+
+
+def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w: dict[str, torch.Tensor],
+                        z: dict[str, torch.Tensor] | None, layers) -> pa.Table:
+    """Per (source, phase, real layer): Σ of the occurrences' values, from the summed local
+    embeddings and carried update rows, Σe·w + (Σβ₁^(b−t)u)·z (float64; docs/method.md §4)."""
+    keys = sorted(local.sum)
+    rows = {"source": [], "phase": [], "layer": [], "n_occurrences": [], "value": []}
+    for key in keys:
+        for n in layers:
+            v = float(local.sum[key][n] @ w[n])
+            if z is not None and carry is not None and key in carry.sum:
+                v += float(carry.sum[key][n] @ z[n])
+            rows["source"].append(key[0])
+            rows["phase"].append(key[1])
+            rows["layer"].append(n)
+            rows["n_occurrences"].append(local.count[key])
+            rows["value"].append(v)
+    return pa.table(rows, schema=SCORES_SCHEMA)
+
+
+SCORES_SCHEMA = pa.schema([("source", pa.string()), ("phase", pa.int64()), ("layer", pa.string()),
+                           ("n_occurrences", pa.int64()), ("value", pa.float64())])
 
 
 class AdamSteps:
@@ -245,8 +385,8 @@ class AdamSteps:
     comes out as κ_s·lr_s/|B| as before.
     """
 
-    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, end: int):
-        self.reader = GradientReader(run, kind=UPDATE_KIND)
+    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, start: int, end: int):
+        self.reader = GradientReader(run, kind=UPDATE_KIND, step_range=(start, end))
         self.blocks, self.momentum, self.end = blocks, momentum, end
 
     def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:

@@ -49,16 +49,38 @@ class SourcePhaseSums:
         """The sums with every embedding mapped e ↦ S e (local -> final)."""
         out = SourcePhaseSums(self.dims)
         out.count = dict(self.count)
-        out.sum = {k: {n: suffix[n].to(self.dtype) @ v[n] for n in self.dims} for k, v in self.sum.items()}
+        # each layer's matrix cast once, not once per key: a p x p float64 copy per (key, layer)
+        # left the allocator's heap fragmented at GBs (measured with bench/scale.py)
+        keys = sorted(self.sum)
+        out.sum = {k: {} for k in keys}
+        for n in self.dims:
+            S = suffix[n].to(self.dtype)
+            if not keys:
+                continue
+            mapped = torch.stack([self.sum[k][n] for k in keys]) @ S.T  # rows v ↦ S v
+            for i, k in enumerate(keys):
+                out.sum[k][n] = mapped[i].clone()
+            del S, mapped
         return out
 
     def add_vectors(self, other: "SourcePhaseSums") -> "SourcePhaseSums":
         """Add other's vectors key by key, counts unchanged: the momentum term R_b·Σβ₁^(b−t)u
         of the same occurrences (docs/method.md §7, Segments)."""
         for key, vecs in other.sum.items():
+            acc = self.sum.get(key)
+            if acc is None:  # a key only the other has: its vectors, no occurrences of its own
+                acc = self.sum[key] = {n: torch.zeros(p, dtype=self.dtype) for n, p in self.dims.items()}
+                self.count[key] = 0
             for n in self.dims:
-                self.sum[key][n] += vecs[n].to(self.dtype)
+                acc[n] += vecs[n].to(self.dtype)
         return self
+
+    def scaled(self, factor: float) -> "SourcePhaseSums":
+        """The sums times a scalar, counts unchanged."""
+        out = SourcePhaseSums(self.dims)
+        out.count = dict(self.count)
+        out.sum = {k: {n: factor * v[n] for n in self.dims} for k, v in self.sum.items()}
+        return out
 
     def values(self, test_grad: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
         return {k: float(sum(v[n] @ test_grad[n].to(self.dtype) for n in self.dims)) for k, v in self.sum.items()}

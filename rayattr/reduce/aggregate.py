@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from rayattr.embed.guard import check_values
-from rayattr.embed.segment import sums_path, values_path
+from rayattr.embed.segment import all_sums_path, scores_path, sums_path, values_path
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import Run
 
@@ -21,10 +20,16 @@ def phase_edges(num_steps: int, phases: int) -> list[int]:
     return [round(i * num_steps / phases) for i in range(phases + 1)]
 
 
+def segment_values(run: Run, n_segments: int):
+    """Each segment's values table in turn (one in memory at a time), in training order:
+    segments cover increasing step ranges, each sorted by (step, position)."""
+    for i in range(n_segments):
+        yield run.read_table(values_path(i)).sort_by([("step", "ascending"), ("position", "ascending")])
+
+
 def sample_values(run: Run, n_segments: int) -> pa.Table:
-    """One row per occurrence, in training order."""
-    table = pa.concat_tables([run.read_table(values_path(i)) for i in range(n_segments)])
-    return table.sort_by([("step", "ascending"), ("position", "ascending")])
+    """One row per occurrence, in training order (all segments in memory: for tests and small runs)."""
+    return pa.concat_tables(list(segment_values(run, n_segments)))
 
 
 # Resamples of the per-source bootstrap; above BOOTSTRAP_MAX_N occurrences the normal limit
@@ -50,21 +55,75 @@ def sum_interval(values: np.ndarray, rng: np.random.Generator, level: float = 0.
     return float(np.quantile(sums, tail)), float(np.quantile(sums, 1 - tail))
 
 
+class SourceAccumulator:
+    """Streaming per-source group-by of occurrence values, in float64: count, sum, and the
+    mean/M2 of Chan et al.'s parallel update (for the normal-limit interval); the values
+    themselves only while a source has at most BOOTSTRAP_MAX_N occurrences (the bootstrap
+    needs them); distinct samples as a sorted id array per source."""
+
+    def __init__(self):
+        self.order: list[str] = []  # sources in order of first occurrence
+        self.n: dict[str, int] = {}
+        self.total: dict[str, float] = {}
+        self.mean: dict[str, float] = {}
+        self.m2: dict[str, float] = {}
+        self.kept: dict[str, list[np.ndarray] | None] = {}
+        self.ids: dict[str, np.ndarray] = {}
+
+    def add(self, table: pa.Table) -> None:
+        src = table["source"].to_numpy(zero_copy_only=False)
+        val = table["value"].to_numpy().astype(np.float64)
+        ids = table["sample_id"].to_numpy()
+        names, first = np.unique(src, return_index=True)
+        for name in names[np.argsort(first)]:
+            mask = src == name
+            v, s = val[mask], str(name)
+            if s not in self.n:
+                self.order.append(s)
+                self.n[s], self.total[s], self.mean[s], self.m2[s] = 0, 0.0, 0.0, 0.0
+                self.kept[s], self.ids[s] = [], np.zeros(0, np.int64)
+            n_a, n_b = self.n[s], len(v)
+            mean_b = float(v.mean())
+            m2_b = float(((v - mean_b) ** 2).sum())
+            delta = mean_b - self.mean[s]
+            n = n_a + n_b
+            self.mean[s] += delta * n_b / n
+            self.m2[s] += m2_b + delta * delta * n_a * n_b / n
+            self.n[s] = n
+            self.total[s] += float(v.sum())
+            if self.kept[s] is not None:
+                self.kept[s] = self.kept[s] + [v] if n <= BOOTSTRAP_MAX_N else None
+            self.ids[s] = np.union1d(self.ids[s], ids[mask])
+
+    def table(self, seed: int = 0, level: float = 0.95) -> pa.Table:
+        """Per source: distinct samples, occurrences, summed value with its 95 % bootstrap
+        interval (value_low, value_high) and value per sample; best value per sample first."""
+        rng = np.random.default_rng(seed)
+        rows = []
+        for s in self.order:
+            n, total = self.n[s], self.total[s]
+            if self.kept[s] is not None:
+                low, high = sum_interval(np.concatenate(self.kept[s]), rng, level)
+            else:  # the bootstrap's normal limit, √n · sd (population sd, as np.std)
+                from statistics import NormalDist
+
+                half = NormalDist().inv_cdf(1 - (1 - level) / 2) * math.sqrt(n) * math.sqrt(self.m2[s] / n)
+                low, high = total - half, total + half
+            k = len(self.ids[s])
+            rows.append({"source": s, "n_samples": k, "n_occurrences": n, "value": total,
+                         "value_low": low, "value_high": high, "value_per_sample": total / k})
+        schema = pa.schema([("source", pa.string()), ("n_samples", pa.int64()), ("n_occurrences", pa.int64()),
+                            ("value", pa.float64()), ("value_low", pa.float64()), ("value_high", pa.float64()),
+                            ("value_per_sample", pa.float64())])
+        return pa.Table.from_pylist(rows, schema=schema).sort_by([("value_per_sample", "descending")])
+
+
 def source_values(samples: pa.Table, seed: int = 0) -> pa.Table:
     """Per source: distinct samples, occurrences, summed value with its 95 % bootstrap interval
-    (value_low, value_high) and value per sample."""
-    g = samples.group_by("source").aggregate([("sample_id", "count_distinct"), ("sample_id", "count"),
-                                              ("value", "sum")])
-    names = {"sample_id_count_distinct": "n_samples", "sample_id_count": "n_occurrences", "value_sum": "value"}
-    g = g.rename_columns([names.get(c, c) for c in g.column_names])
-    g = g.append_column("value_per_sample", pc.divide(g["value"], pc.cast(g["n_samples"], pa.float64())))
-    rng = np.random.default_rng(seed)
-    src, val = samples["source"].to_numpy(zero_copy_only=False), samples["value"].to_numpy()
-    bounds = [sum_interval(val[src == s], rng) for s in g["source"].to_pylist()]
-    g = g.append_column("value_low", pa.array([b[0] for b in bounds], pa.float64()))
-    g = g.append_column("value_high", pa.array([b[1] for b in bounds], pa.float64()))
-    g = g.select(["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample"])
-    return g.sort_by([("value_per_sample", "descending")])
+    (value_low, value_high) and value per sample, from a table of occurrences."""
+    acc = SourceAccumulator()
+    acc.add(samples)
+    return acc.table(seed)
 
 
 def merged_sums(run: Run, n_segments: int, dims: dict[str, int]) -> SourcePhaseSums:
@@ -74,26 +133,43 @@ def merged_sums(run: Run, n_segments: int, dims: dict[str, int]) -> SourcePhaseS
     return total
 
 
-def phase_values(sums: SourcePhaseSums, edges: list[int], test_grad: dict[str, torch.Tensor]) -> pa.Table:
-    """Per source x phase, straight from the summed embeddings (no per-sample data needed)."""
-    vals = sums.values(test_grad)
-    keys = sorted(vals)
+def merged_scores(run: Run, n_segments: int) -> tuple[dict, dict, dict]:
+    """The segments' per-(source, phase, layer) value sums (the vector chain's, float64) grouped
+    by (source, phase) and by (source, layer), with occurrence counts per (source, phase)."""
+    by_phase: dict[tuple[str, int], float] = {}
+    by_layer: dict[tuple[str, str], float] = {}
+    count: dict[tuple[str, int], int] = {}
+    for i in range(n_segments):
+        t = run.read_table(scores_path(i)).to_pydict()
+        seen = set()
+        for src, ph, layer, n, v in zip(t["source"], t["phase"], t["layer"], t["n_occurrences"], t["value"]):
+            by_phase[(src, ph)] = by_phase.get((src, ph), 0.0) + v
+            by_layer[(src, layer)] = by_layer.get((src, layer), 0.0) + v
+            if (src, ph) not in seen:  # one count per (source, phase) of a segment, not per layer
+                seen.add((src, ph))
+                count[(src, ph)] = count.get((src, ph), 0) + n
+    return by_phase, by_layer, count
+
+
+def phase_values(by_phase: dict, count: dict, edges: list[int]) -> pa.Table:
+    """Per source x phase, from the summed embeddings (no per-sample data needed)."""
+    keys = sorted(by_phase)
     return pa.table({
         "source": pa.array([k[0] for k in keys], pa.string()),
         "phase": pa.array([k[1] for k in keys], pa.int64()),
         "step_start": pa.array([edges[k[1]] for k in keys], pa.int64()),
         "step_end": pa.array([edges[k[1] + 1] for k in keys], pa.int64()),
-        "n_occurrences": pa.array([sums.count[k] for k in keys], pa.int64()),
-        "value": pa.array([vals[k] for k in keys], pa.float64()),
+        "n_occurrences": pa.array([count[k] for k in keys], pa.int64()),
+        "value": pa.array([by_phase[k] for k in keys], pa.float64()),
     })
 
 
-def layer_values(sums: SourcePhaseSums, test_grad: dict[str, torch.Tensor]) -> pa.Table:
+def layer_values(by_layer: dict, layers: list[str]) -> pa.Table:
     """Per source x layer: the part of the source's value carried by each layer's block of the
     curvature (layers are independent in the recursion, so the parts add up to the value)."""
-    by_src = sums.by_source()
-    rows = [{"source": s, "layer": n, "value": float(by_src[s][n] @ test_grad[n].to(by_src[s][n].dtype))}
-            for s in sorted(by_src) for n in sums.dims]
+    sources = sorted({k[0] for k in by_layer})
+    rows = [{"source": s, "layer": n, "value": by_layer[(s, n)]} for s in sources for n in layers
+            if (s, n) in by_layer]
     return pa.Table.from_pylist(rows, schema=pa.schema([("source", pa.string()), ("layer", pa.string()),
                                                         ("value", pa.float64())]))
 
@@ -109,16 +185,29 @@ def source_embeddings(sums: SourcePhaseSums) -> pa.Table:
     return pa.table(cols)
 
 
-def write_outputs(run: Run, n_segments: int, edges: list[int], test_grad: dict[str, torch.Tensor]) -> dict:
+SAMPLE_COLUMNS = ["sample_id", "source", "step", "epoch", "value", "value_se"]
+
+
+def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
+    """values/ and embeddings/ from the segments' tables, one segment in memory at a time:
+    a first pass checks every value and groups by source (float64), a second streams the
+    occurrences into values/samples.parquet, so nothing is written when a value is bad."""
     dims = {k: int(v) for k, v in run.manifest["layer_dims"].items()}
-    samples = sample_values(run, n_segments)
-    check_values(torch.from_numpy(samples["value"].to_numpy()), samples["step"].to_numpy(), "values/samples.parquet")
-    sources = source_values(samples)
-    sums = merged_sums(run, n_segments, dims)
-    run.write_table("values/samples.parquet",
-                    samples.select(["sample_id", "source", "step", "epoch", "value", "value_se"]))
+    acc = SourceAccumulator()
+    for table in segment_values(run, n_segments):
+        check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), "values/samples.parquet")
+        acc.add(table)
+    sources = acc.table()
+    with run.table_writer("values/samples.parquet") as w:
+        for table in segment_values(run, n_segments):
+            w.write(table.select(SAMPLE_COLUMNS))
     run.write_table("values/sources.parquet", sources)
-    run.write_table("values/phases.parquet", phase_values(sums, edges, test_grad))
-    run.write_table("values/layers.parquet", layer_values(sums, test_grad))
-    run.write_table("embeddings/sources.parquet", source_embeddings(sums))
-    return {"sources": sources.to_pylist(), "occurrences": samples.num_rows}
+    by_phase, by_layer, count = merged_scores(run, n_segments)
+    run.write_table("values/phases.parquet", phase_values(by_phase, count, edges))
+    run.write_table("values/layers.parquet", layer_values(by_layer, list(dims)))
+    if run.exists(all_sums_path()):  # the forward scan's (no suffix matrices were formed)
+        sums = SourcePhaseSums.from_table(run.read_table(all_sums_path()), dims)
+        run.write_table("embeddings/sources.parquet", source_embeddings(sums))
+    elif all(run.exists(sums_path(i, final=True)) for i in range(n_segments)):
+        run.write_table("embeddings/sources.parquet", source_embeddings(merged_sums(run, n_segments, dims)))
+    return {"sources": sources.to_pylist(), "occurrences": sum(acc.n.values())}

@@ -27,21 +27,23 @@ def final_model(run: Run, cfg: Config | None = None) -> torch.nn.Module:
 
 
 def text_gradients(run: Run, table: pa.Table, batch_size: int = 32, cfg: Config | None = None,
-                   model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample projected gradients (N, p) per layer of each text's own loss at the final model.
+                   model: torch.nn.Module | None = None, device: str | torch.device = "cpu"
+                   ) -> dict[str, torch.Tensor]:
+    """Per-sample projected gradients (N, p) per layer of each text's own loss at the final model
+    (computed on `device`, returned on the CPU).
 
     `table` has id, source, text columns; a sample's loss is the mean of its token losses,
     as in training.
     """
     cfg = cfg or Config.from_dict(run.manifest["config"])
-    model = model if model is not None else final_model(run, cfg)
+    model = (model if model is not None else final_model(run, cfg)).to(device)
     data = TokenizedDataset(table, load_tokenizer(cfg.data.tokenizer), cfg.data.seq_len)
     spec = ProjectionSpec.from_dict(run.manifest["projection"])
     cap = GradientCapture(model, projection=spec, layers=cfg.capture.layers)
     params = [p for p in model.parameters() if p.requires_grad]
     out: dict[str, list[torch.Tensor]] = {}
     for a in range(0, len(data), batch_size):
-        b = data.batch(np.arange(a, min(len(data), a + batch_size)))
+        b = {k: v.to(device) for k, v in data.batch(np.arange(a, min(len(data), a + batch_size))).items()}
         with cap:
             cap.set_mask(b["attention_mask"])
             logits = logits_of(model, b["input_ids"], b["attention_mask"])
@@ -49,7 +51,7 @@ def text_gradients(run: Run, table: pa.Table, batch_size: int = 32, cfg: Config 
                                      reduction=SAMPLE_LOSS_REDUCTION)
             torch.autograd.grad(losses.sum(), params, allow_unused=True)
         for n, g in cap.gradients().items():
-            out.setdefault(n, []).append(g)
+            out.setdefault(n, []).append(g.cpu())
     return {n: torch.cat(v) for n, v in out.items()}
 
 
@@ -57,6 +59,48 @@ def validation_gradient(run: Run) -> dict[str, torch.Tensor]:
     """Gradient of the mean validation loss at the final model (the values' test point)."""
     grads = text_gradients(run, run.read_table("data/validation.parquet"))
     return {n: g.double().mean(0) for n, g in grads.items()}
+
+
+def shard_rows(n_rows: int, shard: int, n_shards: int) -> tuple[int, int]:
+    """Rows [start, end) of one of n_shards near-equal contiguous shards."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in [0, {n_shards})")
+    return n_rows * shard // n_shards, n_rows * (shard + 1) // n_shards
+
+
+def validation_gradient_sum(run: Run, shard: int, n_shards: int, device: str | torch.device = "cpu"
+                            ) -> tuple[dict[str, torch.Tensor], int]:
+    """(Σ of the per-sample gradients in float64, rows) over one shard of the validation set:
+    shards summed and divided by the total rows give validation_gradient (the loss is a mean
+    over samples, so its gradient is too). Only the shard's rows are tokenised and run."""
+    table = run.read_table("data/validation.parquet")
+    a, b = shard_rows(table.num_rows, shard, n_shards)
+    if b == a:
+        return {}, 0
+    cfg = Config.from_dict(run.manifest["config"])
+    model = final_model(run, cfg)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(a, b, VALIDATION_ROWS):  # the per-sample rows of one slice at a time
+        grads = text_gradients(run, table.slice(start, min(b, start + VALIDATION_ROWS) - start),
+                               cfg=cfg, model=model, device=device)
+        for n, g in grads.items():
+            sums[n] = sums[n] + g.double().sum(0) if n in sums else g.double().sum(0)
+    return sums, b - a
+
+
+VALIDATION_ROWS = 256  # validation rows whose per-sample gradients are held at once
+
+
+def mean_of_sums(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """The mean gradient from shards' (sums, rows), in float64."""
+    rows = sum(n for _, n in parts)
+    if rows == 0:
+        raise ValueError("the validation set has no rows")
+    total: dict[str, torch.Tensor] = {}
+    for sums, _ in parts:
+        for name, g in sums.items():
+            total[name] = total[name] + g if name in total else g.clone()
+    return {name: g / rows for name, g in total.items()}
 
 
 @torch.no_grad()

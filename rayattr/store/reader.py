@@ -12,7 +12,8 @@ import pyarrow as pa
 import torch
 
 from . import layout
-from .commits import Part, ShardCommit, latest_per_step, load_commits
+from .commits import Part, ShardCommit, latest_per_step
+from .index import load_entries
 from .errors import StoreError
 from .run import Run
 from .shard import column_to_tensor, merge_ranges, open_sparse, sha256_hex
@@ -54,19 +55,23 @@ class GradientReader:
 
     def __init__(self, run: Run, kind: str = "train", projection: dict | None = None,
                  expected_ranks: Sequence[int] | None = None, window_bytes: int = 128 << 20,
-                 prefetch: bool = True):
+                 prefetch: bool = True, step_range: tuple[int, int | None] | None = None):
         self.run = run
         self.kind = layout.check_kind(kind)
         run.check_compatible(None, projection)
         self.expected_ranks = None if expected_ranks is None else sorted(set(expected_ranks))
         self.window_bytes = window_bytes  # bytes fetched per round trip (and prefetched ahead)
         self.prefetch = prefetch
+        # Steps [start, end) this reader serves: it opens only the index objects that cover
+        # them (store/index.py); None = every step
+        self.step_range = tuple(step_range) if step_range is not None else (0, None)
         self._storage = run._storage
         self.refresh()
 
     # -- index -------------------------------------------------------------------------------
     def refresh(self) -> None:
-        entries = load_commits(self._storage, layout.commit_dir(self.kind))
+        entries = load_entries(self._storage, self.kind, step_start=self.step_range[0],
+                               step_end=self.step_range[1])
         regs_rel = [r for r in self._storage.find(layout.writer_dir(self.kind))
                     if r.endswith(".json")]
         regs = {int(r["rank"]): r for r in map(json.loads, self._storage.get_many(regs_rel))}
@@ -101,8 +106,10 @@ class GradientReader:
         self._known = {**(self.run.layers() or {}), **written}
 
     def committed_steps(self) -> list[int]:
-        """Sorted steps whose rows are committed by all ranks that write them."""
-        return sorted(self._index)
+        """Sorted steps whose rows are committed by all ranks that write them (inside the
+        reader's step_range)."""
+        a, b = self.step_range
+        return sorted(s for s in self._index if s >= a and (b is None or s < b))
 
     # -- reading -----------------------------------------------------------------------------
     def _check_layers(self, layers: Sequence[str] | None) -> list[str]:

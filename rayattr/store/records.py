@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
-from .commits import RECORDS_FORMAT, ShardCommit, load_commits, sha256_hex, write_commit
+from .commits import RECORDS_FORMAT, ShardCommit, sha256_hex, write_commit
+from .index import load_entries
 from .errors import StoreError
 
 if TYPE_CHECKING:
@@ -105,8 +106,10 @@ def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
     write_commit(run._storage, layout.records_commit_path(first, last), entry)
 
 
-def read_step_records(run: "Run") -> list[StepRecord]:
-    entries = load_commits(run._storage, f"commits/{layout.RECORDS_KIND}")
+def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = None) -> list[StepRecord]:
+    """Committed records of steps [step_start, step_end) (end None: all): only the chunks
+    whose step range overlaps it are fetched, found through the index (store/index.py)."""
+    entries = load_entries(run._storage, layout.RECORDS_KIND, step_start=step_start, step_end=step_end)
     entries.sort(key=lambda e: (e.committed_at, e.shard))
     blobs = run._storage.get_many([e.shard for e in entries])
     by_step: dict[int, StepRecord] = {}
@@ -114,6 +117,8 @@ def read_step_records(run: "Run") -> list[StepRecord]:
         if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
             raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
         for row in pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).to_pylist():  # see Run.read_table
+            if row["step"] < step_start or (step_end is not None and row["step"] >= step_end):
+                continue
             # runs before `clip` (or the AdamW fields) were recorded read the defaults
             by_step[row["step"]] = StepRecord(**{k: v for k, v in row.items() if v is not None or k == "loss"})
     return [by_step[s] for s in sorted(by_step)]

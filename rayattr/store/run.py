@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import io
@@ -268,6 +269,21 @@ class Run:
             raise StoreError(f"write_table: '{rel}' needs a .parquet, .arrow or .feather suffix")
         self.write_bytes(rel, data)
 
+    @contextlib.contextmanager
+    def table_writer(self, rel: str):
+        """Stream a Parquet table into the run batch by batch: yields an object whose
+        write(table) appends row groups (the schema is the first table's). Atomic like
+        write_table: nothing is visible if the block raises."""
+        if not rel.endswith(".parquet"):
+            raise StoreError(f"table_writer: '{rel}' needs a .parquet suffix")
+        self._check_writable("table_writer")
+        with self._storage.open_output(self._rel(rel, writing=True)) as f:
+            out = _ParquetStream(f)
+            try:
+                yield out
+            finally:  # on an error too (into the temp object that is then dropped)
+                out.close()
+
     def read_table(self, rel: str) -> pa.Table:
         data = self.read_bytes(rel)
         if rel.endswith(".parquet"):
@@ -290,12 +306,37 @@ class Run:
         self._check_writable("write_step_records")
         write_step_records(self, records)
 
-    def step_records(self) -> list[StepRecord]:
-        """Committed step records in step order (a re-written step: latest commit wins)."""
-        return read_step_records(self)
+    def step_records(self, step_start: int = 0, step_end: int | None = None) -> list[StepRecord]:
+        """Committed step records of [step_start, step_end) in step order (end None: all;
+        a re-written step: latest commit wins)."""
+        return read_step_records(self, step_start, step_end)
+
+    def compact_index(self, kinds: Sequence[str]) -> dict[str, int]:
+        """Fold each kind's loose commit entries into its index manifests (store/index.py):
+        kind -> entries folded. One compactor at a time (the driver, between stages)."""
+        from .index import compact
+
+        self._check_writable("compact_index")
+        return {k: compact(self._storage, k) for k in kinds}
 
     def __repr__(self) -> str:
         return f"Run({self.uri!r}, readonly={self.readonly})"
+
+
+class _ParquetStream:
+    """pq.ParquetWriter opened on the first table written (an empty stream writes nothing)."""
+
+    def __init__(self, f):
+        self.f, self.writer = f, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.f, table.schema, compression="zstd")
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -97,6 +98,35 @@ class Storage:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    @contextlib.contextmanager
+    def open_output(self, rel: str):
+        """A binary file to stream one object into, as atomic as put_bytes: locally a temp file
+        renamed on success, on S3 a multipart upload completed on success and aborted on error.
+        Nothing is visible if the block raises; memory is one upload part, not the object."""
+        path = self.path(rel)
+        if self.local:
+            d, name = os.path.split(path)
+            os.makedirs(d, exist_ok=True)
+            tmp = os.path.join(d, f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    if self.options.fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        f = self.fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # aborts the multipart upload: no partial object
+            raise
+        f.close()
 
     def remove(self, rels: Sequence[str]) -> None:
         paths = [self.path(r) for r in rels]

@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from . import layout
-from .commits import ShardCommit, load_commits, write_commit
+from .commits import ShardCommit, write_commit
+from .index import load_entries
 from .errors import StoreError
 from .run import Run
 from .shard import META_COLUMNS, check_dtype, encode_shard, sha256_hex, shard_schema, step_batch
@@ -104,7 +105,9 @@ class GradientWriter:
 
         if not takeover:
             self._refuse_if_open()
-        entries = load_commits(self._storage, layout.commit_dir(kind, rank))
+        # the rank's entries whether loose or folded into the index (else a compacted shard
+        # would count as an uncommitted leftover and be removed)
+        entries = load_entries(self._storage, kind, rank=rank, rank_dir=layout.rank_dir(rank))
         for e in entries:
             if e.layers != self.layers:
                 raise StoreError(f"rank {rank} ({kind}) already committed shards with layers "

@@ -1,0 +1,224 @@
+"""Bounded memory as a run grows, and the reduce's cost against the segment count (issue 13).
+
+    python bench/scale.py                       # steps 8 / 32 / 128 at rank 32; 1, 4, 16, 64 segments
+    python bench/scale.py --base-steps 16 --segments 1 4 16
+
+1. **Steps 1x, 4x, 16x at projection rank 32** (2 segments, so a segment's steps grow the
+   same): the whole job (jobs/pretrain_attr.py) in its own process and local Ray, three
+   times. A poller reads the peak RSS of the driver (VmHWM in /proc) and samples every Ray
+   worker process's RSS, grouped by what it runs (rank actors, segment actors, validation
+   tasks), and prints each group's peak against the 1x run with wall time. Target: every
+   process <= 1.3x; time grows with the steps. The plan's figure for a segment actor
+   (rayattr/plan.py) is printed beside the measured one.
+2. **Reduce cost against segments**: the 16x run's trained store, embedded with 1, 4, 16, 64
+   segments by SegmentWorker objects in this process (64 actor processes would not fit this
+   machine); timed separately: the vector chain and suffix scan through the workers,
+   finalize, and the driver's write_outputs, with this process's peak RSS growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from rayattr.config import Config  # noqa: E402
+from rayattr.dvemb import segment_bounds  # noqa: E402
+from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
+from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
+from rayattr.plan import estimate  # noqa: E402
+from rayattr.reduce import phase_edges, validation_gradient, write_outputs  # noqa: E402
+from rayattr.store import Run  # noqa: E402
+
+# Ray's process titles name the actor class or the task: what each group runs
+GROUPS = {"rank actor": "RankWorker", "segment actor": "SegmentWorker", "validation task": "_validation_shard"}
+EMBED_OUTPUTS = {"embed", "values", "embeddings", "local"}
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM: the process's peak resident set so far, in bytes (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Poller(threading.Thread):
+    """Every `every` s: the job process's peak RSS (VmHWM), and for each Ray worker process the
+    largest RSS sampled while its title names a group. Ray reuses idle worker processes, so a
+    worker's own high-water mark may come from an earlier task; sampling keeps each figure to
+    the group running at the time (a peak shorter than `every` can be missed)."""
+
+    def __init__(self, pid: int, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.root, self.every, self.stop = pid, every, threading.Event()
+        self.peaks: dict[tuple[int, str], int] = {}  # (pid, group) -> peak bytes
+
+    def group(self, proc: psutil.Process) -> str | None:
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            return None
+        return next((g for g, name in GROUPS.items() if name in title), None)
+
+    def run(self) -> None:
+        root = psutil.Process(self.root)
+        while not self.stop.is_set():
+            try:
+                self.peaks[(self.root, "driver")] = max(peak_rss(self.root), self.peaks.get((self.root, "driver"), 0))
+                procs = root.children(recursive=True)
+            except psutil.Error:
+                return
+            for p in procs:
+                g = self.group(p)
+                if g is None:
+                    continue
+                try:
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peaks[(p.pid, g)] = max(rss, self.peaks.get((p.pid, g), 0))
+            time.sleep(self.every)
+
+    def by_group(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, g), peak in self.peaks.items():
+            out[g] = max(out.get(g, 0), peak)
+        return out
+
+
+def settings(steps: int, rank: int, segments: int) -> dict:
+    return {"capture": {"rank": rank}, "train": {"steps": steps}, "embed": {"segments": segments},
+            "store": {"steps_per_shard": 8}}
+
+
+def run_measured(store: str, run_id: str, cfg: dict) -> tuple[float, dict[str, int]]:
+    """The job in its own process; (wall seconds, peak RSS per group)."""
+    path = Path(store) / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "jobs/pretrain_attr.py", "--config", str(path), "--store", store,
+                             "--run-id", run_id, "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    poll = Poller(proc.pid)
+    poll.start()
+    _, err = proc.communicate()
+    poll.stop.set()
+    poll.join()
+    if proc.returncode:
+        sys.exit(err[-3000:])
+    return time.perf_counter() - t, poll.by_group()
+
+
+def copy_trained(run: Run, dest: Path, name: str) -> Run:
+    shutil.copytree(run.uri, dest / name, ignore=lambda d, names: [n for n in names if n in EMBED_OUTPUTS])
+    return Run.open(str(dest), name, readonly=False)
+
+
+def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
+    """Embed `run` with n_seg in-process segment workers, then time the reduce's parts."""
+    cfg = Config.from_dict(run.manifest["config"])
+    steps = run.manifest["num_steps"]
+    ProjectionBlocks.register(run, cfg.embed.error_blocks)
+    edges = phase_edges(steps, cfg.embed.phases)
+    bounds = segment_bounds(steps, n_seg)
+    workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, dtype=cfg.embed.dtype,
+                             error_blocks=cfg.embed.error_blocks, threads=1)
+               for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.compute()
+    t1 = time.perf_counter()
+    vectors = [None] * n_seg
+    vectors[-1] = workers[-1].value_vectors(test_grad)
+    for ell in range(n_seg - 1, 0, -1):
+        vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
+    t2 = time.perf_counter()
+    # as the actors do: each passes its suffix on and finalises, then lets go of it
+    scan = fin = 0.0
+    link = None
+    for ell in range(n_seg - 1, -1, -1):
+        a = time.perf_counter()
+        before = workers[ell].chain_suffix(link) if ell else None
+        b = time.perf_counter()
+        workers[ell].finalize(vectors[ell], link)
+        workers[ell]._chain_inputs = None
+        scan, fin = scan + b - a, fin + time.perf_counter() - b
+        link = before
+    t4 = time.perf_counter()
+    write_outputs(run, n_seg, edges)
+    t5 = time.perf_counter()
+    return {"embed": t1 - t0, "vector chain": t2 - t1, "suffix scan": scan, "finalize": fin,
+            "write_outputs": t5 - t4, "reduce": t5 - t1}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-steps", type=int, default=8, help="the 1x run's steps (4x and 16x follow)")
+    p.add_argument("--rank", type=int, default=32, help="projection rank r (p = r*r per layer)")
+    p.add_argument("--segments", type=int, nargs="+", default=[1, 4, 16, 64], help="segment counts for the reduce")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        os.makedirs(store)
+        print(f"1. steps 1x/4x/16x at projection rank {args.rank}, 2 segments (peak RSS per process, x the 1x run)")
+        rows, base = [], None
+        for mult in (1, 4, 16):
+            steps = args.base_steps * mult
+            wall, peaks = run_measured(store, f"s{mult}", settings(steps, args.rank, 2))
+            run = Run.open(store, f"s{mult}")
+            plan = estimate(Config.from_dict(run.manifest["config"]), segments=2)
+            rows.append((mult, steps, wall, peaks, plan.process_memory["segment actor"]))
+            base = base or (wall, peaks)
+        groups = ["driver", *GROUPS]
+        print(f"{'steps':>6} {'wall s':>7} {'x':>5} " + " ".join(f"{g + ' MB':>18} {'x':>5}" for g in groups)
+              + f" {'plan: segment MB':>17}")
+        for mult, steps, wall, peaks, planned in rows:
+            cells = " ".join(f"{peaks.get(g, 0) / 1e6:>18.0f} {peaks.get(g, 0) / max(1, base[1].get(g, 0)):>5.2f}"
+                             for g in groups)
+            print(f"{steps:>6} {wall:>7.1f} {wall / base[0]:>5.2f} {cells} {planned / 1e6:>17.0f}")
+
+        print(f"\n2. reduce cost against segments (the {rows[-1][1]}-step run, in-process segment workers)")
+        trained = Run.open(store, "s16", readonly=False)
+        test_grad = validation_gradient(trained)
+        print(f"{'segments':>8} {'embed s':>8} {'vector chain s':>15} {'suffix scan s':>14} {'finalize s':>11} "
+              f"{'write_outputs s':>16} {'reduce s':>9} {'x':>5} {'RSS growth MB':>14}")
+        first = None
+        for n in args.segments:
+            run = copy_trained(trained, Path(tmp), f"seg{n}")
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            t = reduce_cost(run, n, test_grad)
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            first = first or t["reduce"]
+            print(f"{n:>8} {t['embed']:>8.2f} {t['vector chain']:>15.4f} {t['suffix scan']:>14.3f} "
+                  f"{t['finalize']:>11.2f} {t['write_outputs']:>16.3f} {t['reduce']:>9.2f} "
+                  f"{t['reduce'] / first:>5.2f} {grown / 1e6:>14.0f}")
+            shutil.rmtree(run.uri)
+        print("\n(RSS growth: how far this process's peak RSS rose during that count's embed and reduce;"
+              " 0 = it stayed below an earlier peak)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
