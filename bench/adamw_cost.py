@@ -55,7 +55,7 @@ def main() -> None:
         for i, (name, (file, over)) in enumerate(SETTINGS.items()):
             base = yaml.safe_load((ROOT / "jobs" / "configs" / file).read_text()) if file else {}
             run = run_job(str(store), f"s{i}r{rep}", merge(merge(base, over), extra))
-            timings = run.manifest()["timings"]
+            timings = run.manifest["timings"]
             for stage in STAGES:
                 times[name][stage] = min(times[name].get(stage, float("inf")), timings[stage])
             volume[name] = store_bytes(store / f"s{i}r{rep}")
