@@ -2,7 +2,7 @@
 
 If a rank actor dies, every rank is stopped (a DeepSpeed job cannot lose a member) and the
 gang is started again: the new ranks load the last complete checkpoint and skip writing what
-the store already holds (RankWorker._record), up to `train.max_restarts` times.
+the store already holds (Recorder), up to `train.max_restarts` times.
 """
 
 from __future__ import annotations
