@@ -50,7 +50,9 @@ def train_func(loop: dict) -> None:
         with checkpoint.as_directory() as d:
             _, state = engine.load_checkpoint(d, tag="ckpt")
             start = state["step"]
-    recorder = rayattr.Recorder(engine, run, cfg, takeover=checkpoint is not None)
+    # takeover: Ray Train stops a failed worker group before it starts the next, so an earlier
+    # writer of this rank still registered open is a dead one
+    recorder = rayattr.Recorder(engine, run, cfg, takeover=True)
 
     sampler = DistributedSampler(range(len(data)), shuffle=True, seed=cfg.train.seed, drop_last=True)
     loader = DataLoader(range(len(data)), batch_size=cfg.train.micro_batch, sampler=sampler, drop_last=True)
