@@ -1,11 +1,11 @@
-"""Rank actors around DeepSpeed: worker (one rank's loop), backend (process group, DS config), trainer (driver).
+"""DeepSpeed ranks under Ray Train: worker (one rank's loop), backend (process group, DS config), trainer (driver).
 
 Names are imported on first use: rayattr.record (which the worker trains through) imports
 train.engine and train.adam_state, and must not pull in Ray's actors to do so.
 """
 
 _NAMES = {"build_model": "rayattr.train.model", "train": "rayattr.train.trainer",
-          "NonFiniteLoss": "rayattr.record.errors", "RankActor": "rayattr.train.worker",
+          "NonFiniteLoss": "rayattr.record.errors",
           "RankWorker": "rayattr.train.worker"}
 
 __all__ = sorted(_NAMES)

@@ -1,4 +1,4 @@
-"""RankActor: one DeepSpeed training rank inside a Ray actor, recording through the Recorder.
+"""RankWorker: one DeepSpeed training rank (a Ray Train worker), recording through the Recorder.
 
 Per optimizer step a rank runs its micro-batches through the DeepSpeed engine inside a
 `Recorder.step` block (rayattr/record/recorder.py): the same code path a user's own training
@@ -29,7 +29,7 @@ from rayattr.train.quiet import quiet_known_noise
 
 
 class RankWorker:
-    """The training loop of one rank (plain class; `RankActor` is its Ray actor)."""
+    """The training loop of one rank; rayattr/train/trainer.py runs one per Ray Train worker."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
                  config: dict, run_uri: str, storage_options: dict | None = None):
@@ -133,5 +133,3 @@ class RankWorker:
     def close(self) -> None:
         self.recorder.close()
 
-
-RankActor = ray.remote(RankWorker)
