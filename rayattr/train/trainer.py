@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -132,12 +131,13 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
         run_config=RunConfig(name=f"rayattr-{run.run_id}-{time.time_ns()}", storage_path=tempfile.gettempdir(),
                              failure_config=FailureConfig(max_failures=t.max_restarts)))
     t0 = time.perf_counter()
-    done: dict[str, Any] = {}
-    fit = threading.Thread(target=_fit, args=(trainer, done), daemon=True)
-    fit.start()
+    # fit() runs in a task that names this cluster in RAY_ADDRESS: Ray Train's helper actors
+    # (its placement-group cleaner) inherit it, and so query this cluster's state even where
+    # `ray start` left another one on the machine (as rayattr/cluster.py keeps the driver off it)
+    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    fit = _fit.options(runtime_env=here).remote(trainer)
     losses = _follow(run, fit, progress)
-    if "error" in done:
-        raise done["error"]
+    ray.get(fit)  # a training failure beyond train.max_restarts raises here
     m = run.reload_manifest()
     if m.get("train_error"):
         raise NonFiniteLoss(m["train_error"])
@@ -147,36 +147,39 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
             "restarts": state["attempt"]}
 
 
-def _fit(trainer, done: dict) -> None:
-    try:
-        trainer.fit()
-    except Exception as err:  # noqa: BLE001 - handed to the driver's thread
-        done["error"] = err
+@ray.remote(num_cpus=0)
+def _fit(trainer) -> None:
+    trainer.fit()
 
 
-def _follow(run: Run, fit: threading.Thread, progress: bool) -> list[float]:
+def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
     """Follow the ranks' progress until fit returns: the progress bar, the losses per chunk,
     a note per restart, and the driver's test seam."""
     losses: list[float] = []
     seen = (None, None)
     bar = tqdm(desc="train", unit="step", disable=not progress)
+
+    def observe() -> None:
+        nonlocal seen
+        state = run.read_json(PROGRESS) if run.exists(PROGRESS) else None
+        if state is None or state.get("attempt", -1) < 0 or (state["attempt"], state["step"]) == seen:
+            return
+        if seen[0] is not None and state["attempt"] != seen[0]:
+            print(f"training rank failed; restarting from the last checkpoint (step {state['start']}, "
+                  f"restart {state['attempt']})", flush=True)
+            log.warning("training restarted (%d) from step %d", state["attempt"], state["start"])
+        seen = (state["attempt"], state["step"])
+        if state["loss"] is not None:
+            losses.append(state["loss"])
+            bar.total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
+            bar.n = state["step"]
+            bar.set_postfix(loss=f"{state['loss']:.3f}")
+            hooks.call("driver.train", step=state["step"])  # test seam: empty in production
+
     try:
-        while fit.is_alive():
-            fit.join(POLL_S)
-            state = run.read_json(PROGRESS) if run.exists(PROGRESS) else None
-            if state is None or state.get("attempt", -1) < 0 or (state["attempt"], state["step"]) == seen:
-                continue
-            if seen[0] is not None and state["attempt"] != seen[0]:
-                print(f"training rank failed; restarting from the last checkpoint (step {state['start']}, "
-                      f"restart {state['attempt']})", flush=True)
-                log.warning("training restarted (%d) from step %d", state["attempt"], state["start"])
-            seen = (state["attempt"], state["step"])
-            if state["loss"] is not None:
-                losses.append(state["loss"])
-                bar.total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
-                bar.n = state["step"]
-                bar.set_postfix(loss=f"{state['loss']:.3f}")
-                hooks.call("driver.train", step=state["step"])  # test seam: empty in production
+        while not ray.wait([fit], timeout=POLL_S)[0]:
+            observe()
+        observe()  # the last chunk, when fit returned between two looks
     finally:
         bar.close()
     return losses
