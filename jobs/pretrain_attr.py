@@ -6,118 +6,20 @@
     python jobs/pretrain_attr.py --resume run-20261124-101500          # finish a run whose driver died
     ray job submit --working-dir . -- python jobs/pretrain_attr.py --store s3://bucket/runs
 
+The same job is `rayattr train [CONFIG]` where the package is installed (rayattr/job.py).
 With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster; otherwise it starts a
 Ray instance of its own on this machine, even when `ray start` left a cluster running.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 # `python jobs/pretrain_attr.py` from a checkout works without installing the package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ray  # noqa: E402
-
-from rayattr.cluster import connect  # noqa: E402
-from rayattr.config import Config, ConfigError, load_config  # noqa: E402
-from rayattr.embed.guard import DivergenceError  # noqa: E402
-from rayattr.store.names import STORE_ENV  # noqa: E402
-from rayattr.train.worker import NonFiniteLoss  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (see jobs/configs/default.yaml); defaults: built-in demo")
-    p.add_argument("--store", help="store root URI (local path or s3://bucket/prefix); default: $RAYATTR_STORE, "
-                   "else the config's store.uri (./rayattr_runs)")
-    p.add_argument("--run-id", help="run name under the store root")
-    p.add_argument("--ranks", type=int, help="DeepSpeed ranks (Ray actors)")
-    p.add_argument("--segments", type=int, help="influence-checkpoint segments (segment actors)")
-    p.add_argument("--steps", type=int, help="stop training after this many optimizer steps")
-    p.add_argument("--epochs", type=int, help="passes over the training data")
-    p.add_argument("--placement", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
-                   help="rank actors' placement group strategy (STRICT_SPREAD: one rank per node)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per rank (NCCL)")
-    p.add_argument("--resume", metavar="RUN", help="finish a partial run (its id under --store, or its URI) "
-                   "with its recorded config; --config/overrides must agree with it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
-
-
-def command_line_settings(args: argparse.Namespace) -> dict:
-    """The config keys the command line sets (None: not given)."""
-    return {"train.ranks": args.ranks, "embed.segments": args.segments, "train.steps": args.steps,
-            "train.epochs": args.epochs, "train.use_gpu": args.gpu}
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
-    """The config to run: the file (or built-in defaults) with the command line's settings, and
-    the store root from --store, else $RAYATTR_STORE, else the config's store.uri. The
-    environment comes before the file so that a run the job writes is where `rayattr` looks up
-    run ids (rayattr.store.default_store). Returns it and, when $RAYATTR_STORE replaced a store
-    the config file names, a note saying so."""
-    where = {"run_id": args.run_id, "train.placement": args.placement}
-    cfg = load_config(args.config, **command_line_settings(args), **where)
-    env = os.environ.get(STORE_ENV)
-    store = args.store or env or cfg.store.uri
-    note = None
-    if store != cfg.store.uri:
-        if not args.store and args.config:
-            note = (f"note: store {store} from ${STORE_ENV}, not {cfg.store.uri} from {args.config} "
-                    "(--store overrides both)")
-        cfg = cfg.with_overrides(**{"store.uri": store}).validate()
-    return cfg, note
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from rayattr.data import DataError
-    from rayattr.pipeline import complete_run, open_for_resume, start_run
-    from rayattr.store import StoreError
-
-    try:
-        cfg, note = resolve_config(args)
-        if note:
-            print(note, file=sys.stderr, flush=True)
-        if args.resume:
-            # compare with the recorded config only what the user actually asked for
-            given = cfg if args.config or any(v is not None for v in command_line_settings(args).values()) else None
-            cfg, run = open_for_resume(args.resume, given, store=cfg.store.uri,
-                                       storage_options=cfg.store.storage_options)
-            print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
-        else:
-            run = start_run(cfg)  # data and store are checked before Ray starts
-    except (ConfigError, StoreError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    if not ray.is_initialized():
-        print(connect(), flush=True)
-    try:
-        result = complete_run(cfg, run, progress=not args.no_progress)
-    except (ConfigError, StoreError, DataError, NonFiniteLoss, DivergenceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-    m = run.reload_manifest()
-    if m.get("n_truncated"):  # truncation is by design (as in training), but never silent
-        used = (m.get("data") or {}).get("n_used", m.get("n_train"))  # only trained-on rows are tokenised
-        print(f"note: {m['n_truncated']} of the {used} training texts the run trains on are longer than data.seq_len = "
-              f"{cfg.data.seq_len} tokens and were truncated to it (run.json: n_truncated)")
-    print(f"\nrun: {result.uri}")
-    print(f"steps: {result.num_steps}, segments: {result.segments}")
-    print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    rows = result.sources
-    print(f"\n{'source':<16}{'samples':>8}{'value/sample':>16}")
-    for r in rows:
-        print(f"{r['source']:<16}{r['n_samples']:>8}{r['value_per_sample']:>16.3e}")
-    if rows:
-        print(f"\ntop source: {rows[0]['source']}   bottom source: {rows[-1]['source']}")
-    return 0
-
+from rayattr.job import command_line_settings, main, parse_args, resolve_config  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,9 +7,20 @@ capture -> store -> train -> embed -> reduce -> query / report, with the math in
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # `rayattr.open_run` without importing torch and Ray at `import rayattr`
-    if name == "open_run":
-        from rayattr.api import open_run
+# public names, imported on first use: `import rayattr` stays free of torch and Ray
+_PUBLIC = {"open_run": "rayattr.api", "Recorder": "rayattr.record.recorder", "attribute": "rayattr.attribution",
+           "new_run": "rayattr.pipeline"}
 
-        return open_run
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name == "new_run":  # the pipeline calls it start_run: data and config checked, run created
+        from rayattr.pipeline import start_run
+
+        return start_run
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'rayattr' has no attribute {name!r}")

@@ -8,6 +8,8 @@
     rayattr gc RUN [--dry-run]
     rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
+    rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
+    rayattr attribute RUN [--segments N] [--cpu]          (values for a run recorded by rayattr.Recorder)
 
 RUN is a run id in the store ($RAYATTR_STORE, else ./rayattr_runs), e.g. run-20261124-101500,
 or the run's path or URI (<store>/<run_id>, s3://bucket/prefix/<run_id>). S3 runs take their
@@ -246,6 +248,18 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    from rayattr.attribution import attribute
+
+    result = attribute(args.run, segments=args.segments, cpu=args.cpu,
+                       storage_options=_storage_options(args.storage_option), progress=not args.no_progress)
+    rows = result.sources
+    print(format_rows(rows, ["source", "n_samples", "n_occurrences", "value", "value_per_sample"], "table"))
+    print(f"\nsteps: {result.num_steps}, segments: {result.segments}")
+    print(f"run: {result.uri}")
+    return 0
+
+
 def cmd_gc(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
     from rayattr.store.gc import check_collectable, collect, collectable
@@ -344,6 +358,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="list what would be deleted, with sizes")
     g.set_defaults(func=cmd_gc)
 
+    at = sub.add_parser("attribute", parents=[so], help="embed and reduce a recorded run (rayattr.Recorder, "
+                                                        "the HF callback): writes its values/")
+    at.add_argument("run", help=RUN_HELP)
+    at.add_argument("--segments", type=positive_int, help="influence-checkpoint segments (default: one per CPU/GPU)")
+    at.add_argument("--cpu", action="store_true", help="segment actors on CPUs, whatever the training used")
+    at.add_argument("--no-progress", action="store_true")
+    at.set_defaults(func=cmd_attribute)
+
+    sub.add_parser("train", add_help=False, help="the built-in job: pretrain, record and attribute "
+                                                 "(rayattr train --help)")
     sub.add_parser("plan", add_help=False, help="storage, memory and time estimates for a config "
                                                 "(rayattr plan --help)")
     return p
@@ -377,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             from rayattr.plan import plan_main
 
             return plan_main(argv[1:])
+        if argv and argv[0] == "train":
+            from rayattr.job import main as train_main
+
+            return train_main(argv[1:], prog="rayattr train")
         code = _run(parser().parse_args(argv))
         sys.stdout.flush()  # a reader that left early (`| head`) shows up here, not at exit
         return code

@@ -92,7 +92,7 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     ranks: int = 2
-    """DeepSpeed ranks, one Ray actor each."""
+    """DeepSpeed ranks, one Ray Train worker each."""
     micro_batch: int = 8
     """Samples per rank per micro-step (DeepSpeed train_micro_batch_size_per_gpu)."""
     grad_accum: int = 1
@@ -111,9 +111,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """DeepSpeed checkpoint interval in steps (0 = none: a restart retrains from step 0)."""
     max_restarts: int = 2
-    """Times training restarts from the last checkpoint after a rank actor dies."""
+    """Times training restarts from the last checkpoint after a rank dies (Ray Train FailureConfig.max_failures)."""
     placement: str = "PACK"
-    """Placement-group strategy of the rank actors: PACK, SPREAD or STRICT_SPREAD (one per node)."""
+    """Placement strategy of the ranks (Ray Train ScalingConfig): PACK, SPREAD or STRICT_SPREAD (one per node)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """The optimizer: adamw (default) or sgd, with its settings."""
     deepspeed: dict[str, Any] = field(default_factory=lambda: {

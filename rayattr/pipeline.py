@@ -156,8 +156,16 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
         timings["train"] = time.perf_counter() - t
         run.update_manifest(timings=timings, train_restarts=info["restarts"], resumed_from=info["resumed_from"])
 
+    return attribute_recorded(cfg, run, timings, progress=progress)
+
+
+def attribute_recorded(cfg: Config, run: Run, timings: dict[str, float] | None = None,
+                       segments: int | None = None, progress: bool = True) -> RunResult:
+    """The embedding and reduce stages on a recorded run (the built-in job's own training, or a
+    user's loop recorded with rayattr.Recorder); a divergence marks the run failed."""
+    timings = dict(timings if timings is not None else (run.manifest.get("timings") or {}))
     try:
-        result = attribute(cfg, run, run.reload_manifest()["num_steps"], progress=progress)
+        result = attribute(cfg, run, run.reload_manifest()["num_steps"], segments=segments, progress=progress)
     except DivergenceError as err:  # nothing non-finite was written; the run says where it stopped
         message = str(getattr(err, "cause", None) or err)  # the message, not Ray's task traceback
         run.update_manifest(status="failed", error=message)

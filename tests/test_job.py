@@ -197,3 +197,18 @@ def test_job_store_defaults_to_rayattr_store(monkeypatch, argv, env, store, note
         assert env in note and argv[1] in note
     if "--store" not in argv and "--config" not in argv:
         assert cfg.store.uri == default_store()  # the same answer as the CLI's
+
+
+def test_rayattr_train_runs_the_job(capsys):
+    """`rayattr train [CONFIG]` is the job's own command line (no checkout needed)."""
+    from rayattr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "usage: rayattr train" in capsys.readouterr().out
+    job = job_module()
+    assert job.parse_args(["jobs/configs/small.yaml"]).config == "jobs/configs/small.yaml"
+    assert job.parse_args(["--config", "jobs/configs/small.yaml"]).config == "jobs/configs/small.yaml"
+    with pytest.raises(SystemExit):
+        job.parse_args(["a.yaml", "--config", "b.yaml"])
+    assert "two configs given" in capsys.readouterr().err

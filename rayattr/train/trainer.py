@@ -1,32 +1,37 @@
-"""Driver side of training: gang-schedule one RankActor per DeepSpeed rank and step them together.
+"""Driver side of training: one Ray Train TorchTrainer worker per DeepSpeed rank.
 
-If a rank actor dies, every rank is stopped (a DeepSpeed job cannot lose a member) and the
-gang is started again: the new ranks load the last complete checkpoint and skip writing what
-the store already holds (RankWorker._record), up to `train.max_restarts` times.
+Ray Train places the ranks (ScalingConfig: workers, GPUs, placement strategy), sets up their
+process group and, when a rank dies, restarts every rank (FailureConfig.max_failures =
+train.max_restarts): the new ranks load the run's last complete checkpoint and skip writing
+what the store already holds (Recorder), so no step is missing or duplicated. The ranks say
+how far they got in `train/progress.json` of the run, which the driver follows for its
+progress bar. `gather`, `rank_resources` and `_rendezvous` serve `rayattr validate`'s
+retraining gangs (rayattr/validate/gangs.py).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from rayattr import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train.backend import free_port, node_ip
-from rayattr.train.worker import NonFiniteLoss, RankActor
+from rayattr.train.worker import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
 # Seconds the other ranks get to commit what they hold after one reports a non-finite loss.
 FATAL_GRACE_S = 120.0
+PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss"}: rank 0 after each chunk
+POLL_S = 0.2
 
 
 @ray.remote(num_cpus=0)
@@ -67,63 +72,114 @@ def _fatal(err: Exception) -> Exception | None:
     return cause if isinstance(cause, NonFiniteLoss) else None
 
 
-def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
-          chunk_steps: int = 4) -> dict[str, Any]:
-    """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
-    restarts = 0
-    while True:
-        try:
-            info = _train_gang(cfg, run, storage_options, progress, chunk_steps)
-            info["restarts"] = restarts
-            return info
-        except (RayActorError, RayTaskError) as err:
-            fatal = _fatal(err)
-            if fatal is not None:
-                raise fatal from None
-            if restarts >= cfg.train.max_restarts:
-                raise
-            restarts += 1
-            log.warning("training rank failed (%s); restart %d of %d from the last checkpoint",
-                        type(err).__name__, restarts, cfg.train.max_restarts)
-            print(f"training rank failed ({type(err).__name__}); restarting from the last checkpoint "
-                  f"({restarts}/{cfg.train.max_restarts})", flush=True)
+def rank_loop(loop: dict) -> None:
+    """One Ray Train worker: a RankWorker over the process group Ray Train set up."""
+    import ray.train
+    import torch.distributed as dist
 
+    from rayattr.train.worker import RankWorker
 
-def _train_gang(cfg: Config, run: Run, storage_options: dict | None, progress: bool,
-                chunk_steps: int) -> dict[str, Any]:
-    world = cfg.train.ranks
-    pg = placement_group([rank_resources(cfg) for _ in range(world)], strategy=cfg.train.placement)
-    ray.get(pg.ready(), timeout=600)
-    actors = []
-    try:
-        on = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
-        addr, port = ray.get(_rendezvous.options(scheduling_strategy=on(0)).remote())
-        res = rank_resources(cfg)
-        actors = [RankActor.options(scheduling_strategy=on(r), num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
-                  .remote(r, world, addr, port, cfg.to_dict(redact=False), run.uri, storage_options)
-                  for r in range(world)]
-        infos = gather([a.info.remote() for a in actors])
-        info = infos[0]
-        start = info["start_step"]
-        if any(i["start_step"] != start for i in infos):
-            raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker = RankWorker(rank, world, None, None, loop["config"], loop["run"], loop["storage_options"])
+    info = worker.info()
+    infos: list = [None] * world
+    dist.all_gather_object(infos, info)
+    start = info["start_step"]
+    if any(i["start_step"] != start for i in infos):
+        raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
+    run = worker.run
+    attempt = 0
+    if rank == 0:
+        attempt = (run.read_json(PROGRESS)["attempt"] + 1) if run.exists(PROGRESS) else 0
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"],
                             rank_nodes=[i["node"] for i in infos], n_truncated=info["truncated"])
-        losses = []
-        t0 = time.perf_counter()
-        with tqdm(total=info["num_steps"], initial=start, desc="train", unit="step", disable=not progress) as bar:
-            for a in range(start, info["num_steps"], chunk_steps):
-                b = min(info["num_steps"], a + chunk_steps)
-                out = gather([act.train_steps.remote(a, b) for act in actors])
-                losses.append(out[0]["loss"])
-                bar.update(b - a)
-                bar.set_postfix(loss=f"{out[0]['loss']:.3f}")
-                hooks.call("driver.train", step=b)  # test seam: empty in production
-        gather([act.finish.remote() for act in actors])
-        info.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_from=start)
-        return info
+        run.write_json(PROGRESS, {"attempt": attempt, "start": start, "step": start, "loss": None})
+    try:
+        for a in range(start, info["num_steps"], loop["chunk_steps"]):
+            b = min(info["num_steps"], a + loop["chunk_steps"])
+            out = worker.train_steps(a, b)
+            if rank == 0:
+                run.write_json(PROGRESS, {"attempt": attempt, "start": start, "step": b, "loss": out["loss"]})
+            ray.train.report({"step": b, "loss": out["loss"]})
+    except NonFiniteLoss as err:  # every rank stops at the same step; a restart cannot help
+        if rank == 0:
+            run.update_manifest(train_error=str(err))
+        return
+    worker.finish()
+
+
+def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
+          chunk_steps: int = 4) -> dict[str, Any]:
+    """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if run.exists(PROGRESS):  # attempts count within this call
+        run.write_json(PROGRESS, {**run.read_json(PROGRESS), "attempt": -1})
+    run.update_manifest(train_error=None)
+    t = cfg.train
+    trainer = TorchTrainer(
+        rank_loop,
+        train_loop_config={"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
+                           "chunk_steps": chunk_steps},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
+                                     placement_strategy=t.placement),
+        # Ray Train's own storage keeps only its bookkeeping: checkpoints live in the run
+        run_config=RunConfig(name=f"rayattr-{run.run_id}-{time.time_ns()}", storage_path=tempfile.gettempdir(),
+                             failure_config=FailureConfig(max_failures=t.max_restarts)))
+    t0 = time.perf_counter()
+    # fit() runs in a task that names this cluster in RAY_ADDRESS: Ray Train's helper actors
+    # (its placement-group cleaner) inherit it, and so query this cluster's state even where
+    # `ray start` left another one on the machine (as rayattr/cluster.py keeps the driver off it)
+    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    fit = _fit.options(runtime_env=here).remote(trainer)
+    losses = _follow(run, fit, progress)
+    ray.get(fit)  # a training failure beyond train.max_restarts raises here
+    m = run.reload_manifest()
+    if m.get("train_error"):
+        raise NonFiniteLoss(m["train_error"])
+    state = run.read_json(PROGRESS)
+    return {"num_steps": m["num_steps"], "layer_dims": m["layer_dims"], "global_batch": m["global_batch"],
+            "losses": losses, "train_seconds": time.perf_counter() - t0, "resumed_from": state["start"],
+            "restarts": state["attempt"]}
+
+
+@ray.remote(num_cpus=0)
+def _fit(trainer) -> None:
+    trainer.fit()
+
+
+def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
+    """Follow the ranks' progress until fit returns: the progress bar, the losses per chunk,
+    a note per restart, and the driver's test seam."""
+    losses: list[float] = []
+    seen = (None, None)
+    bar = tqdm(desc="train", unit="step", disable=not progress)
+
+    def observe() -> None:
+        nonlocal seen
+        state = run.read_json(PROGRESS) if run.exists(PROGRESS) else None
+        if state is None or state.get("attempt", -1) < 0 or (state["attempt"], state["step"]) == seen:
+            return
+        if seen[0] is not None and state["attempt"] != seen[0]:
+            print(f"training rank failed; restarting from the last checkpoint (step {state['start']}, "
+                  f"restart {state['attempt']})", flush=True)
+            log.warning("training restarted (%d) from step %d", state["attempt"], state["start"])
+        seen = (state["attempt"], state["step"])
+        if state["loss"] is not None:
+            losses.append(state["loss"])
+            bar.total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
+            bar.n = state["step"]
+            bar.set_postfix(loss=f"{state['loss']:.3f}")
+            hooks.call("driver.train", step=state["step"])  # test seam: empty in production
+
+    try:
+        while not ray.wait([fit], timeout=POLL_S)[0]:
+            observe()
+        observe()  # the last chunk, when fit returned between two looks
     finally:
-        for act in actors:
-            ray.kill(act)
-        remove_placement_group(pg)
+        bar.close()
+    return losses

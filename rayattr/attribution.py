@@ -1,0 +1,65 @@
+"""`rayattr attribute RUN`: the embedding and reduce stages on a recorded run, as a job of its own.
+
+Recording happens inside the training job (rayattr.Recorder, the HF callback, or the built-in
+job); attribution reads only the run, so it can run later and elsewhere (CPU nodes for a GPU
+run). A recorded, not yet attributed run has manifest status "recorded"
+(rayattr/record/recorder.py); one interrupted while embedding picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+from rayattr.config import Config, ConfigError
+from rayattr.store import Run, StoreOptions, open_run_ref
+
+# statuses attribution starts or resumes from ("failed" only once training had finished)
+ATTRIBUTABLE = ("recorded", "embedding", "reducing", "failed")
+
+
+def open_recorded(ref: str | Run, storage_options: dict | None = None) -> Run:
+    """The run (writable), checked to hold a finished recording: final weights, step records,
+    its config and layer sizes; a clear error naming what is missing otherwise."""
+    run = ref if isinstance(ref, Run) else open_run_ref(
+        str(ref), options=StoreOptions(storage_options=dict(storage_options or {})), readonly=False)
+    m = run.manifest
+    status = m.get("status", "unknown")
+    if status == "done":
+        return run
+    missing = [what for what, ok in [
+        ("config (the manifest's 'config')", "config" in m),
+        ("layer sizes (manifest 'layer_dims')", "layer_dims" in m),
+        ("step count (manifest 'num_steps')", "num_steps" in m),
+        ("final weights (weights/final.safetensors)", run.exists("weights/final.safetensors")),
+        ("validation data (data/validation.parquet)", run.exists("data/validation.parquet")),
+    ] if not ok]
+    if status not in ATTRIBUTABLE or missing:
+        raise ConfigError(f"run {run.uri} (status '{status}') is not a finished recording: missing "
+                          f"{', '.join(missing) or 'nothing, but its status is not one of ' + str(ATTRIBUTABLE)}; "
+                          "finish the training with Recorder.finish() (or `rayattr train --resume`)")
+    return run
+
+
+def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
+              storage_options: dict | None = None, progress: bool = True):
+    """Values for a recorded run: embed + reduce on Ray (RAY_ADDRESS's cluster, else a local
+    instance). `cpu=True` runs the segment actors on CPUs whatever the training used.
+    Returns the pipeline's RunResult; an already attributed run is returned as it is."""
+    import ray
+
+    from rayattr.cluster import connect
+    from rayattr.pipeline import RunResult, attribute_recorded, read_sources
+
+    if segments is not None and (not isinstance(segments, int) or segments < 1):
+        raise ConfigError(f"segments must be a whole number >= 1, got {segments!r}")
+    run = open_recorded(run, storage_options)
+    m = run.manifest
+    if m.get("status") == "done":
+        return RunResult(uri=run.uri, timings=dict(m.get("timings") or {}), sources=read_sources(run),
+                         segments=m.get("segments", 0), num_steps=m.get("num_steps", 0))
+    cfg = Config.from_dict(m["config"]).with_overrides(
+        **{"store.uri": run.uri.rsplit("/", 1)[0], "run_id": run.run_id})
+    cfg.store.storage_options = dict(storage_options or {})
+    if cpu:
+        cfg.train.use_gpu = False
+    if not ray.is_initialized():
+        print(connect(), flush=True)
+    return attribute_recorded(cfg, run, segments=segments, progress=progress)

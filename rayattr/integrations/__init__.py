@@ -1,0 +1,1 @@
+"""Recording from training frameworks: `hf` (transformers.Trainer's RecorderCallback)."""

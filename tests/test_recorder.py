@@ -1,0 +1,162 @@
+"""rayattr.Recorder in one process around a plain torch model and optimizer: its rows against
+one-sample-at-a-time capture, its step records against the step's own numbers, resumption and
+the errors it names. (The built-in job trains through the same class: tests/test_pipeline.py,
+tests/test_faults.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import rayattr
+from rayattr.attribution import open_recorded
+from rayattr.capture import GradientCapture
+from rayattr.config import Config, ConfigError
+from rayattr.data import TokenizedDataset, load_tokenizer
+from rayattr.query.runs import RunNotFinished, require_finished
+from rayattr.record import Recorder, projection_spec
+from rayattr.store import GradientReader, Run
+from rayattr.train.engine import micro_batch_loss
+from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
+from rayattr.capture import per_sample_loss
+
+LR, CLIP, B = 0.5, 0.05, 4
+
+
+def small_config(store: str) -> Config:
+    return Config.from_dict({
+        "run_id": "rec", "store": {"uri": store, "steps_per_shard": 2},
+        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "data": {"seq_len": 16, "builtin": {"n_train": 32, "n_validation": 8, "max_chars": 64}},
+        "train": {"ranks": 1, "micro_batch": B, "lr": LR}, "capture": {"rank": 2},
+    }).validate()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    cfg = small_config(str(tmp_path))
+    run = rayattr.new_run(cfg)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
+    model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=0).double()
+    return cfg, run, data, model
+
+
+def one_sample_rows(model, data, cfg, idx) -> dict[str, torch.Tensor]:
+    """Each sample's projected gradient of its own loss, one forward/backward per sample."""
+    cap = GradientCapture(model, projection=projection_spec(cfg), layers=cfg.capture.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out: dict[str, list] = {}
+    for i in idx:
+        b = data.batch([i])
+        with cap:
+            cap.set_mask(b["attention_mask"])
+            logits = logits_of(model, b["input_ids"], b["attention_mask"])
+            loss = per_sample_loss(logits[:, :-1], b["labels"][:, 1:], reduction=SAMPLE_LOSS_REDUCTION).sum()
+            torch.autograd.grad(loss, params, allow_unused=True)
+        for n, g in cap.gradients().items():
+            out.setdefault(n, []).append(g)
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def grad_norm(model) -> float:
+    return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+
+
+def test_rows_and_step_records(setup):
+    cfg, run, data, model = setup
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rec = Recorder(model, run, cfg, optimizer=opt)
+    steps = [np.arange(0, B), np.arange(B, 2 * B) + 3]
+    want_rows, norms, losses = [], [], []
+    for step, idx in enumerate(steps):
+        want_rows.append(one_sample_rows(model, data, cfg, idx))  # at the step's weights
+        b = data.batch(idx)
+        ids = b["ids"].tolist()
+        # step 0 gives the ids up front, step 1 only inside the block (as the HF callback does)
+        with rec.step(ids if step == 0 else None, step=step, epoch=0):
+            if step == 1:
+                rec.add_samples(ids)
+            loss = micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+            losses.append(rec.add_loss(loss))
+            loss.backward()
+            norms.append(grad_norm(model))
+            rec.training.clip_gradients(CLIP)
+            opt.step()
+            opt.zero_grad()
+    rec.finish()
+
+    records = run.step_records()
+    assert [r.step for r in records] == [0, 1]
+    table = run.read_table("data/train.parquet").to_pydict()
+    source_of = dict(zip(table["id"], table["source"]))
+    for r, idx, norm, loss in zip(records, steps, norms, losses):
+        ids = [int(data.ids[i]) for i in idx]
+        assert r.sample_ids == ids and r.sources == [source_of[i] for i in ids] and r.ranks == [0] * B
+        kappa = min(1.0, CLIP / (norm + 1e-6))
+        assert kappa < 1.0  # the test clips: κ is exercised
+        assert r.clip == pytest.approx(kappa, rel=1e-9)
+        assert r.eta == pytest.approx(kappa * LR / B, rel=1e-9)
+        assert r.lr == LR and r.loss == pytest.approx(loss)
+    got = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    assert [g.step for g in got] == [0, 1]
+    for g, want in zip(got, want_rows):
+        assert g.sample_ids.tolist() == [int(data.ids[i]) for i in steps[g.step]]
+        for n in want:  # stored as float32
+            torch.testing.assert_close(g.grads[n], want[n], rtol=2e-5, atol=1e-7)
+
+    m = run.reload_manifest()
+    assert (m["status"], m["num_steps"], m["global_batch"]) == ("recorded", 2, B)
+    assert m["layer_dims"] == rec.layer_dims() and run.exists("weights/final.safetensors")
+    with pytest.raises(RunNotFinished, match="rayattr attribute"):
+        require_finished(run)
+    assert open_recorded(run) is run
+
+
+def test_resumed_recorder_writes_no_step_twice(setup):
+    cfg, run, data, model = setup
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def record(rec, steps):
+        for step in steps:
+            b = data.batch(np.arange(step * B, (step + 1) * B))
+            with rec.step(b["ids"].tolist(), step=step):
+                micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
+                opt.step()
+                opt.zero_grad()
+
+    first = Recorder(model, run, cfg, optimizer=opt)
+    record(first, range(3))
+    first.flush()
+    first.close()
+    again = Recorder(model, run, cfg, optimizer=opt)
+    assert again.stored_through == {"train": 2, "curvature": -1, "update": -1, "records": 2}
+    record(again, range(5))  # steps 0-2 again (a restart from step 0), then two new ones
+    again.finish()
+    assert [r.step for r in run.step_records()] == [0, 1, 2, 3, 4]
+    assert [b.step for b in GradientReader(run, kind="train").read_steps(0, None)] == [0, 1, 2, 3, 4]
+
+
+def test_bad_input_is_named(setup):
+    cfg, run, data, model = setup
+    with pytest.raises(ConfigError, match="adamw"):
+        Recorder(model, run, cfg.with_overrides(**{"train.optimizer.type": "adamw"}),
+                 optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ConfigError, match="momentum"):
+        Recorder(model, run, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    with pytest.raises(ValueError, match="optimizer="):
+        Recorder(model, run, cfg)
+    rec = Recorder(model, run, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    b = data.batch(np.arange(B))
+    with pytest.raises(ValueError, match=f"{B - 1} sample ids but {B} captured rows"):
+        with rec.step(b["ids"].tolist()[:-1]):
+            micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
+    with pytest.raises(ValueError, match="not in the run's data/train.parquet"):
+        with rec.step([10**9]):
+            pass
+    rec.close()
+    with pytest.raises(ConfigError, match="weights/final.safetensors"):
+        open_recorded(Run.open_uri(run.uri, readonly=False))
