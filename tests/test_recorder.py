@@ -31,7 +31,7 @@ def small_config(store: str) -> Config:
         "run_id": "rec", "store": {"uri": store, "steps_per_shard": 2},
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
         "data": {"seq_len": 16, "builtin": {"n_train": 32, "n_validation": 8, "max_chars": 64}},
-        "train": {"ranks": 1, "micro_batch": B, "lr": LR}, "capture": {"rank": 2},
+        "train": {"ranks": 1, "micro_batch": B, "lr": LR, "optimizer": {"type": "sgd"}}, "capture": {"rank": 2},
     }).validate()
 
 

@@ -23,7 +23,7 @@ def record(store: Path, ranks: int, port: int) -> Run:
         "run_id": f"ranks{ranks}", "store": {"uri": str(store), "steps_per_shard": 2},
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
         "data": {"seq_len": 16, "builtin": {"n_train": 32, "n_validation": 8, "max_chars": 64}},
-        "train": {"ranks": ranks, "micro_batch": 8 // ranks, "lr": 0.5}, "capture": {"rank": 2},
+        "train": {"ranks": ranks, "micro_batch": 8 // ranks, "lr": 0.5, "optimizer": {"type": "sgd"}}, "capture": {"rank": 2},
     }).validate()
     run = rayattr.new_run(cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
