@@ -40,7 +40,7 @@ def test_own_block_and_deepspeed_block_mean_the_same():
         assert a.adamw and b.adamw and b.from_deepspeed
         assert (a.lr, a.beta1, a.beta2, a.eps, a.weight_decay) == (b.lr, b.beta1, b.beta2, b.eps, b.weight_decay)
         # the rank builds torch's AdamW for both: DeepSpeed's block is not passed on
-        assert "optimizer" not in deepspeed_config(ds) and "optimizer" not in deepspeed_config(own)
+        assert "optimizer" not in deepspeed_config(ds, 10) and "optimizer" not in deepspeed_config(own, 10)
 
 
 def test_deepspeed_sgd_block_still_passes_through():
@@ -62,9 +62,13 @@ def test_deepspeed_sgd_block_still_passes_through():
     ({"optimizer": {"type": "lion"}}, {}, "train.optimizer.type"),
     ({"optimizer": {"type": "adamw", "betas": [0.9, 1.0]}}, {}, "train.optimizer.betas"),
     ({"optimizer": {"type": "adamw", "eps": 0}}, {}, "train.optimizer.eps"),
-    ({"optimizer": {"type": "adamw"}, "deepspeed": {"optimizer": {"type": "AdamW"}}}, {}, "train.optimizer and"),
+    # (a train.optimizer equal to the built-in default cannot be told from none given)
+    ({"optimizer": {"type": "adamw", "betas": [0.9, 0.999]}, "deepspeed": {"optimizer": {"type": "AdamW"}}}, {},
+     "train.optimizer and"),
     ({"optimizer": {"type": "adamw"}}, {"curvature": "sampled"}, "capture.curvature"),
-    ({"optimizer": {"type": "adamw"}, "checkpoint_every": 3}, {"precondition_every": 2},
+    ({"optimizer": {"type": "adamw"}}, {"precondition_every": 2}, "capture.preconditioner: lagged"),
+    ({"optimizer": {"type": "adamw"}}, {"preconditioner": "soon"}, "capture.preconditioner must be"),
+    ({"optimizer": {"type": "adamw"}, "checkpoint_every": 3}, {"preconditioner": "lagged", "precondition_every": 2},
      "train.checkpoint_every=3 must be a multiple of capture.precondition_every"),
 ])
 def test_refusals_name_the_key(train, capture, key):
