@@ -136,7 +136,10 @@ def test_driver_killed_then_resumed(baseline, tmp_path):
     out = run_job(tmp_path, "--store", store, "--resume", "d")
     assert out.returncode == 0, out.stderr[-3000:]
     run = Run.open(store, "d")
-    assert run.manifest["status"] == "done" and run.manifest["resumed_from"] == 12
+    # the driver dies once rank 0 reports step 12; Ray Train's ranks run on until the cluster
+    # goes, so the last complete checkpoint (every 4 steps) is step 12 or a later one
+    resumed = run.manifest["resumed_from"]
+    assert run.manifest["status"] == "done" and 12 <= resumed < run.manifest["num_steps"] and resumed % 4 == 0
     assert_trajectory_complete(run, run.manifest["num_steps"])
     np.testing.assert_array_equal(values(run), values(baseline))
 
