@@ -20,7 +20,7 @@ from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
-from rayattr.embed.stage import default_segments, start_segments, wait_all
+from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
 from rayattr.reduce import phase_edges, write_outputs
 from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
@@ -206,9 +206,10 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     # small machine they wait for its CPUs (it never waits for them: no deadlock)
     val_ref = start_validation_gradient(run, so, cfg.train.use_gpu)
     opt = resolve_optimizer(cfg)
-    actors, specs = start_segments(run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
-                                   cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
-                                   cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
+    actors, specs, placement = start_segments(
+        run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
+        cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
+        cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
     done = wait_all([a.compute.remote() for a in actors], "embed", progress)
     timings["embed"] = time.perf_counter() - t
     run.update_manifest(segment_nodes=[d["node"] for d in done],
@@ -244,8 +245,7 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     wait_all(finals, "finalize", progress)
     out = write_outputs(run, n_seg, edges)
     run.compact_index(EMBEDDING_KINDS)  # what queries read
-    for a in actors:
-        ray.kill(a)
+    stop_segments(actors, placement)
     timings["reduce"] = time.perf_counter() - t
     run.update_manifest(status="done", phase_edges=edges,
                         finished=dt.datetime.now(dt.timezone.utc).isoformat())

@@ -1,5 +1,6 @@
 """The Recorder under a launcher (no Ray): two data-parallel ranks record what one rank
-records for the same global batches (rows, step sizes, clip coefficients, losses)."""
+records for the same global batches (rows, step sizes, clip coefficients, losses), started by
+torchrun and by the plain `deepspeed` launcher."""
 
 from __future__ import annotations
 
@@ -18,26 +19,33 @@ from rayattr.store import GradientReader, Run
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def record(store: Path, ranks: int, port: int) -> Run:
+def launch(launcher: str, ranks: int, port: int) -> list[str]:
+    if launcher == "deepspeed":  # the `deepspeed` command; --no_local_rank: the loop reads RUN_URI from argv[1]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                "--master_port", str(port), "--no_local_rank"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
+
+
+def record(store: Path, ranks: int, port: int, launcher: str = "torchrun") -> Run:
     cfg = Config.from_dict({
-        "run_id": f"ranks{ranks}", "store": {"uri": str(store), "steps_per_shard": 2},
+        "run_id": f"{launcher}{ranks}", "store": {"uri": str(store), "steps_per_shard": 2},
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
         "data": {"seq_len": 16, "builtin": {"n_train": 32, "n_validation": 8, "max_chars": 64}},
         "train": {"ranks": ranks, "micro_batch": 8 // ranks, "lr": 0.5, "optimizer": {"type": "sgd"}}, "capture": {"rank": 2},
     }).validate()
     run = rayattr.new_run(cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                          "--master_port", str(port), "tests/launcher_loop.py", run.uri],
+    out = subprocess.run([*launch(launcher, ranks, port), "tests/launcher_loop.py", run.uri],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return Run.open_uri(run.uri)
 
 
-def test_two_ranks_record_what_one_rank_records(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_ranks_record_what_one_rank_records(tmp_path, launcher):
     from rayattr.train.backend import free_port
 
-    one, two = record(tmp_path, 1, free_port()), record(tmp_path, 2, free_port())
+    one, two = record(tmp_path, 1, free_port()), record(tmp_path, 2, free_port(), launcher)
     assert two.manifest["status"] == "recorded" and two.manifest["world_size"] == 2
     r1, r2 = one.step_records(), two.step_records()
     assert [r.step for r in r2] == [0, 1, 2]

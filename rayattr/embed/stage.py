@@ -6,10 +6,15 @@ import math
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from rayattr.dvemb import segment_bounds
 from rayattr.embed.segment import SegmentActor, SegmentSpec
+
+# how long the segments wait for one node each before settling for a SPREAD hint
+PLACEMENT_TIMEOUT_S = 120.0
 
 
 def default_segments(use_gpu: bool = False) -> int:
@@ -28,22 +33,64 @@ def actor_resources(n_segments: int, use_gpu: bool = False) -> dict[str, float]:
     return {"num_cpus": share if not use_gpu else 0, "num_gpus": share if use_gpu else 0}
 
 
+def nodes_that_fit(resources: dict[str, float], use_gpu: bool = False) -> int:
+    """Alive nodes whose total CPUs (GPUs) can hold one segment actor: a head node started
+    with --num-cpus=0 does not count."""
+    key, need = ("GPU", resources["num_gpus"]) if use_gpu else ("CPU", resources["num_cpus"])
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(key, 0) >= need)
+
+
+def segment_placement(n_segments: int, resources: dict[str, float], use_gpu: bool = False,
+                      timeout_s: float = PLACEMENT_TIMEOUT_S):
+    """A STRICT_SPREAD placement group, one bundle per segment, when the cluster has a node for
+    each: the segments' reads and matmuls then run on different nodes for certain, where a
+    SPREAD hint gives way whenever one node is still busy (the training ranks releasing their
+    CPUs, the validation-gradient task). None when there are more segments than nodes, or when
+    the group cannot be placed in `timeout_s`; the actors are then only SPREAD."""
+    if n_segments < 2 or nodes_that_fit(resources, use_gpu) < n_segments:
+        return None
+    bundle = {"GPU": resources["num_gpus"]} if use_gpu else {"CPU": resources["num_cpus"]}
+    pg = placement_group([dict(bundle) for _ in range(n_segments)], strategy="STRICT_SPREAD")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if ready:
+        return pg
+    remove_placement_group(pg)
+    print(f"warning: the {n_segments} segment actors could not be placed one per node within "
+          f"{timeout_s:.0f} s; they are spread as resources allow", flush=True)
+    return None
+
+
 def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
                    use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2,
-                   updates: bool = False, momentum: float = 0.0) -> tuple[list, list[SegmentSpec]]:
-    """One actor per segment; `updates` and `momentum` (Adam's β₁) for an AdamW run."""
+                   updates: bool = False, momentum: float = 0.0) -> tuple[list, list[SegmentSpec], Any]:
+    """One actor per segment; `updates` and `momentum` (Adam's β₁) for an AdamW run. Returns the
+    actors, their step ranges and their placement group (None if SPREAD only), which the
+    caller removes with the actors."""
     bounds = segment_bounds(num_steps, n_segments)
     specs = [SegmentSpec(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    # a crashed actor is restarted and its method retried: compute() skips finished work
-    # SPREAD: on a multi-node cluster the segments' reads and matmuls go to different nodes
-    opts = dict(**actor_resources(n_segments, use_gpu), max_restarts=3, max_task_retries=3,
-                scheduling_strategy="SPREAD")
-    actors = [SegmentActor.options(**opts).remote(run_uri, storage_options, s, edges, curvature, dtype,
-                                                  keep_sample_embeddings=keep_sample_embeddings,
-                                                  error_blocks=error_blocks, updates=updates, momentum=momentum)
-              for s in specs]
-    return actors, specs
+    resources = actor_resources(n_segments, use_gpu)
+    pg = segment_placement(n_segments, resources, use_gpu)
+
+    def where(i: int):
+        if pg is None:  # on a multi-node cluster the segments still go to different nodes if they can
+            return "SPREAD"
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+
+    # a crashed actor is restarted (in its bundle) and its method retried: compute() skips finished work
+    actors = [SegmentActor.options(**resources, max_restarts=3, max_task_retries=3, scheduling_strategy=where(i))
+              .remote(run_uri, storage_options, s, edges, curvature, dtype,
+                      keep_sample_embeddings=keep_sample_embeddings,
+                      error_blocks=error_blocks, updates=updates, momentum=momentum)
+              for i, s in enumerate(specs)]
+    return actors, specs, pg
+
+
+def stop_segments(actors: list, pg) -> None:
+    for a in actors:
+        ray.kill(a)
+    if pg is not None:
+        remove_placement_group(pg)
 
 
 def wait_all(refs: list, desc: str, progress: bool = True) -> list[Any]:
