@@ -1,76 +1,60 @@
-"""DeepSpeed checkpoints kept in the run, so a restarted rank (or a new driver) can resume.
+"""DeepSpeed checkpoints through Ray Train, kept in the run so that a restarted worker group or a
+new driver on the same run resumes from them.
 
-A local run lets DeepSpeed write straight into `<run>/checkpoints/`. For an object store each
-rank saves into node-local scratch and uploads its own files to `checkpoints/<tag>/`; a
-resuming rank downloads the tag and loads it. Either way `checkpoints/latest.json` is written
-by rank 0 after every rank's files are in place (the same data-then-commit rule as shards), so
-a checkpoint counts only once it is complete.
+Ray Train's storage is the run itself: `RunConfig(storage_path=<run>, name="checkpoints")`, on
+the run's own filesystem (local files, or S3 through the run's fsspec filesystem with the
+store's retries, rayattr/store/arrow_fs.py). At a
+checkpoint step every rank saves its engine state into node-local scratch and hands it to
+`ray.train.report`, which uploads each rank's files into one `checkpoints/checkpoint_*`
+directory and registers the checkpoint only after every rank has reported: a checkpoint counts
+only once it is complete (the same data-then-commit rule as shards). `ray.train.get_checkpoint()`
+gives the latest registered one to a restarted worker group, and to a new driver on the same
+run too, since Ray Train reloads its checkpoint manager from the same storage path and name.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-
-import torch.distributed as dist
+from typing import Any
 
 from rayattr.store import Run
 
-LATEST = "checkpoints/latest.json"
+NAME = "checkpoints"  # Ray Train's run name: its directory inside the run
+TAG = "engine"  # DeepSpeed's tag inside each checkpoint directory
+KEEP = 2  # checkpoints kept: the latest, and the one before while the latest uploads
 
 
-def is_local(run: Run) -> bool:
-    return "://" not in run.uri or run.uri.startswith("file://")
+def storage(run: Run) -> dict[str, Any]:
+    """RunConfig keywords that put Ray Train's checkpoints and bookkeeping in the run."""
+    st = run._storage
+    if st.local:
+        return {"name": NAME, "storage_path": os.path.abspath(st.root)}
+    from rayattr.store.arrow_fs import arrow_filesystem
+
+    # through the store's retries: an outage the store's own writes ride out must not fail training
+    return {"name": NAME, "storage_path": st.root, "storage_filesystem": arrow_filesystem(st.fs, st.options)}
 
 
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
+def save(engine, step: int, metrics: dict[str, Any]) -> None:
+    """Collective: every rank calls it at the same step boundary, after committing what it
+    recorded before `step` (a checkpoint never runs ahead of the recorded trajectory)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="rayattr-checkpoint-") as d:
+        engine.save_checkpoint(d, tag=TAG, client_state={"step": step}, save_latest=False)
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-class Checkpoints:
-    """Save and restore one rank's DeepSpeed engine state inside a run."""
+def restore(engine, rank: int) -> int:
+    """Load Ray Train's latest checkpoint into the engine; the step to go on from (0 if none)."""
+    import ray.train
 
-    def __init__(self, run: Run, rank: int):
-        self.run, self.rank = run, rank
-        if is_local(run):
-            self.root = os.path.join(run.uri.removeprefix("file://"), "checkpoints")
-        else:
-            self.root = os.path.join(tempfile.gettempdir(), "rayattr-checkpoints", run.run_id, f"rank{rank}")
-
-    def latest(self) -> dict | None:
-        """{"step", "tag"} of the last complete checkpoint, or None."""
-        return self.run.read_json(LATEST) if self.run.exists(LATEST) else None
-
-    def save(self, engine, step: int) -> None:
-        """Collective: every rank calls it at the same step boundary."""
-        tag = tag_of(step)
-        os.makedirs(self.root, exist_ok=True)
-        engine.save_checkpoint(self.root, tag=tag, client_state={"step": step}, save_latest=False)
-        if not is_local(self.run):
-            folder = os.path.join(self.root, tag)
-            for name in sorted(os.listdir(folder)):
-                with open(os.path.join(folder, name), "rb") as f:
-                    self.run.write_bytes(f"checkpoints/{tag}/{name}", f.read())
-            shutil.rmtree(folder, ignore_errors=True)
-        dist.barrier()  # every rank's files are in place before the marker
-        if self.rank == 0:
-            self.run.write_json(LATEST, {"step": step, "tag": tag})
-
-    def restore(self, engine) -> int:
-        """Load the latest complete checkpoint into the engine; the step to go on from (0 if none)."""
-        latest = self.latest()
-        if latest is None:
-            return 0
-        tag = latest["tag"]
-        if not is_local(self.run):
-            folder = os.path.join(self.root, tag)
-            os.makedirs(folder, exist_ok=True)
-            for name in self.run.list(f"checkpoints/{tag}"):
-                with open(os.path.join(folder, name), "wb") as f:
-                    f.write(self.run.read_bytes(f"checkpoints/{tag}/{name}"))
-        path, state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"rank {self.rank}: DeepSpeed could not load checkpoint {tag} from {self.root}")
-        return int(state["step"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        path, state = engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"rank {rank}: DeepSpeed could not load {checkpoint.path}")
+    return int(state["step"])

@@ -2,8 +2,9 @@
 
 Ray Train places the ranks (ScalingConfig: workers, GPUs, placement strategy), sets up their
 process group and, when a rank dies, restarts every rank (FailureConfig.max_failures =
-train.max_restarts): the new ranks load the run's last complete checkpoint and skip writing
-what the store already holds (Recorder), so no step is missing or duplicated. The ranks say
+train.max_restarts): the new ranks load Ray Train's latest checkpoint, which it keeps in the
+run (rayattr/train/checkpoints.py), and skip writing what the store already holds (Recorder),
+so no step is missing or duplicated. A new driver on the same run resumes from it too. The ranks say
 how far they got in `train/progress.json` of the run, which the driver follows for its
 progress bar. `gather`, `rank_resources` and `_rendezvous` serve `rayattr validate`'s
 retraining gangs (rayattr/validate/gangs.py).
@@ -12,7 +13,6 @@ retraining gangs (rayattr/validate/gangs.py).
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from rayattr import hooks
 from rayattr.config import Config
 from rayattr.store import Run
+from rayattr.train import checkpoints
 from rayattr.train.backend import free_port, node_ip
 from rayattr.train.worker import NonFiniteLoss
 
@@ -113,7 +114,7 @@ def rank_loop(loop: dict) -> None:
 def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
           chunk_steps: int = 4) -> dict[str, Any]:
     """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if run.exists(PROGRESS):  # attempts count within this call
@@ -127,8 +128,8 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
                                      placement_strategy=t.placement),
-        # Ray Train's own storage keeps only its bookkeeping: checkpoints live in the run
-        run_config=RunConfig(name=f"rayattr-{run.run_id}-{time.time_ns()}", storage_path=tempfile.gettempdir(),
+        # Ray Train's storage is the run: its checkpoints resume a restarted gang or a new driver
+        run_config=RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
                              failure_config=FailureConfig(max_failures=t.max_restarts)))
     t0 = time.perf_counter()
     # fit() runs in a task that names this cluster in RAY_ADDRESS: Ray Train's helper actors

@@ -22,7 +22,7 @@ from rayattr.data.run_data import rank_tokens
 from rayattr.record import NonFiniteLoss, Recorder, projection_spec, state_dict_bytes  # noqa: F401 (re-exported)
 from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import join_process_group
-from rayattr.train.checkpoints import Checkpoints
+from rayattr.train import checkpoints
 from rayattr.train.engine import build_engine, micro_batch_loss
 from rayattr.train.model import build_model
 from rayattr.train.quiet import quiet_known_noise
@@ -59,10 +59,9 @@ class RankWorker:
         # still registered open for this rank is a dead one (possibly on another node)
         self.recorder = Recorder(self.engine, self.run, cfg, rank=self.rank, world_size=self.world_size,
                                  takeover=True)
-        # Resuming: weights and optimizer from the last complete checkpoint; the steps from
+        # Resuming: weights and optimizer from Ray Train's latest checkpoint; the steps from
         # there to the last committed one are recomputed (identically) but not written again.
-        self.checkpoints = Checkpoints(self.run, self.rank)
-        self.start_step = self.checkpoints.restore(self.engine)
+        self.start_step = checkpoints.restore(self.engine, self.rank)
 
     def _load_data(self) -> None:
         """The run's training data and tokenizer (one call site: data loading lives in rayattr.data)."""
@@ -117,17 +116,17 @@ class RankWorker:
                     losses.append(loss.item())
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
-                self.save_checkpoint(step + 1)
+                self.save_checkpoint(step + 1, float(np.mean(losses)))
         self.recorder.commit_records()
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ checkpoints and the end
 
-    def save_checkpoint(self, step: int) -> None:
-        """Commit everything before `step`, then checkpoint: a checkpoint never runs ahead of
-        the recorded trajectory, so resuming from it leaves no gap."""
+    def save_checkpoint(self, step: int, loss: float) -> None:
+        """Commit everything before `step`, then checkpoint through Ray Train: a checkpoint
+        never runs ahead of the recorded trajectory, so resuming from it leaves no gap."""
         self.recorder.flush()
-        self.checkpoints.save(self.engine, step)
+        checkpoints.save(self.engine, step, {"loss": loss})
 
     def finish(self) -> dict[str, Any]:
         """Commit everything and save the final weights (rank 0)."""
