@@ -291,7 +291,7 @@ _RUNTIME_BYTES = 0.35e9
 def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
                  source_chars: int, n_val: int) -> dict[str, float]:
     """Peak bytes of every term of every process, keyed "<process>: <what>". The processes
-    are the driver, each rank actor (rank 0 has one more term), each segment actor and each
+    are the driver, each rank actor, each segment actor and each
     validation task; the code each term follows is named beside it."""
     from rayattr.store.index import SPAN
 
@@ -330,8 +330,6 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
-        # train/worker: rank 0 reads every step record to resume
-        "rank 0: step records": steps * G * (_PY_RECORD_BYTES + source_chars),
         # embed/segment: K (and R) in the embed dtype; the chain's incoming and outgoing S (and
         # R_b) in float64 when per-sample embeddings are kept, else the forward scan's sums y
         # (and d) in and out; w, z are vectors
@@ -366,13 +364,11 @@ def validation_tasks(plan: Plan) -> int:
 
 
 def process_totals(memory: dict[str, float]) -> dict[str, float]:
-    """Peak bytes per process: the sum of its terms (rank 0 has the rank's too)."""
+    """Peak bytes per process: the sum of its terms."""
     out: dict[str, float] = {}
     for key, v in memory.items():
         proc = key.split(":")[0]
         out[proc] = out.get(proc, 0.0) + v
-    if "rank 0" in out:
-        out["rank 0"] += out.get("rank", 0.0)
     return out
 
 
