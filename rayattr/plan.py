@@ -347,9 +347,11 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # entries of the manifests covering its steps, per kind read
         "segment actor: step records and index": seg_rows * (_PY_RECORD_BYTES + source_chars)
                                                  + kinds * t.ranks * math.ceil((steps_seg + SPAN) / spr) * entry,
-        # pipeline._validation_shard: the model, the validation table, one slice's per-sample
-        # gradients (float32, with the float64 sums beside) and tokens
-        "validation task: model and gradients": 4 * plan.n_params + n_val * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
+        # pipeline._validation_shard: the model, the row groups of one slice of its shard (at
+        # most two of data/run_data.VALIDATION_GROUP_ROWS), the slice's per-sample gradients
+        # (float32, with the float64 sums beside) and tokens
+        "validation task: model and gradients": 4 * plan.n_params
+                                                + min(2 * _VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
                                                 + min(_VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
     }

@@ -308,7 +308,7 @@ def test_docs_scale_prose_quotes_the_plan():
         f"index ({human_bytes(p.memory['driver: index compaction'])})",
         f"its own rows of one token file ({human_bytes(p.memory['rank: token rows of its steps'])})",
         "Rank 0 resumes from the last committed step record without reading any",
-        f"gradients ({human_bytes(p.memory['validation task: model and gradients'])} with 1 % of the corpus held out)",
+        f"per-sample gradients ({human_bytes(p.memory['validation task: model and gradients'])} with 1 % of the corpus held out",
         f"{p.ranks} rank actors, one GPU each",
         f"checkpoints every {cfg.train.checkpoint_every} steps",
         f"{p.segments} × {len(p.layers)} matrix-vector products",
