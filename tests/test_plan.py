@@ -309,6 +309,7 @@ def test_docs_scale_prose_quotes_the_plan():
         f"its own rows of one token file ({human_bytes(p.memory['rank: token rows of its steps'])})",
         "Rank 0 resumes from the last committed step record without reading any",
         f"per-sample gradients ({human_bytes(p.memory['validation task: model and gradients'])} with 1 % of the corpus held out",
+        f"total: {human_bytes(p.memory['report: per-sample totals (distinct samples)'])} for {p.n_samples / 1e6:.0f} M samples",
         f"{p.ranks} rank actors, one GPU each",
         f"checkpoints every {cfg.train.checkpoint_every} steps",
         f"{p.segments} × {len(p.layers)} matrix-vector products",
