@@ -282,6 +282,10 @@ _TEXT_BYTES_PER_TOKEN = 4
 _WRITE_CHUNK = 256  # SegmentWorker.write_chunk: steps of local embeddings held before writing
 _WRITE_CHUNK_BYTES = 512 << 20  # embed/segment.WRITE_CHUNK_BYTES: ... or this many bytes of them
 _VALIDATION_ROWS = 256  # reduce/gradients.VALIDATION_ROWS: per-sample rows a validation task holds
+_REPORT_SCAN_ROWS, _REPORT_MEDIAN_CAP = 1 << 16, 1 << 20  # report/html.SCAN_ROWS, MEDIAN_CAP
+# report/html.SampleTotals: one sample's totals (id, source offset, value, count, se2) and its
+# hash-table slot; held merged, as partial groups up to as many again, and sorted
+_REPORT_SAMPLE_BYTES = 52
 _BOOTSTRAP_MAX_N = 20_000  # reduce/aggregate.py: values kept per source for the bootstrap
 # Every process's interpreter with torch, pyarrow and Ray imported: a Ray worker measured at
 # 0.30-0.34 GB before its first task (bench/scale.py, CPU torch; a CUDA context adds more)
@@ -291,8 +295,8 @@ _RUNTIME_BYTES = 0.35e9
 def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
                  source_chars: int, n_val: int) -> dict[str, float]:
     """Peak bytes of every term of every process, keyed "<process>: <what>". The processes
-    are the driver, each rank actor (rank 0 has one more term), each segment actor and each
-    validation task; the code each term follows is named beside it."""
+    are the driver, each rank actor, each segment actor, each validation task and `rayattr
+    report`; the code each term follows is named beside it."""
     from rayattr.store.index import SPAN
 
     c, t = cfg.capture, cfg.train
@@ -330,8 +334,6 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
-        # train/worker: rank 0 reads every step record to resume
-        "rank 0: step records": steps * G * (_PY_RECORD_BYTES + source_chars),
         # embed/segment: K (and R) in the embed dtype; the chain's incoming and outgoing S (and
         # R_b) in float64 when per-sample embeddings are kept, else the forward scan's sums y
         # (and d) in and out; w, z are vectors
@@ -349,13 +351,20 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # entries of the manifests covering its steps, per kind read
         "segment actor: step records and index": seg_rows * (_PY_RECORD_BYTES + source_chars)
                                                  + kinds * t.ranks * math.ceil((steps_seg + SPAN) / spr) * entry,
-        # pipeline._validation_shard: the model, the validation table, one slice's per-sample
-        # gradients (float32, with the float64 sums beside) and tokens
-        "validation task: model and gradients": 4 * plan.n_params + n_val * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
+        # pipeline._validation_shard: the model, the row groups of one slice of its shard (at
+        # most two of data/run_data.VALIDATION_GROUP_ROWS), the slice's per-sample gradients
+        # (float32, with the float64 sums beside) and tokens
+        "validation task: model and gradients": 4 * plan.n_params
+                                                + min(2 * _VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
                                                 + min(_VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
+        # report/html.write_report streams values/samples.parquet: one batch of occurrences,
+        # the per-sample totals (every distinct sample: the top and bottom k need them all,
+        # so this grows with the corpus, not with the occurrences) and the median's last pass
+        "report: per-sample totals (distinct samples)": 3 * min(n, plan.occurrences) * (_REPORT_SAMPLE_BYTES + source_chars)
+                                                        + _REPORT_SCAN_ROWS * _VALUE_ROW_BYTES + _REPORT_MEDIAN_CAP * 8,
     }
-    for proc in ("driver", "rank", "segment actor", "validation task"):
+    for proc in ("driver", "rank", "report", "segment actor", "validation task"):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
     return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
 
@@ -366,13 +375,11 @@ def validation_tasks(plan: Plan) -> int:
 
 
 def process_totals(memory: dict[str, float]) -> dict[str, float]:
-    """Peak bytes per process: the sum of its terms (rank 0 has the rank's too)."""
+    """Peak bytes per process: the sum of its terms."""
     out: dict[str, float] = {}
     for key, v in memory.items():
         proc = key.split(":")[0]
         out[proc] = out.get(proc, 0.0) + v
-    if "rank 0" in out:
-        out["rank 0"] += out.get("rank", 0.0)
     return out
 
 

@@ -157,3 +157,31 @@ def test_step_records_read_by_step_range_through_the_index(store_root):
     part = run.step_records(3, 7)
     assert part == want[3:7]
     assert len(load_entries(run._storage, "steps", step_start=8, step_end=12)) == 1
+
+
+def test_last_step_record_is_the_max_over_all_records_from_names_only(store_root, monkeypatch):
+    """Run.last_step_record (what a recorder resumes from and finish's num_steps) equals the
+    max over every record, with loose entries, after a compaction, with loose entries beside
+    manifests, and with a later re-write of an earlier step; and it reads no object."""
+    run = new_run(store_root)
+    rec = lambda s: StepRecord(s, 0, 0.1, 0.01 * s, [s], ["x"], [0])  # noqa: E731
+    truth = lambda: max((r.step for r in run.step_records()), default=None)  # noqa: E731
+    assert run.last_step_record() is None and truth() is None
+    seen = []
+    for chunk in ([0, 1, 2], [3, 4], [5, 6, 7, 8], [9]):
+        run.write_step_records([rec(s) for s in chunk])
+        seen.append((run.last_step_record(), truth()))
+    compact(run._storage, "steps", span=4)  # manifests for chunks of 4 steps, no loose entries
+    assert not _loose(run._storage, "steps") and _manifests(run._storage, "steps")
+    seen.append((run.last_step_record(), truth()))
+    run.write_step_records([rec(s) for s in (10, 11)])  # loose beside the manifests
+    run.write_step_records([rec(2)])  # a re-written early step does not move the last one
+    seen.append((run.last_step_record(), truth()))
+    compact(run._storage, "steps", span=4)
+    seen.append((run.last_step_record(), truth()))
+    run.write_step_records([rec(s) for s in range(12, 20)])  # loose, spanning two chunks
+    monkeypatch.setattr(Storage, "get_bytes", lambda *a, **k: pytest.fail("read an object"))
+    monkeypatch.setattr(Storage, "get_many", lambda *a, **k: pytest.fail("read an object"))
+    seen.append((run.last_step_record(), 19))
+    assert all(a == b for a, b in seen), seen
+    assert [a for a, _ in seen] == [2, 4, 8, 9, 9, 11, 11, 19]

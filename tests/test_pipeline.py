@@ -251,7 +251,19 @@ def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
         assert got[n].dtype == torch.float64
         torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-7)
     parts = [validation_gradient_sum(run, i, 5) for i in range(5)]
-    assert sum(p[1] for p in parts) == run.read_table("data/validation.parquet").num_rows
+    table = run.read_table("data/validation.parquet")
+    assert sum(p[1] for p in parts) == table.num_rows
+    if shards == 1:  # each shard reads only its row groups: the sums of the whole-table read, bit for bit
+        from rayattr.reduce.gradients import VALIDATION_ROWS, final_model, shard_rows, text_gradients
+
+        model = final_model(run)
+        for i, (sums, rows) in enumerate(parts):
+            a, b = shard_rows(table.num_rows, i, 5)
+            want: dict[str, torch.Tensor] = {}
+            for start in range(a, b, VALIDATION_ROWS):
+                g = text_gradients(run, table.slice(start, min(b, start + VALIDATION_ROWS) - start), model=model)
+                want = {n: want[n] + x.double().sum(0) if n in want else x.double().sum(0) for n, x in g.items()}
+            assert rows == b - a and all(torch.equal(sums[n], want[n]) for n in want)
     local = mean_of_sums(parts)
     for n in whole:
         torch.testing.assert_close(local[n], got[n], rtol=1e-5, atol=1e-7)

@@ -1,7 +1,7 @@
 """What a run holds of its data, and the only way the pipeline writes and reads it.
 
-- data/validation.parquet: the configured validation set, always copied (it is small and the
-  validation gradient reads it whole).
+- data/validation.parquet: the configured validation set, always copied, in row groups of
+  VALIDATION_GROUP_ROWS rows (a validation task reads only the row groups of its shard).
 - Training texts: copied into the run (data/train.parquet for the built-in corpus, data/train/
   part-*.parquet for files from elsewhere, copied a record batch at a time), or, when the files
   already sit in the store's own filesystem or bucket, left where they are: data/train.files.json
@@ -45,6 +45,9 @@ LISTING = "data/train.files.json"
 # Rows per copied part and per row group of a copy: a lookup by id reads one row group.
 PART_ROWS = 1 << 18
 GROUP_ROWS = 1 << 14
+# Rows per row group of the validation set: a validation task reads only the row groups of its
+# slices of reduce/gradients.VALIDATION_ROWS rows (at most two per slice)
+VALIDATION_GROUP_ROWS = 256
 
 
 def in_store(urls: Sequence[str], store_uri: str) -> bool:
@@ -160,9 +163,9 @@ def _files_have_ids(ref: dict, so: dict | None) -> bool:
     return "id" in _dataset([(fs, path)]).schema.names
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, group_rows: int = GROUP_ROWS) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", row_group_size=GROUP_ROWS)
+    pq.write_table(table, sink, compression="zstd", row_group_size=group_rows)
     return sink.getvalue()
 
 
@@ -170,7 +173,7 @@ def write(run, prepared: PreparedData) -> dict:
     """Everything prepared into the run; the token meta last (it marks the data complete).
     Returns the manifest's data fields."""
     try:
-        run.write_table(VALIDATION, prepared.validation)
+        run.write_bytes(VALIDATION, _parquet_bytes(prepared.validation, VALIDATION_GROUP_ROWS))
         if prepared.train_copy is not None:
             run.write_bytes(TRAIN_COPY, _parquet_bytes(prepared.train_copy))
         for i, path in enumerate(prepared.parts):

@@ -138,7 +138,8 @@ class Recorder:
         # Resuming: steps up to what the store holds are recomputed (identically) but not
         # written again, so the trajectory has neither gaps nor duplicates.
         last = lambda w: -1 if w is None or w.last_committed_step is None else w.last_committed_step  # noqa: E731
-        records = max((r.step for r in self.run.step_records()), default=-1) if self.rank == 0 else -1
+        last_record = self.run.last_step_record() if self.rank == 0 else None  # names only, no records read
+        records = -1 if last_record is None else last_record
         self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer),
                                UPDATE_KIND: last(self.update_writer), "records": records}
         self.next_step = 0
@@ -348,11 +349,11 @@ class Recorder:
         if self.rank == 0:
             if weights:
                 self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.module))
-            steps = [r.step for r in self.run.step_records()]
+            last_record = self.run.last_step_record()
             fields = dict(status=RECORDED, layer_dims=self.layer_dims(), world_size=self.world_size,
                           recorded=dt.datetime.now(dt.timezone.utc).isoformat())
-            if steps:
-                fields["num_steps"] = max(steps) + 1
+            if last_record is not None:
+                fields["num_steps"] = last_record + 1
             if self.global_batch is not None:
                 fields["global_batch"] = self.global_batch
             self.run.update_manifest(**fields)

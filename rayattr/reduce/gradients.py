@@ -6,8 +6,11 @@ test gradient lives in the same space as the stored embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load
 
@@ -72,23 +75,40 @@ def validation_gradient_sum(run: Run, shard: int, n_shards: int, device: str | t
                             ) -> tuple[dict[str, torch.Tensor], int]:
     """(Σ of the per-sample gradients in float64, rows) over one shard of the validation set:
     shards summed and divided by the total rows give validation_gradient (the loss is a mean
-    over samples, so its gradient is too). Only the shard's rows are tokenised and run."""
-    table = run.read_table("data/validation.parquet")
-    a, b = shard_rows(table.num_rows, shard, n_shards)
-    if b == a:
-        return {}, 0
-    cfg = Config.from_dict(run.manifest["config"])
-    model = final_model(run, cfg)
-    sums: dict[str, torch.Tensor] = {}
-    for start in range(a, b, VALIDATION_ROWS):  # the per-sample rows of one slice at a time
-        grads = text_gradients(run, table.slice(start, min(b, start + VALIDATION_ROWS) - start),
-                               cfg=cfg, model=model, device=device)
-        for n, g in grads.items():
-            sums[n] = sums[n] + g.double().sum(0) if n in sums else g.double().sum(0)
+    over samples, so its gradient is too). Only the shard's rows are read (the row groups
+    holding each slice of VALIDATION_ROWS), tokenised and run."""
+    with run.open_read(VALIDATION_PATH) as f:
+        pf = pq.ParquetFile(f)
+        a, b = shard_rows(pf.metadata.num_rows, shard, n_shards)
+        if b == a:
+            return {}, 0
+        cfg = Config.from_dict(run.manifest["config"])
+        model = final_model(run, cfg)
+        sums: dict[str, torch.Tensor] = {}
+        for rows in row_slices(pf, a, b, VALIDATION_ROWS):  # the per-sample rows of one slice at a time
+            grads = text_gradients(run, rows, cfg=cfg, model=model, device=device)
+            for n, g in grads.items():
+                sums[n] = sums[n] + g.double().sum(0) if n in sums else g.double().sum(0)
     return sums, b - a
 
 
+def row_slices(pf: pq.ParquetFile, a: int, b: int, size: int) -> Iterator[pa.Table]:
+    """Rows [a, b) of a Parquet file as tables of `size` rows (the last one shorter), each
+    read from the row groups it overlaps only; a row group spanning several slices is read
+    once and kept while they need it."""
+    bounds = [0]
+    for i in range(pf.metadata.num_row_groups):
+        bounds.append(bounds[-1] + pf.metadata.row_group(i).num_rows)
+    held: dict[int, pa.Table] = {}
+    for s in range(a, b, size):
+        e = min(b, s + size)
+        need = [i for i in range(len(bounds) - 1) if bounds[i] < e and bounds[i + 1] > s]
+        held = {i: held[i] if i in held else pf.read_row_group(i, use_threads=False) for i in need}
+        yield pa.concat_tables([held[i] for i in need]).slice(s - bounds[need[0]], e - s)
+
+
 VALIDATION_ROWS = 256  # validation rows whose per-sample gradients are held at once
+VALIDATION_PATH = "data/validation.parquet"  # written in row groups of VALIDATION_ROWS (data/run_data.py)
 
 
 def mean_of_sums(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:

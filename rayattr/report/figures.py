@@ -78,7 +78,11 @@ def step_buckets(samples: pa.Table, num_steps: int, buckets: int = 20) -> tuple[
 def influence_over_steps(samples: pa.Table, num_steps: int, buckets: int = 20) -> bytes:
     """Mean value of an occurrence against its training step: the paper's warm-up, basin and
     late-ascent phases show as where in training single samples matter most."""
-    starts, means = step_buckets(samples, num_steps, buckets)
+    return step_bars(*step_buckets(samples, num_steps, buckets))
+
+
+def step_bars(starts: np.ndarray, means: np.ndarray) -> bytes:
+    """influence_over_steps from its buckets (step_buckets, or the report's streaming pass)."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     width = (starts[1] - starts[0]) if len(starts) > 1 else 1
     ax.bar(starts, means, width=width * 0.9, align="edge", color=[HELPFUL if m >= 0 else HARMFUL for m in means])

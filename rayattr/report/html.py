@@ -7,9 +7,12 @@ import datetime as dt
 import html
 from pathlib import Path
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 
 from rayattr.report import figures
@@ -31,6 +34,160 @@ def sample_totals(samples: pa.Table) -> list[dict]:
         r["se"] = se2 ** 0.5 if se2 is not None and se2 == se2 else None
         r["noise"] = "" if r["se"] is None else ("within noise" if abs(r["value"]) < 2 * r["se"] else "")
     return rows
+
+
+SAMPLES = "values/samples.parquet"
+SCAN_ROWS = 1 << 16  # occurrence rows a streaming pass over values/samples.parquet holds at once
+MEDIAN_CAP = 1 << 20  # ratios a median's last pass collects at most (radix select, OccurrenceStats)
+_TOTALS = [("value", "sum"), ("n_occurrences", "sum"), ("se2", "sum")]
+
+
+def scan_samples(run: Run, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """values/samples.parquet in record batches of SCAN_ROWS, never the whole table."""
+    with run.open_read(SAMPLES) as f:
+        pf = pq.ParquetFile(f)
+        cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
+        yield from pf.iter_batches(batch_size=SCAN_ROWS, columns=cols, use_threads=False)
+
+
+def _with_se2(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    t = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    if "value_se" not in t.column_names:  # runs made before value_se
+        t = t.append_column("value_se", pa.nulls(t.num_rows, pa.float64()))
+    return t.append_column("se2", pc.multiply(t["value_se"], t["value_se"]))
+
+
+def _total_rows(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        se2 = r.pop("se2")
+        r["se"] = se2 ** 0.5 if se2 is not None and se2 == se2 else None
+        r["noise"] = "" if r["se"] is None else ("within noise" if abs(r["value"]) < 2 * r["se"] else "")
+    return rows
+
+
+class SampleTotals:
+    """sample_totals streamed: each batch's occurrences grouped by (sample_id, source) in
+    float64, the partial groups merged whenever they outgrow the merged ones, so it holds
+    O(distinct samples) rows, never O(occurrences); `extremes` turns only the top and bottom
+    k into Python rows."""
+
+    def __init__(self):
+        self.merged: pa.Table | None = None
+        self.parts: list[pa.Table] = []
+        self.part_rows = 0
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        t = _with_se2(batch)
+        g = t.group_by(["sample_id", "source"], use_threads=False).aggregate(
+            [("value", "sum"), ("step", "count"), ("se2", "sum")])
+        self.parts.append(g.rename_columns(["sample_id", "source", "value", "n_occurrences", "se2"]))
+        self.part_rows += g.num_rows
+        if self.part_rows > max(SCAN_ROWS, self.merged.num_rows if self.merged is not None else 0):
+            self._merge()
+
+    def _merge(self) -> None:
+        tables = ([self.merged] if self.merged is not None else []) + self.parts
+        if tables:
+            g = pa.concat_tables(tables).group_by(["sample_id", "source"], use_threads=False).aggregate(_TOTALS)
+            self.merged = g.rename_columns(["sample_id", "source", "value", "n_occurrences", "se2"])
+        self.parts, self.part_rows = [], 0
+
+    def table(self) -> pa.Table:
+        """Every sample's totals, best first (what sample_totals lists)."""
+        self._merge()
+        if self.merged is None:
+            return pa.table({"sample_id": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
+                             "value": pa.array([], pa.float64()), "n_occurrences": pa.array([], pa.int64()),
+                             "se2": pa.array([], pa.float64())})
+        return self.merged.sort_by([("value", "descending")])
+
+    def extremes(self, k: int) -> tuple[list[dict], list[dict]]:
+        """The k best samples (best first) and the k worst (worst first)."""
+        g = self.table()
+        top = _total_rows(g.slice(0, k).to_pylist())
+        bottom = _total_rows(g.slice(max(0, g.num_rows - k)).to_pylist()[::-1])
+        return top, bottom
+
+
+def _radix_select(ratios: Callable[[], Iterator[np.ndarray]], k: int) -> float:
+    """The k-th smallest (0-based) of the non-negative float64 values the passes yield,
+    exactly: their bit patterns order like the values, so each pass counts the candidates by
+    16 more bits of their patterns, until few enough remain to be collected and sorted."""
+    lo, width = 0, 1 << 64  # candidate patterns [lo, lo + width)
+    while True:
+        hi = np.uint64(lo + width - 1)
+        shift = max(0, width.bit_length() - 17)
+        bins = ((width - 1) >> shift) + 1
+        counts = np.zeros(bins, np.int64)
+        for r in ratios():
+            b = r.view(np.uint64)
+            b = b[(b >= np.uint64(lo)) & (b <= hi)]
+            counts += np.bincount(((b - np.uint64(lo)) >> np.uint64(shift)).astype(np.int64), minlength=bins)
+        cum = np.cumsum(counts)
+        i = int(np.searchsorted(cum, k, side="right"))  # the bin holding the k-th
+        k -= int(cum[i - 1]) if i else 0
+        lo, width = lo + (i << shift), min(1 << shift, width - (i << shift))
+        if width == 1:
+            return float(np.array([lo], np.uint64).view(np.float64)[0])
+        if counts[i] <= MEDIAN_CAP:
+            low, high = np.uint64(lo), np.uint64(lo + width - 1)
+            kept = [r[(r.view(np.uint64) >= low) & (r.view(np.uint64) <= high)] for r in ratios()]
+            return float(np.sort(np.concatenate(kept))[k])
+
+
+class OccurrenceStats:
+    """What the report shows of all occurrences, in one streaming pass and O(1) memory:
+    their number, the mean value per bucket of steps (figures.step_buckets) and the share of
+    values within 2 SE of zero; the median |value|/SE takes further passes (_radix_select)."""
+
+    def __init__(self, num_steps: int, buckets: int = 20):
+        self.buckets = max(1, min(buckets, num_steps))
+        self.edges = np.linspace(0, num_steps, self.buckets + 1)
+        self.total = np.zeros(self.buckets)
+        self.count = np.zeros(self.buckets, np.int64)
+        self.rows = self.se_rows = self.ok = self.noisy = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        steps, values = batch.column("step").to_numpy(), batch.column("value").to_numpy()
+        which = np.clip(np.searchsorted(self.edges, steps, side="right") - 1, 0, self.buckets - 1)
+        self.total += np.bincount(which, weights=values, minlength=self.buckets)
+        self.count += np.bincount(which, minlength=self.buckets)
+        self.rows += batch.num_rows
+        r = self.ratio(batch)
+        if r is not None:
+            self.se_rows += batch.num_rows - batch.column("value_se").null_count
+            self.ok += len(r)
+            self.noisy += int(np.count_nonzero(r < 2))
+
+    @staticmethod
+    def ratio(batch: pa.RecordBatch) -> np.ndarray | None:
+        if "value_se" not in batch.schema.names:
+            return None
+        v = batch.column("value").to_numpy()
+        se = batch.column("value_se").to_numpy(zero_copy_only=False)
+        ok = se > 0
+        return np.abs(v[ok]) / se[ok]
+
+    def step_means(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.edges[:-1], np.divide(self.total, self.count, out=np.zeros(self.buckets), where=self.count > 0)
+
+
+def noise_figures(run: Run, stats: OccurrenceStats) -> tuple[float, float] | None:
+    """(median |value|/SE, share below 2) over the occurrences with an SE, as np.median and
+    np.mean over the whole table give them; None when no occurrence has one."""
+    if stats.se_rows == 0:
+        return None
+    n = stats.ok
+
+    def ratios():
+        for b in scan_samples(run, ["value", "value_se"]):
+            yield OccurrenceStats.ratio(b)
+
+    if n == 0:
+        return float("nan"), float("nan")
+    a = _radix_select(ratios, (n - 1) // 2)
+    median = a if n % 2 else (a + _radix_select(ratios, n // 2)) / 2
+    return median, stats.noisy / n
 
 
 def verdict(s: dict) -> str:
@@ -88,19 +245,17 @@ def seed_caveat(run: Run) -> str:
     return text
 
 
-def trust_section(run: Run, samples: pa.Table, out: Path) -> list[str]:
+def trust_section(run: Run, noise: tuple[float, float] | None, out: Path) -> list[str]:
     """"How far to trust this run": validation figures where `rayattr validate` has run, and the
-    projection noise of the values either way."""
+    projection noise of the values either way (`noise`: noise_figures, None without SEs)."""
     from rayattr.validate import read_validation
 
     parts = ["<h2>How far to trust this run</h2>"]
-    if "value_se" in samples.column_names and samples["value_se"].null_count < samples.num_rows:
-        v, se = samples["value"].to_numpy(), samples["value_se"].to_numpy()
-        ok = se > 0
-        ratio = abs(v[ok]) / se[ok]
+    if noise is not None:
+        median, within = noise
         parts.append(f"<p>Projection noise: each value carries a standard error from the random projection "
                      f"(spread over projection blocks, docs/method.md). For this run the median |value|/SE is "
-                     f"{float(np.median(ratio)):.1f}, and {float(np.mean(ratio < 2)):.0%} of the occurrences lie "
+                     f"{median:.1f}, and {within:.0%} of the occurrences lie "
                      "within 2 SE of zero: their sign is not known. Ranked samples marked <i>within noise</i> "
                      "below are such samples.</p>")
     parts.append(f"<p>{html.escape(seed_caveat(run))}</p>")
@@ -279,13 +434,19 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = run.manifest
-    samples = run.read_table("values/samples.parquet")
+    num_steps = int(m.get("num_steps", 1))
+    # one streaming pass over the occurrences (never the whole table): the step buckets, the
+    # noise counts and the per-sample totals (O(distinct samples))
+    stats, sample_sums = OccurrenceStats(num_steps), SampleTotals()
+    for batch in scan_samples(run):
+        stats.add(batch)
+        sample_sums.add(batch)
     sources = run.read_table("values/sources.parquet")
     phases = run.read_table("values/phases.parquet")
+    steps = stats.step_means()
     pngs = {
         "sources.png": (figures.source_bars(sources), "value per sample of each source"),
-        "steps.png": (figures.influence_over_steps(samples, int(m.get("num_steps", 1))),
-                      "mean value of an occurrence against training step"),
+        "steps.png": (figures.step_bars(*steps), "mean value of an occurrence against training step"),
         "phases.png": (figures.phase_heatmap(phases), "mean value per occurrence by source and training phase"),
     }
     loss = loss_summary(run.step_records())
@@ -296,8 +457,8 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
 
     from rayattr.data.run_data import texts_by_id  # the data package needs torch; the module must not
 
-    totals = sample_totals(samples)
-    shown = totals[:k] + totals[::-1][:k]  # only the rows the page shows get their text fetched
+    top, bottom = sample_sums.extremes(k)
+    shown = top + bottom  # only the rows the page shows get their text fetched
     texts = texts_by_id(run, [r["sample_id"] for r in shown])
     for r in shown:
         r["text"] = texts.get(r["sample_id"])
@@ -309,7 +470,7 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         f"<h1>rayattr run {html.escape(run.run_id)}</h1>",
         f"<p><code>{html.escape(run.uri)}</code> — status <b>{html.escape(str(m.get('status')))}</b>, "
         f"model {html.escape(str(m.get('model', {}).get('family')))}, {m.get('num_steps')} steps, "
-        f"{m.get('n_train')} training samples, {sources.num_rows} sources, {samples.num_rows} occurrences, "
+        f"{m.get('n_train')} training samples, {sources.num_rows} sources, {stats.rows} occurrences, "
         f"{m.get('segments')} segments.</p>",
         "<p>Value = predicted increase of the validation loss if a training occurrence were removed "
         "(Data Value Embedding): positive helped, negative hurt.</p>",
@@ -324,7 +485,7 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "how much it rests on which occurrences the source happened to have. Training randomness "
         "(the seed) is not in it; see the trust section below.</p>",
         "<h2>When in training</h2>", _img("steps.png", *pngs["steps.png"]),
-        f"<p>{html.escape(step_caption(*figures.step_buckets(samples, int(m.get('num_steps', 1))), int(m.get('num_steps', 1))))}</p>",
+        f"<p>{html.escape(step_caption(*steps, num_steps))}</p>",
         _img("phases.png", *pngs["phases.png"]),
         "<p>Each cell is the mean value of one occurrence of that source in that phase; sources are "
         "sorted by their value per occurrence over the whole run. Late occurrences act on a model "
@@ -336,9 +497,9 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
            "<p>The mean training loss of each optimizer step's global batch, as the ranks recorded it "
            "(the values above refer to the validation loss at the last step).</p>"]
           if "loss.png" in pngs else []),
-        *trust_section(run, samples, out),
-        f"<h2>Most helpful samples (top {k})</h2>", _table(totals[:k], sample_cols, fmt),
-        f"<h2>Most harmful samples (bottom {k})</h2>", _table(totals[::-1][:k], sample_cols, fmt),
+        *trust_section(run, noise_figures(run, stats), out),
+        f"<h2>Most helpful samples (top {k})</h2>", _table(top, sample_cols, fmt),
+        f"<h2>Most harmful samples (bottom {k})</h2>", _table(bottom, sample_cols, fmt),
         "<h2>Stage timings</h2>",
         _table(timing_rows(timings), ["stage", "seconds"], foot=1),  # the total stays last
         "<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(m.get('config', {}), sort_keys=False))}</pre>",

@@ -124,6 +124,22 @@ def _load_entries(storage, kind, rank, rank_dir, step_start, step_end) -> list[S
             and _overlaps(e.step_first, e.step_last, step_start, step_end)]
 
 
+def last_step(storage: Storage, kind: str) -> int | None:
+    """The largest step_last of the committed entries of `kind` (None: none), from object
+    names only: a manifest's name carries the last step of the entries it folds and a loose
+    entry's name its own step range, so nothing is read but two listings. The loose entries
+    are listed before the manifests: a compaction running in between has then written the
+    manifest of whatever entry it removed."""
+    best = None
+    for rel in _loose(storage, kind):
+        m = _ENTRY.match(posixpath.basename(rel))
+        last = int(m[2]) if m else ShardCommit.from_json(storage.get_bytes(rel), f"{storage.uri}/{rel}").step_last
+        best = last if best is None else max(best, last)
+    for _, _, _, last in _manifests(storage, kind):
+        best = last if best is None else max(best, last)
+    return best
+
+
 def compact(storage: Storage, kind: str, span: int = SPAN) -> int:
     """Fold the loose entries of `kind` into per-chunk manifests; returns how many were folded.
 

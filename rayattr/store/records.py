@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .commits import RECORDS_FORMAT, ShardCommit, sha256_hex, write_commit
-from .index import load_entries
+from .index import last_step, load_entries
 from .errors import StoreError
 
 if TYPE_CHECKING:
@@ -122,3 +122,10 @@ def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = No
             # runs before `clip` (or the AdamW fields) were recorded read the defaults
             by_step[row["step"]] = StepRecord(**{k: v for k, v in row.items() if v is not None or k == "loss"})
     return [by_step[s] for s in sorted(by_step)]
+
+
+def last_record_step(run: "Run") -> int | None:
+    """The last committed step record's step (None: none yet), without reading any record:
+    each chunk's commit entry is named by its step range, whose last step is the chunk's
+    largest (store/index.py, last_step), so this is max(r.step for r in step_records())."""
+    return last_step(run._storage, layout.RECORDS_KIND)

@@ -18,7 +18,7 @@ from . import layout
 from .errors import StoreError
 from .fs import join_uri, split_uri
 from .options import StoreOptions
-from .records import StepRecord, read_step_records, write_step_records
+from .records import StepRecord, last_record_step, read_step_records, write_step_records
 from .storage import Storage
 
 STORE_FORMAT = 1
@@ -310,6 +310,11 @@ class Run:
         """Committed step records of [step_start, step_end) in step order (end None: all;
         a re-written step: latest commit wins)."""
         return read_step_records(self, step_start, step_end)
+
+    def last_step_record(self) -> int | None:
+        """Step of the last committed step record (None: none), from the index's object names
+        alone: what max(r.step for r in step_records()) is, without reading the records."""
+        return last_record_step(self)
 
     def compact_index(self, kinds: Sequence[str]) -> dict[str, int]:
         """Fold each kind's loose commit entries into its index manifests (store/index.py):
