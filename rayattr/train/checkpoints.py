@@ -15,6 +15,7 @@ run too, since Ray Train reloads its checkpoint manager from the same storage pa
 from __future__ import annotations
 
 import os
+import posixpath
 import tempfile
 from typing import Any
 
@@ -25,15 +26,23 @@ TAG = "engine"  # DeepSpeed's tag inside each checkpoint directory
 KEEP = 2  # checkpoints kept: the latest, and the one before while the latest uploads
 
 
-def storage(run: Run) -> dict[str, Any]:
-    """RunConfig keywords that put Ray Train's checkpoints and bookkeeping in the run."""
+def ray_train_storage(run: Run, name: str) -> dict[str, Any]:
+    """RunConfig keywords that put a Ray Train run's checkpoints and bookkeeping in the run's
+    directory `name` (e.g. "checkpoints"), on the run's own filesystem."""
     st = run._storage
+    where, _, leaf = name.rpartition("/")
+    root = posixpath.join(st.root, where) if where else st.root
     if st.local:
-        return {"name": NAME, "storage_path": os.path.abspath(st.root)}
+        return {"name": leaf, "storage_path": os.path.abspath(root)}
     from rayattr.store.arrow_fs import arrow_filesystem
 
     # through the store's retries: an outage the store's own writes ride out must not fail training
-    return {"name": NAME, "storage_path": st.root, "storage_filesystem": arrow_filesystem(st.fs, st.options)}
+    return {"name": leaf, "storage_path": root, "storage_filesystem": arrow_filesystem(st.fs, st.options)}
+
+
+def storage(run: Run) -> dict[str, Any]:
+    """RunConfig keywords for the built-in job's checkpoints: `checkpoints/` of the run."""
+    return ray_train_storage(run, NAME)
 
 
 def save(engine, step: int, metrics: dict[str, Any]) -> None:

@@ -6,8 +6,8 @@ train.max_restarts): the new ranks load Ray Train's latest checkpoint, which it 
 run (rayattr/train/checkpoints.py), and skip writing what the store already holds (Recorder),
 so no step is missing or duplicated. A new driver on the same run resumes from it too. The ranks say
 how far they got in `train/progress.json` of the run, which the driver follows for its
-progress bar. `gather`, `rank_resources` and `_rendezvous` serve `rayattr validate`'s
-retraining gangs (rayattr/validate/gangs.py).
+progress bar. `rank_resources` and `fit_in_background` serve `rayattr validate`'s retraining
+gangs too (rayattr/validate/gangs.py).
 """
 
 from __future__ import annotations
@@ -17,28 +17,18 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayTaskError
 from tqdm.auto import tqdm
 
 from rayattr import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import checkpoints
-from rayattr.train.backend import free_port, node_ip
 from rayattr.train.worker import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
-# Seconds the other ranks get to commit what they hold after one reports a non-finite loss.
-FATAL_GRACE_S = 120.0
 PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss"}: rank 0 after each chunk
 POLL_S = 0.2
-
-
-@ray.remote(num_cpus=0)
-def _rendezvous() -> tuple[str, int]:
-    """Address and a free port on the node of rank 0 (runs inside its bundle)."""
-    return node_ip(), free_port()
 
 
 def rank_resources(cfg: Config) -> dict[str, float]:
@@ -46,31 +36,6 @@ def rank_resources(cfg: Config) -> dict[str, float]:
     if cfg.train.use_gpu:
         res["GPU"] = 1.0
     return res
-
-
-def gather(refs: list) -> list[Any]:
-    """ray.get of all refs, raising the first failure as soon as it happens (not in list order:
-    a surviving rank may block in a collective forever after its peer died)."""
-    index = {r: i for i, r in enumerate(refs)}
-    out: list[Any] = [None] * len(refs)
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
-            out[index[done[0]]] = ray.get(done[0])
-        except RayTaskError as err:
-            if pending and _fatal(err) is not None:
-                # all ranks stop at the same non-finite step and commit what they hold: let the
-                # others finish that before the gang is torn down
-                ray.wait(pending, num_returns=len(pending), timeout=FATAL_GRACE_S)
-            raise
-    return out
-
-
-def _fatal(err: Exception) -> Exception | None:
-    """The user-facing error inside a task failure that a restart cannot fix, else None."""
-    cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
-    return cause if isinstance(cause, NonFiniteLoss) else None
 
 
 def rank_loop(loop: dict) -> None:
@@ -132,11 +97,7 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
         run_config=RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
                              failure_config=FailureConfig(max_failures=t.max_restarts)))
     t0 = time.perf_counter()
-    # fit() runs in a task that names this cluster in RAY_ADDRESS: Ray Train's helper actors
-    # (its placement-group cleaner) inherit it, and so query this cluster's state even where
-    # `ray start` left another one on the machine (as rayattr/cluster.py keeps the driver off it)
-    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
-    fit = _fit.options(runtime_env=here).remote(trainer)
+    fit = fit_in_background(trainer)
     losses = _follow(run, fit, progress)
     ray.get(fit)  # a training failure beyond train.max_restarts raises here
     m = run.reload_manifest()
@@ -151,6 +112,16 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
 @ray.remote(num_cpus=0)
 def _fit(trainer) -> None:
     trainer.fit()
+
+
+def fit_in_background(trainer) -> ray.ObjectRef:
+    """trainer.fit() in a task, so the driver can follow progress; its ref raises what fit raised.
+
+    The task names this cluster in RAY_ADDRESS: Ray Train's helper actors (its placement-group
+    cleaner) inherit it, and so query this cluster's state even where `ray start` left another
+    one on the machine (as rayattr/cluster.py keeps the driver off it)."""
+    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    return _fit.options(runtime_env=here).remote(trainer)
 
 
 def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:

@@ -1,9 +1,11 @@
 """Driver side of retraining: as many retraining gangs as the cluster holds, fed from one queue.
 
-Each gang is one RetrainActor per rank of the original run, in its own placement group. A
-gang takes the next counterfactual as soon as it finishes one; each result is handed to
-`on_result` at once (the caller writes it to the run), so an interrupted validation keeps
-every retrain that finished.
+Each gang is a Ray Train TorchTrainer with one worker per rank of the original run: Ray Train
+places the ranks (ScalingConfig, the run's train.placement) and sets up their process group.
+The gang's rank 0 takes the next counterfactual from a shared queue as soon as the gang has
+finished one and hands it to the other ranks; each result goes back through a second queue to
+the driver, which passes it to `on_result` at once (the caller writes it to the run), so an
+interrupted validation keeps every retrain that finished.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.queue import Empty, Queue
 from tqdm.auto import tqdm
 
 from rayattr.config import Config
 from rayattr.store import Run
-from rayattr.train.trainer import _rendezvous, gather, rank_resources
+from rayattr.train.checkpoints import ray_train_storage
+from rayattr.train.trainer import fit_in_background, rank_resources
 from rayattr.validate.counterfactuals import Removal
-from rayattr.validate.retrain import RetrainActor
+
+POLL_S = 0.5  # how often the driver looks at the gangs while no result comes
 
 
 def default_gangs(cfg: Config) -> int:
@@ -30,35 +33,50 @@ def default_gangs(cfg: Config) -> int:
     return max(1, int(min(res.get(k, 0) // v for k, v in per_gang.items())))
 
 
-class _Gang:
-    def __init__(self, cfg: Config, run: Run, storage_options: dict | None):
-        world = cfg.train.ranks
-        self.pg = placement_group([rank_resources(cfg) for _ in range(world)], strategy=cfg.train.placement)
-        ray.get(self.pg.ready(), timeout=600)
-        on = lambda i: PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)  # noqa: E731
-        addr, port = ray.get(_rendezvous.options(scheduling_strategy=on(0)).remote())
-        res = rank_resources(cfg)
-        self.actors = [RetrainActor.options(scheduling_strategy=on(r), num_cpus=res["CPU"], num_gpus=res.get("GPU", 0))
-                       .remote(r, world, addr, port, cfg.to_dict(redact=False), run.uri, storage_options)
-                       for r in range(world)]
-        self.refs: list = []
-        self.removal: Removal | None = None
+def gang_loop(loop: dict) -> None:
+    """One Ray Train worker of a gang: retrain what rank 0 takes from the queue until it is empty."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
 
-    def submit(self, removal: Removal) -> Any:
-        self.removal = removal
-        self.refs = [a.retrain.remote(removal.to_dict()) for a in self.actors]
-        return self.refs[0]
+    from rayattr.validate.retrain import RetrainWorker
 
-    def result(self) -> dict[str, Any]:
-        out = gather(self.refs)
-        first = dict(out[0])
-        first["removed"] = sum(o["removed"] for o in out)
-        return first
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker = RetrainWorker(rank, world, None, None, loop["config"], loop["run"], loop["storage_options"])
+    todo, results = loop["todo"], loop["results"]
+    while True:
+        box = [None]
+        if rank == 0:
+            try:
+                box[0] = todo.get(block=False)
+            except Empty:
+                pass
+        dist.broadcast_object_list(box, src=0)  # every rank retrains the same counterfactual, or stops
+        if box[0] is None:
+            return
+        out = worker.retrain(box[0])
+        removed = torch.tensor([out["removed"]], dtype=torch.int64)
+        dist.all_reduce(removed)  # each rank removed its own rows' occurrences
+        if rank == 0:
+            results.put((box[0], {**out, "removed": int(removed.item())}))
 
-    def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        remove_placement_group(self.pg)
+
+def _gang(cfg: Config, run: Run, storage_options: dict | None, todo: Queue, results: Queue, index: int):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    return TorchTrainer(
+        gang_loop,
+        train_loop_config={"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
+                           "todo": todo, "results": results},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
+                                     placement_strategy=t.placement),
+        # a failed retrain is not retried: the validation stops, and a rerun keeps what finished
+        run_config=RunConfig(**ray_train_storage(run, f"validation/gang-{index}"),
+                             failure_config=FailureConfig(max_failures=0)))
 
 
 def retrain_all(cfg: Config, run: Run, removals: list[Removal], on_result: Callable[[Removal, dict], None],
@@ -67,18 +85,32 @@ def retrain_all(cfg: Config, run: Run, removals: list[Removal], on_result: Calla
     if not removals:
         return
     n = min(len(removals), gangs or default_gangs(cfg))
-    queue = list(removals)
-    crew = [_Gang(cfg, run, storage_options) for _ in range(n)]
+    todo, results = Queue(), Queue()
+    for r in removals:
+        todo.put(r.to_dict())
+    fits = [fit_in_background(_gang(cfg, run, storage_options, todo, results, i)) for i in range(n)]
+    left = len(removals)
     try:
-        running = {g.submit(queue.pop(0)): g for g in crew if queue}
-        with tqdm(total=len(removals), desc="retrain", unit="run", disable=not progress) as bar:
-            while running:
-                done, _ = ray.wait(list(running), num_returns=1)
-                gang = running.pop(done[0])
-                on_result(gang.removal, gang.result())
+        with tqdm(total=left, desc="retrain", unit="run", disable=not progress) as bar:
+            while left:
+                try:
+                    removal, out = results.get(timeout=POLL_S)
+                except Empty:
+                    if _gangs_ended(fits) and results.empty():
+                        raise RuntimeError(f"the retraining gangs ended with {left} retrains unreported")
+                    continue
+                on_result(Removal.from_dict(removal), out)
                 bar.update(1)
-                if queue:
-                    running[gang.submit(queue.pop(0))] = gang
+                left -= 1
+        ray.get(fits)
     finally:
-        for g in crew:
-            g.close()
+        for q in (todo, results):
+            q.shutdown()
+
+
+def _gangs_ended(fits: list[Any]) -> bool:
+    """Raise a gang's failure as soon as it happens; True once every gang has ended."""
+    done, _ = ray.wait(fits, num_returns=len(fits), timeout=0)
+    for f in done:
+        ray.get(f)  # raises the gang's error
+    return len(done) == len(fits)

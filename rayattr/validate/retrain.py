@@ -1,7 +1,7 @@
 """RetrainWorker: one DeepSpeed rank that replays a run's trajectory with occurrences removed.
 
-A gang of these (one per rank of the original run) starts once and then runs counterfactual
-after counterfactual: each starts from the run's initial weights with a fresh engine and
+A gang of these (one per rank of the original run, Ray Train workers) starts once and then runs
+counterfactual after counterfactual: each starts from the run's initial weights with a fresh engine and
 optimizer, follows the same batch plan and schedule, and gives the removed occurrences loss
 weight 0 (train/engine.py). Nothing is captured. Rank 0 returns the final validation loss and,
 when asked, the largest difference from the run's recorded final weights.
@@ -32,7 +32,7 @@ from rayattr.validate.errors import ValidationError
 
 
 class RetrainWorker:
-    """One rank of a retraining gang (plain class; `RetrainActor` is its Ray actor)."""
+    """One rank of a retraining gang: a Ray Train worker (rayattr/validate/gangs.py)."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
                  config: dict, run_uri: str, storage_options: dict | None = None):
@@ -91,5 +91,3 @@ def _max_abs_diff(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -
         raise ValidationError(f"retrained model lacks weights {missing[:3]} of the run's final model")
     return max(float((state[k].detach().float().cpu() - v.float()).abs().max()) for k, v in reference.items())
 
-
-RetrainActor = ray.remote(RetrainWorker)
