@@ -18,11 +18,10 @@ from collections.abc import Iterable
 
 import torch
 
-from rayattr.capture import per_sample_loss
+from rayattr.train.engine import micro_batch_loss
 from rayattr.capture.precondition import Preconditioner, adam_preconditioner, in_gradient_orientation
 from rayattr.optimizer import OptimizerSpec
 from rayattr.train.adam_state import adam_step_count, full_exp_avg_sq, link_partitioned_state
-from rayattr.train.model import SAMPLE_LOSS_REDUCTION
 
 
 def step_mean_gradient(model: torch.nn.Module, micro_batches: Iterable[tuple], grad_accum: int,
@@ -33,12 +32,13 @@ def step_mean_gradient(model: torch.nn.Module, micro_batches: Iterable[tuple], g
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     copies = {n: p.detach().clone().requires_grad_() for n, p in named}
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    def forward(**inputs):  # the model on the detached copies: DeepSpeed's hooks never see it
+        return torch.func.functional_call(model, copies, (), inputs)
+
     for ids, mask, labels in micro_batches:
-        out = torch.func.functional_call(model, copies, (), {"input_ids": ids, "attention_mask": mask})
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        losses = per_sample_loss(logits[:, :-1].float(), labels[:, 1:], reduction=SAMPLE_LOSS_REDUCTION)
-        # the loss DeepSpeed backpropagates: micro-batch mean, divided by the accumulation steps
-        grads = torch.autograd.grad(losses.mean() / grad_accum, list(copies.values()), allow_unused=True)
+        # the loss training backpropagates, divided by the accumulation steps as DeepSpeed does
+        loss = micro_batch_loss(forward, ids, mask, labels)
+        grads = torch.autograd.grad(loss / grad_accum, list(copies.values()), allow_unused=True)
         for (n, _), g in zip(named, grads):
             if g is not None:
                 total[n] += g.double()
