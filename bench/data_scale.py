@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +125,8 @@ def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None
                 old = rows[f]
                 wall = min(wall, old["wall"])
                 timings = {s: min(v, old["timings"].get(s, v)) for s, v in timings.items()}
-                procs = {g: [max(a, b) for a, b in zip(p, old["procs"].get(g, p))] for g, p in procs.items()}
+                procs = {g: [max(a, b) for a, b in zip_longest(procs.get(g, []), old["procs"].get(g, []), fillvalue=0)]
+                         for g in procs.keys() | old["procs"].keys()}
             rows[f] = {"wall": wall, "timings": timings, "data": run.manifest.get("data"), "procs": procs}
             print(f"whole run {k + 1}/{runs} at corpus {f}x done ({wall:.0f} s)", file=sys.stderr, flush=True)
     base = rows[factors[0]]
@@ -146,8 +148,8 @@ def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None
                 name = group if len(peaks) == 1 else f"{group} {i}"
                 cells.append((f"{name} MB", peak / 1e6, (b[i] if i < len(b) else 0) / 1e6))
         for name, v, b in cells:
-            print(f"{str(f) + 'x':>7} {name:>22} {v:>8.1f} {(v / b if b else float('nan')):>5.2f}x")
-    worst = {f: max(max(p) / max(base["procs"].get(g, [1])) for g, p in row["procs"].items())
+            print(f"{str(f) + 'x':>7} {name:>22} {v:>8.1f} " + (f"{v / b:>5.2f}x" if b else "  (none at 1x)"))
+    worst = {f: max(max(p) / max(base["procs"][g]) for g, p in row["procs"].items() if base["procs"].get(g))
              for f, row in rows.items()}
     print("largest peak-RSS ratio of any process group: "
           + ", ".join(f"{f}x {w:.2f}x" for f, w in worst.items()) + "; target <= 1.2x")

@@ -50,6 +50,7 @@ from rayattr.store import Run  # noqa: E402
 # actor of its own; Ray Train's controller actor drives them.
 GROUPS = {"rank actor": ("RayTrainWorker", "RankWorker"), "segment actor": ("SegmentWorker",),
           "validation task": ("_validation_shard",), "train controller": ("TrainController",)}
+FORK = " (forked child)"
 EMBED_OUTPUTS = {"embed", "values", "embeddings", "local"}
 
 
@@ -69,7 +70,9 @@ class Poller(threading.Thread):
     """Every `every` s: the job process's peak RSS (VmHWM), and for each Ray worker process the
     largest RSS sampled while its title names a group. Ray reuses idle worker processes, so a
     worker's own high-water mark may come from an earlier task; sampling keeps each figure to
-    the group running at the time (a peak shorter than `every` can be missed)."""
+    the group running at the time (a peak shorter than `every` can be missed). A child forked
+    by a group's process shares its pages and title until it execs: it is counted apart, as
+    "<group> (forked child)", not as one more process of the group."""
 
     def __init__(self, pid: int, every: float = 0.1):
         super().__init__(daemon=True)
@@ -91,11 +94,14 @@ class Poller(threading.Thread):
                 procs = root.children(recursive=True)
             except psutil.Error:
                 return
+            groups = {p.pid: self.group(p) for p in procs}
             for p in procs:
-                g = self.group(p)
+                g = groups[p.pid]
                 if g is None:
                     continue
                 try:
+                    if groups.get(p.ppid()) == g:  # a fork (e.g. a subprocess about to exec) has its parent's title
+                        g += FORK
                     rss = p.memory_info().rss
                 except psutil.Error:
                     continue
@@ -103,10 +109,11 @@ class Poller(threading.Thread):
             time.sleep(self.every)
 
     def per_process(self) -> list[tuple[str, int, int]]:
-        """(group, pid, peak bytes) of every process seen, driver first, then by group and pid."""
+        """(group, pid, peak bytes) of every process seen, driver first, then by group and pid;
+        a process forked by a group's process (same title) is in group "<group> (forked child)"."""
         order = ["driver", *GROUPS]
         return sorted(((g, pid, peak) for (pid, g), peak in self.peaks.items()),
-                      key=lambda x: (order.index(x[0]), x[1]))
+                      key=lambda x: (order.index(x[0].removesuffix(FORK)), x[0].endswith(FORK), x[1]))
 
     def by_group(self) -> dict[str, int]:
         out: dict[str, int] = {}
