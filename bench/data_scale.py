@@ -126,7 +126,7 @@ def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None
                 wall = min(wall, old["wall"])
                 timings = {s: min(v, old["timings"].get(s, v)) for s, v in timings.items()}
                 procs = {g: [max(a, b) for a, b in zip_longest(procs.get(g, []), old["procs"].get(g, []), fillvalue=0)]
-                         for g in procs.keys() | old["procs"].keys()}
+                         for g in dict.fromkeys([*old["procs"], *procs])}
             rows[f] = {"wall": wall, "timings": timings, "data": run.manifest.get("data"), "procs": procs}
             print(f"whole run {k + 1}/{runs} at corpus {f}x done ({wall:.0f} s)", file=sys.stderr, flush=True)
     base = rows[factors[0]]
@@ -134,7 +134,8 @@ def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None
     print(f"1. the whole job, corpus {', '.join(f'{f}x' for f in factors)} (1x = 1536 rows), {steps} steps x 16 "
           "rows, 2 ranks, 2 segments; "
           f"{'ONE run' if runs == 1 else f'{runs} runs (fastest time, largest peak)'} per size; "
-          "s = wall seconds, MB = peak RSS (1e6 bytes); processes of a group largest first")
+          "s = wall seconds, MB = peak RSS (1e6 bytes); processes of a group largest first; "
+          "rest = wall minus the stages (Python and Ray start-up, shut-down)")
     print(f"{'corpus':>7} {'what':>22} {'value':>8} {'x 1x':>6}")
     for f, row in rows.items():
         d = row["data"] or {}
@@ -142,13 +143,15 @@ def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None
               f"{d.get('n_used')} rows used")
         cells = [("whole run s", row["wall"], base["wall"])]
         cells += [(f"{s} s", row["timings"].get(s, 0.0), base["timings"].get(s, 0.0)) for s in stages]
+        cells.append(("rest s", row["wall"] - sum(row["timings"].get(s, 0.0) for s in stages),
+                      base["wall"] - sum(base["timings"].get(s, 0.0) for s in stages)))
         for group, peaks in row["procs"].items():
             for i, peak in enumerate(peaks):
                 b = base["procs"].get(group, [])
                 name = group if len(peaks) == 1 else f"{group} {i}"
                 cells.append((f"{name} MB", peak / 1e6, (b[i] if i < len(b) else 0) / 1e6))
         for name, v, b in cells:
-            print(f"{str(f) + 'x':>7} {name:>22} {v:>8.1f} " + (f"{v / b:>5.2f}x" if b else "  (none at 1x)"))
+            print(f"{str(f) + 'x':>7} {name:>22} {v:>8.2f} " + (f"{v / b:>5.2f}x" if b else "  (none at 1x)"))
     worst = {f: max(max(p) / max(base["procs"][g]) for g, p in row["procs"].items() if base["procs"].get(g))
              for f, row in rows.items()}
     print("largest peak-RSS ratio of any process group: "
