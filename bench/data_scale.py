@@ -1,14 +1,17 @@
 """Data path at 1x, 10x and 100x the corpus with training steps capped: unused data must cost nothing.
 
     python bench/data_scale.py                  # corpus 1x, 10x, 100x of the built-in 1536 rows, 24 steps
+    python bench/data_scale.py --runs 3         # 3 whole jobs per size (BENCHMARKS.md's table)
     python bench/data_scale.py --factors 1 10 --steps 48
     python bench/data_scale.py --no-whole       # the data stage alone (seconds, not minutes)
 
-1. The whole job (jobs/pretrain_attr.py: local Ray, local store, 2 segments) once per corpus
-   size, watched by bench/scale.py's Poller: wall time, the run's own stage timings (manifest
-   `timings`: data, train, embed, reduce) and the peak RSS of the driver (VmHWM), of each
-   rank actor and of each segment actor (and validation task), each against the 1x run.
-   One run per size: a stage's time varies by tens of percent on a shared machine.
+1. The whole job (jobs/pretrain_attr.py: local Ray, local store, 2 segments) --runs times per
+   corpus size (default once; sizes interleaved), watched by bench/scale.py's Poller: wall
+   time, the run's own stage timings (manifest `timings`: data, train, embed, reduce, and the
+   rest of the wall), and the peak RSS of the driver (VmHWM), of each rank actor (Ray Train
+   worker), segment actor, validation task and the Ray Train controller, each against the 1x
+   run (times the fastest run, peaks the largest). A whole run's time moves by tens of
+   percent on a shared machine: one run per size cannot resolve a 1.2x ratio there.
 2. The data path alone. For each corpus size, in fresh processes (so each peak is its own):
   driver: the data stage of a run (rayattr/data/run_data.py: streaming scan, tokenising the
           trained steps' rows, token shards into the run), as `start_run` does it;
