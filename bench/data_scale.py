@@ -199,8 +199,8 @@ def main(argv=None) -> int:
             rows[f] = {r: measure(r.replace(" ", "_"), data, store, args.steps) for r in roles}
             print(f"corpus {f}x done", file=sys.stderr, flush=True)
     base = rows[args.factors[0]]
-    print(f"2. the data path alone: corpus of {args.factors[0]}x = 1536 rows, {args.steps} steps x 16 rows trained, 2 ranks; "
-          "s = wall seconds after imports, MB = peak RSS, +MB = peak RSS above the RSS after imports")
+    print(f"2. the data path alone: corpus of {args.factors[0]}x = 1536 rows, {args.steps} steps x 16 rows "
+          "trained, 2 ranks; s = wall seconds after imports, MB = peak RSS, +MB = peak RSS above the RSS after imports")
     print(f"{'corpus':>7} {'process':>9} {'s':>7} {'ratio':>6} {'MB':>6} {'ratio':>6} {'+MB':>7} {'ratio':>6}")
     for f, row in rows.items():
         for r in roles:
