@@ -1,9 +1,18 @@
 """Data path at 1x, 10x and 100x the corpus with training steps capped: unused data must cost nothing.
 
     python bench/data_scale.py                  # corpus 1x, 10x, 100x of the built-in 1536 rows, 24 steps
+    python bench/data_scale.py --runs 3         # 3 whole jobs per size (BENCHMARKS.md's table)
     python bench/data_scale.py --factors 1 10 --steps 48
+    python bench/data_scale.py --no-whole       # the data stage alone (seconds, not minutes)
 
-For each corpus size, in fresh processes (so each peak is its own):
+1. The whole job (jobs/pretrain_attr.py: local Ray, local store, 2 segments) --runs times per
+   corpus size (default once; sizes interleaved), watched by bench/scale.py's Poller: wall
+   time, the run's own stage timings (manifest `timings`: data, train, embed, reduce, and the
+   rest of the wall), and the peak RSS of the driver (VmHWM), of each rank actor (Ray Train
+   worker), segment actor, validation task and the Ray Train controller, each against the 1x
+   run (times the fastest run, peaks the largest). A whole run's time moves by tens of
+   percent on a shared machine: one run per size cannot resolve a 1.2x ratio there.
+2. The data path alone. For each corpus size, in fresh processes (so each peak is its own):
   driver: the data stage of a run (rayattr/data/run_data.py: streaming scan, tokenising the
           trained steps' rows, token shards into the run), as `start_run` does it;
   rank:   one rank's data path for every trained step (rank_tokens: its rows of each step);
@@ -11,7 +20,7 @@ For each corpus size, in fresh processes (so each peak is its own):
           for contrast.
 Prints wall seconds (the fastest of 3, after imports), peak RSS (ru_maxrss) and the peak above
 the RSS after imports (the data path's own memory) of each, and their ratios against 1x.
-Target (issue 13): driver and rank <= 1.2x at 10x and 100x.
+Target (issue 13): every process's peak RSS and the wall time <= 1.2x at 10x and 100x.
 The corpus is the built-in training corpus repeated (each copy's texts made distinct) as
 Parquet files in the store's filesystem, so the run records them instead of copying them.
 """
@@ -26,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +100,67 @@ def child(role: str, data: Path, store: Path, steps: int) -> dict:
     return {"seconds": min(times), "peak_mb": peak_mb(), "growth_mb": peak_mb() - base}
 
 
+def whole_runs(factors: list[int], steps: int, tmp: Path, runs: int = 1) -> None:
+    """Part 1: the whole job `runs` times per corpus size (sizes interleaved); prints the table with
+    ratios against the first size: times the fastest of the runs, each peak RSS the largest."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scale import run_polled
+
+    from rayattr.store import Run
+
+    rows: dict[int, dict] = {}
+    for k in range(runs):
+        for f in factors:
+            data, store = tmp / f"corpus{f}", tmp / f"wstore{f}"
+            store.mkdir(exist_ok=True)
+            if not data.exists():
+                write_corpus(data, f)
+            cfg = {"data": {"train": str(data), "validation": f"{data}-validation.parquet"},
+                   "train": {"steps": steps}, "embed": {"segments": 2}}
+            wall, poll = run_polled(str(store), f"w{k}", cfg)
+            run = Run.open(str(store), f"w{k}")
+            procs: dict[str, list[int]] = {}
+            for group, _, peak in poll.per_process():
+                procs.setdefault(group, []).append(peak)
+            procs = {g: sorted(p, reverse=True) for g, p in procs.items()}  # largest first in each group
+            timings = run.manifest.get("timings") or {}
+            if f in rows:
+                old = rows[f]
+                wall = min(wall, old["wall"])
+                timings = {s: min(v, old["timings"].get(s, v)) for s, v in timings.items()}
+                procs = {g: [max(a, b) for a, b in zip_longest(procs.get(g, []), old["procs"].get(g, []), fillvalue=0)]
+                         for g in dict.fromkeys([*old["procs"], *procs])}
+            rows[f] = {"wall": wall, "timings": timings, "data": run.manifest.get("data"), "procs": procs}
+            print(f"whole run {k + 1}/{runs} at corpus {f}x done ({wall:.0f} s)", file=sys.stderr, flush=True)
+    base = rows[factors[0]]
+    stages = ["data", "train", "embed", "reduce"]
+    print(f"1. the whole job, corpus {', '.join(f'{f}x' for f in factors)} (1x = 1536 rows), {steps} steps x 16 "
+          "rows, 2 ranks, 2 segments; "
+          f"{'ONE run' if runs == 1 else f'{runs} runs (fastest time, largest peak)'} per size; "
+          "s = wall seconds, MB = peak RSS (1e6 bytes); processes of a group largest first; "
+          "rest = wall minus the stages (Python and Ray start-up, shut-down)")
+    print(f"{'corpus':>7} {'what':>22} {'value':>8} {'x 1x':>6}")
+    for f, row in rows.items():
+        d = row["data"] or {}
+        print(f"{str(f) + 'x':>7} {'data (manifest)':>22} {d.get('train')}, {d.get('files')} file(s), "
+              f"{d.get('n_used')} rows used")
+        cells = [("whole run s", row["wall"], base["wall"])]
+        cells += [(f"{s} s", row["timings"].get(s, 0.0), base["timings"].get(s, 0.0)) for s in stages]
+        cells.append(("rest s", row["wall"] - sum(row["timings"].get(s, 0.0) for s in stages),
+                      base["wall"] - sum(base["timings"].get(s, 0.0) for s in stages)))
+        for group, peaks in row["procs"].items():
+            for i, peak in enumerate(peaks):
+                b = base["procs"].get(group, [])
+                name = group if len(peaks) == 1 else f"{group} {i}"
+                cells.append((f"{name} MB", peak / 1e6, (b[i] if i < len(b) else 0) / 1e6))
+        for name, v, b in cells:
+            print(f"{str(f) + 'x':>7} {name:>22} {v:>8.2f} " + (f"{v / b:>5.2f}x" if b else "  (none at 1x)"))
+    worst = {f: max(max(p) / max(base["procs"][g]) for g, p in row["procs"].items() if base["procs"].get(g))
+             for f, row in rows.items()}
+    print("largest peak-RSS ratio of any process group: "
+          + ", ".join(f"{f}x {w:.2f}x" for f, w in worst.items()) + "; target <= 1.2x")
+
+
 def measure(role: str, data: Path, store: Path, steps: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", role, "--data", str(data), "--store", str(store),
                           "--steps", str(steps)], capture_output=True, text=True, cwd=ROOT)
@@ -103,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--factors", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--steps", type=int, default=24, help="train.steps cap")
     p.add_argument("--no-old", action="store_true", help="skip the old whole-table rank path")
+    p.add_argument("--no-whole", action="store_true", help="skip part 1, the whole job at each size")
+    p.add_argument("--no-stage", action="store_true", help="skip part 2, the data path alone")
+    p.add_argument("--runs", type=int, default=1, help="whole-job runs per corpus size (part 1)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
@@ -113,14 +187,20 @@ def main(argv=None) -> int:
     roles = ["driver", "rank"] + ([] if args.no_old else ["old rank"])
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_whole:
+            whole_runs(args.factors, args.steps, Path(tmp), args.runs)
+            if args.no_stage:
+                return 0
+            print()
         for f in args.factors:
             data, store = Path(tmp) / f"corpus{f}", Path(tmp) / f"store{f}"
-            write_corpus(data, f)
+            if not data.exists():
+                write_corpus(data, f)
             rows[f] = {r: measure(r.replace(" ", "_"), data, store, args.steps) for r in roles}
             print(f"corpus {f}x done", file=sys.stderr, flush=True)
     base = rows[args.factors[0]]
-    print(f"corpus of {args.factors[0]}x = 1536 rows, {args.steps} steps x 16 rows trained, 2 ranks; "
-          "s = wall seconds after imports, MB = peak RSS, +MB = peak RSS above the RSS after imports")
+    print(f"2. the data path alone: corpus of {args.factors[0]}x = 1536 rows, {args.steps} steps x 16 rows "
+          "trained, 2 ranks; s = wall seconds after imports, MB = peak RSS, +MB = peak RSS above the RSS after imports")
     print(f"{'corpus':>7} {'process':>9} {'s':>7} {'ratio':>6} {'MB':>6} {'ratio':>6} {'+MB':>7} {'ratio':>6}")
     for f, row in rows.items():
         for r in roles:

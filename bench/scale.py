@@ -45,8 +45,12 @@ from rayattr.plan import estimate  # noqa: E402
 from rayattr.reduce import phase_edges, validation_gradient, write_outputs  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
-# Ray's process titles name the actor class or the task: what each group runs
-GROUPS = {"rank actor": "RankWorker", "segment actor": "SegmentWorker", "validation task": "_validation_shard"}
+# Ray's process titles name the actor class or the task: what each group runs. The ranks run
+# as Ray Train workers (RayTrainWorker, rayattr/train/trainer.py), RankWorker where one is an
+# actor of its own; Ray Train's controller actor drives them.
+GROUPS = {"rank actor": ("RayTrainWorker", "RankWorker"), "segment actor": ("SegmentWorker",),
+          "validation task": ("_validation_shard",), "train controller": ("TrainController",)}
+FORK = " (forked child)"
 EMBED_OUTPUTS = {"embed", "values", "embeddings", "local"}
 
 
@@ -66,7 +70,9 @@ class Poller(threading.Thread):
     """Every `every` s: the job process's peak RSS (VmHWM), and for each Ray worker process the
     largest RSS sampled while its title names a group. Ray reuses idle worker processes, so a
     worker's own high-water mark may come from an earlier task; sampling keeps each figure to
-    the group running at the time (a peak shorter than `every` can be missed)."""
+    the group running at the time (a peak shorter than `every` can be missed). A child forked
+    by a group's process shares its pages and title until it execs: it is counted apart, as
+    "<group> (forked child)", not as one more process of the group."""
 
     def __init__(self, pid: int, every: float = 0.1):
         super().__init__(daemon=True)
@@ -78,7 +84,7 @@ class Poller(threading.Thread):
             title = " ".join(proc.cmdline())
         except psutil.Error:
             return None
-        return next((g for g, name in GROUPS.items() if name in title), None)
+        return next((g for g, names in GROUPS.items() if any(n in title for n in names)), None)
 
     def run(self) -> None:
         root = psutil.Process(self.root)
@@ -88,16 +94,26 @@ class Poller(threading.Thread):
                 procs = root.children(recursive=True)
             except psutil.Error:
                 return
+            groups = {p.pid: self.group(p) for p in procs}
             for p in procs:
-                g = self.group(p)
+                g = groups[p.pid]
                 if g is None:
                     continue
                 try:
+                    if groups.get(p.ppid()) == g:  # a fork (e.g. a subprocess about to exec) has its parent's title
+                        g += FORK
                     rss = p.memory_info().rss
                 except psutil.Error:
                     continue
                 self.peaks[(p.pid, g)] = max(rss, self.peaks.get((p.pid, g), 0))
             time.sleep(self.every)
+
+    def per_process(self) -> list[tuple[str, int, int]]:
+        """(group, pid, peak bytes) of every process seen, driver first, then by group and pid;
+        a process forked by a group's process (same title) is in group "<group> (forked child)"."""
+        order = ["driver", *GROUPS]
+        return sorted(((g, pid, peak) for (pid, g), peak in self.peaks.items()),
+                      key=lambda x: (order.index(x[0].removesuffix(FORK)), x[0].endswith(FORK), x[1]))
 
     def by_group(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -113,6 +129,13 @@ def settings(steps: int, rank: int, segments: int) -> dict:
 
 def run_measured(store: str, run_id: str, cfg: dict) -> tuple[float, dict[str, int]]:
     """The job in its own process; (wall seconds, peak RSS per group)."""
+    wall, poll = run_polled(store, run_id, cfg)
+    return wall, poll.by_group()
+
+
+def run_polled(store: str, run_id: str, cfg: dict) -> tuple[float, Poller]:
+    """The job (jobs/pretrain_attr.py) on config dict `cfg` in its own process and local Ray;
+    (wall seconds, the Poller that watched it: peak RSS per process)."""
     path = Path(store) / f"{run_id}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -127,7 +150,7 @@ def run_measured(store: str, run_id: str, cfg: dict) -> tuple[float, dict[str, i
     poll.join()
     if proc.returncode:
         sys.exit(err[-3000:])
-    return time.perf_counter() - t, poll.by_group()
+    return time.perf_counter() - t, poll
 
 
 def copy_trained(run: Run, dest: Path, name: str) -> Run:
