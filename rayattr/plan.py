@@ -300,7 +300,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     from rayattr.store.index import SPAN
 
     c, t = cfg.capture, cfg.train
-    P, G, L, n = plan.total_dim, plan.global_batch, len(plan.layers), plan.n_samples
+    P, G, n = plan.total_dim, plan.global_batch, plan.n_samples
     steps, n_seg = plan.steps, plan.segments
     eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
     sq = kfac * sum(lay.p ** 2 for lay in plan.layers)
