@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from safetensors.torch import load
 
@@ -79,9 +78,6 @@ class RetrainWorker:
         if hasattr(engine, "destroy"):
             engine.destroy()
         return out
-
-    def node(self) -> str:
-        return ray.util.get_node_ip_address()
 
 
 def _max_abs_diff(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
