@@ -7,7 +7,8 @@ store's retries, rayattr/store/arrow_fs.py). At a
 checkpoint step every rank saves its engine state into node-local scratch and hands it to
 `ray.train.report`, which uploads each rank's files into one `checkpoints/checkpoint_*`
 directory and registers the checkpoint only after every rank has reported: a checkpoint counts
-only once it is complete (the same data-then-commit rule as shards). `ray.train.get_checkpoint()`
+only once it is complete (the same data-then-commit rule as shards), and the ranks go on only
+once it counts. `ray.train.get_checkpoint()`
 gives the latest registered one to a restarted worker group, and to a new driver on the same
 run too, since Ray Train reloads its checkpoint manager from the same storage path and name.
 """
@@ -53,6 +54,10 @@ def save(engine, step: int, metrics: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="rayattr-checkpoint-") as d:
         engine.save_checkpoint(d, tag=TAG, client_state={"step": step}, save_latest=False)
         ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    # Ray Train registers the checkpoint (and persists its snapshot) after the report returns:
+    # wait for it, so that no rank trains (nor tells the driver it trained) past a checkpoint a
+    # resume could not yet find
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def restore(engine, rank: int) -> int:
