@@ -38,6 +38,21 @@ def rank_resources(cfg: Config) -> dict[str, float]:
     return res
 
 
+def gang_trainer(cfg: Config, loop_fn, loop_config: dict, run_config):
+    """A TorchTrainer with one worker per rank of `cfg` (its resources, placement and process
+    group backend): the training gang, and each of `rayattr validate`'s retraining gangs."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    return TorchTrainer(
+        loop_fn, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
+                                     placement_strategy=t.placement),
+        run_config=run_config)
+
+
 def rank_loop(loop: dict) -> None:
     """One Ray Train worker: a RankWorker over the process group Ray Train set up."""
     import ray.train
@@ -47,7 +62,7 @@ def rank_loop(loop: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker = RankWorker(rank, world, None, None, loop["config"], loop["run"], loop["storage_options"])
+    worker = RankWorker(rank, world, loop["config"], loop["run"], loop["storage_options"])
     info = worker.info()
     infos: list = [None] * world
     dist.all_gather_object(infos, info)
@@ -79,23 +94,19 @@ def rank_loop(loop: dict) -> None:
 def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
           chunk_steps: int = 4) -> dict[str, Any]:
     """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     if run.exists(PROGRESS):  # attempts count within this call
         run.write_json(PROGRESS, {**run.read_json(PROGRESS), "attempt": -1})
     run.update_manifest(train_error=None)
     t = cfg.train
-    trainer = TorchTrainer(
-        rank_loop,
-        train_loop_config={"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
-                           "chunk_steps": chunk_steps},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
-                                     placement_strategy=t.placement),
+    trainer = gang_trainer(
+        cfg, rank_loop,
+        {"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
+         "chunk_steps": chunk_steps},
         # Ray Train's storage is the run: its checkpoints resume a restarted gang or a new driver
-        run_config=RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
-                             failure_config=FailureConfig(max_failures=t.max_restarts)))
+        RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
+                  failure_config=FailureConfig(max_failures=t.max_restarts)))
     t0 = time.perf_counter()
     fit = fit_in_background(trainer)
     losses = _follow(run, fit, progress)

@@ -31,14 +31,14 @@ from rayattr.train.quiet import quiet_known_noise
 class RankWorker:
     """The training loop of one rank; rayattr/train/trainer.py runs one per Ray Train worker."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 config: dict, run_uri: str, storage_options: dict | None = None):
+    def __init__(self, rank: int, world_size: int, config: dict, run_uri: str,
+                 storage_options: dict | None = None):
         self.rank, self.world_size = rank, world_size
         self.cfg = Config.from_dict(config)
         quiet_known_noise(expect_gpu=self.cfg.train.use_gpu)
         self.options = StoreOptions(storage_options=storage_options or {})
         self.run = Run.open_uri(run_uri, options=self.options, readonly=False)
-        self.device = join_process_group(self.cfg, rank, world_size, master_addr, master_port)
+        self.device = join_process_group(self.cfg, rank, world_size, None, None)  # Ray Train made the group
         self._setup()
 
     def _setup(self) -> None:

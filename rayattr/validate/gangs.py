@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train.checkpoints import ray_train_storage
-from rayattr.train.trainer import fit_in_background, rank_resources
+from rayattr.train.trainer import fit_in_background, gang_trainer, rank_resources
 from rayattr.validate.counterfactuals import Removal
 
 POLL_S = 0.5  # how often the driver looks at the gangs while no result comes
@@ -43,7 +43,7 @@ def gang_loop(loop: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    worker = RetrainWorker(rank, world, None, None, loop["config"], loop["run"], loop["storage_options"])
+    worker = RetrainWorker(rank, world, loop["config"], loop["run"], loop["storage_options"])
     todo, results = loop["todo"], loop["results"]
     while True:
         box = [None]
@@ -63,20 +63,13 @@ def gang_loop(loop: dict) -> None:
 
 
 def _gang(cfg: Config, run: Run, storage_options: dict | None, todo: Queue, results: Queue, index: int):
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import FailureConfig, RunConfig
 
-    t = cfg.train
-    return TorchTrainer(
-        gang_loop,
-        train_loop_config={"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
-                           "todo": todo, "results": results},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.ranks, use_gpu=t.use_gpu, resources_per_worker=rank_resources(cfg),
-                                     placement_strategy=t.placement),
-        # a failed retrain is not retried: the validation stops, and a rerun keeps what finished
-        run_config=RunConfig(**ray_train_storage(run, f"validation/gang-{index}"),
-                             failure_config=FailureConfig(max_failures=0)))
+    loop = {"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
+            "todo": todo, "results": results}
+    # a failed retrain is not retried: the validation stops, and a rerun keeps what finished
+    return gang_trainer(cfg, gang_loop, loop, RunConfig(**ray_train_storage(run, f"validation/gang-{index}"),
+                                                       failure_config=FailureConfig(max_failures=0)))
 
 
 def retrain_all(cfg: Config, run: Run, removals: list[Removal], on_result: Callable[[Removal, dict], None],

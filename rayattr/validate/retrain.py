@@ -33,13 +33,13 @@ from rayattr.validate.errors import ValidationError
 class RetrainWorker:
     """One rank of a retraining gang: a Ray Train worker (rayattr/validate/gangs.py)."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 config: dict, run_uri: str, storage_options: dict | None = None):
+    def __init__(self, rank: int, world_size: int, config: dict, run_uri: str,
+                 storage_options: dict | None = None):
         self.rank, self.world_size = rank, world_size
         self.cfg = cfg = Config.from_dict(config)
         quiet_known_noise(expect_gpu=cfg.train.use_gpu)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-        self.device = join_process_group(cfg, rank, world_size, master_addr, master_port)
+        self.device = join_process_group(cfg, rank, world_size, None, None)  # Ray Train made the group
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.data = rank_tokens(self.run, rank)  # this rank's rows of each step (data/shards.py)
         self.num_steps = int(self.run.manifest["num_steps"])
