@@ -4,13 +4,22 @@
         run = Run.create(store_root.uri, "r1", {}, options=store_root.options)
 
     def test_y(s3_store):        # the SeaweedS3 server itself (root_uri(), env, restart())
+
+Two tiers: `python -m pytest -q` runs everything; `python -m pytest -q -m "not slow"` leaves
+out the tests marked `slow`, those that start Ray, DeepSpeed, the S3 server, a job or a
+cluster. A test is marked slow by what it uses (SLOW_FIXTURES, the [s3] store root) or by an
+explicit `slow` mark where it starts one of them itself; a test that is not marked and starts
+one anyway fails (see _guard) rather than quietly slowing the fast tier.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,3 +105,75 @@ def finished_run(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     (store / "job-output.txt").write_text(out.stdout + out.stderr)  # read by the noise test
     return str(store), f"{store}/answers"
+
+
+# -- the slow tier ----------------------------------------------------------------------------
+
+# Fixtures that start Ray, the S3 server or a job: a test that uses one, directly or through
+# another fixture (item.fixturenames is the whole closure), is slow.
+SLOW_FIXTURES = {"local_ray", "s3_store", "finished_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or params.get("store_root") == "s3":
+            item.add_marker(pytest.mark.slow)
+
+
+# What a fast test must not start. A command line that runs the job or an example, a DeepSpeed
+# or torch launcher, the SeaweedFS server, the `ray` CLI, Ray's own daemons (ray.init starts
+# them), or the rayattr commands that start Ray.
+_SLOW_COMMAND = re.compile(r"pretrain_attr\.py|jobs/examples/|deepspeed\.launcher|torch\.distributed\.run|"
+                           r"(^|/)(torchrun|weed|gcs_server|raylet|ray)( |$)|"
+                           r"rayattr(\.cli)? (train|validate|attribute)( |$)")
+
+
+class SlowInFastTest(AssertionError):
+    pass
+
+
+@contextmanager
+def _guard(item):
+    """While a test that is not marked slow sets up and runs: starting a process group
+    (DeepSpeed's engine, a rank) or one of the commands above fails it, naming the mark."""
+    if item.get_closest_marker("slow"):
+        yield
+        return
+    import torch.distributed
+
+    def refuse(what):
+        raise SlowInFastTest(f"{item.nodeid} starts {what}: mark it @pytest.mark.slow "
+                             "(or use a fixture in tests/conftest.py SLOW_FIXTURES)")
+
+    popen_init = subprocess.Popen.__init__
+    init_group = torch.distributed.init_process_group
+
+    def checked_popen(self, args, *a, **kw):
+        line = args if isinstance(args, str) else shlex.join(map(os.fspath, args))
+        if _SLOW_COMMAND.search(line):
+            refuse(repr(line[:200]))
+        popen_init(self, args, *a, **kw)
+
+    def checked_group(*a, **kw):
+        refuse("a torch process group")
+
+    subprocess.Popen.__init__ = checked_popen
+    torch.distributed.init_process_group = checked_group
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init
+        torch.distributed.init_process_group = init_group
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _guard(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _guard(item):
+        yield

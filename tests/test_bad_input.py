@@ -180,15 +180,18 @@ def data_config(tmp_path: Path, train: str, validation: str | None = None) -> di
     ({"train": {"ranks": "two"}}, ["'train.ranks' must be an integer, got 'two'"]),
     ({"capture": {"rank": 0}}, ["capture.rank must be >= 1"]),
 ])
+@pytest.mark.slow
 def test_config_mistakes(tmp_path, config, phrases):
     assert_refused(job(tmp_path, config), *phrases)
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     out = job(tmp_path, None, "--config", str(tmp_path / "nope.yaml"))
     assert_refused(out, "config file not found", "nope.yaml")
 
 
+@pytest.mark.slow
 def test_dataset_without_text_or_source(tmp_path):
     pq.write_table(pa.table({"body": ["a", "b"], "source": ["x", "y"]}), tmp_path / "no_text.parquet")
     assert_refused(job(tmp_path, data_config(tmp_path, str(tmp_path / "no_text.parquet"))), "'text'", "no_text.parquet")
@@ -197,28 +200,33 @@ def test_dataset_without_text_or_source(tmp_path):
                    "no_source.jsonl")
 
 
+@pytest.mark.slow
 def test_empty_dataset(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string()), "source": pa.array([], pa.string())}),
                    tmp_path / "empty.parquet")
     assert_refused(job(tmp_path, data_config(tmp_path, str(tmp_path / "empty.parquet"))), "empty")
 
 
+@pytest.mark.slow
 def test_duplicate_sample_ids(tmp_path):
     pq.write_table(pa.table({"id": [1, 2, 2], "text": ["a", "b", "c"], "source": ["s", "s", "s"]}),
                    tmp_path / "dups.parquet")
     assert_refused(job(tmp_path, data_config(tmp_path, str(tmp_path / "dups.parquet"))), "duplicated sample id")
 
 
+@pytest.mark.slow
 def test_missing_dataset_file(tmp_path):
     assert_refused(job(tmp_path, data_config(tmp_path, str(tmp_path / "absent.parquet"))), "not found",
                    "absent.parquet")
 
 
+@pytest.mark.slow
 def test_unknown_store_scheme(tmp_path):
     out = job(tmp_path, None, "--store", "ftp://example/runs")
     assert_refused(out, "unsupported URI scheme 'ftp'")
 
 
+@pytest.mark.slow
 def test_unreachable_data_and_store_from_the_config(tmp_path, monkeypatch):
     """Endpoints from store.storage_options (credentials from the environment): the data on an
     unreachable S3 is named first; then, with the built-in data, the unreachable store."""

@@ -48,6 +48,7 @@ def texts(n: int, source="s", length=20) -> dict:
     ("text", pa.array([b"abc"] * 4, pa.binary()), "binary"),
     ("source", pa.array([1, 2, 3, 4], pa.int64()), "int64"),
 ])
+@pytest.mark.slow
 def test_wrong_column_types(tmp_path, column, values, found):
     good = texts(4)
     good[column] = values
@@ -60,6 +61,7 @@ def test_wrong_column_types(tmp_path, column, values, found):
     assert not (tmp_path / "store").exists()  # checked before the run is created
 
 
+@pytest.mark.slow
 def test_empty_source_string(tmp_path):
     rows = texts(6)
     rows["source"][2] = rows["source"][4] = ""
@@ -73,6 +75,7 @@ def test_empty_source_string(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_texts_longer_than_the_context_are_counted(tmp_path):
     """Truncation is what training does (and queries do likewise); the run counts it in
     run.json n_truncated and the job says so."""

@@ -265,6 +265,7 @@ def s3_endpoint(tmp_path_factory):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_load_dataset_from_s3(s3_endpoint, tmp_path):
     import s3fs
 

@@ -13,6 +13,8 @@ import pytest
 
 from rayattr.store import Run
 
+pytestmark = pytest.mark.slow  # each test runs an example's training, then `rayattr attribute`
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -23,6 +23,8 @@ import faults
 from faults import fired
 from rayattr.store import GradientReader, Run, StoreOptions
 
+pytestmark = pytest.mark.slow  # each test runs the job, most of them twice
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "jobs" / "pretrain_attr.py"
 

@@ -75,10 +75,12 @@ def deepspeed_one(store):
     return record(store, "ds")
 
 
+@pytest.mark.slow
 def test_deepspeed_records_what_the_plain_trainer_records(store, deepspeed_one):
     assert_same_recording(deepspeed_one, record(store, "plain", "--no-deepspeed"))
 
 
+@pytest.mark.slow
 def test_accumulation_and_two_ranks_under_the_deepspeed_launcher(store, deepspeed_one):
     """The same global batch of 8: two micro-batches of 4, and two ranks of 4 each."""
     assert_same_recording(record(store, "accum", "--grad-accum", "2"), deepspeed_one)
@@ -87,6 +89,7 @@ def test_accumulation_and_two_ranks_under_the_deepspeed_launcher(store, deepspee
     assert_same_recording(two, deepspeed_one)
 
 
+@pytest.mark.slow
 def test_adamw_under_deepspeed(store):
     """AdamW (lagged preconditioner): the same v counters every step, and the same rows and update
     rows until float32 rounding, amplified by 1/√v, parts the two trajectories (measured: 1e-6

@@ -52,6 +52,7 @@ def test_hooks_call_and_pass():
     assert hooks.registered() == {}
 
 
+@pytest.mark.slow
 def test_fault_variables_do_not_reach_a_real_run(tmp_path):
     """The quick job with the old (and the test) fault variable set but no test seams
     installed: it trains to the end. Before, RAYATTR_FAULT made rank 1's loss NaN."""

@@ -60,6 +60,7 @@ def check_outputs(run: Run, reference: Run, stdout: str) -> None:
                                   reference.read_table("values/samples.parquet")["value"].to_numpy())
 
 
+@pytest.mark.slow
 def test_job_submit_local_store(cluster, single_node, tmp_path):
     store = tmp_path / "store"
     out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "sub", *ARGS],
@@ -69,6 +70,7 @@ def test_job_submit_local_store(cluster, single_node, tmp_path):
     check_outputs(Run.open(str(store), "sub"), single_node, out.stdout)
 
 
+@pytest.mark.slow
 def test_job_submit_multinode_s3(cluster, single_node, s3_store):
     """Ranks one per node (STRICT_SPREAD), segments spread, store on S3 from the AWS env."""
     root = s3_store.root_uri("job")
@@ -83,6 +85,7 @@ def test_job_submit_multinode_s3(cluster, single_node, s3_store):
     assert s3_store.secret_key not in run.read_bytes("run.json").decode()
 
 
+@pytest.mark.slow
 def test_validate_through_job_submit(cluster, single_node, tmp_path):
     """`rayattr validate` as a Ray job on the two-node cluster: its retraining gangs run there,
     and the nothing-removed retrain reproduces the single-node run's final weights exactly."""
@@ -121,6 +124,7 @@ def lowest_per_sample(run: Run) -> str:
     return min(per_sample, key=per_sample.get)
 
 
+@pytest.mark.slow
 def test_default_job_ranks_corrupted_last_at_seeds_0_to_2_with_the_data_fixed(tmp_path):
     """README's first command: no arguments but a store: the built-in corpus, AdamW, 2 ranks,
     192 steps, and the deliberately corrupted source has the lowest value per sample. Then the
@@ -144,6 +148,7 @@ def test_default_job_ranks_corrupted_last_at_seeds_0_to_2_with_the_data_fixed(tm
         assert lowest_per_sample(run) == "corrupted", seed
 
 
+@pytest.mark.slow
 def test_job_unreachable_store_fails_before_ray_starts(tmp_path):
     """A store that cannot be reached is reported by name, after bounded retries, and no Ray
     cluster is started for a run that could not be written anywhere."""

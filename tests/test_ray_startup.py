@@ -17,6 +17,8 @@ from raycluster import LocalRayCluster
 from rayattr.store import Run
 from s3server import pick_ports
 
+pytestmark = pytest.mark.slow  # each test runs the job, one beside a `ray start` cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 # the quick config cut to 2 steps: only start-up is under test
 ARGS = ["--config", "jobs/configs/small.yaml", "--steps", "2", "--segments", "1", "--no-progress"]

@@ -16,6 +16,8 @@ import rayattr
 from rayattr.config import Config
 from rayattr.store import GradientReader, Run
 
+pytestmark = pytest.mark.slow  # each test trains under torchrun or the deepspeed launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
