@@ -262,3 +262,28 @@ def test_summary_schema_is_documented(two_ranks):
     row = next(line for line in (ROOT / "docs" / "method.md").read_text().splitlines()
                if line.startswith("| `validation/summary.json`"))
     assert [k for k in summary if k not in row] == []
+
+
+def test_as_many_gangs_as_the_cluster_holds(monkeypatch):
+    """A gang holds one CPU (one GPU with use_gpu) per rank of the run; never fewer than one."""
+    from rayattr.validate import gangs
+
+    cluster = {"CPU": 7.0, "GPU": 3.0}
+    monkeypatch.setattr(gangs.ray, "cluster_resources", lambda: cluster)
+    two = Config.from_dict({"train": {"ranks": 2}})
+    assert gangs.default_gangs(two) == 3
+    assert gangs.default_gangs(two.with_overrides(**{"train.use_gpu": True})) == 1  # 3 GPUs: one gang of 2
+    cluster.update(CPU=1.0)
+    assert gangs.default_gangs(two) == 1
+
+
+def test_baseline_distance_to_the_final_weights():
+    from rayattr.validate.retrain import _max_abs_diff
+
+    module = torch.nn.Linear(2, 2)
+    final = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    assert _max_abs_diff(module, final) == 0.0
+    final["bias"][1] += 0.25
+    assert _max_abs_diff(module, final) == pytest.approx(0.25)
+    with pytest.raises(ValidationError, match="lacks weights.*'extra'"):
+        _max_abs_diff(module, {**final, "extra": torch.zeros(1)})

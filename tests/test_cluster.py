@@ -1,0 +1,48 @@
+"""rayattr.cluster.connect, with a stand-in for Ray: which cluster a job joins (the start-up
+itself runs in test_ray_startup.py and test_job.py)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from rayattr.cluster import LOCAL_ENV, connect
+
+
+@pytest.fixture
+def ray(monkeypatch):
+    calls = []
+    fake = SimpleNamespace(calls=calls, initialized=False)
+
+    def init(**kw):
+        calls.append(kw)
+        return SimpleNamespace(address_info={"gcs_address": "10.0.0.1:6379" if "address" in kw and
+                                             kw["address"] != "local" else "127.0.0.1:61234"})
+
+    fake.init = init
+    fake.is_initialized = lambda: fake.initialized
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return fake
+
+
+def test_without_an_address_a_local_instance_of_its_own(ray):
+    # address="local": a bare ray.init() would attach to whatever `ray start` left here
+    line = connect(log_to_driver=False)
+    assert ray.calls == [{"address": "local", "log_to_driver": False, "runtime_env": {"env_vars": LOCAL_ENV}}]
+    assert line.startswith("ray: started a local Ray instance at 127.0.0.1:61234")
+
+
+def test_ray_address_joins_that_cluster_with_the_jobs_own_runtime_env(ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    line = connect()
+    assert ray.calls == [{"address": "10.0.0.1:6379", "log_to_driver": True}]  # no runtime_env over the job's
+    assert line == "ray: joined the cluster at 10.0.0.1:6379 (RAY_ADDRESS=10.0.0.1:6379)"
+
+
+def test_once_per_process(ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ray.initialized = True
+    assert connect() == "ray: already initialised in this process" and ray.calls == []
