@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ from rayattr.record.engines import is_deepspeed_engine, steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.uploader import BackgroundUploader
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
 from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
@@ -129,6 +131,8 @@ class Recorder:
         self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
                               if self.optimizer.adamw else None)
         self.pending_records: list[StepRecord] = []
+        # rank 0 commits step records in the background, a shard's worth at a time
+        self._records = BackgroundUploader(2, name="rayattr-records") if self.rank == 0 else None
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
         self._curv_rows: dict[str, list[torch.Tensor]] = {}
         self._sources_by_id: dict[int, str] | None = None
@@ -323,6 +327,8 @@ class Recorder:
             self.pending_records.append(StepRecord(
                 step=step, epoch=epoch, lr=lr, eta=eta, clip=clip, sample_ids=batch.sample_ids,
                 sources=batch.sources, ranks=batch.ranks, loss=loss, **self._optimizer_fields()))
+        if (step + 1) % self.cfg.store.steps_per_shard == 0:  # with the gradient shards
+            self.commit_records()
 
     def _optimizer_fields(self) -> dict[str, Any]:
         """What a step record says about AdamW: λ, β's, ε, the bias-correction step, the v used."""
@@ -341,6 +347,8 @@ class Recorder:
         for w in self._writers():
             w.flush()
         self.commit_records()
+        if self._records is not None:
+            self._records.drain()
 
     def finish(self, weights: bool = True) -> dict[str, Any]:
         """Commit everything; rank 0 saves the final weights (what attribution differentiates
@@ -360,15 +368,20 @@ class Recorder:
         return {"rank": self.rank, "last_committed_step": self.writer.last_committed_step}
 
     def close(self) -> None:
-        for w in self._writers():
-            w.close()
-        self.commit_records()
+        try:
+            for w in self._writers():
+                w.close()
+            self.commit_records()
+        finally:
+            if self._records is not None:
+                self._records.close()  # waits for the records, re-raises a failed commit
 
     def _writers(self) -> list[GradientWriter]:
         return [w for w in (self.writer, self.curv_writer, self.update_writer) if w is not None]
 
     def commit_records(self) -> None:
-        """Write the step records gathered since the last commit (only rank 0 gathers any)."""
+        """Hand the step records gathered since the last commit to the background commit
+        (only rank 0 gathers any); `flush` or `close` waits for them."""
         if self.pending_records:
-            self.run.write_step_records(self.pending_records)
-            self.pending_records = []
+            records, self.pending_records = self.pending_records, []
+            self._records.submit(partial(self.run.write_step_records, records))
