@@ -30,7 +30,7 @@ from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config, ConfigError
 from rayattr.optimizer import OptimizerSpec, resolve_optimizer
-from rayattr.record.batches import gather_batch, rank_and_world
+from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import is_deepspeed_engine, steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
@@ -137,6 +137,7 @@ class Recorder:
         self._curv_rows: dict[str, list[torch.Tensor]] = {}
         self._sources_by_id: dict[int, str] | None = None
         self._step: int | None = None  # the step whose block is open
+        self._global: tuple | None = None  # the open step's global batch, where the caller gave it
         self._samples: tuple[list[int], list[str]] | None = None
         self.global_batch: int | None = None
         # Resuming: steps up to what the store holds are recomputed (identically) but not
@@ -155,21 +156,23 @@ class Recorder:
 
     @contextlib.contextmanager
     def step(self, sample_ids: Sequence[int] | None = None, sources: Sequence[str] | None = None, *,
-             step: int | None = None, epoch: int = 0,
-             lookahead: Sequence[tuple] | None = None) -> Iterator["Recorder"]:
+             step: int | None = None, epoch: int = 0, lookahead: Sequence[tuple] | None = None,
+             global_batch: tuple[Sequence[int], Sequence[str]] | None = None) -> Iterator["Recorder"]:
         """The block of one optimizer step on this rank: its forwards, backwards and the
         engine's step. `sample_ids` (with `sources`, else looked up in the run's
         data/train.parquet) are this rank's samples of the step, in the order its forwards
         see them; None when they are only known inside the block (`add_samples`).
         `lookahead`: AdamW with capture.preconditioner "lookahead" (the default) needs this
         rank's micro-batches of the step as (input_ids, attention_mask, labels) tuples, which
-        it runs once more without hooks to form the step's own v (docs/method.md §7)."""
+        it runs once more without hooks to form the step's own v (docs/method.md §7).
+        `global_batch`: (ids, sources) of the whole step, rank-major with equal shares, where
+        the caller knows it; else the ranks gather it (a collective at the step's end)."""
         step = self.next_step if step is None else int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         lr = self.training.lr()
         lr = self.optimizer.lr if lr is None else lr
-        self._step, self._samples = step, None
+        self._step, self._samples, self._global = step, None, global_batch
         if sample_ids is not None:
             self.add_samples(sample_ids, sources)
         known = self._samples[0] if self._samples else None
@@ -284,7 +287,8 @@ class Recorder:
             raise ValueError(f"step {step}: no sample ids were given (recorder.step(ids, ...) or add_samples)")
         applied = self.training.applied()
         clip = self.training.clip()
-        batch = gather_batch(ids, srcs, self.rank, self.world_size)
+        batch = (gather_batch(ids, srcs, self.rank, self.world_size) if self._global is None
+                 else known_batch(*self._global, ids, self.rank, self.world_size))
         self.global_batch = batch.size
         # a skipped fp16 step moved nothing; clipping scales every sample's step alike
         eta = clip * lr / batch.size if applied else 0.0

@@ -108,8 +108,10 @@ class RankWorker:
             # the lookahead preconditioner runs the step's micro-batches once more first (AdamW)
             batches = [self._batch(step, micro) for micro in range(t.grad_accum)]
             step_losses = []
+            # the whole batch from the token shards: no id gather across ranks
             with self.recorder.step(ids_of_step.tolist(), sources_of_step.tolist(), step=step,
-                                    epoch=self.plan.epoch_of(step), lookahead=batches):
+                                    epoch=self.plan.epoch_of(step), lookahead=batches,
+                                    global_batch=self.data.step_ids(step)):
                 for ids, mask, labels in batches:
                     loss = hooks.passed("rank.loss", micro_batch_loss(self.engine, ids, mask, labels),
                                         rank=self.rank, step=step)  # test seam
