@@ -6,11 +6,15 @@ Python process of that job (driver, Ray workers) loads at start-up, calls instal
 process that reaches seam `rank.step` with rank 1 at step >= 9 dies with os._exit (no
 clean-up, like a node loss). A marker file in RAYATTR_TEST_FAULT_DIR records that the fault
 fired, so a restarted process goes on instead of dying again. `rank.nan` turns one rank's
-loss NaN at seam `rank.loss`. Outside these tests nothing reads these variables.
+loss NaN at seam `rank.loss`. "ray.train.report" injects nothing: from its first step on, each
+rank appends every call it makes to ray.train.report to reports.jsonl in that directory
+(`reports`). Outside these tests nothing reads these variables.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 ENV, DIR_ENV = "RAYATTR_TEST_FAULT", "RAYATTR_TEST_FAULT_DIR"
@@ -54,8 +58,39 @@ def install(spec: str, directory: str) -> None:
             if _fires(directory, point, conds, at):
                 os._exit(17)
         hooks.register(point, die)
+    elif point == "ray.train.report":
+        hooks.register("rank.step", functools.partial(_record_reports, os.path.join(directory, REPORTS)))
     else:
         raise ValueError(f"unknown fault point {point!r}")
+
+
+REPORTS = "reports.jsonl"
+
+
+def _record_reports(path: str, rank: int, step: int) -> None:
+    """At a rank's first step: wrap ray.train.report in this process to append each call."""
+    import ray.train
+
+    report = ray.train.report
+    if getattr(report, "recorded", False):
+        return
+
+    def recorded(metrics, checkpoint=None, **kwargs):
+        with open(path, "a") as f:
+            f.write(json.dumps({"rank": rank, "step": metrics.get("step"), "checkpoint": checkpoint is not None}) + "\n")
+        return report(metrics, checkpoint=checkpoint, **kwargs)
+
+    recorded.recorded = True
+    ray.train.report = recorded
+
+
+def reports(directory: str) -> list[dict]:
+    """The ray.train.report calls the ranks made, in order per rank."""
+    path = os.path.join(directory, REPORTS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def env(spec: str, directory: str) -> dict[str, str]:

@@ -68,12 +68,23 @@ def assert_trajectory_complete(run: Run, num_steps: int, ranks: int = 2) -> None
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
+    """A fault-free run; its ranks' ray.train.report calls are recorded (test_reports_*)."""
     tmp = tmp_path_factory.mktemp("baseline")
-    out = run_job(tmp, "--store", str(tmp / "store"), "--run-id", "clean")
+    out = run_job(tmp, "--store", str(tmp / "store"), "--run-id", "clean", fault="ray.train.report")
     assert out.returncode == 0, out.stderr[-3000:]
     run = Run.open(str(tmp / "store"), "clean")
     assert_trajectory_complete(run, run.manifest["num_steps"])
+    run.reports = faults.reports(str(tmp))
     return run
+
+
+def test_ranks_report_only_checkpoints_and_the_end(baseline):
+    """Each ray.train.report is a barrier through Ray Train's controller (seconds each): the
+    ranks report at each checkpoint (every 4 steps) and once at the end, never for progress."""
+    n = baseline.manifest["num_steps"]
+    for rank in (0, 1):
+        calls = [(r["step"], r["checkpoint"]) for r in baseline.reports if r["rank"] == rank]
+        assert calls == [(s, True) for s in range(4, n + 1, 4)] + [(n, False)], calls
 
 
 def test_rank_actor_killed_resumes_from_checkpoint(baseline, tmp_path):

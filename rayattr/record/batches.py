@@ -2,12 +2,14 @@
 
 Each rank knows only the samples it trained on; the step record holds the whole batch in
 rank-major order (rank 0's samples, then rank 1's, ...: the layout of rayattr/data/batching.py),
-and each row's position in it, so every rank gathers every rank's ids (one small collective).
+and each row's position in it, so every rank gathers every rank's ids (one small collective),
+unless the caller read the whole batch itself (the built-in job, from its token shards).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch.distributed as dist
 
@@ -38,6 +40,19 @@ def gather_batch(sample_ids: list[int], sources: list[str], rank: int, world_siz
         srcs += s
         ranks += [r] * len(i)
     return GlobalBatch(ids, srcs, ranks, offset)
+
+
+def known_batch(all_ids: Sequence[int], all_sources: Sequence[str], sample_ids: list[int], rank: int,
+                world_size: int) -> GlobalBatch:
+    """The step's global batch as the caller read it (rank-major, every rank the same share),
+    checked against this rank's own samples: no collective."""
+    ids, srcs = [int(i) for i in all_ids], [str(s) for s in all_sources]
+    share = len(sample_ids)
+    offset = rank * share
+    if len(ids) != share * world_size or len(srcs) != len(ids) or ids[offset:offset + share] != list(sample_ids):
+        raise ValueError(f"rank {rank}: the global batch given ({len(ids)} ids) does not hold this rank's "
+                         f"{share} samples at position {offset} of {world_size} equal shares")
+    return GlobalBatch(ids, srcs, [r for r in range(world_size) for _ in range(share)], offset)
 
 
 def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

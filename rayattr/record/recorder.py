@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from functools import partial
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -29,11 +30,12 @@ from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config, ConfigError
 from rayattr.optimizer import OptimizerSpec, resolve_optimizer
-from rayattr.record.batches import gather_batch, rank_and_world
+from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import is_deepspeed_engine, steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.uploader import BackgroundUploader
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
 from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
@@ -129,10 +131,13 @@ class Recorder:
         self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
                               if self.optimizer.adamw else None)
         self.pending_records: list[StepRecord] = []
+        # rank 0 commits step records in the background, a shard's worth at a time
+        self._records = BackgroundUploader(2, name="rayattr-records") if self.rank == 0 else None
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
         self._curv_rows: dict[str, list[torch.Tensor]] = {}
         self._sources_by_id: dict[int, str] | None = None
         self._step: int | None = None  # the step whose block is open
+        self._global: tuple | None = None  # the open step's global batch, where the caller gave it
         self._samples: tuple[list[int], list[str]] | None = None
         self.global_batch: int | None = None
         # Resuming: steps up to what the store holds are recomputed (identically) but not
@@ -151,21 +156,23 @@ class Recorder:
 
     @contextlib.contextmanager
     def step(self, sample_ids: Sequence[int] | None = None, sources: Sequence[str] | None = None, *,
-             step: int | None = None, epoch: int = 0,
-             lookahead: Sequence[tuple] | None = None) -> Iterator["Recorder"]:
+             step: int | None = None, epoch: int = 0, lookahead: Sequence[tuple] | None = None,
+             global_batch: tuple[Sequence[int], Sequence[str]] | None = None) -> Iterator["Recorder"]:
         """The block of one optimizer step on this rank: its forwards, backwards and the
         engine's step. `sample_ids` (with `sources`, else looked up in the run's
         data/train.parquet) are this rank's samples of the step, in the order its forwards
         see them; None when they are only known inside the block (`add_samples`).
         `lookahead`: AdamW with capture.preconditioner "lookahead" (the default) needs this
         rank's micro-batches of the step as (input_ids, attention_mask, labels) tuples, which
-        it runs once more without hooks to form the step's own v (docs/method.md §7)."""
+        it runs once more without hooks to form the step's own v (docs/method.md §7).
+        `global_batch`: (ids, sources) of the whole step, rank-major with equal shares, where
+        the caller knows it; else the ranks gather it (a collective at the step's end)."""
         step = self.next_step if step is None else int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         lr = self.training.lr()
         lr = self.optimizer.lr if lr is None else lr
-        self._step, self._samples = step, None
+        self._step, self._samples, self._global = step, None, global_batch
         if sample_ids is not None:
             self.add_samples(sample_ids, sources)
         known = self._samples[0] if self._samples else None
@@ -280,7 +287,8 @@ class Recorder:
             raise ValueError(f"step {step}: no sample ids were given (recorder.step(ids, ...) or add_samples)")
         applied = self.training.applied()
         clip = self.training.clip()
-        batch = gather_batch(ids, srcs, self.rank, self.world_size)
+        batch = (gather_batch(ids, srcs, self.rank, self.world_size) if self._global is None
+                 else known_batch(*self._global, ids, self.rank, self.world_size))
         self.global_batch = batch.size
         # a skipped fp16 step moved nothing; clipping scales every sample's step alike
         eta = clip * lr / batch.size if applied else 0.0
@@ -323,6 +331,8 @@ class Recorder:
             self.pending_records.append(StepRecord(
                 step=step, epoch=epoch, lr=lr, eta=eta, clip=clip, sample_ids=batch.sample_ids,
                 sources=batch.sources, ranks=batch.ranks, loss=loss, **self._optimizer_fields()))
+        if (step + 1) % self.cfg.store.steps_per_shard == 0:  # with the gradient shards
+            self.commit_records()
 
     def _optimizer_fields(self) -> dict[str, Any]:
         """What a step record says about AdamW: λ, β's, ε, the bias-correction step, the v used."""
@@ -341,6 +351,8 @@ class Recorder:
         for w in self._writers():
             w.flush()
         self.commit_records()
+        if self._records is not None:
+            self._records.drain()
 
     def finish(self, weights: bool = True) -> dict[str, Any]:
         """Commit everything; rank 0 saves the final weights (what attribution differentiates
@@ -360,15 +372,20 @@ class Recorder:
         return {"rank": self.rank, "last_committed_step": self.writer.last_committed_step}
 
     def close(self) -> None:
-        for w in self._writers():
-            w.close()
-        self.commit_records()
+        try:
+            for w in self._writers():
+                w.close()
+            self.commit_records()
+        finally:
+            if self._records is not None:
+                self._records.close()  # waits for the records, re-raises a failed commit
 
     def _writers(self) -> list[GradientWriter]:
         return [w for w in (self.writer, self.curv_writer, self.update_writer) if w is not None]
 
     def commit_records(self) -> None:
-        """Write the step records gathered since the last commit (only rank 0 gathers any)."""
+        """Hand the step records gathered since the last commit to the background commit
+        (only rank 0 gathers any); `flush` or `close` waits for them."""
         if self.pending_records:
-            self.run.write_step_records(self.pending_records)
-            self.pending_records = []
+            records, self.pending_records = self.pending_records, []
+            self._records.submit(partial(self.run.write_step_records, records))

@@ -4,9 +4,11 @@ Ray Train places the ranks (ScalingConfig: workers, GPUs, placement strategy), s
 process group and, when a rank dies, restarts every rank (FailureConfig.max_failures =
 train.max_restarts): the new ranks load Ray Train's latest checkpoint, which it keeps in the
 run (rayattr/train/checkpoints.py), and skip writing what the store already holds (Recorder),
-so no step is missing or duplicated. A new driver on the same run resumes from it too. The ranks say
-how far they got in `train/progress.json` of the run, which the driver follows for its
-progress bar. `rank_resources` and `fit_in_background` serve `rayattr validate`'s retraining
+so no step is missing or duplicated. A new driver on the same run resumes from it too. The ranks
+call `ray.train.report` only with a checkpoint and once at the end: each report is a barrier
+through Ray Train's controller, seconds long on a small model. Rank 0 says how far it got in
+`train/progress.json` of the run, written in the background (rayattr/train/progress.py), which
+the driver follows for its progress bar. `rank_resources` and `fit_in_background` serve `rayattr validate`'s retraining
 gangs too (rayattr/validate/gangs.py).
 """
 
@@ -23,12 +25,12 @@ from rayattr import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import checkpoints
+from rayattr.train.progress import PROGRESS, ProgressWriter
 from rayattr.train.worker import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
-PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss"}: rank 0 after each chunk
-POLL_S = 0.2
+POLL_S = 0.2  # how often the driver reads the progress file
 
 
 def rank_resources(cfg: Config) -> dict[str, float]:
@@ -70,30 +72,29 @@ def rank_loop(loop: dict) -> None:
     if any(i["start_step"] != start for i in infos):
         raise RuntimeError(f"ranks resumed from different checkpoints: {[i['start_step'] for i in infos]}")
     run = worker.run
-    attempt = 0
+    progress = None
     if rank == 0:
         attempt = (run.read_json(PROGRESS)["attempt"] + 1) if run.exists(PROGRESS) else 0
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"],
                             rank_nodes=[i["node"] for i in infos], n_truncated=info["truncated"])
-        run.write_json(PROGRESS, {"attempt": attempt, "start": start, "step": start, "loss": None})
+        progress = ProgressWriter(run, {"attempt": attempt, "start": start, "step": start, "loss": None})
     try:
-        for a in range(start, info["num_steps"], loop["chunk_steps"]):
-            b = min(info["num_steps"], a + loop["chunk_steps"])
-            out = worker.train_steps(a, b)
-            if rank == 0:
-                run.write_json(PROGRESS, {"attempt": attempt, "start": start, "step": b, "loss": out["loss"]})
-            ray.train.report({"step": b, "loss": out["loss"]})
+        out = worker.train_steps(start, info["num_steps"], on_step=progress.post if progress else None)
     except NonFiniteLoss as err:  # every rank stops at the same step; a restart cannot help
         if rank == 0:
             run.update_manifest(train_error=str(err))
         return
+    finally:
+        if progress is not None:
+            progress.close()
     worker.finish()
+    ray.train.report({"step": info["num_steps"], "loss": out["loss"]})
 
 
-def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True,
-          chunk_steps: int = 4) -> dict[str, Any]:
-    """Train all steps with capture (resuming a partial run); returns the ranks' info and losses."""
+def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train all steps with capture (resuming a partial run); returns the ranks' info and losses,
+    the seconds of the whole stage and, of those, the last attempt's steps on rank 0."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     if run.exists(PROGRESS):  # attempts count within this call
@@ -102,8 +103,7 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
     t = cfg.train
     trainer = gang_trainer(
         cfg, rank_loop,
-        {"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
-         "chunk_steps": chunk_steps},
+        {"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options},
         # Ray Train's storage is the run: its checkpoints resume a restarted gang or a new driver
         RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
                   failure_config=FailureConfig(max_failures=t.max_restarts)))
@@ -117,7 +117,7 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
     state = run.read_json(PROGRESS)
     return {"num_steps": m["num_steps"], "layer_dims": m["layer_dims"], "global_batch": m["global_batch"],
             "losses": losses, "train_seconds": time.perf_counter() - t0, "resumed_from": state["start"],
-            "restarts": state["attempt"]}
+            "restarts": state["attempt"], "step_seconds": state.get("seconds")}
 
 
 @ray.remote(num_cpus=0)
@@ -136,7 +136,7 @@ def fit_in_background(trainer) -> ray.ObjectRef:
 
 
 def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
-    """Follow the ranks' progress until fit returns: the progress bar, the losses per chunk,
+    """Follow the ranks' progress until fit returns: the progress bar, the losses it saw,
     a note per restart, and the driver's test seam."""
     losses: list[float] = []
     seen = (None, None)

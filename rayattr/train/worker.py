@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -94,8 +94,10 @@ class RankWorker:
             ids, mask, _ = self._batch(step, micro, max(1, math.ceil(self.cfg.train.micro_batch * c.curvature_fraction)))
             self.recorder.sample_curvature(ids, mask, seed=hash((self.cfg.train.seed, step, self.rank)) % 2**31)
 
-    def train_steps(self, start: int, end: int) -> dict[str, Any]:
-        """Run optimizer steps [start, end); returns mean loss and timing."""
+    def train_steps(self, start: int, end: int, on_step: Callable[..., None] | None = None) -> dict[str, Any]:
+        """Run optimizer steps [start, end); returns mean loss and timing. `on_step(step=, loss=,
+        seconds=)` after each step (rank 0's progress): the steps done, this rank's loss of the
+        last one, the seconds since `start`."""
         t = self.cfg.train
         losses, t0 = [], time.perf_counter()
         for step in range(start, min(end, self.num_steps)):
@@ -105,19 +107,24 @@ class RankWorker:
                 self._curvature_batches(step)
             # the lookahead preconditioner runs the step's micro-batches once more first (AdamW)
             batches = [self._batch(step, micro) for micro in range(t.grad_accum)]
+            step_losses = []
+            # the whole batch from the token shards: no id gather across ranks
             with self.recorder.step(ids_of_step.tolist(), sources_of_step.tolist(), step=step,
-                                    epoch=self.plan.epoch_of(step), lookahead=batches):
+                                    epoch=self.plan.epoch_of(step), lookahead=batches,
+                                    global_batch=self.data.step_ids(step)):
                 for ids, mask, labels in batches:
                     loss = hooks.passed("rank.loss", micro_batch_loss(self.engine, ids, mask, labels),
                                         rank=self.rank, step=step)  # test seam
                     self.recorder.add_loss(loss)
                     self.engine.backward(loss)
                     self.engine.step()
-                    losses.append(loss.item())
+                    step_losses.append(loss.item())
+            losses += step_losses
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
-                self.save_checkpoint(step + 1, float(np.mean(losses)))
-        self.recorder.commit_records()
+                self.save_checkpoint(step + 1, float(np.mean(losses[-every * t.grad_accum:])))
+            if on_step is not None:
+                on_step(step=step + 1, loss=float(np.mean(step_losses)), seconds=time.perf_counter() - t0)
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ checkpoints and the end
