@@ -27,7 +27,10 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any, Sequence
+
+from rayattr.errors import BUG_EXIT, USER_ERROR_EXIT, RayattrError, UsageError, error_line
 
 FORMATS = ("table", "csv", "json")
 
@@ -61,7 +64,7 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--storage-option wants KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--storage-option wants KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
 
@@ -176,7 +179,7 @@ def cmd_query(args) -> int:
     if args.file:
         texts += read_query_file(args.file)
     if not texts:
-        raise ValueError("give the query as --text TEXT (repeatable) or --file queries.jsonl")
+        raise UsageError("give the query as --text TEXT (repeatable) or --file queries.jsonl")
     t0 = time.perf_counter()
     say = (lambda msg: None) if args.quiet else \
         (lambda msg: print(f"[{time.perf_counter() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True))
@@ -206,7 +209,11 @@ def cmd_query(args) -> int:
 
 
 def cmd_report(args) -> int:
-    path = _open(args).report(args.out, k=args.k)
+    try:
+        path = _open(args).report(args.out, k=args.k)
+    except OSError as e:  # the output directory: the user's to fix
+        where = f": {e.filename}" if getattr(e, "filename", None) else f": {args.out}"
+        raise UsageError(f"cannot write the report ({e.strerror or e}){where}") from None
     print(f"report: {path}")
     return 0
 
@@ -374,21 +381,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    # Only cheap error types here: the config, data and query errors are ValueErrors, and
-    # importing their packages would load torch for every command.
-    from rayattr.store.errors import StoreError
-
+    """One command: a RayattrError prints as one line and exits 2; anything else is a bug,
+    printed with its traceback, exit 1."""
     try:
         return args.func(args)
     except BrokenPipeError:
         raise
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a report directory that cannot be written
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+    except RayattrError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except Exception:
+        traceback.print_exc()
+        print("error: this is a bug in rayattr (the traceback above); please report it", file=sys.stderr)
+        return BUG_EXIT
 
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away

@@ -17,8 +17,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from rayattr.errors import RayattrError
 
-class ConfigError(ValueError):
+
+class ConfigError(RayattrError, ValueError):
     """A configuration that cannot be run: names the offending key or value."""
 
 
