@@ -9,7 +9,7 @@
     rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
     rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
-    rayattr attribute RUN [--segments N] [--cpu]          (values for a run recorded by rayattr.Recorder)
+    rayattr attribute RUN [--segments N] [--cpu] [--wait SECONDS]  (values for a run recorded by rayattr.Recorder)
 
 RUN is a run id in the store ($RAYATTR_STORE, else ./rayattr_runs), e.g. run-20261124-101500,
 or the run's path or URI (<store>/<run_id>, s3://bucket/prefix/<run_id>). S3 runs take their
@@ -77,6 +77,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -258,7 +269,7 @@ def cmd_show(args) -> int:
 def cmd_attribute(args) -> int:
     from rayattr.attribution import attribute
 
-    result = attribute(args.run, segments=args.segments, cpu=args.cpu,
+    result = attribute(args.run, segments=args.segments, cpu=args.cpu, wait_s=args.wait,
                        storage_options=_storage_options(args.storage_option), progress=not args.no_progress)
     rows = result.sources
     print(format_rows(rows, ["source", "n_samples", "n_occurrences", "value", "value_per_sample"], "table"))
@@ -370,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     at.add_argument("run", help=RUN_HELP)
     at.add_argument("--segments", type=positive_int, help="influence-checkpoint segments (default: one per CPU/GPU)")
     at.add_argument("--cpu", action="store_true", help="segment actors on CPUs, whatever the training used")
+    at.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for writers of the recording that are still open "
+                         "(default 0: a run with open writers is refused, naming them)")
     at.add_argument("--no-progress", action="store_true")
     at.set_defaults(func=cmd_attribute)
 

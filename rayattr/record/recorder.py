@@ -35,10 +35,13 @@ from rayattr.record.engines import is_deepspeed_engine, steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.registrations import wait_closed
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
 from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
+# how long rank 0's finish() waits for the other ranks' writers to close (no process group)
+FINISH_TIMEOUT_S = 600.0
 RECORDED = "recorded"  # manifest status of a run whose training is recorded, not yet attributed
 
 
@@ -343,11 +346,19 @@ class Recorder:
             w.flush()
         self.commit_records()
 
-    def finish(self, weights: bool = True) -> dict[str, Any]:
-        """Commit everything; rank 0 saves the final weights (what attribution differentiates
-        at) and marks the run recorded (ready for `rayattr attribute`)."""
+    def finish(self, weights: bool = True, timeout_s: float = FINISH_TIMEOUT_S) -> dict[str, Any]:
+        """Commit everything and end the recording, a barrier: every rank closes its writers,
+        the ranks synchronise (the process group's barrier when there is one), and rank 0 marks
+        the run recorded (ready for `rayattr attribute`) only once the store shows every rank's
+        writers closed: without a process group it waits up to `timeout_s` for them, then an
+        OpenWritersError names the ranks still open and the run stays unrecorded. Rank 0 also
+        saves the final weights (what attribution differentiates at)."""
         self.close()
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if self.rank == 0:
+            wait_closed(self.run, [w.kind for w in self._writers()], range(self.world_size), timeout_s,
+                        what="the recording cannot end while a rank's writers are open")
             if weights:
                 self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.module))
             last_record = self.run.last_step_record()

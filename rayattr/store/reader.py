@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -15,6 +14,7 @@ import torch
 from . import layout
 from .commits import Part, ShardCommit, latest_per_step
 from .index import load_entries
+from .registrations import describe_writer
 from .errors import StoreError
 from .run import Run
 from .shard import column_to_tensor, merge_ranges, open_sparse, sha256_hex
@@ -280,15 +280,6 @@ class GradientReader:
                    layers: Sequence[str] | None = None, dtype: torch.dtype = torch.float32
                    ) -> list[StepBatch]:
         return list(self.iter_steps(step_start, step_end, layers, dtype))
-
-
-def describe_writer(reg: dict | None) -> str:
-    """A writer registration as an error names it: id, rank, pid, host and since when."""
-    if not reg:
-        return "(no registration)"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(reg.get("time", 0)))
-    return (f"{reg.get('writer')} of rank {reg.get('rank')} ({reg.get('kind')}; pid {reg.get('pid')} on "
-            f"{reg.get('host')}, since {since} UTC)")
 
 
 def _slice(chunks: list[tuple[int, bytes]], a: int, b: int) -> memoryview:
