@@ -9,6 +9,7 @@ run). A recorded, not yet attributed run has manifest status "recorded"
 from __future__ import annotations
 
 from rayattr.config import Config, ConfigError
+from rayattr.embed.cut import choose_segments
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.registrations import TRAINING_KINDS, wait_closed
 
@@ -58,6 +59,8 @@ def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
         raise ConfigError(f"segments must be a whole number >= 1, got {segments!r}")
     run = open_recorded(run, storage_options, wait_s=wait_s)
     m = run.manifest
+    if m.get("status") != "done" and segments is not None:  # refused before Ray starts
+        choose_segments(run, int(m["num_steps"]), segments)
     if m.get("status") == "done":
         return RunResult(uri=run.uri, timings=dict(m.get("timings") or {}), sources=read_sources(run),
                          segments=m.get("segments", 0), num_steps=m.get("num_steps", 0))
