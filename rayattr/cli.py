@@ -60,12 +60,16 @@ def format_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) ->
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--storage-option KEY=VALUE pairs as fsspec keyword arguments, each value typed
+    (rayattr.store.options.parse_option_value: anon=false is False, not the string)."""
+    from rayattr.store.options import parse_option_value
+
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"--storage-option wants KEY=VALUE, got {pair!r}")
-        out[key] = value
+        out[key] = parse_option_value(key, value)
     return out
 
 

@@ -28,6 +28,7 @@ from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.train import NonFiniteLoss, train
+from rayattr.train.model import check_model
 
 
 @dataclass
@@ -76,6 +77,7 @@ def start_run(cfg: Config) -> Run:
     """Load and check the data, then create the run holding it: bad data or an unreachable
     store fail here, before any Ray work starts."""
     cfg.validate()
+    check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
     t = time.perf_counter()
     prepared = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
     try:

@@ -113,6 +113,9 @@ def steps_of(engine, optimizer=None):
     if is_deepspeed_engine(engine):
         if optimizer is not None:
             raise UsageError("a DeepSpeed engine brings its own optimizer: do not pass optimizer=")
+        if engine.zero_optimization_stage() == 3:
+            raise UsageError("a DeepSpeed engine with ZeRO stage 3 is not supported: it partitions the parameters, "
+                             "and rayattr captures each layer's whole weight gradient; use stage 0, 1 or 2")
         return DeepSpeedSteps(engine)
     if isinstance(engine, torch.nn.Module):
         if optimizer is None:
