@@ -108,6 +108,8 @@ class SegmentWorker:
         self.phase_edges = np.asarray(phase_edges)
         self.curvature = curvature
         self.dtype = getattr(torch, dtype)
+        # local and final embeddings are stored in the recursion's precision (embed.dtype)
+        self.store_dtype = "float64" if self.dtype == torch.float64 else "float32"
         self.read_chunk = read_chunk
         self.write_chunk = max(1, write_chunk)  # steps of local embeddings held before writing
         self.keep = keep_sample_embeddings
@@ -213,7 +215,7 @@ class SegmentWorker:
         gradients), by a writer of its own: its "rank" is the chunk's first step, unique in the
         run, and its step_range the chunk. A restart skips what the chunk's writer committed."""
         # takeover: an open writer of this chunk is this actor's own before Ray restarted it
-        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
+        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype=self.store_dtype, takeover=True,
                             steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
             done = _committed(w)
             for batch, emb in reversed(chunk):
@@ -299,7 +301,7 @@ class SegmentWorker:
         epochs = {t: r.epoch for t, r in records.items()}
         reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them
-        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
+        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype=self.store_dtype, takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep and embeddings else None)
         done = _committed(writer)
