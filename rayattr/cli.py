@@ -9,7 +9,7 @@
     rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
     rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
-    rayattr attribute RUN [--segments N] [--cpu]          (values for a run recorded by rayattr.Recorder)
+    rayattr attribute RUN [--segments N] [--cpu] [--wait SECONDS]  (values for a run recorded by rayattr.Recorder)
 
 RUN is a run id in the store ($RAYATTR_STORE, else ./rayattr_runs), e.g. run-20261124-101500,
 or the run's path or URI (<store>/<run_id>, s3://bucket/prefix/<run_id>). S3 runs take their
@@ -27,7 +27,10 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any, Sequence
+
+from rayattr.errors import BUG_EXIT, USER_ERROR_EXIT, RayattrError, UsageError, error_line
 
 FORMATS = ("table", "csv", "json")
 
@@ -57,12 +60,16 @@ def format_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) ->
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """--storage-option KEY=VALUE pairs as fsspec keyword arguments, each value typed
+    (rayattr.store.options.parse_option_value: anon=false is False, not the string)."""
+    from rayattr.store.options import parse_option_value
+
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--storage-option wants KEY=VALUE, got {pair!r}")
-        out[key] = value
+            raise UsageError(f"--storage-option wants KEY=VALUE, got {pair!r}")
+        out[key] = parse_option_value(key, value)
     return out
 
 
@@ -74,6 +81,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
 
 
@@ -176,7 +194,7 @@ def cmd_query(args) -> int:
     if args.file:
         texts += read_query_file(args.file)
     if not texts:
-        raise ValueError("give the query as --text TEXT (repeatable) or --file queries.jsonl")
+        raise UsageError("give the query as --text TEXT (repeatable) or --file queries.jsonl")
     t0 = time.perf_counter()
     say = (lambda msg: None) if args.quiet else \
         (lambda msg: print(f"[{time.perf_counter() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True))
@@ -206,7 +224,11 @@ def cmd_query(args) -> int:
 
 
 def cmd_report(args) -> int:
-    path = _open(args).report(args.out, k=args.k)
+    try:
+        path = _open(args).report(args.out, k=args.k)
+    except OSError as e:  # the output directory: the user's to fix
+        where = f": {e.filename}" if getattr(e, "filename", None) else f": {args.out}"
+        raise UsageError(f"cannot write the report ({e.strerror or e}){where}") from None
     print(f"report: {path}")
     return 0
 
@@ -251,7 +273,7 @@ def cmd_show(args) -> int:
 def cmd_attribute(args) -> int:
     from rayattr.attribution import attribute
 
-    result = attribute(args.run, segments=args.segments, cpu=args.cpu,
+    result = attribute(args.run, segments=args.segments, cpu=args.cpu, wait_s=args.wait,
                        storage_options=_storage_options(args.storage_option), progress=not args.no_progress)
     rows = result.sources
     print(format_rows(rows, ["source", "n_samples", "n_occurrences", "value", "value_per_sample"], "table"))
@@ -363,6 +385,9 @@ def parser() -> argparse.ArgumentParser:
     at.add_argument("run", help=RUN_HELP)
     at.add_argument("--segments", type=positive_int, help="influence-checkpoint segments (default: one per CPU/GPU)")
     at.add_argument("--cpu", action="store_true", help="segment actors on CPUs, whatever the training used")
+    at.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for writers of the recording that are still open "
+                         "(default 0: a run with open writers is refused, naming them)")
     at.add_argument("--no-progress", action="store_true")
     at.set_defaults(func=cmd_attribute)
 
@@ -374,21 +399,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    # Only cheap error types here: the config, data and query errors are ValueErrors, and
-    # importing their packages would load torch for every command.
-    from rayattr.store.errors import StoreError
-
+    """One command: a RayattrError prints as one line and exits 2; anything else is a bug,
+    printed with its traceback, exit 1."""
     try:
         return args.func(args)
     except BrokenPipeError:
         raise
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a report directory that cannot be written
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+    except RayattrError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except Exception:
+        traceback.print_exc()
+        print("error: this is a bug in rayattr (the traceback above); please report it", file=sys.stderr)
+        return BUG_EXIT
 
 
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away

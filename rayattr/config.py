@@ -17,8 +17,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from rayattr.errors import RayattrError
 
-class ConfigError(ValueError):
+
+class ConfigError(RayattrError, ValueError):
     """A configuration that cannot be run: names the offending key or value."""
 
 
@@ -266,10 +268,26 @@ class Config:
             raise ConfigError("data.pretokenized needs data.train and data.validation: the built-in corpus is text")
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
+        q = self.embed.error_blocks
+        if q > 1 and c.rank % q:
+            raise ConfigError(f"capture.rank {c.rank} is not divisible by embed.error_blocks {q}: the standard "
+                              f"errors need the projection cut into {q}×{q} blocks; choose a rank divisible by "
+                              f"{q}, or embed.error_blocks: 1 (no standard errors)")
+        self._validate_model()
+        check_deepspeed(t.deepspeed)
         from rayattr.optimizer import check_adamw_capture, resolve_optimizer
 
         check_adamw_capture(self, resolve_optimizer(self))
         return self
+
+    def _validate_model(self) -> None:
+        m = self.model
+        if m.factory is not None:
+            module, sep, fn = str(m.factory).partition(":")
+            if not (isinstance(m.factory, str) and sep and module and fn.isidentifier()):
+                raise ConfigError(f"model.factory must look like 'module:function', got {m.factory!r}")
+        if not isinstance(m.extra, dict) or not all(isinstance(k, str) for k in m.extra):
+            raise ConfigError(f"model.extra must be a mapping of config keyword arguments, got {m.extra!r}")
 
     def _get(self, dotted: str) -> Any:
         node: Any = self
@@ -287,6 +305,36 @@ class Config:
     @property
     def global_batch(self) -> int:
         return self.train.micro_batch * self.train.ranks * self.train.grad_accum
+
+
+# ZeRO stages rayattr records under: 3 shards the parameters themselves, which the capture
+# hooks (whole weight gradients per layer) and the Adam state reads do not support
+ZERO_STAGES = (0, 1, 2)
+
+
+def check_deepspeed(ds: Any) -> None:
+    """train.deepspeed: a mapping whose zero_optimization stage rayattr supports, and whose
+    sections DeepSpeed reads as mappings are mappings."""
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed must be a mapping (the DeepSpeed config), got {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"train.deepspeed.zero_optimization must be a mapping, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ConfigError(f"train.deepspeed.zero_optimization.stage must be a whole number, got {stage!r}")
+    if stage == 3:
+        raise ConfigError("train.deepspeed.zero_optimization.stage 3 (ZeRO-3) is not supported: it partitions "
+                          "the parameters, and rayattr captures each layer's whole weight gradient and reads "
+                          "Adam's state per parameter; use stage 0, 1 or 2")
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"train.deepspeed.zero_optimization.stage must be 0, 1 or 2, got {stage}")
+    for key in ("optimizer", "scheduler", "fp16", "bf16"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"train.deepspeed.{key} must be a mapping, got {ds[key]!r}")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip < 0:
+        raise ConfigError(f"train.deepspeed.gradient_clipping must be a number >= 0, got {clip!r}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

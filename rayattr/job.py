@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from rayattr.config import Config, ConfigError, load_config
+from rayattr.config import Config, load_config
+from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.store.names import STORE_ENV
 
 
@@ -68,9 +69,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    from rayattr.data import DataError
     from rayattr.pipeline import complete_run, open_for_resume, start_run
-    from rayattr.store import StoreError
 
     try:
         cfg, note = resolve_config(args)
@@ -84,23 +83,21 @@ def main(argv=None, prog: str | None = None) -> int:
             print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
         else:
             run = start_run(cfg)  # data and store are checked before Ray starts
-    except (ConfigError, StoreError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RayattrError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
 
     import ray
 
     from rayattr.cluster import connect
-    from rayattr.embed.guard import DivergenceError
-    from rayattr.record import NonFiniteLoss
 
     if not ray.is_initialized():
         print(connect(), flush=True)
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
-    except (ConfigError, StoreError, DataError, NonFiniteLoss, DivergenceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except RayattrError as e:  # a NaN loss, a divergence, a store fault: committed data stays
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
 
     m = run.reload_manifest()
     if m.get("n_truncated"):  # truncation is by design (as in training), but never silent

@@ -18,6 +18,7 @@ from rayattr.config import Config, ConfigError
 from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
+from rayattr.embed.cut import choose_segments
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
@@ -27,6 +28,7 @@ from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.train import NonFiniteLoss, train
+from rayattr.train.model import check_model
 
 
 @dataclass
@@ -75,6 +77,7 @@ def start_run(cfg: Config) -> Run:
     """Load and check the data, then create the run holding it: bad data or an unreachable
     store fail here, before any Ray work starts."""
     cfg.validate()
+    check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
     t = time.perf_counter()
     prepared = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
     try:
@@ -191,13 +194,13 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     so = cfg.store.storage_options or None
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    # a resumed run keeps the cut it started with (its K's may already be written); another
+    # cut is refused: segment artefacts are named by index
+    n_seg, bounds = choose_segments(run, num_steps, segments,
+                                    lambda: cfg.embed.segments or default_segments(cfg.train.use_gpu))
     run.update_manifest(status="embedding")
-    # a resumed run keeps the segments it started with: their K's may already be written
-    n_seg = segments or run.manifest.get("segments") or min(
-        num_steps, cfg.embed.segments or default_segments(cfg.train.use_gpu))
-    n_seg = min(num_steps, n_seg)
     edges = phase_edges(num_steps, cfg.embed.phases)
-    run.update_manifest(segments=n_seg)
+    run.update_manifest(segments=n_seg, segment_bounds=bounds)
     # training's commit entries folded into a few manifests: each segment's readers then open
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
     run.compact_index(TRAINING_KINDS)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayattr.config import Config, ConfigError, load_config
+from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.optimizer import resolve_optimizer
 from rayattr.store.shard import META_COLUMNS
 
@@ -632,9 +633,9 @@ def plan_main(argv: list[str] | None = None) -> int:
                         actor_memory_gb=args.actor_memory_gb, node_memory_gb=args.node_memory_gb,
                         n_validation=int(args.validation_samples) if args.validation_samples else None,
                         throughput=tp)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RayattrError as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))
     return 0
 

@@ -199,7 +199,7 @@ def test_nan_loss_stops_and_keeps_what_was_committed(tmp_path, how):
     else:
         out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "nan",
                       fault="rank.nan:rank=1,step=6")
-    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.returncode == 2, out.stderr[-3000:]  # a user error (RayattrError): one line, exit 2
     m = re.search(r"loss is (nan|inf|-inf) at step (\d+)", out.stderr)
     assert m, out.stderr[-3000:]
     bad_step = int(m.group(2))

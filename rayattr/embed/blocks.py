@@ -89,10 +89,11 @@ class ProjectionBlocks:
     def combine(self, scores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-layer scores (each row's e·v of one layer or block layer) -> (value over the real
         layers, standard error over the blocks' estimates or None without blocks)."""
-        value = sum(scores[n] for n in self.layers)
+        f64 = torch.float64  # layers summed in float64, whatever the rows' precision
+        value = sum(scores[n].to(f64) for n in self.layers)
         if not self.enabled:
             return value, None
         q = self.q
-        est = torch.stack([sum(scores[f"{n}{SEP}{a}{b}"] for n in self.layers)
+        est = torch.stack([sum(scores[f"{n}{SEP}{a}{b}"].to(f64) for n in self.layers)
                            for a in range(q) for b in range(q)])  # (q², B[, Q])
         return value, est.std(0, correction=1)

@@ -16,13 +16,15 @@ from collections.abc import Mapping
 
 import torch
 
+from rayattr.errors import RayattrError
+
 log = logging.getLogger(__name__)
 
 K_RMS_LIMIT = 1e6
 ETA_LAMBDA_WARN = 2.0
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(RayattrError, RuntimeError):
     """The DVEmb recursion produced non-finite or exploding values at a named step."""
 
 

@@ -31,6 +31,7 @@ from rayattr import hooks
 from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
+from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
@@ -107,6 +108,8 @@ class SegmentWorker:
         self.phase_edges = np.asarray(phase_edges)
         self.curvature = curvature
         self.dtype = getattr(torch, dtype)
+        # local and final embeddings are stored in the recursion's precision (embed.dtype)
+        self.store_dtype = "float64" if self.dtype == torch.float64 else "float32"
         self.read_chunk = read_chunk
         self.write_chunk = max(1, write_chunk)  # steps of local embeddings held before writing
         self.keep = keep_sample_embeddings
@@ -129,12 +132,11 @@ class SegmentWorker:
                     "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
         s = self.seg
-        # the records' per-sample lists are dropped: the rows come with the gradients
         records = self.run.step_records(s.start, s.end)
+        # every step must come back with exactly its record's rows (refused otherwise); the
+        # records' per-sample lists are then dropped: the rows come with the gradients
+        inputs = SegmentInputs(self.run, s.index, s.start, s.end, records)
         etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[]) for r in records}
-        missing = [t for t in range(s.start, s.end) if t not in etas]
-        if missing:
-            raise RuntimeError(f"segment {s.index}: no step records for steps {missing[:5]}… in {self.run.uri}")
         span = (s.start, s.end)  # each reader opens only the index objects of this segment
         reader = GradientReader(self.run, kind="train", step_range=span)
         curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
@@ -155,9 +157,15 @@ class SegmentWorker:
             for b in range(wb, wa, -self.read_chunk):
                 a = max(wa, b - self.read_chunk)
                 batches = reader.read_steps(a, b, dtype=self.dtype)
-                curv_by_step = ({c.step: self.blocks.augment(c.grads) for c in curv.read_steps(a, b, dtype=self.dtype)}
-                                if curv is not None else {})
+                inputs.check("train", a, b, batches, reader)
+                curv_steps = curv.read_steps(a, b, dtype=self.dtype) if curv is not None else []
+                if curv is not None:
+                    inputs.check("curvature", a, b, curv_steps, curv)
+                curv_by_step = {c.step: self.blocks.augment(c.grads) for c in curv_steps}
+                del curv_steps
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                if upd is not None:
+                    inputs.check(UPDATE_KIND, a, b, list(u_by_step.values()), upd.reader)
                 for batch in reversed(batches):
                     record = etas[batch.step]
                     rows = curv_by_step.get(batch.step) if curv else None
@@ -207,7 +215,7 @@ class SegmentWorker:
         gradients), by a writer of its own: its "rank" is the chunk's first step, unique in the
         run, and its step_range the chunk. A restart skips what the chunk's writer committed."""
         # takeover: an open writer of this chunk is this actor's own before Ray restarted it
-        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype="float32", takeover=True,
+        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype=self.store_dtype, takeover=True,
                             steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
             done = _committed(w)
             for batch, emb in reversed(chunk):
@@ -285,12 +293,15 @@ class SegmentWorker:
         R_end = ({n: m.to(self.dtype) for n, m in r_end.items()}
                  if r_end is not None and self.momentum and embeddings else None)
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
+        full = self.run.step_records(s.start, s.end)
+        inputs = SegmentInputs(self.run, s.index, s.start, s.end, full)  # every step's local rows, or a refusal
         records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
-                   for r in self.run.step_records(s.start, s.end)}
+                   for r in full}
+        del full
         epochs = {t: r.epoch for t, r in records.items()}
         reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
         # block layers too: a query's scores get their standard errors from them
-        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype="float32", takeover=True,
+        writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype=self.store_dtype, takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
                   if self.keep and embeddings else None)
         done = _committed(writer)
@@ -302,7 +313,9 @@ class SegmentWorker:
                 b = min(s.end, a + self.read_chunk)
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
                 cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
-                for batch in reader.read_steps(a, b, dtype=self.dtype):
+                batches = reader.read_steps(a, b, dtype=self.dtype)
+                inputs.check(LOCAL_KIND, a, b, batches, reader, by_rank=False)
+                for batch in batches:
                     u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
                     value, se = self.blocks.combine(
                         finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from rayattr.errors import UsageError
 from rayattr.record import Recorder
 from rayattr.record.engines import is_deepspeed_engine
 
@@ -55,7 +56,7 @@ class RecorderCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if args.remove_unused_columns:
-            raise ValueError("RecorderCallback: set TrainingArguments(remove_unused_columns=False), else the "
+            raise UsageError("RecorderCallback: set TrainingArguments(remove_unused_columns=False), else the "
                              f"Trainer drops the batches' {self.id_key!r} before the callback sees it")
         if uses_deepspeed(args):  # the engine clips inside engine.step(); the Recorder reads κ there
             self.recorder = Recorder(self._engine(), self.run, self.config, storage_options=self.storage_options)
@@ -65,7 +66,7 @@ class RecorderCallback(TrainerCallback):
                                      storage_options=self.storage_options)
         if self.recorder.optimizer.adamw and self.recorder.cfg.capture.preconditioner == "lookahead":
             # a callback sees no batch before the step's forwards, so it cannot run the lookahead pass
-            raise ValueError("RecorderCallback records AdamW with capture.preconditioner: lagged (docs/method.md §7); "
+            raise UsageError("RecorderCallback records AdamW with capture.preconditioner: lagged (docs/method.md §7); "
                              "set it in the run's config")
         self._average_across = bool(getattr(args, "average_tokens_across_devices", False))
         module = self.recorder.module  # the model itself, inside the engine under DeepSpeed
@@ -76,11 +77,11 @@ class RecorderCallback(TrainerCallback):
     def _engine(self):
         """The Trainer's DeepSpeed engine: it exists once trainer.train() has begun."""
         if self.trainer is None:
-            raise ValueError("RecorderCallback under DeepSpeed records through the Trainer's engine: "
+            raise UsageError("RecorderCallback under DeepSpeed records through the Trainer's engine: "
                              "trainer.add_callback(RecorderCallback(run, config, trainer=trainer))")
         engine = getattr(self.trainer, "model_wrapped", None)
         if not is_deepspeed_engine(engine):
-            raise ValueError("RecorderCallback: TrainingArguments.deepspeed is set but the Trainer's model_wrapped "
+            raise UsageError("RecorderCallback: TrainingArguments.deepspeed is set but the Trainer's model_wrapped "
                              f"is a {type(engine).__name__}, not a DeepSpeed engine")
         return engine
 
@@ -92,7 +93,7 @@ class RecorderCallback(TrainerCallback):
         ids = kwargs.pop(self.id_key, None)
         if self._block is not None:
             if ids is None:
-                raise ValueError(f"RecorderCallback: a training batch has no {self.id_key!r}: give each "
+                raise UsageError(f"RecorderCallback: a training batch has no {self.id_key!r}: give each "
                                  "dataset item the sample's id in the run's data/train.parquet")
             self.recorder.add_samples(ids)
         return args, kwargs

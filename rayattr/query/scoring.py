@@ -128,11 +128,13 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows:
     """Dot products of every stored final embedding with each query gradient.
 
     test_grads: layer -> (Q, p) (or (p,) for one query). Rows are scored in blocks of about
-    `block_rows`, in float32 (the embeddings' stored precision); scores are kept in float64.
+    `block_rows`, in the embeddings' stored precision (embed.dtype: float32, or float64);
+    the layers are summed, and the scores kept, in float64.
     """
     reader = reader or embedding_reader(run)
     blocks = stored_blocks(run, reader)
-    test = {n: (g if g.ndim == 2 else g[None]).to(torch.float32).contiguous()
+    dtype = stored_dtype(run)
+    test = {n: (g if g.ndim == 2 else g[None]).to(dtype).contiguous()
             for n, g in test_grads.items() if n in blocks.layers}
     missing = sorted(set(blocks.layers) - set(test))
     if missing:
@@ -140,7 +142,7 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows:
     test = blocks.augment(test)
     q = next(iter(test.values())).shape[0]
     ids, sources, steps, scores, ses = [], [], [], [], []
-    for block in _in_background(_blocks(reader.iter_steps(layers=list(test)), block_rows)):
+    for block in _in_background(_blocks(reader.iter_steps(layers=list(test), dtype=dtype), block_rows)):
         value, se = blocks.values(block.grads, test)
         scores.append(value.double().numpy())
         if se is not None:
@@ -153,6 +155,12 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows:
                                 np.zeros((0, q)), np.zeros((0, q)) if blocks.enabled else None)
     return OccurrenceScores(np.concatenate(ids), np.asarray(sources, dtype=object),
                             np.concatenate(steps), np.concatenate(scores), np.concatenate(ses) if ses else None)
+
+
+def stored_dtype(run: Run) -> torch.dtype:
+    """The precision the run's final embeddings were stored in: its embed.dtype."""
+    embed = (run.manifest.get("config") or {}).get("embed") or {}
+    return torch.float64 if embed.get("dtype") == "float64" else torch.float32
 
 
 def stored_blocks(run: Run, reader: GradientReader) -> ProjectionBlocks:

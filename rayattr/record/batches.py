@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from rayattr.errors import UsageError
+
 
 @dataclass
 class GlobalBatch:
@@ -63,5 +65,5 @@ def rank_and_world(rank: int | None = None, world_size: int | None = None) -> tu
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if rank is not None or world_size is not None:
-        raise ValueError("give both rank and world_size, or neither (then torch.distributed's are used)")
+        raise UsageError("give both rank and world_size, or neither (then torch.distributed's are used)")
     return 0, 1

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from rayattr.errors import UsageError
 from rayattr.train.engine import clip_coefficient, grad_norm_before_step
 
 
@@ -111,10 +112,13 @@ def steps_of(engine, optimizer=None):
     """The adapter for a DeepSpeed engine, or for a torch model given with its optimizer."""
     if is_deepspeed_engine(engine):
         if optimizer is not None:
-            raise ValueError("a DeepSpeed engine brings its own optimizer: do not pass optimizer=")
+            raise UsageError("a DeepSpeed engine brings its own optimizer: do not pass optimizer=")
+        if engine.zero_optimization_stage() == 3:
+            raise UsageError("a DeepSpeed engine with ZeRO stage 3 is not supported: it partitions the parameters, "
+                             "and rayattr captures each layer's whole weight gradient; use stage 0, 1 or 2")
         return DeepSpeedSteps(engine)
     if isinstance(engine, torch.nn.Module):
         if optimizer is None:
-            raise ValueError("Recorder(model, ...): a plain torch model needs optimizer= (or pass the DeepSpeed engine)")
+            raise UsageError("Recorder(model, ...): a plain torch model needs optimizer= (or pass the DeepSpeed engine)")
         return TorchSteps(engine, optimizer)
     raise TypeError(f"Recorder needs a DeepSpeed engine or a torch.nn.Module, got {type(engine).__name__}")

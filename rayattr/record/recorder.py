@@ -29,17 +29,21 @@ import torch
 from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config, ConfigError
+from rayattr.errors import UsageError
 from rayattr.optimizer import OptimizerSpec, resolve_optimizer
 from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import is_deepspeed_engine, steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
 from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
+# how long rank 0's finish() waits for the other ranks' writers to close (no process group)
+FINISH_TIMEOUT_S = 600.0
 RECORDED = "recorded"  # manifest status of a run whose training is recorded, not yet attributed
 
 
@@ -169,7 +173,7 @@ class Recorder:
         the caller knows it; else the ranks gather it (a collective at the step's end)."""
         step = self.next_step if step is None else int(step)
         if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+            raise UsageError(f"step must be >= 0, got {step}")
         lr = self.training.lr()
         lr = self.optimizer.lr if lr is None else lr
         self._step, self._samples, self._global = step, None, global_batch
@@ -188,23 +192,23 @@ class Recorder:
     def add_samples(self, sample_ids: Sequence[int], sources: Sequence[str] | None = None) -> None:
         """This rank's next samples of the open step (the HF callback adds them per forward)."""
         if self._step is None:
-            raise RuntimeError("add_samples outside a `with recorder.step(...)` block")
+            raise UsageError("add_samples outside a `with recorder.step(...)` block")
         ids = [int(i) for i in np.asarray(sample_ids).reshape(-1).tolist()]
         srcs = list(sources) if sources is not None else self._lookup_sources(ids)
         if len(srcs) != len(ids):
-            raise ValueError(f"step {self._step}: {len(ids)} sample ids but {len(srcs)} sources")
+            raise UsageError(f"step {self._step}: {len(ids)} sample ids but {len(srcs)} sources")
         old = self._samples or ([], [])
         self._samples = (old[0] + ids, old[1] + [str(s) for s in srcs])
 
     def _lookup_sources(self, ids: list[int]) -> list[str]:
         if self._sources_by_id is None:
             if not self.run.exists("data/train.parquet"):
-                raise ValueError("sources not given and the run holds no data/train.parquet to look them up in")
+                raise UsageError("sources not given and the run holds no data/train.parquet to look them up in")
             t = self.run.read_table("data/train.parquet").select(["id", "source"]).to_pydict()
             self._sources_by_id = dict(zip(t["id"], t["source"]))
         missing = [i for i in ids if i not in self._sources_by_id]
         if missing:
-            raise ValueError(f"sample ids {missing[:5]} are not in the run's data/train.parquet")
+            raise UsageError(f"sample ids {missing[:5]} are not in the run's data/train.parquet")
         return [self._sources_by_id[i] for i in ids]
 
     @contextlib.contextmanager
@@ -284,7 +288,7 @@ class Recorder:
         ids, srcs = self._samples or ([], [])
         self._step = None
         if not ids:
-            raise ValueError(f"step {step}: no sample ids were given (recorder.step(ids, ...) or add_samples)")
+            raise UsageError(f"step {step}: no sample ids were given (recorder.step(ids, ...) or add_samples)")
         applied = self.training.applied()
         clip = self.training.clip()
         batch = (gather_batch(ids, srcs, self.rank, self.world_size) if self._global is None
@@ -299,7 +303,7 @@ class Recorder:
             updates = {n: u * len(ids) for n, u in updates.items()} if updates is not None else None
         for n, g in grads.items():
             if g.shape[0] != len(ids):
-                raise ValueError(f"step {step}: {len(ids)} sample ids but {g.shape[0]} captured rows in layer {n!r}; "
+                raise UsageError(f"step {step}: {len(ids)} sample ids but {g.shape[0]} captured rows in layer {n!r}; "
                                  "give every sample of the rank's forwards of the step, in order")
         self._write(step, epoch, lr, eta, clip, batch, ids, srcs, grads, updates)
 
@@ -322,7 +326,7 @@ class Recorder:
             self.update_writer.write_step(step, ids, srcs, updates, positions=positions)
         if self.curv_writer is not None and step > done["curvature"]:
             if not curv_rows:
-                raise ValueError(f"step {step}: capture.curvature='sampled' needs recorder.sample_curvature(...) "
+                raise UsageError(f"step {step}: capture.curvature='sampled' needs recorder.sample_curvature(...) "
                                  "before each step's block")
             cat = {n: torch.cat(v) for n, v in curv_rows.items()}
             m = next(iter(cat.values())).shape[0]
@@ -354,11 +358,19 @@ class Recorder:
         if self._records is not None:
             self._records.drain()
 
-    def finish(self, weights: bool = True) -> dict[str, Any]:
-        """Commit everything; rank 0 saves the final weights (what attribution differentiates
-        at) and marks the run recorded (ready for `rayattr attribute`)."""
+    def finish(self, weights: bool = True, timeout_s: float = FINISH_TIMEOUT_S) -> dict[str, Any]:
+        """Commit everything and end the recording, a barrier: every rank closes its writers,
+        the ranks synchronise (the process group's barrier when there is one), and rank 0 marks
+        the run recorded (ready for `rayattr attribute`) only once the store shows every rank's
+        writers closed: without a process group it waits up to `timeout_s` for them, then an
+        OpenWritersError names the ranks still open and the run stays unrecorded. Rank 0 also
+        saves the final weights (what attribution differentiates at)."""
         self.close()
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         if self.rank == 0:
+            wait_closed(self.run, [w.kind for w in self._writers()], range(self.world_size), timeout_s,
+                        what="the recording cannot end while a rank's writers are open")
             if weights:
                 self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.module))
             last_record = self.run.last_step_record()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import StoreError
 
 # Keys of storage_options whose values must never be shown (repr, errors, logs).
 SECRET_OPTION_KEYS = ("secret", "key", "token", "password", "username", "aws_secret_access_key",
@@ -58,3 +61,25 @@ class StoreOptions:
             if k.lower() in SECRET_OPTION_KEYS and isinstance(v, str) and v:
                 out.append(v)
         return out
+
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def parse_option_value(key: str, text: str) -> Any:
+    """A KEY=VALUE option's value as its type: true/false (any case) a bool, none/null None,
+    a whole number an int, a number a float, {...} or [...] JSON; anything else the string."""
+    word = text.strip().lower()
+    if word in _WORDS:
+        return _WORDS[word]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise StoreError(f"storage option {key}: {text!r} is neither a string nor valid JSON ({err})") from None
+    return text

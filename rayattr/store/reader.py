@@ -14,6 +14,7 @@ import torch
 from . import layout
 from .commits import Part, ShardCommit, latest_per_step
 from .index import load_entries
+from .registrations import describe_writer
 from .errors import StoreError
 from .run import Run
 from .shard import column_to_tensor, merge_ranges, open_sparse, sha256_hex
@@ -75,6 +76,7 @@ class GradientReader:
         regs_rel = [r for r in self._storage.find(layout.writer_dir(self.kind))
                     if r.endswith(".json")]
         regs = {int(r["rank"]): r for r in map(json.loads, self._storage.get_many(regs_rel))}
+        self.registrations = regs  # rank -> its writer's registration (status, writer, host, pid)
         status = {rank: r["status"] for rank, r in regs.items()}
 
         by_rank: dict[int, list[ShardCommit]] = {}
@@ -96,6 +98,8 @@ class GradientReader:
                 if visible(step):
                     index.setdefault(step, []).append(_Slot(r, entry, part))
         self._index = index
+        self._by_rank = by_rank
+        self._watermark = watermark
         self.ranks = sorted(ranks)
         written: dict[str, int] = {}
         for e in entries:
@@ -110,6 +114,30 @@ class GradientReader:
         reader's step_range)."""
         a, b = self.step_range
         return sorted(s for s in self._index if s >= a and (b is None or s < b))
+
+    def open_writers(self) -> list[dict]:
+        """Registrations of this kind's writers still marked "open", by rank."""
+        return [self.registrations[r] for r in sorted(self.registrations)
+                if self.registrations[r].get("status") != "closed"]
+
+    def why_missing(self, step: int, ranks: Sequence[int]) -> str:
+        """Why `step` holds no (or not all) rows of `ranks`: which rank committed nothing for it,
+        and which writer that is still open hides it."""
+        why = []
+        for r in sorted(set(int(x) for x in ranks)):
+            held = any(e.step_first <= step <= e.step_last and (not e.steps or any(p.step == step for p in e.steps))
+                       for e in self._by_rank.get(r, []))
+            reg = self.registrations.get(r)
+            if not held:
+                what = (f"rank {r} has not committed it: its writer {describe_writer(reg)} is still open"
+                        if reg is not None and reg.get("status") != "closed" else
+                        f"rank {r} committed no rows for it (a missing shard or commit entry)")
+                why.append(what)
+        if not why:  # every rank committed it, but a writer still open holds the step back
+            why = [f"it is hidden while writer {describe_writer(reg)} (rank {reg.get('rank')}) is still open, "
+                   f"committed through step {self._watermark.get(int(reg.get('rank', -1)), -1)}"
+                   for reg in self.open_writers()] or ["its rows are not committed"]
+        return "; ".join(why)
 
     # -- reading -----------------------------------------------------------------------------
     def _check_layers(self, layers: Sequence[str] | None) -> list[str]:
@@ -159,7 +187,10 @@ class GradientReader:
         try:
             blobs = self._storage.get_ranges(rels, starts, ends)
         except FileNotFoundError as err:
-            raise StoreError(f"committed shard is missing: {err}") from None
+            gone = [(e, parts) for shard, (e, parts) in needed.items() if not self._storage.exists(shard)]
+            where = "; ".join(f"steps {min(p.step for p in parts)}-{max(p.step for p in parts)} of rank {e.rank} "
+                              f"({self.kind}) are in {self.run.uri}/{e.shard}" for e, parts in gone)
+            raise StoreError(f"a committed shard is missing ({where or err}): the run is incomplete") from None
         chunks: dict[str, list[tuple[int, bytes]]] = {}
         for rel, a, b, data in zip(rels, starts, ends, blobs):
             if len(data) != b - a:

@@ -26,6 +26,7 @@ _MAGIC_LEN = 8  # b"ARROW1\0\0": magic plus padding at the start of an IPC file
 
 # storage dtype name -> (arrow value type, torch dtype used for the bytes)
 STORAGE_DTYPES: dict[str, tuple[pa.DataType, torch.dtype]] = {
+    "float64": (pa.float64(), torch.float64),  # embeddings of embed.dtype float64
     "float32": (pa.float32(), torch.float32),
     "float16": (pa.float16(), torch.float16),
     "bfloat16": (pa.uint16(), torch.bfloat16),  # Arrow has no bfloat16: keep the raw bits

@@ -1,0 +1,40 @@
+"""Precision as configured: with embed.dtype float64 the local and final embeddings are stored
+in float64 (not rounded to float32), and scores sum their layers in float64."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rayattr.embed.blocks import ProjectionBlocks
+from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND, SegmentSpec, SegmentWorker
+from rayattr.store import GradientReader
+from tests.test_segment_stream import DIMS, STEPS, make_run
+
+
+def registered_dtypes(run, kind):
+    return {json.loads(run._storage.get_bytes(r))["dtype"] for r in run._storage.find(f"writers/{kind}")}
+
+
+def test_float64_embeddings_are_stored_in_float64(tmp_path):
+    run = make_run(tmp_path)
+    w = SegmentWorker(run.uri, None, SegmentSpec(0, 0, STEPS), [0, STEPS], dtype="float64", write_chunk=8)
+    w.compute()
+    w.finalize(w.value_vectors({n: torch.ones(p) for n, p in DIMS.items()}), None, embeddings=True)
+    for kind in (LOCAL_KIND, FINAL_KIND):
+        assert registered_dtypes(run, kind) == {"float64"}, kind
+        rows = torch.cat([b.grads["a"] for b in GradientReader(run, kind=kind).read_steps(0, None, dtype=torch.float64)])
+        assert not torch.equal(rows, rows.float().double()), f"{kind} rows were rounded to float32"
+
+
+def test_float32_embeddings_stay_float32(tmp_path):
+    run = make_run(tmp_path)
+    SegmentWorker(run.uri, None, SegmentSpec(0, 0, STEPS), [0, STEPS], dtype="float32").compute()
+    assert registered_dtypes(run, LOCAL_KIND) == {"float32"}
+
+
+def test_layers_are_summed_in_float64():
+    big, small = torch.tensor([1e8], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float32)
+    value, se = ProjectionBlocks({"a": 4, "b": 4}, 1, 1, 1).combine({"a": big, "b": small})
+    assert value.dtype == torch.float64 and value.item() == 1e8 + 1  # float32 would round it to 1e8
