@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Exact first-order response of a finished AdamW run: metagradients through the whole trajectory.
+
+Replays the run in float64 in one process (its initial weights, its token shards step by
+step, its recorded learning rates, DeepSpeed's global-norm clip, torch's AdamW with bias
+correction and decoupled weight decay) with every occurrence's loss weight a leaf w_{t,z} = 1,
+and differentiates the final validation loss with respect to all of them in one backward pass:
+
+    exact(t, z) = −∂ℓ_val(θ_T) / ∂w_{t,z}
+
+which is the ε → 0 limit of Δloss/ε for the removal of weight ε (rayattr's sign: positive =
+the occurrence helped). Nothing is approximated: m, v, the clip factor κ, the bias corrections
+and the curvature all respond. Freezing a piece of the optimizer (its dependence on w cut with
+`detach`) gives the exact response of a run in which that piece is held at the run's values,
+which is how the ablation in docs/method.md §9 tells which frozen quantity costs what:
+
+    freeze={"kappa"}     κ_t held (rayattr's recursion)
+    freeze={"v"}         v_t (so P_t) held
+    freeze={"kappa", "v"} both: the quantity rayattr's AdamW recursion linearises
+
+Only for small models: the unrolled graph of every step is kept until the backward.
+
+    python bench/exact_adamw.py RUN_URI [--steps-from A --steps-to B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load
+from torch.func import functional_call
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rayattr.config import Config  # noqa: E402
+from rayattr.data import TokenizedDataset, load_tokenizer  # noqa: E402
+from rayattr.data.run_data import rank_tokens  # noqa: E402
+from rayattr.store import Run  # noqa: E402
+from rayattr.train.model import build_model  # noqa: E402
+
+FREEZABLE = ("kappa", "v")
+
+
+def _sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """√x with derivative 0 where x = 0: a coordinate that never had a gradient (an unused
+    token's embedding) has v = 0, where √'s derivative is infinite and 0·∞ would be NaN."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+class AdamWReplay:
+    """A finished AdamW run, replayed in float64 as a differentiable function of the loss weights."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = cfg = Config.from_dict(run.manifest["config"])
+        tok = load_tokenizer(cfg.data.tokenizer)
+        self.records = run.step_records()
+        self.num_steps = len(self.records)
+        r0 = self.records[0]
+        if r0.optimizer != "adamw":
+            raise SystemExit(f"{run.uri} trained with {r0.optimizer}; this reference replays AdamW")
+        self.beta1, self.beta2, self.eps, self.wd = r0.beta1, r0.beta2, r0.eps, r0.weight_decay
+        self.clip = float(cfg.train.deepspeed.get("gradient_clipping", 0.0) or 0.0)
+        t = cfg.train
+        self.ranks = [rank_tokens(run, r) for r in range(t.ranks)]
+        self.grad_accum = t.grad_accum
+        self.val = TokenizedDataset(run.read_table("data/validation.parquet"), tok, cfg.data.seq_len)
+        self.model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed)
+        self.model.load_state_dict(load(run.read_bytes("weights/initial.safetensors")))
+        self.model.double()
+        if hasattr(self.model, "config"):  # double backward has no rule for fused CPU attention
+            self.model.config._attn_implementation = "eager"
+        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def batch(self, step: int) -> tuple[dict, np.ndarray]:
+        """The step's global batch, rank by rank and micro-batch by micro-batch, and its ids."""
+        parts = [rt.micro_batch(step, m) for rt in self.ranks for m in range(self.grad_accum)]
+        b = {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask", "labels")}
+        return b, torch.cat([p["ids"] for p in parts]).numpy()
+
+    def per_sample(self, params: dict, b: dict) -> torch.Tensor:
+        logits = functional_call(self.model, params, (), {"input_ids": b["input_ids"],
+                                                          "attention_mask": b["attention_mask"]}).logits[:, :-1]
+        labels = b["labels"][:, 1:]
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return tok.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+    def ggn_vector_product(self, theta: dict, b: dict, x: dict) -> dict:
+        """G x for the Gauss-Newton matrix of the batch's mean loss, Jᵀ (∂²ℓ/∂logits²) J x: the
+        curvature the sampled-label Fisher estimates without bias (docs/method.md §3)."""
+        from torch.func import jvp, vjp
+
+        def logits(q):
+            return functional_call(self.model, q, (), {"input_ids": b["input_ids"],
+                                                       "attention_mask": b["attention_mask"]}).logits[:, :-1]
+
+        out, dz = jvp(logits, (theta,), (x,))
+        labels = b["labels"][:, 1:]
+        keep = (labels != -100).to(out.dtype)
+        weight = keep / keep.sum(1, keepdim=True).clamp(min=1) / out.shape[0]  # mean over tokens, then samples
+        prob = torch.softmax(out, -1)
+        hz = prob * dz - prob * (prob * dz).sum(-1, keepdim=True)  # (diag(p) − ppᵀ) dz per token
+        _, pull = vjp(logits, theta)
+        (gx,) = pull(hz * weight.unsqueeze(-1))
+        return {n: v.detach() for n, v in gx.items()}
+
+    def val_loss(self, params: dict) -> torch.Tensor:
+        vb = self.val.batch(np.arange(len(self.val)))
+        return self.per_sample(params, vb).mean()
+
+    def unroll(self, weights: torch.Tensor, freeze: frozenset = frozenset(), differentiable: bool = True,
+               trace: list | None = None) -> dict:
+        """θ_T of the run with loss weights `weights` (steps × global batch).
+
+        One rank's micro-batch loss is Σ w ℓ / micro_batch and DeepSpeed averages the ranks, so
+        the step's gradient is Σ w ℓ / |B| (train/engine.py); DeepSpeed then clips the global
+        norm at c with κ = c / (‖ḡ‖ + 1e-6) when below 1, and torch's AdamW steps. `trace`
+        receives (θ_t, P_t, κ_t) of every step, detached."""
+        bad = set(freeze) - set(FREEZABLE)
+        if bad:
+            raise ValueError(f"cannot freeze {sorted(bad)}; choose from {FREEZABLE}")
+        params = {n: p.clone().requires_grad_(True) for n, p in self.initial.items()}
+        m = {n: torch.zeros_like(p) for n, p in params.items()}
+        v = {n: torch.zeros_like(p) for n, p in params.items()}
+        b1, b2 = self.beta1, self.beta2
+        for t, rec in enumerate(self.records):
+            b, _ = self.batch(t)
+            per = self.per_sample(params, b)
+            loss = (per * weights[t]).sum() / per.shape[0]
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+            g = dict(zip(params, grads))
+            norm = torch.sqrt(sum((x * x).sum() for x in grads))
+            kappa = torch.clamp(self.clip / (norm + 1e-6), max=1.0) if self.clip > 0 else torch.ones(())
+            if "kappa" in freeze:
+                kappa = kappa.detach()
+            k = t + 1  # Adam's step counter
+            lr = rec.lr
+            new, P = {}, {}
+            for n, p in params.items():
+                gc = g[n] * kappa
+                m[n] = b1 * m[n] + (1 - b1) * gc
+                gv = gc.detach() if "v" in freeze else gc
+                v[n] = b2 * v[n] + (1 - b2) * gv * gv
+                P[n] = 1 / (_sqrt0(v[n] / (1 - b2 ** k)) + self.eps)
+                new[n] = p * (1 - lr * self.wd) - (lr / (1 - b1 ** k)) * m[n] * P[n]
+            if trace is not None:
+                trace.append(({n: x.detach() for n, x in params.items()}, {n: x.detach() for n, x in P.items()},
+                              float(kappa)))
+            params = new if differentiable else {n: x.detach().requires_grad_(True) for n, x in new.items()}
+        return params
+
+    def exact_values(self, freeze: frozenset = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+        """(values, ids): −∂ℓ_val/∂w for every occurrence, as (steps × |B|) arrays."""
+        B = self.batch(0)[1].shape[0]
+        w = torch.ones(self.num_steps, B, dtype=torch.float64, requires_grad=True)
+        final = self.unroll(w, freeze)
+        (dw,) = torch.autograd.grad(self.val_loss(final), w)
+        ids = np.stack([self.batch(t)[1] for t in range(self.num_steps)])
+        return -dw.numpy(), ids
+
+    def removal_response(self, step: int, sample_id: int, eps: float) -> float:
+        """(ℓ_val(w_{t,z} = 1 − ε) − ℓ_val(w = 1)) / ε by two float64 retrains (no graph)."""
+        B = self.batch(0)[1].shape[0]
+        ones = torch.ones(self.num_steps, B, dtype=torch.float64)
+        base = float(self.val_loss(self.unroll(ones, differentiable=False)).detach())
+        w = ones.clone()
+        col = int(np.flatnonzero(self.batch(step)[1] == sample_id)[0])
+        w[step, col] = 1 - eps
+        return (float(self.val_loss(self.unroll(w, differentiable=False)).detach()) - base) / eps
+
+
+
+
+def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True) -> np.ndarray:
+    """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
+    (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
+    exact P: the reference that tells the recursion's own approximations from the projection.
+
+        r_s = c_s η_s a_{s+1} + β₁ r_{s+1}                     (R's recursion, transposed)
+        a_s = α_s a_{s+1} − κ_s |B| H_s P_s r_s                 (momentum-aware curvature)
+            = α_s a_{s+1} − κ_s lr_s H_s P_s a_{s+1}            (momentum_curvature=False)
+        value(t, z) = κ_t (P_t g_z) · r_t
+
+    `curvature`: "hessian" (exact Hessian-vector products of the mean loss), "ggn" (its
+    Gauss-Newton part, which the sampled-label Fisher estimates) or "fisher" ((1/|B|) Σ g gᵀ of
+    the per-sample gradients: the empirical Fisher rayattr's AdamW recursion uses)."""
+    T, b1 = rp.num_steps, rp.beta1
+    states: list = []
+    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), differentiable=False,
+                       trace=states)
+    fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
+    a = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
+    r = {n: torch.zeros_like(x) for n, x in a.items()}
+    out = np.zeros((T, rp.batch(0)[1].shape[0]))
+    for t in range(T - 1, -1, -1):
+        rec = rp.records[t]
+        theta, P, kappa = states[t]
+        b, _ = rp.batch(t)
+        B = b["input_ids"].shape[0]
+        c = (1 - b1) / (1 - b1 ** (t + 1))
+        r = {n: c * rec.lr / B * a[n] + b1 * r[n] for n in a}
+        p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
+        per = rp.per_sample(p, b)
+        rows = [torch.autograd.grad(per[i], list(p.values()), retain_graph=True) for i in range(B)]
+        for i, g in enumerate(rows):
+            out[t, i] = kappa * float(sum((P[n] * gi * r[n]).sum() for n, gi in zip(p, g)))
+        x = r if momentum_curvature else {n: rec.lr / B * a[n] for n in a}
+        Px = {n: P[n] * x[n] for n in x}
+        if curvature == "hessian":
+            gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
+            hv = torch.autograd.grad(gbar, list(p.values()), grad_outputs=[Px[n] for n in p])
+            hv = {n: h.detach() for n, h in zip(p, hv)}
+        elif curvature == "ggn":
+            hv = rp.ggn_vector_product(theta, b, Px)
+        else:
+            hv = {n: torch.zeros_like(x) for n, x in a.items()}
+            for g in rows:
+                dot = sum((gi * Px[n]).sum() for n, gi in zip(p, g))
+                for n, gi in zip(p, g):
+                    hv[n] += dot * gi / B
+        a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
+    return out
+
+
+BANDS = {"warm-up": lambda s, T, w: s < w, "middle": lambda s, T, w: (s >= T // 4) & (s < 3 * T // 4),
+         "last quarter": lambda s, T, w: s >= 3 * T // 4}
+
+
+def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool = True) -> dict[str, np.ndarray]:
+    """Every estimate of the run's occurrences, (steps × |B|) each: the exact response, the
+    exact response with κ and/or v held, rayattr's recursion in the full parameter space
+    (exact P, no projection) with each curvature, and the product's values when given."""
+    cols = {}
+    for name, fr in (("exact", ()), ("κ held", ("kappa",)), ("v held", ("v",)), ("κ, v held", ("kappa", "v"))):
+        cols[name] = rp.exact_values(frozenset(fr))[0]
+    if adjoints:
+        for name, kw in (("recursion, Hessian", {"curvature": "hessian"}),
+                         ("recursion, Hessian, momentum-free K", {"curvature": "hessian", "momentum_curvature": False}),
+                         ("recursion, Gauss-Newton", {"curvature": "ggn"}),
+                         ("recursion, empirical Fisher", {"curvature": "fisher"}),
+                         ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher",
+                                                                            "momentum_curvature": False})):
+            cols[name] = adjoint_values(rp, **kw)
+    if product is not None:
+        ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)])
+        cols["rayattr values"] = np.vectorize(lambda t, z: product.get((t, z), np.nan))(
+            np.arange(rp.num_steps)[:, None].repeat(ids.shape[1], 1), ids)
+    return cols
+
+
+def table(cols: dict[str, np.ndarray], warmup: int) -> str:
+    """Spearman and rms ratio of each estimate against the exact response and against the
+    κ-and-v-held response, per band of steps."""
+    from scipy.stats import spearmanr
+
+    T = next(iter(cols.values())).shape[0]
+    steps = np.arange(T)[:, None].repeat(next(iter(cols.values())).shape[1], 1)
+    lines = ["| estimate | " + " | ".join(f"{b} vs exact | {b} vs κ,v held" for b in BANDS) + " |",
+             "|---|" + "---:|" * (2 * len(BANDS))]
+    for name, x in cols.items():
+        cells = []
+        for pick in BANDS.values():
+            m = pick(steps, T, warmup) & np.isfinite(x)
+            for ref in ("exact", "κ, v held"):
+                a, b = x[m], cols[ref][m]
+                rho = spearmanr(a, b)[0]
+                ratio = np.sqrt(np.mean(a ** 2) / np.mean(b ** 2))
+                cells.append(f"{rho:+.2f} / {ratio:.3g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("--check", type=int, default=0, help="check N occurrences against float64 retrains at ε=1e-3")
+    ap.add_argument("--no-adjoints", action="store_true", help="only the metagradients (minutes, not tens)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run = Run.open_uri(args.run)
+    rp = AdamWReplay(run)
+    product = None
+    if run.exists("values/samples.parquet"):
+        t = run.read_table("values/samples.parquet").select(["step", "sample_id", "value"]).to_pydict()
+        product = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
+    cols = ablation(rp, product, adjoints=not args.no_adjoints)
+    warmup = int(np.argmax([r.lr for r in rp.records]))  # the step the warm-up peaks at
+    print(f"{run.uri}: {rp.num_steps} steps; Spearman / rms ratio per band (warm-up: steps < {warmup})")
+    print(table(cols, warmup))
+    steps = np.arange(rp.num_steps)[:, None].repeat(cols["exact"].shape[1], 1).ravel()
+    ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)]).ravel()
+    for i in np.random.default_rng(0).choice(len(steps), size=args.check, replace=False):
+        fd = rp.removal_response(int(steps[i]), int(ids[i]), 1e-3)
+        print(f"check {ids[i]}@{steps[i]}: metagradient {cols['exact'].ravel()[i]:.4e}  retrain(ε=1e-3) {fd:.4e}")
+
+
+if __name__ == "__main__":
+    main()
