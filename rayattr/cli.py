@@ -6,7 +6,7 @@
     rayattr query RUN --text "def parse(s):" [--k 5] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
-    rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16]
+    rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16 [--weight 1 0.01]]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
     rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
     rayattr attribute RUN [--segments N] [--cpu] [--wait SECONDS]  (values for a run recorded by rayattr.Recorder)
@@ -254,7 +254,7 @@ def cmd_validate(args) -> int:
     result = validate_run(args.run, subsets=args.subsets, fraction=args.fraction,
                           sources=(args.sources or True) if args.sources is not None else False,
                           occurrences=args.occurrences, seed=args.seed, gangs=args.gangs,
-                          storage_options=so, progress=not args.no_progress)
+                          storage_options=so, progress=not args.no_progress, eps=tuple(args.weight))
     print(dumps(result.summary) if args.format == "json" else
           f"validation of {result.uri}\n{format_summary(result.summary)}\nwritten to {result.uri}/validation/")
     return 0
@@ -368,6 +368,10 @@ def parser() -> argparse.ArgumentParser:
     va.add_argument("--sources", nargs="*", metavar="SOURCE",
                     help="leave one source out: every source, or the ones named")
     va.add_argument("--occurrences", type=int, default=0, metavar="N", help="N single occurrences removed")
+    va.add_argument("--weight", type=float, nargs="+", default=[1.0], metavar="EPS",
+                    help="with --occurrences: retrain each occurrence at loss weight 1 - EPS for every EPS given "
+                         "(1 removes it); e.g. --weight 1 0.01 judges linearity and compares the values with "
+                         "the first-order response Δloss/EPS at the smallest EPS")
     va.add_argument("--seed", type=int, default=0, help="seed of the subsets and occurrences drawn")
     va.add_argument("--gangs", type=positive_int, help="retraining gangs at once (default: as many as fit)")
     va.add_argument("--format", choices=("table", "json"), default="table")

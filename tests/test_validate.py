@@ -30,7 +30,7 @@ from rayattr.train.model import build_model
 from rayattr.validate import Removal, ValidationError, validate_run
 from rayattr.validate.counterfactuals import occurrence_removals, predicted, source_removals, subset_removals
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
-from rayattr.validate.validation import SUMMARY, TABLES, read_validation
+from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -287,3 +287,42 @@ def test_baseline_distance_to_the_final_weights():
     assert _max_abs_diff(module, final) == pytest.approx(0.25)
     with pytest.raises(ValidationError, match="lacks weights.*'extra'"):
         _max_abs_diff(module, {**final, "extra": torch.zeros(1)})
+
+
+def test_first_order_summary_pairs_occurrences_across_eps():
+    """Δloss/ε at two ε: linearity and the values against the small-ε response, paired by
+    occurrence whatever the row order, and only over occurrences retrained at both ε."""
+    steps, ids = [3, 1, 2, 5], [30, 10, 20, 50]
+    small = pa.table({"sample_id": ids, "step": steps, "eps": [0.01] * 4,
+                      "predicted": [4.0, 1.0, 2.0, 9.0], "actual": [2.0, 0.5, 1.0, 4.0]})
+    # the full removal, in another order and without occurrence 50@5: not paired, so left out
+    large = pa.table({"sample_id": [20, 30, 10], "step": [2, 3, 1], "eps": [1.0] * 3,
+                      "predicted": [2.0, 4.0, 1.0], "actual": [-1.0, 3.0, 0.4]})
+    s = summarise({"occurrence": pa.concat_tables([small, large])}, np.random.default_rng(0))
+    assert s["first_order_eps"] == 0.01 and s["first_order_n"] == 3 and s["linearity_eps"] == [1.0, 0.01]
+    assert s["first_order_spearman"] == pytest.approx(1.0)
+    assert s["first_order_rms_ratio"] == pytest.approx(2.0)  # the values are twice the response
+    # paired by occurrence: 10@1 -> (0.4, 0.5), 20@2 -> (-1, 1), 30@3 -> (3, 2)
+    assert s["linearity_spearman"] == pytest.approx(spearman(np.array([0.4, -1.0, 3.0]), np.array([0.5, 1.0, 2.0])))
+    assert s["linearity_rms_ratio"] == pytest.approx(np.sqrt((0.16 + 1 + 9) / (0.25 + 1 + 4)))
+    assert s["n_occurrences"] == 3 and s["occurrence_spearman"] is not None  # headline: the full removal
+    one = summarise({"occurrence": large}, np.random.default_rng(0))
+    assert one["first_order_eps"] == 1.0 and "linearity_eps" not in one
+
+
+def test_partial_removals_are_retrained_per_eps(two_ranks):
+    """--weight 1 0.01: each occurrence retrained twice (weight 0 and 0.99); the ε = 1 rows are
+    the full removal's, the small-ε rows a different, per-unit response."""
+    result = validate_run(two_ranks, occurrences=2, seed=7, eps=(1.0, 0.01), progress=False)
+    occ = result.tables["occurrence"].to_pylist()
+    assert sorted(r["eps"] for r in occ) == [0.01, 0.01, 1.0, 1.0]
+    weights = {two_ranks.read_json(f"validation/retrains/{n}")["removal"]["weight"]
+               for n in two_ranks.list("validation/retrains")}
+    assert {0.0, 0.99} <= {round(w, 6) for w in weights}
+    full = {(r["sample_id"], r["step"]): r["actual"] for r in occ if r["eps"] == 1.0}
+    part = {(r["sample_id"], r["step"]): r["actual"] for r in occ if r["eps"] == 0.01}
+    assert full.keys() == part.keys() and all(part[k] != full[k] for k in full)
+    assert result.summary["first_order_eps"] == 0.01 and result.summary["first_order_n"] == 2
+    assert "linear response" in format_summary(result.summary)
+    with pytest.raises(ValidationError, match="ε must lie"):
+        validate_run(two_ranks, occurrences=1, eps=(0.0,), progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,8 @@ RESULTS = "validation/retrains"  # one JSON per finished retrain, named by Remov
 TABLES = {  # kind -> (file, columns)
     "subset": ("validation/subsets.parquet", ["subset", "n_removed", "n_occurrences", "predicted", "actual"]),
     "source": ("validation/sources.parquet", ["source", "n_removed", "n_occurrences", "predicted", "actual"]),
-    "occurrence": ("validation/occurrences.parquet", ["sample_id", "step", "predicted", "actual"]),
+    # actual = Δloss / ε: the response to giving the occurrence loss weight 1 − ε (ε = 1: removed)
+    "occurrence": ("validation/occurrences.parquet", ["sample_id", "step", "eps", "predicted", "actual"]),
 }
 SUMMARY = "validation/summary.json"
 
@@ -52,11 +53,19 @@ def open_validatable(uri: str | Run, storage_options: dict | None = None) -> Run
 
 def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, sources: bool | list[str] = False,
                  occurrences: int = 0, seed: int = 0, gangs: int | None = None,
-                 storage_options: dict | None = None, progress: bool = True) -> ValidationResult:
+                 storage_options: dict | None = None, progress: bool = True,
+                 eps: tuple[float, ...] = (1.0,)) -> ValidationResult:
     """Retrain the chosen counterfactuals and write validation/. Retrains already in the run
-    (same removal) are reused; Ray is started (or joined) only when there is one to run."""
+    (same removal) are reused; Ray is started (or joined) only when there is one to run.
+
+    `eps`: each drawn occurrence is retrained once per ε, with loss weight 1 − ε (ε = 1 removes
+    it). Δloss/ε at a small ε is the first-order response a value estimates; two ε say whether
+    the run responds linearly (docs/method.md §6)."""
     if subsets < 0 or occurrences < 0:
         raise ValidationError("--subsets and --occurrences must be >= 0")
+    eps = tuple(sorted({float(e) for e in eps}, reverse=True))
+    if not eps or any(not 0 < e <= 1 for e in eps):
+        raise ValidationError(f"--weight: each ε must lie in (0, 1], got {list(eps)}")
     if subsets and not 0 < fraction < 1:
         raise ValidationError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
     if not (subsets or sources or occurrences):
@@ -71,7 +80,7 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
     if sources:
         plan += source_removals(samples, None if sources is True else list(sources))
     if occurrences:
-        plan += occurrence_removals(samples, occurrences, rng)
+        plan += [replace(r, weight=1.0 - e) for r in occurrence_removals(samples, occurrences, rng) for e in eps]
 
     done = _finished_retrains(run)
     todo = [r for r in plan if r.key not in done]
@@ -116,7 +125,9 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
         pred, n_occ = predicted(samples, r)
         actual = done[r.key]["loss"] - base["loss"]
         if r.kind == "occurrence":
-            rows[r.kind].append({"sample_id": r.sample_ids[0], "step": r.step, "predicted": pred, "actual": actual})
+            e = 1.0 - r.weight
+            rows[r.kind].append({"sample_id": r.sample_ids[0], "step": r.step, "eps": e, "predicted": pred,
+                                 "actual": actual / e})
         else:
             rows[r.kind].append({r.kind: r.name, "n_removed": len(r.sample_ids), "n_occurrences": n_occ,
                                  "predicted": pred, "actual": actual})
@@ -138,13 +149,16 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
 def summarise(tables: dict[str, pa.Table], rng: np.random.Generator) -> dict[str, Any]:
     """The figures of summary.json from the per-counterfactual tables (None where a kind is
     missing or has too few rows to rank)."""
-    def pa_(kind):
-        t = tables.get(kind)
+    def pa_(kind, t=None):
+        t = tables.get(kind) if t is None else t
         return (t["predicted"].to_numpy(), t["actual"].to_numpy()) if t is not None else (np.zeros(0), np.zeros(0))
 
     sp, sa = pa_("subset")
     cp, ca = pa_("source")
-    op, oa = pa_("occurrence")
+    occ = tables.get("occurrence")
+    by_eps = _by_eps(occ)
+    # the headline occurrence figures are the full removal's (ε = 1), else the largest ε asked
+    op, oa = pa_("occurrence", by_eps[max(by_eps)]) if by_eps else pa_("")
     return {
         "n_subsets": len(sp), "n_sources": len(cp), "n_occurrences": len(op),
         "lds": spearman(sp, sa), "lds_ci": bootstrap_spearman_ci(sp, sa, rng),
@@ -154,7 +168,46 @@ def summarise(tables: dict[str, pa.Table], rng: np.random.Generator) -> dict[str
         # how far one occurrence moves the final loss, retrained and predicted: an actual far
         # above the prediction means the trajectory amplifies small changes (docs/method.md §6)
         "occurrence_actual_rms": _rms(oa), "occurrence_predicted_rms": _rms(op),
+        **first_order(by_eps),
     }
+
+
+def _by_eps(occ: pa.Table | None) -> dict[float, pa.Table]:
+    """The occurrence table split by ε, each sorted by (step, sample_id) so that tables of two ε
+    pair the same occurrences row by row (only occurrences retrained at every ε are kept)."""
+    if occ is None or occ.num_rows == 0:
+        return {}
+    eps = occ["eps"].to_numpy() if "eps" in occ.column_names else np.ones(occ.num_rows)
+    keys = [set(zip(occ["step"].to_numpy()[eps == e], occ["sample_id"].to_numpy()[eps == e])) for e in np.unique(eps)]
+    common = set.intersection(*keys)
+    out = {}
+    for e in np.unique(eps):
+        t = occ.filter(pa.array(eps == e))
+        pick = [(s, z) in common for s, z in zip(t["step"].to_numpy(), t["sample_id"].to_numpy())]
+        out[float(e)] = t.filter(pa.array(pick)).sort_by([("step", "ascending"), ("sample_id", "ascending")])
+    return out
+
+
+def first_order(by_eps: dict[float, pa.Table]) -> dict[str, Any]:
+    """Do the values estimate the run's first-order response? With occurrences retrained at two
+    ε or more: linearity (Spearman and rms ratio of Δloss/ε at the largest ε against the
+    smallest), and the values against Δloss/ε at the smallest ε (Spearman, and rms of the
+    values over rms of the response: 1 is the right size)."""
+    if not by_eps:
+        return {"first_order_eps": None}
+    small, large = min(by_eps), max(by_eps)
+    p, a = by_eps[small]["predicted"].to_numpy(), by_eps[small]["actual"].to_numpy()
+    out: dict[str, Any] = {"first_order_eps": small, "first_order_n": len(a),
+                           "first_order_spearman": spearman(p, a), "first_order_rms_ratio": _ratio(p, a)}
+    if large != small:
+        b = by_eps[large]["actual"].to_numpy()
+        out.update(linearity_eps=[large, small], linearity_spearman=spearman(b, a), linearity_rms_ratio=_ratio(b, a))
+    return out
+
+
+def _ratio(x: np.ndarray, y: np.ndarray) -> float | None:
+    rx, ry = _rms(x), _rms(y)
+    return rx / ry if rx is not None and ry else None
 
 
 def _rms(x: np.ndarray) -> float | None:
@@ -182,6 +235,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"occurrences: {summary['n_occurrences']}  Spearman {f(summary['occurrence_spearman'])}  "
         f"magnitude {f(summary['occurrence_slope'])}  rms actual {f(summary.get('occurrence_actual_rms'))} "
         f"vs predicted {f(summary.get('occurrence_predicted_rms'))}",
+    ]
+    if summary.get("linearity_eps"):
+        big, small = summary["linearity_eps"]
+        lines.append(f"linear response: Δloss/ε at ε = {big:g} against ε = {small:g}: Spearman "
+                     f"{f(summary['linearity_spearman'])}, rms ratio {f(summary['linearity_rms_ratio'])} "
+                     "(1 and 1: one occurrence is a first-order event)")
+    if summary.get("first_order_eps") is not None and summary.get("first_order_n"):
+        lines.append(f"values against the first-order response (Δloss/ε at ε = {summary['first_order_eps']:g}, "
+                     f"{summary['first_order_n']} occurrences): Spearman {f(summary['first_order_spearman'])}, "
+                     f"rms ratio {f(summary['first_order_rms_ratio'])} (values ÷ response; 1 is the right size)")
+    lines += [
         f"nothing-removed retrain: max |Δweight| {summary['baseline_max_abs_diff']:.3g}, "
         f"validation loss {summary['baseline_loss']:.6f} vs run {summary['run_loss']:.6f} "
         f"(noise floor {summary['noise_floor']:.3g})",
