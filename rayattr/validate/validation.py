@@ -125,7 +125,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
         pred, n_occ = predicted(samples, r)
         actual = done[r.key]["loss"] - base["loss"]
         if r.kind == "occurrence":
-            e = 1.0 - r.weight
+            e = round(1.0 - r.weight, 12)  # the ε asked for, not 1 − (1 − ε)'s rounding
             rows[r.kind].append({"sample_id": r.sample_ids[0], "step": r.step, "eps": e, "predicted": pred,
                                  "actual": actual / e})
         else:
