@@ -27,11 +27,6 @@ def segment_values(run: Run, n_segments: int):
         yield run.read_table(values_path(i)).sort_by([("step", "ascending"), ("position", "ascending")])
 
 
-def sample_values(run: Run, n_segments: int) -> pa.Table:
-    """One row per occurrence, in training order (all segments in memory: for tests and small runs)."""
-    return pa.concat_tables(list(segment_values(run, n_segments)))
-
-
 # Resamples of the per-source bootstrap; above BOOTSTRAP_MAX_N occurrences the normal limit
 # of the same bootstrap (√n · sd) is used instead of drawing n indices B times.
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_MAX_N = 1000, 20_000

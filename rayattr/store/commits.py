@@ -81,13 +81,6 @@ def write_commit(storage: Storage, rel: str, entry: ShardCommit) -> None:
     storage.put_bytes(rel, entry.to_json())
 
 
-def load_commits(storage: Storage, rel_dir: str) -> list[ShardCommit]:
-    """All commit entries under rel_dir (recursive), fetched concurrently."""
-    rels = [r for r in storage.find(rel_dir) if r.endswith(".json")]
-    blobs = storage.get_many(rels)
-    return [ShardCommit.from_json(b, f"{storage.uri}/{r}") for r, b in zip(rels, blobs)]
-
-
 def latest_per_step(entries: list[ShardCommit]) -> dict[int, tuple[ShardCommit, Part | None]]:
     """step -> (entry, part) keeping the most recently committed entry for duplicate steps."""
     out: dict[int, tuple[ShardCommit, Part | None]] = {}

@@ -17,12 +17,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
-
-
 def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:
     """torch.distributed's env:// rendezvous, as the deepspeed launcher would set it."""
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
