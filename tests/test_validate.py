@@ -30,7 +30,7 @@ from rayattr.train.model import build_model
 from rayattr.validate import Removal, ValidationError, validate_run
 from rayattr.validate.counterfactuals import occurrence_removals, predicted, source_removals, subset_removals
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
-from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise
+from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -326,3 +326,35 @@ def test_partial_removals_are_retrained_per_eps(two_ranks):
     assert "linear response" in format_summary(result.summary)
     with pytest.raises(ValidationError, match="ε must lie"):
         validate_run(two_ranks, occurrences=1, eps=(0.0,), progress=False)
+
+
+def _summary(**kw):
+    base = {"n_subsets": 0, "n_sources": 0, "n_occurrences": 0, "lds": None, "lds_ci": None,
+            "subset_slope": None, "source_spearman": None, "source_slope": None, "occurrence_spearman": None,
+            "occurrence_slope": None, "baseline_max_abs_diff": 0.0, "baseline_loss": 1.0, "run_loss": 1.0,
+            "noise_floor": 0.0, "first_order_eps": None}
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"linearity_eps": [1.0, 0.01], "linearity_spearman": 0.3, "first_order_eps": 0.01, "first_order_n": 8,
+      "first_order_spearman": 0.95, "first_order_rms_ratio": 1.0}, "not a first-order event"),
+    ({"linearity_eps": [1.0, 0.01], "linearity_spearman": 0.97, "first_order_eps": 0.01, "first_order_n": 8,
+      "first_order_spearman": 0.95, "first_order_rms_ratio": 1.1}, "The values track"),
+    ({"linearity_eps": [1.0, 0.01], "linearity_spearman": 0.97, "first_order_eps": 0.01, "first_order_n": 8,
+      "first_order_spearman": 0.95, "first_order_rms_ratio": 5.5}, "miss the response"),
+    ({"linearity_eps": [1.0, 0.01], "linearity_spearman": 0.97, "first_order_eps": 0.01, "first_order_n": 8,
+      "first_order_spearman": -0.5, "first_order_rms_ratio": 1.0}, "miss the response"),
+    ({"n_subsets": 16, "lds": 0.4, "lds_ci": [-0.3, 0.85], "subset_slope": 4.2}, "spans zero"),
+    ({"n_subsets": 16, "lds": 0.6, "lds_ci": [0.2, 0.85], "subset_slope": 1.0}, "better than chance"),
+    ({}, "Not enough measured"),
+])
+def test_verdict_follows_the_measurements(fields, says):
+    s = _summary(**fields)
+    assert says in verdict(s)
+    text = format_summary(s)
+    assert text.splitlines()[-1].startswith("verdict: ") and says in text
+    # only the sections that were measured are printed
+    assert ("subsets:" in text) == bool(s["n_subsets"]) and "sources:" not in text and "occurrences:" not in text
+    if s["lds_ci"] and s["lds_ci"][0] <= 0:
+        assert "spans zero" in text.splitlines()[0] and "1 is the right size" in text

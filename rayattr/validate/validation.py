@@ -142,6 +142,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
                    baseline_loss=base["loss"], run_loss=run_loss, noise_floor=abs(base["loss"] - run_loss),
                    retrain_seconds=float(np.median([done[r.key]["seconds"] for r in plan])))
+    summary["verdict"] = verdict(summary)
     run.write_json(SUMMARY, summary)
     return ValidationResult(uri=run.uri, summary=summary, tables=tables)
 
@@ -222,24 +223,68 @@ def read_validation(run: Run) -> ValidationResult | None:
     return ValidationResult(uri=run.uri, summary=run.read_json(SUMMARY), tables=tables)
 
 
+# What a verdict asks of the measurements (docs/method.md §6, "The verdict"): values that
+# track the first-order response as a rank (Spearman) and in size (rms ratio) ...
+TRACKS_SPEARMAN, TRACKS_RATIO = 0.9, (0.7, 1.4)
+# ... and a run whose single removals are first-order events at all
+LINEAR_SPEARMAN = 0.8
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """How far to trust the run, in one plain sentence, from what validation measured."""
+    lin, fo = summary.get("linearity_spearman"), summary.get("first_order_spearman")
+    ratio = summary.get("first_order_rms_ratio")
+    if summary.get("linearity_eps") and lin is not None and lin < LINEAR_SPEARMAN:
+        return (f"Do not act on single values: removing one occurrence is not a first-order event on this run "
+                f"(the response at ε = {summary['linearity_eps'][0]:g} and ε = {summary['linearity_eps'][1]:g} "
+                f"ranks occurrences alike only at Spearman {lin:.2f}), so no first-order value can predict it.")
+    if summary.get("first_order_n") and fo is not None and ratio is not None:
+        eps = summary["first_order_eps"]
+        if fo >= TRACKS_SPEARMAN and TRACKS_RATIO[0] <= ratio <= TRACKS_RATIO[1]:
+            return (f"The values track this run's response to removing single occurrences (Δloss/ε at ε = {eps:g}: "
+                    f"Spearman {fo:.2f}, {ratio:.2f}× its size): single values can be read as predicted loss changes.")
+        linear = (f"this run responds linearly to one occurrence (Spearman {lin:.2f} across ε), but "
+                  if lin is not None else "")
+        return (f"Do not act on single values yet: {linear}the values miss the response to removing single "
+                f"occurrences (Δloss/ε at ε = {eps:g}: Spearman {fo:.2f}, {ratio:.2f}× its size); act only on "
+                "sources whose intervals stand apart, and see docs/method.md §9.")
+    ci = summary.get("lds_ci")
+    if summary.get("n_subsets") and ci is not None:
+        if ci[0] > 0:
+            return (f"The values rank random subsets better than chance (LDS {summary['lds']:.2f}, interval "
+                    f"[{ci[0]:.2f}, {ci[1]:.2f}] clear of zero); whether single values are right is not yet measured "
+                    "(--occurrences N --weight 1 0.01).")
+        return (f"No evidence yet that the values predict retraining: the LDS interval [{ci[0]:.2f}, {ci[1]:.2f}] "
+                "spans zero.")
+    return "Not enough measured for a verdict: add --subsets N, or --occurrences N --weight 1 0.01."
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The summary as a few lines for a terminal."""
+    """The summary as a few lines for a terminal: the sections that were measured, then the verdict."""
     def f(x):
         return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
+    def size(c):
+        return f"magnitude {f(c)} (actual ≈ {f(c)} × predicted; 1 is the right size)"
+
+    lines = []
     ci = summary.get("lds_ci")
-    lines = [
-        f"subsets: {summary['n_subsets']}  LDS (Spearman) {f(summary['lds'])}"
-        + (f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  magnitude {f(summary['subset_slope'])}",
-        f"sources: {summary['n_sources']}  Spearman {f(summary['source_spearman'])}  magnitude {f(summary['source_slope'])}",
-        f"occurrences: {summary['n_occurrences']}  Spearman {f(summary['occurrence_spearman'])}  "
-        f"magnitude {f(summary['occurrence_slope'])}  rms actual {f(summary.get('occurrence_actual_rms'))} "
-        f"vs predicted {f(summary.get('occurrence_predicted_rms'))}",
-    ]
+    if summary.get("n_subsets"):
+        spans = " — spans zero" if ci and ci[0] <= 0 <= ci[1] else ""
+        lines.append(f"subsets: {summary['n_subsets']}  LDS (Spearman) {f(summary['lds'])}"
+                     + (f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]{spans}" if ci else "")
+                     + f"  {size(summary['subset_slope'])}")
+    if summary.get("n_sources"):
+        lines.append(f"sources: {summary['n_sources']}  Spearman {f(summary['source_spearman'])}  "
+                     f"{size(summary['source_slope'])}")
+    if summary.get("n_occurrences"):
+        lines.append(f"occurrences: {summary['n_occurrences']}  Spearman {f(summary['occurrence_spearman'])}  "
+                     f"{size(summary['occurrence_slope'])}  rms actual {f(summary.get('occurrence_actual_rms'))} "
+                     f"vs predicted {f(summary.get('occurrence_predicted_rms'))}")
     if summary.get("linearity_eps"):
         big, small = summary["linearity_eps"]
         lines.append(f"linear response: Δloss/ε at ε = {big:g} against ε = {small:g}: Spearman "
-                     f"{f(summary['linearity_spearman'])}, rms ratio {f(summary['linearity_rms_ratio'])} "
+                     f"{f(summary['linearity_spearman'])}, rms ratio {f(summary.get('linearity_rms_ratio'))} "
                      "(1 and 1: one occurrence is a first-order event)")
     if summary.get("first_order_eps") is not None and summary.get("first_order_n"):
         lines.append(f"values against the first-order response (Δloss/ε at ε = {summary['first_order_eps']:g}, "
@@ -249,6 +294,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"nothing-removed retrain: max |Δweight| {summary['baseline_max_abs_diff']:.3g}, "
         f"validation loss {summary['baseline_loss']:.6f} vs run {summary['run_loss']:.6f} "
         f"(noise floor {summary['noise_floor']:.3g})",
+        f"verdict: {summary.get('verdict') or verdict(summary)}",
     ]
     return "\n".join(lines)
 
