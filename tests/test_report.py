@@ -224,14 +224,14 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
 
 
 def test_verdict_reads_the_figures():
-    from rayattr.report.html import verdict
+    from rayattr.validate.validation import verdict
 
-    assert verdict({"lds": 0.93, "source_spearman": 0.9}).startswith("the values predict")
+    assert verdict({"lds": 0.93, "source_spearman": 0.9}).startswith("The values predict")
     assert "roughly" in verdict({"lds": 0.6, "source_spearman": None})
-    chaotic = verdict({"lds": 0.1, "source_spearman": -0.2, "occurrence_actual_rms": 8e-3,
-                       "occurrence_predicted_rms": 1e-3})
-    assert "hypotheses" in chaotic and "8×" in chaotic
-    assert "too few" in verdict({"lds": None, "source_spearman": None})
+    far = verdict({"lds": 0.1, "source_spearman": -0.2, "occurrence_actual_rms": 8e-3,
+                   "occurrence_predicted_rms": 1e-3})
+    assert "hypotheses" in far and "8×" in far
+    assert "Too few" in verdict({"lds": None, "source_spearman": None})
 
 
 def test_sources_apart_are_those_whose_interval_overlaps_no_other():

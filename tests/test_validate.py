@@ -346,8 +346,9 @@ def _summary(**kw):
     ({"linearity_eps": [1.0, 0.01], "linearity_spearman": 0.97, "first_order_eps": 0.01, "first_order_n": 8,
       "first_order_spearman": -0.5, "first_order_rms_ratio": 1.0}, "miss the response"),
     ({"n_subsets": 16, "lds": 0.4, "lds_ci": [-0.3, 0.85], "subset_slope": 4.2}, "spans zero"),
-    ({"n_subsets": 16, "lds": 0.6, "lds_ci": [0.2, 0.85], "subset_slope": 1.0}, "better than chance"),
-    ({}, "Not enough measured"),
+    ({"n_subsets": 16, "lds": 0.6, "lds_ci": [0.2, 0.85], "subset_slope": 1.0}, "only roughly"),
+    ({"n_subsets": 16, "lds": 0.93, "lds_ci": [0.85, 0.97], "subset_slope": 1.0}, "rankings can be acted on"),
+    ({}, "Too few counterfactuals"),
 ])
 def test_verdict_follows_the_measurements(fields, says):
     s = _summary(**fields)

@@ -190,26 +190,6 @@ def noise_figures(run: Run, stats: OccurrenceStats) -> tuple[float, float] | Non
     return median, stats.noisy / n
 
 
-def verdict(s: dict) -> str:
-    """What the validation figures mean for a reader, in one or two sentences."""
-    best = max((x for x in (s.get("lds"), s.get("source_spearman")) if x is not None), default=None)
-    if best is None:
-        return "too few counterfactuals to judge; validate with more subsets or sources."
-    if best >= 0.8:
-        text = "the values predict what retraining does; rankings can be acted on."
-    elif best >= 0.5:
-        text = "the values predict retraining only roughly: trust large differences, not the exact order."
-    else:
-        text = ("the values do not predict what retraining this run does: treat rankings as hypotheses "
-                "to check, not as measurements.")
-    amp, pred = s.get("occurrence_actual_rms"), s.get("occurrence_predicted_rms")
-    if amp and pred and amp > 3 * pred:
-        text += (f" Removing one occurrence moves the final loss {amp / pred:.0f}× more than predicted: this "
-                 "trajectory amplifies small changes (large steps against the curvature), which no "
-                 "first-order method follows (docs/method.md, §6).")
-    return text
-
-
 def separated_sources(sources: pa.Table) -> tuple[list[str], int]:
     """Sources whose 95 % interval overlaps no other source's (their place in the order is
     established by this run), and how many sources have intervals at all."""
@@ -249,6 +229,7 @@ def trust_section(run: Run, noise: tuple[float, float] | None, out: Path) -> lis
     """"How far to trust this run": validation figures where `rayattr validate` has run, and the
     projection noise of the values either way (`noise`: noise_figures, None without SEs)."""
     from rayattr.validate import read_validation
+    from rayattr.validate.validation import verdict
 
     parts = ["<h2>How far to trust this run</h2>"]
     if noise is not None:
@@ -288,7 +269,7 @@ def trust_section(run: Run, noise: tuple[float, float] | None, out: Path) -> lis
            f"{s['occurrence_predicted_rms']:.2g} was predicted" if s.get("occurrence_actual_rms") else "")
         + f". A retrain with nothing removed reproduced the final weights to {s['baseline_max_abs_diff']:.2g} "
         f"(noise floor of the loss {s['noise_floor']:.2g}).</p>")
-    parts.append(f"<p><b>Verdict:</b> {html.escape(verdict(s))}</p>")
+    parts.append(f"<p><b>Verdict:</b> {html.escape(s.get('verdict') or verdict(s))}</p>")
     for kind, label, title in (("source", "source", "leave one source out"),
                                ("subset", None, "random subsets removed")):
         table = result.tables.get(kind)

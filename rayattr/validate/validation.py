@@ -231,32 +231,54 @@ LINEAR_SPEARMAN = 0.8
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """How far to trust the run, in one plain sentence, from what validation measured."""
+    """How far to trust the run, in plain words, from what validation measured: single values
+    first (linearity, then the values against the first-order response), then rankings (LDS,
+    sources)."""
     lin, fo = summary.get("linearity_spearman"), summary.get("first_order_spearman")
     ratio = summary.get("first_order_rms_ratio")
     if summary.get("linearity_eps") and lin is not None and lin < LINEAR_SPEARMAN:
-        return (f"Do not act on single values: removing one occurrence is not a first-order event on this run "
-                f"(the response at ε = {summary['linearity_eps'][0]:g} and ε = {summary['linearity_eps'][1]:g} "
-                f"ranks occurrences alike only at Spearman {lin:.2f}), so no first-order value can predict it.")
-    if summary.get("first_order_n") and fo is not None and ratio is not None:
+        single = (f"Do not act on single values: removing one occurrence is not a first-order event on this run "
+                  f"(the response at ε = {summary['linearity_eps'][0]:g} and ε = {summary['linearity_eps'][1]:g} "
+                  f"ranks occurrences alike only at Spearman {lin:.2f}), so no first-order value can predict it.")
+    elif summary.get("first_order_n") and fo is not None and ratio is not None:
         eps = summary["first_order_eps"]
         if fo >= TRACKS_SPEARMAN and TRACKS_RATIO[0] <= ratio <= TRACKS_RATIO[1]:
-            return (f"The values track this run's response to removing single occurrences (Δloss/ε at ε = {eps:g}: "
-                    f"Spearman {fo:.2f}, {ratio:.2f}× its size): single values can be read as predicted loss changes.")
-        linear = (f"this run responds linearly to one occurrence (Spearman {lin:.2f} across ε), but "
-                  if lin is not None else "")
-        return (f"Do not act on single values yet: {linear}the values miss the response to removing single "
-                f"occurrences (Δloss/ε at ε = {eps:g}: Spearman {fo:.2f}, {ratio:.2f}× its size); act only on "
-                "sources whose intervals stand apart, and see docs/method.md §9.")
-    ci = summary.get("lds_ci")
-    if summary.get("n_subsets") and ci is not None:
-        if ci[0] > 0:
-            return (f"The values rank random subsets better than chance (LDS {summary['lds']:.2f}, interval "
-                    f"[{ci[0]:.2f}, {ci[1]:.2f}] clear of zero); whether single values are right is not yet measured "
-                    "(--occurrences N --weight 1 0.01).")
-        return (f"No evidence yet that the values predict retraining: the LDS interval [{ci[0]:.2f}, {ci[1]:.2f}] "
-                "spans zero.")
-    return "Not enough measured for a verdict: add --subsets N, or --occurrences N --weight 1 0.01."
+            single = (f"The values track this run's response to removing single occurrences (Δloss/ε at ε = "
+                      f"{eps:g}: Spearman {fo:.2f}, {ratio:.2f}× its size): single values can be read as predicted "
+                      "loss changes.")
+        else:
+            linear = (f"this run responds linearly to one occurrence (Spearman {lin:.2f} across ε), but "
+                      if lin is not None else "")
+            single = (f"Do not act on single values yet: {linear}the values miss the response to removing single "
+                      f"occurrences (Δloss/ε at ε = {eps:g}: Spearman {fo:.2f}, {ratio:.2f}× its size); act only on "
+                      "sources whose intervals stand apart (docs/method.md §9).")
+    else:
+        single = ""
+    return " ".join(x for x in (single, _rankings(summary)) if x) or \
+        "Too few counterfactuals to judge: validate with --subsets N, --sources, or --occurrences N --weight 1 0.01."
+
+
+def _rankings(summary: dict[str, Any]) -> str:
+    """What the subset and source retrains say about the values' rankings."""
+    lds, src, ci = summary.get("lds"), summary.get("source_spearman"), summary.get("lds_ci")
+    best = max((x for x in (lds, src) if x is not None), default=None)
+    if best is None:
+        return ""
+    if ci is not None and ci[0] <= 0 <= ci[1] and (src is None or src < 0.8):
+        text = (f"No evidence yet that the values rank data as retraining does: the LDS interval "
+                f"[{ci[0]:.2f}, {ci[1]:.2f}] spans zero.")
+    elif best >= 0.8:
+        text = "The values predict what retraining does; rankings can be acted on."
+    elif best >= 0.5:
+        text = "The values predict retraining only roughly: trust large differences, not the exact order."
+    else:
+        text = ("The values do not predict what retraining this run does: treat rankings as hypotheses to "
+                "check, not as measurements.")
+    amp, pred = summary.get("occurrence_actual_rms"), summary.get("occurrence_predicted_rms")
+    if amp and pred and amp > 3 * pred:
+        text += (f" Removing one occurrence moved the final loss {amp / pred:.0f}× more than predicted (rms); "
+                 "docs/method.md §9 says where such excess comes from.")
+    return text
 
 
 def format_summary(summary: dict[str, Any]) -> str:
