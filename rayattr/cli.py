@@ -423,6 +423,9 @@ SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare `rayattr`: what it can do, not a usage error
+        parser().print_help()
+        return 2
     try:
         if argv and argv[0] == "plan":
             from rayattr.plan import plan_main

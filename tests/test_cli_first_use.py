@@ -286,3 +286,20 @@ def test_report_loss_curve_validation_set_and_honest_captions(finished_run, tmp_
     sources, labels, grid = phase_means(phases)
     assert sources == ["a", "b"] and labels == ["0–5", "5–10"]  # a: 3/6 per occurrence beats b: -4/20
     assert grid.tolist() == [[0.5, 0.5], [-0.5, 0.1]]
+
+
+def test_bare_rayattr_lists_the_commands(capsys):
+    from rayattr.cli import main
+
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("runs", "show", "values", "query", "validate", "report", "attribute"):
+        assert command in out
+
+
+def test_no_store_error_says_where_runs_are_looked_up(tmp_path, capsys):
+    from rayattr.cli import main
+
+    assert main(["runs", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no store at" in err and "RAYATTR_STORE" in err

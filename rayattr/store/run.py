@@ -350,7 +350,8 @@ def list_runs(root_uri: str, options: StoreOptions | None = None) -> list[dict]:
     root = Storage(root_uri, options)
     root.probe()
     if root.local and not root.exists(""):  # a typo must not read as "no runs yet"
-        raise StoreError(f"no store at {root.uri}: the directory does not exist")
+        raise StoreError(f"no store at {root.uri}: the directory does not exist (runs are looked up in "
+                         "$RAYATTR_STORE, else ./rayattr_runs; set RAYATTR_STORE or name the store)")
     found = root.glob(f"*/{layout.RUN_JSON}")
     out = []
     for rel, raw in zip(found, root.get_many(found, keep_errors=True)):
