@@ -269,6 +269,9 @@ def table(cols: dict[str, np.ndarray], warmup: int) -> str:
             m = pick(steps, T, warmup) & np.isfinite(x)
             for ref in ("exact", "κ, v held"):
                 a, b = x[m], cols[ref][m]
+                if len(a) < 3:  # a band a short run does not have
+                    cells.append("–")
+                    continue
                 rho = spearmanr(a, b)[0]
                 ratio = np.sqrt(np.mean(a ** 2) / np.mean(b ** 2))
                 cells.append(f"{rho:+.2f} / {ratio:.3g}")

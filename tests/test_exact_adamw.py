@@ -81,3 +81,14 @@ def test_adjoint_sweep_is_the_exact_linearisation_without_momentum(adamw_run):
     # a different curvature is a different answer: the comparison can fail
     fisher = adjoint_values(rp, curvature="fisher")
     assert not np.allclose(fisher, held, rtol=1e-3)
+
+
+def test_the_bench_prints_one_ablation_table(adamw_run, capsys):
+    from exact_adamw import main
+
+    main([adamw_run.run.uri, "--check", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names[:4] == ["exact", "κ held", "v held", "κ, v held"] and "rayattr values" in names
+    assert "recursion, empirical Fisher" in names and "check " in out
