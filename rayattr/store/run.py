@@ -9,6 +9,7 @@ import io
 import json
 import os
 import posixpath
+import uuid
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -111,7 +112,8 @@ class Run:
         root.probe(create_bucket=options.create_bucket)
         storage = Storage(f"{root.uri}/{run_id}", options)
         full = {"run_id": run_id, "created": _now(), "store_format": STORE_FORMAT,
-                "status": "created", "rayattr_version": _package_version()}
+                "status": "created", "rayattr_version": _package_version(),
+                "creator": uuid.uuid4().hex[:12]}  # tells two creators' run.json apart (Storage.create_bytes)
         full.update(manifest)
         try:  # exclusive: of two jobs creating the same run id, one gets this error
             storage.create_bytes(layout.RUN_JSON, _encode_manifest(full))
