@@ -26,8 +26,8 @@ def _values(run):
 
 
 @pytest.fixture
-def run(tmp_path):
-    return Run.create(str(tmp_path), "r", {"layers": L})
+def run(store_root):  # [local] in the fast tier, [s3] in the slow one
+    return Run.create(store_root.uri, "r", {"layers": L}, options=store_root.options)
 
 
 def test_zombie_writers_late_write_does_not_replace_its_successors(run):

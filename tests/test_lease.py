@@ -14,13 +14,13 @@ from rayattr.store.lease import DriverLease, DriverLeaseError, driver_lease
 
 
 @pytest.fixture
-def run(tmp_path):
-    return Run.create(str(tmp_path), "r", {"layers": {"l": 4}})
+def run(store_root):  # [local] in the fast tier, [s3] in the slow one
+    return Run.create(store_root.uri, "r", {"layers": {"l": 4}}, options=store_root.options)
 
 
 def test_a_second_concurrent_driver_is_refused_naming_the_holder(run):
     with DriverLease(run, ttl_s=30):
-        other = Run.open(run.uri.rsplit("/", 1)[0], "r", readonly=False)
+        other = Run.open_uri(run.uri, options=run.options, readonly=False)
         with pytest.raises(DriverLeaseError, match=rf"pid {os.getpid()} on {socket.gethostname()}, started") as err:
             with driver_lease(other):
                 pass
