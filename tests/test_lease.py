@@ -7,9 +7,10 @@ import socket
 import time
 
 import pytest
+import torch
 
 from rayattr.errors import RayattrError
-from rayattr.store import Run
+from rayattr.store import GradientWriter, Run
 from rayattr.store.lease import DriverLease, DriverLeaseError, driver_lease
 
 
@@ -71,3 +72,19 @@ def test_a_released_lease_lets_the_next_driver_in_at_once(run):
     with driver_lease(run):
         with driver_lease(run) as inner:  # re-entrant in one process: run -> attribute
             assert not inner.lost
+
+
+def test_gc_is_refused_while_a_driver_holds_the_run(run):
+    from rayattr.store.gc import collect, collectable
+
+    run.update_manifest(status="failed")  # a failed run that another driver is resuming
+    with GradientWriter(run, 0, {"l": 4}) as w:
+        w.write_step(0, [0], ["s"], {"l": torch.zeros(1, 4)})
+    garbage = collectable(run)
+    assert garbage
+    with DriverLease(run, ttl_s=30):
+        with pytest.raises(DriverLeaseError):
+            collect(run, garbage)
+        assert run._storage.find("grads/train")
+    collect(run, garbage)
+    assert not run._storage.find("grads/train")

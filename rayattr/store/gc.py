@@ -54,7 +54,16 @@ def check_collectable(run: Run) -> None:
 
 
 def collect(run: Run, garbage: list[Garbage]) -> dict:
-    """Delete `garbage` (from collectable) and note it in run.json under "gc"; returns that note."""
+    """Delete `garbage` (from collectable) and note it in run.json under "gc"; returns that note.
+    Holds the run's driver lease: a driver still working on the run (a failed run being
+    resumed) refuses it, before anything is deleted."""
+    from .lease import driver_lease
+
+    with driver_lease(run):
+        return _collect(run, garbage)
+
+
+def _collect(run: Run, garbage: list[Garbage]) -> dict:
     check_collectable(run)
     storage = run._storage
     for g in garbage:
