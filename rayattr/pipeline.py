@@ -27,6 +27,7 @@ from rayattr.reduce import phase_edges, write_outputs
 from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
+from rayattr.store.lease import driver_lease
 from rayattr.train import NonFiniteLoss, train
 from rayattr.train.model import check_model
 
@@ -136,8 +137,14 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
 
     A new run goes through all of them; a resumed one (driver killed) goes on where its store
     says it stopped: training restarts from its last checkpoint, segments whose K is written
-    are not recomputed.
+    are not recomputed. The run's driver lease is held throughout: a second driver on the
+    run is refused (store/lease.py).
     """
+    with driver_lease(run):
+        return _complete_run(cfg, run, progress)
+
+
+def _complete_run(cfg: Config, run: Run, progress: bool) -> RunResult:
     so = cfg.store.storage_options or None
     timings: dict[str, float] = dict(run.manifest.get("timings") or {})
     if run.manifest.get("status") == "done":
@@ -165,7 +172,14 @@ def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:
 def attribute_recorded(cfg: Config, run: Run, timings: dict[str, float] | None = None,
                        segments: int | None = None, progress: bool = True) -> RunResult:
     """The embedding and reduce stages on a recorded run (the built-in job's own training, or a
-    user's loop recorded with rayattr.Recorder); a divergence marks the run failed."""
+    user's loop recorded with rayattr.Recorder); a divergence marks the run failed. The run's
+    driver lease is held throughout (store/lease.py)."""
+    with driver_lease(run):
+        return _attribute_recorded(cfg, run, timings, segments, progress)
+
+
+def _attribute_recorded(cfg: Config, run: Run, timings: dict[str, float] | None,
+                        segments: int | None, progress: bool) -> RunResult:
     timings = dict(timings if timings is not None else (run.manifest.get("timings") or {}))
     try:
         result = attribute(cfg, run, run.reload_manifest()["num_steps"], segments=segments, progress=progress)

@@ -56,9 +56,11 @@ def worker(run, curvature=False):
 
 def drop(run, kind, rank, first, last, commit=True):
     """Delete one rank's shard of steps first..last (and its commit entry)."""
-    name = f"{first:08d}-{last:08d}"
-    gone = [f"grads/{kind}/r{rank:04d}/{name}.arrow"] + ([f"commits/{kind}/r{rank:04d}/{name}.json"] if commit else [])
-    assert all(run._storage.exists(g) for g in gone)
+    name = f"{first:08d}-{last:08d}."  # then the writer's epoch (store/epochs.py)
+    tops = ["grads"] + (["commits"] if commit else [])
+    gone = [r for top in tops for r in run._storage.find(f"{top}/{kind}/r{rank:04d}")
+            if r.rsplit("/", 1)[1].startswith(name)]
+    assert len(gone) == len(tops)
     run._storage.remove(gone)
 
 

@@ -332,14 +332,14 @@ def test_uncommitted_leftovers_are_invisible_and_removed(store_root):
 def test_corrupted_shard_is_detected(store_root):
     run = new_run(store_root)
     write_rank(run, 0, range(4), steps_per_shard=4)
-    entry = json.loads(run._storage.get_bytes("commits/train/r0000/00000000-00000003.json"))
+    entry = json.loads(run._storage.get_bytes(run._storage.find("commits/train/r0000")[0]))
     shard = entry["shard"]
     data = bytearray(run._storage.get_bytes(shard))
     step2 = next(p for p in entry["steps"] if p["step"] == 2)
     data[step2["offset"] + step2["length"] - 20] ^= 0xFF  # flip bits inside step 2's floats
     run._storage.put_bytes(shard, bytes(data))
     reader = GradientReader(run)
-    with pytest.raises(StoreError, match=r"checksum mismatch in shard .*00000000-00000003.arrow"):
+    with pytest.raises(StoreError, match=r"checksum mismatch in shard .*00000000-00000003(\.e\d+)?\.arrow"):
         reader.read_steps()
     with pytest.raises(StoreError, match=r"step 2"):
         reader.read_steps(2, 3)
@@ -361,7 +361,7 @@ def test_step_range_read_fetches_only_those_steps(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Storage, "get_ranges", spy)
     shard_bytes = json.loads(run._storage.get_bytes(
-        "commits/train/r0000/00000000-00000015.json"))["bytes"]
+        run._storage.find("commits/train/r0000")[0]))["bytes"]
     GradientReader(run).read_steps(5, 7)
     assert sum(fetched) < shard_bytes / 4
     fetched.clear()

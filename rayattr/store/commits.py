@@ -53,8 +53,9 @@ class ShardCommit:
     rows: int  # total rows
     bytes: int  # shard size in bytes
     sha256: str  # hex digest of the whole shard
-    committed_at: float  # writer's wall clock (seconds since epoch); later entries win ties
+    committed_at: float  # writer's wall clock (seconds since epoch); informative only
     writer: str = ""  # id of the writer session that produced it
+    epoch: int = 0  # its writer's epoch (store/epochs.py); 0: written before writer epochs
     format: str = SHARD_FORMAT  # shard encoding
     dtype: str = ""  # storage dtype of gradient columns
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> projected dim p
@@ -82,9 +83,11 @@ def write_commit(storage: Storage, rel: str, entry: ShardCommit) -> None:
 
 
 def latest_per_step(entries: list[ShardCommit]) -> dict[int, tuple[ShardCommit, Part | None]]:
-    """step -> (entry, part) keeping the most recently committed entry for duplicate steps."""
+    """step -> (entry, part); of entries holding the same step, the one whose writer registered
+    later (the larger epoch, store/epochs.py) wins, never the later wall clock. Ties (entries
+    of writers from before epochs) go to the larger object name, so every reader agrees."""
     out: dict[int, tuple[ShardCommit, Part | None]] = {}
-    for e in sorted(entries, key=lambda e: (e.committed_at, e.shard)):
+    for e in sorted(entries, key=lambda e: (e.epoch, e.shard)):
         if e.steps:
             for p in e.steps:
                 out[p.step] = (e, p)

@@ -4,7 +4,7 @@ Kept: run.json, data/, values/, embeddings/, weights/, embed/ (segment results),
 records (steps/, commits/steps/) and the final per-occurrence embeddings `rayattr query` reads
 (grads/embeddings with its commits and writers). Deleted: every other gradient kind (train,
 curvature, local: the per-sample gradients, ~22 TB in the 7 B example), its commit entries
-and writer registrations, and the DeepSpeed checkpoints.
+and writer registrations and epoch claims, and the DeepSpeed checkpoints.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ class Garbage:
 
 def collectable(run: Run) -> list[Garbage]:
     """The groups gc would delete from `run`, commit entries first (so that, if interrupted,
-    no commit ever names a deleted shard), then writer registrations, shards, checkpoints."""
+    no commit ever names a deleted shard), then writer registrations and epoch claims, shards,
+    checkpoints."""
     storage = run._storage
-    groups = [f"{top}/{kind}" for top in ("commits", "writers", "grads")
+    groups = [f"{top}/{kind}" for top in ("commits", "writers", "epochs", "grads")
               for kind in storage.list_dir(top) if kind not in KEEP_KINDS]
     out = []
     for group in groups + ["checkpoints"]:
@@ -53,7 +54,16 @@ def check_collectable(run: Run) -> None:
 
 
 def collect(run: Run, garbage: list[Garbage]) -> dict:
-    """Delete `garbage` (from collectable) and note it in run.json under "gc"; returns that note."""
+    """Delete `garbage` (from collectable) and note it in run.json under "gc"; returns that note.
+    Holds the run's driver lease: a driver still working on the run (a failed run being
+    resumed) refuses it, before anything is deleted."""
+    from .lease import driver_lease
+
+    with driver_lease(run):
+        return _collect(run, garbage)
+
+
+def _collect(run: Run, garbage: list[Garbage]) -> dict:
     check_collectable(run)
     storage = run._storage
     for g in garbage:

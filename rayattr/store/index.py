@@ -28,14 +28,16 @@ import pyarrow.parquet as pq
 
 from rayattr import hooks
 
+from . import epochs
 from .commits import ShardCommit
+from .layout import RECORDS_KIND
 from .errors import StoreError
 from .storage import Storage
 
 INDEX = "index"
 SPAN = 4096  # steps per manifest chunk: a segment's reader opens one or two of them
 _NAME = re.compile(r"^c(\d+)-(\d+)-(\d+)\.parquet$")
-_ENTRY = re.compile(r"^(\d+)-(\d+)\.json$")
+_ENTRY = re.compile(r"^(\d+)-(\d+)(?:\.e\d+)?\.json$")  # <first>-<last>[.e<writer epoch>].json
 _SCHEMA = pa.schema([("rank", pa.int64()), ("step_first", pa.int64()), ("step_last", pa.int64()),
                      ("shard", pa.string()), ("entry", pa.string())])
 
@@ -103,7 +105,12 @@ def load_entries(storage: Storage, kind: str, rank: int | None = None, rank_dir:
     object between the listing and the read: then the listing is done again."""
     for attempt in range(3):
         try:
-            return _load_entries(storage, kind, rank, rank_dir, step_start, step_end)
+            entries = _load_entries(storage, kind, rank, rank_dir, step_start, step_end)
+            if kind == RECORDS_KIND:
+                return entries
+            # the claims are listed after the entries: an entry a zombie writer committed after
+            # its successor's claim is then always judged against that claim
+            return epochs.fence(entries, epochs.claims(storage, kind))
         except FileNotFoundError:
             if attempt == 2:
                 raise

@@ -4,9 +4,11 @@
     run.json                                   manifest
     steps/00000000-00000063.parquet            step records chunk
     commits/steps/00000000-00000063.json       its commit entry
-    grads/<kind>/r0003/00000016-00000031.arrow gradient shard (Arrow IPC file)
-    commits/<kind>/r0003/00000016-00000031.json its commit entry
+    grads/<kind>/r0003/00000016-00000031.e00000002.arrow  gradient shard (Arrow IPC file) of
+                                               the rank's writer epoch 2
+    commits/<kind>/r0003/00000016-00000031.e00000002.json its commit entry
     writers/<kind>/r0003.json                  writer registration (open / closed)
+    epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
     embeddings/..., values/...                 later stages (free-form, via Run.write_*)
 
 Directory names never repeat a data column in Hive style (`rank=3/`), so pyarrow.dataset can
@@ -51,8 +53,15 @@ def rank_dir(rank: int) -> str:
     return f"r{rank:04d}"
 
 
-def shard_path(kind: str, rank: int, first: int, last: int) -> str:
-    return f"grads/{kind}/{rank_dir(rank)}/{step_range(first, last)}{SHARD_SUFFIX}"
+def _epoch_suffix(epoch: int) -> str:
+    # epoch 0: a writer from before writer epochs (its objects carry no epoch in their names)
+    return f".e{epoch:0{STEP_DIGITS}d}" if epoch else ""
+
+
+def shard_path(kind: str, rank: int, first: int, last: int, epoch: int = 0) -> str:
+    """A shard's object name: its writer's epoch is part of it, so a zombie writer (a restarted
+    rank's predecessor) never overwrites its successor's objects."""
+    return f"grads/{kind}/{rank_dir(rank)}/{step_range(first, last)}{_epoch_suffix(epoch)}{SHARD_SUFFIX}"
 
 
 def shard_dir(kind: str, rank: int) -> str:
@@ -63,8 +72,8 @@ def commit_dir(kind: str, rank: int | None = None) -> str:
     return f"commits/{kind}" if rank is None else f"commits/{kind}/{rank_dir(rank)}"
 
 
-def commit_path(kind: str, rank: int, first: int, last: int) -> str:
-    return f"{commit_dir(kind, rank)}/{step_range(first, last)}.json"
+def commit_path(kind: str, rank: int, first: int, last: int, epoch: int = 0) -> str:
+    return f"{commit_dir(kind, rank)}/{step_range(first, last)}{_epoch_suffix(epoch)}.json"
 
 
 def writer_dir(kind: str) -> str:
@@ -73,6 +82,16 @@ def writer_dir(kind: str) -> str:
 
 def writer_path(kind: str, rank: int) -> str:
     return f"{writer_dir(kind)}/{rank_dir(rank)}.json"
+
+
+def epoch_dir(kind: str, rank: int | None = None) -> str:
+    base = f"epochs/{kind}"
+    return base if rank is None else f"{base}/{rank_dir(rank)}"
+
+
+def epoch_path(kind: str, rank: int, epoch: int) -> str:
+    """The claim of one writer epoch."""
+    return f"{epoch_dir(kind, rank)}/e{epoch:0{STEP_DIGITS}d}"
 
 
 def records_path(first: int, last: int) -> str:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import posixpath
+import uuid
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -93,6 +94,7 @@ class Run:
         self.run_id = run_id
         self._manifest = manifest
         self.readonly = readonly
+        self._lease = None  # the driver lease this driver holds on the run (store/lease.py)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -110,7 +112,8 @@ class Run:
         root.probe(create_bucket=options.create_bucket)
         storage = Storage(f"{root.uri}/{run_id}", options)
         full = {"run_id": run_id, "created": _now(), "store_format": STORE_FORMAT,
-                "status": "created", "rayattr_version": _package_version()}
+                "status": "created", "rayattr_version": _package_version(),
+                "creator": uuid.uuid4().hex[:12]}  # tells two creators' run.json apart (Storage.create_bytes)
         full.update(manifest)
         try:  # exclusive: of two jobs creating the same run id, one gets this error
             storage.create_bytes(layout.RUN_JSON, _encode_manifest(full))
@@ -170,8 +173,16 @@ class Run:
         return self.manifest
 
     def update_manifest(self, **fields: Any) -> dict:
-        """Merge fields into run.json (read-modify-write: one updater per run, the driver)."""
+        """Merge fields into run.json.
+
+        A read-modify-write, not a compare-and-swap: it is serialised by the driver lease
+        (store/lease.py). One driver holds a run at a time, and the writers it starts (the
+        trainer, rank 0's Recorder, the segments) update the manifest while the driver waits
+        for them. A driver that holds the lease must still hold it: one that lost it (it
+        stalled past the lease's ttl and another driver took the run over) is refused."""
         self._check_writable("update_manifest")
+        if self._lease is not None:
+            self._lease.check()
         for k in _FIXED_FIELDS:
             if k in fields:
                 raise StoreError(f"manifest field '{k}' is set by the store")
@@ -322,6 +333,8 @@ class Run:
         from .index import compact
 
         self._check_writable("compact_index")
+        if self._lease is not None:
+            self._lease.check()
         return {k: compact(self._storage, k) for k in kinds}
 
     def __repr__(self) -> str:

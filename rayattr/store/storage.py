@@ -66,18 +66,36 @@ class Storage:
 
     def create_bytes(self, rel: str, data: bytes) -> None:
         """Write a new object; FileExistsError if it exists. Of two concurrent creators exactly
-        one wins: a hard link locally, a conditional PUT (If-None-Match: *) on S3."""
+        one wins: a hard link locally, a conditional PUT (If-None-Match: *) on S3.
+
+        A conditional PUT retried after a blip can find the object its own lost first try
+        created: when a retry answers "exists", the object is read back and identical bytes
+        count as this creator's success (every rayattr creator puts a unique id in what it
+        creates, so another creator's object never has the same bytes)."""
         path = self.path(rel)
         if self.local:
             self._put_local(path, data, exclusive=True)
             return
+        tries = []
+
+        def put():
+            tries.append(1)
+            return self.fs.pipe_file(path, bytes(data), mode="create")
+
         try:
-            self._retry(lambda: self.fs.pipe_file(path, bytes(data), mode="create"),
-                        f"creating {self.uri}/{rel}")
+            self._retry(put, f"creating {self.uri}/{rel}")
         except OSError as err:  # s3fs knows the 412 only when the server names the condition
-            if (s3_answer(err) or (None, None))[1] == 412:
-                raise FileExistsError(f"{self.uri}/{rel} exists") from None
-            raise
+            if not isinstance(err, FileExistsError) and (s3_answer(err) or (None, None))[1] != 412:
+                raise
+            if len(tries) > 1 and self._holds(rel, data):
+                return  # our first try succeeded; only its answer was lost
+            raise FileExistsError(f"{self.uri}/{rel} exists") from None
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        try:
+            return self.get_bytes(rel) == bytes(data)
+        except FileNotFoundError:
+            return False
 
     def _put_local(self, path: str, data, exclusive: bool = False) -> None:
         d, name = os.path.split(path)
@@ -94,6 +112,7 @@ class Storage:
                 os.unlink(tmp)
             else:
                 os.replace(tmp, path)
+            self._fsync_dir(d)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -116,17 +135,30 @@ class Storage:
                         f.flush()
                         os.fsync(f.fileno())
                 os.replace(tmp, path)
+                self._fsync_dir(d)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        f = self.fs.open(path, "wb")
+        # opening is retried; the stream itself is not (what went out cannot be taken back):
+        # a failed stream leaves nothing, and its caller writes the whole object again
+        f = self._retry(lambda: self.fs.open(path, "wb"), f"opening {self.uri}/{rel} for writing")
         try:
             yield f
         except BaseException:
             f.discard()  # aborts the multipart upload: no partial object
             raise
         f.close()
+
+    def _fsync_dir(self, d: str) -> None:
+        """The rename (or link) that published a file is durable only once its directory is."""
+        if not self.options.fsync:
+            return
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def remove(self, rels: Sequence[str]) -> None:
         paths = [self.path(r) for r in rels]
@@ -169,7 +201,9 @@ class Storage:
         """A seekable read-only file of one object: readers that need parts of it (a Parquet row
         group) fetch byte ranges instead of the whole object."""
         path = self.path(rel)
-        return self._retry(lambda: self.fs.open(path, "rb"), f"opening {self.uri}/{rel}")
+        what = f"reading {self.uri}/{rel}"
+        f = self._retry(lambda: self.fs.open(path, "rb"), f"opening {self.uri}/{rel}")
+        return f if self.local else _RetryingReader(f, lambda fn: self._retry(fn, what))
 
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
@@ -236,3 +270,37 @@ class Storage:
             p = p.replace(os.sep, "/") if self.local else p
             out[p[len(prefix):] if p.startswith(prefix) else p] = int(info.get("size") or 0)
         return out
+
+
+class _RetryingReader:
+    """A read-only object file whose reads are retried: a read is repeated from the position
+    it started at, so a blip in the middle of one costs a second request, not the read."""
+
+    def __init__(self, f, retry):
+        self._f, self._retry = f, retry
+
+    def _at(self, fn):
+        pos = self._f.tell()
+
+        def again():
+            self._f.seek(pos)
+            return fn()
+        return self._retry(again)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._at(lambda: self._f.read(size))
+
+    def readinto(self, b) -> int:
+        return self._at(lambda: self._f.readinto(b))
+
+    def __getattr__(self, name):  # seek, tell, size, close, closed, ...
+        return getattr(self._f, name)
+
+    def __iter__(self):
+        return iter(self.read().splitlines(keepends=True))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from . import layout
+from . import epochs, layout
 from .commits import ShardCommit, write_commit
 from .index import load_entries
 from .errors import StoreError
@@ -115,6 +115,10 @@ class GradientWriter:
         self._last_committed: int | None = max((e.step_last for e in entries), default=None)
         self._last_written = self._last_committed
         self._remove_leftovers({e.shard for e in entries})
+        # after the listing: what an earlier writer of this rank commits from now on starts at
+        # or after `from` and is fenced off (store/epochs.py)
+        first = 0 if self._last_committed is None else self._last_committed + 1
+        self.epoch = epochs.claim(self._storage, self.kind, rank, first, self._id)
         self._register("open")
         _OPEN.add(self._id)
 
@@ -150,7 +154,10 @@ class GradientWriter:
         self._storage.remove(stale)
 
     def _register(self, status: str) -> None:
+        if epochs.superseded(self._storage, self.kind, self.rank, self.epoch):
+            return  # a later writer of this rank took over: its registration is the rank's
         info = {"rank": self.rank, "kind": self.kind, "status": status, "writer": self._id,
+                "epoch": self.epoch,
                 "host": socket.gethostname(), "pid": os.getpid(),
                 "layers": self.layers, "dtype": self.dtype, "time": time.time(),
                 "step_range": list(self.step_range) if self.step_range else None,
@@ -225,14 +232,15 @@ class GradientWriter:
         """Background thread: encode, PUT the shard, then PUT its commit entry."""
         buf, header, footer, parts = encode_shard(self._schema, batches, steps, self.compression)
         first, last = steps[0], steps[-1]
-        rel = layout.shard_path(self.kind, self.rank, first, last)
+        rel = layout.shard_path(self.kind, self.rank, first, last, self.epoch)
         self._storage.put_bytes(rel, buf)
         entry = ShardCommit(shard=rel, kind=self.kind, rank=self.rank, step_first=first,
                             step_last=last, rows=sum(p.rows for p in parts), bytes=buf.size,
                             sha256=sha256_hex(buf), committed_at=time.time(), writer=self._id,
-                            dtype=self.dtype, layers=self.layers, header=header, footer=footer,
+                            epoch=self.epoch, dtype=self.dtype, layers=self.layers, header=header, footer=footer,
                             steps=parts)
-        write_commit(self._storage, layout.commit_path(self.kind, self.rank, first, last), entry)
+        write_commit(self._storage, layout.commit_path(self.kind, self.rank, first, last, self.epoch),
+                     entry)
         self._last_committed = last
 
     # -- lifecycle -----------------------------------------------------------------------------

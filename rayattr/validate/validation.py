@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from rayattr.config import Config
 from rayattr.store import Run, StoreOptions, open_run_ref
+from rayattr.store.lease import driver_lease
 from rayattr.validate.counterfactuals import (Removal, occurrence_removals, predicted, source_removals,
                                               subset_removals)
 from rayattr.validate.errors import ValidationError
@@ -71,6 +72,11 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
     if not (subsets or sources or occurrences):
         raise ValidationError("nothing to validate: ask for --subsets N, --sources and/or --occurrences N")
     run = open_validatable(uri, storage_options)
+    with driver_lease(run):  # one driver per run (store/lease.py)
+        return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps)
+
+
+def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps) -> ValidationResult:
     cfg = Config.from_dict(run.manifest["config"])
     samples = run.read_table("values/samples.parquet")
     rng = np.random.default_rng(seed)
