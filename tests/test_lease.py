@@ -88,3 +88,26 @@ def test_gc_is_refused_while_a_driver_holds_the_run(run):
         assert run._storage.find("grads/train")
     collect(run, garbage)
     assert not run._storage.find("grads/train")
+
+
+def test_a_lease_whose_holder_process_is_gone_is_taken_at_once(run):
+    """A driver killed before it could release (same host, its pid gone) does not hold the run
+    for its ttl: the next driver takes over at once; a live holder still refuses it."""
+    import json
+    import subprocess
+    import sys
+
+    from rayattr.store.lease import lease_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    now = time.time()
+    holder = {"owner": "gone", "host": socket.gethostname(), "pid": pid, "started": now, "renewed": now,
+              "ttl": 3600.0, "released": False, "generation": 1}
+    run._storage.put_bytes(lease_path(1), json.dumps(holder).encode())
+    with DriverLease(run, ttl_s=30) as lease:
+        assert lease.generation == 2
+    live = {**holder, "pid": os.getppid(), "generation": 3}  # a live process on this host
+    run._storage.put_bytes(lease_path(3), json.dumps(live).encode())
+    with pytest.raises(DriverLeaseError):
+        DriverLease(run, ttl_s=30).acquire()

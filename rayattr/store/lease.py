@@ -13,7 +13,8 @@ driver holds the run's lease while it works:
   * renew: a daemon thread rewrites the holder's own generation every ttl / 3 seconds (nobody
     else ever writes it). A holder that finds a later generation has lost the lease (it stalled
     past its ttl): `check()` then raises, and it renews no more.
-  * release: the holder marks its generation released; the next driver need not wait.
+  * release: the holder marks its generation released; the next driver need not wait. A
+    holder on the same host whose process is gone (a killed driver) counts as released.
 
 Expiry compares the holder's last renewal with the contender's clock: hosts whose clocks
 differ by more than a fraction of the ttl (default 60 s) can take a live lease over early.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -33,6 +35,8 @@ import uuid
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import StoreError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .run import Run
@@ -55,6 +59,21 @@ class DriverLeaseError(StoreError):
 
 def lease_path(generation: int) -> str:
     return f"{LEASE_DIR}/lease-{generation:08d}"
+
+
+def _alive(holder: dict) -> bool:
+    """False only when the holder ran on this host and its process is gone (a driver killed
+    before it could release): its lease is dead at once, not after its ttl. On another host
+    only the ttl can tell."""
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _since(t) -> str:
@@ -99,7 +118,8 @@ class DriverLease:
         for _ in range(8):
             g, holder = self._current()
             now = time.time()
-            if holder and not holder.get("released") and now - float(holder.get("renewed", 0)) <= float(holder.get("ttl", 0)):
+            if (holder and not holder.get("released") and _alive(holder)
+                    and now - float(holder.get("renewed", 0)) <= float(holder.get("ttl", 0))):
                 raise DriverLeaseError(
                     f"run '{self.run.run_id}' is driven by another driver: pid {holder.get('pid')} on "
                     f"{holder.get('host')}, started {_since(holder.get('started'))} (lease renewed "
@@ -127,8 +147,8 @@ class DriverLease:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.renew()
-            except Exception:  # noqa: BLE001 - a blip: the next renewal tries again
-                pass
+            except Exception:  # noqa: BLE001 - a blip: the next renewal tries again, within the ttl
+                log.warning("renewing the driver lease of %s failed; retrying", self.run.uri, exc_info=True)
             if self.lost:
                 return
 
