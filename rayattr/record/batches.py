@@ -52,7 +52,7 @@ def known_batch(all_ids: Sequence[int], all_sources: Sequence[str], sample_ids: 
     share = len(sample_ids)
     offset = rank * share
     if len(ids) != share * world_size or len(srcs) != len(ids) or ids[offset:offset + share] != list(sample_ids):
-        raise ValueError(f"rank {rank}: the global batch given ({len(ids)} ids) does not hold this rank's "
+        raise UsageError(f"rank {rank}: the global batch given ({len(ids)} ids) does not hold this rank's "
                          f"{share} samples at position {offset} of {world_size} equal shares")
     return GlobalBatch(ids, srcs, [r for r in range(world_size) for _ in range(share)], offset)
 
