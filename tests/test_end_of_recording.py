@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,17 +16,7 @@ from rayattr.errors import USER_ERROR_EXIT
 from rayattr.record import Recorder
 from rayattr.store import GradientWriter, Run
 from rayattr.store.registrations import OpenWritersError
-from rayattr.train.engine import micro_batch_loss
-from tests.test_recorder import LR, B, setup  # noqa: F401  (the fixture)
-
-
-def record_steps(rec, model, opt, data, steps):
-    for step in steps:
-        b = data.batch(np.arange(step * B, (step + 1) * B))
-        with rec.step(b["ids"].tolist(), step=step):
-            micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
-            opt.step()
-            opt.zero_grad()
+from tests.test_recorder import LR, B, record_steps, setup  # noqa: F401  (the fixture)
 
 
 def close_later(rec, after_s: float) -> threading.Thread:

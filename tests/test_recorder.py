@@ -121,12 +121,7 @@ def test_resumed_recorder_writes_no_step_twice(setup):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
 
     def record(rec, steps):
-        for step in steps:
-            b = data.batch(np.arange(step * B, (step + 1) * B))
-            with rec.step(b["ids"].tolist(), step=step):
-                micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
-                opt.step()
-                opt.zero_grad()
+        record_steps(rec, model, opt, data, steps)
 
     first = Recorder(model, run, cfg, optimizer=opt)
     record(first, range(3))
@@ -160,3 +155,14 @@ def test_bad_input_is_named(setup):
     rec.close()
     with pytest.raises(ConfigError, match="weights/final.safetensors"):
         open_recorded(Run.open_uri(run.uri, readonly=False))
+
+
+def record_steps(rec, model, opt, data, steps):
+    """Train and record `steps` of B samples each, one micro-batch a step (shared with
+    tests/test_end_of_recording.py)."""
+    for step in steps:
+        b = data.batch(np.arange(step * B, (step + 1) * B))
+        with rec.step(b["ids"].tolist(), step=step):
+            micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
+            opt.step()
+            opt.zero_grad()
