@@ -19,7 +19,7 @@ from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
-from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError
+from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, stability_edge
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
@@ -232,11 +232,13 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     run.update_manifest(segment_nodes=[d["node"] for d in done],
                         segment_seconds=[d.get("seconds", 0.0) for d in done])
     worst = max(((d.get("max_eta_lambda", 0.0), d.get("max_eta_lambda_step", -1)) for d in done), default=(0.0, -1))
-    if worst[0] > 0:
-        run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1])
+    if worst[0] > 0:  # η·λ_max(P H) under AdamW, with the bound that applies to it
+        run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1],
+                            eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
     if worst[0] > ETA_LAMBDA_WARN:
-        print(f"warning: η·λ_max(H) = {worst[0]:.3g} at step {worst[1]} (above {ETA_LAMBDA_WARN:g}): "
-              "the learning rate is beyond the stable range there; values may be dominated by it", flush=True)
+        what = "η·λ_max(P H)" if opt.adamw else "η·λ_max(H)"
+        print(f"warning: {what} = {worst[0]:.3g} at step {worst[1]}, {describe(worst[0], opt.beta1)}; "
+              "values may be dominated by it", flush=True)
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rayattr.embed.guard import DivergenceError, eta_lambda_max
+from rayattr.embed.guard import DivergenceError, describe, eta_lambda_max, stability_edge
 from rayattr.embed.segment import SegmentSpec, SegmentWorker, k_path, sums_path, values_path
 from rayattr.reduce.aggregate import write_outputs
 from rayattr.store import GradientWriter, Run, StepRecord
@@ -44,7 +44,7 @@ def test_exploding_K_stops_at_the_step(tmp_path):
     (backwards from step 15) passes the bound at its 11th step, step 5."""
     run = make_run(tmp_path, [[math.sqrt(5.0), 0.0]] * 16, 1.0)
     with pytest.raises(DivergenceError, match=r"segment 0: K of layer 'l' is exploding at step 5: .*"
-                                              r"\(η·λ_max\(H\) = 5 at this step\)"):
+                                              r"\(η·λ_max\(H\) = 5 at this step, above 2: the step can amplify K\)"):
         segment(run, 16).compute()
     assert_nothing_written(run)
 
@@ -78,6 +78,50 @@ def test_eta_lambda_max_matches_the_spectrum():
     c = torch.randn(3, 5, generator=gen)  # sampled-label rows: H = (B / m) Σ ĝ ĝᵀ
     exact_c = float(torch.linalg.eigvalsh(c.T.double() @ c.double())[-1]) * 8 / 3
     assert eta_lambda_max({"a": g}, 0.1, {"a": c}, batch_size=8) == pytest.approx(0.1 * exact_c, rel=1e-3)
+
+
+def test_preconditioned_eta_lambda_matches_the_spectrum():
+    """Under AdamW K's curvature term is η Σ u gᵀ = η P H with u = P g: its top eigenvalue is
+    that of P^½ H P^½, in float64."""
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    p = torch.rand(5, generator=gen, dtype=torch.float64) * 10 + 0.1  # a diagonal preconditioner
+    root = torch.diag(p.sqrt())
+    exact = float(torch.linalg.eigvalsh(root @ g.T @ g @ root)[-1])
+    assert eta_lambda_max({"a": g}, 0.3, updates={"a": g * p}) == pytest.approx(0.3 * exact, rel=1e-6)
+    assert eta_lambda_max({"a": g}, 0.3) != pytest.approx(0.3 * exact, rel=1e-2)  # P matters
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_stability_edge_is_torch_adams(beta1):
+    """torch's Adam with v held (β₂ → 1, past its bias correction) on ½ xᵀAx: stable just below
+    2(1 + β₁)/(1 − β₁) / λ_max(P A), divergent just above it."""
+    a = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    v = torch.tensor([4.0, 0.25], dtype=torch.float64)  # P = 1/√v: P A = diag(1.5, 1.0)
+    lam = float((a / v.sqrt()).max())
+    norms = {}
+    for factor in (0.9, 1.1):
+        x = torch.tensor([1.0, 1.0], dtype=torch.float64, requires_grad=True)
+        lr = factor * stability_edge(beta1) / lam
+        opt = torch.optim.Adam([x], lr=lr, betas=(beta1, 1 - 1e-15), eps=0.0, foreach=False)
+        opt.state[x] = {"step": torch.tensor(1e18, dtype=torch.float64), "exp_avg": torch.zeros_like(x),
+                        "exp_avg_sq": v.clone()}
+        for _ in range(3000):
+            opt.zero_grad()
+            (0.5 * (a * x * x).sum()).backward()
+            opt.step()
+            if float(x.detach().norm()) > 1e4:
+                break  # diverged (before g² could reach v and hold it back)
+        norms[factor] = float(x.detach().norm())
+    assert norms[0.9] < 1e-3 and norms[1.1] > 1e4, norms
+
+
+def test_describe_names_the_bound_that_applies():
+    assert stability_edge(0.0) == 2.0 and stability_edge(0.9) == pytest.approx(38.0)
+    assert "contracts" in describe(1.5, 0.9)
+    assert "stays below its stability edge 38" in describe(10.0, 0.9)
+    assert "past the run's own stability edge" in describe(40.0, 0.9)
+    assert "amplify K" in describe(3.0) and "stability edge" not in describe(3.0)
 
 
 def test_non_finite_values_are_never_written(tmp_path):

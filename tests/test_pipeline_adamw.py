@@ -20,7 +20,7 @@ SCHEDULE = {"type": "WarmupCosineLR", "params": {"total_num_steps": 24, "warmup_
 
 def adamw_config(store: str, run_id: str, stage: int = 1, preconditioner: str = "lagged", **train) -> Config:
     """The small AdamW run; "lagged" re-reads v every 2 steps, "lookahead" forms v_t every step."""
-    d = small_config(store, run_id, lr=3e-3, **train).to_dict(redact=False)
+    d = small_config(store, run_id, **{"lr": 3e-3, **train}).to_dict(redact=False)
     d["train"]["optimizer"] = {"type": "adamw", "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
     d["train"]["deepspeed"] = {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
                                "scheduler": SCHEDULE}
@@ -133,3 +133,37 @@ def test_adamw_per_source_mode_equals_the_core(trained, tmp_path):
               segments=3, progress=False)
     batches, emb = core_adamw(run)
     assert_source_embeddings(run, source_sums(batches, emb), rtol=1e-4)
+
+
+def test_guard_measures_the_preconditioned_curvature(trained):
+    """The run's largest η·λ_max(P H) is K's curvature term η_t (κ_t U)ᵀ G (docs/method.md §7),
+    recomputed here in float64 by a dense eigendecomposition of every step and layer, and is
+    judged against Adam's momentum-aware edge 2(1 + β₁)/(1 − β₁), not SGD's 2."""
+    _, run, _ = trained
+    recs = {r.step: r for r in run.step_records()}
+    grads = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    updates = {u.step: u for u in GradientReader(run, kind="update").read_steps(0, None, dtype=torch.float64)}
+    worst = (0.0, -1)
+    for b in grads:
+        r = recs[b.step]
+        for n, g in b.grads.items():
+            pu = r.clip * updates[b.step].grads[n]  # κ u, the rows K sees
+            lam = float(torch.linalg.eigvals(g @ pu.T).real.max())  # spectrum of Uᵀ G, on the B×B side
+            worst = max(worst, (r.eta / r.clip * lam, b.step))
+    m = run.manifest
+    assert m["max_eta_lambda_step"] == worst[1]
+    assert m["max_eta_lambda"] == pytest.approx(worst[0], rel=1e-3)
+    assert m["eta_lambda_preconditioned"] is True and m["stability_edge"] == pytest.approx(38.0)
+
+
+def test_a_diverging_adamw_run_is_refused(local_ray, tmp_path):
+    """lr 0.3, a hundred times the small run's: the sweep stops at a named step, with the
+    step's preconditioned η·λ_max(P H) and the bound it passed, and writes no values."""
+    from rayattr.embed.guard import DivergenceError
+
+    with pytest.raises(DivergenceError, match=r"is exploding at step \d+: .*η·λ_max\(P H\) = [\d.]+ at this step, "
+                                              r"(above 2: the step can amplify K|past the run's own stability edge)"):
+        run_pipeline(adamw_config(str(tmp_path), "diverging", lr=0.3, ranks=1, micro_batch=16, epochs=1),
+                     progress=False)
+    run = Run.open_uri(f"{tmp_path}/diverging")
+    assert not run.exists("values/samples.parquet")

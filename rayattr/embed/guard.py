@@ -1,11 +1,16 @@
 """Divergence guard for the DVEmb sweep: a segment stops at the first step whose K or
 embeddings are non-finite or exploding, naming the step and why, instead of writing NaN on.
 
-Why a bound on K: K = Π (I - η H) with H positive semi-definite has spectral norm <= 1 while
-η·λ_max(H) <= 2 at every step; each step above 2 can stretch it. Its RMS singular value
-‖K‖_F / √p (cheap, and <= the spectral norm) beyond K_RMS_LIMIT means the recursion is
-amplifying, not attributing. η·λ_max(H) itself is estimated per step from the recorded rows
-(λ_max(Σ g gᵀ) = σ_max(G)², an SVD of the small B×p side) and reported when above 2.
+Why a bound on K: K = Π (α I - η P H) with P H similar to a positive semi-definite matrix
+has spectral norm <= 1 while η·λ_max(P H) <= 2 at every step (P = I under SGD); each step
+above 2 can stretch it. Its RMS singular value ‖K‖_F / √p (cheap, and <= the spectral norm)
+beyond K_RMS_LIMIT means the recursion is amplifying, not attributing. η·λ_max(P H) itself is
+estimated per step from the recorded rows (power iteration on Uᵀ G) and reported above 2.
+
+The run's own stability edge is a different number once there is momentum: heavy-ball
+dynamics with Adam's β₁ stay bounded on a quadratic while η·λ_max(P H) < 2(1 + β₁)/(1 − β₁)
+(38 at β₁ = 0.9; docs/method.md §7, "Stability"). Between 2 and that edge the run is stable
+but the momentum-free K amplifies, so its values are not to be trusted there either.
 """
 
 from __future__ import annotations
@@ -21,7 +26,25 @@ from rayattr.errors import RayattrError
 log = logging.getLogger(__name__)
 
 K_RMS_LIMIT = 1e6
-ETA_LAMBDA_WARN = 2.0
+ETA_LAMBDA_WARN = 2.0  # the momentum-free K's own contraction bound
+
+
+def stability_edge(momentum: float = 0.0) -> float:
+    """The largest η·λ_max(P H) at which gradient descent with EMA momentum β₁ (Adam's m,
+    bias correction aside) is stable on a quadratic: 2(1 + β₁)/(1 − β₁); 2 without momentum."""
+    return 2.0 * (1.0 + momentum) / (1.0 - momentum)
+
+
+def describe(eta_lambda: float, momentum: float = 0.0) -> str:
+    """One clause saying which bound a step's η·λ_max(P H) passes, for warnings and reports."""
+    edge = stability_edge(momentum)
+    if momentum and eta_lambda >= edge:
+        return f"past the run's own stability edge 2(1+β₁)/(1−β₁) = {edge:.3g}: training itself was unstable here"
+    if eta_lambda > ETA_LAMBDA_WARN:
+        tail = (f"; the run stays below its stability edge {edge:.3g}, but the recursion does not contract"
+                if momentum else "")
+        return f"above {ETA_LAMBDA_WARN:g}: the step can amplify K{tail}"
+    return f"within {ETA_LAMBDA_WARN:g}: the recursion contracts"
 
 
 class DivergenceError(RayattrError, RuntimeError):
@@ -29,26 +52,32 @@ class DivergenceError(RayattrError, RuntimeError):
 
 
 def eta_lambda_max(grads: Mapping[str, torch.Tensor], eta: float,
-                   curvature: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None) -> float:
-    """Largest η·λ_max(H_t) over layers: H = Σ g gᵀ of the rows, or (B/m) Σ ĝ ĝᵀ of the
-    curvature rows."""
+                   curvature: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None,
+                   updates: Mapping[str, torch.Tensor] | None = None) -> float:
+    """Largest η·λ_max(P_t H_t) over the layers of ``grads``: H = Σ g gᵀ of the rows, or
+    (B/m) Σ ĝ ĝᵀ of the curvature rows; P H = Σ u gᵀ with AdamW's update rows u = P g
+    (``updates``, the rows K's curvature term uses; SGD: u = g)."""
     rows = curvature if curvature is not None else grads
     out = 0.0
-    for g in rows.values():
+    for name, g in rows.items():
         if g.shape[0] == 0:
             continue
+        u = updates[name] if updates is not None and curvature is None else g
         scale = (batch_size or g.shape[0]) / g.shape[0] if curvature is not None else 1.0
-        out = max(out, eta * scale * _top_eigenvalue(g.double()))
+        out = max(out, eta * scale * _top_eigenvalue(g.double(), u.double()))
     return out
 
 
-def _top_eigenvalue(g: torch.Tensor, iterations: int = 20) -> float:
-    """λ_max(gᵀ g) by power iteration: 2·B·p per round, against the B·p² of a recursion step
-    (an exact SVD would cost as much as the step itself). A slight underestimate at worst."""
+def _top_eigenvalue(g: torch.Tensor, u: torch.Tensor, iterations: int = 30) -> float:
+    """λ_max(uᵀ g) by power iteration: 2·B·p per round, against the B·p² of a recursion step
+    (an exact eigendecomposition would cost as much as the step itself). uᵀ g = P H is
+    similar to P^½ H P^½, so its spectrum is real and non-negative and the iteration's growth
+    rate converges to λ_max from below."""
     v = torch.randn(g.shape[1], generator=torch.Generator().manual_seed(0), dtype=g.dtype)
+    v = v / v.norm()
     lam = 0.0
     for _ in range(iterations):
-        w = g.T @ (g @ v)
+        w = u.T @ (g @ v)
         lam = float(w.norm())
         if lam == 0.0 or not math.isfinite(lam):
             return lam
@@ -57,9 +86,10 @@ def _top_eigenvalue(g: torch.Tensor, iterations: int = 20) -> float:
 
 
 def check_step(segment: int, step: int, K: Mapping[str, torch.Tensor], emb: Mapping[str, torch.Tensor],
-               eta_lambda: float) -> None:
+               eta_lambda: float, momentum: float = 0.0) -> None:
     """DivergenceError if this step left K or its embeddings non-finite or K exploding."""
-    why = f"(η·λ_max(H) = {eta_lambda:.3g} at this step)"
+    what = "η·λ_max(P H)" if momentum else "η·λ_max(H)"
+    why = f"({what} = {eta_lambda:.3g} at this step, {describe(eta_lambda, momentum)})"
     for name, e in emb.items():
         if not bool(torch.isfinite(e).all()):
             raise DivergenceError(f"segment {segment}: embeddings of layer {name!r} are not finite at step {step} {why}")

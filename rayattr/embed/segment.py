@@ -32,7 +32,7 @@ from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_ba
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
-from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, eta_lambda_max
+from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, describe, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
@@ -179,10 +179,12 @@ class SegmentWorker:
                                        decay=record.decay)
                         if self.momentum:
                             carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
-                    el = eta_lambda_max(batch.grads, record.eta,  # the model's layers, not their blocks
-                                        {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids))
+                    # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
+                    el = eta_lambda_max(batch.grads, record.eta if upd is None else upd.step_size(record),
+                                        {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
+                                        updates=u if upd is not None else None)
                     # stops before this step's rows are written (and K, which marks the segment done)
-                    check_step(s.index, batch.step, rec.K, emb, el)
+                    check_step(s.index, batch.step, rec.K, emb, el, self.momentum)
                     worst = max(worst, (el, batch.step))
                     sums.add(batch.sources, self.phase_of(batch.step), emb)
                     batch.grads = None  # keep the rows' ids, not their gradients
@@ -198,8 +200,9 @@ class SegmentWorker:
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
         self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
         if worst[0] > ETA_LAMBDA_WARN:
-            log.warning("segment %d: η·λ_max(H) = %.3g at step %d (> %g): the step can amplify K",
-                        s.index, worst[0], worst[1], ETA_LAMBDA_WARN)
+            log.warning("segment %d: %s = %.3g at step %d, %s", s.index,
+                        "η·λ_max(P H)" if self.updates else "η·λ_max(H)", worst[0], worst[1],
+                        describe(worst[0], self.momentum))
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
