@@ -254,7 +254,8 @@ def cmd_validate(args) -> int:
     result = validate_run(args.run, subsets=args.subsets, fraction=args.fraction,
                           sources=(args.sources or True) if args.sources is not None else False,
                           occurrences=args.occurrences, seed=args.seed, gangs=args.gangs,
-                          storage_options=so, progress=not args.no_progress, eps=tuple(args.weight))
+                          storage_options=so, progress=not args.no_progress, eps=tuple(args.weight),
+                          window=args.window)
     print(dumps(result.summary) if args.format == "json" else
           f"validation of {result.uri}\n{format_summary(result.summary)}\nwritten to {result.uri}/validation/")
     return 0
@@ -372,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
                     help="with --occurrences: retrain each occurrence at loss weight 1 - EPS for every EPS given "
                          "(1 removes it); e.g. --weight 1 0.01 judges linearity and compares the values with "
                          "the first-order response Δloss/EPS at the smallest EPS")
+    va.add_argument("--window", metavar="A:B",
+                    help="only occurrences at steps [A, B) are removed and predicted (either side may be "
+                         "empty, e.g. 144: for the last quarter of a 192-step run)")
     va.add_argument("--seed", type=int, default=0, help="seed of the subsets and occurrences drawn")
     va.add_argument("--gangs", type=positive_int, help="retraining gangs at once (default: as many as fit)")
     va.add_argument("--format", choices=("table", "json"), default="table")

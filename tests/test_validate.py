@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from rayattr.reduce import mean_loss
 from rayattr.store import Run
 from rayattr.train.model import build_model
 from rayattr.validate import Removal, ValidationError, validate_run
-from rayattr.validate.counterfactuals import occurrence_removals, predicted, source_removals, subset_removals
+from rayattr.validate.counterfactuals import (occurrence_removals, parse_window, predicted, source_removals,
+                                              subset_removals)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise, verdict
 
@@ -241,6 +243,18 @@ def test_removals_and_their_predictions():
     occ = occurrence_removals(samples, 20, np.random.default_rng(0))
     assert len(occ) == 8 and len({o.key for o in occ}) == 8
     assert Removal.from_dict(one.to_dict()) == one
+    late = Removal("source", "a", (1, 2), window=(1, 4))  # steps [1, 4) of sample 1's and 2's occurrences
+    assert Removal.from_dict(late.to_dict()) == late and late.key != replace(late, window=None).key
+    assert late.removes(1, np.array([1, 3])).tolist() == [True, False] and not late.removes(0, np.array([1])).any()
+    assert predicted(samples, late) == (4 + 5, 2)
+
+
+def test_window_arguments():
+    assert parse_window("144:", 192) == (144, 192) and parse_window(":48", 192) == (0, 48)
+    assert parse_window("0:192", 192) is None and parse_window(None, 192) is None
+    for bad in ("5", "a:b", "10:5", "0:193", "-1:4", "1:2:3"):
+        with pytest.raises(ValidationError, match="--window"):
+            parse_window(bad, 192)
 
 
 def test_statistics():

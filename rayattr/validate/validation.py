@@ -13,8 +13,8 @@ import pyarrow as pa
 from rayattr.config import Config
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.lease import driver_lease
-from rayattr.validate.counterfactuals import (Removal, occurrence_removals, predicted, source_removals,
-                                              subset_removals)
+from rayattr.validate.counterfactuals import (Removal, occurrence_removals, parse_window, predicted,
+                                              source_removals, subset_removals, windowed)
 from rayattr.validate.errors import ValidationError
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 
@@ -55,13 +55,16 @@ def open_validatable(uri: str | Run, storage_options: dict | None = None) -> Run
 def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, sources: bool | list[str] = False,
                  occurrences: int = 0, seed: int = 0, gangs: int | None = None,
                  storage_options: dict | None = None, progress: bool = True,
-                 eps: tuple[float, ...] = (1.0,)) -> ValidationResult:
+                 eps: tuple[float, ...] = (1.0,), window: str | None = None) -> ValidationResult:
     """Retrain the chosen counterfactuals and write validation/. Retrains already in the run
     (same removal) are reused; Ray is started (or joined) only when there is one to run.
 
     `eps`: each drawn occurrence is retrained once per ε, with loss weight 1 − ε (ε = 1 removes
     it). Δloss/ε at a small ε is the first-order response a value estimates; two ε say whether
-    the run responds linearly (docs/method.md §6)."""
+    the run responds linearly (docs/method.md §6).
+
+    `window`: "A:B" restricts every removal to the occurrences at steps [A, B); predictions
+    sum only those occurrences' values."""
     if subsets < 0 or occurrences < 0:
         raise ValidationError("--subsets and --occurrences must be >= 0")
     eps = tuple(sorted({float(e) for e in eps}, reverse=True))
@@ -72,13 +75,21 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
     if not (subsets or sources or occurrences):
         raise ValidationError("nothing to validate: ask for --subsets N, --sources and/or --occurrences N")
     run = open_validatable(uri, storage_options)
+    span = parse_window(window, int(run.manifest.get("num_steps") or _num_steps(run)))
     with driver_lease(run):  # one driver per run (store/lease.py)
-        return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps)
+        return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps, span)
 
 
-def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps) -> ValidationResult:
+def _num_steps(run: Run) -> int:
+    return max(r.step for r in run.step_records()) + 1
+
+
+def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps,
+              window: tuple[int, int] | None) -> ValidationResult:
     cfg = Config.from_dict(run.manifest["config"])
-    samples = run.read_table("values/samples.parquet")
+    samples = windowed(run.read_table("values/samples.parquet"), window)
+    if samples.num_rows == 0:
+        raise ValidationError(f"no occurrence of the run lies in the window {window}")
     rng = np.random.default_rng(seed)
     plan: list[Removal] = [Removal("baseline", "nothing removed")]
     if subsets:
@@ -87,6 +98,8 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
         plan += source_removals(samples, None if sources is True else list(sources))
     if occurrences:
         plan += [replace(r, weight=1.0 - e) for r in occurrence_removals(samples, occurrences, rng) for e in eps]
+    if window is not None:
+        plan = plan[:1] + [replace(r, window=window) for r in plan[1:]]
 
     done = _finished_retrains(run)
     todo = [r for r in plan if r.key not in done]
@@ -104,7 +117,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
 
         retrain_all(cfg, run, todo, keep, gangs=gangs, storage_options=run.options.storage_options or None,
                     progress=progress)
-    return _write_results(run, plan, done, samples, seed, fraction)
+    return _write_results(run, plan, done, samples, seed, fraction, window)
 
 
 def _finished_retrains(run: Run) -> dict[str, dict]:
@@ -117,7 +130,7 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
 
 
 def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples: pa.Table,
-                   seed: int, fraction: float) -> ValidationResult:
+                   seed: int, fraction: float, window: tuple[int, int] | None = None) -> ValidationResult:
     from rayattr.reduce import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
 
@@ -138,13 +151,17 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
             rows[r.kind].append({r.kind: r.name, "n_removed": len(r.sample_ids), "n_occurrences": n_occ,
                                  "predicted": pred, "actual": actual})
     tables = {}
+    tag = {b"window": json.dumps(list(window) if window else None).encode()}
     for kind, (path, cols) in TABLES.items():
         if rows[kind]:
-            run.write_table(path, pa.Table.from_pylist(rows[kind]).select(cols))
+            run.write_table(path, pa.Table.from_pylist(rows[kind]).select(cols).replace_schema_metadata(tag))
         if run.exists(path):  # kinds not asked for this time keep their last results
-            tables[kind] = run.read_table(path)
+            table = run.read_table(path)
+            if (table.schema.metadata or {}).get(b"window", b"null") == tag[b"window"]:
+                tables[kind] = table  # never summarised beside another window's results
     summary = summarise(tables, np.random.default_rng(seed))
     summary.update(schema_version=SCHEMA_VERSION, run_id=run.run_id, seed=seed, fraction=fraction,
+                   window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
                    baseline_loss=base["loss"], run_loss=run_loss, noise_floor=abs(base["loss"] - run_loss),
                    retrain_seconds=float(np.median([done[r.key]["seconds"] for r in plan])))
