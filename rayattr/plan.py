@@ -273,7 +273,7 @@ def statistic_numbers(layers: list[LayerPlan]) -> int:
 def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[str, float]:
     """Bytes one rank puts into collectives per optimizer step: DeepSpeed's gradient reduction
     (every parameter's gradient, in the training dtype) and, under AdamW with partitioned
-    state, the all-reduce of v's row and column sums in float64 (train/adam_state.py)."""
+    state, the all-reduce of v's row and column sums in float32 (train/adam_state.py)."""
     t = cfg.train
     if t.ranks < 2:
         return {}
@@ -281,7 +281,7 @@ def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[st
     partitioned = stage >= 1 or half_precision(cfg)  # DeepSpeed's bf16 optimizer partitions too
     adamw = resolve_optimizer(cfg).adamw
     return {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
-            "AdamW P statistics": 8 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+            "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
 
 
 def model_state_bytes(cfg: Config, n_params: int) -> float:
@@ -373,8 +373,9 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, plan.n_params),
         # capture/capture.py (defer_updates): AdamW's update rows wait for the step's own P
         "rank: AdamW update-row factors (to the step's end)": deferred_factor_bytes(cfg, plan.layers),
-        # train/adam_state.py: v's row and column sums, the flat copy all-reduced, its CPU copy
-        "rank: AdamW P statistics": 3 * 8 * statistic_numbers(plan.layers) if plan.update_rows else 0.0,
+        # train/adam_state.py: v's row and column sums in float64, their flat copy, its float32
+        # copy all-reduced, and the float64 CPU copy
+        "rank: AdamW P statistics": (8 + 8 + 4 + 8) * statistic_numbers(plan.layers) if plan.update_rows else 0.0,
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
         "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
                                   + (_WRITER_QUEUE + 1) * shard_cap,

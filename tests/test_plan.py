@@ -213,7 +213,7 @@ def test_adamw_capture_memory_and_traffic_are_what_the_capture_holds(accum):
             model(input_ids=ids).logits.sum().backward()
     assert plan.memory[FACTORS] == cap.deferred_bytes() > 0
     numbers = sum(i.d_out + i.d_in_aug for i in cap.layer_info().values())
-    assert plan.traffic["AdamW P statistics"] == 8 * numbers
+    assert plan.traffic["AdamW P statistics"] == 4 * numbers
     assert plan.traffic["gradient reduction"] == 4 * plan.n_params
     for other in (small(), small(**over, **{"capture.preconditioner": "lagged"})):
         assert FACTORS not in estimate(other).memory

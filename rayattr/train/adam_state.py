@@ -118,8 +118,11 @@ def factored_preconditioners(engine, layers: list[str], spec: OptimizerSpec, ste
     sums = [layer_second_moment_sums(engine, m, correction, spec.eps) for m in modules]
     flat = torch.cat([torch.cat([r, c]) for r, c, _ in sums])
     if any(partitioned for _, _, partitioned in sums):
-        group = getattr(modules[0].weight, "_dp_group", None)  # the ranks that share the partitions
-        torch.distributed.all_reduce(flat, group=group)
+        # float32 on the wire, as v itself is: half the bytes, and each rank's float64 sum
+        # loses only its last float32 digit
+        sent = flat.float()
+        torch.distributed.all_reduce(sent, group=getattr(modules[0].weight, "_dp_group", None))
+        flat = sent.double()
     flat = flat.cpu()
     out, offset = {}, 0
     for name, (r, c, _) in zip(layers, sums):
