@@ -85,7 +85,7 @@ def install_timers(timers: Timers, recorder: bool) -> None:
     timers.wrap(worker, "micro_batch_loss", "forward")
     timers.wrap(worker.RankWorker, "_batch", "data")
     timers.wrap(rec.Recorder, "add_loss", "loss all-reduce and check")
-    timers.wrap(rec.Recorder, "_refresh_preconditioner", "lookahead P (extra fwd/bwd, all-reduce)")
+    timers.wrap(rec.Recorder, "_finish_updates", "step's own P (v's row/column sums, deferred update rows)")
     timers.wrap(rec, "gather_batch", "global-batch id gather")
     timers.wrap(GradientCapture, "gradients", "projected rows out of the hooks")
     timers.wrap(rec.Recorder, "_update_rows", "update rows u = P g")
