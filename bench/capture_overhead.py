@@ -6,6 +6,12 @@ shape; --full is the 124M GPT-2 shape, batch 16 x 512 tokens, bf16, r_a = r_s = 
 
     python bench/capture_overhead.py            # small, CPU
     python bench/capture_overhead.py --full     # on a GPU
+    python bench/capture_overhead.py --adamw-vs-sgd --n-layer 4 --n-embd 256 --batch 8 --rank 16
+
+--adamw-vs-sgd times four steps in alternating rounds: SGD without and with capture (raw rows),
+AdamW without and with capture of raw and update rows, the update rows with the step's own P
+(factors kept until the optimizer's step, P from v's row and column sums after it, as the
+recorder does), and prints each optimizer's overhead and AdamW's against SGD's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--background", action="store_true", help="run the backward-side capture on a worker thread")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of captured steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--adamw-vs-sgd", action="store_true", help="capture overhead under AdamW (update rows) and SGD")
     args = p.parse_args()
     if args.full:
         args.n_layer, args.n_embd, args.n_head, args.vocab = 12, 768, 12, 50257
@@ -58,6 +65,8 @@ def main() -> None:
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
     model.train()
+    if args.adamw_vs_sgd:
+        return adamw_vs_sgd(args, model, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     cap = GradientCapture(model, projection=ProjectionSpec(rank=args.rank, seed=0), layers=args.layers,
@@ -115,6 +124,84 @@ def main() -> None:
 
     if args.profile:
         profile_difference(step, captured_step, sync, device)
+
+
+def adamw_vs_sgd(args, model, device) -> None:
+    """Capture overhead (hooks on ÷ off) with SGD's raw rows and with AdamW's raw and update
+    rows, four kinds of step in alternating rounds within this one process."""
+    from types import SimpleNamespace
+
+    from rayattr.optimizer import OptimizerSpec
+    from rayattr.train.adam_state import read_preconditioners
+
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    proj = ProjectionSpec(rank=args.rank, seed=0)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-4)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    spec = OptimizerSpec("adamw", lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8)
+    owner = SimpleNamespace(module=model, optimizer=adamw)
+    raw = GradientCapture(model, projection=proj, layers=args.layers, loss_scale=1.0 / args.batch)
+    deferred = GradientCapture(model, projection=proj, layers=args.layers, loss_scale=1.0 / args.batch,
+                               defer_updates=True)
+    layers = deferred.layer_names()
+
+    def step(opt) -> None:
+        losses = per_sample_loss(model(ids).logits[:, :-1], ids[:, 1:])
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sgd_captured() -> None:
+        with raw:
+            step(sgd)
+        assert all(g.shape[0] == args.batch for g in raw.gradients().values())
+
+    def adamw_captured() -> None:
+        with deferred:
+            step(adamw)
+        pre, _ = read_preconditioners(owner, layers, spec)  # v_t after the step, from its row/column sums
+        deferred.finish_updates(pre)
+        grads, updates = deferred.gradients(), deferred.updates()
+        assert all(u.shape[0] == args.batch for u in updates.values()) and len(grads) == len(updates)
+
+    kinds = {"SGD": lambda: step(sgd), "SGD + capture": sgd_captured,
+             "AdamW": lambda: step(adamw), "AdamW + capture": adamw_captured}
+    for _ in range(args.warmup):
+        for fn in kinds.values():
+            fn()
+    seconds = {k: [] for k in kinds}
+    for _ in range(args.rounds):  # alternate so the machine's load hits all four alike
+        for k, fn in kinds.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            seconds[k].append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")
+    print(f"model: GPT-2 {n_params / 1e6:.1f}M params, {args.n_layer} layers, d={args.n_embd}; "
+          f"batch {args.batch}x{args.seq}; capture rank {args.rank}, {len(layers)} layers")
+    for k, s in seconds.items():
+        print(f"{k:<16} {1e3 * sum(s) / (args.steps * args.rounds):8.1f} ms/step  (median round "
+              f"{1e3 * statistics.median(s) / args.steps:.1f})")
+    med = {k: statistics.median(s) for k, s in seconds.items()}
+    o_sgd, o_adamw = med["SGD + capture"] / med["SGD"], med["AdamW + capture"] / med["AdamW"]
+    per_round = [(a / b) / (c / d) for a, b, c, d in zip(seconds["AdamW + capture"], seconds["AdamW"],
+                                                        seconds["SGD + capture"], seconds["SGD"])]
+    print(f"capture overhead (hooks on / off, median rounds): SGD {o_sgd:.3f}x, AdamW {o_adamw:.3f}x; "
+          f"AdamW's / SGD's {o_adamw / o_sgd:.3f} (per round: {', '.join(f'{r:.2f}' for r in per_round)})")
+    print(f"AdamW + capture / SGD + capture: {med['AdamW + capture'] / med['SGD + capture']:.3f}x; "
+          f"update-row factors kept per step: {deferred_bytes_of(model, deferred, ids) / 1e6:.1f} MB")
+
+
+def deferred_bytes_of(model, cap, ids) -> int:
+    """The factors a step's update rows keep until the optimizer's step (one more forward/backward)."""
+    with cap:
+        model(ids).logits.float().sum().backward()
+    held = cap.deferred_bytes()
+    cap.finish_updates(None)
+    model.zero_grad(set_to_none=True)
+    return held
 
 
 def profile_difference(step, captured_step, sync, device, steps: int = 3, top: int = 20) -> None:

@@ -6,12 +6,12 @@ On one run's data (the built-in corpus), the same model, batches and steps:
 - rayattr: the train stage through rayattr's own trainer (rayattr.train.trainer.train), its
   start-up (Ray Train's gang, DeepSpeed, the data, the end) timed apart from the steps;
 - deepspeed: the same TorchTrainer gang and DeepSpeed engine running the same micro-batches,
-  without rayattr's recorder (no capture, no store, no lookahead);
+  without rayattr's recorder (no capture, no store);
 - torch: one process, no Ray, no DeepSpeed: torch.optim with clipping on the global batch;
 - breakdown: rayattr's rank loop again, with timers around each part of a step (the timers
   are installed here, in the bench's own loop function, not in rayattr).
 
-    python bench/train_overhead.py                  # the built-in job (AdamW, lookahead P)
+    python bench/train_overhead.py                  # the built-in job (AdamW, the step's own P)
     python bench/train_overhead.py --sgd            # jobs/configs/sgd.yaml
     python bench/train_overhead.py --large --sgd    # GPT-2 4 x 256, global batch 8 x 128
 """
@@ -85,7 +85,7 @@ def install_timers(timers: Timers, recorder: bool) -> None:
     timers.wrap(worker, "micro_batch_loss", "forward")
     timers.wrap(worker.RankWorker, "_batch", "data")
     timers.wrap(rec.Recorder, "add_loss", "loss all-reduce and check")
-    timers.wrap(rec.Recorder, "_refresh_preconditioner", "lookahead P (extra fwd/bwd, all-reduce)")
+    timers.wrap(rec.Recorder, "_finish_updates", "step's own P (v's row/column sums, deferred update rows)")
     timers.wrap(rec, "gather_batch", "global-batch id gather")
     timers.wrap(GradientCapture, "gradients", "projected rows out of the hooks")
     timers.wrap(rec.Recorder, "_update_rows", "update rows u = P g")

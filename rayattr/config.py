@@ -150,13 +150,14 @@ class CaptureConfig:
     """Stored gradient dtype: float32, bfloat16 or float16."""
     preconditioner: str = "lookahead"
     """AdamW: which second moment v the update rows' P = 1/(√v̂ + ε) comes from (docs/method.md §7).
-    "lookahead": v_t, the one the step's own update divides by, from one extra forward and
-    backward per step without hooks; "lagged": v as it stands before the step, read every
-    `precondition_every` steps (no extra pass, but it overstates P wherever gradients grow)."""
+    "lookahead": v_t, the one the step's own update divides by, read right after that update:
+    each captured layer's input and output gradient wait until the step's end for it (no second
+    pass); "lagged": v as it stands before the step, read every `precondition_every` steps (no
+    waiting factors, for a rank short of memory, but it overstates P wherever gradients grow)."""
     precondition_every: int = 1
     """AdamW with preconditioner "lagged": re-read Adam's second moment v for the update rows
     every this many steps; checkpoint_every must be a multiple of it, so a resumed run reads the
-    same v. "lookahead" forms v every step and needs 1."""
+    same v. "lookahead" reads v_t every step and needs 1."""
 
 
 @dataclass

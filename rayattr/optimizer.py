@@ -130,7 +130,7 @@ def check_adamw_capture(cfg: "Config", spec: OptimizerSpec) -> None:
         raise ConfigError(f"capture.preconditioner must be 'lookahead' or 'lagged', got {c.preconditioner!r}")
     if c.preconditioner == "lookahead" and c.precondition_every != 1:
         raise ConfigError(f"capture.precondition_every={c.precondition_every} needs capture.preconditioner: lagged "
-                          "(the lookahead forms this step's v at every step)")
+                          "(the lookahead reads each step's own v at every step)")
     if t.checkpoint_every and t.checkpoint_every % c.precondition_every:
         # a resumed rank re-reads v at its checkpoint: that must be a refresh step
         raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be a multiple of "

@@ -152,6 +152,8 @@ class Plan:
     """Peak bytes of each memory term, keyed "<process>: <what>"."""
     process_memory: dict[str, float] = field(default_factory=dict)
     """Peak bytes per process (the sum of its terms)."""
+    traffic: dict[str, float] = field(default_factory=dict)
+    """Bytes a rank sends into collectives per optimizer step, by what they carry."""
     time: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage."""
     throughput: Throughput | None = None
@@ -242,10 +244,50 @@ def resolve_devices(cfg: Config, nodes: int | None, per_node: int | None) -> tup
     return nodes, nodes * per_node
 
 
+def half_precision(cfg: Config) -> bool:
+    ds = cfg.train.deepspeed
+    return any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+
+
+def step_own_p(cfg: Config) -> bool:
+    """AdamW whose update rows wait for the step's own P (capture.preconditioner "lookahead")."""
+    return resolve_optimizer(cfg).adamw and cfg.capture.preconditioner == "lookahead"
+
+
+def deferred_factor_bytes(cfg: Config, layers: list[LayerPlan]) -> float:
+    """AdamW's step's own P: every captured call's input and output gradient (d_in + d_out per
+    token, in the forward's dtype) kept from its forward to the step's end, for all of the
+    rank's micro-batches of the step (capture/capture.py, defer_updates)."""
+    if not step_own_p(cfg):
+        return 0.0
+    t = cfg.train
+    per_token = sum(lay.d_in + lay.d_out for lay in layers) * (2 if half_precision(cfg) else 4)
+    return t.micro_batch * t.grad_accum * cfg.data.seq_len * per_token
+
+
+def statistic_numbers(layers: list[LayerPlan]) -> int:
+    """The row and column sums of v that the factored P needs: d_out + d_in_aug per layer."""
+    return sum(lay.d_out + lay.d_in + int(lay.has_bias) for lay in layers)
+
+
+def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[str, float]:
+    """Bytes one rank puts into collectives per optimizer step: DeepSpeed's gradient reduction
+    (every parameter's gradient, in the training dtype) and, under AdamW with partitioned
+    state, the all-reduce of v's row and column sums in float32 (train/adam_state.py)."""
+    t = cfg.train
+    if t.ranks < 2:
+        return {}
+    stage = int(t.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    partitioned = stage >= 1 or half_precision(cfg)  # DeepSpeed's bf16 optimizer partitions too
+    adamw = resolve_optimizer(cfg).adamw
+    return {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
+            "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+
+
 def model_state_bytes(cfg: Config, n_params: int) -> float:
     """Per-rank weights + gradients + optimizer state under the DeepSpeed ZeRO stage (no activations)."""
     ds = cfg.train.deepspeed
-    half = any(ds.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    half = half_precision(cfg)
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     w = 2 if half else 4
     # fp32 master weights; AdamW's exp_avg and exp_avg_sq (SGD keeps none: momentum is refused)
@@ -329,6 +371,11 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
                           + plan.n_sources * _BOOTSTRAP_MAX_N * 8
                           + plan.n_sources * (phases + 1) * P * wide * 8,
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, plan.n_params),
+        # capture/capture.py (defer_updates): AdamW's update rows wait for the step's own P
+        "rank: AdamW update-row factors (to the step's end)": deferred_factor_bytes(cfg, plan.layers),
+        # train/adam_state.py: v's row and column sums in float64, their flat copy, its float32
+        # copy all-reduced, and the float64 CPU copy
+        "rank: AdamW P statistics": (8 + 8 + 4 + 8) * statistic_numbers(plan.layers) if plan.update_rows else 0.0,
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
         "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
                                   + (_WRITER_QUEUE + 1) * shard_cap,
@@ -367,7 +414,27 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     }
     for proc in ("driver", "rank", "report", "segment actor", "validation task"):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
+    terms = {k: v for k, v in terms.items() if v or not k.startswith("rank: AdamW")}
     return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
+
+
+def device_note(cfg: Config, plan: Plan, device_gb: float) -> str:
+    """Whether a rank's GPU holds its model and optimizer state and AdamW's capture memory
+    (activations, which depend on checkpointing, are not counted)."""
+    state = plan.memory["rank: model + optimizer (no activations)"]
+    factors = plan.memory.get("rank: AdamW update-row factors (to the step's end)", 0.0)
+    need = state + factors + plan.memory.get("rank: AdamW P statistics", 0.0)
+    head = (f"a rank's GPU holds {human_bytes(need)} before activations: model and optimizer "
+            f"{human_bytes(state)}, AdamW's waiting update-row factors {human_bytes(factors)}")
+    if need <= device_gb * GIB:
+        return head + f"; fits {device_gb:g} GiB"
+    t = cfg.train
+    per_sample = factors / max(1, t.micro_batch * t.grad_accum)
+    room = int((device_gb * GIB - state) // per_sample) if per_sample and device_gb * GIB > state else 0
+    return (head + f"; more than {device_gb:g} GiB: the factors take {human_bytes(per_sample)} per sample of "
+            f"the rank's step, so micro_batch x grad_accum <= {room} leaves activations "
+            f"{human_bytes(device_gb * GIB - state - room * per_sample)}, "
+            "or capture.preconditioner: lagged keeps none")
 
 
 def validation_tasks(plan: Plan) -> int:
@@ -406,7 +473,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
              devices_per_node: int | None = None, per_source: bool | None = None,
              n_sources: int | None = None, source_chars: int = 16, actor_memory_gb: float | None = None,
              node_memory_gb: float | None = None, n_validation: int | None = None,
-             throughput: Throughput | None = None) -> Plan:
+             throughput: Throughput | None = None, device_memory_gb: float | None = None) -> Plan:
     """Predict a run's sizes and times. Arguments override what the config cannot know:
 
     n_samples / tokens: training set size (required for file datasets); vocab_size: when the
@@ -417,7 +484,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     actor_memory_gb: a segment actor's memory budget (a note says whether one fits it);
     node_memory_gb: a node's memory: a warning for every process, and every node's share of
     processes, that needs more; n_validation: validation samples (default: the built-in's, or
-    1 % of the training set).
+    1 % of the training set); device_memory_gb: a rank's GPU memory (default 80), which the
+    note on AdamW's capture memory compares against.
     """
     cfg.validate()
     from rayattr.data.batching import BatchPlan
@@ -492,6 +560,9 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     plan.memory = memory_terms(cfg, plan, kinds=kinds, wide=wide, kfac=kfac, m_curv=m_curv,
                                source_chars=source_chars, n_val=n_val)
     plan.process_memory = process_totals(plan.memory)
+    plan.traffic = step_traffic(cfg, n_params, layers)
+    if t.use_gpu and plan.update_rows:
+        plan.notes.append(device_note(cfg, plan, device_memory_gb or 80.0))
     if actor_memory_gb:
         need = plan.process_memory["segment actor"]
         plan.notes.append(f"segment actors need {human_bytes(need)} each, whatever their steps: "
@@ -573,6 +644,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {proc:<48}{human_bytes(total):>12}")
         lines += [f"    {k.split(': ', 1)[1]:<46}{human_bytes(v):>12}"
                   for k, v in plan.memory.items() if k.split(":")[0] == proc]
+    if plan.traffic:
+        lines += ["", "traffic     (bytes a rank sends into collectives per step)"]
+        lines += [f"  {k:<28}{human_bytes(v):>12}" for k, v in plan.traffic.items() if v]
     lines += ["", "time        (wall, stages run one after another)"]
     lines += [f"  {k:<12}{human_time(v):>12}" for k, v in plan.time.items()]
     lines += [f"  {'total':<12}{human_time(sum(plan.time.values())):>12}"]
@@ -609,6 +683,7 @@ def plan_parser(prog: str = "rayattr plan") -> argparse.ArgumentParser:
     p.add_argument("--sources", type=int, help="distinct data sources (default: built-in corpus's, or 16)")
     p.add_argument("--actor-memory-gb", type=float, help="segment actor memory budget: whether one fits")
     p.add_argument("--node-memory-gb", type=float, help="a node's memory: warn for every process or term above it")
+    p.add_argument("--device-memory-gb", type=float, help="a rank's GPU memory (default 80): AdamW capture note")
     p.add_argument("--validation-samples", type=parse_count, help="validation samples (default: built-in's or 1 %%)")
     p.add_argument("--store-write-mbps", type=float, help="one writer's store MB/s")
     p.add_argument("--store-read-mbps", type=float, help="one reader's store MB/s")
@@ -631,6 +706,7 @@ def plan_main(argv: list[str] | None = None) -> int:
                         segments=args.segments, nodes=args.nodes, devices_per_node=args.devices_per_node,
                         per_source=args.per_source, n_sources=args.sources,
                         actor_memory_gb=args.actor_memory_gb, node_memory_gb=args.node_memory_gb,
+                        device_memory_gb=args.device_memory_gb,
                         n_validation=int(args.validation_samples) if args.validation_samples else None,
                         throughput=tp)
     except RayattrError as e:

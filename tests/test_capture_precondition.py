@@ -14,6 +14,7 @@ from rayattr.capture import (
     factor_second_moment,
     module_preconditioner,
 )
+from rayattr.capture.precondition import factors_from_sums, fragment_row_col_sums
 
 F64 = torch.float64
 
@@ -138,3 +139,79 @@ def test_bad_preconditioners_are_clear_errors():
         GradientCapture(model, projection=None, preconditioner=factored_only)
     with pytest.raises(ValueError, match="step counter"):
         adam_preconditioner(torch.ones(2, 2), step=0)
+
+
+@pytest.mark.parametrize("seq", [0, 6], ids=["no-seq", "seq"])
+def test_deferred_update_rows_equal_the_brute_force_with_the_later_preconditioner(seq):
+    """defer_updates: the factors wait, and finish_updates(P) forms P ⊙ G's projection with a P
+    given only after the backward; a reused layer's two calls add up as the gradient does."""
+    model = make_model(mix=True)
+    x, y = make_data(seq=seq)
+    pre = random_preconditioners(model, seed=4)
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2)
+    ref = reference_grads(model, x, y)
+    cap = GradientCapture(model, projection=spec, defer_updates=True)
+    with cap:
+        sample_losses(model, x, y).sum().backward()
+    assert cap.deferred_bytes() > 0
+    with pytest.raises(RuntimeError, match="finish_updates"):
+        cap.updates()
+    cap.finish_updates(pre)
+    assert cap.deferred_bytes() == 0
+    updates = cap.updates()
+    for name, G in ref.items():
+        P = pre[name].rho[:, None] * pre[name].gamma[None, :]
+        torch.testing.assert_close(updates[name], project(spec, name, P * G), rtol=1e-10, atol=1e-12)
+
+
+def test_deferred_exact_rows_use_the_full_diagonal_and_none_frees_the_factors():
+    model = make_model(mix=True)
+    x, y = make_data(seq=6)
+    pre = random_preconditioners(model, seed=5)
+    ref = reference_grads(model, x, y)
+    cap = GradientCapture(model, projection=None, defer_updates=True)
+    with cap:
+        sample_losses(model, x, y).sum().backward()
+    cap.finish_updates(pre)
+    for name, u in cap.updates().items():
+        torch.testing.assert_close(u, (pre[name].full * ref[name]).reshape(4, -1), rtol=1e-12, atol=1e-14)
+    projected = GradientCapture(model, projection=ProjectionSpec(rank=2), defer_updates=True)
+    with projected:
+        sample_losses(model, x, y).sum().backward()
+    projected.finish_updates(None)  # no v yet: the caller stores u = g
+    assert projected.deferred_bytes() == 0
+    assert projected.updates()["fc1"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (11,), (3, 1)])
+def test_fragment_sums_add_up_to_the_whole_floored_state(shape):
+    """Every split of the flattened state into contiguous fragments (ZeRO's partitions fall
+    anywhere in a parameter) gives row and column sums that add up to the brute force's."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(shape, generator=gen, dtype=torch.float32) * 1e-3
+    v.reshape(-1)[::3] = 0.0  # entries under the floor
+    correction, eps = 0.3, 1e-3
+    full = v.to(F64).reshape(shape[0], -1)
+    rows = [sum(max(float(full[i, j]) / correction, eps * eps) for j in range(full.shape[1])) for i in range(full.shape[0])]
+    cols = [sum(max(float(full[i, j]) / correction, eps * eps) for i in range(full.shape[0])) for j in range(full.shape[1])]
+    n = v.numel()
+    for cuts in ([], [1], [n // 2], [2, 3, n - 1], list(range(1, n))):
+        cuts = sorted({k for k in cuts if 0 < k < n})
+        r = torch.zeros(len(rows), dtype=F64)
+        c = torch.zeros(len(cols), dtype=F64)
+        for lo, hi in zip([0] + cuts, cuts + [n]):
+            fr, fc = fragment_row_col_sums(v.reshape(-1)[lo:hi], lo, shape, correction, eps)
+            r, c = r + fr, c + fc
+        torch.testing.assert_close(r, torch.tensor(rows, dtype=F64), rtol=1e-13, atol=0)
+        torch.testing.assert_close(c, torch.tensor(cols, dtype=F64), rtol=1e-13, atol=0)
+
+
+def test_factors_from_partition_sums_are_those_of_the_whole_state():
+    gen = torch.Generator().manual_seed(1)
+    v_hat = torch.rand(6, 4, generator=gen, dtype=F64) * 1e-5
+    rho, gamma = factor_second_moment(v_hat, 1e-8)
+    torch.testing.assert_close(rho[:, None] * gamma[None, :], brute_factored(v_hat, 1e-8), rtol=1e-12, atol=0)
+    r, c = fragment_row_col_sums(v_hat.float().reshape(-1), 0, (6, 4), 1.0, 1e-8)
+    rho2, gamma2 = factors_from_sums(r, c)
+    torch.testing.assert_close(rho2[:, None] * gamma2[None, :], brute_factored(v_hat.float().double(), 1e-8),
+                               rtol=1e-12, atol=0)

@@ -105,7 +105,7 @@ class Recorder:
         self.events = events
 
     @contextlib.contextmanager
-    def step(self, sample_ids, sources, step, epoch, lookahead, global_batch=None):
+    def step(self, sample_ids, sources, step, epoch, global_batch=None):
         self.events.append(("record", step, sample_ids))
         yield
 

@@ -170,7 +170,7 @@ def test_two_ranks_equal_one_rank(trained, tmp_path, zero_stage):
 def test_llama_bf16_accumulation_scheduler_on_user_jsonl(local_ray, tmp_path, optimizer):
     """DeepSpeed pass-through on a Llama-shaped model: ZeRO-2, bf16, gradient accumulation and
     a warm-up LR schedule, trained on the user's JSONL files (text, source; no id column).
-    AdamW reads its partitioned bf16-run state (fp32 master copies) for the lookahead P."""
+    AdamW reads its partitioned bf16-run state (fp32 master copies) for the step's own P."""
     import json
 
     from rayattr.data import builtin_corpus

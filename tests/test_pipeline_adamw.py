@@ -19,7 +19,8 @@ SCHEDULE = {"type": "WarmupCosineLR", "params": {"total_num_steps": 24, "warmup_
 
 
 def adamw_config(store: str, run_id: str, stage: int = 1, preconditioner: str = "lagged", **train) -> Config:
-    """The small AdamW run; "lagged" re-reads v every 2 steps, "lookahead" forms v_t every step."""
+    """The small AdamW run; "lagged" re-reads v every 2 steps, "lookahead" reads each step's own
+    v_t right after it."""
     d = small_config(store, run_id, **{"lr": 3e-3, **train}).to_dict(redact=False)
     d["train"]["optimizer"] = {"type": "adamw", "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
     d["train"]["deepspeed"] = {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
@@ -98,7 +99,8 @@ def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):
-    """With the lookahead preconditioner (the default): its gradient average is an all-reduce."""
+    """With the step's own P (the default): under ZeRO the ranks' sums over their partitions of
+    v are an all-reduce."""
     one = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "one", preconditioner="lookahead", ranks=1,
                                                  micro_batch=16, epochs=1), progress=False).uri)
     two = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "two", stage=zero_stage, preconditioner="lookahead",

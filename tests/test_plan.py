@@ -194,6 +194,39 @@ def test_adamw_counts_update_rows():
     assert "update row per sample (AdamW)" in format_plan(adamw)
 
 
+FACTORS = "rank: AdamW update-row factors (to the step's end)"
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_adamw_capture_memory_and_traffic_are_what_the_capture_holds(accum):
+    """The factors AdamW's update rows keep until the step's end are what a real capture holds
+    after the rank's forwards and backwards of a step; the P statistics' all-reduce carries
+    d_out + d_in_aug float64 numbers per layer; SGD and the lagged P keep no factors."""
+    over = {"train.optimizer": {"type": "adamw"}, "train.grad_accum": accum, "train.micro_batch": 4}
+    cfg = small(**over)
+    plan = estimate(cfg)
+    model = build_model(cfg.model, BYTE_VOCAB, cfg.data.seq_len, seed=0)
+    cap = GradientCapture(model, projection=projection_spec(cfg), defer_updates=True)
+    with cap:
+        for _ in range(accum):
+            ids = torch.randint(0, BYTE_VOCAB, (cfg.train.micro_batch, cfg.data.seq_len))
+            model(input_ids=ids).logits.sum().backward()
+    assert plan.memory[FACTORS] == cap.deferred_bytes() > 0
+    numbers = sum(i.d_out + i.d_in_aug for i in cap.layer_info().values())
+    assert plan.traffic["AdamW P statistics"] == 4 * numbers
+    assert plan.traffic["gradient reduction"] == 4 * plan.n_params
+    for other in (small(), small(**over, **{"capture.preconditioner": "lagged"})):
+        assert FACTORS not in estimate(other).memory
+
+
+def test_the_gpu_note_says_whether_adamw_capture_fits():
+    cfg = load_config(os.path.join(ROOT, "jobs", "configs", "llama7b_1t.yaml"))
+    notes = " ".join(estimate(cfg, tokens=1e12, vocab_size=32000, device_memory_gb=80).notes)
+    assert "more than 80 GiB" in notes and "capture.preconditioner: lagged" in notes
+    notes = " ".join(estimate(cfg, tokens=1e12, vocab_size=32000, device_memory_gb=141).notes)
+    assert "fits 141 GiB" in notes
+
+
 def test_tokens_nodes_and_memory_budget():
     cfg = load_config(DEFAULT, **{"data.train": "s3://b/train", "data.validation": "s3://b/val",
                                   "train.use_gpu": True, "train.ranks": 16, "train.optimizer.type": "sgd"})
@@ -314,6 +347,10 @@ def test_docs_scale_prose_quotes_the_plan():
         f"checkpoints every {cfg.train.checkpoint_every} steps",
         f"{p.segments} × {len(p.layers)} matrix-vector products",
         f"({human_bytes(p.memory['driver: reduce'])} of memory for {p.occurrences / 1e6:.0f} M occurrence rows)",
+        f"{human_bytes(p.memory[FACTORS])} for 4 × 4096 tokens",
+        f"carries {human_bytes(p.traffic['AdamW P statistics'])} per step, "
+        f"{100 * p.traffic['AdamW P statistics'] / p.traffic['gradient reduction']:.2f} % of the "
+        f"{human_bytes(p.traffic['gradient reduction'])} of gradients",
     ]
     for q in quoted:
         assert q in text, f"docs/scale.md does not say {q!r}"

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-deepspeed", action="store_true", help="the Trainer without DeepSpeed")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                   help="the Trainer's optimizer (adamw: torch AdamW, recorded with the lagged preconditioner)")
+                   help="the Trainer's optimizer (adamw: torch AdamW, each step's update rows with its own P)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     args = p.parse_args(argv)
 
@@ -96,8 +96,7 @@ def main(argv=None) -> int:
         "data": {"seq_len": 32, "builtin": {"n_train": 96, "n_validation": 16, "max_chars": 96}},
         "train": {"ranks": world, "micro_batch": 8 // world // args.grad_accum, "grad_accum": args.grad_accum,
                   "epochs": 2, "lr": lr, "optimizer": optimizer},
-        # a callback sees no batch before the step's forwards: AdamW's v is read before the step
-        "capture": {"rank": 4, "preconditioner": "lagged"}, "embed": {"phases": 2},
+        "capture": {"rank": 4}, "embed": {"phases": 2},
     }).validate()
     ds = None if args.no_deepspeed or not deepspeed_installed() else {
         # the Trainer fills the "auto"s from its own arguments (batch, accumulation, clipping)

@@ -6,6 +6,11 @@ fires that hook with exactly this call's output gradient, so pairing needs no sh
 stack, and a forward that is never backpropagated (evaluation inside the block) leaves
 nothing behind: the closure is freed with its graph.
 
+Update rows whose preconditioner is known only after the step (AdamW's P_t needs the step's
+own v_t): with `defer_updates=True` each hooked call keeps its raw factors (the layer's input
+and output gradient) until `finish_updates(P)` projects them; until then they cost about what
+the layer's saved input and output gradient cost during the backward.
+
 Micro-batches: forward calls are numbered by micro-batch (a new one starts at the first
 forward after any backward hook has fired, or on `next_micro_batch()`). Calls of the same
 module within one micro-batch (a reused layer) are summed, as the parameter's gradient is.
@@ -73,11 +78,8 @@ class _Layer:
         key = (device, dtype)
         cached = self._update_cache.get(key)
         if cached is None:
-            w, b, p_s = self.matrices(device, dtype)
-            gamma = self.preconditioner.gamma.to(device=device, dtype=dtype)
-            rho = self.preconditioner.rho.to(device=device, dtype=dtype)
-            d = self.info.d_in
-            cached = (w * gamma[:d], b * gamma[d] if b is not None else None, p_s * rho)
+            cached = kernels.scale_projections(*self.matrices(device, dtype), self.preconditioner.rho,
+                                               self.preconditioner.gamma)
             self._update_cache[key] = cached
         return cached
 
@@ -98,13 +100,15 @@ class _Pending:
     """What a forward call leaves for its backward: the (projected) a-factor and context."""
 
     __slots__ = ("micro", "generation", "a_factor", "mask", "batch", "compute_dtype", "out_dtype", "consumed",
-                 "update")
+                 "update", "deferred_a")
 
     def __init__(self, micro, generation, a_factor, mask, batch, compute_dtype, out_dtype):
         self.consumed = False  # set by the first backward through this call's output
         # (projected a-factor of the update row, ρ-scaled P_s) or (None, flattened full diagonal)
         # when a preconditioner is set: the one in force at the forward is the one the backward uses
         self.update: tuple | None = None
+        # the raw input (projected mode) or True (exact mode) when the update row waits for P
+        self.deferred_a: torch.Tensor | bool | None = None
         self.micro = micro
         self.generation = generation
         self.a_factor = a_factor
@@ -112,6 +116,16 @@ class _Pending:
         self.batch = batch
         self.compute_dtype = compute_dtype
         self.out_dtype = out_dtype
+
+
+class _Deferred:
+    """One hooked call's factors kept for its update row until the step's P is known."""
+
+    __slots__ = ("layer", "micro", "a", "ds", "mask", "compute_dtype", "out_dtype", "scale")
+
+    def __init__(self, layer, micro, a, ds, mask, compute_dtype, out_dtype, scale):
+        self.layer, self.micro, self.a, self.ds, self.mask = layer, micro, a, ds, mask
+        self.compute_dtype, self.out_dtype, self.scale = compute_dtype, out_dtype, scale
 
 
 class GradientCapture:
@@ -138,6 +152,8 @@ class GradientCapture:
             autograd thread (None: only for CUDA gradients). Off by default: on an H100 it
             did not measurably lower the overhead (see bench/capture_overhead.py --background).
         preconditioner: {layer name: Preconditioner} (see `set_preconditioner`), or None.
+        defer_updates: forwards made without a preconditioner keep their factors for update
+            rows formed later by `finish_updates` (the P of a step known only after it).
 
     With a preconditioner set, each sample also gets an *update row* u = P ⊙ G, projected like
     the raw row (docs/method.md §7); `updates()` returns them.
@@ -152,6 +168,7 @@ class GradientCapture:
         mask: torch.Tensor | None = None,
         background: bool | None = False,
         preconditioner: dict[str, Preconditioner] | None = None,
+        defer_updates: bool = False,
     ):
         if projection is not None and not isinstance(projection, ProjectionSpec):
             raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
@@ -169,6 +186,8 @@ class GradientCapture:
         self._generation = 0
         self._rows: dict[str, dict[int, torch.Tensor]] = {}
         self._update_rows: dict[str, dict[int, torch.Tensor]] = {}
+        self.defer_updates = defer_updates
+        self._deferred: list[_Deferred] = []
         self._micro = 0
         self._backward_seen = False
         self.background = background
@@ -257,6 +276,7 @@ class GradientCapture:
         self._generation += 1
         self._rows = {}
         self._update_rows = {}
+        self._deferred = []
         self._micro = 0
         self._backward_seen = False
 
@@ -281,7 +301,43 @@ class GradientCapture:
     def updates(self) -> dict[str, torch.Tensor]:
         """{layer name: (N, p)} update rows u = P ⊙ G (projected like gradients()), in the same
         order; (0, p) for a layer whose forwards ran without a preconditioner."""
+        self._worker.drain()
+        if self._deferred:
+            raise RuntimeError("update rows are deferred: call finish_updates(preconditioner) first")
         return self._collect(self._update_rows)
+
+    def finish_updates(self, preconditioner: dict[str, Preconditioner] | None) -> None:
+        """Form the deferred update rows with this preconditioner per layer (the step's own P)
+        and free the factors kept for them; None only frees them (no P exists: u = g)."""
+        self._worker.drain()
+        deferred, self._deferred = self._deferred, []
+        if not deferred or preconditioner is None:
+            return
+        missing = {d.layer.info.name for d in deferred} - set(preconditioner)
+        if missing:
+            raise KeyError(f"preconditioner missing for layers {sorted(missing)}")
+        exact = self.projection is None
+        scaled: dict[tuple, tuple] = {}
+        for d in deferred:
+            info, pre = d.layer.info, preconditioner[d.layer.info.name]
+            _check_preconditioner(info, pre, exact)
+            if exact:  # u = P ⊙ G on the formed rows (summed over repeated calls: P is linear)
+                rows = self._rows[info.name][d.micro]
+                u = rows * pre.full.reshape(1, -1).to(device=rows.device, dtype=rows.dtype)
+                self._update_rows.setdefault(info.name, {})[d.micro] = u
+                continue
+            key = (info.name, d.a.device, d.compute_dtype)
+            if key not in scaled:
+                scaled[key] = kernels.scale_projections(*d.layer.matrices(d.a.device, d.compute_dtype), pre.rho,
+                                                        pre.gamma)
+            u = kernels.update_row(d.a, d.ds, d.mask, scaled[key], d.out_dtype, d.scale)
+            self._store(self._update_rows, info, d.micro, u)
+
+    def deferred_bytes(self) -> int:
+        """Bytes held by the factors of deferred update rows (what deferring costs now)."""
+        self._worker.drain()
+        return sum(t.numel() * t.element_size() for d in self._deferred for t in (d.a, d.ds)
+                   if isinstance(t, torch.Tensor))
 
     def _collect(self, rows: dict[str, dict[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         self._worker.drain()
@@ -340,7 +396,7 @@ class GradientCapture:
         # Context managers cost real time per call (49 layers x every step): enter only if needed.
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             a = a.detach()  # with constant projections, no autograd graph is built
-            a_update = update_side = None
+            a_update = update_side = a_deferred = None
             if self.projection is None:
                 mask = self._mask_for(a, layer.info.name, out_dtype)
                 a_factor = kernels.augment(a, layer.info.has_bias, mask, out_dtype)
@@ -351,10 +407,14 @@ class GradientCapture:
                 if layer.preconditioner is not None:  # (a ⊙ γ) P_aᵀ via γ-scaled columns of P_a
                     w_u, b_u, update_side = layer.update_matrices(a.device, compute_dtype)
                     a_update = kernels.project_activations(kernels.cast(a, compute_dtype), w_u, b_u, mask)
+                elif self.defer_updates:  # the raw input waits for the step's P
+                    a_deferred = kernels.cast(a, compute_dtype)
         batch = a.shape[0]
         if a_factor.dim() != 3:  # (B, d) or (B, *, S, d) inputs -> (B, T, r_a or d_in_aug)
             if a_update is not None:
                 a_update = a_update.reshape(batch, -1, a_update.shape[-1])
+            if a_deferred is not None:
+                a_deferred = a_deferred.reshape(batch, -1, a_deferred.shape[-1])
             a_factor = a_factor.reshape(batch, -1, a_factor.shape[-1])
             if mask is not None:  # (B, S, 1, ..) -> one entry per flattened token
                 mask = mask.expand(a.shape[:-1] + (1,)).reshape(batch, -1, 1)
@@ -362,6 +422,8 @@ class GradientCapture:
         if layer.preconditioner is not None:  # projected: ρ-scaled P_s; exact: the full diagonal
             full = layer.preconditioner.full
             pending.update = (a_update, update_side) if a_update is not None else (None, full.reshape(1, -1))
+        elif self.defer_updates:
+            pending.deferred_a = a_deferred if a_deferred is not None else True
         output.register_hook(functools.partial(self._backward_hook, layer, pending))
 
     def _backward_hook(self, layer: _Layer, pending: _Pending, grad: torch.Tensor) -> None:
@@ -402,12 +464,22 @@ class GradientCapture:
                 ds_factor = kernels.project_output_grads(kernels.cast(ds, pending.compute_dtype), p_s, pending.mask)
             g = kernels.per_sample_product(ds_factor, pending.a_factor, pending.out_dtype, scale)
             u = self._update_row(pending, ds, g, scale) if pending.update is not None else None
-        pending.a_factor = pending.update = None  # free them even if autograd keeps the hook alive
+            deferred = pending.deferred_a
+            if isinstance(deferred, torch.Tensor):
+                deferred = _Deferred(layer, pending.micro, deferred, kernels.cast(ds, pending.compute_dtype),
+                                     pending.mask, pending.compute_dtype, pending.out_dtype, scale)
+            elif deferred:  # exact mode: the formed row itself waits
+                deferred = _Deferred(layer, pending.micro, None, None, None, pending.compute_dtype, pending.out_dtype,
+                                     scale)
+        # free them even if autograd keeps the hook alive
+        pending.a_factor = pending.update = pending.deferred_a = None
         if pending.generation != self._generation:
             return  # reset while this was queued
         self._store(self._rows, info, pending.micro, g)
         if u is not None:
             self._store(self._update_rows, info, pending.micro, u)
+        if deferred:
+            self._deferred.append(deferred)
 
     @staticmethod
     def _update_row(pending: _Pending, ds: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:

@@ -59,3 +59,26 @@ def per_sample_product(
     if scale != 1.0:
         g.mul_(scale)
     return g.reshape(g.shape[0], -1)
+
+
+def scale_projections(
+    weight: torch.Tensor, bias_col: torch.Tensor | None, p_s: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The projections of an update row: P_a's columns scaled by γ (the bias column's by its
+    last entry), P_s's by ρ, so that (a ⊙ γ) P_aᵀ and (ds ⊙ ρ) P_sᵀ cost what the raw
+    projections cost (docs/method.md §7). ρ, γ are cast to the matrices' device and dtype."""
+    gamma = gamma.to(device=weight.device, dtype=weight.dtype)
+    rho = rho.to(device=p_s.device, dtype=p_s.dtype)
+    d = weight.shape[1]
+    return weight * gamma[:d], bias_col * gamma[d] if bias_col is not None else None, p_s * rho
+
+
+def update_row(
+    a: torch.Tensor, ds: torch.Tensor, mask: torch.Tensor | None,
+    scaled: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor], dtype: torch.dtype, scale: float = 1.0
+) -> torch.Tensor:
+    """A sample's projected update row Σ_t (ds_t ⊙ ρ) P_sᵀ ⊗ ([a_t, 1] ⊙ γ) P_aᵀ from the raw
+    factors a (B, T, d_in) and ds (B, T, d_out) and the ρ/γ-scaled projections."""
+    weight, bias_col, p_s = scaled
+    return per_sample_product(project_output_grads(ds, p_s, mask), project_activations(a, weight, bias_col, mask),
+                              dtype, scale)

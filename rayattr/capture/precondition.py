@@ -51,9 +51,43 @@ def factor_second_moment(v_hat: torch.Tensor, eps: float) -> tuple[torch.Tensor,
     keeps ρ, γ finite for rows or columns that never had a gradient (e.g. constant inputs).
     """
     floored = v_hat.to(torch.float64).clamp_min(eps * eps)
-    r, c = floored.sum(1), floored.sum(0)
+    return factors_from_sums(floored.sum(1), floored.sum(0))
+
+
+def factors_from_sums(r: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ρ, γ) = ((Σr)^¼/√r, (Σr)^¼/√c) from the floored v̂'s row sums r and column sums c."""
     scale = r.sum() ** 0.25
     return scale / r.sqrt(), scale / c.sqrt()
+
+
+def fragment_row_col_sums(fragment: torch.Tensor, start: int, shape: tuple[int, ...], correction: float,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums (float64) of max(v / correction, ε²) over the entries of a state of
+    ``shape`` (2-D, or 1-D: one column) that one contiguous flat fragment holds: the part of a
+    ZeRO partition that falls in one parameter, entries [start, start + numel) of its
+    row-major flattening. Entries outside the fragment count 0, so the ranks' sums add up to
+    the whole state's (the floor included: every entry lies in exactly one fragment)."""
+    rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+    r = torch.zeros(rows, dtype=torch.float64, device=fragment.device)
+    c = torch.zeros(cols, dtype=torch.float64, device=fragment.device)
+    v = (fragment.detach().reshape(-1).to(torch.float64) / correction).clamp_min(eps * eps)
+    end = start + v.numel()
+    # the fragment is a partial first row, whole rows, then a partial last row
+    head = min(end, -(-start // cols) * cols) - start
+    whole = (end - start - head) // cols * cols
+    pieces = [(start, v[:head]), (start + head, v[head:head + whole]), (start + head + whole, v[head + whole:])]
+    for at, piece in pieces:
+        if piece.numel() == 0:
+            continue
+        row, col = divmod(at, cols)
+        if col == 0 and piece.numel() % cols == 0:  # whole rows: a view, no copy
+            block = piece.view(-1, cols)
+            r[row:row + block.shape[0]] += block.sum(1)
+            c += block.sum(0)
+        else:  # within one row
+            r[row] += piece.sum()
+            c[col:col + piece.numel()] += piece
+    return r, c
 
 
 def adam_preconditioner(

@@ -121,10 +121,6 @@ class RecorderCallback(TrainerCallback):
             self._args = args
             self.recorder = Recorder(model, self.run, self.config, optimizer=optimizer,
                                      storage_options=self.storage_options)
-        if self.recorder.optimizer.adamw and self.recorder.cfg.capture.preconditioner == "lookahead":
-            # a callback sees no batch before the step's forwards, so it cannot run the lookahead pass
-            raise UsageError("RecorderCallback records AdamW with capture.preconditioner: lagged (docs/method.md §7); "
-                             "set it in the run's config")
         self._average_across = bool(getattr(args, "average_tokens_across_devices", False))
         module = self.recorder.module  # the model itself, inside the engine under DeepSpeed
         self._hooks = [module.register_forward_pre_hook(self._take_ids, with_kwargs=True)]

@@ -32,14 +32,13 @@ from rayattr.config import Config, ConfigError
 from rayattr.errors import UsageError
 from rayattr.optimizer import OptimizerSpec, resolve_optimizer
 from rayattr.record.batches import gather_batch, known_batch, rank_and_world
-from rayattr.record.engines import is_deepspeed_engine, steps_of
+from rayattr.record.engines import steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
 from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
-from rayattr.train.lookahead import lookahead_preconditioners
 from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
 
 # how long rank 0's finish() waits for the other ranks' writers to close (no process group)
@@ -123,7 +122,10 @@ class Recorder:
         check_optimizer(self.training.optimizer_owner, self.optimizer)
         self.precondition_step = 0  # Adam's counter of the v the update rows use (0: none yet, u = g)
         spec = projection_spec(cfg)
-        self.capture = GradientCapture(self.module, projection=spec, layers=cfg.capture.layers)
+        # AdamW's step's own P is known only after the step: its update rows wait for it
+        self.step_own_p = self.optimizer.adamw and cfg.capture.preconditioner == "lookahead"
+        self.capture = GradientCapture(self.module, projection=spec, layers=cfg.capture.layers,
+                                       defer_updates=self.step_own_p)
         self.curvature = (GradientCapture(self.module, projection=spec, layers=cfg.capture.layers)
                           if cfg.capture.curvature == "sampled" else None)
         dims = self.capture.layer_dims()
@@ -160,15 +162,12 @@ class Recorder:
 
     @contextlib.contextmanager
     def step(self, sample_ids: Sequence[int] | None = None, sources: Sequence[str] | None = None, *,
-             step: int | None = None, epoch: int = 0, lookahead: Sequence[tuple] | None = None,
+             step: int | None = None, epoch: int = 0,
              global_batch: tuple[Sequence[int], Sequence[str]] | None = None) -> Iterator["Recorder"]:
         """The block of one optimizer step on this rank: its forwards, backwards and the
         engine's step. `sample_ids` (with `sources`, else looked up in the run's
         data/train.parquet) are this rank's samples of the step, in the order its forwards
         see them; None when they are only known inside the block (`add_samples`).
-        `lookahead`: AdamW with capture.preconditioner "lookahead" (the default) needs this
-        rank's micro-batches of the step as (input_ids, attention_mask, labels) tuples, which
-        it runs once more without hooks to form the step's own v (docs/method.md §7).
         `global_batch`: (ids, sources) of the whole step, rank-major with equal shares, where
         the caller knows it; else the ranks gather it (a collective at the step's end)."""
         step = self.next_step if step is None else int(step)
@@ -183,7 +182,7 @@ class Recorder:
         # rows are gradients of the backpropagated loss over this factor: the loss is a mean
         # over this rank's samples of the step (DeepSpeed's 1/grad_accum included)
         self._base_scale = 1.0 / len(known) if known else 1.0
-        self._refresh_preconditioner(step, lookahead)
+        self._refresh_preconditioner(step)
         with self.training.watch(), self.capture, self._mask_from_forwards():
             yield self
         self._end_step(step, epoch, lr, late_scale=not known)
@@ -258,35 +257,36 @@ class Recorder:
         for n, g in self.curvature.gradients().items():
             self._curv_rows.setdefault(n, []).append(g)
 
-    def _refresh_preconditioner(self, step: int, lookahead: Sequence[tuple] | None) -> None:
-        """AdamW: before the step's forwards, set the capture's preconditioner: from v_t with
-        capture.preconditioner "lookahead" (rayattr/train/lookahead.py), else every
-        capture.precondition_every steps from Adam's v as it stands (after step - 1). Every
-        rank calls this at the same steps: under ZeRO 1/2 reading v is a collective. A resumed
-        rank starts at a checkpoint, which config validation puts on a refresh step."""
+    def _refresh_preconditioner(self, step: int) -> None:
+        """AdamW with capture.preconditioner "lagged": before the step's forwards, every
+        capture.precondition_every steps, set the capture's preconditioner from Adam's v as it
+        stands (after step - 1). Every rank calls this at the same steps: under ZeRO 1/2 the
+        read is a collective. A resumed rank starts at a checkpoint, which config validation
+        puts on a refresh step. (The default forms its P after the step: `_finish_updates`.)"""
         c = self.cfg.capture
-        if not self.optimizer.adamw or step % c.precondition_every:
+        if not self.optimizer.adamw or self.step_own_p or step % c.precondition_every:
             return
-        exact = self.capture.projection is None
-        owner = self.training.optimizer_owner
-        if c.preconditioner == "lookahead":
-            if lookahead is None:
-                raise ConfigError("capture.preconditioner 'lookahead' needs the step's micro-batches: "
-                                  "recorder.step(ids, sources, lookahead=[(input_ids, attention_mask, labels), ...]); "
-                                  "or set capture.preconditioner: lagged (docs/method.md §7)")
-            if not is_deepspeed_engine(owner):
-                raise ConfigError("capture.preconditioner 'lookahead' needs a DeepSpeed engine (it clips as "
-                                  "DeepSpeed does); with a plain torch model set capture.preconditioner: lagged")
-            pre, k = lookahead_preconditioners(owner, self.capture.layer_names(), self.optimizer, lookahead,
-                                               len(lookahead), self.world_size, exact=exact)
-        else:
-            pre, k = read_preconditioners(owner, self.capture.layer_names(), self.optimizer, exact=exact)
+        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
+                                      exact=self.capture.projection is None)
         self.capture.set_preconditioner(pre)
+        self.precondition_step = k
+
+    def _finish_updates(self) -> None:
+        """AdamW's default: the step's update rows with P_t, from v_t as the optimizer holds it
+        right after the step's update: the v that update divided by, clipping and all, with no
+        second pass (docs/method.md §7). Every rank calls it at every step (a collective under
+        ZeRO 1/2). A step that updated nothing (fp16 overflow) leaves v and its counter as they
+        were; before any update there is no v and u = g."""
+        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
+                                      exact=self.capture.projection is None)
+        self.capture.finish_updates(pre)
         self.precondition_step = k
 
     def _end_step(self, step: int, epoch: int, lr: float, late_scale: bool) -> None:
         ids, srcs = self._samples or ([], [])
         self._step = None
+        if self.step_own_p:
+            self._finish_updates()
         if not ids:
             raise UsageError(f"step {step}: no sample ids were given (recorder.step(ids, ...) or add_samples)")
         applied = self.training.applied()

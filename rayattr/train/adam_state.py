@@ -1,12 +1,19 @@
 """Adam's state as the capture needs it: the step counter and each captured layer's second
 moment v, whether the optimizer holds it whole (ZeRO 0) or partitioned (ZeRO 1/2), turned into
-the layer's Preconditioner (docs/method.md §7)."""
+the layer's Preconditioner (docs/method.md §7). The factored P needs only the row and column
+sums of v, which each rank forms over its own partition."""
 
 from __future__ import annotations
 
 import torch
 
-from rayattr.capture.precondition import Preconditioner, adam_preconditioner, in_gradient_orientation
+from rayattr.capture.precondition import (
+    Preconditioner,
+    adam_preconditioner,
+    factors_from_sums,
+    fragment_row_col_sums,
+    in_gradient_orientation,
+)
 from rayattr.optimizer import OptimizerSpec
 
 
@@ -40,8 +47,9 @@ def link_partitioned_state(engine, params: list[torch.nn.Parameter]) -> None:
 
 
 def full_exp_avg_sq(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """The whole exp_avg_sq of one parameter. Under ZeRO 1/2 this is a collective: every rank
-    must call it for the same parameters in the same order."""
+    """The whole exp_avg_sq of one parameter, for exact mode (projection=None, small models
+    only). Under ZeRO 1/2 this is a collective: every rank must call it for the same
+    parameters in the same order."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     full = safe_get_full_optimizer_state(param, "exp_avg_sq")  # None where the state is not partitioned
@@ -50,23 +58,102 @@ def full_exp_avg_sq(engine, param: torch.nn.Parameter) -> torch.Tensor:
     return full.detach().float().cpu()
 
 
+def local_exp_avg_sq(engine, param: torch.nn.Parameter) -> tuple[torch.Tensor | None, int, bool]:
+    """(this rank's flat part of a parameter's exp_avg_sq, where it starts in the flattened
+    parameter, whether the state is partitioned over ranks). ZeRO 1/2 (and DeepSpeed's bf16
+    optimizer) give each rank one contiguous fragment of a parameter, or none; otherwise the
+    whole state is local. Reads only: no communication, no copy."""
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None, 0, True
+        return mapping.get_hp_fragment("exp_avg_sq"), mapping.lp_fragment_address.start, True
+    return basic_optimizer(engine).state[param]["exp_avg_sq"], 0, False
+
+
+def _layer_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+
+
+def layer_second_moment_sums(engine, module: torch.nn.Module, correction: float, eps: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(r, c, partitioned): this rank's share of the row and column sums of a layer's floored
+    v̂ = max(v / correction, ε²) in G's (d_out, d_in_aug) orientation, bias last (float64).
+    Summed over the ranks holding a partition, they are the whole layer's."""
+    weight = module.weight
+    linear = isinstance(module, torch.nn.Linear)
+    d_out, d_in = weight.shape if linear else weight.shape[::-1]
+    bias = getattr(module, "bias", None)
+    device = weight.device
+    r = torch.zeros(d_out, dtype=torch.float64, device=device)
+    c = torch.zeros(d_in + (bias is not None), dtype=torch.float64, device=device)
+    fragment, start, partitioned = local_exp_avg_sq(engine, weight)
+    if fragment is not None:
+        rows, cols = fragment_row_col_sums(fragment, start, tuple(weight.shape), correction, eps)
+        if not linear:  # a GPT-2 Conv1D stores (d_in, d_out): its rows are G's columns
+            rows, cols = cols, rows
+        r += rows.to(device)
+        c[:d_in] += cols.to(device)
+    if bias is not None:
+        fragment, start, _ = local_exp_avg_sq(engine, bias)
+        if fragment is not None:
+            rows, cols = fragment_row_col_sums(fragment, start, tuple(bias.shape), correction, eps)
+            r += rows.to(device)
+            c[d_in] += cols.to(device)[0]
+    return r, c, partitioned
+
+
+def factored_preconditioners(engine, layers: list[str], spec: OptimizerSpec, step: int
+                             ) -> dict[str, Preconditioner]:
+    """{layer: factored Preconditioner} from v as the optimizer holds it after ``step`` updates.
+
+    Each rank sums rows and columns over its own partition of exp_avg_sq, and one all-reduce
+    of d_out + d_in_aug numbers per layer adds the partitions up (none when v is whole on
+    every rank): the state itself never moves (docs/method.md §7). Under ZeRO 1/2 this is a
+    collective: every rank calls it at the same steps for the same layers."""
+    model = engine.module
+    modules = [model.get_submodule(name) for name in layers]
+    link_partitioned_state(engine, [p for m in modules for p in _layer_params(m)])
+    correction = 1.0 - spec.beta2 ** step
+    sums = [layer_second_moment_sums(engine, m, correction, spec.eps) for m in modules]
+    flat = torch.cat([torch.cat([r, c]) for r, c, _ in sums])
+    if any(partitioned for _, _, partitioned in sums):
+        # float32 on the wire, as v itself is: half the bytes, and each rank's float64 sum
+        # loses only its last float32 digit
+        sent = flat.float()
+        torch.distributed.all_reduce(sent, group=getattr(modules[0].weight, "_dp_group", None))
+        flat = sent.double()
+    flat = flat.cpu()
+    out, offset = {}, 0
+    for name, (r, c, _) in zip(layers, sums):
+        rho, gamma = factors_from_sums(flat[offset:offset + r.numel()],
+                                       flat[offset + r.numel():offset + r.numel() + c.numel()])
+        offset += r.numel() + c.numel()
+        out[name] = Preconditioner(rho, gamma, None, int(step))
+    return out
+
+
 def read_preconditioners(engine, layers: list[str], spec: OptimizerSpec, exact: bool = False
                          ) -> tuple[dict[str, Preconditioner] | None, int]:
-    """({layer: Preconditioner}, Adam's step counter of the v read) for the captured layers.
+    """({layer: Preconditioner}, Adam's step counter of the v read) for the captured layers,
+    from v as it stands now: before a step's update, the lagged P; right after it, the step's
+    own P_t. Every rank calls it at the same steps (a collective under ZeRO 1/2).
 
     Before the first update there is no v: (None, 0), and the caller uses u = g for that step
-    (docs/method.md §7, "In the pipeline").
+    (docs/method.md §7, "In the pipeline"). ``exact`` (projection=None) reads the whole v for
+    its full diagonal: that mode is for small models.
     """
     k = adam_step_count(engine)
     if k == 0:
         return None, 0
+    if not exact:
+        return factored_preconditioners(engine, layers, spec, k), k
     model = engine.module
     modules = [model.get_submodule(name) for name in layers]
-    link_partitioned_state(engine, [p for m in modules for p in (m.weight, getattr(m, "bias", None)) if p is not None])
+    link_partitioned_state(engine, [p for m in modules for p in _layer_params(m)])
     out = {}
-    for name in layers:  # the same order on every rank (collective reads)
-        module = model.get_submodule(name)
+    for name, module in zip(layers, modules):  # the same order on every rank (collective reads)
         weight = in_gradient_orientation(module, full_exp_avg_sq(engine, module.weight))
         bias = full_exp_avg_sq(engine, module.bias) if getattr(module, "bias", None) is not None else None
-        out[name] = adam_preconditioner(weight, bias, k, spec.beta2, spec.eps, full=exact)
+        out[name] = adam_preconditioner(weight, bias, k, spec.beta2, spec.eps, full=True)
     return out, k

@@ -44,7 +44,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, num_steps: int | None = No
 def micro_batch_loss(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """The loss one micro-batch backpropagates: Σ_i w_i ℓ_i / micro_batch, ℓ_i a sample's own loss.
-    `engine`: the DeepSpeed engine, or any callable model (the lookahead's functional one).
+    `engine`: the DeepSpeed engine, or any callable model.
 
     Weights are 1 in training. A counterfactual retrain gives removed occurrences weight 0
     and keeps the divisor, so every other sample keeps its step size lr/|B| (docs/method.md,

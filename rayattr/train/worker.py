@@ -105,12 +105,11 @@ class RankWorker:
             ids_of_step, sources_of_step = self.data.share(step)  # this rank's rows of the step
             if self.recorder.curvature is not None:
                 self._curvature_batches(step)
-            # the lookahead preconditioner runs the step's micro-batches once more first (AdamW)
             batches = [self._batch(step, micro) for micro in range(t.grad_accum)]
             step_losses = []
             # the whole batch from the token shards: no id gather across ranks
             with self.recorder.step(ids_of_step.tolist(), sources_of_step.tolist(), step=step,
-                                    epoch=self.plan.epoch_of(step), lookahead=batches,
+                                    epoch=self.plan.epoch_of(step),
                                     global_batch=self.data.step_ids(step)):
                 for ids, mask, labels in batches:
                     loss = hooks.passed("rank.loss", micro_batch_loss(self.engine, ids, mask, labels),
