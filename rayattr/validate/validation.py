@@ -75,8 +75,8 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
     if not (subsets or sources or occurrences):
         raise ValidationError("nothing to validate: ask for --subsets N, --sources and/or --occurrences N")
     run = open_validatable(uri, storage_options)
-    span = parse_window(window, int(run.manifest.get("num_steps") or _num_steps(run)))
     with driver_lease(run):  # one driver per run (store/lease.py)
+        span = parse_window(window, int(run.manifest.get("num_steps") or _num_steps(run))) if window else None
         return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps, span)
 
 
