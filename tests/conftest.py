@@ -75,8 +75,12 @@ def local_ray():
     """Ray in the test process for one module (2 CPUs, one thread per worker)."""
     import ray
 
+    # Ray's workers find the driver's working directory, not pytest's rootdir-inserted tests/
+    # folder: an actor class defined in a test module needs it on their path.
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}})
     yield
     ray.shutdown()
 
