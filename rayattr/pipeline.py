@@ -7,6 +7,7 @@ between them (the segments chain their K's among themselves, docs/method.md §4)
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
 from rayattr.train import NonFiniteLoss, train
 from rayattr.train.model import check_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -235,8 +238,8 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     if worst[0] > 0:
         run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1])
     if worst[0] > ETA_LAMBDA_WARN:
-        print(f"warning: η·λ_max(H) = {worst[0]:.3g} at step {worst[1]} (above {ETA_LAMBDA_WARN:g}): "
-              "the learning rate is beyond the stable range there; values may be dominated by it", flush=True)
+        log.warning("η·λ_max(H) = %.3g at step %d (above %g): the learning rate is beyond the stable range "
+                    "there; values may be dominated by it", worst[0], worst[1], ETA_LAMBDA_WARN)
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")
