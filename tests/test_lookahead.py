@@ -32,7 +32,8 @@ class LookaheadRank:
         tok = load_tokenizer(cfg.data.tokenizer)
         b = cfg.data.builtin
         train, _ = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
-                                  corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed, max_chars=b.max_chars)
+                                  corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
+                                  max_chars=cfg.data.builtin_max_chars)
         self.data = TokenizedDataset(train, tok, cfg.data.seq_len)
         t = cfg.train
         self.plan = BatchPlan(len(self.data), t.micro_batch, world, t.grad_accum, t.epochs, t.seed)
