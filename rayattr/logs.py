@@ -13,20 +13,35 @@ class _LevelPrefix(logging.Formatter):
         return f"{record.levelname.lower()}: {super().format(record)}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record comes (a test's capture, a
+    redirected stream), or on the stream it was given."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self._fixed = stream
+
+    @property
+    def stream(self):
+        return self._fixed if self._fixed is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass  # StreamHandler.__init__ sets it; the property decides
+
+
 def show_warnings(stream=None) -> logging.Handler:
-    """Print the `rayattr` logger's WARNING and ERROR records on `stream` (stderr); idempotent.
-    The logger stops propagating, so a root handler (Python's last resort, Ray's) does not print
-    them a second time."""
+    """Print the `rayattr` logger's WARNING and ERROR records on `stream` (default: stderr as it
+    is at each record); idempotent, so each record prints once. With this handler found, Python's
+    last-resort handler no longer prints them a second time."""
     logger = logging.getLogger("rayattr")
     for h in logger.handlers:
-        if getattr(h, "_rayattr_entry_point", False):
+        if isinstance(h, _StderrHandler):
             return h
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _StderrHandler(stream)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(_LevelPrefix("%(message)s"))
-    handler._rayattr_entry_point = True
     logger.addHandler(handler)
-    logger.propagate = False
     return handler
 
 
