@@ -83,9 +83,10 @@ def noise_sentence(n_clear: int, n_within: int, what: str, hidden: bool = False)
         return f"no {what}"
     if n_within == 0:
         return f"all {n} {what} are clear of noise (|score| >= 2 SE)"
-    where = "left out; --all lists them" if hidden else "listed after the clear ones"
     if n_clear == 0:
-        return (f"none of the {n} {what} is clear of noise: each lies within 2 SE of zero ({where}), so the "
-                "list does not establish their order, nor their sign")
+        where = "left out; --all lists them" if hidden else "listed below"
+        subject = f"the one {what.removesuffix('s')} is not" if n == 1 else f"none of the {n} {what} is"
+        return f"{subject} clear of noise ({where}): neither their order nor their sign is known"
+    where = "left out; --all lists them" if hidden else "listed after the clear ones"
     return (f"{n_clear} of the {n} {what} {'is' if n_clear == 1 else 'are'} clear of noise (|score| >= 2 SE); "
             f"{n_within} {'is' if n_within == 1 else 'are'} within noise ({where})")
