@@ -3,6 +3,7 @@ itself runs in test_ray_startup.py and test_job.py)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import SimpleNamespace
 
@@ -31,7 +32,9 @@ def ray(monkeypatch):
 def test_without_an_address_a_local_instance_of_its_own(ray):
     # address="local": a bare ray.init() would attach to whatever `ray start` left here
     line = connect(log_to_driver=False)
-    assert ray.calls == [{"address": "local", "log_to_driver": False, "runtime_env": {"env_vars": LOCAL_ENV}}]
+    # logging_level: Ray's own INFO lines (the dashboard URL) would repeat the line connect returns
+    assert ray.calls == [{"address": "local", "log_to_driver": False, "runtime_env": {"env_vars": LOCAL_ENV},
+                          "logging_level": logging.WARNING}]
     assert line.startswith("ray: started a local Ray instance at 127.0.0.1:61234")
 
 
