@@ -154,13 +154,13 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
     a note per restart, and the driver's test seam."""
     losses: list[float] = []
     seen = (None, None)
-    bar = None  # made at the first step: its rate and estimate then leave out the ranks' start-up
+    bar = None  # made at the first step seen: its rate and estimate count from there, not from the start-up
 
     def show(state: dict) -> None:
         nonlocal bar
         if bar is None:
             total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
-            bar = tqdm(desc="train", unit="step", total=total, initial=state["start"], disable=not progress)
+            bar = tqdm(desc="train", unit="step", total=total, initial=state["step"], disable=not progress)
         bar.update(state["step"] - bar.n)
         bar.set_postfix(loss=f"{state['loss']:.3f}")
 
