@@ -3,7 +3,7 @@
     rayattr runs [STORE]
     rayattr show RUN [--format json]
     rayattr values RUN [--by-phase | --by-layer] [--format table|csv|json]
-    rayattr query RUN --text "def parse(s):" [--k 5] [--each] [--source NAME] [--by-source] [--format csv|json]
+    rayattr query RUN --text "def parse(s):" [--k 5] [--all] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
     rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16 [--weight 1 0.01]]
@@ -175,10 +175,21 @@ def _short(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def _query_table(res) -> str:
-    cols = list(SAMPLE_COLUMNS)
-    text = (f"most helpful ({len(res.helpful)}):\n{format_rows(res.helpful, cols, 'table')}\n\n"
-            f"most harmful ({len(res.harmful)}):\n{format_rows(res.harmful, cols, 'table')}")
+def _ranked_list(rows: list[dict], what: str, show_all: bool) -> str:
+    """One ranked list for the terminal: the rows clear of noise first (ranked by score), those
+    within noise after them with --all, and a line saying how many are which."""
+    from rayattr.standing import noise_sentence, split_by_noise
+
+    clear, within = split_by_noise(rows)
+    shown = clear + within if show_all else clear
+    text = f"{what} ({len(rows)}): {noise_sentence(len(clear), len(within), 'samples', hidden=not show_all)}"
+    cols = [c for c in SAMPLE_COLUMNS if c != "within_noise" or show_all]
+    return text + (f"\n{format_rows(shown, cols, 'table')}" if shown else "")
+
+
+def _query_table(res, show_all: bool = False) -> str:
+    text = (_ranked_list(res.helpful, "most helpful", show_all) + "\n\n"
+            + _ranked_list(res.harmful, "most harmful", show_all))
     if res.sources is not None:
         text += f"\n\nsources:\n{format_rows(res.sources, list(res.sources[0]) if res.sources else [], 'table')}"
     return text
@@ -216,10 +227,10 @@ def cmd_query(args) -> int:
     elif args.format == "csv":
         print(_query_csv(results, args.each))
     elif args.each:
-        print("\n\n".join(f"query {i}: {_short(t)}\n{_query_table(r)}"
+        print("\n\n".join(f"query {i}: {_short(t)}\n{_query_table(r, args.all)}"
                            for i, (t, r) in enumerate(zip(texts, results))))
     else:
-        print(_query_table(result))
+        print(_query_table(result, args.all))
     return 0
 
 
@@ -256,8 +267,12 @@ def cmd_validate(args) -> int:
                           occurrences=args.occurrences, seed=args.seed, gangs=args.gangs,
                           storage_options=so, progress=not args.no_progress, eps=tuple(args.weight),
                           window=args.window)
-    print(dumps(result.summary) if args.format == "json" else
-          f"validation of {result.uri}\n{format_summary(result.summary)}\nwritten to {result.uri}/validation/")
+    if args.format == "json":
+        print(dumps(result.summary))
+    else:  # the verdict stays the last line: where it went and what shows it come first
+        print(f"validation of {result.uri}, written to {result.uri}/validation/; `rayattr show {args.run}` and "
+              f"`rayattr report {args.run}` (re-run it to update a report already written) show it\n"
+              f"{format_summary(result.summary)}")
     return 0
 
 
@@ -350,6 +365,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--source", action="append", metavar="NAME",
                    help="rank only training samples of this source (repeatable)")
     q.add_argument("--by-source", action="store_true", help="also rank the data sources for this query")
+    q.add_argument("--all", action="store_true", help="also list the samples within noise (|score| < 2 SE) "
+                   "after those clear of it; csv and json always hold every row")
     q.add_argument("--format", choices=FORMATS, default="table")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     q.set_defaults(func=cmd_query)
@@ -426,6 +443,9 @@ SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayattr.logs import show_warnings
+
+    show_warnings()  # the library's warnings (a divergence, a restart), once each on stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a bare `rayattr`: what it can do, not a usage error
         parser().print_help()

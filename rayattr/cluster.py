@@ -3,10 +3,31 @@ local instance of this process's own."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+from rayattr.logs import drop_messages
 
 # Worker processes of a local instance: one thread each (actors share the machine's cores).
 LOCAL_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Ray's warnings that are no news: with RAY_AUTH_MODE unset a new local instance turns token
+# authentication on (what rayattr wants) and says so at WARNING level on every start.
+RAY_NOTICES = {"ray._private.authentication.authentication_token_setup":
+               ("Token authentication is enabled for this Ray cluster",)}
+# ... and in the worker processes: Ray Train's controller warns, with a traceback, whenever its
+# resource request to the autoscaling coordinator times out on a busy CPU; Ray's own words
+# are "it's safe to ignore this error" (a local instance has no autoscaler to ask)
+RAY_WORKER_NOTICES = {"ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
+                      ("Failed to send resource request for",)}
+# runs in every worker process of a local instance as it starts (Ray's worker_process_setup_hook)
+WORKER_SETUP = "rayattr.cluster.quiet_ray_worker"
+
+
+def quiet_ray_worker() -> None:
+    """Drop the RAY_WORKER_NOTICES in this worker process (filters on those loggers stay when
+    Ray Train configures its loggers later)."""
+    for name, fragments in RAY_WORKER_NOTICES.items():
+        drop_messages(logging.getLogger(name), fragments)
 
 
 def connect(log_to_driver: bool = True) -> str:
@@ -23,6 +44,11 @@ def connect(log_to_driver: bool = True) -> str:
     if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
         ctx = ray.init(address=address, log_to_driver=log_to_driver)
         return f"ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})"
-    ctx = ray.init(address="local", log_to_driver=log_to_driver, runtime_env={"env_vars": LOCAL_ENV})
+    for name, fragments in RAY_NOTICES.items():
+        drop_messages(logging.getLogger(name), fragments)
+    # logging_level: Ray's INFO lines (the dashboard URL) repeat the line this returns
+    ctx = ray.init(address="local", log_to_driver=log_to_driver,
+                   runtime_env={"env_vars": LOCAL_ENV, "worker_process_setup_hook": WORKER_SETUP},
+                   logging_level=logging.WARNING)
     return (f"ray: started a local Ray instance at {ctx.address_info['gcs_address']} "
             "(set RAY_ADDRESS to join a cluster)")

@@ -48,8 +48,9 @@ class BuiltinDataConfig:
     """Held-out validation samples (clean sources only)."""
     corrupted_fraction: float = 0.15
     """Share of training samples in the deliberately corrupted source `corrupted`."""
-    max_chars: int = 192
-    """Longest sample in characters."""
+    max_chars: int | None = None
+    """Longest sample in UTF-8 bytes; None: data.seq_len − 1, so that every text with its eos
+    fits in data.seq_len tokens and none is truncated (DataConfig.builtin_max_chars)."""
 
 
 @dataclass
@@ -73,6 +74,11 @@ class DataConfig:
     """Tokens per sample (truncated / right-padded)."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
     """Settings of the built-in corpus."""
+
+    @property
+    def builtin_max_chars(self) -> int:
+        """The built-in corpus's longest text: builtin.max_chars, else what fits seq_len."""
+        return self.builtin.max_chars or max(1, self.seq_len - 1)
 
 
 @dataclass

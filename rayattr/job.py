@@ -15,6 +15,7 @@ import sys
 
 from rayattr.config import Config, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
+from rayattr.logs import show_warnings
 from rayattr.store.names import STORE_ENV
 
 
@@ -91,27 +92,51 @@ def main(argv=None, prog: str | None = None) -> int:
 
     from rayattr.cluster import connect
 
-    if not ray.is_initialized():
+    show_warnings()
+    started = not ray.is_initialized()
+    if started:
         print(connect(), flush=True)
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
     except RayattrError as e:  # a NaN loss, a divergence, a store fault: committed data stays
         print(f"error: {error_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
+    if started:  # Ray's forwarded worker lines end here, not after the summary
+        ray.shutdown()
 
     m = run.reload_manifest()
     if m.get("n_truncated"):  # truncation is by design (as in training), but never silent
         used = (m.get("data") or {}).get("n_used", m.get("n_train"))  # only trained-on rows are tokenised
         print(f"note: {m['n_truncated']} of the {used} training texts the run trains on are longer than data.seq_len = "
               f"{cfg.data.seq_len} tokens and were truncated to it (run.json: n_truncated)")
-    print(f"\nrun: {result.uri}")
-    print(f"steps: {result.num_steps}, segments: {result.segments}")
-    print("stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
-    rows = result.sources
-    print(f"\n{'source':<16}{'samples':>8}{'value/sample':>16}")
-    for r in rows:
-        print(f"{r['source']:<16}{r['n_samples']:>8}{r['value_per_sample']:>16.3e}")
-    if rows:
-        print(f"\ntop source: {rows[0]['source']}   bottom source: {rows[-1]['source']}")
+    print(job_summary(result, run_ref(cfg.store.uri, run.run_id, result.uri)), flush=True)
     return 0
+
+
+def run_ref(store: str, run_id: str, uri: str) -> str:
+    """How `rayattr` commands name the run: its id where they look it up by default
+    ($RAYATTR_STORE, else ./rayattr_runs), else its URI."""
+    from rayattr.store.names import default_store
+
+    same = os.path.abspath(store) == os.path.abspath(default_store()) if "://" not in store else store == default_store()
+    return run_id if same else uri
+
+
+def job_summary(result, run_id: str) -> str:
+    """The job's last words: where the run is, how long it took, each source's value per sample
+    with its 95 % interval, which sources stand apart, and the commands that answer questions."""
+    from rayattr.standing import per_sample_interval, standing_sentence
+
+    lines = [f"\nrun: {result.uri}", f"steps: {result.num_steps}, segments: {result.segments}",
+             "stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), "",
+             f"{'source':<14}{'samples':>8}{'value/sample':>14}   95% interval (per sample)"]
+    for r in result.sources:
+        ci = per_sample_interval(r)
+        span = f"[{ci[0]:.2e}, {ci[1]:.2e}]" if ci else "-"
+        lines.append(f"{r['source']:<14}{r['n_samples']:>8}{r['value_per_sample']:>14.3e}   {span}")
+    if result.sources:
+        lines += ["", standing_sentence(result.sources)]
+    lines += ["", f"next: rayattr values {run_id} | rayattr query {run_id} --text \"...\" | "
+                  f"rayattr validate {run_id} | rayattr report {run_id}"]
+    return "\n".join(lines)
 

@@ -7,6 +7,7 @@ between them (the segments chain their K's among themselves, docs/method.md §4)
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
 from rayattr.train import NonFiniteLoss, train
 from rayattr.train.model import check_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -237,8 +240,8 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
                             eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
     if worst[0] > ETA_LAMBDA_WARN:
         what = "η·λ_max(P H)" if opt.adamw else "η·λ_max(H)"
-        print(f"warning: {what} = {worst[0]:.3g} at step {worst[1]}, {describe(worst[0], opt.beta1)}; "
-              "values may be dominated by it", flush=True)
+        log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
+                    what, worst[0], worst[1], describe(worst[0], opt.beta1))
 
     t = time.perf_counter()
     run.update_manifest(status="reducing")

@@ -73,9 +73,50 @@ def run_summary(run: Run) -> dict[str, Any]:
         "gc": m.get("gc"),
     }
     records = run.step_records()
+    out["optimizer"], out["schedule"] = optimizer_summary(cfg), schedule_summary(train, records)
     out["recorded_steps"] = len(records)
     out["loss"] = loss_summary(records)
+    out["validation"] = validation_summary(run)
     return out
+
+
+def optimizer_summary(cfg: dict) -> dict[str, Any] | None:
+    """The optimizer the run trained with, resolved as training resolved it (None: unknown)."""
+    from rayattr.config import Config
+    from rayattr.optimizer import resolve_optimizer
+
+    if not cfg:
+        return None
+    try:
+        spec = resolve_optimizer(Config.from_dict(cfg))
+    except Exception:  # noqa: BLE001 - a run from another version: show says "unknown", not a traceback
+        return None
+    return {k: getattr(spec, k) for k in ("type", "lr", "beta1", "beta2", "eps", "weight_decay")}
+
+
+def schedule_summary(train: dict, records) -> dict[str, Any]:
+    """DeepSpeed's scheduler block (type and params; None for none) and the learning rate the
+    step records hold: first, peak (and its step) and last."""
+    block = (train.get("deepspeed") or {}).get("scheduler")
+    out: dict[str, Any] = {"type": block.get("type") if block else None,
+                           "params": (block.get("params") or {}) if block else {}}
+    if records:
+        lrs = [float(r.lr) for r in records]
+        peak = int(np.argmax(lrs))
+        out.update(lr_first=lrs[0], lr_peak=lrs[peak], lr_peak_step=int(records[peak].step), lr_last=lrs[-1])
+    return out
+
+
+def validation_summary(run: Run) -> dict[str, Any] | None:
+    """validation/summary.json's headline figures and verdict, or None if never validated."""
+    from rayattr.validate.validation import SUMMARY
+
+    if not run.exists(SUMMARY):
+        return None
+    s = run.read_json(SUMMARY)
+    keys = ("n_subsets", "lds", "lds_ci", "n_sources", "source_spearman", "n_occurrences", "occurrence_spearman",
+            "linearity_spearman", "first_order_spearman", "verdict")
+    return {k: s.get(k) for k in keys}
 
 
 def _num(v: Any) -> str:
@@ -100,6 +141,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(("training", f"{t['num_steps']} steps{epochs}, global batch {t['global_batch']} on "
                               f"{t['ranks']} {'GPU' if t.get('use_gpu') else 'CPU'} ranks, lr {t['lr']}, "
                               f"{t['restarts'] or 0} restarts"))
+    lines.append(("optimizer", format_optimizer(s.get("optimizer"))))
+    lines.append(("schedule", format_schedule(s.get("schedule"))))
     lines.append(("capture", f"{c['kind']} projection rank {c['rank']} (seed {c['seed']}), "
                              f"{s['layers'] or '?'} layers, {c['dtype']}, {c['curvature']} curvature"))
     lines.append(("embedding", f"{e['segments']} segments, {e['phases']} phases, per-sample embeddings "
@@ -116,12 +159,54 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append(("loss", "not recorded (run made before rayattr recorded the training loss)"
                       if s["recorded_steps"] else "no steps recorded yet"))
+    lines += format_validation(s.get("validation"), s["run_id"])
     if s.get("gc"):
         g = s["gc"]
         lines.append(("gc", f"{g['objects']} intermediate objects ({format_bytes(g['bytes'])}) deleted {g['at']}: "
                             + ", ".join(g["deleted"])))
     width = max(len(k) for k, _ in lines) + 2
     return "\n".join(f"{k:<{width}}{v}".rstrip() for k, v in lines)
+
+
+def format_optimizer(o: dict[str, Any] | None) -> str:
+    if not o:
+        return "unknown (no recorded config)"
+    if o["type"] == "adamw":
+        return (f"AdamW, peak lr {_num(o['lr'])}, betas ({o['beta1']:g}, {o['beta2']:g}), eps {o['eps']:g}, "
+                f"weight decay {o['weight_decay']:g}")
+    return f"SGD (no momentum), lr {_num(o['lr'])}"
+
+
+def format_schedule(sch: dict[str, Any] | None) -> str:
+    sch = sch or {}
+    text = sch.get("type") or "no scheduler (constant learning rate)"
+    if sch.get("lr_peak") is not None:
+        text += (f": lr {_num(sch['lr_first'])} at the first recorded step, peak {_num(sch['lr_peak'])} at step "
+                 f"{sch['lr_peak_step']}, {_num(sch['lr_last'])} at the last")
+    return text
+
+
+def format_validation(v: dict[str, Any] | None, run_id: str) -> list[tuple[str, str]]:
+    """`show`'s validation lines: the measured figures, then the verdict; or how to validate."""
+    if not v:
+        return [("validation", f"not validated: rayattr validate {run_id} --subsets 16 --sources")]
+    f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    parts = []
+    if v.get("n_subsets"):
+        ci = v.get("lds_ci")
+        spans = ci is not None and ci[0] <= 0 <= ci[1]
+        parts.append(f"LDS {f(v['lds'])} over {v['n_subsets']} subsets"
+                     + (f" (95% CI [{ci[0]:.2f}, {ci[1]:.2f}]{', spans zero' if spans else ''})" if ci else ""))
+    if v.get("n_sources"):
+        parts.append(f"sources Spearman {f(v['source_spearman'])} over {v['n_sources']}")
+    if v.get("n_occurrences"):
+        parts.append(f"occurrences Spearman {f(v['occurrence_spearman'])} over {v['n_occurrences']}")
+    if v.get("linearity_spearman") is not None:
+        parts.append(f"linear response Spearman {f(v['linearity_spearman'])}")
+    lines = [("validation", "; ".join(parts) or "no counterfactuals measured")]
+    if v.get("verdict"):
+        lines.append(("verdict", v["verdict"]))
+    return lines
 
 
 def format_bytes(n: int) -> str:

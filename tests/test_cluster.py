@@ -3,12 +3,13 @@ itself runs in test_ray_startup.py and test_job.py)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from rayattr.cluster import LOCAL_ENV, connect
+from rayattr.cluster import LOCAL_ENV, WORKER_SETUP, connect
 
 
 @pytest.fixture
@@ -31,7 +32,9 @@ def ray(monkeypatch):
 def test_without_an_address_a_local_instance_of_its_own(ray):
     # address="local": a bare ray.init() would attach to whatever `ray start` left here
     line = connect(log_to_driver=False)
-    assert ray.calls == [{"address": "local", "log_to_driver": False, "runtime_env": {"env_vars": LOCAL_ENV}}]
+    # logging_level: Ray's own INFO lines (the dashboard URL) would repeat the line connect returns
+    assert ray.calls == [{"address": "local", "log_to_driver": False, "logging_level": logging.WARNING,
+                          "runtime_env": {"env_vars": LOCAL_ENV, "worker_process_setup_hook": WORKER_SETUP}}]
     assert line.startswith("ray: started a local Ray instance at 127.0.0.1:61234")
 
 
@@ -46,3 +49,24 @@ def test_once_per_process(ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     ray.initialized = True
     assert connect() == "ray: already initialised in this process" and ray.calls == []
+
+
+def test_the_worker_setup_hook_drops_only_the_known_notice(capsys):
+    """Ray's worker_process_setup_hook names an importable function; in a worker it drops Ray
+    Train's "safe to ignore" overload warning and nothing else from that logger."""
+    import importlib
+
+    from rayattr.cluster import RAY_WORKER_NOTICES
+
+    module, _, name = WORKER_SETUP.rpartition(".")
+    getattr(importlib.import_module(module), name)()
+    (logger_name,) = RAY_WORKER_NOTICES
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler := logging.StreamHandler(sys.stderr))
+    try:
+        logger.warning("Failed to send resource request for train-1. If this only happens transiently ...")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Failed to send resource request" not in err and "something else" in err

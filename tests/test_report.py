@@ -206,19 +206,29 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
     run = Run.open(str(copy), "trusted")
     page = write_report(run, tmp_path / "before").read_text()
     assert "How far to trust this run" in page and "has not been validated" in page
+    assert page.index('<section class="trust"') < page.index("<figure>")  # the box opens the page
+    assert "Verdict: not validated yet." in page and f"rayattr validate {run.run_id}" in page
     assert "Projection noise" in page and "<th>se</th>" in page
     # the step size against curvature the divergence guard measured, and what it means
     el = run.manifest["max_eta_lambda"]
     assert f"η·λ_max(H) of any step was {el:.2g}" in page
-    assert ("amplifies small changes" in page) == (el > 2) and ("Below 2 throughout" in page) == (el <= 2)
+    assert ("less reliably" in page) == (el > 2) and ("Below 2 throughout" in page) == (el <= 2)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", run.uri, "--subsets", "4",
                           "--fraction", "0.2", "--sources", "--no-progress"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    # validate says what shows its results, and ends with the verdict
+    assert f"rayattr report {run.uri}" in out.stdout and out.stdout.rstrip().splitlines()[-1].startswith("verdict: ")
     path = write_report(Run.open(str(copy), "trusted"), tmp_path / "after")
     page = path.read_text()
     assert "has not been validated" not in page and "LDS (Spearman" in page and "Verdict:" in page
+    box = page[page.index('<section class="trust"'):page.index("</section>")]
+    assert "not validated yet" not in box and "LDS " in box and "Sources left out one at a time" in box
+    from rayattr.summary import format_summary, run_summary
+
+    shown = format_summary(run_summary(Run.open(str(copy), "trusted")))
+    assert "not validated" not in shown and re.search(r"^verdict\s+\S", shown, re.M)
     for name in ("validation_sources.png", "validation_subsets.png"):
         assert (path.parent / name).read_bytes().startswith(b"\x89PNG") and name in page
 
@@ -244,3 +254,45 @@ def test_sources_apart_are_those_whose_interval_overlaps_no_other():
     apart, n = separated_sources(table)
     assert n == 4 and apart == ["c", "d"]  # a and b overlap each other
     assert separated_sources(table.drop_columns(["value_low", "value_high"])) == ([], 0)
+
+
+# Measures the layout Chromium gave the page and leaves it in the DOM (--dump-dom prints it).
+LAYOUT = """<script>
+var trust = document.getElementById("trust"), fig = document.querySelector("figure");
+var widest = 0;
+Array.prototype.forEach.call(document.querySelectorAll(".scroll"), function (s) {
+  widest = Math.max(widest, s.getBoundingClientRect().right);
+});
+var pre = document.createElement("pre");
+pre.id = "layout";
+pre.textContent = JSON.stringify({
+  viewport: window.innerWidth, page: document.documentElement.scrollWidth, widest: widest,
+  trustTop: trust.getBoundingClientRect().top, trustBottom: trust.getBoundingClientRect().bottom,
+  figureTop: fig.getBoundingClientRect().top, tables: document.querySelectorAll(".scroll table").length});
+document.body.appendChild(pre);
+</script></body>"""
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [1400, 800])
+def test_report_opens_with_the_trust_box_and_fits_the_window(report, tmp_path, width):
+    """At 1400 and 800 px: the trust box is the first thing on screen, before any figure; no
+    table makes the page scroll sideways (a wide table scrolls in its own box); a screenshot of
+    the first screen shows the box's blue frame."""
+    _, path = report
+    page = path.read_text()
+    measured = tmp_path / "report.html"
+    measured.write_text(page.replace("</body>", LAYOUT))
+    dom = chromium(tmp_path, "--dump-dom", f"--window-size={width},1000", measured.as_uri()).stdout
+    layout = json.loads(re.search(r'<pre id="layout">(.*?)</pre>', dom, re.S).group(1))
+    assert layout["tables"] == 4  # sources, most helpful, most harmful, stage timings
+    assert layout["page"] <= layout["viewport"] and layout["widest"] <= layout["viewport"], layout
+    assert layout["trustTop"] < 200 and layout["trustBottom"] < layout["figureTop"], layout
+    assert layout["trustBottom"] < 1000  # the whole box on the first screen
+    shot = tmp_path / f"shot{width}.png"
+    chromium(tmp_path, f"--screenshot={shot}", f"--window-size={width},1000", path.as_uri())
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1000, width)
+    frame = (np.abs(pixels[..., 0] - 0x00 / 255) < 0.1) & (np.abs(pixels[..., 1] - 0x72 / 255) < 0.1) \
+        & (np.abs(pixels[..., 2] - 0xB2 / 255) < 0.1)  # the box's #0072b2 border
+    assert frame[: int(layout["trustBottom"]) + 5].sum() > 2 * width * 0.5, frame.sum()

@@ -123,7 +123,7 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
         b = d.builtin
         copy, validation = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
                                           corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
-                                          max_chars=b.max_chars)
+                                          max_chars=d.builtin_max_chars)
         batches, n = iter(copy.to_batches(max_chunksize=BATCH_ROWS)), copy.num_rows
     else:
         files = listing(d.train, so)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 
 from rayattr.dvemb import segment_bounds
 from rayattr.embed.segment import SegmentActor, SegmentSpec
+
+log = logging.getLogger(__name__)
 
 # how long the segments wait for one node each before settling for a SPREAD hint
 PLACEMENT_TIMEOUT_S = 120.0
@@ -55,8 +58,8 @@ def segment_placement(n_segments: int, resources: dict[str, float], use_gpu: boo
     if ready:
         return pg
     remove_placement_group(pg)
-    print(f"warning: the {n_segments} segment actors could not be placed one per node within "
-          f"{timeout_s:.0f} s; they are spread as resources allow", flush=True)
+    log.warning("the %d segment actors could not be placed one per node within %.0f s; they are spread "
+                "as resources allow", n_segments, timeout_s)
     return None
 
 

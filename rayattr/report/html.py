@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from rayattr.report import figures
+from rayattr.report.trust import separated_sources, trust_box, trust_section  # noqa: F401 (re-exported)
+from rayattr.standing import noise_sentence, split_by_noise
 from rayattr.store import Run
 from rayattr.summary import loss_summary
 
@@ -190,106 +192,13 @@ def noise_figures(run: Run, stats: OccurrenceStats) -> tuple[float, float] | Non
     return median, stats.noisy / n
 
 
-def separated_sources(sources: pa.Table) -> tuple[list[str], int]:
-    """Sources whose 95 % interval overlaps no other source's (their place in the order is
-    established by this run), and how many sources have intervals at all."""
-    if "value_low" not in sources.column_names:
-        return [], 0
-    rows = [r for r in sources.to_pylist() if r["value_low"] is not None]
-    apart = [r["source"] for r in rows
-             if all(r["value_high"] < o["value_low"] or o["value_high"] < r["value_low"] for o in rows if o is not r)]
-    return apart, len(rows)
-
-
-def seed_caveat(run: Run) -> str:
-    """What one training run's source values say and do not say (docs/method.md §9)."""
-    apart, n = separated_sources(run.read_table("values/sources.parquet"))
-    text = ("Training seed: these values belong to this run's trajectory (its initial weights and batch "
-            "order), and a retrain with another seed orders similar sources differently; on the built-in job "
-            "only a source that stands apart, like the deliberately corrupted one, keeps its place from seed "
-            "to seed (measurements in docs/method.md §9). ")
-    if n:
-        signed = [r["source"] for r in run.read_table("values/sources.parquet").to_pylist()
-                  if r.get("value_low") is not None and (r["value_low"] > 0 or r["value_high"] < 0)]
-        text += (f"In this run {len(apart)} of {n} sources have a 95 % interval clear of every other source's"
-                 + (f" ({', '.join(apart)})" if apart else "")
-                 + f", and {len(signed)} an interval clear of zero"
-                 + (f" ({', '.join(signed)})" if signed else "")
-                 + ": act on such places and signs, not on the order among sources whose intervals overlap.")
-    cfg = (run.manifest.get("config") or {}).get("capture") or {}
-    optimizer = ((run.manifest.get("config") or {}).get("train") or {}).get("optimizer") or {}
-    if optimizer.get("type") == "adamw" and cfg.get("preconditioner") == "lagged":
-        text += (" This AdamW run used the lagged preconditioner, which overstates single occurrences "
-                 "wherever gradients grow (early training): rerun with capture.preconditioner: lookahead "
-                 "before trusting its source order (docs/method.md §7).")
-    return text
-
-
-def trust_section(run: Run, noise: tuple[float, float] | None, out: Path) -> list[str]:
-    """"How far to trust this run": validation figures where `rayattr validate` has run, and the
-    projection noise of the values either way (`noise`: noise_figures, None without SEs)."""
-    from rayattr.validate import read_validation
-    from rayattr.validate.validation import verdict
-
-    parts = ["<h2>How far to trust this run</h2>"]
-    if noise is not None:
-        median, within = noise
-        parts.append(f"<p>Projection noise: each value carries a standard error from the random projection "
-                     f"(spread over projection blocks, docs/method.md). For this run the median |value|/SE is "
-                     f"{median:.1f}, and {within:.0%} of the occurrences lie "
-                     "within 2 SE of zero: their sign is not known. Ranked samples marked <i>within noise</i> "
-                     "below are such samples.</p>")
-    parts.append(f"<p>{html.escape(seed_caveat(run))}</p>")
-    el, at = run.manifest.get("max_eta_lambda"), run.manifest.get("max_eta_lambda_step")
-    if el is not None:
-        parts.append(f"<p>Step size against curvature: the largest η·λ_max(H) of any step was {el:.2g} "
-                     f"(step {at}). "
-                     + ("Above 2 the trajectory amplifies small changes, and first-order values, Data Value "
-                        "Embedding included, rank sources and samples unreliably there (docs/method.md §9)."
-                        if el > 2 else "Below 2 throughout: the regime where first-order values are reliable.")
-                     + "</p>")
-    result = read_validation(run)
-    if result is None:
-        parts.append("<p>This run has not been validated against retraining. <code>rayattr validate "
-                     f"{html.escape(run.run_id)} --subsets 16 --sources</code> retrains its trajectory without chosen "
-                     "data and shows here how well the values predicted it.</p>")
-        return parts
-    s = result.summary
-    f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
-    ci = s.get("lds_ci")
-    parts.append(
-        f"<p>Validated by retraining the run's own trajectory without chosen data (loss weight 0, "
-        f"everything else identical). Subsets: LDS (Spearman of predicted against actual over "
-        f"{s['n_subsets']} random subsets) <b>{f(s['lds'])}</b>"
-        + (f" (95 % interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
-        + f", magnitude {f(s['subset_slope'])}. Sources left out one at a time: Spearman <b>{f(s['source_spearman'])}</b>"
-        f" over {s['n_sources']}. Single occurrences: Spearman {f(s['occurrence_spearman'])} over "
-        f"{s['n_occurrences']}"
-        + (f"; one occurrence moves the final loss by {s['occurrence_actual_rms']:.2g} (rms) where "
-           f"{s['occurrence_predicted_rms']:.2g} was predicted" if s.get("occurrence_actual_rms") else "")
-        + f". A retrain with nothing removed reproduced the final weights to {s['baseline_max_abs_diff']:.2g} "
-        f"(noise floor of the loss {s['noise_floor']:.2g}).</p>")
-    parts.append(f"<p><b>Verdict:</b> {html.escape(s.get('verdict') or verdict(s))}</p>")
-    for kind, label, title in (("source", "source", "leave one source out"),
-                               ("subset", None, "random subsets removed")):
-        table = result.tables.get(kind)
-        if table is not None and table.num_rows:
-            name = f"validation_{kind}s.png"
-            png = figures.predicted_vs_actual(table, label, title)
-            (out / name).write_bytes(png)
-            parts.append(_img(name, png, f"predicted against retrained loss change, {title}"))
-            parts.append(f"<p>Each point is one retrain ({title}): x is the sum of the removed occurrences' "
-                         "values, y the retrained change of the validation loss; on the dashed line the "
-                         "values predicted retraining exactly.</p>")
-    return parts
-
-
-def _cell(value, fmt) -> str:
-    """A table cell; a number also carries its unrounded value, which the table sort uses."""
+def _cell(value, fmt, column: str = "") -> str:
+    """A table cell; a number also carries its unrounded value, which the table sort uses; a
+    text column wraps (class "text")."""
     text = html.escape(fmt(value))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f'<td data-v="{value!r}">{text}</td>'
-    return f"<td>{text}</td>"
+    return f'<td class="text">{text}</td>' if column == "text" else f"<td>{text}</td>"
 
 
 def _table(rows: list[dict], columns: list[str], fmt: dict | None = None, foot: int = 0) -> str:
@@ -298,10 +207,12 @@ def _table(rows: list[dict], columns: list[str], fmt: dict | None = None, foot: 
     fmt = fmt or {}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     split = len(rows) - foot if foot else len(rows)
-    body, tail = ("".join("<tr>" + "".join(_cell(r[c], fmt.get(c, str)) for c in columns) + "</tr>" for r in part)
+    body, tail = ("".join("<tr>" + "".join(_cell(r[c], fmt.get(c, str), c) for c in columns) + "</tr>"
+                          for r in part)
                   for part in (rows[:split], rows[split:]))
-    return (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
-            f"{f'<tfoot>{tail}</tfoot>' if tail else ''}</table>")
+    # the wrapper scrolls a table wider than the page instead of the page
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f"{f'<tfoot>{tail}</tfoot>' if tail else ''}</table></div>")
 
 
 STAGES = ("data", "train", "embed", "reduce")
@@ -329,6 +240,40 @@ def step_caption(starts, means, num_steps: int) -> str:
             f"and the last quarter {means[-q:].mean():.3g} per occurrence.")
 
 
+def phase_caption(phases: pa.Table) -> str:
+    """What the phase figure shows for this run, computed from the same grid it draws."""
+    sources, labels, grid = figures.phase_means(phases)
+    if not sources or not np.isfinite(grid).any():
+        return "No occurrences were valued."
+    size = np.where(np.isfinite(grid), np.abs(grid), -1.0)
+    i, j = np.unravel_index(int(np.argmax(size)), grid.shape)
+    col_means = np.nanmean(np.abs(grid), axis=0)
+    loudest = int(np.nanargmax(col_means))
+    where = ("the last phase" if loudest == len(labels) - 1 else
+             "the first phase" if loudest == 0 else f"steps {labels[loudest]}")
+    text = (f"Each cell is the mean value of one occurrence of that source in that phase; sources are sorted by "
+            f"their value per occurrence over the whole run. The largest cell in size is {grid[i, j]:.3g} "
+            f"({sources[i]}, steps {labels[j]}); cells are largest on average in {where} "
+            f"(mean |value| {col_means[loudest]:.3g} per occurrence, against {np.nanmean(np.abs(grid)):.3g} "
+            "over all cells).")
+    totals = {r: np.nansum(grid[k]) for k, r in enumerate(sources)}
+    flipped = [r for k, r in enumerate(sources)
+               if np.isfinite(grid[k, -1]) and grid[k, -1] != 0 and np.sign(grid[k, -1]) != np.sign(totals[r])]
+    if flipped:
+        text += (f" In the last phase {', '.join(flipped)} {'has' if len(flipped) == 1 else 'have'} the opposite "
+                 "sign to the source's sum over phases: what it did to the final model at the end of training, "
+                 "not overall.")
+    return text
+
+
+def sample_table(rows: list[dict], what: str, columns: list[str], fmt: dict) -> list[str]:
+    """A ranked sample list, the rows clear of noise first, and a sentence saying how many
+    are within noise (or that none is clear)."""
+    clear, within = split_by_noise(rows, "noise")
+    return [f"<p>{html.escape(noise_sentence(len(clear), len(within), what))}.</p>",
+            _table(clear + within, columns, fmt)]
+
+
 def validation_text(validation: pa.Table) -> str:
     """A sentence on the validation set the values refer to."""
     counts = validation.group_by("source").aggregate([("source", "count")]).to_pylist()
@@ -345,7 +290,9 @@ def _img(name: str, png: bytes, alt: str) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:980px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
-vertical-align:top}th{background:#f1f3f5}td.text{max-width:520px}img{max-width:100%}
+vertical-align:top}th{background:#f1f3f5}td.text{min-width:16em;max-width:520px;overflow-wrap:anywhere}img{max-width:100%}
+.scroll{max-width:100%;overflow-x:auto}.trust{border:2px solid #0072b2;border-radius:6px;padding:.2em 1.2em;
+margin:1em 0 1.5em;background:#f5f9fc}.trust h2{margin-top:.6em}
 pre{background:#f8f9fa;padding:1em;overflow:auto;font-size:12px}.neg{color:#d55e00}.pos{color:#0072b2}
 tfoot td{font-weight:bold}th[tabindex]{cursor:pointer;user-select:none}th[tabindex]:after{content:" \\2195";color:#999}
 th[aria-sort=ascending]:after{content:" \\25B2";color:#222}th[aria-sort=descending]:after{content:" \\25BC";color:#222}
@@ -447,8 +394,10 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
     sample_cols = ["sample_id", "source", "n_occurrences", "value", "se", "noise", "text"]
     fmt = {"value": num, "se": lambda v: "–" if v is None else f"{v:.2g}"}
     timings = m.get("timings") or {}
+    noise = noise_figures(run, stats)
     parts = [
         f"<h1>rayattr run {html.escape(run.run_id)}</h1>",
+        *trust_box(run, sources, noise),
         f"<p><code>{html.escape(run.uri)}</code> — status <b>{html.escape(str(m.get('status')))}</b>, "
         f"model {html.escape(str(m.get('model', {}).get('family')))}, {m.get('num_steps')} steps, "
         f"{m.get('n_train')} training samples, {sources.num_rows} sources, {stats.rows} occurrences, "
@@ -468,19 +417,16 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "<h2>When in training</h2>", _img("steps.png", *pngs["steps.png"]),
         f"<p>{html.escape(step_caption(*steps, num_steps))}</p>",
         _img("phases.png", *pngs["phases.png"]),
-        "<p>Each cell is the mean value of one occurrence of that source in that phase; sources are "
-        "sorted by their value per occurrence over the whole run. Late occurrences act on a model "
-        "close to the final one and are not damped by later updates, so the last phase often has "
-        "the largest values, and a sign there can differ from the source's overall sign: that "
-        "says what the source did to the final model's validation loss at the end of training, "
-        "not what it did overall.</p>",
+        f"<p>{html.escape(phase_caption(phases))}</p>",
         *(["<h2>Training loss</h2>", _img("loss.png", *pngs["loss.png"]),
            "<p>The mean training loss of each optimizer step's global batch, as the ranks recorded it "
            "(the values above refer to the validation loss at the last step).</p>"]
           if "loss.png" in pngs else []),
-        *trust_section(run, noise_figures(run, stats), out),
-        f"<h2>Most helpful samples (top {k})</h2>", _table(top, sample_cols, fmt),
-        f"<h2>Most harmful samples (bottom {k})</h2>", _table(bottom, sample_cols, fmt),
+        f"<h2>Most helpful samples (top {k})</h2>",
+        *sample_table([r for r in top if r["value"] > 0], "most helpful samples", sample_cols, fmt),
+        f"<h2>Most harmful samples (bottom {k})</h2>",
+        *sample_table([r for r in bottom if r["value"] < 0], "most harmful samples", sample_cols, fmt),
+        *trust_section(run, noise, out, _img),
         "<h2>Stage timings</h2>",
         _table(timing_rows(timings), ["stage", "seconds"], foot=1),  # the total stays last
         "<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(m.get('config', {}), sort_keys=False))}</pre>",

@@ -9,24 +9,27 @@ from __future__ import annotations
 import logging
 import warnings
 
+from rayattr.logs import DropMessages, drop_messages  # noqa: F401 (DropMessages re-exported)
+
 # DeepSpeed's ZeRO calls the deprecated torch collective; nothing a user can change.
 TORCH_WARNINGS = ((FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),)
 # rayattr sets zero_allow_untested_optimizer itself: attribution assumes plain SGD.
-DEEPSPEED_LOGS = ("You are using ZeRO with an untested optimizer",)
+DEEPSPEED_LOGS = ("You are using ZeRO with an untested optimizer",
+                  # WarmupLR/WarmupCosineLR's own constructor asks for the lr before step 0
+                  "Attempting to get learning rate from scheduler before it has started")
 # Expected on a CPU run only: on a GPU run it means the GPU was not found, which matters.
 DEEPSPEED_CPU_LOGS = ("Setting accelerator to CPU",)
 
 
-class DropMessages(logging.Filter):
-    """Drops log records whose message contains one of `fragments`."""
-
-    def __init__(self, fragments: tuple[str, ...]):
-        super().__init__()
-        self.fragments = tuple(fragments)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not any(f in text for f in self.fragments)
+def _ray_train_report_logger() -> logging.Logger | None:
+    """The logger of Ray Train's "Reporting training result N: TrainingReport(...)" line (INFO,
+    once per ray.train.report on every rank). Ray names it by the module's *file*, so Ray
+    Train's own log level (RunConfig.logging_config, "ray.train.*" names) does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: nothing known to quiet
+        return None
+    return logging.getLogger(context.__file__)
 
 
 def quiet_known_noise(expect_gpu: bool) -> None:
@@ -35,8 +38,7 @@ def quiet_known_noise(expect_gpu: bool) -> None:
     set now stays when DeepSpeed configures that logger."""
     for category, pattern in TORCH_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
-    logger = logging.getLogger("DeepSpeed")
-    fragments = DEEPSPEED_LOGS + (() if expect_gpu else DEEPSPEED_CPU_LOGS)
-    for f in [f for f in logger.filters if isinstance(f, DropMessages)]:
-        logger.removeFilter(f)
-    logger.addFilter(DropMessages(fragments))
+    drop_messages(logging.getLogger("DeepSpeed"), DEEPSPEED_LOGS + (() if expect_gpu else DEEPSPEED_CPU_LOGS))
+    report = _ray_train_report_logger()
+    if report is not None:
+        report.setLevel(logging.WARNING)

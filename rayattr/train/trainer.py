@@ -15,6 +15,7 @@ gangs too (rayattr/validate/gangs.py).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -43,10 +44,13 @@ def rank_resources(cfg: Config) -> dict[str, float]:
 def gang_trainer(cfg: Config, loop_fn, loop_config: dict, run_config):
     """A TorchTrainer with one worker per rank of `cfg` (its resources, placement and process
     group backend): the training gang, and each of `rayattr validate`'s retraining gangs."""
-    from ray.train import ScalingConfig
+    from ray.train import LoggingConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
+    # Ray Train's INFO lines (worker group started, process group set up, one line per
+    # ray.train.report) say nothing a user acts on; its warnings and errors still show
+    run_config.logging_config = LoggingConfig(log_level="WARNING")
     return TorchTrainer(
         loop_fn, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -131,8 +135,18 @@ def fit_in_background(trainer) -> ray.ObjectRef:
     The task names this cluster in RAY_ADDRESS: Ray Train's helper actors (its placement-group
     cleaner) inherit it, and so query this cluster's state even where `ray start` left another
     one on the machine (as rayattr/cluster.py keeps the driver off it)."""
-    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **preemption_watcher_env()}}
     return _fit.options(runtime_env=here).remote(trainer)
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def preemption_watcher_env() -> dict[str, str]:
+    """Ray Train's preemption watcher off unless the user set it: a restarted gang resumes from
+    its checkpoint either way (FailureConfig), and the watcher's actor makes Ray log an
+    error-level line on every start ("PreemptionWatcher ... max_restarts > 0") that is no error."""
+    return {PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
 
 
 def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
@@ -140,7 +154,15 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
     a note per restart, and the driver's test seam."""
     losses: list[float] = []
     seen = (None, None)
-    bar = tqdm(desc="train", unit="step", disable=not progress)
+    bar = None  # made at the first step seen: its rate and estimate count from there, not from the start-up
+
+    def show(state: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
+            bar = tqdm(desc="train", unit="step", total=total, initial=state["step"], disable=not progress)
+        bar.update(state["step"] - bar.n)
+        bar.set_postfix(loss=f"{state['loss']:.3f}")
 
     def observe() -> None:
         nonlocal seen
@@ -148,15 +170,12 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
         if state is None or state.get("attempt", -1) < 0 or (state["attempt"], state["step"]) == seen:
             return
         if seen[0] is not None and state["attempt"] != seen[0]:
-            print(f"training rank failed; restarting from the last checkpoint (step {state['start']}, "
-                  f"restart {state['attempt']})", flush=True)
-            log.warning("training restarted (%d) from step %d", state["attempt"], state["start"])
+            log.warning("training rank failed; restarting from the last checkpoint (step %d, restart %d)",
+                        state["start"], state["attempt"])
         seen = (state["attempt"], state["step"])
         if state["loss"] is not None:
             losses.append(state["loss"])
-            bar.total = run.manifest.get("num_steps") or run.reload_manifest().get("num_steps")
-            bar.n = state["step"]
-            bar.set_postfix(loss=f"{state['loss']:.3f}")
+            show(state)
             hooks.call("driver.train", step=state["step"])  # test seam: empty in production
 
     try:
@@ -164,5 +183,6 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
             observe()
         observe()  # the last chunk, when fit returned between two looks
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return losses

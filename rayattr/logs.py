@@ -1,0 +1,64 @@
+"""Log records, shown and silenced: an entry point shows the `rayattr` logger's warnings once
+each on stderr (library code logs, only entry points print), and messages checked to be
+harmless are dropped by their exact text."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class _LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record comes (a test's capture, a
+    redirected stream), or on the stream it was given."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self._fixed = stream
+
+    @property
+    def stream(self):
+        return self._fixed if self._fixed is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass  # StreamHandler.__init__ sets it; the property decides
+
+
+def show_warnings(stream=None) -> logging.Handler:
+    """Print the `rayattr` logger's WARNING and ERROR records on `stream` (default: stderr as it
+    is at each record); idempotent, so each record prints once. With this handler found, Python's
+    last-resort handler no longer prints them a second time."""
+    logger = logging.getLogger("rayattr")
+    for h in logger.handlers:
+        if isinstance(h, _StderrHandler):
+            return h
+    handler = _StderrHandler(stream)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LevelPrefix("%(message)s"))
+    logger.addHandler(handler)
+    return handler
+
+
+class DropMessages(logging.Filter):
+    """Drops log records whose message contains one of `fragments`."""
+
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = tuple(fragments)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(f in text for f in self.fragments)
+
+
+def drop_messages(logger: logging.Logger, fragments: tuple[str, ...]) -> None:
+    """`logger` drops records containing one of `fragments` (replacing an earlier such filter)."""
+    for f in [f for f in logger.filters if isinstance(f, DropMessages)]:
+        logger.removeFilter(f)
+    logger.addFilter(DropMessages(fragments))
