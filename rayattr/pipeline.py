@@ -51,7 +51,12 @@ def new_run_id() -> str:
 
 
 def prepare_data(cfg: Config, options: StoreOptions) -> PreparedData:
-    """The data checked and the trained steps tokenised, streaming (rayattr/data/run_data.py)."""
+    """The data checked and the trained steps tokenised by a Ray Data pipeline on the cluster
+    (rayattr/data/stage.py); joins Ray first if this process has not."""
+    if not ray.is_initialized():
+        from rayattr.cluster import connect
+
+        print(connect(), flush=True)
     return run_data.prepare(cfg, options.storage_options or None)
 
 
@@ -75,8 +80,8 @@ def write_data(cfg: Config, run: Run, prepared: PreparedData | None = None) -> f
 
 
 def start_run(cfg: Config) -> Run:
-    """Load and check the data, then create the run holding it: bad data or an unreachable
-    store fail here, before any Ray work starts."""
+    """Check and tokenise the data (Ray Data tasks), then create the run holding it: bad data or
+    an unreachable store fail here, before the run exists and before any training starts."""
     cfg.validate()
     check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
     t = time.perf_counter()
