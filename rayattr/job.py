@@ -69,9 +69,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    import ray
-
-    from rayattr.cluster import connect
     from rayattr.pipeline import complete_run, open_for_resume, start_run
 
     try:
@@ -85,12 +82,14 @@ def main(argv=None, prog: str | None = None) -> int:
                                        storage_options=cfg.store.storage_options)
             print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
         else:
-            if not ray.is_initialized():  # the data stage runs on the cluster's Ray Data
-                print(connect(), flush=True)
-            run = start_run(cfg)  # data and store are checked before the run exists
+            run = start_run(cfg)  # the store is checked before Ray starts, the data before the run exists
     except RayattrError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT
+
+    import ray
+
+    from rayattr.cluster import connect
 
     if not ray.is_initialized():
         print(connect(), flush=True)

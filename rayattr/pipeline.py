@@ -28,6 +28,7 @@ from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
+from rayattr.store.storage import Storage
 from rayattr.train import NonFiniteLoss, train
 from rayattr.train.model import check_model
 
@@ -84,6 +85,8 @@ def start_run(cfg: Config) -> Run:
     an unreachable store fail here, before the run exists and before any training starts."""
     cfg.validate()
     check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
+    options = StoreOptions(storage_options=cfg.store.storage_options)
+    Storage(cfg.store.uri, options).probe(create_bucket=options.create_bucket)  # before Ray starts
     t = time.perf_counter()
     prepared = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
     try:
