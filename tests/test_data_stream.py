@@ -88,6 +88,49 @@ def test_a_data_stage_cut_short_is_redone_the_same(tmp_path):
     assert {f: run.read_bytes(f"data/tokens/{f}") for f in files} == before
 
 
+def token_files(run) -> dict[str, bytes]:
+    return {f: run.read_bytes(f"data/tokens/{f}") for f in sorted(run.list("data/tokens")) if f.endswith(".parquet")}
+
+
+def test_token_files_are_the_same_whatever_the_blocks_and_the_run(tmp_path, monkeypatch):
+    """For a fixed seed and file listing, the stage writes the same bytes again, and with other
+    Ray Data blocks (smaller read batches, fewer rows per read task, a tiny target block size)."""
+    import ray.data
+
+    from rayattr.data import stage
+
+    data = tmp_path / "corpus"
+    write_corpus(data, 2, rows_per_file=700)
+    base = {"data.train": str(data), "data.validation": write_validation(tmp_path), "train.steps": 30,
+            "store.steps_per_shard": 8, "train.epochs": 2}
+    first = make_run(config(tmp_path, **base, **{"store.uri": str(tmp_path / "a")}))
+    again = make_run(config(tmp_path, **base, **{"store.uri": str(tmp_path / "b")}))
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(stage, "BATCH_ROWS", 100)
+    monkeypatch.setattr(stage, "TASK_ROWS", 300)
+    monkeypatch.setattr(ctx, "target_max_block_size", 64 << 10)
+    small = make_run(config(tmp_path, **base, **{"store.uri": str(tmp_path / "c")}))
+    files = token_files(first)
+    assert len(files) == 4 and token_files(again) == files and token_files(small) == files
+    meta = run_data.token_meta(small)
+    assert meta["rows_scanned"] == 3072 and meta["rows_encoded"] <= 30 * 16
+    assert sum(meta["source_rows"].values()) == meta["rows_encoded"]
+    assert_same_as_whole_table(small, pa.concat_tables([pq.read_table(f) for f in sorted(data.iterdir())]),
+                               config(tmp_path, **base))
+
+
+def test_duplicated_ids_across_files_are_named(tmp_path):
+    data = tmp_path / "corpus"
+    files = write_corpus(data, 1, rows_per_file=500)
+    table = pq.read_table(files[3]).to_pylist()
+    table[5]["id"] = 42  # also in part-000
+    pq.write_table(pa.Table.from_pylist(table), files[3])
+    cfg = config(tmp_path, **{"data.train": str(data), "data.validation": write_validation(tmp_path)})
+    with pytest.raises(DataError, match=r"duplicated sample id\(s\), e.g. \[42\]"):
+        prepare_data(cfg, StoreOptions())
+    assert not (tmp_path / "store").exists()
+
+
 # ------------------------------------------------------------------ unused data costs nothing
 
 def write_corpus(path, factor: int, with_id: bool = True, rows_per_file: int | None = None) -> list[str]:

@@ -100,13 +100,15 @@ def _read_files(files: Sequence[tuple[int, str, int, int]], storage_options: dic
 
 
 def file_source(files: Sequence[DataFile], storage_options: dict | None, pretokenized: bool, with_id: bool,
-                batch_rows: int = BATCH_ROWS, task_rows: int = TASK_ROWS, columns: Sequence[str] | None = None):
+                batch_rows: int | None = None, columns: Sequence[str] | None = None):
     """A Ray Data dataset of the listed files' checked rows: one read task per run of consecutive
-    files holding at least task_rows rows (or one file)."""
+    files holding at least TASK_ROWS rows (fewer where that leaves CPUs idle), or one file."""
     ray = _ray()
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
+    batch_rows = batch_rows or BATCH_ROWS
+    task_rows = min(TASK_ROWS, -(-sum(f.rows for f in files) // (2 * _cpus())))
     groups: list[list[tuple[int, str, int, int]]] = [[]]
     start = 0
     for i, f in enumerate(files):
@@ -129,10 +131,12 @@ def file_source(files: Sequence[DataFile], storage_options: dict | None, pretoke
     return ray.data.read_datasource(CorpusSource())
 
 
-def table_source(table: pa.Table, batch_rows: int = BATCH_ROWS):
-    """The same dataset from a table the driver made (the built-in corpus): one listed "file"."""
+def table_source(table: pa.Table):
+    """The same dataset from a table the driver made (the built-in corpus): one listed "file", in
+    blocks enough for two per CPU."""
     ray = _ray()
     n = table.num_rows
+    batch_rows = max(1, min(BATCH_ROWS, -(-n // (2 * _cpus()))))
     table = table.add_column(0, "file", pa.array(np.zeros(n, np.int32))).add_column(
         1, "position", pa.array(np.arange(n), pa.int64()))
     return ray.data.from_arrow([table.slice(a, batch_rows) for a in range(0, n, batch_rows)])
