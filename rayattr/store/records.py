@@ -124,6 +124,28 @@ def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = No
     return [by_step[s] for s in sorted(by_step)]
 
 
+@dataclass(frozen=True)
+class StepLoss:
+    """A step record's step and loss alone (what `rayattr show` and `report` plot)."""
+
+    step: int
+    loss: float | None
+
+
+def read_step_losses(run: "Run") -> list[StepLoss]:
+    """Every committed step's loss, reading only the step and loss columns of each chunk (range
+    reads of two column chunks, not the per-sample lists); later commits win, as in
+    read_step_records."""
+    entries = load_entries(run._storage, layout.RECORDS_KIND)
+    entries.sort(key=lambda e: (e.committed_at, e.shard))
+    by_step: dict[int, float | None] = {}
+    for e in entries:
+        with run._storage.open_read(e.shard) as f:
+            t = pq.ParquetFile(f).read(columns=["step", "loss"], use_threads=False)
+        by_step.update(zip(t["step"].to_pylist(), t["loss"].to_pylist()))
+    return [StepLoss(s, by_step[s]) for s in sorted(by_step)]
+
+
 def last_record_step(run: "Run") -> int | None:
     """The last committed step record's step (None: none yet), without reading any record:
     each chunk's commit entry is named by its step range, whose last step is the chunk's
