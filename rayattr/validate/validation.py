@@ -13,8 +13,8 @@ import pyarrow as pa
 from rayattr.config import Config
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.lease import driver_lease
-from rayattr.validate.counterfactuals import (Removal, occurrence_removals, predicted, source_removals,
-                                              subset_removals)
+from rayattr.validate.counterfactuals import (Removal, occurrence_removals, predicted_all, run_samples,
+                                              source_removals, subset_removals)
 from rayattr.validate.errors import ValidationError
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 
@@ -78,7 +78,7 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
 
 def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps) -> ValidationResult:
     cfg = Config.from_dict(run.manifest["config"])
-    samples = run.read_table("values/samples.parquet")
+    samples = run_samples(run)  # by row group and column, never the whole table
     rng = np.random.default_rng(seed)
     plan: list[Removal] = [Removal("baseline", "nothing removed")]
     if subsets:
@@ -116,7 +116,7 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
     return out
 
 
-def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples: pa.Table,
+def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
                    seed: int, fraction: float) -> ValidationResult:
     from rayattr.reduce import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
@@ -127,8 +127,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                            cfg.data.seq_len)
     run_loss = mean_loss(final_model(run, cfg), val)
     rows: dict[str, list[dict]] = {k: [] for k in TABLES}
-    for r in plan[1:]:
-        pred, n_occ = predicted(samples, r)
+    for r, (pred, n_occ) in zip(plan[1:], predicted_all(samples, plan[1:])):
         actual = done[r.key]["loss"] - base["loss"]
         if r.kind == "occurrence":
             e = round(1.0 - r.weight, 12)  # the ε asked for, not 1 − (1 − ε)'s rounding
