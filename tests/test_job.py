@@ -55,7 +55,11 @@ def check_outputs(run: Run, reference: Run, stdout: str) -> None:
     sources = run.read_table("values/sources.parquet").to_pylist()
     assert sources[-1]["source"] == "corrupted"  # the deliberately corrupted source ranks last
     assert "bottom source: corrupted" in stdout and "stage wall times:" in stdout
-    # the same values as the single-node run, whatever the cluster and the store
+    # the same token shards, bit for bit, and the same values as the single-node run, whatever
+    # the cluster and the store
+    files = sorted(f for f in reference.list("data/tokens") if f.endswith(".parquet"))
+    assert files and sorted(f for f in run.list("data/tokens") if f.endswith(".parquet")) == files
+    assert all(run.read_bytes(f"data/tokens/{f}") == reference.read_bytes(f"data/tokens/{f}") for f in files)
     np.testing.assert_array_equal(samples["value"].to_numpy(),
                                   reference.read_table("values/samples.parquet")["value"].to_numpy())
 
@@ -67,7 +71,9 @@ def test_job_submit_local_store(cluster, single_node, tmp_path):
                          working_dir=str(ROOT))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "succeeded" in out.stdout + out.stderr
-    check_outputs(Run.open(str(store), "sub"), single_node, out.stdout)
+    run = Run.open(str(store), "sub")
+    check_outputs(run, single_node, out.stdout)
+    assert run.manifest["data"]["token_nodes"] == 2  # the data stage's tasks ran on both nodes
 
 
 @pytest.mark.slow
