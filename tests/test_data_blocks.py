@@ -111,3 +111,23 @@ def test_bad_rows_are_named_by_file_and_row(tmp_path):
     with pytest.raises(DataError, match=r"outside the tokenizer's vocabulary .* sample id\(s\) \[99\] "
                                         r"\(dataset file 'second.parquet', row\(s\) \[99\]\)"):
         route_block(block, plan)
+
+
+def test_the_stage_in_a_process_without_ray_names_bad_rows_before_the_run_exists(tmp_path):
+    """rayattr.new_run in a user's script without Ray: the same checks, in this process."""
+    from rayattr.config import Config
+    from rayattr.data import run_data
+
+    train, val = builtin_corpus()
+    texts = train["text"].to_pylist()
+    texts[700] = None
+    pq.write_table(train.slice(0, 600), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": train["id"].slice(600), "source": train["source"].slice(600),
+                             "text": pa.array(texts[600:], pa.string())}), tmp_path / "b.parquet")
+    pq.write_table(val, tmp_path / "val.parquet")
+    cfg = Config().with_overrides(**{"store.uri": str(tmp_path / "store"), "run_id": "r",
+                                     "data.train": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")],
+                                     "data.validation": str(tmp_path / "val.parquet")}).validate()
+    with pytest.raises(DataError, match=r"'text' in dataset file .*b.parquet' has 1 null value\(s\), e.g. row\(s\) \[100\]"):
+        run_data.prepare(cfg, on_ray=False)
+    assert not (tmp_path / "store").exists()

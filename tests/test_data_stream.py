@@ -112,6 +112,11 @@ def test_token_files_are_the_same_whatever_the_blocks_and_the_run(tmp_path, monk
     small = make_run(config(tmp_path, **base, **{"store.uri": str(tmp_path / "c")}))
     files = token_files(first)
     assert len(files) == 4 and token_files(again) == files and token_files(small) == files
+    # the same block functions in this process, without Ray Data (rayattr.new_run without Ray)
+    cfg = config(tmp_path, **base, **{"store.uri": str(tmp_path / "d")})
+    local = create_run(cfg)
+    write_data(cfg, local, run_data.prepare(cfg, on_ray=False))
+    assert token_files(local) == files
     meta = run_data.token_meta(small)
     assert meta["rows_scanned"] == 3072 and meta["rows_encoded"] <= 30 * 16
     assert sum(meta["source_rows"].values()) == meta["rows_encoded"]

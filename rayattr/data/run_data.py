@@ -80,6 +80,7 @@ class PreparedData:
     pretokenized: bool = False
     with_id: bool = True
     storage_options: dict | None = None
+    engine: type = stage.OnRay  # or stage.InProcess (no Ray in this process)
 
     @property
     def n_train(self) -> int:
@@ -99,12 +100,14 @@ def layout_of(cfg, n_samples: int) -> ShardLayout:
                        seq_len=cfg.data.seq_len, steps_per_file=cfg.store.steps_per_shard)
 
 
-def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
+def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True) -> PreparedData:
     """Check the data and tokenise the steps the run trains on, as a Ray Data pipeline over the
     cluster (data/stage.py), before the run exists. The driver reads the listing and the
-    validation set, never a training row."""
+    validation set, never a training row. on_ray=False: the same steps in this process
+    (stage.InProcess, for a process without Ray)."""
     d = cfg.data
     so = storage_options or None
+    engine = stage.OnRay if on_ray else stage.InProcess
     load_tokenizer(d.tokenizer)  # a bad spec fails here, not in a task
     ref, copy, copy_from, with_id = None, None, None, True
     if d.train is None:
@@ -112,9 +115,9 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
         copy, validation = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
                                           corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
                                           max_chars=b.max_chars)
-        source, n, urls, starts, buckets = stage.table_source(copy), copy.num_rows, ("built-in corpus",), (0,), 0
+        source, n, urls, starts, buckets = engine.table_source(copy), copy.num_rows, ("built-in corpus",), (0,), 0
     else:
-        files = listing(d.train, so, count_jsonl=stage.count_jsonl(so))
+        files = listing(d.train, so, count_jsonl=stage.count_jsonl(so) if on_ray else None)
         n = sum(f.rows for f in files)
         if n == 0:
             raise DataError(f"dataset {d.train} is empty (no rows)")
@@ -122,9 +125,10 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
         check_unique_ids(validation["id"].to_numpy(), f"validation dataset {d.validation}")
         first = next(f for f in files if f.rows)
         with_id = has_ids(*files_of(first.url, so)[0])
-        source = stage.file_source(files, so, d.pretokenized, with_id)
+        source = engine.file_source(files, so, d.pretokenized, with_id)
         urls, starts = tuple(f.url for f in files), tuple(int(x) for x in np.cumsum([0] + [f.rows for f in files])[:-1])
-        buckets = stage.id_buckets(n) if with_id else 0  # without ids, ids are row numbers: unique
+        # without ids, ids are row numbers: unique
+        buckets = (stage.id_buckets(n) if on_ray else 1) if with_id else 0
         if not d.copy and in_store([f.url for f in files], cfg.store.uri):
             ref = {"spec": d.train, "pretokenized": d.pretokenized, "files": [asdict(f) for f in files],
                    "digest": digest(files), "with_id": with_id}
@@ -134,14 +138,14 @@ def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
     try:
         lay = layout_of(cfg, n)
     except DataError:
-        stage.check(source)  # what is wrong with the files themselves is said first
+        engine.check(source)  # what is wrong with the files themselves is said first
         raise
     plan = StagePlan(layout=lay, urls=urls, starts=starts, tokenizer=d.tokenizer, pretokenized=bool(d.pretokenized),
                      id_buckets=buckets)
-    tokens = stage.tokenise(source, plan)
+    tokens = engine.tokenise(source, plan)
     return PreparedData(validation=validation, layout=lay, tokens=tokens, rows_scanned=n, train_copy=copy,
                         copy_from=copy_from, listing=ref, pretokenized=bool(d.pretokenized), with_id=with_id,
-                        storage_options=so)
+                        storage_options=so, engine=engine)
 
 
 def _parquet_bytes(table: pa.Table, group_rows: int = GROUP_ROWS) -> bytes:
@@ -160,11 +164,11 @@ def write(run, prepared: PreparedData) -> dict:
             run.write_bytes(TRAIN_COPY, _parquet_bytes(prepared.train_copy))
         parts = 0
         if prepared.copy_from is not None:
-            parts = stage.copy_into(run.uri, prepared.copy_from, so, prepared.pretokenized, prepared.with_id,
+            parts = prepared.engine.copy_into(run.uri, prepared.copy_from, so, prepared.pretokenized, prepared.with_id,
                                     PART_ROWS, GROUP_ROWS, TRAIN_PARTS)
         if prepared.listing is not None:
             run.write_json(LISTING, prepared.listing)
-        counts = stage.write_files(prepared.tokens, run.uri, so)
+        counts = prepared.engine.write_files(prepared.tokens, run.uri, so)
         meta = meta_of(prepared.layout, prepared.rows_scanned, counts)
         meta["nodes"] = sorted({node for c in counts for node in c["nodes"]})
         run.write_json(META, meta)

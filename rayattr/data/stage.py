@@ -9,6 +9,10 @@
 
 The driver holds the listing (a few numbers per file), object refs and per-file counts: nothing
 per row. Bad data raises a DataError from a task, re-raised here as itself.
+
+`InProcess` runs the same block functions in the calling process, for a process without Ray
+(rayattr.new_run in a user's own training script): the same bytes, but that process then holds
+every id and every used row's tokens, so a corpus that needs the cluster needs Ray started.
 """
 
 from __future__ import annotations
@@ -174,6 +178,70 @@ def tokenise(source, plan: StagePlan):
         _reduced, fn_kwargs={"plan": plan}, batch_format="pyarrow")
     with named_errors():
         return ds.materialize()
+
+
+class InProcess:
+    """The stage's sources and steps run in this process (see module docstring)."""
+
+    @staticmethod
+    def file_source(files: Sequence[DataFile], storage_options: dict | None, pretokenized: bool, with_id: bool,
+                    batch_rows: int | None = None):
+        start, blocks = 0, []
+        for i, f in enumerate(files):
+            if f.rows:
+                blocks.append(lambda g=[(i, f.url, start, f.rows)]: _read_files(g, storage_options, pretokenized,
+                                                                                 with_id, batch_rows or BATCH_ROWS,
+                                                                                 None))
+            start += f.rows
+        return lambda: (b for read in blocks for b in read())
+
+    @staticmethod
+    def table_source(table: pa.Table):
+        n = table.num_rows
+        t = table.add_column(0, "file", pa.array(np.zeros(n, np.int32))).add_column(
+            1, "position", pa.array(np.arange(n), pa.int64()))
+        return lambda: iter(t.to_batches(max_chunksize=BATCH_ROWS))
+
+    @staticmethod
+    def check(source) -> None:
+        for _ in source():
+            pass
+
+    @staticmethod
+    def tokenise(source, plan: StagePlan) -> list[pa.Table]:
+        routed = pa.concat_tables([route_block(pa.table(b) if isinstance(b, pa.RecordBatch) else b, plan)
+                                   for b in source()])
+        parts = routed["part"].to_numpy()
+        order = np.argsort(parts, kind="stable")
+        keys, starts = np.unique(parts[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        out = [reduce_part(routed.take(order[a:b]), plan) for a, b in zip(starts, ends)]
+        return [t.append_column("nodes", pa.array([["driver"]] * t.num_rows, pa.list_(pa.string())))
+                for t in out if t.num_rows]
+
+    @staticmethod
+    def write_files(tokens: list[pa.Table], run_uri: str, storage_options: dict | None) -> list[dict]:
+        return [row for t in tokens for row in _put(t, run_uri, storage_options).to_pylist()]
+
+    @staticmethod
+    def copy_into(run_uri: str, files: Sequence[DataFile], storage_options: dict | None, pretokenized: bool,
+                  with_id: bool, part_rows: int, group_rows: int, prefix: str) -> int:
+        parts = 0
+        for block in InProcess.file_source(files, storage_options, pretokenized, with_id, part_rows)():
+            _copy_part(block, run_uri, storage_options, group_rows, prefix)
+            parts += 1
+        return parts
+
+
+class OnRay:
+    """The stage on Ray Data (the functions above)."""
+
+    file_source = staticmethod(lambda *a, **kw: file_source(*a, **kw))
+    table_source = staticmethod(lambda *a, **kw: table_source(*a, **kw))
+    check = staticmethod(lambda *a, **kw: check(*a, **kw))
+    tokenise = staticmethod(lambda *a, **kw: tokenise(*a, **kw))
+    write_files = staticmethod(lambda *a, **kw: write_files(*a, **kw))
+    copy_into = staticmethod(lambda *a, **kw: copy_into(*a, **kw))
 
 
 def _put(batch: pa.Table, run_uri: str, storage_options: dict | None) -> pa.Table:
