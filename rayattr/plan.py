@@ -74,12 +74,13 @@ class Throughput:
     """Starting a stage's actors (placement group, process, imports, DeepSpeed init)."""
     reduce_rows_per_s: float
     """Occurrence rows per second the driver concatenates, groups and writes in the reduce."""
-    data_rows_per_cpu_s: float = 4e3
-    """Corpus rows per second and CPU the data stage's Ray Data tasks read, check and route
-    (bench/data_scale.py on 2 shared CPUs, steps capped: reading dominates, tokenising the
-    trained rows is a small part; BENCHMARKS.md)."""
-    data_start_s: float = 5.0
-    """Starting the data stage's Ray Data pipeline (its executions and their first tasks)."""
+    data_mbps_per_cpu: float = 70.0
+    """Text MB per second and CPU the data stage's tasks read, check and route (measured: the
+    block functions on 153,600 150-character rows, 0.32 CPU s; tokenising the trained rows is
+    apart and small with steps capped; BENCHMARKS.md, data path)."""
+    data_start_s: float = 10.0
+    """The data stage's fixed cost: Ray Data's executions, their tasks and its exchange. Assumed:
+    on 2 shared cores under load average ~25 it was 45-90 s whatever the corpus (BENCHMARKS.md)."""
 
     @classmethod
     def cpu(cls, s3: bool = False) -> "Throughput":
@@ -521,7 +522,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                        "memory per read task": plan.memory["data task: one block"],
                        "memory per file task": tokens_bytes / files + spr * G * 64,
                        "bytes read": n * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN, "cpus": cpus}
-    plan.time["data"] = tp.data_start_s + n / (tp.data_rows_per_cpu_s * cpus) + tokens_bytes / (tp.store_write_mbps * MB)
+    plan.time["data"] = (tp.data_start_s + plan.data_stage["bytes read"] / (tp.data_mbps_per_cpu * MB * cpus)
+                         + tokens_bytes / (tp.store_write_mbps * MB * cpus))  # one writer per file task
 
     # -- time
     rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
