@@ -282,9 +282,10 @@ def test_pretokenized_shards_equal_the_text_path(tmp_path):
 @pytest.mark.parametrize("column,problem", [
     (pa.array([[1.0, 2.0]] * 40, pa.list_(pa.float32())), r"must hold lists of integer token ids, found type list<\w+: float>"),
     # row checks cover the rows the trained steps use (the others are never read): here all rows
-    (pa.array([[5] * 70] * 40, pa.list_(pa.int64())), r"row\(s\) .* are longer than data.seq_len = 64 \(lengths \[70,.*sample id\(s\)"),
+    (pa.array([[5] * 70] * 40, pa.list_(pa.int64())), r"row\(s\) .* are longer than data.seq_len = 64 \(lengths \[70[,\]].*sample id\(s\)"
+     r".*row\(s\)"),
     (pa.array([[]] * 40, pa.list_(pa.int64())), r"row\(s\) .* are empty"),
-    (pa.array([[1, 300]] * 40, pa.list_(pa.int64())), r"outside the tokenizer's vocabulary \[0, 259\), e.g. \[300,"),
+    (pa.array([[1, 300]] * 40, pa.list_(pa.int64())), r"outside the tokenizer's vocabulary \[0, 259\), e.g. \[300[,\]]"),
     (pa.array([None] + [[1, 2]] * 39, pa.list_(pa.int64())), r"column 'input_ids' .* has 1 null value"),
     (pa.array(["a"] * 40), "must hold lists of integer token ids"),
 ])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from rayattr.data.errors import DataError
 from rayattr.data.scan import BATCH_ROWS, DataFile, body_column, count_rows, file_batches, files_of
 
 log = logging.getLogger(__name__)
+_DATA_ERROR = re.compile(r"rayattr\.data\.errors\.DataError: ([^\n]*)")
 
 # Rows a read task reads at least (consecutive files grouped): few tasks for many small files.
 TASK_ROWS = 1 << 16
@@ -62,6 +64,10 @@ def named_errors() -> Iterator[None]:
             seen.add(id(e))
             if isinstance(e, DataError):
                 raise DataError(str(e)) from None
+            # a UDF's exception may come back only as its remote traceback's text
+            found = _DATA_ERROR.search(str(e))
+            if found:
+                raise DataError(found.group(1)) from None
             e = getattr(e, "cause", None) or e.__cause__ or e.__context__
         raise
 
@@ -132,7 +138,8 @@ def file_source(files: Sequence[DataFile], storage_options: dict | None, pretoke
                                            input_files=tuple(u for _, u, _, _ in g)))
                     for g in groups if g]
 
-    return ray.data.read_datasource(CorpusSource())
+    # one block per record batch: no splitting into many tiny blocks to reach a parallelism
+    return ray.data.read_datasource(CorpusSource(), override_num_blocks=sum(1 for g in groups if g))
 
 
 def table_source(table: pa.Table):
