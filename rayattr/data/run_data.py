@@ -34,8 +34,8 @@ from rayattr.data.errors import DataError
 from rayattr.data.files import check_unique_ids
 from rayattr.data import stage
 from rayattr.data.blocks import StagePlan, meta_of
-from rayattr.data.scan import (DataFile, body_column, check_unchanged, default_source, digest, files_of, has_ids,
-                               listing, scan, stat_files)
+from rayattr.data.scan import (DataFile, body_column, check_columns, check_unchanged, count_rows, default_source,
+                               digest, files_of, has_ids, listing, scan, stat_files)
 from rayattr.data.shards import META, RankTokens, ShardLayout
 from rayattr.data.tokenized import TokenizedDataset
 from rayattr.data.tokenizer import load_tokenizer
@@ -100,11 +100,27 @@ def layout_of(cfg, n_samples: int) -> ShardLayout:
                        seq_len=cfg.data.seq_len, steps_per_file=cfg.store.steps_per_shard)
 
 
-def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True) -> PreparedData:
+def check_files(cfg, storage_options: dict | None = None) -> list[DataFile] | None:
+    """What the driver checks before Ray starts: the tokenizer, the training files' listing (rows
+    from Parquet footers; JSON Lines rows are counted later, by tasks) and every file's columns."""
+    d = cfg.data
+    load_tokenizer(d.tokenizer)
+    if d.train is None:
+        return None
+    so = storage_options or None
+    files = listing(d.train, so, count_jsonl=lambda urls: [-1] * len(urls))
+    check_columns(files, so, d.pretokenized)
+    if all(f.rows == 0 for f in files):
+        raise DataError(f"dataset {d.train} is empty (no rows)")
+    return files
+
+
+def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True,
+            files: list[DataFile] | None = None) -> PreparedData:
     """Check the data and tokenise the steps the run trains on, as a Ray Data pipeline over the
     cluster (data/stage.py), before the run exists. The driver reads the listing and the
     validation set, never a training row. on_ray=False: the same steps in this process
-    (stage.InProcess, for a process without Ray)."""
+    (stage.InProcess, for a process without Ray). files: check_files's listing, if made."""
     d = cfg.data
     so = storage_options or None
     engine = stage.OnRay if on_ray else stage.InProcess
@@ -117,7 +133,12 @@ def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True) -> Pr
                                           max_chars=b.max_chars)
         source, n, urls, starts, buckets = engine.table_source(copy), copy.num_rows, ("built-in corpus",), (0,), 0
     else:
-        files = listing(d.train, so, count_jsonl=stage.count_jsonl(so) if on_ray else None)
+        files = files or check_files(cfg, so)
+        unknown = [i for i, f in enumerate(files) if f.rows < 0]  # JSON Lines: counted by tasks
+        if unknown:
+            count = stage.count_jsonl(so) if on_ray else (lambda urls: [count_rows(u, so) for u in urls])
+            for i, rows in zip(unknown, count([files[i].url for i in unknown])):
+                files[i] = DataFile(**{**asdict(files[i]), "rows": int(rows)})
         n = sum(f.rows for f in files)
         if n == 0:
             raise DataError(f"dataset {d.train} is empty (no rows)")

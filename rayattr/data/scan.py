@@ -192,6 +192,25 @@ def file_batches(fs, path: str, url: str, pretokenized: bool, with_id: bool | No
             raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
 
 
+def check_columns(files: Sequence["DataFile"], storage_options: dict | None, pretokenized: bool) -> None:
+    """Every file's columns and types from its schema (a Parquet footer, a JSON Lines file's first
+    block), and ids in every file or in none: what can be said before any row is read."""
+    with_id: dict[bool, str] = {}
+    for f in files:
+        fs, path, url = files_of(f.url, storage_options)[0]
+        with _storage_access(url, storage_options):
+            if _empty(fs, path):
+                continue
+            try:
+                has_id = _checked_schema(_dataset(fs, path).schema, url, pretokenized)
+            except pa.ArrowInvalid as err:
+                raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
+        with_id.setdefault(has_id, url)
+    if len(with_id) > 1:
+        raise DataError(f"column 'id' is in some files but missing from {with_id[False]!r}; give ids everywhere "
+                        "or nowhere")
+
+
 def has_ids(fs, path: str, url: str) -> bool:
     """Whether a data file has an id column (its schema: the footer, or a JSON Lines file's first block)."""
     with _storage_access(url, None):
