@@ -53,7 +53,12 @@ def _ray():
 
 @contextlib.contextmanager
 def named_errors() -> Iterator[None]:
-    """A DataError raised in a task comes out as itself, not wrapped in Ray's task errors."""
+    """A DataError raised in a task comes out as itself, not wrapped in Ray's task errors (and
+    Ray Data does not log its traceback: the error is the user's data, named in one line)."""
+    quiet = [logging.getLogger(n) for n in ("ray.data", "ray")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         yield
     except DataError:
@@ -70,6 +75,9 @@ def named_errors() -> Iterator[None]:
                 raise DataError(found.group(1)) from None
             e = getattr(e, "cause", None) or e.__cause__ or e.__context__
         raise
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def _cpus() -> int:
