@@ -80,7 +80,7 @@ class Throughput:
     apart and small with steps capped; BENCHMARKS.md, data path)."""
     data_start_s: float = 10.0
     """The data stage's fixed cost: Ray Data's executions, their tasks and its exchange. Assumed:
-    on 2 shared cores under load average ~25 it was 45-90 s whatever the corpus (BENCHMARKS.md)."""
+    on 2 shared cores under load average 15-38 it was 26-86 s whatever the corpus (BENCHMARKS.md)."""
 
     @classmethod
     def cpu(cls, s3: bool = False) -> "Throughput":

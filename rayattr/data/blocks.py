@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -150,8 +150,6 @@ def meta_of(layout: ShardLayout, rows_scanned: int, counts: Sequence[dict]) -> d
     for c in counts:
         for s, k in zip(c["sources"], c["source_rows"]):
             by_source[s] = by_source.get(s, 0) + int(k)
-    from dataclasses import asdict
-
     return {"layout": asdict(layout), "rows_scanned": int(rows_scanned),
             "rows_encoded": sum(int(c["encoded"]) for c in counts),
             "n_truncated": sum(int(c["truncated"]) for c in counts),
