@@ -15,10 +15,6 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    if name == "new_run":  # the pipeline calls it start_run: data and config checked, run created
-        from rayattr.pipeline import start_run
-
-        return start_run
     if name in _PUBLIC:
         import importlib
 

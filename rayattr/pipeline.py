@@ -29,6 +29,7 @@ from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
+from rayattr.store.storage import Storage
 from rayattr.train import NonFiniteLoss, train
 from rayattr.train.model import check_model
 
@@ -53,9 +54,17 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
 
-def prepare_data(cfg: Config, options: StoreOptions) -> PreparedData:
-    """The data checked and the trained steps tokenised, streaming (rayattr/data/run_data.py)."""
-    return run_data.prepare(cfg, options.storage_options or None)
+def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -> PreparedData:
+    """The data checked and the trained steps tokenised by a Ray Data pipeline on the cluster
+    (rayattr/data/stage.py); joins Ray first if this process has not. connect_ray=False and no
+    Ray in this process: the same steps run here (rayattr.new_run in a user's own script)."""
+    so = options.storage_options or None
+    files = run_data.check_files(cfg, so)  # missing files, columns, types: said before Ray starts
+    if not ray.is_initialized() and connect_ray:
+        from rayattr.cluster import connect
+
+        print(connect(), flush=True)
+    return run_data.prepare(cfg, so, on_ray=ray.is_initialized(), files=files)
 
 
 def create_run(cfg: Config) -> Run:
@@ -77,13 +86,15 @@ def write_data(cfg: Config, run: Run, prepared: PreparedData | None = None) -> f
     return time.perf_counter() - t
 
 
-def start_run(cfg: Config) -> Run:
-    """Load and check the data, then create the run holding it: bad data or an unreachable
-    store fail here, before any Ray work starts."""
+def start_run(cfg: Config, connect_ray: bool = True) -> Run:
+    """Check and tokenise the data (Ray Data tasks), then create the run holding it: bad data or
+    an unreachable store fail here, before the run exists and before any training starts."""
     cfg.validate()
     check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
+    options = StoreOptions(storage_options=cfg.store.storage_options)
+    Storage(cfg.store.uri, options).probe(create_bucket=options.create_bucket)  # before Ray starts
     t = time.perf_counter()
-    prepared = prepare_data(cfg, StoreOptions(storage_options=cfg.store.storage_options))
+    prepared = prepare_data(cfg, options, connect_ray)
     try:
         run = create_run(cfg)
     except BaseException:
@@ -92,6 +103,12 @@ def start_run(cfg: Config) -> Run:
     seconds = time.perf_counter() - t + write_data(cfg, run, prepared)
     run.update_manifest(timings={"data": seconds})
     return run
+
+
+def new_run(cfg: Config) -> Run:
+    """rayattr.new_run: the data checked and the run created for a user's own training loop; the
+    data stage runs on Ray Data when this process has Ray, else in this process."""
+    return start_run(cfg, connect_ray=False)
 
 
 def run_pipeline(cfg: Config, progress: bool = True) -> RunResult:

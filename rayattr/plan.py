@@ -33,8 +33,11 @@ _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # the source string's int32 offset (+ its characters, counted separately)
 _ROW_META_BYTES = 8 + 8 + 8 + 4 + 4
 # Arrow IPC framing, fitted to encode_shard output (tests/test_plan.py checks it): per record
-# Rows of one record batch of the data stage's streaming scan (pyarrow.dataset's default)
-_DATA_BATCH_ROWS = 131_072
+# Rows of one block of the data stage's read tasks (data/scan.BATCH_ROWS), rows a read task
+# reads at least (data/stage.TASK_ROWS), ids per bucket of the uniqueness check (BUCKET_IDS)
+_DATA_BATCH_ROWS = 4096
+_DATA_TASK_ROWS = 1 << 16
+_DATA_BUCKET_IDS = 1 << 22
 # batch (one per step and writer) ~80 bytes of buffer metadata per column; per file the schema
 # twice (header and footer, ~120 bytes per column) and a 24-byte footer block per batch
 _BATCH_COLUMN_OVERHEAD = 80
@@ -71,6 +74,13 @@ class Throughput:
     """Starting a stage's actors (placement group, process, imports, DeepSpeed init)."""
     reduce_rows_per_s: float
     """Occurrence rows per second the driver concatenates, groups and writes in the reduce."""
+    data_mbps_per_cpu: float = 70.0
+    """Text MB per second and CPU the data stage's tasks read, check and route (measured: the
+    block functions on 153,600 150-character rows, 0.32 CPU s; tokenising the trained rows is
+    apart and small with steps capped; BENCHMARKS.md, data path)."""
+    data_start_s: float = 10.0
+    """The data stage's fixed cost: Ray Data's executions, their tasks and its exchange. Assumed:
+    on 2 shared cores under load average 15-38 it was 26-86 s whatever the corpus (BENCHMARKS.md)."""
 
     @classmethod
     def cpu(cls, s3: bool = False) -> "Throughput":
@@ -156,6 +166,8 @@ class Plan:
     """Bytes a rank sends into collectives per optimizer step, by what they carry."""
     time: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage."""
+    data_stage: dict[str, float] = field(default_factory=dict)
+    """The data stage's Ray Data tasks: read tasks, file tasks, memory each, bytes read, CPUs."""
     throughput: Throughput | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -358,10 +370,10 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     seg_rows = steps_seg * G
     momentum = resolve_optimizer(cfg).beta1 > 0
     terms = {
-        # data/shards: the streaming pass holds each row's int64 id (uniqueness check) and an
-        # int32 slot per row and epoch (where the batch plan puts it), plus one record batch
-        "driver: batch plan and ids (data stage)": n * (8 + 4 * t.epochs)
-                                                   + min(n, _DATA_BATCH_ROWS) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN,
+        # data/stage: a read task holds one block of texts, their slots per epoch and the token
+        # rows of its used rows (at most all of them); the driver nothing per row
+        "data task: one block": min(n, _DATA_BATCH_ROWS) * (cfg.data.seq_len * (_TEXT_BYTES_PER_TOKEN + 4)
+                                                            + 8 * (t.epochs + 2)),
         # store/index.compact: one chunk of one kind's commit entries, all ranks
         "driver: index compaction": t.ranks * math.ceil(SPAN / spr) * entry,
         # reduce/aggregate.write_outputs: one segment's values table (and its sorted copy), the
@@ -571,6 +583,19 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     if node_memory_gb:
         plan.notes += memory_warnings(plan, node_memory_gb)
 
+    # -- the data stage on the cluster (data/stage.py): read tasks over the corpus, one task per
+    # token file and per id bucket; every CPU of the cluster (the devices, at least) reads
+    cpus = max(1, devices)
+    files = math.ceil(steps / spr)
+    tokens_bytes = steps * G * cfg.data.seq_len * 4
+    plan.data_stage = {"read tasks": max(1, math.ceil(n / min(_DATA_TASK_ROWS, math.ceil(n / (2 * cpus))))),
+                       "file tasks": files + max(1, min(cpus, math.ceil(n / _DATA_BUCKET_IDS))),
+                       "memory per read task": plan.memory["data task: one block"],
+                       "memory per file task": tokens_bytes / files + spr * G * 64,
+                       "bytes read": n * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN, "cpus": cpus}
+    plan.time["data"] = (tp.data_start_s + plan.data_stage["bytes read"] / (tp.data_mbps_per_cpu * MB * cpus)
+                         + tokens_bytes / (tp.store_write_mbps * MB * cpus))  # one writer per file task
+
     # -- time
     rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
     flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction if m_curv else 0))
@@ -647,6 +672,13 @@ def format_plan(plan: Plan) -> str:
     if plan.traffic:
         lines += ["", "traffic     (bytes a rank sends into collectives per step)"]
         lines += [f"  {k:<28}{human_bytes(v):>12}" for k, v in plan.traffic.items() if v]
+    d = plan.data_stage
+    if d:
+        lines += ["", f"data stage  (Ray Data on the cluster's {d['cpus']:.0f} CPUs; the driver holds nothing per row)",
+                  f"  {'read tasks':<28}{d['read tasks']:>12,.0f}  ({human_bytes(d['memory per read task'])} each, "
+                  f"{human_bytes(d['bytes read'])} read in all)",
+                  f"  {'token file and id tasks':<28}{d['file tasks']:>12,.0f}  "
+                  f"({human_bytes(d['memory per file task'])} each)"]
     lines += ["", "time        (wall, stages run one after another)"]
     lines += [f"  {k:<12}{human_time(v):>12}" for k, v in plan.time.items()]
     lines += [f"  {'total':<12}{human_time(sum(plan.time.values())):>12}"]

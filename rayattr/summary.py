@@ -72,7 +72,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "total_seconds": sum(timings.values()) if timings else None,
         "gc": m.get("gc"),
     }
-    records = run.step_records()
+    records = run.step_losses()  # two columns, not every step's per-sample lists
     out["optimizer"], out["schedule"] = optimizer_summary(cfg), schedule_summary(train, records)
     out["recorded_steps"] = len(records)
     out["loss"] = loss_summary(records)

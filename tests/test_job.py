@@ -63,12 +63,16 @@ def check_outputs(run: Run, reference: Run, stdout: str) -> None:
     samples = run.read_table("values/samples.parquet")
     assert samples.column_names == ["sample_id", "source", "step", "epoch", "value", "value_se"]
     assert samples.num_rows == STEPS * BATCH
+    # the same token shards, bit for bit, and the same values as the single-node run, whatever
+    # the cluster and the store
+    files = sorted(f for f in reference.list("data/tokens") if f.endswith(".parquet"))
+    assert files and sorted(f for f in run.list("data/tokens") if f.endswith(".parquet")) == files
+    assert all(run.read_bytes(f"data/tokens/{f}") == reference.read_bytes(f"data/tokens/{f}") for f in files)
+    np.testing.assert_array_equal(samples["value"].to_numpy(),
+                                  reference.read_table("values/samples.parquet")["value"].to_numpy())
     sources = run.read_table("values/sources.parquet").to_pylist()
     assert sources[-1]["source"] == "corrupted"  # the deliberately corrupted source ranks last
     assert_summary_ranks_corrupted_last(stdout)
-    # the same values as the single-node run, whatever the cluster and the store
-    np.testing.assert_array_equal(samples["value"].to_numpy(),
-                                  reference.read_table("values/samples.parquet")["value"].to_numpy())
 
 
 @pytest.mark.slow
@@ -78,7 +82,9 @@ def test_job_submit_local_store(cluster, single_node, tmp_path):
                          working_dir=str(ROOT))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "succeeded" in out.stdout + out.stderr
-    check_outputs(Run.open(str(store), "sub"), single_node, out.stdout)
+    run = Run.open(str(store), "sub")
+    assert run.manifest["data"]["token_nodes"] == 2  # the data stage's tasks ran on both nodes
+    check_outputs(run, single_node, out.stdout)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
@@ -395,6 +396,32 @@ def test_step_records_commit_and_latest_wins(store_root):
     assert got[:4] == recs[:4] and got[4] == redo
     with pytest.raises(StoreError, match="differ in length"):
         run.write_step_records([StepRecord(9, 0, 0.1, 0.1, [1, 2], ["a"], [0, 0])])
+
+
+def test_step_losses_read_two_columns_and_latest_wins(store_root, monkeypatch):
+    """`rayattr show` and `report` read each chunk's step and loss columns, not its per-sample lists."""
+
+    run = new_run(store_root)
+    # per-sample lists much larger than the two columns (and than the 64 KiB a footer read takes)
+    ids = np.random.default_rng(0).integers(0, 1 << 40, 40_000).tolist()
+    run.write_step_records([StepRecord(s, 0, 0.1, 0.1, ids, ["a"] * 40_000, [0] * 40_000, loss=1.0 / (s + 1))
+                            for s in range(3)])
+    run.write_step_records([StepRecord(2, 0, 0.1, 0.1, [1], ["a"], [0], loss=None)])  # re-recorded
+    run = Run.open_uri(run.uri, store_root.options)
+    assert [(r.step, r.loss) for r in run.step_losses()] == [(0, 1.0), (1, 0.5), (2, None)]
+    from rayattr.data.shards import _Counting
+
+    readers = []
+    opened = run._storage.open_read
+
+    def counting(rel):
+        readers.append(_Counting(opened(rel)))
+        return readers[-1]
+    monkeypatch.setattr(run._storage, "open_read", counting)
+    run.step_losses()
+    whole = sum(run._storage.sizes("steps").values())
+    read = [r.count for r in readers]
+    assert sum(read) < 0.5 * whole, (sum(read), whole)
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -257,6 +257,35 @@ def test_window_arguments():
             parse_window(bad, 192)
 
 
+def test_removals_read_the_stored_values_by_row_group_and_column(tmp_path):
+    """From values/samples.parquet read a row group and a few columns at a time, the removals and
+    predictions equal those from the whole table."""
+    from rayattr.store import Run
+    from rayattr.validate.counterfactuals import predicted_all, run_samples
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    table = pa.table({"sample_id": rng.integers(0, 400, n), "source": rng.choice(["a", "b", "c"], n),
+                      "step": np.arange(n) // 16, "epoch": np.zeros(n, np.int64), "value": rng.normal(size=n)})
+    run = Run.create(str(tmp_path / "store"), "r")
+    with run.table_writer("values/samples.parquet") as w:
+        for a in range(0, n, 256):  # row groups of 256 occurrences
+            w.write(table.slice(a, 256))
+    stored = run_samples(run)
+    read = []
+    assert [b.num_rows for b in stored(["step"])] == [256] * 11 + [n - 11 * 256]
+    for columns in (["sample_id"], ["source", "sample_id"], ["sample_id", "step", "value"]):
+        read += [b.schema.names for b in stored(columns)]
+    assert all("epoch" not in names for names in read)
+    for make in (lambda s: subset_removals(s, 3, 0.3, np.random.default_rng(5)), lambda s: source_removals(s, None),
+                 lambda s: occurrence_removals(s, 40, np.random.default_rng(5))):
+        assert make(stored) == make(table)
+    removals = source_removals(table, None) + occurrence_removals(table, 10, np.random.default_rng(2))
+    got, want = predicted_all(stored, removals), [predicted(table, r) for r in removals]
+    assert [c for _, c in got] == [c for _, c in want]
+    np.testing.assert_allclose([v for v, _ in got], [v for v, _ in want], rtol=1e-12)
+
+
 def test_statistics():
     p = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     assert spearman(p, 2 * p) == pytest.approx(1.0) and spearman(p, -p) == pytest.approx(-1.0)

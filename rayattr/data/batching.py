@@ -2,9 +2,10 @@
 
 Every rank builds the same `BatchPlan` from the same numbers and computes its own slice
 locally: nothing is communicated. The order of an epoch is a seeded permutation of all
-sample positions (numpy default_rng seeded by (seed, epoch), so any epoch can be computed
-without the ones before it), cut into global batches of G = micro_batch * world_size *
-grad_accum; the last incomplete batch of each epoch is dropped.
+sample positions (data/permutation.py, keyed by (seed, epoch)), cut into global batches of
+G = micro_batch * world_size * grad_accum; the last incomplete batch of each epoch is dropped.
+Any step's positions, and any position's slot, are computed on their own: no process holds
+an epoch's whole order (the data stage's read tasks compute their rows' slots, data/stage.py).
 
 Layout of a global batch (rank-major): rank 0's micro-steps 0..grad_accum-1, then rank 1's,
 and so on. Concatenating ``rank_slice(step, r, m)`` in the order (rank, micro_step) - for r
@@ -14,21 +15,19 @@ whole share of a step is one contiguous block of micro_batch * grad_accum positi
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from rayattr.data.errors import DataError
+from rayattr.data.permutation import to_position
 
 
-@functools.lru_cache(maxsize=4)
 def epoch_permutation(n: int, epoch: int, seed: int) -> np.ndarray:
-    """The seeded order of sample positions 0..n-1 in one epoch (read-only array)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    perm.flags.writeable = False  # cached and shared: callers must not edit it
-    return perm
+    """The seeded order of sample positions 0..n-1 in one epoch, whole (O(n): for tests and
+    small tables; the plan itself evaluates only the slots it needs)."""
+    return to_position(np.arange(n), n, seed, epoch)
 
 
 def epoch_order(n: int, epochs: int, seed: int) -> np.ndarray:
@@ -112,7 +111,7 @@ class BatchPlan:
         """(G,) sample positions of one step, in the rank-major layout."""
         epoch = self.epoch_of(step)
         start = (step % self.steps_per_epoch) * self.global_batch_size
-        return epoch_permutation(self.n_samples, epoch, self.seed)[start:start + self.global_batch_size].copy()
+        return to_position(np.arange(start, start + self.global_batch_size), self.n_samples, self.seed, epoch)
 
     def rank_indices(self, step: int, rank: int) -> np.ndarray:
         """All samples rank processes in step: its micro-batches 0..grad_accum-1 concatenated."""

@@ -23,9 +23,11 @@ def check_token_type(dtype: pa.DataType, what: str) -> None:
 
 
 def token_matrix(values: pa.Array | pa.ChunkedArray, ids: np.ndarray, seq_len: int, vocab_size: int,
-                 pad_id: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+                 pad_id: int, what: str, where=None) -> tuple[np.ndarray, np.ndarray]:
     """(n, seq_len) int64 rows right-padded with pad_id and (n,) lengths from a list column of
-    token ids, or a DataError naming `what` and the offending sample ids."""
+    token ids, or a DataError naming `what` and the offending sample ids (and, given where(rows),
+    their file and rows)."""
+    at = where or (lambda rows: "")
     check_token_type(values.type, what)
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
@@ -34,13 +36,13 @@ def token_matrix(values: pa.Array | pa.ChunkedArray, ids: np.ndarray, seq_len: i
     if values.null_count:
         bad = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))
         raise DataError(f"column 'input_ids' in {what} has {len(bad)} null row(s), e.g. sample id(s) "
-                        f"{ids[bad[:_SHOW]].tolist()}")
+                        f"{ids[bad[:_SHOW]].tolist()}{at(bad)}")
     lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
     for bad, problem in ((lengths == 0, "are empty"), (lengths > seq_len, f"are longer than data.seq_len = {seq_len}")):
         if bad.any():
             rows = np.flatnonzero(bad)
             raise DataError(f"{len(rows)} row(s) of column 'input_ids' in {what} {problem} (lengths "
-                            f"{lengths[rows[:_SHOW]].tolist()}), e.g. sample id(s) {ids[rows[:_SHOW]].tolist()}; "
+                            f"{lengths[rows[:_SHOW]].tolist()}), e.g. sample id(s) {ids[rows[:_SHOW]].tolist()}{at(rows)}; "
                             "pre-tokenised rows are used as they are, so split or cut them first")
     flat = pc.list_flatten(values)
     if flat.null_count:
@@ -51,7 +53,7 @@ def token_matrix(values: pa.Array | pa.ChunkedArray, ids: np.ndarray, seq_len: i
         row = np.repeat(np.arange(len(lengths)), lengths)[out_of_range]
         raise DataError(f"column 'input_ids' in {what} has {int(out_of_range.sum())} token id(s) outside the "
                         f"tokenizer's vocabulary [0, {vocab_size}), e.g. {tokens[out_of_range][:_SHOW].tolist()} "
-                        f"in sample id(s) {np.unique(ids[row])[:_SHOW].tolist()}; set data.tokenizer to the "
+                        f"in sample id(s) {np.unique(ids[row])[:_SHOW].tolist()}{at(np.unique(row))}; set data.tokenizer to the "
                         "tokenizer that made them")
     matrix = np.full((len(lengths), seq_len), pad_id, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths

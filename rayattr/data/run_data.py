@@ -7,20 +7,20 @@
   already sit in the store's own filesystem or bucket, left where they are: data/train.files.json
   records their URLs, sizes and versions (data/scan.py), and a run checks them again before it
   trains, resumes or shows texts (docs/store.md, "What the pipeline keeps in a run").
-- data/tokens/: the token shards of the steps the run trains on (data/shards.py); their
-  meta.json is written last and marks the data as complete.
+- data/tokens/: the token shards of the steps the run trains on (data/shards.py), made by the
+  data stage's Ray Data pipeline (data/stage.py); their meta.json is written last and marks the
+  data as complete.
 
-Nothing here reads a whole training corpus into one process: the scan streams, the token pass
-keeps used rows only, and text lookups filter by sample id with pyarrow.dataset.
+Nothing here reads a training row in the driver: the stage's tasks read, check, tokenise and
+write, the driver keeps the listing and per-file counts, and text lookups filter by sample id
+with pyarrow.dataset.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -32,10 +32,12 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from rayattr.data.corpus import builtin_corpus
 from rayattr.data.errors import DataError
 from rayattr.data.files import check_unique_ids
-from rayattr.data.scan import (BATCH_ROWS, DataFile, body_column, check_unchanged, default_source, digest,
-                               files_of, listing, scan, stat_files)
-from rayattr.data.shards import META, RankTokens, ShardLayout, TokenSpill, spill_tokens
-from rayattr.data.tokenized import TokenizedDataset, rows_of
+from rayattr.data import stage
+from rayattr.data.blocks import StagePlan, meta_of
+from rayattr.data.scan import (DataFile, body_column, check_columns, check_unchanged, count_rows, default_source,
+                               digest, files_of, has_ids, listing, scan, stat_files)
+from rayattr.data.shards import META, RankTokens, ShardLayout
+from rayattr.data.tokenized import TokenizedDataset
 from rayattr.data.tokenizer import load_tokenizer
 
 VALIDATION = "data/validation.parquet"
@@ -65,23 +67,27 @@ def in_store(urls: Sequence[str], store_uri: str) -> bool:
 @dataclass
 class PreparedData:
     """Checked data ready to be written into a run; made before the run exists, so bad data
-    fails before anything is created."""
+    fails before anything is created. The token files wait in Ray's object store (`tokens`, a
+    materialised Ray Data dataset: the driver holds refs, not rows)."""
 
     validation: pa.Table
-    tokens: TokenSpill
+    layout: ShardLayout
+    tokens: object  # ray.data.MaterializedDataset of token files (data/stage.py)
+    rows_scanned: int
     train_copy: pa.Table | None = None  # the built-in corpus
-    parts: list[str] = field(default_factory=list)  # local copies of files from elsewhere
+    copy_from: list[DataFile] | None = None  # files from elsewhere, copied into the run by tasks
     listing: dict | None = None  # files left where they are
-    scratch: tempfile.TemporaryDirectory | None = None
+    pretokenized: bool = False
+    with_id: bool = True
+    storage_options: dict | None = None
+    engine: type = stage.OnRay  # or stage.InProcess (no Ray in this process)
 
     @property
     def n_train(self) -> int:
-        return self.tokens.layout.n_samples
+        return self.layout.n_samples
 
     def cleanup(self) -> None:
-        if self.scratch is not None:
-            self.scratch.cleanup()
-        self.tokens.directory.cleanup()
+        self.tokens = None  # the object store frees the files once no ref is held
 
 
 def layout_of(cfg, n_samples: int) -> ShardLayout:
@@ -94,73 +100,73 @@ def layout_of(cfg, n_samples: int) -> ShardLayout:
                        seq_len=cfg.data.seq_len, steps_per_file=cfg.store.steps_per_shard)
 
 
-def _copying(batches: Iterator[pa.RecordBatch], directory: str, parts: list[str]) -> Iterator[pa.RecordBatch]:
-    """The batches, also written to local Parquet parts of at most PART_ROWS rows (ids included)."""
-    writer, rows = None, 0
-    try:
-        for batch in batches:
-            if writer is None or rows >= PART_ROWS:
-                if writer is not None:
-                    writer.close()
-                parts.append(os.path.join(directory, f"part-{len(parts):05d}.parquet"))
-                writer, rows = pq.ParquetWriter(parts[-1], batch.schema, compression="zstd"), 0
-            writer.write_batch(batch, row_group_size=GROUP_ROWS)
-            rows += batch.num_rows
-            yield batch
-    finally:
-        if writer is not None:
-            writer.close()
+def check_files(cfg, storage_options: dict | None = None) -> list[DataFile] | None:
+    """What the driver checks before Ray starts: the tokenizer, the training files' listing (rows
+    from Parquet footers; JSON Lines rows are counted later, by tasks) and every file's columns."""
+    d = cfg.data
+    load_tokenizer(d.tokenizer)
+    if d.train is None:
+        return None
+    so = storage_options or None
+    files = listing(d.train, so, count_jsonl=lambda urls: [-1] * len(urls))
+    check_columns(files, so, d.pretokenized)
+    if all(f.rows == 0 for f in files):
+        raise DataError(f"dataset {d.train} is empty (no rows)")
+    return files
 
 
-def prepare(cfg, storage_options: dict | None = None) -> PreparedData:
-    """Check the data and tokenise the steps the run trains on (streaming), before the run exists."""
+def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True,
+            files: list[DataFile] | None = None) -> PreparedData:
+    """Check the data and tokenise the steps the run trains on, as a Ray Data pipeline over the
+    cluster (data/stage.py), before the run exists. The driver reads the listing and the
+    validation set, never a training row. on_ray=False: the same steps in this process
+    (stage.InProcess, for a process without Ray). files: check_files's listing, if made."""
     d = cfg.data
     so = storage_options or None
-    tokenizer = load_tokenizer(d.tokenizer)
-    encode = lambda batch: rows_of(batch, tokenizer, d.seq_len, what="the training data")  # noqa: E731
-    scratch, parts, ref, copy = None, [], None, None
+    engine = stage.OnRay if on_ray else stage.InProcess
+    load_tokenizer(d.tokenizer)  # a bad spec fails here, not in a task
+    ref, copy, copy_from, with_id = None, None, None, True
     if d.train is None:
         b = d.builtin
         copy, validation = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
                                           corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
                                           max_chars=d.builtin_max_chars)
-        batches, n = iter(copy.to_batches(max_chunksize=BATCH_ROWS)), copy.num_rows
+        source, n, urls, starts, buckets = engine.table_source(copy), copy.num_rows, ("built-in corpus",), (0,), 0
     else:
-        files = listing(d.train, so)
+        files = files or check_files(cfg, so)
+        unknown = [i for i, f in enumerate(files) if f.rows < 0]  # JSON Lines: counted by tasks
+        if unknown:
+            count = stage.count_jsonl(so) if on_ray else (lambda urls: [count_rows(u, so) for u in urls])
+            for i, rows in zip(unknown, count([files[i].url for i in unknown])):
+                files[i] = DataFile(**{**asdict(files[i]), "rows": int(rows)})
         n = sum(f.rows for f in files)
         if n == 0:
             raise DataError(f"dataset {d.train} is empty (no rows)")
         validation = pa.Table.from_batches(list(scan(d.validation, so, d.pretokenized)))
         check_unique_ids(validation["id"].to_numpy(), f"validation dataset {d.validation}")
-        batches = scan(d.train, so, d.pretokenized)
+        first = next(f for f in files if f.rows)
+        with_id = has_ids(*files_of(first.url, so)[0])
+        source = engine.file_source(files, so, d.pretokenized, with_id)
+        urls, starts = tuple(f.url for f in files), tuple(int(x) for x in np.cumsum([0] + [f.rows for f in files])[:-1])
+        # without ids, ids are row numbers: unique
+        buckets = (stage.id_buckets(n) if on_ray else 1) if with_id else 0
         if not d.copy and in_store([f.url for f in files], cfg.store.uri):
             ref = {"spec": d.train, "pretokenized": d.pretokenized, "files": [asdict(f) for f in files],
-                   "digest": digest(files)}
+                   "digest": digest(files), "with_id": with_id}
         else:
-            scratch = tempfile.TemporaryDirectory(prefix="rayattr-copy-")
-            batches = _copying(batches, scratch.name, parts)
-    TokenizedDataset(validation, tokenizer, d.seq_len)  # bad validation rows fail here, not in reduce
+            copy_from = files
+    TokenizedDataset(validation, load_tokenizer(d.tokenizer), d.seq_len)  # bad validation rows fail here
     try:
-        try:
-            lay = layout_of(cfg, n)
-        except DataError:
-            for _ in batches:  # what is wrong with the files themselves is said first
-                pass
-            raise
-        spill = spill_tokens(batches, lay, encode)
-    except BaseException:
-        if scratch is not None:
-            scratch.cleanup()
+        lay = layout_of(cfg, n)
+    except DataError:
+        engine.check(source)  # what is wrong with the files themselves is said first
         raise
-    if ref is not None:
-        ref["with_id"] = _files_have_ids(ref, so)
-    return PreparedData(validation=validation, tokens=spill, train_copy=copy, parts=parts, listing=ref,
-                        scratch=scratch)
-
-
-def _files_have_ids(ref: dict, so: dict | None) -> bool:
-    fs, path, url = files_of(ref["files"][0]["url"], so)[0]
-    return "id" in _dataset([(fs, path)]).schema.names
+    plan = StagePlan(layout=lay, urls=urls, starts=starts, tokenizer=d.tokenizer, pretokenized=bool(d.pretokenized),
+                     id_buckets=buckets)
+    tokens = engine.tokenise(source, plan)
+    return PreparedData(validation=validation, layout=lay, tokens=tokens, rows_scanned=n, train_copy=copy,
+                        copy_from=copy_from, listing=ref, pretokenized=bool(d.pretokenized), with_id=with_id,
+                        storage_options=so, engine=engine)
 
 
 def _parquet_bytes(table: pa.Table, group_rows: int = GROUP_ROWS) -> bytes:
@@ -170,23 +176,30 @@ def _parquet_bytes(table: pa.Table, group_rows: int = GROUP_ROWS) -> bytes:
 
 
 def write(run, prepared: PreparedData) -> dict:
-    """Everything prepared into the run; the token meta last (it marks the data complete).
-    Returns the manifest's data fields."""
+    """Everything prepared into the run (token files and copies by Ray tasks); the token meta
+    last (it marks the data complete). Returns the manifest's data fields."""
+    so = prepared.storage_options
     try:
         run.write_bytes(VALIDATION, _parquet_bytes(prepared.validation, VALIDATION_GROUP_ROWS))
         if prepared.train_copy is not None:
             run.write_bytes(TRAIN_COPY, _parquet_bytes(prepared.train_copy))
-        for i, path in enumerate(prepared.parts):
-            with open(path, "rb") as f:
-                run.write_bytes(f"{TRAIN_PARTS}/part-{i:05d}.parquet", f.read())
+        parts = 0
+        if prepared.copy_from is not None:
+            parts = prepared.engine.copy_into(run.uri, prepared.copy_from, so, prepared.pretokenized, prepared.with_id,
+                                    PART_ROWS, GROUP_ROWS, TRAIN_PARTS)
         if prepared.listing is not None:
             run.write_json(LISTING, prepared.listing)
-        meta = prepared.tokens.write(run.write_bytes)
+        counts = prepared.engine.write_files(prepared.tokens, run.uri, so)
+        meta = meta_of(prepared.layout, prepared.rows_scanned, counts)
+        meta["nodes"] = sorted({node for c in counts for node in c["nodes"]})
         run.write_json(META, meta)
     finally:
         prepared.cleanup()
     how = "referenced" if prepared.listing is not None else "copied"
-    out = {"train": how, "n_used": meta["rows_encoded"], "token_files": prepared.tokens.layout.n_files}
+    out = {"train": how, "n_used": meta["rows_encoded"], "token_files": prepared.layout.n_files,
+           "token_nodes": len(meta["nodes"])}
+    if parts:
+        out["parts"] = parts
     if prepared.listing is not None:
         out.update(files=len(prepared.listing["files"]), digest=prepared.listing["digest"])
     return {"data": out, "n_train": prepared.n_train, "n_sources": len(meta["sources"])}

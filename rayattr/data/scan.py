@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -110,15 +110,22 @@ def _checked_schema(schema: pa.Schema, url: str, pretokenized: bool) -> bool:
     return "id" in schema.names
 
 
+def _rows_named(mask: np.ndarray, first_row: int) -> str:
+    rows = np.flatnonzero(mask)
+    return f"e.g. row(s) {(rows[:_SHOW] + first_row).tolist()}"
+
+
 def _checked_batch(batch: pa.RecordBatch, url: str, pretokenized: bool, first_id: int, has_id: bool,
-                   default_source: str) -> pa.RecordBatch:
-    """id (int64), source (string) and the body column of one batch, checked like files.load_dataset."""
+                   default_source: str, first_row: int = 0) -> pa.RecordBatch:
+    """id (int64), source (string) and the body column of one batch, checked like files.load_dataset;
+    errors name the file and the rows (first_row: the batch's first row in the file)."""
     body = body_column(pretokenized)
     n = batch.num_rows
     if has_id:
         ids = batch["id"]
         if ids.null_count:
-            raise DataError(f"column 'id' in dataset file {url!r} has {ids.null_count} null value(s)")
+            raise DataError(f"column 'id' in dataset file {url!r} has {ids.null_count} null value(s), "
+                            f"{_rows_named(ids.is_null().to_numpy(zero_copy_only=False), first_row)}")
         try:
             ids = ids.cast(pa.int64())
         except pa.ArrowInvalid as err:  # uint64 beyond int64 range
@@ -128,20 +135,22 @@ def _checked_batch(batch: pa.RecordBatch, url: str, pretokenized: bool, first_id
     if "source" in batch.schema.names:
         sources = batch["source"]
         if sources.null_count:
-            raise DataError(f"column 'source' in dataset file {url!r} has {sources.null_count} null value(s)")
+            raise DataError(f"column 'source' in dataset file {url!r} has {sources.null_count} null value(s), "
+                            f"{_rows_named(sources.is_null().to_numpy(zero_copy_only=False), first_row)}")
         sources = sources.cast(pa.string())
         # a sample must say where it comes from: "" would be a source of its own in every answer
-        empty = np.flatnonzero(pc.equal(sources, "").to_numpy(zero_copy_only=False))
-        if len(empty):
-            raise DataError(f"column 'source' in dataset file {url!r} has {len(empty)} empty value(s), "
-                            f"e.g. row(s) {empty[:_SHOW].tolist()}")
+        empty = pc.equal(sources, "").to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise DataError(f"column 'source' in dataset file {url!r} has {int(empty.sum())} empty value(s), "
+                            f"{_rows_named(empty, first_row)}")
     else:  # pre-tokenised files may leave it out: the file is the source, as in a Megatron blend
         sources = pa.array([default_source] * n, pa.string())
     arrays, names = [ids, sources], ["id", "source"]
     if body in batch.schema.names:
         values = batch[body]
         if values.null_count:
-            raise DataError(f"column {body!r} in dataset file {url!r} has {values.null_count} null value(s)")
+            raise DataError(f"column {body!r} in dataset file {url!r} has {values.null_count} null value(s), "
+                            f"{_rows_named(values.is_null().to_numpy(zero_copy_only=False), first_row)}")
         arrays.append(values if pretokenized else values.cast(pa.string()))
         names.append(body)
     return pa.RecordBatch.from_arrays(arrays, names=names)
@@ -153,51 +162,95 @@ def default_source(url: str) -> str:
     return name.split(".", 1)[0] or name
 
 
+def file_batches(fs, path: str, url: str, pretokenized: bool, with_id: bool | None, first_position: int,
+                 columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS,
+                 storage_options: dict | None = None) -> Iterator[pa.RecordBatch]:
+    """Checked record batches of one data file (see module docstring); first_position is the
+    global row number of its first row (the ids of files without an id column). with_id: whether
+    the other files have ids (None: not known yet), a DataError if this one disagrees."""
+    body = body_column(pretokenized)
+    wanted = list(columns or ("id", "source", body))
+    with _storage_access(url, storage_options):
+        if _empty(fs, path):
+            return
+        dataset = _dataset(fs, path)
+        try:
+            has_id = _checked_schema(dataset.schema, url, pretokenized)
+            if with_id is not None and with_id != has_id:
+                raise DataError(f"column 'id' is in some files but missing from {url!r}; give ids everywhere "
+                                "or nowhere")
+            # ids and sources are always read (they are checked); the body only when asked for
+            read = [c for c in ("id", "source", body) if c in dataset.schema.names and (c != body or body in wanted)]
+            row = 0
+            for batch in dataset.to_batches(columns=read, batch_size=batch_rows):
+                if batch.num_rows == 0:
+                    continue
+                out = _checked_batch(batch, url, pretokenized, first_position + row, has_id, default_source(url), row)
+                row += batch.num_rows
+                yield out.select(wanted)
+        except pa.ArrowInvalid as err:
+            raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
+
+
+def check_columns(files: Sequence["DataFile"], storage_options: dict | None, pretokenized: bool) -> None:
+    """Every file's columns and types from its schema (a Parquet footer, a JSON Lines file's first
+    block), and ids in every file or in none: what can be said before any row is read."""
+    with_id: dict[bool, str] = {}
+    for f in files:
+        fs, path, url = files_of(f.url, storage_options)[0]
+        with _storage_access(url, storage_options):
+            if _empty(fs, path):
+                continue
+            try:
+                has_id = _checked_schema(_dataset(fs, path).schema, url, pretokenized)
+            except pa.ArrowInvalid as err:
+                raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
+        with_id.setdefault(has_id, url)
+    if len(with_id) > 1:
+        raise DataError(f"column 'id' is in some files but missing from {with_id[False]!r}; give ids everywhere "
+                        "or nowhere")
+
+
+def has_ids(fs, path: str, url: str) -> bool:
+    """Whether a data file has an id column (its schema: the footer, or a JSON Lines file's first block)."""
+    with _storage_access(url, None):
+        try:
+            return "id" in _dataset(fs, path).schema.names
+        except pa.ArrowInvalid as err:
+            raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
+
+
 def scan(uri_or_list, storage_options: dict | None = None, pretokenized: bool = False,
          columns: Sequence[str] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Checked record batches of every data file in row order (see module docstring).
+    """Checked record batches of every data file in row order, in this process (see module
+    docstring); the training data's stage reads the same way in Ray tasks (data/stage.py).
 
     columns: which of id, source and the body to return (default all three); a scan for ids
     and sources alone never reads the texts or tokens.
     """
-    body = body_column(pretokenized)
-    wanted = list(columns or ("id", "source", body))
     what = f"dataset {uri_or_list if isinstance(uri_or_list, (str, os.PathLike)) else list(uri_or_list)}"
     with_id: bool | None = None
-    position, any_rows = 0, False
+    position = 0
     for fs, path, url in files_of(uri_or_list, storage_options):
         with _storage_access(url, storage_options):
-            if _empty(fs, path):
-                continue
-            dataset = _dataset(fs, path)
-            try:
-                has_id = _checked_schema(dataset.schema, url, pretokenized)
-                # ids and sources are always read (they are checked); the body only when asked for
-                read = [c for c in ("id", "source", body) if c in dataset.schema.names and (c != body or body in wanted)]
-                batches = dataset.to_batches(columns=read, batch_size=batch_rows)
-                for batch in batches:
-                    if batch.num_rows == 0:
-                        continue
-                    if with_id is None:
-                        with_id = has_id
-                    elif with_id != has_id:
-                        raise DataError(f"{what}: column 'id' is in some files but missing from "
-                                        f"{url!r}; give ids everywhere or nowhere")
-                    out = _checked_batch(batch, url, pretokenized, position, has_id, default_source(url))
-                    position += batch.num_rows
-                    any_rows = True
-                    yield out.select(wanted)
-            except pa.ArrowInvalid as err:
-                raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
-    if not any_rows:
+            for batch in file_batches(fs, path, url, pretokenized, with_id, position, columns, batch_rows,
+                                      storage_options):
+                if with_id is None:
+                    with_id = has_ids(fs, path, url)
+                position += batch.num_rows
+                yield batch
+    if position == 0:
         raise DataError(f"{what} is empty (no rows)")
 
 
-def listing(uri_or_list, storage_options: dict | None = None, count_rows: bool = True) -> list[DataFile]:
+def listing(uri_or_list, storage_options: dict | None = None, count_rows: bool = True,
+            count_jsonl: Callable[[list[str]], list[int]] | None = None) -> list[DataFile]:
     """Every data file's URL, size, version and rows: what pins the data a run uses. Parquet rows
-    come from the footer; JSON Lines files are counted by a scan. count_rows=False: rows -1 (a
-    check against a recorded listing needs only URL, size and version)."""
+    come from the footer; JSON Lines files are counted by a scan, here or by count_jsonl(urls)
+    (the data stage counts them in Ray tasks). count_rows=False: rows -1 (a check against a
+    recorded listing needs only URL, size and version)."""
     out = []
+    later: list[int] = []
     for fs, path, url in files_of(uri_or_list, storage_options):
         with _storage_access(url, storage_options):
             info = fs.info(path)
@@ -212,13 +265,32 @@ def listing(uri_or_list, storage_options: dict | None = None, count_rows: bool =
                         with fs.open(path, "rb") as f:
                             meta = pq.ParquetFile(f).metadata
                         rows, (lo, hi) = meta.num_rows, _id_range(meta)
+                    elif count_jsonl is not None:
+                        rows = -1
+                        later.append(len(out))
                     else:
                         rows = _dataset(fs, path).count_rows()
                 except pa.ArrowInvalid as err:
                     raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
         out.append(DataFile(url=url, size=int(info.get("size") or 0), version=_version(info), rows=rows,
                             id_min=lo, id_max=hi))
+    if later:
+        counts = count_jsonl([out[i].url for i in later])
+        for i, rows in zip(later, counts):
+            out[i] = DataFile(**{**asdict(out[i]), "rows": int(rows)})
     return out
+
+
+def count_rows(url: str, storage_options: dict | None) -> int:
+    """Rows of one data file (a JSON Lines file is parsed whole: what a task does, not a driver)."""
+    fs, path, _ = files_of(url, storage_options)[0]
+    with _storage_access(url, storage_options):
+        if _empty(fs, path):
+            return 0
+        try:
+            return _dataset(fs, path).count_rows()
+        except pa.ArrowInvalid as err:
+            raise DataError(f"cannot parse dataset file {url!r}: {err}") from err
 
 
 def _id_range(meta: pq.FileMetaData) -> tuple[int | None, int | None]:

@@ -8,36 +8,30 @@ only its rows); rank 0 also reads the id and source columns of the whole file fo
 records. Columns: step, id, source, length (real tokens) and input_ids (fixed-size lists of
 seq_len int32 token ids, right-padded).
 
-Writing streams the corpus once (data/scan.py): rows that no trained step uses are never
-tokenised, used rows are tokenised once (even when several epochs use them) and spilled to local
-buckets by destination file; each bucket is then ordered and written. What a process holds is
-one record batch, one bucket and, per corpus row and epoch, the batch plan's slot of the row
-(int32), plus each row's int64 id for the uniqueness check.
+Writing is the data stage's Ray Data pipeline (data/stage.py): each read task computes its own
+rows' slots (`slots_of`), tokenises only the rows a written step uses, and the rows of one file
+meet in one task that orders them (`file_bytes`). No process holds anything per corpus row.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rayattr.data.batching import BatchPlan, epoch_permutation
+from rayattr.data.batching import BatchPlan
 from rayattr.data.errors import DataError
-from rayattr.data.files import check_unique_ids
+from rayattr.data.permutation import to_slot
 from rayattr.data.tokenized import tensors
 
 TOKENS_DIR = "data/tokens"
 META = f"{TOKENS_DIR}/meta.json"
-# Open spill buckets at most: bounds file handles; a bucket is then several files' rows.
-MAX_BUCKETS = 64
 
 
 @dataclass(frozen=True)
@@ -74,144 +68,43 @@ class ShardLayout:
         return min(self.steps_per_file, self.num_steps - index * self.steps_per_file)
 
 
-def _schema(seq_len: int) -> pa.Schema:
-    return pa.schema([("slot", pa.int64()), ("id", pa.int64()), ("source", pa.string()),
-                      ("length", pa.int32()), ("input_ids", pa.list_(pa.int32(), seq_len))])
+def slots_of(positions: np.ndarray, lay: ShardLayout) -> np.ndarray:
+    """(epochs, len(positions)): the global slot (step * G + place in the global batch) each corpus
+    position fills in each epoch, -1 where no written step uses it. Evaluated for these positions
+    alone (data/permutation.py): a read task needs nothing but its own rows and the layout."""
+    plan, g = lay.plan, lay.plan.global_batch_size
+    spe = plan.steps_per_epoch
+    out = np.full((lay.epochs, len(positions)), -1, dtype=np.int64)
+    for e in range(lay.epochs):
+        used = max(0, min(spe, lay.num_steps - e * spe)) * g
+        slot = to_slot(positions, lay.n_samples, lay.seed, e)
+        keep = slot < used
+        out[e, keep] = e * spe * g + slot[keep]
+    return out
 
 
-@dataclass
-class TokenSpill:
-    """The used rows, tokenised and bucketed by destination file on local disk (pass one)."""
-
-    layout: ShardLayout
-    directory: tempfile.TemporaryDirectory
-    files_per_bucket: int
-    stats: dict = field(default_factory=dict)  # rows_scanned, rows_encoded, n_truncated, sources
-
-    def write(self, put: Callable[[str, bytes], None]) -> dict:
-        """Pass two: each bucket ordered into its files, handed to put(rel, bytes); returns the meta."""
-        lay = self.layout
-        g = lay.plan.global_batch_size
-        for bucket in range(math.ceil(lay.n_files / self.files_per_bucket)):
-            first = bucket * self.files_per_bucket
-            files = range(first, min(lay.n_files, first + self.files_per_bucket))
-            table = _read_bucket(os.path.join(self.directory.name, f"{bucket}.arrow"), lay.seq_len)
-            slots = table["slot"].to_numpy()
-            order = np.argsort(slots, kind="stable")
-            start = first * lay.steps_per_file * g
-            expected = np.arange(start, start + sum(lay.steps_in(f) for f in files) * g)
-            if not np.array_equal(slots[order], expected):  # every slot exactly once: else a bug, not bad data
-                raise DataError(f"token shards {lay.file(first)}...: the corpus scan filled {len(slots)} of "
-                                f"{len(expected)} batch-plan slots; was the data changed during the scan?")
-            table = table.take(order)
-            for f in files:
-                a = (f * lay.steps_per_file * g) - start
-                put(lay.file(f), _file_bytes(table.slice(a, lay.steps_in(f) * g), lay))
-        self.directory.cleanup()
-        meta = {"layout": asdict(lay), **self.stats}
-        return meta
-
-
-def _read_bucket(path: str, seq_len: int) -> pa.Table:
-    if not os.path.exists(path):
-        return _schema(seq_len).empty_table()
-    with pa.OSFile(path, "rb") as f:
-        return pa.ipc.open_stream(f).read_all()
-
-
-def _file_bytes(rows: pa.Table, lay: ShardLayout) -> bytes:
-    """One shard file: rows in slot order, regrouped rank-major into one row group per rank."""
+def file_bytes(rows: pa.Table, lay: ShardLayout, index: int) -> bytes:
+    """Token file `index` from its rows (columns slot, id, source, length, input_ids, in any order):
+    every slot of its steps exactly once, regrouped rank-major into one row group per rank."""
     g = lay.plan.global_batch_size
+    start = index * lay.steps_per_file * g
+    rows = rows.take(np.argsort(rows["slot"].to_numpy(), kind="stable"))
     slot = rows["slot"].to_numpy()
+    if not np.array_equal(slot, np.arange(start, start + lay.steps_in(index) * g)):  # a bug, not bad data
+        raise DataError(f"token shard {lay.file(index)}: the corpus scan filled {len(slot)} of "
+                        f"{lay.steps_in(index) * g} batch-plan slots; was the data changed during the scan?")
     rank = (slot % g) // lay.share
     rows = rows.take(np.lexsort((slot, rank)))
     slot = rows["slot"].to_numpy()
+    # one chunk per column: the bytes then do not depend on how the rows arrived
     out = pa.table({"step": pa.array((slot // g).astype(np.int32)), "id": rows["id"], "source": rows["source"],
-                    "length": rows["length"], "input_ids": rows["input_ids"]})
+                    "length": rows["length"], "input_ids": rows["input_ids"]}).combine_chunks()
     per_rank = len(rows) // lay.world_size
     sink = io.BytesIO()
     with pq.ParquetWriter(sink, out.schema, compression="zstd") as w:
         for r in range(lay.world_size):
             w.write_table(out.slice(r * per_rank, per_rank), row_group_size=max(1, per_rank))
     return sink.getvalue()
-
-
-def plan_slots(lay: ShardLayout) -> np.ndarray:
-    """(epochs, n_samples): the global slot (step * G + position in the global batch) each row
-    fills in each epoch, -1 where no written step uses it; int32 while slots fit (half the memory)."""
-    plan, g = lay.plan, lay.plan.global_batch_size
-    spe = plan.steps_per_epoch
-    dtype = np.int32 if lay.num_steps * g < np.iinfo(np.int32).max else np.int64
-    slots = np.full((lay.epochs, lay.n_samples), -1, dtype=dtype)
-    for e in range(lay.epochs):
-        used = max(0, min(spe, lay.num_steps - e * spe)) * g
-        # uncached: the driver need not keep n-long permutations after the data stage
-        perm = epoch_permutation.__wrapped__(lay.n_samples, e, lay.seed)
-        slots[e, perm[:used]] = e * spe * g + np.arange(used)
-        del perm
-    return slots
-
-
-Encoder = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray, int]]
-
-
-def spill_tokens(batches: Iterable[pa.RecordBatch], lay: ShardLayout, encode: Encoder) -> TokenSpill:
-    """Pass one: stream the corpus, tokenise the rows the written steps use, bucket them on disk.
-
-    `batches` carry id and source plus the body `encode` turns into (token rows, lengths,
-    truncated count); rows come in corpus order (the batch plan's sample positions)."""
-    slots = plan_slots(lay)
-    g = lay.plan.global_batch_size
-    files_per_bucket = math.ceil(lay.n_files / MAX_BUCKETS)
-    directory = tempfile.TemporaryDirectory(prefix="rayattr-tokens-")
-    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
-    schema = _schema(lay.seq_len)
-    position = encoded = truncated = 0
-    ids: list[np.ndarray] = []
-    sources: set[str] = set()
-    try:
-        for batch in batches:
-            n = batch.num_rows
-            if position + n > lay.n_samples:
-                raise DataError(f"the training data has more rows than the {lay.n_samples} it had when "
-                                "counted; was it changed during the scan?")
-            ids.append(batch["id"].to_numpy())
-            mine = slots[:, position:position + n]
-            position += n
-            used = np.flatnonzero((mine >= 0).any(axis=0))
-            if not len(used):
-                continue  # unused rows are never tokenised
-            rows = batch.take(pa.array(used))
-            tokens, lengths, cut = encode(rows)
-            encoded, truncated = encoded + len(used), truncated + cut
-            sources.update(rows["source"].unique().to_pylist())
-            flat = pa.FixedSizeListArray.from_arrays(pa.array(tokens.astype(np.int32).ravel()), lay.seq_len)
-            for e in range(lay.epochs):
-                keep = np.flatnonzero(mine[e, used] >= 0)
-                if not len(keep):
-                    continue
-                slot = mine[e, used[keep]].astype(np.int64)
-                part = pa.record_batch([pa.array(slot), rows["id"].take(keep), rows["source"].take(keep),
-                                        pa.array(lengths[keep].astype(np.int32)), flat.take(keep)], schema=schema)
-                bucket = slot // g // lay.steps_per_file // files_per_bucket
-                for b in np.unique(bucket):
-                    if b not in writers:
-                        writers[b] = pa.ipc.new_stream(os.path.join(directory.name, f"{b}.arrow"), schema)
-                    writers[b].write_batch(part.filter(pa.array(bucket == b)))
-        for w in writers.values():
-            w.close()
-        if position != lay.n_samples:
-            raise DataError(f"the training data has {position} rows, not the {lay.n_samples} it had when counted; "
-                            "was it changed during the scan?")
-        check_unique_ids(np.concatenate(ids), "training data")
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        directory.cleanup()
-        raise
-    stats = {"rows_scanned": position, "rows_encoded": encoded, "n_truncated": truncated,
-             "sources": sorted(sources)}
-    return TokenSpill(lay, directory, files_per_bucket, stats)
 
 
 class RankTokens:

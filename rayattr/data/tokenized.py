@@ -7,7 +7,7 @@ token shards of the training data (data/shards.py) both use them, so both give t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,27 +18,30 @@ from rayattr.data.files import check_unique_ids
 from rayattr.data.pretokenized import token_matrix
 from rayattr.data.tokenizer import Tokenizer
 
+# Names rows of a batch by file and row in an error: " (dataset file 'x', row(s) [3, 9])".
+Where = Callable[[np.ndarray], str]
 # Label value the HuggingFace / torch cross-entropy losses skip.
 IGNORE_INDEX = -100
 
 
 def encode_texts(texts: Sequence[str], ids: np.ndarray, tokenizer: Tokenizer, seq_len: int,
-                 add_eos: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-    """(n, seq_len) int64 token rows right-padded with pad_id, (n,) real lengths, and how many
-    rows were truncated. Each text is encoded (plus eos when add_eos and the tokenizer has one)
-    and cut to seq_len; `ids` only name a row in errors."""
+                 add_eos: bool = True, where: Where | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, seq_len) int64 token rows right-padded with pad_id, (n,) real lengths, and (n,) whether
+    each row was truncated. Each text is encoded (plus eos when add_eos and the tokenizer has one)
+    and cut to seq_len; `ids` (and `where`: the file and row of given rows) only name a row in errors."""
     eos = tokenizer.eos_id if add_eos else None
     input_ids = np.full((len(texts), seq_len), tokenizer.pad_id, dtype=np.int64)
     lengths = np.zeros(len(texts), dtype=np.int64)
-    truncated = 0
+    truncated = np.zeros(len(texts), dtype=bool)
     for row, text in enumerate(texts):
         tokens = tokenizer.encode(text)
         if eos is not None:
             tokens.append(eos)
         if not tokens:
-            raise DataError(f"sample id {ids[row]} encodes to no tokens (empty text and no eos)")
+            at = where(np.array([row])) if where else ""
+            raise DataError(f"sample id {ids[row]}{at} encodes to no tokens (empty text and no eos)")
         if len(tokens) > seq_len:
-            truncated += 1
+            truncated[row] = True
             tokens = tokens[:seq_len]
         input_ids[row, :len(tokens)] = tokens
         lengths[row] = len(tokens)
@@ -46,15 +49,15 @@ def encode_texts(texts: Sequence[str], ids: np.ndarray, tokenizer: Tokenizer, se
 
 
 def rows_of(table: pa.Table | pa.RecordBatch, tokenizer: Tokenizer, seq_len: int, add_eos: bool = True,
-            what: str = "table") -> tuple[np.ndarray, np.ndarray, int]:
-    """Token rows of a table with a `text` column (encoded) or an `input_ids` column (pre-tokenised,
-    checked and used as they are)."""
+            what: str = "table", where: Where | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token rows, lengths and truncation flags of a table with a `text` column (encoded) or an
+    `input_ids` column (pre-tokenised, checked and used as they are: never truncated)."""
     ids = table["id"].to_numpy()
     if "input_ids" in table.column_names:
         tokens, lengths = token_matrix(table["input_ids"], ids, seq_len, tokenizer.vocab_size,
-                                       tokenizer.pad_id, what)
-        return tokens, lengths, 0
-    return encode_texts(table["text"].to_pylist(), ids, tokenizer, seq_len, add_eos)
+                                       tokenizer.pad_id, what, where)
+        return tokens, lengths, np.zeros(len(lengths), dtype=bool)
+    return encode_texts(table["text"].to_pylist(), ids, tokenizer, seq_len, add_eos, where)
 
 
 class TokenizedDataset:
@@ -90,7 +93,8 @@ class TokenizedDataset:
         ids = table["id"].to_numpy().astype(np.int64)
         check_unique_ids(ids, "TokenizedDataset table")
         self.sources: list[str] = table["source"].to_pylist()
-        input_ids, lengths, self.num_truncated = rows_of(table, tokenizer, seq_len, add_eos)
+        input_ids, lengths, cut = rows_of(table, tokenizer, seq_len, add_eos)
+        self.num_truncated = int(cut.sum())
         t = tensors(input_ids, lengths)
         self.input_ids, self.attention_mask, self.labels = t["input_ids"], t["attention_mask"], t["labels"]
         self.lengths = torch.from_numpy(lengths)

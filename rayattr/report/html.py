@@ -377,7 +377,7 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         "steps.png": (figures.step_bars(*steps), "mean value of an occurrence against training step"),
         "phases.png": (figures.phase_heatmap(phases), "mean value per occurrence by source and training phase"),
     }
-    loss = loss_summary(run.step_records())
+    loss = loss_summary(run.step_losses())
     if loss:
         pngs["loss.png"] = (figures.loss_curve(loss["steps"], loss["loss"]), "training loss per step")
     for name, (png, _) in pngs.items():

@@ -124,6 +124,30 @@ def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = No
     return [by_step[s] for s in sorted(by_step)]
 
 
+@dataclass(frozen=True)
+class StepLoss:
+    """A step record's step, loss and learning rate alone (what `rayattr show` and `report`
+    plot and summarise)."""
+
+    step: int
+    loss: float | None
+    lr: float
+
+
+def read_step_losses(run: "Run") -> list[StepLoss]:
+    """Every committed step's loss and learning rate, reading only those columns of each chunk
+    (range reads of three column chunks, not the per-sample lists); later commits win, as in
+    read_step_records."""
+    entries = load_entries(run._storage, layout.RECORDS_KIND)
+    entries.sort(key=lambda e: (e.committed_at, e.shard))
+    by_step: dict[int, tuple[float | None, float]] = {}
+    for e in entries:
+        with run._storage.open_read(e.shard) as f:
+            t = pq.ParquetFile(f).read(columns=["step", "loss", "lr"], use_threads=False)
+        by_step.update(zip(t["step"].to_pylist(), zip(t["loss"].to_pylist(), t["lr"].to_pylist())))
+    return [StepLoss(s, *by_step[s]) for s in sorted(by_step)]
+
+
 def last_record_step(run: "Run") -> int | None:
     """The last committed step record's step (None: none yet), without reading any record:
     each chunk's commit entry is named by its step range, whose last step is the chunk's

@@ -19,7 +19,7 @@ from . import layout
 from .errors import StoreError
 from .fs import join_uri, split_uri
 from .options import StoreOptions
-from .records import StepRecord, last_record_step, read_step_records, write_step_records
+from .records import StepLoss, StepRecord, last_record_step, read_step_losses, read_step_records, write_step_records
 from .storage import Storage
 
 STORE_FORMAT = 1
@@ -321,6 +321,10 @@ class Run:
         """Committed step records of [step_start, step_end) in step order (end None: all;
         a re-written step: latest commit wins)."""
         return read_step_records(self, step_start, step_end)
+
+    def step_losses(self) -> list[StepLoss]:
+        """Every committed step's loss (step and loss columns only), in step order."""
+        return read_step_losses(self)
 
     def last_step_record(self) -> int | None:
         """Step of the last committed step record (None: none), from the index's object names

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rayattr.validate.errors import ValidationError
 
@@ -82,48 +84,102 @@ def parse_window(text: str | None, num_steps: int) -> tuple[int, int] | None:
     return (a, b) if (a, b) != (0, num_steps) else None
 
 
-def windowed(samples: pa.Table, window: tuple[int, int] | None) -> pa.Table:
-    """The occurrences (values/samples.parquet rows) inside the window."""
+Samples = Callable[[list[str]], Iterator[pa.RecordBatch]]
+"""values/samples.parquet as record batches of the given columns (`run_samples`), or a table."""
+
+
+def _in_window(b, window: tuple[int, int]):
+    return pc.and_(pc.greater_equal(b["step"], window[0]), pc.less(b["step"], window[1]))
+
+
+def windowed(samples: Samples | pa.Table, window: tuple[int, int] | None) -> Samples | pa.Table:
+    """The occurrences (values/samples.parquet rows) inside the window, as what was given."""
     if window is None:
         return samples
-    return samples.filter(pc.and_(pc.greater_equal(samples["step"], window[0]), pc.less(samples["step"], window[1])))
+    if isinstance(samples, pa.Table):
+        return samples.filter(_in_window(samples, window))
+
+    def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        wanted = list(dict.fromkeys([*columns, "step"]))
+        for b in _batches(samples, wanted):
+            yield b.filter(_in_window(b, window)).select(columns)
+    return batches
 
 
-def predicted(samples: pa.Table, removal: Removal) -> tuple[float, int]:
+def run_samples(run) -> Samples:
+    """The run's values/samples.parquet read row group by row group, only the columns asked for:
+    what validate holds is one row group of a few columns, plus what it collects."""
+    def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+        with run.open_read("values/samples.parquet") as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                yield from pf.read_row_group(g, columns=columns, use_threads=False).combine_chunks().to_batches()
+    return batches
+
+
+def _batches(samples: Samples | pa.Table, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    return samples.select(columns).to_batches() if isinstance(samples, pa.Table) else samples(columns)
+
+
+def predicted_all(samples: Samples | pa.Table, removals: list[Removal]) -> list[tuple[float, int]]:
+    """Σ value of each removal's occurrences and how many there are, in one pass over the values."""
+    sums, counts = np.zeros(len(removals)), np.zeros(len(removals), dtype=np.int64)
+    wanted = [pa.array(r.sample_ids, pa.int64()) for r in removals]
+    for b in _batches(samples, ["sample_id", "step", "value"]):
+        for i, r in enumerate(removals):
+            mask = pc.is_in(b["sample_id"], wanted[i])
+            if r.step is not None:
+                mask = pc.and_(mask, pc.equal(b["step"], r.step))
+            if r.window is not None:
+                mask = pc.and_(mask, _in_window(b, r.window))
+            chosen = b.filter(mask)
+            sums[i] += float(pc.sum(chosen["value"]).as_py() or 0.0)
+            counts[i] += chosen.num_rows
+    return [(float(v), int(c)) for v, c in zip(sums, counts)]
+
+
+def predicted(samples: Samples | pa.Table, removal: Removal) -> tuple[float, int]:
     """Σ value of the removed occurrences (values/samples.parquet) and how many there are."""
-    mask = pc.is_in(samples["sample_id"], pa.array(removal.sample_ids, pa.int64()))
-    if removal.step is not None:
-        mask = pc.and_(mask, pc.equal(samples["step"], removal.step))
-    chosen = windowed(samples.filter(mask), removal.window)
-    return float(pc.sum(chosen["value"]).as_py() or 0.0), chosen.num_rows
+    return predicted_all(samples, [removal])[0]
 
 
-def subset_removals(samples: pa.Table, n: int, fraction: float, rng: np.random.Generator) -> list[Removal]:
+def subset_removals(samples: Samples | pa.Table, n: int, fraction: float, rng: np.random.Generator) -> list[Removal]:
     """`n` random subsets of `fraction` of the training samples, all their occurrences."""
     if not 0 < fraction < 1:
         raise ValidationError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
-    ids = np.unique(samples["sample_id"].to_numpy())
+    ids = np.unique(np.concatenate([np.unique(b["sample_id"].to_numpy()) for b in _batches(samples, ["sample_id"])]
+                                   or [np.zeros(0, np.int64)]))
     k = max(1, round(fraction * len(ids)))
     return [Removal("subset", str(i), tuple(int(x) for x in np.sort(rng.choice(ids, k, replace=False))))
             for i in range(n)]
 
 
-def source_removals(samples: pa.Table, names: list[str] | None) -> list[Removal]:
+def source_removals(samples: Samples | pa.Table, names: list[str] | None) -> list[Removal]:
     """Leave one source out, for every source (names=None) or the given ones."""
-    known = sorted(set(samples["source"].to_pylist()))
+    by_source: dict[str, set[int]] = {}
+    for b in _batches(samples, ["source", "sample_id"]):
+        for name, ids in zip(*_grouped(b)):
+            by_source.setdefault(name, set()).update(ids)
+    known = sorted(by_source)
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise ValidationError(f"unknown source(s) {unknown}; the run's sources are {known}")
-    out = []
-    for name in names or known:
-        ids = pc.unique(samples.filter(pc.equal(samples["source"], name))["sample_id"]).to_numpy()
-        out.append(Removal("source", name, tuple(int(x) for x in np.sort(ids))))
-    return out
+    return [Removal("source", name, tuple(sorted(by_source[name]))) for name in names or known]
 
 
-def occurrence_removals(samples: pa.Table, n: int, rng: np.random.Generator) -> list[Removal]:
+def _grouped(b: pa.RecordBatch) -> tuple[list[str], list[list[int]]]:
+    t = pa.Table.from_batches([b]).group_by("source").aggregate([("sample_id", "distinct")])
+    return t["source"].to_pylist(), t["sample_id_distinct"].to_pylist()
+
+
+def occurrence_removals(samples: Samples | pa.Table, n: int, rng: np.random.Generator) -> list[Removal]:
     """`n` single occurrences (one sample at one step) drawn at random."""
-    rows = rng.choice(samples.num_rows, min(n, samples.num_rows), replace=False)
-    sid, step = samples["sample_id"].to_numpy(), samples["step"].to_numpy()
-    return [Removal("occurrence", f"{int(sid[r])}@{int(step[r])}", (int(sid[r]),), int(step[r]))
-            for r in np.sort(rows)]
+    total = sum(b.num_rows for b in _batches(samples, ["step"]))
+    rows = np.sort(rng.choice(total, min(n, total), replace=False))
+    out, start = [], 0
+    for b in _batches(samples, ["sample_id", "step"]):
+        mine = rows[(rows >= start) & (rows < start + b.num_rows)] - start
+        sid, step = b["sample_id"].to_numpy(), b["step"].to_numpy()
+        out += [Removal("occurrence", f"{int(sid[r])}@{int(step[r])}", (int(sid[r]),), int(step[r])) for r in mine]
+        start += b.num_rows
+    return out

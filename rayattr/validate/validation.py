@@ -13,8 +13,8 @@ import pyarrow as pa
 from rayattr.config import Config
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.lease import driver_lease
-from rayattr.validate.counterfactuals import (Removal, occurrence_removals, parse_window, predicted,
-                                              source_removals, subset_removals, windowed)
+from rayattr.validate.counterfactuals import (Removal, occurrence_removals, parse_window, predicted_all,
+                                              run_samples, source_removals, subset_removals, windowed)
 from rayattr.validate.errors import ValidationError
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 
@@ -81,14 +81,14 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
 
 
 def _num_steps(run: Run) -> int:
-    return max(r.step for r in run.step_records()) + 1
+    return (run.last_step_record() or 0) + 1
 
 
 def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps,
               window: tuple[int, int] | None) -> ValidationResult:
     cfg = Config.from_dict(run.manifest["config"])
-    samples = windowed(run.read_table("values/samples.parquet"), window)
-    if samples.num_rows == 0:
+    samples = windowed(run_samples(run), window)  # by row group and column, never the whole table
+    if window is not None and not any(b.num_rows for b in samples(["step"])):
         raise ValidationError(f"no occurrence of the run lies in the window {window}")
     rng = np.random.default_rng(seed)
     plan: list[Removal] = [Removal("baseline", "nothing removed")]
@@ -129,7 +129,7 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
     return out
 
 
-def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples: pa.Table,
+def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
                    seed: int, fraction: float, window: tuple[int, int] | None = None) -> ValidationResult:
     from rayattr.reduce import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
@@ -140,8 +140,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                            cfg.data.seq_len)
     run_loss = mean_loss(final_model(run, cfg), val)
     rows: dict[str, list[dict]] = {k: [] for k in TABLES}
-    for r in plan[1:]:
-        pred, n_occ = predicted(samples, r)
+    for r, (pred, n_occ) in zip(plan[1:], predicted_all(samples, plan[1:])):
         actual = done[r.key]["loss"] - base["loss"]
         if r.kind == "occurrence":
             e = round(1.0 - r.weight, 12)  # the ε asked for, not 1 − (1 − ε)'s rounding
