@@ -4,13 +4,18 @@ replaces what its successor wrote, and duplicates are resolved by writer epoch, 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from rayattr.record import Recorder
 from rayattr.store import GradientReader, GradientWriter, Run
-from rayattr.store import layout
+from rayattr.store import layout, records
 from rayattr.store.commits import ShardCommit, latest_per_step
+from rayattr.train.engine import micro_batch_loss
+from tests.test_recorder import LR, B, setup  # noqa: F401  (the fixture)
 
 L = {"l": 4}
 
@@ -60,3 +65,41 @@ def test_duplicate_steps_go_to_the_later_epoch_not_the_later_clock():
     old_late, new_early = entry(1, at=2000.0), entry(2, at=1000.0)
     assert latest_per_step([old_late, new_early])[0][0] is new_early
     assert latest_per_step([new_early, old_late])[0][0] is new_early
+
+
+def _record(rec, model, opt, data, steps, first_sample):
+    """Train and record `steps`, B samples each, from sample `first_sample` on."""
+    for i, step in enumerate(steps):
+        b = data.batch(np.arange(first_sample + i * B, first_sample + (i + 1) * B))
+        with rec.step(b["ids"].tolist(), step=step):
+            micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
+            opt.step()
+            opt.zero_grad()
+    rec.flush()
+
+
+def test_a_zombie_recorders_late_step_records_do_not_replace_its_successors(setup, monkeypatch):  # noqa: F811
+    cfg, run, data, model = setup  # steps_per_shard 2: records are committed two steps a chunk
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    zombie = Recorder(model, run, cfg, optimizer=opt)
+    _record(zombie, model, opt, data, [0, 1], first_sample=0)
+    # rank 0 restarts while its predecessor still runs: the successor goes on after step 1
+    successor = Recorder(model, run, cfg, optimizer=opt, takeover=True)
+    assert successor.stored_through["records"] == 1
+    assert successor.records_writer.epoch > zombie.records_writer.epoch
+    _record(successor, model, opt, data, [2, 3], first_sample=8)
+    want = {r.step: r.sample_ids for r in run.step_records()}
+    assert want[2] == data.batch(np.arange(8, 12))["ids"].tolist()
+    # the zombie records the same steps with other samples, and steps past them, its clock later
+    monkeypatch.setattr(records, "time", SimpleNamespace(time=lambda: 4e9))
+    _record(zombie, model, opt, data, [2, 3, 4, 5], first_sample=16)
+    monkeypatch.undo()
+    assert {r.step: r.sample_ids for r in run.step_records()} == want
+    assert [s.step for s in run.step_losses()] == [0, 1, 2, 3]
+    assert run.last_step_record() == 3  # what a resumed recorder and finish's num_steps go by
+    _record(successor, model, opt, data, [4, 5], first_sample=0)
+    successor.finish(weights=False)
+    got = {r.step: r.sample_ids for r in Run.open_uri(run.uri).step_records()}
+    assert got == {**want, 4: data.batch(np.arange(0, 4))["ids"].tolist(),
+                   5: data.batch(np.arange(4, 8))["ids"].tolist()}
+    assert run.reload_manifest()["num_steps"] == 6

@@ -36,6 +36,7 @@ from rayattr.record.engines import steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.records import StepRecordWriter
 from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
 from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
@@ -137,7 +138,9 @@ class Recorder:
         self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
                               if self.optimizer.adamw else None)
         self.pending_records: list[StepRecord] = []
-        # rank 0 commits step records in the background, a shard's worth at a time
+        # rank 0 commits step records in the background, a shard's worth at a time, as one
+        # fenced writer: a zombie predecessor's late records never replace this one's
+        self.records_writer = StepRecordWriter(self.run) if self.rank == 0 else None
         self._records = BackgroundUploader(2, name="rayattr-records") if self.rank == 0 else None
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
         self._curv_rows: dict[str, list[torch.Tensor]] = {}
@@ -149,7 +152,7 @@ class Recorder:
         # Resuming: steps up to what the store holds are recomputed (identically) but not
         # written again, so the trajectory has neither gaps nor duplicates.
         last = lambda w: -1 if w is None or w.last_committed_step is None else w.last_committed_step  # noqa: E731
-        last_record = self.run.last_step_record() if self.rank == 0 else None  # names only, no records read
+        last_record = self.records_writer.last_committed_step if self.rank == 0 else None
         records = -1 if last_record is None else last_record
         self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer),
                                UPDATE_KIND: last(self.update_writer), "records": records}
@@ -400,4 +403,4 @@ class Recorder:
         (only rank 0 gathers any); `flush` or `close` waits for them."""
         if self.pending_records:
             records, self.pending_records = self.pending_records, []
-            self._records.submit(partial(self.run.write_step_records, records))
+            self._records.submit(partial(self.records_writer.write, records))

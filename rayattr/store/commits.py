@@ -56,6 +56,7 @@ class ShardCommit:
     committed_at: float  # writer's wall clock (seconds since epoch); informative only
     writer: str = ""  # id of the writer session that produced it
     epoch: int = 0  # its writer's epoch (store/epochs.py); 0: written before writer epochs
+    seq: int = 0  # how many commits its writer made before it: orders one writer's re-writes of a step
     format: str = SHARD_FORMAT  # shard encoding
     dtype: str = ""  # storage dtype of gradient columns
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> projected dim p

@@ -63,6 +63,8 @@ def claims(storage: Storage, kind: str) -> dict[int, dict[int, int]]:
             by_rank.setdefault(posixpath.dirname(rel), []).append(rel)
     rels = [r for group in by_rank.values() if len(group) > 1 for r in group]
     out: dict[int, dict[int, int]] = {}
+    if not rels:
+        return out
     for rel, raw in zip(rels, storage.get_many(rels)):
         info = json.loads(raw)
         out.setdefault(int(info["rank"]), {})[int(info["epoch"])] = int(info["from"])

@@ -30,7 +30,7 @@ from rayattr import hooks
 
 from . import epochs
 from .commits import ShardCommit
-from .layout import RECORDS_KIND
+from .layout import RECORDS_KIND, RECORDS_RANK, RECORDS_WRITER_RANK
 from .errors import StoreError
 from .storage import Storage
 
@@ -106,14 +106,22 @@ def load_entries(storage: Storage, kind: str, rank: int | None = None, rank_dir:
     for attempt in range(3):
         try:
             entries = _load_entries(storage, kind, rank, rank_dir, step_start, step_end)
-            if kind == RECORDS_KIND:
-                return entries
             # the claims are listed after the entries: an entry a zombie writer committed after
             # its successor's claim is then always judged against that claim
-            return epochs.fence(entries, epochs.claims(storage, kind))
+            return epochs.fence(entries, _claims(storage, kind))
         except FileNotFoundError:
             if attempt == 2:
                 raise
+
+
+def _claims(storage: Storage, kind: str) -> dict[int, dict[int, int]]:
+    """epochs.claims, keyed by the rank the entries name: the step records' writer claims as
+    rank 0 (RECORDS_WRITER_RANK) and its entries name rank -1 (RECORDS_RANK)."""
+    by_rank = epochs.claims(storage, kind)
+    if kind != RECORDS_KIND:
+        return by_rank
+    own = by_rank.get(RECORDS_WRITER_RANK)
+    return {RECORDS_RANK: own} if own else {}
 
 
 def _load_entries(storage, kind, rank, rank_dir, step_start, step_end) -> list[ShardCommit]:
@@ -133,10 +141,11 @@ def _load_entries(storage, kind, rank, rank_dir, step_start, step_end) -> list[S
 
 def last_step(storage: Storage, kind: str) -> int | None:
     """The largest step_last of the committed entries of `kind` (None: none), from object
-    names only: a manifest's name carries the last step of the entries it folds and a loose
-    entry's name its own step range, so nothing is read but two listings. The loose entries
-    are listed before the manifests: a compaction running in between has then written the
-    manifest of whatever entry it removed."""
+    names only (unless a writer of the kind was succeeded): a manifest's name carries the last
+    step of the entries it folds and a loose entry's name its own step range, so nothing is
+    read but three listings (with the claims). The loose entries are listed before the
+    manifests: a compaction running in between has then written the manifest of whatever
+    entry it removed."""
     best = None
     for rel in _loose(storage, kind):
         m = _ENTRY.match(posixpath.basename(rel))
@@ -144,6 +153,10 @@ def last_step(storage: Storage, kind: str) -> int | None:
         best = last if best is None else max(best, last)
     for _, _, _, last in _manifests(storage, kind):
         best = last if best is None else max(best, last)
+    if best is not None and _claims(storage, kind):
+        # a writer was succeeded: what its zombie committed later is fenced off (store/epochs.py)
+        # and must not count, so the entries are read (rare: only after a restart)
+        best = max((e.step_last for e in load_entries(storage, kind)), default=None)
     return best
 
 

@@ -2,13 +2,14 @@
 
 <root>/<run_id>/
     run.json                                   manifest
-    steps/00000000-00000063.parquet            step records chunk
-    commits/steps/00000000-00000063.json       its commit entry
+    steps/00000000-00000063.e00000001.parquet  step records chunk of the records' writer epoch 1
+    commits/steps/00000000-00000063.e00000001.json its commit entry
     grads/<kind>/r0003/00000016-00000031.e00000002.arrow  gradient shard (Arrow IPC file) of
                                                the rank's writer epoch 2
     commits/<kind>/r0003/00000016-00000031.e00000002.json its commit entry
     writers/<kind>/r0003.json                  writer registration (open / closed)
     epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
+    epochs/steps/r0000/e00000001               the claim of the step records' writer epoch 1
     embeddings/..., values/...                 later stages (free-form, via Run.write_*)
 
 Directory names never repeat a data column in Hive style (`rank=3/`), so pyarrow.dataset can
@@ -23,6 +24,9 @@ RUN_JSON = "run.json"
 STEP_DIGITS = 8
 SHARD_SUFFIX = ".arrow"
 RECORDS_KIND = "steps"
+RECORDS_RANK = -1  # the rank a step records' commit entry names
+# The records' one writer is rank 0's Recorder: it claims its epochs as rank 0's of kind "steps"
+RECORDS_WRITER_RANK = 0
 UPDATE_KIND = "update"  # AdamW update rows u = P g, beside the "train" rows (docs/method.md §7)
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -94,9 +98,9 @@ def epoch_path(kind: str, rank: int, epoch: int) -> str:
     return f"{epoch_dir(kind, rank)}/e{epoch:0{STEP_DIGITS}d}"
 
 
-def records_path(first: int, last: int) -> str:
-    return f"steps/{step_range(first, last)}.parquet"
+def records_path(first: int, last: int, epoch: int = 0) -> str:
+    return f"steps/{step_range(first, last)}{_epoch_suffix(epoch)}.parquet"
 
 
-def records_commit_path(first: int, last: int) -> str:
-    return f"commits/{RECORDS_KIND}/{step_range(first, last)}.json"
+def records_commit_path(first: int, last: int, epoch: int = 0) -> str:
+    return f"commits/{RECORDS_KIND}/{step_range(first, last)}{_epoch_suffix(epoch)}.json"

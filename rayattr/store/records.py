@@ -1,7 +1,10 @@
 """Step records: what each training step did (step size, global batch in order).
 
 Written as Parquet chunks under steps/ and committed like gradient shards (a commit entry
-under commits/steps/ written after the chunk); readers see committed chunks only.
+under commits/steps/ written after the chunk); readers see committed chunks only. Their
+writer (rank 0's Recorder) is fenced like a gradient writer (store/epochs.py): it claims an
+epoch of the records once, its chunks and entries carry it in their names, and of two
+records of one step the later epoch's wins, never the later clock.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout
+from . import epochs, layout
 from .commits import RECORDS_FORMAT, ShardCommit, sha256_hex, write_commit
 from .index import last_step, load_entries
 from .errors import StoreError
@@ -77,7 +80,35 @@ class StepRecord:
             raise StoreError(f"step record {self.step}: loss must be finite or None")
 
 
-def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
+class StepRecordWriter:
+    """The writer of a run's step records: rank 0's Recorder has one, and so has a Run handle
+    for Run.write_step_records. It claims a writer epoch of the records once, after reading
+    the last committed step (as GradientWriter does for its rank), so a zombie recorder (a
+    restarted rank 0's predecessor still running) can neither overwrite nor outvote its
+    successor: what it commits from the successor's first step on is fenced off."""
+
+    def __init__(self, run: "Run"):
+        run._check_writable("write_step_records")
+        self.run = run
+        self.writer = uuid.uuid4().hex[:12]
+        self.last_committed_step = last_record_step(run)
+        first = 0 if self.last_committed_step is None else self.last_committed_step + 1
+        self.epoch = epochs.claim(run._storage, layout.RECORDS_KIND, layout.RECORDS_WRITER_RANK, first,
+                                  self.writer)
+        self._seq = 0  # commits so far: a step this writer records twice goes to its later commit
+
+    def write(self, records: Sequence[StepRecord]) -> None:
+        """Commit `records` (one chunk + one commit entry)."""
+        if not records:
+            return
+        write_step_records(self.run, records, self.epoch, self.writer, self._seq)
+        self._seq += 1
+
+
+def write_step_records(run: "Run", records: Sequence[StepRecord], epoch: int = 0, writer: str = "",
+                       seq: int = 0) -> None:
+    """Commit one chunk of records as commit `seq` of `writer`, of its records epoch `epoch`
+    (StepRecordWriter claims it)."""
     if not records:
         return
     recs = sorted(records, key=lambda r: r.step)
@@ -97,23 +128,30 @@ def write_step_records(run: "Run", records: Sequence[StepRecord]) -> None:
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
     first, last = steps[0], steps[-1]
-    rel = layout.records_path(first, last)
+    rel = layout.records_path(first, last, epoch)
     run._storage.put_bytes(rel, data)
-    entry = ShardCommit(shard=rel, kind=layout.RECORDS_KIND, rank=-1, step_first=first,
+    entry = ShardCommit(shard=rel, kind=layout.RECORDS_KIND, rank=layout.RECORDS_RANK, step_first=first,
                         step_last=last, rows=len(recs), bytes=len(data), sha256=sha256_hex(data),
-                        committed_at=time.time(), writer=uuid.uuid4().hex[:12],
+                        committed_at=time.time(), writer=writer, epoch=epoch, seq=seq,
                         format=RECORDS_FORMAT)
-    write_commit(run._storage, layout.records_commit_path(first, last), entry)
+    write_commit(run._storage, layout.records_commit_path(first, last, epoch), entry)
+
+
+def _in_commit_order(entries: list[ShardCommit]) -> list[ShardCommit]:
+    """Entries in the order a re-written step's records replace each other: by writer epoch,
+    then by commit within one writer; never by the clock. Entries of writers from before
+    epochs (epoch 0, seq 0) go by name, so every reader agrees."""
+    return sorted(entries, key=lambda e: (e.epoch, e.seq, e.shard))
 
 
 def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = None) -> list[StepRecord]:
     """Committed records of steps [step_start, step_end) (end None: all): only the chunks
     whose step range overlaps it are fetched, found through the index (store/index.py)."""
-    entries = load_entries(run._storage, layout.RECORDS_KIND, step_start=step_start, step_end=step_end)
-    entries.sort(key=lambda e: (e.committed_at, e.shard))
+    entries = _in_commit_order(load_entries(run._storage, layout.RECORDS_KIND, step_start=step_start,
+                                            step_end=step_end))
     blobs = run._storage.get_many([e.shard for e in entries])
     by_step: dict[int, StepRecord] = {}
-    for e, data in zip(entries, blobs):  # later commits win for a re-written step
+    for e, data in zip(entries, blobs):  # a re-written step: the later writer (commit) wins
         if run._storage.options.verify_checksums and sha256_hex(data) != e.sha256:
             raise StoreError(f"checksum mismatch in step records {run.uri}/{e.shard}")
         for row in pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).to_pylist():  # see Run.read_table
@@ -136,10 +174,9 @@ class StepLoss:
 
 def read_step_losses(run: "Run") -> list[StepLoss]:
     """Every committed step's loss and learning rate, reading only those columns of each chunk
-    (range reads of three column chunks, not the per-sample lists); later commits win, as in
-    read_step_records."""
-    entries = load_entries(run._storage, layout.RECORDS_KIND)
-    entries.sort(key=lambda e: (e.committed_at, e.shard))
+    (range reads of three column chunks, not the per-sample lists); a re-written step goes to
+    the later writer (commit), as in read_step_records."""
+    entries = _in_commit_order(load_entries(run._storage, layout.RECORDS_KIND))
     by_step: dict[int, tuple[float | None, float]] = {}
     for e in entries:
         with run._storage.open_read(e.shard) as f:
@@ -151,5 +188,6 @@ def read_step_losses(run: "Run") -> list[StepLoss]:
 def last_record_step(run: "Run") -> int | None:
     """The last committed step record's step (None: none yet), without reading any record:
     each chunk's commit entry is named by its step range, whose last step is the chunk's
-    largest (store/index.py, last_step), so this is max(r.step for r in step_records())."""
+    largest (store/index.py, last_step), so this is max(r.step for r in step_records())
+    (after a recorder was succeeded, the entries are read: a zombie's later ones do not count)."""
     return last_step(run._storage, layout.RECORDS_KIND)

@@ -19,7 +19,8 @@ from . import layout
 from .errors import StoreError
 from .fs import join_uri, split_uri
 from .options import StoreOptions
-from .records import StepLoss, StepRecord, last_record_step, read_step_losses, read_step_records, write_step_records
+from .records import (StepLoss, StepRecord, StepRecordWriter, last_record_step, read_step_losses,
+                      read_step_records)
 from .storage import Storage
 
 STORE_FORMAT = 1
@@ -95,6 +96,7 @@ class Run:
         self._manifest = manifest
         self.readonly = readonly
         self._lease = None  # the driver lease this driver holds on the run (store/lease.py)
+        self._records_writer = None  # this handle's step records writer (one epoch), on first write
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -313,13 +315,20 @@ class Run:
 
     # -- step records ----------------------------------------------------------------------
     def write_step_records(self, records: Sequence[StepRecord]) -> None:
-        """Commit step records (one chunk + one commit entry per call)."""
+        """Commit step records (one chunk + one commit entry per call). The handle is one
+        writer: its first call claims a records epoch (store/records.py, StepRecordWriter),
+        and a step it records again replaces its earlier record. A handle that starts writing
+        later supersedes it: what this one commits from then on past the records is ignored."""
         self._check_writable("write_step_records")
-        write_step_records(self, records)
+        if not records:
+            return
+        if self._records_writer is None:
+            self._records_writer = StepRecordWriter(self)
+        self._records_writer.write(records)
 
     def step_records(self, step_start: int = 0, step_end: int | None = None) -> list[StepRecord]:
         """Committed step records of [step_start, step_end) in step order (end None: all;
-        a re-written step: latest commit wins)."""
+        a re-written step: the later writer's, or its writer's later commit)."""
         return read_step_records(self, step_start, step_end)
 
     def step_losses(self) -> list[StepLoss]:
