@@ -15,6 +15,7 @@ import torch
 
 from rayattr.store import GradientReader, GradientWriter, Run, StepRecord, StoreError, list_runs
 from rayattr.store import layout
+from rayattr.store.registrations import current
 
 LAYERS = {"l": 4}
 
@@ -117,7 +118,7 @@ def test_writer_of_a_dead_process_is_taken_over(store_root):
     out = subprocess.run([sys.executable, "-c", code, store_root.uri], env={**os.environ, **store_root.env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr[-2000:]
-    assert b'"open"' in run._storage.get_bytes(layout.writer_path("train", 0))
+    assert current(run._storage, "train")[0]["status"] == "open"
     with GradientWriter(run, 0, LAYERS) as w:
         assert w.last_committed_step == 0
 

@@ -15,7 +15,7 @@ from rayattr.attribution import open_recorded
 from rayattr.errors import USER_ERROR_EXIT
 from rayattr.record import Recorder
 from rayattr.store import GradientWriter, Run
-from rayattr.store.registrations import OpenWritersError
+from rayattr.store.registrations import OpenWritersError, current
 from tests.test_recorder import LR, B, record_steps, setup  # noqa: F401  (the fixture)
 
 
@@ -38,7 +38,7 @@ def test_rank0_marks_recorded_only_after_every_rank_closed(setup):  # noqa: F811
     later.join()
     m = run.reload_manifest()
     assert m["status"] == "recorded"
-    reg = __import__("json").loads(run._storage.get_bytes("writers/train/r0001.json"))
+    reg = current(run._storage, "train")[1]
     assert reg["status"] == "closed" and reg["time"] <= time.time()
 
 

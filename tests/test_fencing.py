@@ -12,8 +12,10 @@ import torch
 
 from rayattr.record import Recorder
 from rayattr.store import GradientReader, GradientWriter, Run
-from rayattr.store import layout, records
+from rayattr.store import epochs, records
 from rayattr.store.commits import ShardCommit, latest_per_step
+from rayattr.store.errors import StoreError
+from rayattr.store.registrations import current, open_writers
 from rayattr.train.engine import micro_batch_loss
 from tests.test_recorder import LR, B, setup  # noqa: F401  (the fixture)
 
@@ -47,7 +49,7 @@ def test_zombie_writers_late_write_does_not_replace_its_successors(run):
     _write(zombie, [2, 3, 4, 5], 9.0)
     assert _values(run) == {0: 1.0, 1: 1.0, 2: 2.0, 3: 2.0}
     zombie.close()  # its "closed" must not mark the successor's rank finished
-    reg = json.loads(run._storage.get_bytes(layout.writer_path("train", 0)))
+    reg = current(run._storage, "train")[0]
     assert (reg["writer"], reg["status"]) == (successor._id, "open")
     _write(successor, [4, 5], 3.0)
     successor.close()
@@ -56,6 +58,48 @@ def test_zombie_writers_late_write_does_not_replace_its_successors(run):
     with GradientWriter(run, 0, L, steps_per_shard=2) as third:
         assert third.last_committed_step == 5
         assert third.epoch > successor.epoch
+
+
+def _open(run):
+    return [(w["rank"], w["writer"]) for w in open_writers(run, ["train"])]
+
+
+def test_a_zombie_writers_late_registration_does_not_decide_its_rank(run, monkeypatch):
+    # A writer checked whether it was superseded and then wrote its rank's one registration: a
+    # zombie whose check ran before its successor claimed wrote after it anyway. Every
+    # interleaving below makes that check pass, as it could.
+    monkeypatch.setattr(epochs, "superseded", lambda *a, **k: False, raising=False)
+    zombie = GradientWriter(run, 0, L, steps_per_shard=2)
+    _write(zombie, [0, 1], 1.0)
+    successor = GradientWriter(run, 0, L, steps_per_shard=2, takeover=True)
+    _write(successor, [2, 3], 2.0)
+    zombie.close()  # "closed" lands after its successor registered "open"
+    assert _open(run) == [(0, successor._id)]
+    assert [w["writer"] for w in GradientReader(run).open_writers()] == [successor._id]
+    with pytest.raises(StoreError, match=f"already has an open writer {successor._id}"):
+        GradientWriter(run, 0, L)
+    successor.close()
+    assert _open(run) == []
+    zombie._register("open")  # a zombie's late "open" (its start) after its successor closed
+    assert _open(run) == [] and GradientReader(run).open_writers() == []
+    # a writer that claimed its epoch but has not registered yet is open already: a zombie's
+    # "closed" in between does not end the rank
+    epochs.claim(run._storage, "train", 0, 4, "starting")
+    zombie._register("closed")
+    assert _open(run) == [(0, "starting")]
+
+
+def test_a_run_from_before_epoch_registrations_reads(run):
+    """A run written before registrations carried the epoch: one per rank, rNNNN.json."""
+    legacy = {"rank": 1, "kind": "train", "status": "open", "writer": "old", "host": "h", "pid": 1,
+              "time": 0.0, "step_range": None}
+    run._storage.put_bytes("writers/train/r0001.json", json.dumps(legacy).encode())
+    assert _open(run) == [(1, "old")]
+    run._storage.put_bytes("writers/train/r0001.json", json.dumps({**legacy, "status": "closed"}).encode())
+    assert _open(run) == []
+    with GradientWriter(run, 1, L) as w:  # a resumed rank registers under its epoch
+        assert _open(run) == [(1, w._id)]
+    assert _open(run) == []
 
 
 def test_duplicate_steps_go_to_the_later_epoch_not_the_later_clock():

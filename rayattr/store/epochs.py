@@ -28,6 +28,7 @@ from . import layout
 from .storage import Storage
 
 _CLAIM = re.compile(r"^e(\d+)$")
+_RANK = re.compile(r"^r(\d+)$")
 MAX_CLAIM_TRIES = 64
 
 
@@ -85,6 +86,19 @@ def fence(entries: list, by_rank: dict[int, dict[int, int]]) -> list:
     return out
 
 
-def superseded(storage: Storage, kind: str, rank: int, epoch: int) -> bool:
-    """Whether a later writer of (kind, rank) has claimed an epoch after `epoch`."""
-    return any((e or 0) > epoch for e in map(_parse, storage.find(layout.epoch_dir(kind, rank))))
+def latest(storage: Storage, kind: str) -> dict[int, int]:
+    """rank -> the latest epoch claimed of `kind` (one LIST; no claim is read)."""
+    out: dict[int, int] = {}
+    for rel in storage.find(layout.epoch_dir(kind)):
+        epoch, rank = _parse(rel), _RANK.match(posixpath.basename(posixpath.dirname(rel)))
+        if epoch is not None and rank:
+            out[int(rank[1])] = max(out.get(int(rank[1]), 0), epoch)
+    return out
+
+
+def read_claim(storage: Storage, kind: str, rank: int, epoch: int) -> dict | None:
+    """What a claim records (writer, from, host, pid, time); None if it is gone."""
+    try:
+        return json.loads(storage.get_bytes(layout.epoch_path(kind, rank, epoch)))
+    except FileNotFoundError:
+        return None

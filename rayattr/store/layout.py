@@ -7,7 +7,7 @@
     grads/<kind>/r0003/00000016-00000031.e00000002.arrow  gradient shard (Arrow IPC file) of
                                                the rank's writer epoch 2
     commits/<kind>/r0003/00000016-00000031.e00000002.json its commit entry
-    writers/<kind>/r0003.json                  writer registration (open / closed)
+    writers/<kind>/r0003.e00000002.json        registration (open / closed) of writer epoch 2 of rank 3
     epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
     epochs/steps/r0000/e00000001               the claim of the step records' writer epoch 1
     embeddings/..., values/...                 later stages (free-form, via Run.write_*)
@@ -84,8 +84,10 @@ def writer_dir(kind: str) -> str:
     return f"writers/{kind}"
 
 
-def writer_path(kind: str, rank: int) -> str:
-    return f"{writer_dir(kind)}/{rank_dir(rank)}.json"
+def writer_path(kind: str, rank: int, epoch: int = 0) -> str:
+    """A writer's registration: one per writer epoch, so a zombie writer's late registration
+    lands on its own key and never overwrites its successor's (store/registrations.py)."""
+    return f"{writer_dir(kind)}/{rank_dir(rank)}{_epoch_suffix(epoch)}.json"
 
 
 def epoch_dir(kind: str, rank: int | None = None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -14,7 +13,7 @@ import torch
 from . import layout
 from .commits import Part, ShardCommit, latest_per_step
 from .index import load_entries
-from .registrations import describe_writer
+from .registrations import current, describe_writer
 from .errors import StoreError
 from .run import Run
 from .shard import column_to_tensor, merge_ranges, open_sparse, sha256_hex
@@ -73,10 +72,10 @@ class GradientReader:
     def refresh(self) -> None:
         entries = load_entries(self._storage, self.kind, step_start=self.step_range[0],
                                step_end=self.step_range[1])
-        regs_rel = [r for r in self._storage.find(layout.writer_dir(self.kind))
-                    if r.endswith(".json")]
-        regs = {int(r["rank"]): r for r in map(json.loads, self._storage.get_many(regs_rel))}
-        self.registrations = regs  # rank -> its writer's registration (status, writer, host, pid)
+        # rank -> its latest writer's registration (status, writer, host, pid): a zombie's
+        # late one never hides or shows a rank's steps
+        regs = current(self._storage, self.kind)
+        self.registrations = regs
         status = {rank: r["status"] for rank, r in regs.items()}
 
         by_rank: dict[int, list[ShardCommit]] = {}

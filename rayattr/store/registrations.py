@@ -1,22 +1,33 @@
-"""Writer registrations (writers/<kind>/rNNNN.json): which writers are still open.
+"""Writer registrations (writers/<kind>/rNNNN.eNNNNNNNN.json): which writers are still open.
 
 A GradientWriter registers itself "open" when it starts and "closed" when it ends cleanly; a
 writer that failed stays "open", so readers keep waiting for its rank. The end of a recording
 is the moment every registration of its kinds is closed (Recorder.finish waits for it), and
 `rayattr attribute` refuses a run whose writers are still open (with `--wait`, after waiting).
+
+Each writer registers under its own epoch (store/epochs.py) and a rank's state is its latest
+epoch's registration: a zombie writer (a restarted rank's predecessor) that writes its
+registration late only changes its own, older one, so it can neither mark the rank closed
+while its successor is open nor open again after it closed. Runs from before have one
+registration per rank (writers/<kind>/rNNNN.json), read as its epoch's.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 import time
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from . import layout
+from . import epochs, layout
 from .errors import StoreError
+from .storage import Storage
 
 if TYPE_CHECKING:
     from .run import Run
+
+_NAME = re.compile(r"^r(\d+)(?:\.e(\d+))?\.json$")  # r<rank>[.e<epoch>].json
 
 # kinds a training run records: their writers must all be closed before attribution
 TRAINING_KINDS = ("train", "curvature", layout.UPDATE_KIND)
@@ -40,18 +51,39 @@ def describe_writer(reg: dict | None) -> str:
             f"{reg.get('host')}, since {since} UTC)")
 
 
-def registrations(run: "Run", kind: str) -> dict[int, dict]:
-    """rank -> the registration of its writer of `kind` (none: no writer yet)."""
-    storage = run._storage
-    rels = [r for r in storage.find(layout.writer_dir(kind)) if r.endswith(".json")]
-    out = {}
+def current(storage: Storage, kind: str, rank: int | None = None) -> dict[int, dict]:
+    """rank -> the registration that decides the rank's state (of one rank when `rank` is
+    given): its latest writer epoch's. A rank whose latest claimed epoch has not registered
+    yet (its writer is starting, or died starting) counts as open, described by the claim.
+    The registrations are listed before the claims: a writer that claims and registers in
+    between is then seen as starting, never missed. One registration is read per rank."""
+    latest: dict[int, tuple[int, str]] = {}  # rank -> (epoch in the name, 0: none), path
+    for rel in storage.find(layout.writer_dir(kind)):
+        m = _NAME.match(posixpath.basename(rel))
+        if m and (rank is None or int(m[1]) == rank):
+            e = int(m[2] or 0)
+            if e >= latest.get(int(m[1]), (-1, ""))[0]:
+                latest[int(m[1])] = (e, rel)
+    claimed = epochs.latest(storage, kind)
+    rels = [rel for _, rel in latest.values()]
+    out: dict[int, dict] = {}
     for rel, raw in zip(rels, storage.get_many(rels)):
         try:
             reg = json.loads(raw)
             out[int(reg["rank"])] = reg
         except (ValueError, KeyError, TypeError):
-            raise StoreError(f"unreadable writer registration {run.uri}/{rel}") from None
+            raise StoreError(f"unreadable writer registration {storage.uri}/{rel}") from None
+    for r, epoch in claimed.items():
+        if (rank is None or r == rank) and epoch > int((out.get(r) or {}).get("epoch") or 0):
+            claim = epochs.read_claim(storage, kind, r, epoch)
+            if claim is not None:
+                out[r] = {**claim, "status": "open"}
     return out
+
+
+def registrations(run: "Run", kind: str) -> dict[int, dict]:
+    """rank -> the registration that decides its writer of `kind` (none: no writer yet)."""
+    return current(run._storage, kind)
 
 
 def open_writers(run: "Run", kinds: Iterable[str] = TRAINING_KINDS, ranks: Sequence[int] | None = None) -> list[dict]:

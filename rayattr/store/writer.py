@@ -18,6 +18,7 @@ from . import epochs, layout
 from .commits import ShardCommit, write_commit
 from .index import load_entries
 from .errors import StoreError
+from .registrations import current
 from .run import Run
 from .shard import META_COLUMNS, check_dtype, encode_shard, sha256_hex, shard_schema, step_batch
 from .uploader import BackgroundUploader
@@ -135,11 +136,8 @@ class GradientWriter:
         return self._last_committed
 
     def _refuse_if_open(self) -> None:
-        try:
-            reg = json.loads(self._storage.get_bytes(layout.writer_path(self.kind, self.rank)))
-        except (FileNotFoundError, ValueError):
-            return
-        if isinstance(reg, dict) and reg.get("status") == "open" and _holder_alive(reg):
+        reg = current(self._storage, self.kind, self.rank).get(self.rank)
+        if reg is not None and reg.get("status") == "open" and _holder_alive(reg):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(reg.get("time", 0)))
             raise StoreError(
                 f"run '{self.run.run_id}': rank {self.rank} ({self.kind}) already has an open writer "
@@ -154,15 +152,15 @@ class GradientWriter:
         self._storage.remove(stale)
 
     def _register(self, status: str) -> None:
-        if epochs.superseded(self._storage, self.kind, self.rank, self.epoch):
-            return  # a later writer of this rank took over: its registration is the rank's
+        # under this writer's own epoch: if a later writer of the rank took over, its
+        # registration decides the rank whenever this one is written (store/registrations.py)
         info = {"rank": self.rank, "kind": self.kind, "status": status, "writer": self._id,
                 "epoch": self.epoch,
                 "host": socket.gethostname(), "pid": os.getpid(),
                 "layers": self.layers, "dtype": self.dtype, "time": time.time(),
                 "step_range": list(self.step_range) if self.step_range else None,
                 "last_committed_step": self._last_committed}
-        self._storage.put_bytes(layout.writer_path(self.kind, self.rank),
+        self._storage.put_bytes(layout.writer_path(self.kind, self.rank, self.epoch),
                                 json.dumps(info).encode())
 
     # -- writing -----------------------------------------------------------------------------
