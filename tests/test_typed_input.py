@@ -1,8 +1,16 @@
 """Typed, validated input, refused by name before anything starts: --storage-option values
-typed, a projection rank the error blocks do not divide, ZeRO stage 3, a malformed DeepSpeed
-config, a model factory that does not load and model.extra keys the model config does not know."""
+typed, a projection rank the error blocks do not divide, ZeRO stage 3 (in the config, and a
+real ZeRO-3 engine given to the Recorder), a malformed DeepSpeed config, a model factory that
+does not load and model.extra keys the model config does not know."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +50,43 @@ def test_zero_stage_3_is_refused_by_name():
         config(train={"deepspeed": {"zero_optimization": {"stage": 3}}}).validate()
     for stage in (0, 1, 2):
         config(train={"deepspeed": {"zero_optimization": {"stage": stage}}}).validate()
+
+
+# A real ZeRO-3 DeepSpeed engine on one gloo rank (CPU) handed to the Recorder, which must
+# refuse it before it writes anything; exit 3 with the message when it does.
+ZERO3 = textwrap.dedent("""
+    import sys, deepspeed, torch, rayattr
+    from rayattr.errors import UsageError
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9})
+    assert engine.zero_optimization_stage() == 3
+    try:
+        rayattr.Recorder(engine, sys.argv[1])
+    except UsageError as err:
+        print("refused:", err)
+        sys.exit(3)
+""")
+
+
+@pytest.mark.slow  # starts a process group and a DeepSpeed engine
+def test_a_zero_stage_3_engine_is_refused_by_the_recorder(tmp_path):
+    from rayattr.store import Run
+
+    run = Run.create(str(tmp_path), "z3", {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    out = subprocess.run([sys.executable, "-c", ZERO3, run.uri], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "refused: a DeepSpeed engine with ZeRO stage 3 is not supported" in out.stdout
+    assert sorted(os.listdir(tmp_path / "z3")) == ["run.json"]  # nothing recorded
 
 
 @pytest.mark.parametrize("ds, what", [
