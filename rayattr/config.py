@@ -74,6 +74,16 @@ class DataConfig:
     """Tokens per sample (truncated / right-padded)."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
     """Settings of the built-in corpus."""
+    stage: str = "auto"
+    """Where the data stage runs: "cluster" (Ray Data tasks over the cluster, the driver holds
+    nothing per row), "driver" (the same steps in the driver process), or "auto": the driver for
+    the built-in corpus, which the driver generates and holds anyway (Ray Data's fixed start-up,
+    about 10-20 s, would be most of the stage), the cluster for training files."""
+
+    @property
+    def on_cluster(self) -> bool:
+        """Whether the data stage runs as Ray Data tasks (given Ray is up)."""
+        return self.stage == "cluster" or (self.stage == "auto" and self.train is not None)
 
     @property
     def builtin_max_chars(self) -> int:
@@ -271,6 +281,8 @@ class Config:
             raise ConfigError(f"embed.dtype must be float32 or float64, got {self.embed.dtype!r}")
         if (self.data.train is None) != (self.data.validation is None):
             raise ConfigError("data.train and data.validation must be given together (or neither, for the built-in corpus)")
+        if self.data.stage not in ("auto", "cluster", "driver"):
+            raise ConfigError(f"data.stage must be auto, cluster or driver, got {self.data.stage!r}")
         if self.data.pretokenized and self.data.train is None:
             raise ConfigError("data.pretokenized needs data.train and data.validation: the built-in corpus is text")
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):

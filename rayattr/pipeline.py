@@ -56,15 +56,15 @@ def new_run_id() -> str:
 
 def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -> PreparedData:
     """The data checked and the trained steps tokenised by a Ray Data pipeline on the cluster
-    (rayattr/data/stage.py); joins Ray first if this process has not. connect_ray=False and no
-    Ray in this process: the same steps run here (rayattr.new_run in a user's own script)."""
+    (rayattr/data/stage.py, data.stage); joins Ray first if this process has not. connect_ray=False
+    and no Ray in this process, or data.stage in the driver: the same steps run here."""
     so = options.storage_options or None
     files = run_data.check_files(cfg, so)  # missing files, columns, types: said before Ray starts
     if not ray.is_initialized() and connect_ray:
         from rayattr.cluster import connect
 
         print(connect(), flush=True)
-    return run_data.prepare(cfg, so, on_ray=ray.is_initialized(), files=files)
+    return run_data.prepare(cfg, so, on_ray=ray.is_initialized() and cfg.data.on_cluster, files=files)
 
 
 def create_run(cfg: Config) -> Run:

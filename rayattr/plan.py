@@ -585,16 +585,23 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
 
     # -- the data stage on the cluster (data/stage.py): read tasks over the corpus, one task per
     # token file and per id bucket; every CPU of the cluster (the devices, at least) reads
-    cpus = max(1, devices)
+    on_cluster = cfg.data.on_cluster
+    cpus = max(1, devices) if on_cluster else 1
     files = math.ceil(steps / spr)
     tokens_bytes = steps * G * cfg.data.seq_len * 4
     plan.data_stage = {"read tasks": max(1, math.ceil(n / min(_DATA_TASK_ROWS, math.ceil(n / (2 * cpus))))),
                        "file tasks": files + max(1, min(cpus, math.ceil(n / _DATA_BUCKET_IDS))),
                        "memory per read task": plan.memory["data task: one block"],
                        "memory per file task": tokens_bytes / files + spr * G * 64,
-                       "bytes read": n * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN, "cpus": cpus}
-    plan.time["data"] = (tp.data_start_s + plan.data_stage["bytes read"] / (tp.data_mbps_per_cpu * MB * cpus)
+                       "bytes read": n * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN, "cpus": cpus,
+                       "on cluster": float(on_cluster)}
+    plan.time["data"] = ((tp.data_start_s if on_cluster else 0.0)
+                         + plan.data_stage["bytes read"] / (tp.data_mbps_per_cpu * MB * cpus)
                          + tokens_bytes / (tp.store_write_mbps * MB * cpus))  # one writer per file task
+    if not on_cluster and cfg.data.train is not None:
+        plan.notes.append(f"data.stage: driver: the driver reads all {n:,} training rows and holds their ids and "
+                          f"the used rows' tokens ({human_bytes(n * 12 + tokens_bytes)}); data.stage: cluster "
+                          "keeps it flat")
 
     # -- time
     rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
@@ -674,11 +681,14 @@ def format_plan(plan: Plan) -> str:
         lines += [f"  {k:<28}{human_bytes(v):>12}" for k, v in plan.traffic.items() if v]
     d = plan.data_stage
     if d:
-        lines += ["", f"data stage  (Ray Data on the cluster's {d['cpus']:.0f} CPUs; the driver holds nothing per row)",
-                  f"  {'read tasks':<28}{d['read tasks']:>12,.0f}  ({human_bytes(d['memory per read task'])} each, "
+        cluster = bool(d["on cluster"])
+        where = (f"Ray Data on the cluster's {d['cpus']:.0f} CPUs; the driver holds nothing per row" if cluster
+                 else "in the driver, the same steps in one process")
+        reads, files = ("read tasks", "token file and id tasks") if cluster else ("read blocks", "token files and id checks")
+        lines += ["", f"data stage  ({where})",
+                  f"  {reads:<28}{d['read tasks']:>12,.0f}  ({human_bytes(d['memory per read task'])} each, "
                   f"{human_bytes(d['bytes read'])} read in all)",
-                  f"  {'token file and id tasks':<28}{d['file tasks']:>12,.0f}  "
-                  f"({human_bytes(d['memory per file task'])} each)"]
+                  f"  {files:<28}{d['file tasks']:>12,.0f}  ({human_bytes(d['memory per file task'])} each)"]
     lines += ["", "time        (wall, stages run one after another)"]
     lines += [f"  {k:<12}{human_time(v):>12}" for k, v in plan.time.items()]
     lines += [f"  {'total':<12}{human_time(sum(plan.time.values())):>12}"]

@@ -111,6 +111,14 @@ def finished_run(tmp_path_factory):
     return str(store), f"{store}/answers"
 
 
+def last_source(run_uri: str) -> str:
+    """The source the run's values/sources.parquet lists last (the lowest value): what a command
+    that lists sources must list last. Which source that is on a 20-step run is noise."""
+    from rayattr.store import Run
+
+    return Run.open_uri(run_uri).read_table("values/sources.parquet")["source"].to_pylist()[-1]
+
+
 # -- the slow tier ----------------------------------------------------------------------------
 
 # Fixtures that start Ray, the S3 server or a job: a test that uses one, directly or through

@@ -18,6 +18,7 @@ import pytest
 
 from rayattr.cli import main
 from rayattr.store import Run, StepRecord, StoreError
+from conftest import last_source
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,7 @@ def test_bare_run_id_is_found_in_the_default_store(capsys, finished_run, monkeyp
     store, _ = finished_run
     monkeypatch.setenv("RAYATTR_STORE", store)
     code, out, _ = rayattr(capsys, "values", "answers", "--format", "json")
-    assert code == 0 and json.loads(out)[-1]["source"] == "corrupted"
+    assert code == 0 and json.loads(out)[-1]["source"] == last_source(finished_run[1])
     code, out, _ = rayattr(capsys, "runs", "--format", "json")  # `runs` defaults to the store too
     _, named, _ = rayattr(capsys, "runs", store, "--format", "json")
     # other tests add runs to this shared store: the default lists exactly what naming it does
@@ -202,7 +203,7 @@ def test_gc_dry_run_then_delete_keeps_the_answers(capsys, finished_run, tmp_path
         assert (run_dir / kept).exists(), kept
     # the answers still come: values, a query from the kept embeddings, show with the loss
     code, out, _ = rayattr(capsys, "values", str(run_dir), "--format", "json")
-    assert code == 0 and json.loads(out)[-1]["source"] == "corrupted"
+    assert code == 0 and json.loads(out)[-1]["source"] == last_source(str(run_dir))
     code, out, _ = rayattr(capsys, "query", str(run_dir), "--text", "Return a new sorted list.", "--k", "2",
                            "--format", "json", "--quiet")
     assert code == 0 and len(json.loads(out)["helpful"]) == 2
@@ -230,7 +231,7 @@ def test_python_tables_convert_to_pandas(finished_run):
     import rayattr
 
     frame = rayattr.open_run(finished_run[1]).sources().to_pandas()
-    assert list(frame.columns)[:2] == ["source", "n_samples"] and frame["source"].iloc[-1] == "corrupted"
+    assert list(frame.columns)[:2] == ["source", "n_samples"] and frame["source"].iloc[-1] == last_source(finished_run[1])
 
 
 def test_job_output_has_no_known_harmless_warnings(finished_run):

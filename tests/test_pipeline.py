@@ -146,14 +146,23 @@ def test_outputs_and_manifest(trained):
         assert run.exists(rel), rel
 
 
+@pytest.fixture(scope="module")
+def one_rank(trained, tmp_path_factory) -> Run:
+    """The trained run's global batch on 1 rank (micro-batch 16)."""
+    cfg = small_config(str(tmp_path_factory.mktemp("one")), "one", ranks=1, micro_batch=16)
+    return Run.open_uri(run_pipeline(cfg, progress=False).uri)
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_ranks_equal_one_rank(trained, tmp_path, zero_stage):
+def test_two_ranks_equal_one_rank(trained, one_rank, tmp_path, zero_stage):
     """Same global batch on 1 rank (micro-batch 16) and 2 ranks (8 each): same trajectory."""
-    cfg, base, _ = trained
-    one_cfg = small_config(str(tmp_path), "one", ranks=1, micro_batch=16)
-    two_cfg = small_config(str(tmp_path), "two", deepspeed={"zero_optimization": {"stage": zero_stage}})
-    one = Run.open_uri(run_pipeline(one_cfg, progress=False).uri)
-    two = Run.open_uri(run_pipeline(two_cfg, progress=False).uri)
+    one = one_rank
+    if zero_stage == 1:  # the trained run
+        two = trained[1]
+    else:
+        two_cfg = small_config(str(tmp_path), "two", deepspeed={"zero_optimization": {"stage": zero_stage}})
+        two = Run.open_uri(run_pipeline(two_cfg, progress=False).uri)
+    assert two.manifest["config"]["train"]["deepspeed"]["zero_optimization"]["stage"] == zero_stage
     assert [r.sample_ids for r in one.step_records()] == [r.sample_ids for r in two.step_records()]
     e1, e2 = _embeddings(one), _embeddings(two)
     assert sorted(e1) == sorted(e2)

@@ -97,12 +97,18 @@ def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
         np.testing.assert_allclose(by_phase, row["value"], rtol=2e-5)
 
 
+@pytest.fixture(scope="module")
+def one_rank_one_epoch(local_ray, tmp_path_factory) -> Run:
+    cfg = adamw_config(str(tmp_path_factory.mktemp("one")), "one", preconditioner="lookahead", ranks=1,
+                       micro_batch=16, epochs=1)
+    return Run.open_uri(run_pipeline(cfg, progress=False).uri)
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_adamw_two_ranks_equal_one_rank(local_ray, tmp_path, zero_stage):
+def test_adamw_two_ranks_equal_one_rank(one_rank_one_epoch, tmp_path, zero_stage):
     """With the step's own P (the default): under ZeRO the ranks' sums over their partitions of
     v are an all-reduce."""
-    one = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "one", preconditioner="lookahead", ranks=1,
-                                                 micro_batch=16, epochs=1), progress=False).uri)
+    one = one_rank_one_epoch
     two = Run.open_uri(run_pipeline(adamw_config(str(tmp_path), "two", stage=zero_stage, preconditioner="lookahead",
                                                  epochs=1), progress=False).uri)
     assert [r.sample_ids for r in one.step_records()] == [r.sample_ids for r in two.step_records()]

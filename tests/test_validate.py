@@ -30,7 +30,7 @@ from rayattr.store import Run
 from rayattr.train.model import build_model
 from rayattr.validate import Removal, ValidationError, validate_run
 from rayattr.validate.counterfactuals import (occurrence_removals, parse_window, predicted, source_removals,
-                                              subset_removals)
+                                              subset_removals, windowed)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise, verdict
 
@@ -130,6 +130,8 @@ def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[flo
             for micro in range(t.grad_accum):
                 idx = plan.rank_slice(step, rank, micro)
                 keep = ~removal.removes(step, ids[idx]) if removal else np.ones(len(idx), bool)
+                if not keep.any():  # the whole micro-batch removed: it adds nothing to the sum
+                    continue
                 b = data.batch(idx[keep])
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"][:, 1:],
@@ -175,6 +177,18 @@ def test_zero_weight_equals_trajectory_specific_leave_out(local_ray, tmp_path):
         got = actual[(removal.kind, removal.name)]
         assert abs(want) > 1e-6, removal  # something measurable was removed
         assert got == pytest.approx(want, rel=0.02, abs=3e-6), removal
+    # --window 6:18: a subset drawn from the window's occurrences, removed there only (its
+    # occurrences in the other epoch stay), against the same leave-out by hand
+    inside = windowed(samples, (6, 18))
+    (sub,) = subset_removals(inside, 1, 0.1, np.random.default_rng(3))
+    sub = replace(sub, window=(6, 18))
+    result = validate_run(run, subsets=1, fraction=0.1, seed=3, window="6:18", progress=False)
+    (row,) = result.tables["subset"].to_pylist()
+    assert result.summary["window"] == [6, 18] and row["n_removed"] == len(sub.sample_ids)
+    assert row["n_occurrences"] == inside.filter(pc.is_in(inside["sample_id"], pa.array(sub.sample_ids))).num_rows
+    assert row["n_occurrences"] < samples.filter(pc.is_in(samples["sample_id"], pa.array(sub.sample_ids))).num_rows
+    want = _reference_loss(run, sub, clip)[0] - base
+    assert abs(want) > 1e-6 and row["actual"] == pytest.approx(want, rel=0.02, abs=3e-6)
 
 
 def test_cli_validate_end_to_end(two_ranks):
