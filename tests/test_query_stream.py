@@ -255,3 +255,12 @@ def test_the_store_case_has_ties_and_samples_across_blocks(store_run):
                        key=lambda r: (-r["score"], r["sample_id"]))[:10]
     assert [r["sample_id"] for r in per_block] != [r["sample_id"] for r in want["helpful"]]
     assert len(concat(blocks)) == SAMPLES * EPOCHS
+
+
+def test_no_room_for_the_spilled_partitions_is_a_query_error(tmp_path):
+    from rayattr.query import QueryError
+
+    occ = occurrences(seed=10)
+    with pytest.raises(QueryError, match=r"needs about .* GB of temporary files in .*missing.*set TMPDIR"):
+        streamed(occ, 3, False, blocks_of(occ, np.random.default_rng(11)), tmp_path / "missing",
+                 part_bytes=2000, spill_buffer=3000)

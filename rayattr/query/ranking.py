@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from rayattr.query.errors import QueryError
 from rayattr.query.scoring import OccurrenceScores
 
 PART_BYTES = 16 << 20
@@ -73,7 +74,8 @@ class Ranking:
         self.columns, self.k, self.with_se, self.by_source = columns, k, with_se, by_source
         fields = [("id", "<i8"), ("step", "<i8"), ("src", "<i4"), ("score", "<f8", (columns,))]
         self.dtype = np.dtype(fields + ([("se", "<f8", (columns,))] if with_se else []))
-        self.parts = max(1, math.ceil(max(0, occurrences) * self.dtype.itemsize / part_bytes))
+        self._need = max(0, occurrences) * self.dtype.itemsize
+        self.parts = max(1, math.ceil(self._need / part_bytes))
         self.spill_buffer, self.tmp_dir = spill_buffer, tmp_dir
         self.names: list[str] = []  # source names by code, in order of first appearance
         self._codes: dict[str, int] = {}
@@ -139,13 +141,19 @@ class Ranking:
             self._spill()
 
     def _spill(self) -> None:
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="rayattr-query-", dir=self.tmp_dir)
-        for p, pending in enumerate(self._buffers):
-            if pending:
-                with open(os.path.join(self._dir, f"{p}.bin"), "ab") as f:
-                    for r in pending:
-                        r.tofile(f)
+        try:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="rayattr-query-", dir=self.tmp_dir)
+            for p, pending in enumerate(self._buffers):
+                if pending:
+                    with open(os.path.join(self._dir, f"{p}.bin"), "ab") as f:
+                        for r in pending:
+                            r.tofile(f)
+        except OSError as err:  # a full or read-only disk: the user's to fix
+            where = self._dir or self.tmp_dir or tempfile.gettempdir()
+            raise QueryError(f"ranking this run's occurrences needs about {self._need / 1e9:.2g} GB of "
+                             f"temporary files in {where} ({err.strerror or err}); set TMPDIR to a "
+                             "directory with room") from None
         self._buffers = [[] for _ in range(self.parts)]
         self._buffered = 0
 
