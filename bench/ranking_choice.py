@@ -37,7 +37,7 @@ def ranked(values: np.ndarray, se: np.ndarray, by: str, k: int) -> np.ndarray:
 
 def self_influence(run, n: int, seed: int) -> dict[str, float]:
     from rayattr.data.run_data import texts_by_id
-    from rayattr.query.answer import query_gradients, score_occurrences
+    from rayattr.query import query_gradients, score_occurrences
     from rayattr.query.ranking import sample_totals
 
     samples = run.read_table("values/samples.parquet")

@@ -135,13 +135,13 @@ def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, c
     store, uri = finished_run
     copy = tmp_path / "store" / "answers"
     shutil.copytree(uri, copy)
-    scoring = answer.score_occurrences
+    opening = answer.embedding_reader
 
-    def deleted_first(run, grads, *a, **kw):  # the model is loaded; the embeddings are next
+    def deleted_first(run, *a, **kw):  # the model is loaded; the embeddings are next
         shutil.rmtree(copy)
-        return scoring(run, grads, *a, **kw)
+        return opening(run, *a, **kw)
 
-    monkeypatch.setattr(answer, "score_occurrences", deleted_first)
+    monkeypatch.setattr(answer, "embedding_reader", deleted_first)
     assert main(["query", str(copy), "--text", "def parse(s):", "--k", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "was deleted while being read" in err[-1], err

@@ -1,4 +1,7 @@
-"""A query end to end: texts -> test gradients -> streamed scores -> ranked samples and sources."""
+"""A query end to end: texts -> test gradients -> streamed scores -> ranked samples and sources.
+
+The occurrences' scores are ranked as they stream (query/ranking.py, Ranking): a query holds
+a bounded amount of memory however many occurrences the run has."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ import torch
 
 from rayattr.query.errors import QueryError
 from rayattr.query.gradients import query_gradients
-from rayattr.query.ranking import TextLookup, rank_samples, rank_sources
+from rayattr.query.ranking import Ranking, TextLookup
 from rayattr.query.runs import require_finished
-from rayattr.query.scoring import OccurrenceScores, score_occurrences
+from rayattr.query.scoring import OccurrenceScores, embedding_reader, score_blocks, stored_blocks
 from rayattr.store import Run
 
 
@@ -36,13 +39,6 @@ class QueryResult:
         if self.sources is not None:
             out["sources"] = self.sources
         return out
-
-
-def answer(occ: OccurrenceScores, column: np.ndarray, texts: list[str], k: int, by_source: bool,
-           texts_of: TextLookup | None, notices: list[str], se: np.ndarray | None = None) -> QueryResult:
-    ranked = rank_samples(occ, column, k, texts_of, se=se)
-    return QueryResult(texts=texts, helpful=ranked["helpful"], harmful=ranked["harmful"],
-                       sources=rank_sources(occ, column) if by_source else None, notices=notices)
 
 
 def keep_sources(occ: OccurrenceScores, sources: list[str]) -> OccurrenceScores:
@@ -89,16 +85,32 @@ def query_run(run: Run, texts: list[str], k: int = 10, each: bool = False, by_so
     if not each:
         grads = {n: g.double().mean(0, keepdim=True) for n, g in grads.items()}
     say("scoring the stored per-occurrence embeddings")
-    occ = score_occurrences(run, grads)
-    if sources:
-        occ = keep_sources(occ, sources)
-    say(f"ranking {len(occ)} occurrences")
-    if not each:
-        return answer(occ, occ.scores[:, 0], list(texts), k, by_source, train, [n.message for n in notices],
-                      se=_column(occ.se, 0))
-    return [answer(occ, occ.scores[:, i], [t], k, by_source, train,
-                   [n.message for n in notices if n.query == i], se=_column(occ.se, i)) for i, t in enumerate(texts)]
+    lists = rank_run(run, grads, k, by_source=by_source, sources=sources, texts_of=train, progress=say)
+    results = [QueryResult(texts=[t] if each else list(texts), helpful=c["helpful"], harmful=c["harmful"],
+                           sources=c["sources"], notices=[n.message for n in notices if not each or n.query == i])
+               for i, (t, c) in enumerate(zip(texts if each else [None], lists))]
+    return results if each else results[0]
 
 
-def _column(se: np.ndarray | None, i: int) -> np.ndarray | None:
-    return None if se is None else se[:, i]
+def rank_run(run: Run, grads: dict[str, torch.Tensor], k: int, by_source: bool = False,
+             sources: list[str] | None = None, texts_of: TextLookup | None = None,
+             progress: Callable[[str], None] | None = None, block_rows: int = 1024,
+             part_bytes: int | None = None) -> list[dict]:
+    """Per query gradient (row of each layer's (Q, p)): {"helpful", "harmful", "sources"},
+    ranked from the run's final embeddings as they stream (sources: only occurrences of
+    training samples from these sources)."""
+    say = progress or (lambda _msg: None)
+    reader = embedding_reader(run)
+    rows = reader.rows()
+    g = next(iter(grads.values()))
+    q = g.shape[0] if g.ndim == 2 else 1
+    with_se = stored_blocks(run, reader).enabled
+    extra = {} if part_bytes is None else {"part_bytes": part_bytes}
+    with Ranking(q, k, rows, with_se, by_source=by_source, **extra) as ranking:
+        for block in score_blocks(run, grads, block_rows, reader):
+            if sources:
+                block = keep_sources(block, sources)
+            ranking.add(block)
+        say(f"ranking {ranking.occurrences} occurrences")
+        return ranking.finish(texts_of)
+

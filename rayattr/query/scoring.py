@@ -1,7 +1,9 @@
 """Streamed scoring: stored per-occurrence embeddings against query gradients.
 
 The embeddings (layers x p floats per occurrence) are read step window by step window and
-never held together; only the scores (Q floats per occurrence) are kept.
+never held together. `score_blocks` yields each block's scores and keeps nothing (what
+`rayattr query` ranks from, query/ranking.py); `score_occurrences` collects every
+occurrence's scores (Q floats each), for tests and benches that want them all.
 """
 
 from __future__ import annotations
@@ -123,13 +125,14 @@ def _blocks(batches: Iterator, rows: int) -> Iterator[_Block]:
         yield stack()
 
 
-def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows: int = 1024,
-                      reader: GradientReader | None = None) -> OccurrenceScores:
-    """Dot products of every stored final embedding with each query gradient.
+def score_blocks(run: Run, test_grads: dict[str, torch.Tensor], block_rows: int = 1024,
+                 reader: GradientReader | None = None) -> Iterator[OccurrenceScores]:
+    """Dot products of every stored final embedding with each query gradient, one block of
+    about `block_rows` consecutive occurrences (whole steps, in step order) at a time.
 
-    test_grads: layer -> (Q, p) (or (p,) for one query). Rows are scored in blocks of about
-    `block_rows`, in the embeddings' stored precision (embed.dtype: float32, or float64);
-    the layers are summed, and the scores kept, in float64.
+    test_grads: layer -> (Q, p) (or (p,) for one query). Rows are scored in the embeddings'
+    stored precision (embed.dtype: float32, or float64); the layers are summed, and the scores
+    kept, in float64. Nothing is kept between blocks.
     """
     reader = reader or embedding_reader(run)
     blocks = stored_blocks(run, reader)
@@ -140,21 +143,34 @@ def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows:
     if missing:
         raise QueryError(f"query gradients lack layers {missing} of run {run.uri}")
     test = blocks.augment(test)
-    q = next(iter(test.values())).shape[0]
-    ids, sources, steps, scores, ses = [], [], [], [], []
     for block in _in_background(_blocks(reader.iter_steps(layers=list(test), dtype=dtype), block_rows)):
         value, se = blocks.values(block.grads, test)
-        scores.append(value.double().numpy())
-        if se is not None:
-            ses.append(se.double().numpy())
-        ids.append(block.sample_ids)
-        sources.extend(block.sources)
-        steps.append(block.steps)
-    if not scores:
+        yield OccurrenceScores(block.sample_ids, np.asarray(block.sources, dtype=object), block.steps,
+                               value.double().numpy(), None if se is None else se.double().numpy())
+
+
+def score_occurrences(run: Run, test_grads: dict[str, torch.Tensor], block_rows: int = 1024,
+                      reader: GradientReader | None = None) -> OccurrenceScores:
+    """score_blocks' blocks concatenated: every occurrence's scores at once, O(occurrences)
+    memory (`rayattr query` ranks the blocks as they come instead)."""
+    reader = reader or embedding_reader(run)
+    parts = list(score_blocks(run, test_grads, block_rows, reader))
+    if not parts:
+        blocks = stored_blocks(run, reader)
+        g = next(iter(test_grads.values()))
+        q = g.shape[0] if g.ndim == 2 else 1
         return OccurrenceScores(np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, np.int64),
                                 np.zeros((0, q)), np.zeros((0, q)) if blocks.enabled else None)
-    return OccurrenceScores(np.concatenate(ids), np.asarray(sources, dtype=object),
-                            np.concatenate(steps), np.concatenate(scores), np.concatenate(ses) if ses else None)
+    return concat(parts)
+
+
+def concat(parts: list[OccurrenceScores]) -> OccurrenceScores:
+    """Consecutive blocks as one."""
+    return OccurrenceScores(np.concatenate([p.sample_ids for p in parts]),
+                            np.concatenate([p.sources for p in parts]),
+                            np.concatenate([p.steps for p in parts]),
+                            np.concatenate([p.scores for p in parts]),
+                            None if parts[0].se is None else np.concatenate([p.se for p in parts]))
 
 
 def stored_dtype(run: Run) -> torch.dtype:

@@ -114,6 +114,10 @@ class GradientReader:
         a, b = self.step_range
         return sorted(s for s in self._index if s >= a and (b is None or s < b))
 
+    def rows(self) -> int:
+        """Rows of the committed steps, from their commit entries (nothing is read)."""
+        return sum(slot.part.rows for s in self.committed_steps() for slot in self._index[s])
+
     def open_writers(self) -> list[dict]:
         """Registrations of this kind's writers still marked "open", by rank."""
         return [self.registrations[r] for r in sorted(self.registrations)
