@@ -84,7 +84,7 @@ def test_the_summary_the_readme_shows_is_what_the_job_prints():
     printed = job_summary(SimpleNamespace(uri="u", num_steps=1, segments=1, timings={}, sources=rows), "r")
     lines = printed.splitlines()
     assert len(table) >= 2 and all(line in lines for line in table)
-    assert block.splitlines()[0] in lines  # the header
+    assert next(ln for ln in block.splitlines() if ln.startswith("source ")) in lines  # the header
     sentence = [ln for ln in block.splitlines() if "stand" in ln]  # rows left out ("..."): its shape
     assert sentence and re.match(r"(\w+ \((hurt|helped)\) stands apart: 95% interval clear of every other "
                                  r"source's and of zero; the other \d+ sources' intervals overlap|no source stands "

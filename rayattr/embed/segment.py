@@ -17,7 +17,6 @@ that leaks past the segment's end.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,13 +31,12 @@ from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_ba
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
-from rayattr.embed.guard import ETA_LAMBDA_WARN, check_step, check_values, describe, eta_lambda_max
+from rayattr.embed.guard import check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
 from rayattr.embed.tensors import load_tensors, save_tensors
 
-log = logging.getLogger(__name__)
 
 # a write chunk's local embeddings are held until written: at most this many bytes of them
 WRITE_CHUNK_BYTES = 512 << 20
@@ -199,10 +197,7 @@ class SegmentWorker:
         # K last: its presence marks the segment as done
         self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
         self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
-        if worst[0] > ETA_LAMBDA_WARN:
-            log.warning("segment %d: %s = %.3g at step %d, %s", s.index,
-                        "η·λ_max(P H)" if self.updates else "η·λ_max(H)", worst[0], worst[1],
-                        describe(worst[0], self.momentum))
+        # the driver warns once for the run, from every segment's worst step (pipeline.attribute)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
                 "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
