@@ -65,11 +65,16 @@ def test_replay_reproduces_the_recorded_clip_factors(adamw_run):
 
 
 def test_metagradient_equals_the_retrained_response(adamw_run):
+    """The metagradient against float64 retrains at loss weight 1 ∓ ε, as a central difference:
+    a one-sided one carries the response's second-order term, which at step 1 of this run is
+    1.5 % of it at ε = 1e-4 (measured: one-sided 9.369e-05 and 9.657e-05, central 9.51320e-05,
+    exact 9.51322e-05)."""
     rp = adamw_run
     values, ids = rp.exact_values()
     for t, col in ((1, 0), (rp.num_steps // 2, 3), (rp.num_steps - 1, 5)):
-        fd = rp.removal_response(t, int(ids[t, col]), 1e-4)
-        assert fd == pytest.approx(values[t, col], rel=1e-2, abs=1e-9)
+        sid = int(ids[t, col])
+        central = (rp.removal_response(t, sid, 1e-4) + rp.removal_response(t, sid, -1e-4)) / 2
+        assert central == pytest.approx(values[t, col], rel=1e-4, abs=1e-9)
 
 
 def test_adjoint_sweep_is_the_exact_linearisation_without_momentum(adamw_run):
