@@ -247,47 +247,49 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
         cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
-    done = wait_all([a.compute.remote() for a in actors], "embed", progress)
-    timings["embed"] = time.perf_counter() - t
-    run.update_manifest(segment_nodes=[d["node"] for d in done],
-                        segment_seconds=[d.get("seconds", 0.0) for d in done])
-    worst = max(((d.get("max_eta_lambda", 0.0), d.get("max_eta_lambda_step", -1)) for d in done), default=(0.0, -1))
-    if worst[0] > 0:  # η·λ_max(P H) under AdamW, with the bound that applies to it
-        run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1],
-                            eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
-    if worst[0] > ETA_LAMBDA_WARN:
-        what = "η·λ_max(P H)" if opt.adamw else "η·λ_max(H)"
-        log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
-                    what, worst[0], worst[1], describe(worst[0], opt.beta1))
+    try:  # the actors and their placement group go on every exit path (a divergence included)
+        done = wait_all([a.compute.remote() for a in actors], "embed", progress)
+        timings["embed"] = time.perf_counter() - t
+        run.update_manifest(segment_nodes=[d["node"] for d in done],
+                            segment_seconds=[d.get("seconds", 0.0) for d in done])
+        worst = max(((d.get("max_eta_lambda", 0.0), d.get("max_eta_lambda_step", -1)) for d in done), default=(0.0, -1))
+        if worst[0] > 0:  # η·λ_max(P H) under AdamW, with the bound that applies to it
+            run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1],
+                                eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
+        if worst[0] > ETA_LAMBDA_WARN:
+            what = "η·λ_max(P H)" if opt.adamw else "η·λ_max(H)"
+            log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
+                        what, worst[0], worst[1], describe(worst[0], opt.beta1))
 
-    t = time.perf_counter()
-    run.update_manifest(status="reducing")
-    # chain from the last segment backwards through the actors (docs/method.md §4): values from
-    # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
-    # actor uses its own K only, and the driver holds only object refs
-    vectors: list = [None] * n_seg
-    vectors[-1] = actors[-1].value_vectors.remote(val_ref)
-    for ell in range(n_seg - 1, 0, -1):
-        vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
-    keep = cfg.embed.keep_sample_embeddings
-    links: list = [None] * n_seg
-    if keep:  # per-sample final embeddings need each segment's S
+        t = time.perf_counter()
+        run.update_manifest(status="reducing")
+        # chain from the last segment backwards through the actors (docs/method.md §4): values from
+        # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
+        # actor uses its own K only, and the driver holds only object refs
+        vectors: list = [None] * n_seg
+        vectors[-1] = actors[-1].value_vectors.remote(val_ref)
         for ell in range(n_seg - 1, 0, -1):
-            links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
-    finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
-    if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
-        carry = None
-        for ell, a in enumerate(actors):
-            carry = a.chain_sums.remote(carry, ell == n_seg - 1)
-        finals.append(carry)
-    del vectors, links  # each suffix is freed once its segment has finalised
-    wait_all(finals, "finalize", progress)
-    out = write_outputs(run, n_seg, edges)
-    run.compact_index(EMBEDDING_KINDS)  # what queries read
-    stop_segments(actors, placement)
-    timings["reduce"] = time.perf_counter() - t
-    run.update_manifest(status="done", phase_edges=edges,
-                        finished=dt.datetime.now(dt.timezone.utc).isoformat())
+            vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
+        keep = cfg.embed.keep_sample_embeddings
+        links: list = [None] * n_seg
+        if keep:  # per-sample final embeddings need each segment's S
+            for ell in range(n_seg - 1, 0, -1):
+                links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
+        finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
+        if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
+            carry = None
+            for ell, a in enumerate(actors):
+                carry = a.chain_sums.remote(carry, ell == n_seg - 1)
+            finals.append(carry)
+        del vectors, links  # each suffix is freed once its segment has finalised
+        wait_all(finals, "finalize", progress)
+        out = write_outputs(run, n_seg, edges)
+        run.compact_index(EMBEDDING_KINDS)  # what queries read
+        timings["reduce"] = time.perf_counter() - t
+        run.update_manifest(status="done", phase_edges=edges,
+                            finished=dt.datetime.now(dt.timezone.utc).isoformat())
+    finally:
+        stop_segments(actors, placement)
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
 
 
