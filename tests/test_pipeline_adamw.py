@@ -181,7 +181,7 @@ def test_a_diverging_adamw_run_is_refused(local_ray, tmp_path):
 
     from rayattr.embed.guard import DivergenceError
 
-    with pytest.raises(DivergenceError, match=r"is exploding at step \d+: .*η·λ_max\(P H\) = [\d.]+ at this step, "
+    with pytest.raises(DivergenceError, match=r"is exploding at step \d+: .*η·λ_max\(P H\) = [\d.e+]+ at this step, "
                                               r"(above 2: the step can amplify K|past the run's own stability edge)"):
         run_pipeline(adamw_config(str(tmp_path), "diverging", lr=0.3, ranks=1, micro_batch=16, epochs=1),
                      progress=False)
