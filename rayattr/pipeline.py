@@ -20,7 +20,7 @@ from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
-from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, stability_edge
+from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_lambda_name, stability_edge
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optimizer import resolve_optimizer
@@ -257,9 +257,8 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
             run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1],
                                 eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
         if worst[0] > ETA_LAMBDA_WARN:
-            what = "η·λ_max(P H)" if opt.adamw else "η·λ_max(H)"
             log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
-                        what, worst[0], worst[1], describe(worst[0], opt.beta1))
+                        eta_lambda_name(opt.adamw), worst[0], worst[1], describe(worst[0], opt.beta1))
 
         t = time.perf_counter()
         run.update_manifest(status="reducing")

@@ -85,11 +85,16 @@ def _top_eigenvalue(g: torch.Tensor, u: torch.Tensor, iterations: int = 30) -> f
     return lam
 
 
+def eta_lambda_name(preconditioned: bool) -> str:
+    """What the guard measured: η·λ_max(P H) when K sees update rows (AdamW, whatever its β₁),
+    η·λ_max(H) under SGD."""
+    return "η·λ_max(P H)" if preconditioned else "η·λ_max(H)"
+
+
 def check_step(segment: int, step: int, K: Mapping[str, torch.Tensor], emb: Mapping[str, torch.Tensor],
-               eta_lambda: float, momentum: float = 0.0) -> None:
+               eta_lambda: float, momentum: float = 0.0, preconditioned: bool = False) -> None:
     """DivergenceError if this step left K or its embeddings non-finite or K exploding."""
-    what = "η·λ_max(P H)" if momentum else "η·λ_max(H)"
-    why = f"({what} = {eta_lambda:.3g} at this step, {describe(eta_lambda, momentum)})"
+    why = f"({eta_lambda_name(preconditioned)} = {eta_lambda:.3g} at this step, {describe(eta_lambda, momentum)})"
     for name, e in emb.items():
         if not bool(torch.isfinite(e).all()):
             raise DivergenceError(f"segment {segment}: embeddings of layer {name!r} are not finite at step {step} {why}")

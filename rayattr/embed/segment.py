@@ -182,7 +182,7 @@ class SegmentWorker:
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
                                         updates=u if upd is not None else None)
                     # stops before this step's rows are written (and K, which marks the segment done)
-                    check_step(s.index, batch.step, rec.K, emb, el, self.momentum)
+                    check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
                     worst = max(worst, (el, batch.step))
                     sums.add(batch.sources, self.phase_of(batch.step), emb)
                     batch.grads = None  # keep the rows' ids, not their gradients

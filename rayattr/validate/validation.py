@@ -76,12 +76,10 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
         raise ValidationError("nothing to validate: ask for --subsets N, --sources and/or --occurrences N")
     run = open_validatable(uri, storage_options)
     with driver_lease(run):  # one driver per run (store/lease.py)
-        span = parse_window(window, int(run.manifest.get("num_steps") or _num_steps(run))) if window else None
+        span = None
+        if window:  # the run's steps, read only when a window asks for them
+            span = parse_window(window, int(run.manifest.get("num_steps") or (run.last_step_record() or 0) + 1))
         return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps, span)
-
-
-def _num_steps(run: Run) -> int:
-    return (run.last_step_record() or 0) + 1
 
 
 def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps,
