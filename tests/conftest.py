@@ -70,9 +70,12 @@ def store_root(request, tmp_path) -> StoreRoot:
     return StoreRoot("s3", server.root_uri(name), opts, server.env, server)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """Ray in the test process for one module (2 CPUs, one thread per worker)."""
+    """Ray in the test process, started once for the session (2 CPUs, one thread per worker):
+    each module that trains in-process shares it, and its start-up (seconds) is paid once.
+    A test that leaves actors or placement groups behind would starve the next module; the
+    pipeline tests check that a failed run frees every CPU."""
     import ray
 
     # Ray's workers find the driver's working directory, not pytest's rootdir-inserted tests/
@@ -90,6 +93,7 @@ def finished_run(tmp_path_factory):
     """A real finished run, made once per session by the job script in its own process (its
     own local Ray): the quick built-in job with a projection large enough for per-sample
     answers (r = 32; at r = 8 a training text no longer finds itself first for most samples).
+    test_job's cluster run repeats it (store/job-config.yaml) and must give the same values.
     Returns (store root, run URI)."""
     import subprocess
 
@@ -108,6 +112,7 @@ def finished_run(tmp_path_factory):
                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (store / "job-output.txt").write_text(out.stdout + out.stderr)  # read by the noise test
+    (store / "job-config.yaml").write_text(cfg.read_text())
     return str(store), f"{store}/answers"
 
 

@@ -1,7 +1,8 @@
 """Fault injection for the fault-tolerance tests: act at a named test seam of rayattr.hooks, once.
 
-test_faults.py runs the job with tests/faultsite on PYTHONPATH and the fault in
-RAYATTR_TEST_FAULT, e.g. "rank.step:rank=1,step=9": faultsite/sitecustomize.py, which every
+test_faults.py runs the job with tests/faultsite on PYTHONPATH and the faults in
+RAYATTR_TEST_FAULT, e.g. "rank.step:rank=1,step=9" (several joined by ";" act in one run, each
+once): faultsite/sitecustomize.py, which every
 Python process of that job (driver, Ray workers) loads at start-up, calls install(), and the
 process that reaches seam `rank.step` with rank 1 at step >= 9 dies with os._exit (no
 clean-up, like a node loss). A marker file in RAYATTR_TEST_FAULT_DIR records that the fault
@@ -45,8 +46,13 @@ def _fires(directory: str, point: str, conds: dict[str, int], at: dict) -> bool:
     return True
 
 
-def install(spec: str, directory: str) -> None:
-    """Register the fault `spec` at its seam in this process."""
+def install(specs: str, directory: str) -> None:
+    """Register each fault of `specs` ("point:k=v,...;point:...") at its seam in this process."""
+    for spec in filter(None, (s.strip() for s in specs.split(";"))):
+        _install(spec, directory)
+
+
+def _install(spec: str, directory: str) -> None:
     from rayattr import hooks
 
     point, conds = parse(spec)

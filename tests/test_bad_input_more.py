@@ -78,7 +78,8 @@ def test_empty_source_string(tmp_path):
 @pytest.mark.slow
 def test_texts_longer_than_the_context_are_counted(tmp_path):
     """Truncation is what training does (and queries do likewise); the run counts it in
-    run.json n_truncated and the job says so."""
+    run.json n_truncated and the job says so. The run also carries the fault tests' variables,
+    which a real run must ignore."""
     rows = texts(48)
     long = "x = 1  # " + "a long comment " * 10
     for i in range(0, 48, 4):
@@ -95,9 +96,15 @@ def test_texts_longer_than_the_context_are_counted(tmp_path):
     assert 0 < expected < 12 and len(used) == 32
     config = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet"),
                        "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
-    out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1")
+    # the fault tests' variables set, their seams not installed: nothing acts on them (rank 1's
+    # loss would turn NaN at step 1 if anything did)
+    fault_env = {"RAYATTR_FAULT": "rank.nan:rank=1,step=1", "RAYATTR_TEST_FAULT": "rank.nan:rank=1,step=1",
+                 "RAYATTR_FAULT_DIR": str(tmp_path), "RAYATTR_TEST_FAULT_DIR": str(tmp_path)}
+    out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1",
+              env=fault_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected  # before: not recorded
+    assert "loss is nan" not in out.stderr and not list(tmp_path.glob("fault-fired-*"))
+    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected
     assert f"note: {expected} of the 32 training texts the run trains on are longer than data.seq_len = 32 tokens" in out.stdout
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rayattr.store import GradientReader, Run
+from test_examples import records_then_attribute
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = "jobs/examples/hf_trainer.py"
@@ -31,6 +32,7 @@ def record(store: Path, run_id: str, *flags: str, ranks: int = 1) -> Run:
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = Run.open_uri(str(store / run_id))
+    assert Run.open_uri(out.stdout.strip().splitlines()[-1]).uri == run.uri  # the example prints its run last
     assert run.manifest["status"] == "recorded" and run.manifest["world_size"] == ranks
     return run
 
@@ -73,6 +75,15 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deepspeed_one(store):
     return record(store, "ds")
+
+
+@pytest.mark.slow
+def test_example_then_attribute(store, deepspeed_one, tmp_path):
+    """The example as a user runs it (DeepSpeed, one rank), then `rayattr attribute` on it."""
+    import shutil
+
+    shutil.copytree(deepspeed_one.uri, tmp_path / "ds")  # the shared recording stays unattributed
+    records_then_attribute(str(tmp_path / "ds"), ranks=1)
 
 
 @pytest.mark.slow

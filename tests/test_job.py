@@ -18,32 +18,28 @@ from raycluster import LocalRayCluster
 from rayattr.store import Run, StoreOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-# the built-in job on its quick config: 2 epochs of 10 steps
+# the built-in job on its quick config (conftest.finished_run's): 2 epochs of 10 steps
 ARGS = ["--config", "jobs/configs/small.yaml", "--segments", "2", "--no-progress"]
 STEPS, BATCH = 20, 16
 
 
 @pytest.fixture(scope="module")
-def single_node(tmp_path_factory) -> Run:
-    """The job as a user runs it on one machine: no Ray address, so it starts a local Ray."""
-    store = tmp_path_factory.mktemp("single") / "store"
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--store", str(store), "--run-id", "one",
-                          *ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"run: {store}/one" in out.stdout
-    return Run.open(str(store), "one")
+def single_node(finished_run) -> Run:
+    """The job as a user runs it on one machine (no Ray address: it starts a local Ray), on the
+    quick config: the session's shared finished run."""
+    store, uri = finished_run
+    assert f"run: {uri}" in (Path(store) / "job-output.txt").read_text()
+    return Run.open_uri(uri)
 
 
 @pytest.fixture(scope="module")
-def on_cluster(tmp_path_factory) -> list[str]:
-    """ARGS with the data stage as Ray Data tasks over the cluster (the built-in corpus's stage
-    runs in the driver by default): the single-node run's stage ran in its driver, so equal
-    token files say the two engines agree."""
-    settings = yaml.safe_load((ROOT / "jobs/configs/small.yaml").read_text())
+def on_cluster(finished_run, tmp_path_factory) -> list[str]:
+    """The single-node run's config and arguments with the data stage as Ray Data tasks over
+    the cluster (the built-in corpus's stage runs in the driver by default): the single-node
+    run's stage ran in its driver, so equal token files say the two engines agree."""
+    settings = yaml.safe_load((Path(finished_run[0]) / "job-config.yaml").read_text())
     settings.setdefault("data", {})["stage"] = "cluster"
-    path = tmp_path_factory.mktemp("config") / "small-on-cluster.yaml"
+    path = tmp_path_factory.mktemp("config") / "on-cluster.yaml"
     path.write_text(yaml.safe_dump(settings))
     return ["--config", str(path), *ARGS[2:]]
 
@@ -120,8 +116,8 @@ def test_validate_through_job_submit(cluster, single_node, tmp_path):
     import json
     import shutil
 
-    shutil.copytree(single_node.uri, tmp_path / "store" / "one")  # the shared run stays unvalidated
-    uri = str(tmp_path / "store" / "one")
+    shutil.copytree(single_node.uri, tmp_path / "store" / "answers")  # the shared run stays unvalidated
+    uri = str(tmp_path / "store" / "answers")
     # no working_dir: the installed `rayattr` command runs. (Both "nodes" of this one-machine
     # cluster share one Ray temp dir, and one node's runtime-env clean-up can delete a shipped
     # working_dir under the other's long-running driver.)
@@ -129,7 +125,7 @@ def test_validate_through_job_submit(cluster, single_node, tmp_path):
                           "--occurrences", "2", "--no-progress", "--format", "json"], working_dir=None)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "ray: joined the cluster" in out.stdout + out.stderr
-    run = Run.open(str(tmp_path / "store"), "one")
+    run = Run.open(str(tmp_path / "store"), "answers")
     summary = json.loads(run.read_bytes("validation/summary.json"))
     # --format json prints exactly the summary it wrote (amid `ray job submit`'s own lines)
     start = out.stdout.index("\n{") + 1
@@ -138,6 +134,30 @@ def test_validate_through_job_submit(cluster, single_node, tmp_path):
     assert summary["baseline_max_abs_diff"] == 0.0 and summary["n_sources"] == 2 and summary["n_occurrences"] == 2
     sources = run.read_table("validation/sources.parquet").to_pylist()
     assert {r["source"] for r in sources} == {"corrupted", "text"} and all(r["actual"] != 0 for r in sources)
+
+
+@pytest.mark.slow
+def test_live_head_from_ray_start_is_left_alone(cluster):
+    """This module's `ray start` head is running and named in Ray's ray_current_cluster file:
+    a process without RAY_ADDRESS still starts its own local instance and says so (it once
+    attached to whatever `ray start` left on the machine). After the cluster's jobs: the new
+    instance's session shares the cluster's temp dir."""
+    import shutil
+    import tempfile
+
+    from test_ray_startup import STARTED, run_connect
+
+    tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths stay < 107 characters
+    try:
+        (tmp / "ray").symlink_to(cluster.temp_dir)  # RAY_TMPDIR/ray: where Ray looks for the file
+        assert (tmp / "ray" / "ray_current_cluster").read_text().strip() == cluster.gcs_address
+        # the head's token too, so that joining it would have worked: the process must not
+        out = run_connect({"RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert cluster.gcs_address not in out.stdout + out.stderr
+    assert STARTED in out.stdout and "task ran" in out.stdout
 
 
 # Lines that carry a log level: Python's and DeepSpeed's (WARNING, [WARNING]), Ray's C++ logs

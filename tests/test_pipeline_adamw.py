@@ -12,7 +12,7 @@ from rayattr.dvemb import data_value_embeddings, influence
 from rayattr.pipeline import attribute, run_pipeline
 from rayattr.reduce import validation_gradient
 from rayattr.store import GradientReader, Run
-from test_pipeline import _embeddings, copy_trained, small_config
+from test_pipeline import _embeddings, copy_trained, cut_again, small_config
 
 SCHEDULE = {"type": "WarmupCosineLR", "params": {"total_num_steps": 24, "warmup_num_steps": 4,
                                                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
@@ -80,10 +80,7 @@ def test_records_keep_schedule_clipping_and_adam_state(trained):
 
 @pytest.mark.parametrize("segments", [1, 2, 3])
 def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
-    cfg, base, result = trained
-    run = copy_trained(base, tmp_path)
-    out = attribute(cfg, run, result.num_steps, segments=segments, progress=False)
-    assert out.segments == segments
+    run = cut_again(*trained, tmp_path, segments)
     batches, emb = core_adamw(run)
     final = _embeddings(run)
     assert sorted(final) == [b.step for b in batches]

@@ -1,6 +1,7 @@
 """Which Ray the job joins without RAY_ADDRESS: always a new local instance of its own, never
 a cluster that `ray start` left on the machine (alive, or dead but still named in Ray's
-ray_current_cluster file), and it says which one it joined."""
+ray_current_cluster file), and it says which one it joined. The live head: test_job.py,
+beside its `ray start` cluster."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from raycluster import LocalRayCluster
 from s3server import pick_ports
 
-pytestmark = pytest.mark.slow  # each test starts Ray, one beside a `ray start` cluster
+pytestmark = pytest.mark.slow  # each test starts Ray
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = "ray: started a local Ray instance at "
@@ -51,20 +51,3 @@ def test_stale_cluster_file_does_not_hang(ray_tmpdir, tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert STARTED in out.stdout and "task ran" in out.stdout
     assert "Connecting to existing Ray cluster" not in out.stdout + out.stderr
-
-
-def test_live_head_from_ray_start_is_left_alone(ray_tmpdir, tmp_path):
-    """A head started with `ray start` (on its own loopback IP and ports) is running and named
-    in ray_current_cluster: the job still starts its own instance and says so."""
-    cluster = LocalRayCluster(tmp_path / "head", nodes=1, cpus_per_node=2)
-    (ray_tmpdir / "ray").symlink_to(cluster.temp_dir)  # `ray start --temp-dir` writes the file there
-    cluster.start()
-    try:
-        assert (ray_tmpdir / "ray" / "ray_current_cluster").read_text().strip() == cluster.gcs_address
-        # the head's token too, so that joining it would have worked: the job must not
-        out = run_connect({"RAY_TMPDIR": str(ray_tmpdir), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token})
-    finally:
-        cluster.stop()  # kills exactly the head's processes (a bare `ray stop` would kill any Ray here)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert cluster.gcs_address not in out.stdout + out.stderr  # before: "Connecting to existing Ray cluster"
-    assert STARTED in out.stdout and "task ran" in out.stdout
