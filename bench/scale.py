@@ -42,7 +42,8 @@ from rayattr.dvemb import segment_bounds  # noqa: E402
 from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
 from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
 from rayattr.plan import estimate  # noqa: E402
-from rayattr.reduce import phase_edges, validation_gradient, write_outputs  # noqa: E402
+from rayattr.model.gradients import validation_gradient  # noqa: E402
+from rayattr.reduce import phase_edges, write_outputs  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 # Ray's process titles name the actor class or the task: what each group runs. The ranks run

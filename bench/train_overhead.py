@@ -119,8 +119,9 @@ def deepspeed_loop(loop: dict) -> None:
     from rayattr.data.run_data import rank_tokens
     from rayattr.store import Run
     from rayattr.train.backend import join_process_group
-    from rayattr.train.engine import build_engine, micro_batch_loss
-    from rayattr.train.model import build_model
+    from rayattr.model.loss import micro_batch_loss
+    from rayattr.train.engine import build_engine
+    from rayattr.model.build import build_model
     from rayattr.train.quiet import quiet_known_noise
 
     ctx = ray.train.get_context()
@@ -162,9 +163,9 @@ def torch_loop(cfg, run, threads: int) -> tuple[float, int]:
 
     from rayattr.data import BatchPlan, load_tokenizer
     from rayattr.data.run_data import rank_tokens
-    from rayattr.optimizer import resolve_optimizer
-    from rayattr.train.engine import micro_batch_loss
-    from rayattr.train.model import build_model
+    from rayattr.optim.spec import resolve_optimizer
+    from rayattr.model.loss import micro_batch_loss
+    from rayattr.model.build import build_model
 
     torch.set_num_threads(threads)
     t = cfg.train

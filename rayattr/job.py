@@ -16,6 +16,7 @@ import sys
 from rayattr.config import Config, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.logs import show_warnings
+from rayattr.optim.spec import resolve_optimizer
 from rayattr.store.names import STORE_ENV
 
 
@@ -65,6 +66,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
             note = (f"note: store {store} from ${STORE_ENV}, not {cfg.store.uri} from {args.config} "
                     "(--store overrides both)")
         cfg = cfg.with_overrides(**{"store.uri": store}).validate()
+    resolve_optimizer(cfg)  # the optimizer and the capture that goes with it, checked with the rest
     return cfg, note
 
 

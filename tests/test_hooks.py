@@ -22,7 +22,7 @@ from rayattr import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import trainer
-from rayattr.train.engine import micro_batch_loss
+from rayattr.model.loss import micro_batch_loss
 from rayattr.train.worker import RankWorker
 
 ROOT = Path(__file__).resolve().parent.parent

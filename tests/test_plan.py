@@ -18,7 +18,7 @@ from rayattr.embed.segment import SegmentSpec, SegmentWorker
 from rayattr.plan import Throughput, estimate, format_plan, human_bytes, ipc_bytes, parse_count, plan_main
 from rayattr.reduce import phase_edges
 from rayattr.store import GradientWriter, Run, StepRecord
-from rayattr.train.model import build_model
+from rayattr.model.build import build_model
 from rayattr.train.worker import projection_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

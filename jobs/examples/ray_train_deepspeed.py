@@ -30,7 +30,7 @@ def train_func(loop: dict) -> None:
 
     from rayattr.data import TokenizedDataset, load_tokenizer
     from rayattr.store import Run
-    from rayattr.train.model import build_model
+    from rayattr.model.build import build_model
 
     cfg = Config.from_dict(loop["config"])
     run = Run.open_uri(loop["run"], readonly=False)

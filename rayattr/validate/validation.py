@@ -129,7 +129,7 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
 
 def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
                    seed: int, fraction: float, window: tuple[int, int] | None = None) -> ValidationResult:
-    from rayattr.reduce import final_model, mean_loss
+    from rayattr.model.gradients import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
 
     cfg = Config.from_dict(run.manifest["config"])
