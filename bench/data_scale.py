@@ -88,7 +88,7 @@ def child(role: str, data: Path, store: Path, steps: int) -> dict:
     from rayattr.store import Run
 
     if role == "driver":  # Ray started before the baseline: its start-up is not the stage's
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
 
         connect(log_to_driver=False)
     base = rss_mb()  # after the imports: what follows is the data path's own

@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--no-breakdown", action="store_true", help="skip the timed rank loop")
     args = p.parse_args()
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
     from rayattr.config import Config
     from rayattr.train.trainer import train
 

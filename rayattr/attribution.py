@@ -52,7 +52,7 @@ def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
     Returns the pipeline's RunResult; an already attributed run is returned as it is."""
     import ray
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
     from rayattr.pipeline import RunResult, attribute_recorded, read_sources
 
     if segments is not None and (not isinstance(segments, int) or segments < 1):

@@ -443,7 +443,7 @@ SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayattr.logs import show_warnings
+    from rayattr.runtime.logs import show_warnings
 
     show_warnings()  # the library's warnings (a divergence, a restart), once each on stderr
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -15,7 +15,7 @@ import sys
 
 from rayattr.config import Config, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
-from rayattr.logs import show_warnings
+from rayattr.runtime.logs import show_warnings
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.store.names import STORE_ENV
 
@@ -92,7 +92,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     import ray
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
 
     show_warnings()
     started = not ray.is_initialized()

@@ -62,7 +62,7 @@ def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -
     so = options.storage_options or None
     files = run_data.check_files(cfg, so)  # missing files, columns, types: said before Ray starts
     if not ray.is_initialized() and connect_ray:
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
 
         print(connect(), flush=True)
     return run_data.prepare(cfg, so, on_ray=ray.is_initialized() and cfg.data.on_cluster, files=files)

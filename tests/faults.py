@@ -1,4 +1,4 @@
-"""Fault injection for the fault-tolerance tests: act at a named test seam of rayattr.hooks, once.
+"""Fault injection for the fault-tolerance tests: act at a named test seam of rayattr.runtime.hooks, once.
 
 test_faults.py runs the job with tests/faultsite on PYTHONPATH and the fault in
 RAYATTR_TEST_FAULT, e.g. "rank.step:rank=1,step=9": faultsite/sitecustomize.py, which every
@@ -47,7 +47,7 @@ def _fires(directory: str, point: str, conds: dict[str, int], at: dict) -> bool:
 
 def install(spec: str, directory: str) -> None:
     """Register the fault `spec` at its seam in this process."""
-    from rayattr import hooks
+    from rayattr.runtime import hooks
 
     point, conds = parse(spec)
     if point == "rank.nan":  # one rank's loss diverges alone

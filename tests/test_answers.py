@@ -157,7 +157,7 @@ def test_split_text_bounds_are_utf8_bytes():
 
 
 def test_library_warnings_are_shown_once_by_the_entry_point():
-    from rayattr.logs import show_warnings
+    from rayattr.runtime.logs import show_warnings
 
     stream = io.StringIO()
     logger = logging.getLogger("rayattr")
@@ -177,7 +177,7 @@ def test_warnings_of_a_command_print_once_on_stderr():
     import subprocess
     import sys
 
-    code = ("import logging; from rayattr.logs import show_warnings; show_warnings(); show_warnings(); "
+    code = ("import logging; from rayattr.runtime.logs import show_warnings; show_warnings(); show_warnings(); "
             "logging.getLogger('rayattr.train.trainer').warning('training rank failed; restarting')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stderr == "warning: training rank failed; restarting\n" and out.stdout == ""

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
 
     cfg = Config.from_dict({
         "run_id": args.run_id, "store": {"uri": args.store, "steps_per_shard": 4},

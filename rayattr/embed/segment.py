@@ -26,7 +26,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks

@@ -26,7 +26,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 
 from . import epochs
 from .commits import ShardCommit

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from rayattr.logs import DropMessages, drop_messages  # noqa: F401 (DropMessages re-exported)
+from rayattr.runtime.logs import DropMessages, drop_messages  # noqa: F401 (DropMessages re-exported)
 
 # DeepSpeed's ZeRO calls the deprecated torch collective; nothing a user can change.
 TORCH_WARNINGS = ((FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),)

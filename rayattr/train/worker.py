@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, DataError, load_tokenizer
 from rayattr.data.run_data import rank_tokens

@@ -102,7 +102,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
     done = _finished_retrains(run)
     todo = [r for r in plan if r.key not in done]
     if todo:
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
         from rayattr.validate.gangs import retrain_all
 
         # RAY_ADDRESS's cluster, else a local one; on stderr, so --format json stays parseable
