@@ -42,7 +42,7 @@ def make_finished(root: str, run_id: str, rank: int) -> Run:
     from rayattr.config import load_config
     from rayattr.data import load_tokenizer
     from rayattr.embed.blocks import ProjectionBlocks
-    from rayattr.pipeline import create_run, prepare_data, write_data
+    from rayattr.pipeline.stages import create_run, prepare_data, write_data
     from rayattr.record.recorder import state_dict_bytes
     from rayattr.store import StoreOptions
     from rayattr.model.build import build_model

@@ -198,7 +198,7 @@ def torch_loop(cfg, run, threads: int) -> tuple[float, int]:
 # ---------------------------------------------------------------------------- the driver
 
 def new_run(cfg, run_id: str):
-    from rayattr.pipeline import start_run
+    from rayattr.pipeline.stages import start_run
 
     return start_run(cfg.with_overrides(run_id=run_id))
 

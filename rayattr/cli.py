@@ -287,7 +287,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from rayattr.attribution import attribute
+    from rayattr.pipeline.attribution import attribute
 
     result = attribute(args.run, segments=args.segments, cpu=args.cpu, wait_s=args.wait,
                        storage_options=_storage_options(args.storage_option), progress=not args.no_progress)
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(argv[1:])
         if argv and argv[0] == "train":
-            from rayattr.job import main as train_main
+            from rayattr.pipeline.job import main as train_main
 
             return train_main(argv[1:], prog="rayattr train")
         code = _run(parser().parse_args(argv))

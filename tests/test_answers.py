@@ -58,7 +58,7 @@ def test_query_table_lists_the_clear_rows_and_all_of_them_with_all():
 
 
 def test_job_summary_prints_intervals_and_which_sources_stand_apart():
-    from rayattr.job import job_summary
+    from rayattr.pipeline.job import job_summary
 
     result = SimpleNamespace(uri="/s/run-1", num_steps=192, segments=2, timings={"train": 50.0}, sources=SOURCES)
     text = job_summary(result, "run-1")
@@ -166,8 +166,8 @@ def test_library_warnings_are_shown_once_by_the_entry_point():
     try:
         handler = show_warnings(stream)
         assert show_warnings() is handler  # idempotent: one handler, one line per warning
-        logging.getLogger("rayattr.pipeline").warning("η·λ_max(H) = %.3g at step %d", 2.5, 7)
-        logging.getLogger("rayattr.pipeline").info("not shown")
+        logging.getLogger("rayattr.pipeline.stages").warning("η·λ_max(H) = %.3g at step %d", 2.5, 7)
+        logging.getLogger("rayattr.pipeline.stages").info("not shown")
         assert stream.getvalue() == "warning: η·λ_max(H) = 2.5 at step 7\n"
     finally:
         logger.handlers[:] = before

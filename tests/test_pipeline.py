@@ -12,7 +12,7 @@ import torch
 
 from rayattr.config import Config
 from rayattr.dvemb import data_value_embeddings, influence
-from rayattr.pipeline import attribute, run_pipeline
+from rayattr.pipeline.stages import attribute, run_pipeline
 from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run
 
@@ -249,7 +249,7 @@ def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
     the mean gradient of the whole set (per-sample rows are float32, batched differently)."""
     import ray
 
-    from rayattr.pipeline import start_validation_gradient
+    from rayattr.pipeline.stages import start_validation_gradient
     from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
 
     _, run, _ = trained

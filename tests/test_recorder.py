@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rayattr
-from rayattr.attribution import open_recorded
+from rayattr.pipeline.attribution import open_recorded
 from rayattr.capture import GradientCapture
 from rayattr.config import Config, ConfigError
 from rayattr.data import TokenizedDataset, load_tokenizer

@@ -21,7 +21,7 @@ from safetensors.torch import load
 
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.pipeline import run_pipeline
+from rayattr.pipeline.stages import run_pipeline
 from rayattr.model.gradients import mean_loss
 from rayattr.store import Run
 from rayattr.model.build import build_model

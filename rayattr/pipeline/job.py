@@ -72,7 +72,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    from rayattr.pipeline import complete_run, open_for_resume, start_run
+    from rayattr.pipeline.stages import complete_run, open_for_resume, start_run
 
     try:
         cfg, note = resolve_config(args)

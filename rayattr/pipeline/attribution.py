@@ -53,7 +53,7 @@ def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
     import ray
 
     from rayattr.runtime.cluster import connect
-    from rayattr.pipeline import RunResult, attribute_recorded, read_sources
+    from rayattr.pipeline.stages import RunResult, attribute_recorded, read_sources
 
     if segments is not None and (not isinstance(segments, int) or segments < 1):
         raise ConfigError(f"segments must be a whole number >= 1, got {segments!r}")
