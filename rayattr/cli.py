@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if argv and argv[0] == "plan":
-            from rayattr.plan import plan_main
+            from rayattr.plan.estimate import plan_main
 
             return plan_main(argv[1:])
         if argv and argv[0] == "train":
