@@ -112,7 +112,7 @@ def cmd_runs(args) -> int:
 
 
 def _open(args):
-    from rayattr.api import open_run
+    from rayattr.query.finished import open_run
 
     return open_run(args.run, _storage_options(args.storage_option))
 
@@ -178,7 +178,7 @@ def _short(text: str, n: int = 70) -> str:
 def _ranked_list(rows: list[dict], what: str, show_all: bool) -> str:
     """One ranked list for the terminal: the rows clear of noise first (ranked by score), those
     within noise after them with --all, and a line saying how many are which."""
-    from rayattr.standing import noise_sentence, split_by_noise
+    from rayattr.report.standing import noise_sentence, split_by_noise
 
     clear, within = split_by_noise(rows)
     shown = clear + within if show_all else clear
@@ -278,7 +278,7 @@ def cmd_validate(args) -> int:
 
 def cmd_show(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
-    from rayattr.summary import format_summary, run_summary
+    from rayattr.report.summary import format_summary, run_summary
 
     run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)))
     summary = run_summary(run)
@@ -301,7 +301,7 @@ def cmd_attribute(args) -> int:
 def cmd_gc(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
     from rayattr.store.gc import check_collectable, collect, collectable
-    from rayattr.summary import format_bytes
+    from rayattr.report.summary import format_bytes
 
     run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)),
                        readonly=args.dry_run)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from rayattr.standing import noise_sentence, split_by_noise, stand_apart, standing_sentence
+from rayattr.report.standing import noise_sentence, split_by_noise, stand_apart, standing_sentence
 
 SOURCES = [  # value_low/high bound the total; n_samples scales them to value per sample
     {"source": "net", "n_samples": 10, "value": 3.0, "value_low": 1.0, "value_high": 5.0, "value_per_sample": 0.3},
@@ -69,7 +69,7 @@ def test_job_summary_prints_intervals_and_which_sources_stand_apart():
 
 
 def test_show_says_optimizer_schedule_and_validation():
-    from rayattr.summary import format_optimizer, format_schedule, format_validation
+    from rayattr.report.summary import format_optimizer, format_schedule, format_validation
 
     assert format_optimizer({"type": "adamw", "lr": 0.002, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                              "weight_decay": 0.1}) == \
@@ -90,7 +90,7 @@ def test_show_says_optimizer_schedule_and_validation():
 def test_show_reads_the_optimizer_the_run_trained_with(tmp_path):
     from rayattr.config import Config
     from rayattr.store import Run, StepRecord
-    from rayattr.summary import format_summary, run_summary
+    from rayattr.report.summary import format_summary, run_summary
 
     run = Run.create(str(tmp_path), "r", {"config": Config().to_dict(), "status": "done"})
     run.write_step_records([StepRecord(s, 0, lr, 0.01, [s], ["a"], [0]) for s, lr in enumerate([0.0, 0.002, 0.001])])

@@ -127,7 +127,7 @@ def run_ref(store: str, run_id: str, uri: str) -> str:
 def job_summary(result, run_id: str) -> str:
     """The job's last words: where the run is, how long it took, each source's value per sample
     with its 95 % interval, which sources stand apart, and the commands that answer questions."""
-    from rayattr.standing import per_sample_interval, standing_sentence
+    from rayattr.report.standing import per_sample_interval, standing_sentence
 
     lines = [f"\nrun: {result.uri}", f"steps: {result.num_steps}, segments: {result.segments}",
              "stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), "",

@@ -211,7 +211,7 @@ def captured_layers(cfg: Config, vocab_size: int) -> tuple[list[LayerPlan], int,
     """
     from rayattr.capture import GradientCapture
     from rayattr.model.build import build_model
-    from rayattr.train.worker import projection_spec
+    from rayattr.record.recorder import projection_spec
 
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size, cfg.data.seq_len, seed=cfg.train.seed)
