@@ -167,7 +167,7 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     edges = phase_edges(steps, cfg.embed.phases)
     bounds = segment_bounds(steps, n_seg)
     workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, dtype=cfg.embed.dtype,
-                             error_blocks=cfg.embed.error_blocks, threads=1)
+                             error_blocks=cfg.embed.error_blocks)
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     t0 = time.perf_counter()
     for w in workers:

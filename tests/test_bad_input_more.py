@@ -67,7 +67,7 @@ def test_empty_source_string(tmp_path):
     rows["source"][2] = rows["source"][4] = ""
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     with pytest.raises(DataError, match=r"column 'source' in dataset file .* has 2 empty value\(s\), e.g. row\(s\) \[2, 4\]"):
-        load_dataset(str(tmp_path / "train.parquet"))  # before: accepted, "" became a source
+        load_dataset(str(tmp_path / "train.parquet"))  # an empty source would become a source named ""
     pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
     out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
               "--store", str(tmp_path / "store"))
@@ -97,7 +97,7 @@ def test_texts_longer_than_the_context_are_counted(tmp_path):
                        "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
     out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected  # before: not recorded
+    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected  # the manifest records how many texts were truncated
     assert f"note: {expected} of the 32 training texts the run trains on are longer than data.seq_len = 32 tokens" in out.stdout
 
 
@@ -145,4 +145,4 @@ def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, c
     assert main(["query", str(copy), "--text", "def parse(s):", "--k", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "was deleted while being read" in err[-1], err
-    assert "keep_sample_embeddings" not in err[-1]  # before: blamed a setting
+    assert "keep_sample_embeddings" not in err[-1]  # the error names the deleted file, not a setting

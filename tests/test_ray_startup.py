@@ -47,7 +47,7 @@ def test_stale_cluster_file_does_not_hang(ray_tmpdir, tmp_path):
     dead = f"127.0.0.1:{pick_ports(1)[0]}"
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
-    out = run_connect({"RAY_TMPDIR": str(ray_tmpdir)})  # before: retried the dead GCS for ever
+    out = run_connect({"RAY_TMPDIR": str(ray_tmpdir)})  # a dead GCS is given up on, not retried for ever
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert STARTED in out.stdout and "task ran" in out.stdout
     assert "Connecting to existing Ray cluster" not in out.stdout + out.stderr
@@ -66,5 +66,5 @@ def test_live_head_from_ray_start_is_left_alone(ray_tmpdir, tmp_path):
     finally:
         cluster.stop()  # kills exactly the head's processes (a bare `ray stop` would kill any Ray here)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert cluster.gcs_address not in out.stdout + out.stderr  # before: "Connecting to existing Ray cluster"
+    assert cluster.gcs_address not in out.stdout + out.stderr  # the job starts its own Ray, it does not join that cluster
     assert STARTED in out.stdout and "task ran" in out.stdout
