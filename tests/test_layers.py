@@ -152,3 +152,17 @@ def test_no_import_cycles_between_modules():
 def test_the_check_finds_an_upward_import_and_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert LAYER["record"] < LAYER["train"] and LAYER["optim"] < LAYER["record"] and LAYER["config"] == 0
+
+
+def test_reading_a_finished_run_imports_neither_torch_nor_ray():
+    # what `rayattr values`, `show`, `runs` and `report` import; `query` computes (torch), on demand
+    import subprocess
+    import sys
+
+    code = ("import sys, rayattr, rayattr.cli, rayattr.query.finished, rayattr.report.summary, "
+            "rayattr.report.standing, rayattr.report.html, rayattr.store; "
+            "print(sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
