@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Bytes the ranks put into collectives per optimizer step, by what they carry: DeepSpeed's
 gradient reduction against the all-reduce of v's row and column sums that AdamW's step's own P
-needs (rayattr/train/adam_state.py), counted on 2 ranks under ZeRO-1 (gloo, CPU).
+needs (rayattr/optim/adam_state.py), counted on 2 ranks under ZeRO-1 (gloo, CPU).
 
 Each rank trains the built-in job's model (or the larger one) on random tokens through a
 DeepSpeed engine; the bench wraps torch.distributed's collectives in each rank and counts the
@@ -67,11 +67,12 @@ class Counter:
 
 
 def rank_main(rank: int, world: int, port: int, config: dict, steps: int, queue) -> None:
-    from rayattr.optimizer import resolve_optimizer
-    from rayattr.train.adam_state import read_preconditioners
+    from rayattr.optim.spec import resolve_optimizer
+    from rayattr.optim.adam_state import read_preconditioners
     from rayattr.train.backend import join_process_group
-    from rayattr.train.engine import build_engine, micro_batch_loss
-    from rayattr.train.model import build_model
+    from rayattr.model.loss import micro_batch_loss
+    from rayattr.train.engine import build_engine
+    from rayattr.model.build import build_model
 
     cfg = Config.from_dict(config)
     join_process_group(cfg, rank, world, "127.0.0.1", port)

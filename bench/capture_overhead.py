@@ -131,8 +131,8 @@ def adamw_vs_sgd(args, model, device) -> None:
     rows, four kinds of step in alternating rounds within this one process."""
     from types import SimpleNamespace
 
-    from rayattr.optimizer import OptimizerSpec
-    from rayattr.train.adam_state import read_preconditioners
+    from rayattr.optim.spec import OptimizerSpec
+    from rayattr.optim.adam_state import read_preconditioners
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     proj = ProjectionSpec(rank=args.rank, seed=0)

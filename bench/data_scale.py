@@ -84,11 +84,11 @@ def rss_mb() -> float:
 def child(role: str, data: Path, store: Path, steps: int) -> dict:
     from rayattr.data import TokenizedDataset, load_dataset, load_tokenizer
     from rayattr.data.run_data import rank_tokens
-    from rayattr.pipeline import start_run
+    from rayattr.pipeline.stages import start_run
     from rayattr.store import Run
 
     if role == "driver":  # Ray started before the baseline: its start-up is not the stage's
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
 
         connect(log_to_driver=False)
     base = rss_mb()  # after the imports: what follows is the data path's own

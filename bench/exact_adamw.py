@@ -41,7 +41,7 @@ from rayattr.config import Config  # noqa: E402
 from rayattr.data import TokenizedDataset, load_tokenizer  # noqa: E402
 from rayattr.data.run_data import rank_tokens  # noqa: E402
 from rayattr.store import Run  # noqa: E402
-from rayattr.train.model import build_model  # noqa: E402
+from rayattr.model.build import build_model  # noqa: E402
 
 FREEZABLE = ("kappa", "v")
 

@@ -25,9 +25,9 @@ from torch.func import functional_call, jvp
 
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.reduce import mean_loss
+from rayattr.model.gradients import mean_loss
 from rayattr.store import Run
-from rayattr.train.model import build_model
+from rayattr.model.build import build_model
 
 
 class Replay:

@@ -42,10 +42,10 @@ def make_finished(root: str, run_id: str, rank: int) -> Run:
     from rayattr.config import load_config
     from rayattr.data import load_tokenizer
     from rayattr.embed.blocks import ProjectionBlocks
-    from rayattr.pipeline import create_run, prepare_data, write_data
+    from rayattr.pipeline.stages import create_run, prepare_data, write_data
     from rayattr.record.recorder import state_dict_bytes
     from rayattr.store import StoreOptions
-    from rayattr.train.model import build_model
+    from rayattr.model.build import build_model
 
     cfg = load_config(ROOT / "jobs/configs/small.yaml", **{"store.uri": root, "run_id": run_id,
                                                            "capture.layers": [LAYER], "capture.rank": rank})

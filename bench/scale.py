@@ -9,7 +9,7 @@
    worker process's RSS, grouped by what it runs (rank actors, segment actors, validation
    tasks), and prints each group's peak against the 1x run with wall time. Target: every
    process <= 1.3x; time grows with the steps. The plan's figure for a segment actor
-   (rayattr/plan.py) is printed beside the measured one.
+   (rayattr/plan/estimate.py) is printed beside the measured one.
 2. **Reduce cost against segments**: the 16x run's trained store, embedded with 1, 4, 16, 64
    segments by SegmentWorker objects in this process (64 actor processes would not fit this
    machine); timed separately: the vector chain and suffix scan through the workers,
@@ -41,8 +41,9 @@ from rayattr.config import Config  # noqa: E402
 from rayattr.dvemb import segment_bounds  # noqa: E402
 from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
 from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
-from rayattr.plan import estimate  # noqa: E402
-from rayattr.reduce import phase_edges, validation_gradient, write_outputs  # noqa: E402
+from rayattr.plan.estimate import estimate  # noqa: E402
+from rayattr.model.gradients import validation_gradient  # noqa: E402
+from rayattr.reduce import phase_edges, write_outputs  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 # Ray's process titles name the actor class or the task: what each group runs. The ranks run
@@ -166,7 +167,7 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     edges = phase_edges(steps, cfg.embed.phases)
     bounds = segment_bounds(steps, n_seg)
     workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, dtype=cfg.embed.dtype,
-                             error_blocks=cfg.embed.error_blocks, threads=1)
+                             error_blocks=cfg.embed.error_blocks)
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     t0 = time.perf_counter()
     for w in workers:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from rayattr.config import load_config  # noqa: E402
-from rayattr.pipeline import attribute, create_run, write_data  # noqa: E402
-from rayattr.train import train  # noqa: E402
+from rayattr.pipeline.stages import attribute, create_run, write_data  # noqa: E402
+from rayattr.train.trainer import train  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 # what the embedding and reduce stages write: their own dirs, and the "local" and

@@ -119,8 +119,9 @@ def deepspeed_loop(loop: dict) -> None:
     from rayattr.data.run_data import rank_tokens
     from rayattr.store import Run
     from rayattr.train.backend import join_process_group
-    from rayattr.train.engine import build_engine, micro_batch_loss
-    from rayattr.train.model import build_model
+    from rayattr.model.loss import micro_batch_loss
+    from rayattr.train.engine import build_engine
+    from rayattr.model.build import build_model
     from rayattr.train.quiet import quiet_known_noise
 
     ctx = ray.train.get_context()
@@ -162,9 +163,9 @@ def torch_loop(cfg, run, threads: int) -> tuple[float, int]:
 
     from rayattr.data import BatchPlan, load_tokenizer
     from rayattr.data.run_data import rank_tokens
-    from rayattr.optimizer import resolve_optimizer
-    from rayattr.train.engine import micro_batch_loss
-    from rayattr.train.model import build_model
+    from rayattr.optim.spec import resolve_optimizer
+    from rayattr.model.loss import micro_batch_loss
+    from rayattr.model.build import build_model
 
     torch.set_num_threads(threads)
     t = cfg.train
@@ -197,7 +198,7 @@ def torch_loop(cfg, run, threads: int) -> tuple[float, int]:
 # ---------------------------------------------------------------------------- the driver
 
 def new_run(cfg, run_id: str):
-    from rayattr.pipeline import start_run
+    from rayattr.pipeline.stages import start_run
 
     return start_run(cfg.with_overrides(run_id=run_id))
 
@@ -222,7 +223,7 @@ def main() -> None:
     p.add_argument("--no-breakdown", action="store_true", help="skip the timed rank loop")
     args = p.parse_args()
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
     from rayattr.config import Config
     from rayattr.train.trainer import train
 

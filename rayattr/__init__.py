@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 # public names, imported on first use: `import rayattr` stays free of torch and Ray
-_PUBLIC = {"open_run": "rayattr.api", "Recorder": "rayattr.record.recorder", "attribute": "rayattr.attribution",
-           "new_run": "rayattr.pipeline", "RayattrError": "rayattr.errors"}
+_PUBLIC = {"open_run": "rayattr.query.finished", "Recorder": "rayattr.record.recorder", "attribute": "rayattr.pipeline.attribution",
+           "new_run": "rayattr.pipeline.stages", "RayattrError": "rayattr.errors"}
 
 __all__ = sorted(_PUBLIC)
 

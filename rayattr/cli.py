@@ -112,7 +112,7 @@ def cmd_runs(args) -> int:
 
 
 def _open(args):
-    from rayattr.api import open_run
+    from rayattr.query.finished import open_run
 
     return open_run(args.run, _storage_options(args.storage_option))
 
@@ -178,7 +178,7 @@ def _short(text: str, n: int = 70) -> str:
 def _ranked_list(rows: list[dict], what: str, show_all: bool) -> str:
     """One ranked list for the terminal: the rows clear of noise first (ranked by score), those
     within noise after them with --all, and a line saying how many are which."""
-    from rayattr.standing import noise_sentence, split_by_noise
+    from rayattr.report.standing import noise_sentence, split_by_noise
 
     clear, within = split_by_noise(rows)
     shown = clear + within if show_all else clear
@@ -278,7 +278,7 @@ def cmd_validate(args) -> int:
 
 def cmd_show(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
-    from rayattr.summary import format_summary, run_summary
+    from rayattr.report.summary import format_summary, run_summary
 
     run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)))
     summary = run_summary(run)
@@ -287,7 +287,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from rayattr.attribution import attribute
+    from rayattr.pipeline.attribution import attribute
 
     result = attribute(args.run, segments=args.segments, cpu=args.cpu, wait_s=args.wait,
                        storage_options=_storage_options(args.storage_option), progress=not args.no_progress)
@@ -301,7 +301,7 @@ def cmd_attribute(args) -> int:
 def cmd_gc(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
     from rayattr.store.gc import check_collectable, collect, collectable
-    from rayattr.summary import format_bytes
+    from rayattr.report.summary import format_bytes
 
     run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)),
                        readonly=args.dry_run)
@@ -443,7 +443,7 @@ SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayattr.logs import show_warnings
+    from rayattr.runtime.logs import show_warnings
 
     show_warnings()  # the library's warnings (a divergence, a restart), once each on stderr
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -452,11 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if argv and argv[0] == "plan":
-            from rayattr.plan import plan_main
+            from rayattr.plan.estimate import plan_main
 
             return plan_main(argv[1:])
         if argv and argv[0] == "train":
-            from rayattr.job import main as train_main
+            from rayattr.pipeline.job import main as train_main
 
             return train_main(argv[1:], prog="rayattr train")
         code = _run(parser().parse_args(argv))

@@ -95,7 +95,7 @@ class DataConfig:
 class OptimizerConfig:
     """The optimizer the attribution models (docs/method.md §2 SGD, §7 AdamW). DeepSpeed's own
     `train.deepspeed.optimizer` block (type SGD, Adam or AdamW) may be used instead: it
-    resolves to the same settings (rayattr/optimizer.py); giving both is an error."""
+    resolves to the same settings (rayattr/optim/spec.py); giving both is an error."""
 
     type: str = "adamw"
     """"adamw" (torch.optim.AdamW semantics, the default) or "sgd" (plain SGD at train.lr, no momentum)."""
@@ -294,9 +294,6 @@ class Config:
                               f"{q}, or embed.error_blocks: 1 (no standard errors)")
         self._validate_model()
         check_deepspeed(t.deepspeed)
-        from rayattr.optimizer import check_adamw_capture, resolve_optimizer
-
-        check_adamw_capture(self, resolve_optimizer(self))
         return self
 
     def _validate_model(self) -> None:

@@ -1,4 +1,4 @@
-"""Fault injection for the fault-tolerance tests: act at a named test seam of rayattr.hooks, once.
+"""Fault injection for the fault-tolerance tests: act at a named test seam of rayattr.runtime.hooks, once.
 
 test_faults.py runs the job with tests/faultsite on PYTHONPATH and the faults in
 RAYATTR_TEST_FAULT, e.g. "rank.step:rank=1,step=9" (several joined by ";" act in one run, each
@@ -53,7 +53,7 @@ def install(specs: str, directory: str) -> None:
 
 
 def _install(spec: str, directory: str) -> None:
-    from rayattr import hooks
+    from rayattr.runtime import hooks
 
     point, conds = parse(spec)
     if point == "rank.nan":  # one rank's loss diverges alone

@@ -18,8 +18,8 @@ import rayattr
 from rayattr.config import Config
 from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.store import Run
-from rayattr.train.engine import micro_batch_loss
-from rayattr.train.model import build_model
+from rayattr.model.loss import micro_batch_loss
+from rayattr.model.build import build_model
 
 GLOBAL_BATCH, STEPS = 8, 3
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from rayattr.standing import noise_sentence, split_by_noise, stand_apart, standing_sentence
+from rayattr.report.standing import noise_sentence, split_by_noise, stand_apart, standing_sentence
 
 SOURCES = [  # value_low/high bound the total; n_samples scales them to value per sample
     {"source": "net", "n_samples": 10, "value": 3.0, "value_low": 1.0, "value_high": 5.0, "value_per_sample": 0.3},
@@ -58,7 +58,7 @@ def test_query_table_lists_the_clear_rows_and_all_of_them_with_all():
 
 
 def test_job_summary_prints_intervals_and_which_sources_stand_apart():
-    from rayattr.job import job_summary
+    from rayattr.pipeline.job import job_summary
 
     result = SimpleNamespace(uri="/s/run-1", num_steps=192, segments=2, timings={"train": 50.0}, sources=SOURCES)
     text = job_summary(result, "run-1")
@@ -69,7 +69,7 @@ def test_job_summary_prints_intervals_and_which_sources_stand_apart():
 
 
 def test_show_says_optimizer_schedule_and_validation():
-    from rayattr.summary import format_optimizer, format_schedule, format_validation
+    from rayattr.report.summary import format_optimizer, format_schedule, format_validation
 
     assert format_optimizer({"type": "adamw", "lr": 0.002, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
                              "weight_decay": 0.1}) == \
@@ -90,7 +90,7 @@ def test_show_says_optimizer_schedule_and_validation():
 def test_show_reads_the_optimizer_the_run_trained_with(tmp_path):
     from rayattr.config import Config
     from rayattr.store import Run, StepRecord
-    from rayattr.summary import format_summary, run_summary
+    from rayattr.report.summary import format_summary, run_summary
 
     run = Run.create(str(tmp_path), "r", {"config": Config().to_dict(), "status": "done"})
     run.write_step_records([StepRecord(s, 0, lr, 0.01, [s], ["a"], [0]) for s, lr in enumerate([0.0, 0.002, 0.001])])
@@ -157,7 +157,7 @@ def test_split_text_bounds_are_utf8_bytes():
 
 
 def test_library_warnings_are_shown_once_by_the_entry_point():
-    from rayattr.logs import show_warnings
+    from rayattr.runtime.logs import show_warnings
 
     stream = io.StringIO()
     logger = logging.getLogger("rayattr")
@@ -166,8 +166,8 @@ def test_library_warnings_are_shown_once_by_the_entry_point():
     try:
         handler = show_warnings(stream)
         assert show_warnings() is handler  # idempotent: one handler, one line per warning
-        logging.getLogger("rayattr.pipeline").warning("η·λ_max(H) = %.3g at step %d", 2.5, 7)
-        logging.getLogger("rayattr.pipeline").info("not shown")
+        logging.getLogger("rayattr.pipeline.stages").warning("η·λ_max(H) = %.3g at step %d", 2.5, 7)
+        logging.getLogger("rayattr.pipeline.stages").info("not shown")
         assert stream.getvalue() == "warning: η·λ_max(H) = 2.5 at step 7\n"
     finally:
         logger.handlers[:] = before
@@ -177,7 +177,7 @@ def test_warnings_of_a_command_print_once_on_stderr():
     import subprocess
     import sys
 
-    code = ("import logging; from rayattr.logs import show_warnings; show_warnings(); show_warnings(); "
+    code = ("import logging; from rayattr.runtime.logs import show_warnings; show_warnings(); show_warnings(); "
             "logging.getLogger('rayattr.train.trainer').warning('training rank failed; restarting')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stderr == "warning: training rank failed; restarting\n" and out.stdout == ""

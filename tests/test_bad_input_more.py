@@ -67,7 +67,7 @@ def test_empty_source_string(tmp_path):
     rows["source"][2] = rows["source"][4] = ""
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     with pytest.raises(DataError, match=r"column 'source' in dataset file .* has 2 empty value\(s\), e.g. row\(s\) \[2, 4\]"):
-        load_dataset(str(tmp_path / "train.parquet"))  # before: accepted, "" became a source
+        load_dataset(str(tmp_path / "train.parquet"))  # an empty source would become a source named ""
     pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
     out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
               "--store", str(tmp_path / "store"))
@@ -152,4 +152,4 @@ def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, c
     assert main(["query", str(copy), "--text", "def parse(s):", "--k", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "was deleted while being read" in err[-1], err
-    assert "keep_sample_embeddings" not in err[-1]  # before: blamed a setting
+    assert "keep_sample_embeddings" not in err[-1]  # the error names the deleted file, not a setting

@@ -271,7 +271,7 @@ def test_only_the_known_harmless_warnings_are_filtered(device):
 def test_report_loss_curve_validation_set_and_honest_captions(finished_run, tmp_path):
     import pyarrow as pa
 
-    from rayattr.report import write_report
+    from rayattr.report.html import write_report
     from rayattr.report.figures import HARMFUL, HELPFUL, phase_means
 
     run = Run.open_uri(finished_run[1])

@@ -1,4 +1,4 @@
-"""rayattr.cluster.connect, with a stand-in for Ray: which cluster a job joins (the start-up
+"""rayattr.runtime.cluster.connect, with a stand-in for Ray: which cluster a job joins (the start-up
 itself runs in test_ray_startup.py and test_job.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rayattr.cluster import LOCAL_ENV, WORKER_SETUP, connect
+from rayattr.runtime.cluster import LOCAL_ENV, WORKER_SETUP, connect
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_the_worker_setup_hook_drops_only_the_known_notice(capsys):
     Train's "safe to ignore" overload warning and nothing else from that logger."""
     import importlib
 
-    from rayattr.cluster import RAY_WORKER_NOTICES
+    from rayattr.runtime.cluster import RAY_WORKER_NOTICES
 
     module, _, name = WORKER_SETUP.rpartition(".")
     getattr(importlib.import_module(module), name)()

@@ -80,7 +80,7 @@ def test_second_create_of_one_run_id_is_refused(store_root):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert len(won) == 1, won  # before: several creators each wrote their own run.json
+    assert len(won) == 1, won  # exactly one creator wins run.json
     assert len(refused) == n - 1
     assert all("run 'same' already exists" in e and "another job" in e for e in refused), refused[0]
     assert Run.open(store_root.uri, "same", store_root.options).manifest["creator"] == won[0]
@@ -92,7 +92,7 @@ def test_second_writer_on_one_rank_is_refused(store_root):
     first.write_step(0, [0], ["s"], {"l": torch.ones(1, 4)})  # buffered, not committed yet
     again = Run.open(store_root.uri, "r", store_root.options, readonly=False)
     with pytest.raises(StoreError, match=r"rank 0 \(train\) already has an open writer .* second writer is refused"):
-        GradientWriter(again, 0, LAYERS)  # before: accepted, and removed the first's uncommitted shards
+        GradientWriter(again, 0, LAYERS)  # a second writer would remove the first's uncommitted shards
     # other ranks and kinds are other writers
     GradientWriter(again, 1, LAYERS).close()
     GradientWriter(again, 0, LAYERS, kind="curvature").close()

@@ -17,7 +17,7 @@ import torch
 from rayattr.config import Config, ConfigError
 from rayattr.data import BatchPlan, ByteTokenizer, DataError, TokenizedDataset, builtin_corpus, load_tokenizer
 from rayattr.data import run_data
-from rayattr.pipeline import complete_run, create_run, prepare_data, write_data
+from rayattr.pipeline.stages import complete_run, create_run, prepare_data, write_data
 from rayattr.store import Run, StoreOptions
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -353,7 +353,7 @@ def test_data_in_and_outside_the_store_on_both_backends(store_root, tmp_path):
 def test_pretokenized_job_gives_the_values_of_the_same_texts(tmp_path):
     """End to end: a small job on pre-tokenised files (the byte tokenizer's ids plus eos) trains
     on the same tokens as the job on the texts, so every value is bit-equal."""
-    from rayattr.pipeline import run_pipeline
+    from rayattr.pipeline.stages import run_pipeline
 
     train, val = builtin_corpus(n_train=192, n_validation=16, max_chars=96)
     tokens = pretokenized(train)

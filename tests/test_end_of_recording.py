@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rayattr import cli
-from rayattr.attribution import open_recorded
+from rayattr.pipeline.attribution import open_recorded
 from rayattr.errors import USER_ERROR_EXIT
 from rayattr.record import Recorder
 from rayattr.store import GradientWriter, Run

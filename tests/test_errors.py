@@ -60,7 +60,7 @@ def ray_wrapped(err: Exception) -> Exception:
 
 @pytest.mark.parametrize("which", ["divergence", "incomplete"])
 def test_attribute_on_a_failing_run_prints_the_named_error(monkeypatch, capsys, which):
-    from rayattr import attribution
+    from rayattr.pipeline import attribution
     from rayattr.embed.guard import DivergenceError
 
     err = (DivergenceError("segment 1: the recursion diverged at step 17 (K has inf)") if which == "divergence"

@@ -1,7 +1,7 @@
 """Faults injected into real runs: nothing is lost and the values equal a fault-free run.
 
 Every run is the job script in its own process (its own local Ray), so a fault can kill
-a rank actor, a segment actor or the driver itself (tests/faults.py at rayattr.hooks' seams).
+a rank actor, a segment actor or the driver itself (tests/faults.py at rayattr.runtime.hooks' seams).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from rayattr.store import epochs, records
 from rayattr.store.commits import ShardCommit, latest_per_step
 from rayattr.store.errors import StoreError
 from rayattr.store.registrations import current, open_writers
-from rayattr.train.engine import micro_batch_loss
+from rayattr.model.loss import micro_batch_loss
 from tests.test_recorder import LR, B, setup  # noqa: F401  (the fixture)
 
 L = {"l": 4}

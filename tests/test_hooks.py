@@ -1,4 +1,4 @@
-"""Fault injection lives in the tests: the package has only empty seams (rayattr.hooks), and no
+"""Fault injection lives in the tests: the package has only empty seams (rayattr.runtime.hooks), and no
 environment variable in a user's environment can kill a worker or turn the loss NaN.
 
 The seams the fault tests (tests/faults.py) act at must fire where the faults belong: here the
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import trainer
-from rayattr.train.engine import micro_batch_loss
+from rayattr.model.loss import micro_batch_loss
 from rayattr.train.worker import RankWorker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def no_hooks():
 
 def test_seams_are_empty_in_production():
     code = ("import pkgutil, importlib, rayattr\n"
-            "from rayattr import hooks\n"
+            "from rayattr.runtime import hooks\n"
             "for m in pkgutil.walk_packages(rayattr.__path__, 'rayattr.'):\n"
             "    importlib.import_module(m.name)\n"
             "assert hooks.registered() == {}, hooks.registered()\n")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.store import GradientReader, GradientWriter, StepRecord
 from rayattr.store.index import _loose, _manifests, compact, load_entries
 from rayattr.store.storage import Storage

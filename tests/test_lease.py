@@ -31,7 +31,7 @@ def test_a_second_concurrent_driver_is_refused_naming_the_holder(run):
 
 
 def test_the_driver_entry_points_take_the_lease_before_any_work(run):
-    from rayattr.pipeline import attribute_recorded, complete_run
+    from rayattr.pipeline.stages import attribute_recorded, complete_run
     from rayattr.validate.validation import validate_run
 
     run.update_manifest(status="done", config={})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayattr.config import Config, ConfigError
-from rayattr.optimizer import OptimizerSpec, check_param_groups, resolve_optimizer
+from rayattr.optim.spec import OptimizerSpec, check_param_groups, resolve_optimizer
 from rayattr.train.backend import deepspeed_config
 
 
@@ -73,7 +73,7 @@ def test_deepspeed_sgd_block_still_passes_through():
 ])
 def test_refusals_name_the_key(train, capture, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        cfg_of(train, capture).validate()
+        resolve_optimizer(cfg_of(train, capture).validate())
 
 
 def test_per_group_lr_or_decay_within_a_layer_is_refused():

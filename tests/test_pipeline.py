@@ -12,8 +12,8 @@ import torch
 
 from rayattr.config import Config
 from rayattr.dvemb import data_value_embeddings, influence
-from rayattr.pipeline import attribute, run_pipeline
-from rayattr.reduce import validation_gradient
+from rayattr.pipeline.stages import attribute, run_pipeline
+from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run
 
 
@@ -252,8 +252,8 @@ def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
     the mean gradient of the whole set (per-sample rows are float32, batched differently)."""
     import ray
 
-    from rayattr.pipeline import start_validation_gradient
-    from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
+    from rayattr.pipeline.stages import start_validation_gradient
+    from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
 
     _, run, _ = trained
     whole = validation_gradient(run)
@@ -266,7 +266,7 @@ def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
     table = run.read_table("data/validation.parquet")
     assert sum(p[1] for p in parts) == table.num_rows
     if shards == 1:  # each shard reads only its row groups: the sums of the whole-table read, bit for bit
-        from rayattr.reduce.gradients import VALIDATION_ROWS, final_model, shard_rows, text_gradients
+        from rayattr.model.gradients import VALIDATION_ROWS, final_model, shard_rows, text_gradients
 
         model = final_model(run)
         for i, (sums, rows) in enumerate(parts):

@@ -9,8 +9,8 @@ import torch
 
 from rayattr.config import Config
 from rayattr.dvemb import data_value_embeddings, influence
-from rayattr.pipeline import attribute, run_pipeline
-from rayattr.reduce import validation_gradient
+from rayattr.pipeline.stages import attribute, run_pipeline
+from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run
 from test_pipeline import _embeddings, copy_trained, cut_again, small_config
 

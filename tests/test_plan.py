@@ -1,4 +1,4 @@
-"""rayattr.plan: predicted sizes against the real objects, and how the estimates scale."""
+"""rayattr.plan.estimate: predicted sizes against the real objects, and how the estimates scale."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from rayattr.config import Config, load_config
 from rayattr.dvemb import segment_bounds
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
-from rayattr.plan import Throughput, estimate, format_plan, human_bytes, ipc_bytes, parse_count, plan_main
+from rayattr.plan.estimate import Throughput, estimate, format_plan, human_bytes, ipc_bytes, parse_count, plan_main
 from rayattr.reduce import phase_edges
 from rayattr.store import GradientWriter, Run, StepRecord
-from rayattr.train.model import build_model
+from rayattr.model.build import build_model
 from rayattr.train.worker import projection_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,7 +314,7 @@ def test_docs_scale_shows_what_plan_prints(capsys):
 
 def test_docs_scale_prose_quotes_the_plan():
     """The numbers docs/scale.md's text quotes (rounded) are the plan's, not hand-typed."""
-    from rayattr.plan import human_bytes
+    from rayattr.plan.estimate import human_bytes
 
     text = " ".join(open(os.path.join(ROOT, "docs", "scale.md")).read().split())
     cfg = load_config(os.path.join(ROOT, "jobs", "configs", "llama7b_1t.yaml"))

@@ -38,7 +38,7 @@ def test_segment_sums_accumulate_in_float64(tmp_path):
     sums = SourcePhaseSums.from_table(run.read_table(sums_path(0)), dims)
     total = sums.sum[("s", 0)]["l"]
     assert total.dtype == torch.float64
-    assert abs(float(total) - (1e8 - n)) < 1.0, float(total)  # before: 1e8
+    assert abs(float(total) - (1e8 - n)) < 1.0, float(total)  # float64 keeps every -1 that float32 would round away at 1e8
 
 
 def test_source_values_are_float64():
@@ -54,7 +54,7 @@ def test_dvemb_returns_the_input_dtype(dtype):
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(4, 3, generator=gen).to(dtype) for _ in range(5)]
     out = data_value_embeddings(grads, [0.01] * 5, segments=2)
-    assert all(e.dtype == dtype for e in out)  # before: float32 for half precision
+    assert all(e.dtype == dtype for e in out)  # half precision stays half: no silent upcast to float32
     layered = [{"a": g, "b": g.double()} for g in grads]
     out = data_value_embeddings(layered, [0.01] * 5, segments=2)
     assert all(e["a"].dtype == dtype and e["b"].dtype == torch.float64 for e in out)

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow  # each test starts Ray
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = "ray: started a local Ray instance at "
-# What the job (rayattr.pipeline.prepare_data) and every rayattr command do first: connect,
+# What the job (rayattr.pipeline.stages.prepare_data) and every rayattr command do first: connect,
 # print the line, then run work on the Ray they got (a task here; the job is tested elsewhere).
-CONNECT = ("import ray; from rayattr.cluster import connect; print(connect(), flush=True); "
+CONNECT = ("import ray; from rayattr.runtime.cluster import connect; print(connect(), flush=True); "
            "assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42; print('task ran')")
 
 

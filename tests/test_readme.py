@@ -71,7 +71,7 @@ def test_the_summary_the_readme_shows_is_what_the_job_prints():
     do the header and the sentence on which sources stand apart."""
     from types import SimpleNamespace
 
-    from rayattr.job import job_summary
+    from rayattr.pipeline.job import job_summary
 
     block = re.search(r"The job ends with.*?```\n(.*?)```", README, re.S).group(1)
     table = [ln for ln in block.splitlines() if ln.rstrip().endswith("]")]

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 import rayattr
-from rayattr.attribution import open_recorded
+from rayattr.pipeline.attribution import open_recorded
 from rayattr.capture import GradientCapture
 from rayattr.config import Config, ConfigError
 from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.query.runs import RunNotFinished, require_finished
 from rayattr.record import Recorder, projection_spec
 from rayattr.store import GradientReader, Run
-from rayattr.train.engine import micro_batch_loss
-from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
+from rayattr.model.loss import micro_batch_loss
+from rayattr.model.build import build_model
+from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
 from rayattr.capture import per_sample_loss
 
 LR, CLIP, B = 0.5, 0.05, 4

@@ -20,7 +20,7 @@ from rayattr.store import Run
 @pytest.fixture(scope="module")
 def report(finished_run, tmp_path_factory):
     run = Run.open_uri(finished_run[1])
-    from rayattr.report import write_report
+    from rayattr.report.html import write_report
 
     return run, write_report(run, tmp_path_factory.mktemp("report"))
 
@@ -197,7 +197,7 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
     import sys
     from pathlib import Path
 
-    from rayattr.report import write_report
+    from rayattr.report.html import write_report
 
     store, uri = finished_run
     src = Path(uri)
@@ -225,7 +225,7 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
     assert "has not been validated" not in page and "LDS (Spearman" in page and "Verdict:" in page
     box = page[page.index('<section class="trust"'):page.index("</section>")]
     assert "not validated yet" not in box and "LDS " in box and "Sources left out one at a time" in box
-    from rayattr.summary import format_summary, run_summary
+    from rayattr.report.summary import format_summary, run_summary
 
     shown = format_summary(run_summary(Run.open(str(copy), "trusted")))
     assert "not validated" not in shown and re.search(r"^verdict\s+\S", shown, re.M)

@@ -26,7 +26,7 @@ def s3_error(code: str, status: int) -> OSError:
                                   "00000488-00000495.arrow"])
 def test_local_disk_full_is_never_retried(name):
     err = OSError(errno.ENOSPC, "No space left on device", f"/store/r/grads/train/r0000/{name}")
-    assert not is_transient(err)  # before: retried when the name contained 500, 502 or 503
+    assert not is_transient(err)  # a path containing 500, 502 or 503 is not an HTTP status
     calls = []
 
     def write():
@@ -74,13 +74,13 @@ def test_back_off_is_jittered_and_bounded(monkeypatch):
         # each pause lies in [half, all] of its exponential delay: 0.4, 0.8, 1.0, 1.0
         assert all(cap / 2 <= p <= cap for p, cap in zip(pauses, (0.4, 0.8, 1.0, 1.0))), pauses
         runs.append(tuple(pauses))
-    assert len(set(runs)) == len(runs)  # before: the same 0.4, 0.8, 1.0, 1.0 every time
+    assert len(set(runs)) == len(runs)  # jittered: ranks retrying together do not retry in step
 
 
 def test_botocore_standard_retries_stay_on():
     config = _s3_kwargs(StoreOptions())["config_kwargs"]
     assert config["retries"]["mode"] == "standard"
-    assert config["retries"]["total_max_attempts"] >= 2  # before: max_attempts 1
+    assert config["retries"]["total_max_attempts"] >= 2  # botocore retries transient S3 errors itself
     # a user's choice (e.g. adaptive, client-side rate limiting) wins
     mine = {"retries": {"mode": "adaptive", "max_attempts": 5}}
     assert _s3_kwargs(StoreOptions(storage_options={"config_kwargs": mine}))["config_kwargs"]["retries"] == \

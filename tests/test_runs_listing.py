@@ -24,7 +24,7 @@ def test_unreadable_runs_are_listed_with_the_reason(store_root, capsys):
 
     runs = {r["run_id"]: r for r in list_runs(store_root.uri, store_root.options)}
     expected = {"good", "garbled", "listed"} | ({"dir"} if store_root.backend == "local" else set())
-    assert set(runs) == expected  # before: only "good"
+    assert set(runs) == expected  # every run is listed, unreadable ones too
     assert runs["good"]["status"] == "created" and "error" not in runs["good"]
     assert runs["garbled"]["status"] == "unreadable"
     assert runs["garbled"]["error"].startswith("run.json is not valid JSON")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayattr import attribution
+from rayattr.pipeline import attribution
 from rayattr.config import Config, ConfigError
 from rayattr.dvemb import segment_bounds
 from rayattr.embed.cut import choose_segments

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.embed.segment import LOCAL_KIND, SegmentSpec, SegmentWorker, k_path
 from rayattr.embed.tensors import load_tensors
 from rayattr.store import GradientReader, GradientWriter, Run, StepRecord

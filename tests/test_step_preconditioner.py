@@ -1,5 +1,5 @@
 """The step's own preconditioner P_t, read right after the real step from each rank's own
-partition of Adam's v (rayattr/train/adam_state.py), against a brute-force float64 reference
+partition of Adam's v (rayattr/optim/adam_state.py), against a brute-force float64 reference
 of v_t = β₂ v_{t−1} + (1 − β₂)(κ_t ḡ_t)² formed before the step from one more unhooked pass
 (ḡ_t averaged over ranks, clipped as DeepSpeed clips): on one rank (ZeRO-0) and on two ranks
 under ZeRO-1 (partitioned v, partition sums all-reduced), clipping active. The deferred
@@ -17,12 +17,13 @@ from rayattr.capture.precondition import in_gradient_orientation
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.data.corpus import builtin_corpus
-from rayattr.optimizer import resolve_optimizer
+from rayattr.optim.spec import resolve_optimizer
 from rayattr.record import projection_spec
-from rayattr.train.adam_state import adam_step_count, full_exp_avg_sq, read_preconditioners
+from rayattr.optim.adam_state import adam_step_count, full_exp_avg_sq, read_preconditioners
 from rayattr.train.backend import free_port, join_process_group
-from rayattr.train.engine import build_engine, micro_batch_loss
-from rayattr.train.model import build_model
+from rayattr.model.loss import micro_batch_loss
+from rayattr.train.engine import build_engine
+from rayattr.model.build import build_model
 from test_pipeline_adamw import adamw_config
 
 

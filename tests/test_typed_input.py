@@ -16,7 +16,7 @@ import pytest
 
 from rayattr import cli
 from rayattr.config import Config, ConfigError
-from rayattr.train.model import check_model
+from rayattr.model.build import check_model
 
 
 def test_storage_option_values_are_typed():

@@ -21,10 +21,10 @@ from safetensors.torch import load
 
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.pipeline import run_pipeline
-from rayattr.reduce import mean_loss
+from rayattr.pipeline.stages import run_pipeline
+from rayattr.model.gradients import mean_loss
 from rayattr.store import Run
-from rayattr.train.model import build_model
+from rayattr.model.build import build_model
 from rayattr.validate import Removal, ValidationError, validate_run
 from rayattr.validate.counterfactuals import (occurrence_removals, parse_window, predicted, source_removals,
                                               subset_removals, windowed)

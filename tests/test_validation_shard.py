@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rayattr.reduce import gradients
-from rayattr.reduce.gradients import VALIDATION_PATH, VALIDATION_ROWS, row_slices, shard_rows
+from rayattr.model import gradients
+from rayattr.model.gradients import VALIDATION_PATH, VALIDATION_ROWS, row_slices, shard_rows
 from tests.test_store import new_run
 
 

@@ -1,5 +1,5 @@
 """Honest version floors: ray at least the release with CheckpointConsistencyMode (used by
-train/checkpoints.py); DeepSpeed bounded above, since train/adam_state.py reads its internals."""
+train/checkpoints.py); DeepSpeed bounded above, since optim/adam_state.py reads its internals."""
 
 from __future__ import annotations
 

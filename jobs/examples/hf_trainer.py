@@ -24,7 +24,7 @@ from rayattr.config import Config  # noqa: E402
 from rayattr.data import TokenizedDataset, load_tokenizer  # noqa: E402
 from rayattr.integrations.hf import RecorderCallback  # noqa: E402
 from rayattr.store import Run  # noqa: E402
-from rayattr.train.model import build_model  # noqa: E402
+from rayattr.model.build import build_model  # noqa: E402
 
 
 class Samples(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ def train_func(loop: dict) -> None:
 
     from rayattr.data import TokenizedDataset, load_tokenizer
     from rayattr.store import Run
-    from rayattr.train.model import build_model
+    from rayattr.model.build import build_model
 
     cfg = Config.from_dict(loop["config"])
     run = Run.open_uri(loop["run"], readonly=False)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
 
     cfg = Config.from_dict({
         "run_id": args.run_id, "store": {"uri": args.store, "steps_per_shard": 4},

@@ -44,7 +44,7 @@ def _ray():
     import ray.data
 
     if not ray.is_initialized():
-        raise DataError("the data stage runs on Ray Data: connect to Ray first (rayattr.cluster.connect)")
+        raise DataError("the data stage runs on Ray Data: connect to Ray first (rayattr.runtime.cluster.connect)")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

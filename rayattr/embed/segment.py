@@ -26,7 +26,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
@@ -87,19 +87,15 @@ def scores_path(index: int) -> str:
     return f"embed/scores/seg{index:04d}.parquet"
 
 
-# (w, z) of a segment in the vector chain: w = S_ℓᵀ v, z = R_bᵀ v (None without momentum)
-ValueVectors = tuple  # tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]
-
-
 class SegmentWorker:
     """The work of one segment (plain class; `SegmentActor` is its Ray actor)."""
 
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
-                 read_chunk: int = 32, keep_sample_embeddings: bool = True, threads: int = 1,
+                 read_chunk: int = 32, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
                  write_chunk: int = 256):
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
         self.seg = segment
@@ -232,12 +228,12 @@ class SegmentWorker:
             self._chain_inputs = (K, R)
         return self._chain_inputs
 
-    def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> ValueVectors:
+    def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> tuple:
         """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4)."""
         w = self.blocks.augment({n: g.to(torch.float64) for n, g in test_grad.items()})
         return w, ({n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None)
 
-    def chain_vectors(self, vectors: ValueVectors) -> ValueVectors:
+    def chain_vectors(self, vectors: tuple) -> tuple:
         """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =
         R^locᵀ_ℓ w_ℓ + β₁^(b−a) z_ℓ (docs/method.md §4, §7). O(p²) per layer."""
         K, R = self._own_chain_inputs()
@@ -273,7 +269,7 @@ class SegmentWorker:
 
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, vectors: ValueVectors, link: tuple | None = None, embeddings: bool = True) -> dict[str, Any]:
+    def finalize(self, vectors: tuple, link: tuple | None = None, embeddings: bool = True) -> dict[str, Any]:
         """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
         e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
         from the local sums the same way. `link` = (S, R_b) from the suffix scan (None for the

@@ -82,9 +82,6 @@ class SourcePhaseSums:
         out.sum = {k: {n: factor * v[n] for n in self.dims} for k, v in self.sum.items()}
         return out
 
-    def values(self, test_grad: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], float]:
-        return {k: float(sum(v[n] @ test_grad[n].to(self.dtype) for n in self.dims)) for k, v in self.sum.items()}
-
     def by_source(self) -> dict[str, dict[str, torch.Tensor]]:
         """Phases summed: source -> layer -> embedding."""
         out: dict[str, dict[str, torch.Tensor]] = {}

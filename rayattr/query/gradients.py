@@ -8,7 +8,7 @@ import torch
 from rayattr.config import Config
 from rayattr.data import load_tokenizer
 from rayattr.query.texts import Notice, check_texts
-from rayattr.reduce.gradients import final_model, text_gradients
+from rayattr.model.gradients import final_model, text_gradients
 from rayattr.store import Run
 
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from rayattr.errors import UsageError
-from rayattr.train.engine import clip_coefficient, grad_norm_before_step
+from rayattr.optim.clip import clip_coefficient, grad_norm_before_step
 
 
 def is_deepspeed_engine(obj) -> bool:
@@ -32,7 +32,7 @@ class DeepSpeedSteps:
     def __init__(self, engine):
         self.engine = engine
         self.module = engine.module
-        self.optimizer_owner = engine  # what train/adam_state.py reads Adam's state from
+        self.optimizer_owner = engine  # what optim/adam_state.py reads Adam's state from
         self._norm: float | None = None
 
     def lr(self) -> float | None:

@@ -30,7 +30,7 @@ from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.capture.pseudo import sampled_label_losses
 from rayattr.config import Config, ConfigError
 from rayattr.errors import UsageError
-from rayattr.optimizer import OptimizerSpec, resolve_optimizer
+from rayattr.optim.spec import OptimizerSpec, resolve_optimizer
 from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import steps_of
 from rayattr.record.errors import NonFiniteLoss
@@ -39,8 +39,8 @@ from rayattr.store.layout import UPDATE_KIND
 from rayattr.store.records import StepRecordWriter
 from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
-from rayattr.train.adam_state import adam_step_count, basic_optimizer, read_preconditioners
-from rayattr.train.model import SAMPLE_LOSS_REDUCTION, logits_of
+from rayattr.optim.adam_state import adam_step_count, basic_optimizer, read_preconditioners
+from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
 
 # how long rank 0's finish() waits for the other ranks' writers to close (no process group)
 FINISH_TIMEOUT_S = 600.0
@@ -82,7 +82,7 @@ def _config(run: Run, config: Config | dict | None) -> Config:
 
 
 def check_optimizer(owner, spec: OptimizerSpec) -> None:
-    """The optimizer that trains must be the one the attribution models (rayattr/optimizer.py)."""
+    """The optimizer that trains must be the one the attribution models (rayattr/optim/spec.py)."""
     opt = basic_optimizer(owner)
     group = opt.param_groups[0]
     if spec.adamw:

@@ -1,5 +1,4 @@
-"""Reports of a finished run: PNG figures (matplotlib) and one self-contained report.html."""
-
-from rayattr.report.html import write_report
-
-__all__ = ["write_report"]
+"""What a finished run's numbers say, for people: the run summary `rayattr show` prints (summary),
+how sources stand against each other (standing), and report.html with its PNG figures (html,
+trust, figures). Nothing is imported here: the figures need matplotlib, and `rayattr values`
+and `show` read only the summary and the standing."""

@@ -17,9 +17,9 @@ import yaml
 
 from rayattr.report import figures
 from rayattr.report.trust import separated_sources, trust_box, trust_section  # noqa: F401 (re-exported)
-from rayattr.standing import noise_sentence, split_by_noise
+from rayattr.report.standing import noise_sentence, split_by_noise
 from rayattr.store import Run
-from rayattr.summary import loss_summary
+from rayattr.report.summary import loss_summary
 
 
 def sample_totals(samples: pa.Table) -> list[dict]:

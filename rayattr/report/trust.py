@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from rayattr.report import figures
-from rayattr.standing import clear_of_others, standing_sentence
+from rayattr.report.standing import clear_of_others, standing_sentence
 from rayattr.store import Run
 
 
@@ -29,7 +29,7 @@ def validate_command(run: Run) -> str:
 
 def optimizer_type(run: Run) -> str | None:
     """"sgd" or "adamw" as training resolved it (None: no recorded config)."""
-    from rayattr.summary import optimizer_summary
+    from rayattr.report.summary import optimizer_summary
 
     spec = optimizer_summary(run.manifest.get("config") or {})
     return spec["type"] if spec else None
@@ -41,7 +41,7 @@ def stability_sentence(run: Run) -> str | None:
     recursion's 2 and Adam's own stability edge 2(1+β₁)/(1−β₁); plain SGD's is η·λ_max(H) < 2."""
     from rayattr.embed.guard import ETA_LAMBDA_WARN, describe
 
-    from rayattr.summary import optimizer_summary
+    from rayattr.report.summary import optimizer_summary
 
     el, at = run.manifest.get("max_eta_lambda"), run.manifest.get("max_eta_lambda_step")
     spec = optimizer_summary(run.manifest.get("config") or {}) or {}

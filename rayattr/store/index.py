@@ -13,7 +13,7 @@ crash between the manifest's PUT and the removals, or between a replacing manife
 removal of the one it replaces) is the same entry, and dedup drops the copy. So at every
 point of a compaction a reader sees exactly the committed entries.
 
-One compactor at a time: the driver, between stages (rayattr/pipeline.py). Two at once
+One compactor at a time: the driver, between stages (rayattr/pipeline/stages.py). Two at once
 could each replace a chunk's manifest with a union missing the other's new entries.
 """
 
@@ -26,7 +26,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 
 from . import epochs
 from .commits import ShardCommit

@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 from rayattr.config import Config, ConfigError
-from rayattr.optimizer import resolve_optimizer
+from rayattr.optim.spec import resolve_optimizer
 
 
 def free_port() -> int:

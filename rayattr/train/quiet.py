@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import warnings
 
-from rayattr.logs import DropMessages, drop_messages  # noqa: F401 (DropMessages re-exported)
+from rayattr.runtime.logs import DropMessages, drop_messages  # noqa: F401 (DropMessages re-exported)
 
 # DeepSpeed's ZeRO calls the deprecated torch collective; nothing a user can change.
 TORCH_WARNINGS = ((FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),)
-# rayattr sets zero_allow_untested_optimizer itself: attribution assumes plain SGD.
+# rayattr sets zero_allow_untested_optimizer itself: the rank hands DeepSpeed torch's own SGD or
+# AdamW (train/engine.py), the optimizers the attribution models (optim/spec.py).
 DEEPSPEED_LOGS = ("You are using ZeRO with an untested optimizer",
                   # WarmupLR/WarmupCosineLR's own constructor asks for the lr before step 0
                   "Attempting to get learning rate from scheduler before it has started")

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import checkpoints
@@ -134,7 +134,7 @@ def fit_in_background(trainer) -> ray.ObjectRef:
 
     The task names this cluster in RAY_ADDRESS: Ray Train's helper actors (its placement-group
     cleaner) inherit it, and so query this cluster's state even where `ray start` left another
-    one on the machine (as rayattr/cluster.py keeps the driver off it)."""
+    one on the machine (as rayattr/runtime/cluster.py keeps the driver off it)."""
     here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **preemption_watcher_env()}}
     return _fit.options(runtime_env=here).remote(trainer)
 

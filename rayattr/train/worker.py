@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from rayattr import hooks
+from rayattr.runtime import hooks
 from rayattr.config import Config
 from rayattr.data import BatchPlan, DataError, load_tokenizer
 from rayattr.data.run_data import rank_tokens
@@ -23,8 +23,9 @@ from rayattr.record import NonFiniteLoss, Recorder, projection_spec, state_dict_
 from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import join_process_group
 from rayattr.train import checkpoints
-from rayattr.train.engine import build_engine, micro_batch_loss
-from rayattr.train.model import build_model
+from rayattr.model.loss import micro_batch_loss
+from rayattr.train.engine import build_engine
+from rayattr.model.build import build_model
 from rayattr.train.quiet import quiet_known_noise
 
 

@@ -20,11 +20,12 @@ from safetensors.torch import load
 from rayattr.config import Config
 from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.data.run_data import rank_tokens
-from rayattr.reduce.gradients import mean_loss
+from rayattr.model.gradients import mean_loss
 from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import join_process_group
-from rayattr.train.engine import build_engine, micro_batch_loss
-from rayattr.train.model import build_model
+from rayattr.model.loss import micro_batch_loss
+from rayattr.train.engine import build_engine
+from rayattr.model.build import build_model
 from rayattr.train.quiet import quiet_known_noise
 from rayattr.validate.counterfactuals import Removal
 from rayattr.validate.errors import ValidationError

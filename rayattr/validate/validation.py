@@ -102,7 +102,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
     done = _finished_retrains(run)
     todo = [r for r in plan if r.key not in done]
     if todo:
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
         from rayattr.validate.gangs import retrain_all
 
         # RAY_ADDRESS's cluster, else a local one; on stderr, so --format json stays parseable
@@ -129,7 +129,7 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
 
 def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
                    seed: int, fraction: float, window: tuple[int, int] | None = None) -> ValidationResult:
-    from rayattr.reduce import final_model, mean_loss
+    from rayattr.model.gradients import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
 
     cfg = Config.from_dict(run.manifest["config"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from rayattr.logs import drop_messages
+from rayattr.runtime.logs import drop_messages
 
 # Worker processes of a local instance: one thread each (actors share the machine's cores).
 LOCAL_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -20,7 +20,7 @@ RAY_NOTICES = {"ray._private.authentication.authentication_token_setup":
 RAY_WORKER_NOTICES = {"ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
                       ("Failed to send resource request for",)}
 # runs in every worker process of a local instance as it starts (Ray's worker_process_setup_hook)
-WORKER_SETUP = "rayattr.cluster.quiet_ray_worker"
+WORKER_SETUP = "rayattr.runtime.cluster.quiet_ray_worker"
 
 
 def quiet_ray_worker() -> None:

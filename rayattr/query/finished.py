@@ -66,7 +66,7 @@ class FinishedRun:
 
     def report(self, out_dir: str | Path = "report", k: int = 10) -> Path:
         """Write report.html and its PNGs into out_dir; returns report.html's path."""
-        from rayattr.report import write_report
+        from rayattr.report.html import write_report
 
         return write_report(self.run, out_dir, k=k)
 

@@ -15,7 +15,8 @@ import sys
 
 from rayattr.config import Config, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
-from rayattr.logs import show_warnings
+from rayattr.runtime.logs import show_warnings
+from rayattr.optim.spec import resolve_optimizer
 from rayattr.store.names import STORE_ENV
 
 
@@ -65,12 +66,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str | None]:
             note = (f"note: store {store} from ${STORE_ENV}, not {cfg.store.uri} from {args.config} "
                     "(--store overrides both)")
         cfg = cfg.with_overrides(**{"store.uri": store}).validate()
+    resolve_optimizer(cfg)  # the optimizer and the capture that goes with it, checked with the rest
     return cfg, note
 
 
 def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    from rayattr.pipeline import complete_run, open_for_resume, start_run
+    from rayattr.pipeline.stages import complete_run, open_for_resume, start_run
 
     try:
         cfg, note = resolve_config(args)
@@ -90,7 +92,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     import ray
 
-    from rayattr.cluster import connect
+    from rayattr.runtime.cluster import connect
 
     show_warnings()
     started = not ray.is_initialized()
@@ -125,7 +127,7 @@ def run_ref(store: str, run_id: str, uri: str) -> str:
 def job_summary(result, run_id: str) -> str:
     """The job's last words: where the run is, how long it took, each source's value per sample
     with its 95 % interval, which sources stand apart, and the commands that answer questions."""
-    from rayattr.standing import per_sample_interval, standing_sentence
+    from rayattr.report.standing import per_sample_interval, standing_sentence
 
     lines = [f"\nrun: {result.uri}", f"steps: {result.num_steps}, segments: {result.segments}",
              "stage wall times: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), "",

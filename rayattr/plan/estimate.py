@@ -23,7 +23,7 @@ import torch
 
 from rayattr.config import Config, ConfigError, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
-from rayattr.optimizer import resolve_optimizer
+from rayattr.optim.spec import resolve_optimizer
 from rayattr.store.shard import META_COLUMNS
 
 MB = 1e6
@@ -210,8 +210,8 @@ def captured_layers(cfg: Config, vocab_size: int) -> tuple[list[LayerPlan], int,
     GradientCapture, with the rank actors' projection and layer patterns, for its layers.
     """
     from rayattr.capture import GradientCapture
-    from rayattr.train.model import build_model
-    from rayattr.train.worker import projection_spec
+    from rayattr.model.build import build_model
+    from rayattr.record.recorder import projection_spec
 
     with torch.device("meta"):
         model = build_model(cfg.model, vocab_size, cfg.data.seq_len, seed=cfg.train.seed)
@@ -285,7 +285,7 @@ def statistic_numbers(layers: list[LayerPlan]) -> int:
 def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[str, float]:
     """Bytes one rank puts into collectives per optimizer step: DeepSpeed's gradient reduction
     (every parameter's gradient, in the training dtype) and, under AdamW with partitioned
-    state, the all-reduce of v's row and column sums in float32 (train/adam_state.py)."""
+    state, the all-reduce of v's row and column sums in float32 (optim/adam_state.py)."""
     t = cfg.train
     if t.ranks < 2:
         return {}
@@ -385,7 +385,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, plan.n_params),
         # capture/capture.py (defer_updates): AdamW's update rows wait for the step's own P
         "rank: AdamW update-row factors (to the step's end)": deferred_factor_bytes(cfg, plan.layers),
-        # train/adam_state.py: v's row and column sums in float64, their flat copy, its float32
+        # optim/adam_state.py: v's row and column sums in float64, their flat copy, its float32
         # copy all-reduced, and the float64 CPU copy
         "rank: AdamW P statistics": (8 + 8 + 4 + 8) * statistic_numbers(plan.layers) if plan.update_rows else 0.0,
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
@@ -499,7 +499,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     1 % of the training set); device_memory_gb: a rank's GPU memory (default 80), which the
     note on AdamW's capture memory compares against.
     """
-    cfg.validate()
+    resolve_optimizer(cfg.validate())
     from rayattr.data.batching import BatchPlan
 
     t, c = cfg.train, cfg.capture

@@ -48,8 +48,16 @@ class OptimizerSpec:
 
 
 def resolve_optimizer(cfg: "Config") -> OptimizerSpec:
-    """The run's optimizer; ConfigError naming the key for what the mathematics does not cover."""
-    t = cfg.train
+    """The run's optimizer; ConfigError naming the key for what the mathematics does not cover,
+    the optimizer's own settings and the capture settings that do not go with it alike.
+    Config.validate() checks each section on its own; every entry point (the job, `rayattr plan`,
+    rayattr.new_run, the Recorder) resolves the optimizer right after it, before anything starts."""
+    spec = _resolve(cfg.train)
+    check_adamw_capture(cfg, spec)
+    return spec
+
+
+def _resolve(t) -> OptimizerSpec:
     block = (t.deepspeed or {}).get("optimizer")
     if block is not None:
         if dataclasses.asdict(t.optimizer) != dataclasses.asdict(type(t.optimizer)()):

@@ -14,7 +14,7 @@ from rayattr.capture.precondition import (
     fragment_row_col_sums,
     in_gradient_orientation,
 )
-from rayattr.optimizer import OptimizerSpec
+from rayattr.optim.spec import OptimizerSpec
 
 
 def basic_optimizer(engine) -> torch.optim.Optimizer:

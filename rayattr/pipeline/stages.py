@@ -23,15 +23,16 @@ from rayattr.embed.cut import choose_segments
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_lambda_name, stability_edge
 from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
-from rayattr.optimizer import resolve_optimizer
+from rayattr.optim.spec import resolve_optimizer
 from rayattr.reduce import phase_edges, write_outputs
-from rayattr.reduce.gradients import mean_of_sums, validation_gradient_sum
+from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
 from rayattr.store.storage import Storage
-from rayattr.train import NonFiniteLoss, train
-from rayattr.train.model import check_model
+from rayattr.record.errors import NonFiniteLoss
+from rayattr.train.trainer import train
+from rayattr.model.build import check_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -
     so = options.storage_options or None
     files = run_data.check_files(cfg, so)  # missing files, columns, types: said before Ray starts
     if not ray.is_initialized() and connect_ray:
-        from rayattr.cluster import connect
+        from rayattr.runtime.cluster import connect
 
         print(connect(), flush=True)
     return run_data.prepare(cfg, so, on_ray=ray.is_initialized() and cfg.data.on_cluster, files=files)
@@ -90,6 +91,7 @@ def start_run(cfg: Config, connect_ray: bool = True) -> Run:
     """Check and tokenise the data (Ray Data tasks), then create the run holding it: bad data or
     an unreachable store fail here, before the run exists and before any training starts."""
     cfg.validate()
+    resolve_optimizer(cfg)  # the optimizer and the capture that goes with it
     check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
     options = StoreOptions(storage_options=cfg.store.storage_options)
     Storage(cfg.store.uri, options).probe(create_bucket=options.create_bucket)  # before Ray starts
@@ -149,7 +151,8 @@ def open_for_resume(ref: str, given: Config | None, store: str | None = None,
     if given is not None:
         cfg.train.max_restarts, cfg.train.placement = given.train.max_restarts, given.train.placement
         cfg.embed.segments = given.embed.segments or cfg.embed.segments
-    return cfg.validate(), run
+    resolve_optimizer(cfg.validate())
+    return cfg, run
 
 
 def complete_run(cfg: Config, run: Run, progress: bool = True) -> RunResult:

@@ -52,8 +52,8 @@ def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
     Returns the pipeline's RunResult; an already attributed run is returned as it is."""
     import ray
 
-    from rayattr.cluster import connect
-    from rayattr.pipeline import RunResult, attribute_recorded, read_sources
+    from rayattr.runtime.cluster import connect
+    from rayattr.pipeline.stages import RunResult, attribute_recorded, read_sources
 
     if segments is not None and (not isinstance(segments, int) or segments < 1):
         raise ConfigError(f"segments must be a whole number >= 1, got {segments!r}")

@@ -78,15 +78,3 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0) 
                             "eos_token_id": vocab_size - 1, **cfg.extra})
         return LlamaForCausalLM(hf)
     raise ConfigError(f"unknown model.family {cfg.family!r}")
-
-
-# A sample's loss is the mean cross-entropy over its tokens, as in HF causal LMs. Training
-# gradients, sampled-label pseudo-gradients and test gradients all use it: with a summed
-# pseudo-loss the curvature came out seq_len^2 times too large and the recursion diverged.
-SAMPLE_LOSS_REDUCTION = "mean"
-
-
-def logits_of(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits from a HuggingFace model (output object) or a factory model (plain tensor)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out if isinstance(out, torch.Tensor) else out.logits

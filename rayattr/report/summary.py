@@ -83,7 +83,7 @@ def run_summary(run: Run) -> dict[str, Any]:
 def optimizer_summary(cfg: dict) -> dict[str, Any] | None:
     """The optimizer the run trained with, resolved as training resolved it (None: unknown)."""
     from rayattr.config import Config
-    from rayattr.optimizer import resolve_optimizer
+    from rayattr.optim.spec import resolve_optimizer
 
     if not cfg:
         return None

@@ -18,7 +18,8 @@ from rayattr.capture import GradientCapture, ProjectionSpec, per_sample_loss
 from rayattr.config import Config
 from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.store import Run
-from rayattr.train.model import SAMPLE_LOSS_REDUCTION, build_model, logits_of
+from rayattr.model.build import build_model
+from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
 
 
 def final_model(run: Run, cfg: Config | None = None) -> torch.nn.Module:
