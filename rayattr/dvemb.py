@@ -2,7 +2,12 @@
 
 Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions and the AdamW
 extension in docs/method.md). Everything distributed in rayattr -- segment actors, the
-reducer, queries -- calls into here.
+reducer, queries -- calls into here, and the in-memory :func:`data_value_embeddings` is built
+from the same pieces: one step (:meth:`SegmentRecursion.step`), one link of the chain across
+segments each way (:func:`chain_suffix_back` for matrices, with :func:`carry_back` for R and
+Q; :func:`chain_vectors_back` for a test vector) and one finalisation per form
+(:func:`finalise_step`, :func:`finalise_scores`). Every tensor argument is a dict layer name ->
+tensor.
 
 Notation, per layer (layers are independent: block-diagonal curvature):
     g            a recorded per-sample gradient row (p,)
@@ -42,10 +47,10 @@ from dataclasses import dataclass, field
 import torch
 
 Layers = Mapping[str, torch.Tensor]
-"""Layer name -> tensor: every input and output of this module is one."""
+"""Layer name -> tensor."""
 
 
-# ----------------------------------------------------------------------------- one segment
+# ----------------------------------------------------------------------------- one step
 
 
 def momentum_weight(momentum: float, step: int) -> float:
@@ -239,6 +244,9 @@ def _as(x: torch.Tensor, dtype: torch.dtype, device, p: int, name: str) -> torch
     return x.to(device=device, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- one segment, in memory
+
+
 def segment_embeddings(
     grads: Sequence[Layers],
     step_sizes: Sequence[float],
@@ -264,7 +272,6 @@ def segment_embeddings(
     float32/float64, float32 for half precision.
     """
     T = len(grads)
-    none = [None] * T
     _check_lengths(grads, step_sizes, curvature, updates=updates, curvature_updates=curvature_updates,
                    decay=decay, batch_sizes=batch_sizes, v_rows=v_rows)
     first = grads[0]
@@ -273,12 +280,9 @@ def segment_embeddings(
     embs: list[dict[str, torch.Tensor]] = [None] * T  # type: ignore[list-item]
     for t in range(T - 1, -1, -1):
         embs[t] = rec.step(
-            grads[t], float(step_sizes[t]), (curvature or none)[t],
-            batch_sizes[t] if batch_sizes is not None else None,
-            step=first_step + t, updates=(updates or none)[t],
-            curvature_updates=(curvature_updates or none)[t],
-            decay=float(decay[t]) if decay is not None else 1.0,
-            v_rows=(v_rows or none)[t],
+            grads[t], float(step_sizes[t]), _at(curvature, t), _at(batch_sizes, t),
+            step=first_step + t, updates=_at(updates, t), curvature_updates=_at(curvature_updates, t),
+            decay=float(decay[t]) if decay is not None else 1.0, v_rows=_at(v_rows, t),
         )
     return embs, rec
 
@@ -531,9 +535,7 @@ def data_value_embeddings(
     decays = _floats(decay) if decay is not None else None
     momentum = check_momentum(momentum)
     _check_lengths(grads, steps, curvature, updates=updates, curvature_updates=curvature_updates,
-                   decay=decays, batch_sizes=batch_sizes)
-    if curvature is not None and updates is not None and curvature_updates is None:
-        raise ValueError("curvature and updates need curvature_updates (the rows P_t ĝ matching curvature)")
+                   decay=decays, batch_sizes=batch_sizes, v_rows=v_rows)
     if (v_rows is None) != (beta2 is None):
         raise ValueError("v_rows (the second-moment response) and beta2 go together")
     beta2 = check_momentum(beta2, "beta2") if beta2 is not None else 0.0
@@ -570,6 +572,10 @@ def _floats(x: Sequence[float] | torch.Tensor) -> list[float]:
 
 def _part(seq, sl: slice):
     return seq[sl] if seq is not None else None
+
+
+def _at(seq, t: int):
+    return seq[t] if seq is not None else None
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[int]:
