@@ -2,7 +2,12 @@
 
 Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions and the AdamW
 extension in docs/method.md). Everything distributed in rayattr -- segment actors, the
-reducer, queries -- calls into here.
+reducer, queries -- calls into here, and the in-memory :func:`data_value_embeddings` is built
+from the same pieces: one step (:meth:`SegmentRecursion.step`), one link of the chain across
+segments each way (:func:`chain_suffix_back` for matrices, with :func:`carry_back` for R and
+Q; :func:`chain_vectors_back` for a test vector) and one finalisation per form
+(:func:`finalise_step`, :func:`finalise_scores`). Every tensor argument is a dict layer name ->
+tensor.
 
 Notation, per layer (layers are independent: block-diagonal curvature):
     g            a recorded per-sample gradient row (p,)
@@ -41,10 +46,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-Grads = torch.Tensor | Mapping[str, torch.Tensor]
+Layers = Mapping[str, torch.Tensor]
+"""Layer name -> tensor."""
 
 
-# ----------------------------------------------------------------------------- one segment
+# ----------------------------------------------------------------------------- one step
 
 
 def momentum_weight(momentum: float, step: int) -> float:
@@ -238,179 +244,151 @@ def _as(x: torch.Tensor, dtype: torch.dtype, device, p: int, name: str) -> torch
     return x.to(device=device, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------- one segment, in memory
+
+
 def segment_embeddings(
-    grads: Sequence[Grads],
+    grads: Sequence[Layers],
     step_sizes: Sequence[float],
-    curvature: Sequence[Grads] | None = None,
+    curvature: Sequence[Layers] | None = None,
     batch_sizes: Sequence[int] | None = None,
-    updates: Sequence[Grads] | None = None,
-    curvature_updates: Sequence[Grads] | None = None,
+    updates: Sequence[Layers] | None = None,
+    curvature_updates: Sequence[Layers] | None = None,
     momentum: float = 0.0,
     decay: Sequence[float] | None = None,
     first_step: int = 0,
-) -> tuple[list[Grads], Grads, Grads | None]:
-    """Algorithm 2's work unit: local embeddings, K and local R of one segment (steps in order).
+    v_rows: Sequence[Layers] | None = None,
+    beta2: float = 0.0,
+) -> tuple[list[dict[str, torch.Tensor]], SegmentRecursion]:
+    """Algorithm 2's work unit in memory: one segment's backward sweep, :meth:`SegmentRecursion.step`
+    over its steps from the last to the first (a segment actor runs the same steps, reading them
+    from the store).
 
     The per-step arguments are as in :func:`data_value_embeddings`, for this segment's steps
-    only; ``first_step`` is the global 0-based index of the first one (momentum's bias
-    correction depends on it). Returns (embeddings in the input structure, K, R) with K and R
-    Tensors or dicts layer -> (p, p); R is the local R at the segment's first step, None
-    without momentum. All are in the compute dtype: the input's for float32/float64, float32
-    for half precision (they are intermediate results, still to be combined with later segments).
+    only; ``first_step`` is the global 0-based index of the first one (the momentum's bias
+    correction depends on it). Returns (local embeddings per step, the finished recursion): its
+    ``K``, ``R`` (None without momentum) and ``Q`` (None without beta2) are what
+    :func:`segment_combine` chains. All are in the compute dtype: the input's for
+    float32/float64, float32 for half precision.
     """
-    embs, rec = _sweep(grads, step_sizes, curvature, batch_sizes, updates, curvature_updates,
-                       momentum, decay, first_step)
-    K, R = rec.K, rec.R
-    if isinstance(grads[0], torch.Tensor):
-        return [e["_"] for e in embs], K["_"], R["_"] if R is not None else None
-    return embs, K, R
-
-
-def _sweep(grads, step_sizes, curvature, batch_sizes, updates, curvature_updates, momentum, decay,
-           first_step, v_rows=None, beta2=0.0) -> tuple[list[dict[str, torch.Tensor]], SegmentRecursion]:
-    """One segment's backward sweep: (local embeddings as layer dicts, the finished recursion)."""
-    gl = [_layers(g) for g in grads]
-    per_step = _per_step_layers(len(gl), curvature=curvature, updates=updates,
-                                curvature_updates=curvature_updates, v_rows=v_rows)
-    _check_lengths(gl, step_sizes, per_step["curvature"], updates=updates,
-                   curvature_updates=curvature_updates, decay=decay, batch_sizes=batch_sizes, v_rows=v_rows)
-    first = gl[0]
+    T = len(grads)
+    _check_lengths(grads, step_sizes, curvature, updates=updates, curvature_updates=curvature_updates,
+                   decay=decay, batch_sizes=batch_sizes, v_rows=v_rows)
+    first = grads[0]
     rec = SegmentRecursion({n: t.shape[1] for n, t in first.items()}, dtype=_dtype(first),
                            device=_device(first), momentum=momentum, beta2=beta2)
-    embs: list[dict[str, torch.Tensor]] = [None] * len(gl)  # type: ignore[list-item]
-    for t in range(len(gl) - 1, -1, -1):
+    embs: list[dict[str, torch.Tensor]] = [None] * T  # type: ignore[list-item]
+    for t in range(T - 1, -1, -1):
         embs[t] = rec.step(
-            gl[t], float(step_sizes[t]), per_step["curvature"][t],
-            batch_sizes[t] if batch_sizes is not None else None,
-            step=first_step + t, updates=per_step["updates"][t],
-            curvature_updates=per_step["curvature_updates"][t],
-            decay=float(decay[t]) if decay is not None else 1.0,
-            v_rows=per_step["v_rows"][t],
+            grads[t], float(step_sizes[t]), _at(curvature, t), _at(batch_sizes, t),
+            step=first_step + t, updates=_at(updates, t), curvature_updates=_at(curvature_updates, t),
+            decay=float(decay[t]) if decay is not None else 1.0, v_rows=_at(v_rows, t),
         )
     return embs, rec
 
 
-def _per_step_layers(T: int, **seqs: Sequence[Grads] | None) -> dict[str, list]:
-    """Each optional per-step sequence as a list of layer dicts, or of None when not given."""
-    return {k: [_layers(x) for x in s] if s is not None else [None] * T for k, s in seqs.items()}
+# ----------------------------------------------------------------------------- chaining the segments
+#
+# One link each way, called by the segment actors one segment at a time (rayattr/embed/segment.py)
+# and looped over all segments by the in-memory reference below.
 
 
-# ----------------------------------------------------------------------------- combination
+def carry_back(S: Layers, X_loc: Layers, x_end: Layers, length: int, beta: float,
+               dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """A carried matrix (R with beta1, Q with beta2) at a segment's start from its local one
+    and its value at the segment's end (docs/method.md §7, Segments):
+
+        X_{a_ℓ} = S_ℓ X^loc_{a_ℓ} + beta^(b_ℓ - a_ℓ) X_{b_ℓ}
+
+    X^loc is cast to ``dtype``; S and X_{b_ℓ} are taken as they are."""
+    carry = beta ** int(length)
+    return {n: S[n] @ X_loc[n].to(dtype) + carry * x_end[n] for n in S}
 
 
-def suffix_products(Ks: Sequence[Grads]) -> list[Grads]:
-    """S_ℓ = K_{n-1} ⋯ K_{ℓ+1} for each segment ℓ (identity for the last): the factor that
-    turns segment ℓ's local embeddings into final ones. Later segments multiply on the left."""
-    if not Ks:
-        return []
-    single = isinstance(Ks[0], torch.Tensor)
-    layers = [_layers(k) for k in Ks]
-    out: list[dict[str, torch.Tensor]] = [None] * len(layers)  # type: ignore[list-item]
-    acc = {n: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for n, k in layers[-1].items()}
-    for ell in range(len(layers) - 1, -1, -1):
-        out[ell] = acc
-        acc = {n: acc[n] @ layers[ell][n] for n in acc}
-    return [o["_"] for o in out] if single else out
+def chain_suffix_back(
+    K: Layers,
+    S: Layers | None,
+    R_loc: Layers | None = None,
+    r_end: Layers | None = None,
+    length: int = 0,
+    momentum: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """One link of the matrix scan across segments: from segment ℓ's S_ℓ (None: the identity,
+    ℓ the last) and R_{b_ℓ} (None: zero) with its own K_ℓ, R^loc_ℓ, segment ℓ-1's pair
+
+        S_{ℓ-1} = S_ℓ K_ℓ,    R_{b_{ℓ-1}} = R_{a_ℓ} = S_ℓ R^loc_ℓ + β₁^(b_ℓ - a_ℓ) R_{b_ℓ}
+
+    (:func:`carry_back`), computed in ``dtype`` (float64 across the segment actors, the input's
+    in :func:`segment_combine`). Only the segment that owns K_ℓ runs it, so no process holds
+    every K (docs/method.md §4). The second item is None without momentum."""
+    Kd = {n: k.to(dtype) for n, k in K.items()}
+    Sd = S if S is not None else {n: torch.eye(k.shape[0], dtype=dtype, device=k.device) for n, k in Kd.items()}
+    s_prev = {n: Sd[n] @ Kd[n] for n in Kd}
+    if not check_momentum(momentum) or R_loc is None:
+        return s_prev, None
+    Ed = r_end if r_end is not None else {n: torch.zeros_like(k) for n, k in Kd.items()}
+    return s_prev, carry_back(Sd, R_loc, Ed, length, momentum, dtype)
 
 
 def segment_combine(
-    Ks: Sequence[Grads],
-    Rs: Sequence[Grads] | None = None,
+    Ks: Sequence[Layers],
+    Rs: Sequence[Layers] | None = None,
     lengths: Sequence[int] | None = None,
     momentum: float = 0.0,
-) -> tuple[list[Grads], list[Grads | None]]:
-    """Chain the segments: (S_ℓ, R at the end of segment ℓ) for every segment ℓ.
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
+    """Chain all segments in memory: (S_ℓ, R_{b_ℓ}) for every segment ℓ, by
+    :func:`chain_suffix_back` from the last segment backwards, in the K's dtype.
 
-    Ks: each segment's K (Tensor or dict layer -> (p, p)), earliest segment first.
-    Rs: each segment's local R at its first step (from :func:`segment_embeddings` or
-        ``SegmentRecursion.R``); only read with momentum.
+    Ks: each segment's K (layer -> (p, p)), earliest segment first.
+    Rs: each segment's local R at its first step (``SegmentRecursion.R``); only read with momentum.
     lengths: steps in each segment (b - a); only read with momentum.
-    Returns the suffix products S_ℓ (:func:`suffix_products`) and the global R at each
-    segment's end, R_{b_ℓ} (zero for the last segment), computed backwards by
-    R_{a_ℓ} = S_ℓ R^loc_{a_ℓ} + beta1^(b_ℓ - a_ℓ) R_{b_ℓ}. Without momentum the second list is
-    all None: nothing is carried across segments.
+    Returns the suffix products S_ℓ = K_{n-1} ⋯ K_{ℓ+1} (identity for the last) and the global
+    R at each segment's end (zero for the last; all None without momentum: nothing is carried
+    across segments).
     """
-    suffixes = suffix_products(Ks)
     momentum = check_momentum(momentum)
-    if not momentum:
-        return suffixes, [None] * len(Ks)
-    if Rs is None or lengths is None or len(Rs) != len(Ks) or len(lengths) != len(Ks):
+    n = len(Ks)
+    if momentum and (Rs is None or lengths is None or len(Rs) != n or len(lengths) != n):
         raise ValueError("with momentum, segment_combine needs one local R and one length per segment")
-    return suffixes, carried_ends(suffixes, Rs, lengths, momentum)
+    suffixes: list[dict[str, torch.Tensor]] = [None] * n  # type: ignore[list-item]
+    r_ends: list[dict[str, torch.Tensor] | None] = [None] * n
+    if not n:
+        return suffixes, r_ends
+    dtype = next(iter(Ks[-1].values())).dtype
+    S, r_end = {m: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for m, k in Ks[-1].items()}, None
+    if momentum:
+        r_end = {m: torch.zeros_like(k) for m, k in Ks[-1].items()}
+    for ell in range(n - 1, -1, -1):
+        suffixes[ell], r_ends[ell] = S, r_end
+        S, r_end = chain_suffix_back(Ks[ell], S, Rs[ell] if momentum else None, r_end,
+                                     lengths[ell] if momentum else 0, momentum, dtype)
+    return suffixes, r_ends
 
 
-def carried_ends(suffixes: Sequence[Grads], locals_: Sequence[Grads], lengths: Sequence[int],
-                 beta: float) -> list[Grads]:
-    """The global value at each segment's end of a carried matrix (R with beta1, Q with beta2),
-    from the segments' local ones at their first steps: X_{a_ℓ} = S_ℓ X^loc_{a_ℓ} + beta^(b_ℓ - a_ℓ) X_{b_ℓ},
-    backwards from zero after the last segment."""
-    single = isinstance(suffixes[0], torch.Tensor)
-    x_end = {n: torch.zeros_like(S) for n, S in _layers(suffixes[-1]).items()}
+def carried_ends(suffixes: Sequence[Layers], locals_: Sequence[Layers], lengths: Sequence[int],
+                 beta: float) -> list[dict[str, torch.Tensor]]:
+    """The global value at each segment's end of a carried matrix (Q with beta2; R comes with
+    :func:`segment_combine`), by :func:`carry_back` backwards from zero after the last segment."""
+    dtype = next(iter(suffixes[-1].values())).dtype
+    x_end = {n: torch.zeros_like(S) for n, S in suffixes[-1].items()}
     ends: list[dict[str, torch.Tensor]] = [None] * len(suffixes)  # type: ignore[list-item]
     for ell in range(len(suffixes) - 1, -1, -1):
         ends[ell] = x_end
-        S, X_loc = _layers(suffixes[ell]), _layers(locals_[ell])
-        carry = beta ** int(lengths[ell])
-        x_end = {n: S[n] @ X_loc[n].to(S[n].dtype) + carry * x_end[n] for n in S}
-    return [e["_"] for e in ends] if single else ends
-
-
-def apply_suffix(local: Grads, suffix: Grads) -> Grads:
-    """Final embeddings from local ones: rows e ↦ S e (i.e. E Sᵀ)."""
-    if isinstance(local, torch.Tensor):
-        return local @ suffix.T.to(local.dtype)
-    return {n: local[n] @ suffix[n].T.to(local[n].dtype) for n in local}
-
-
-def finalise_step(
-    local: Grads,
-    suffix: Grads,
-    r_end: Grads | None = None,
-    updates: Grads | None = None,
-    momentum: float = 0.0,
-    steps_to_end: int | None = None,
-    v_rows: Grads | None = None,
-    q_end: Grads | None = None,
-    beta2: float = 0.0,
-) -> Grads:
-    """Final embeddings of one step's occurrences from their local ones.
-
-    local: the step's local embeddings (R^loc_t u, or eta_t K g for SGD), (B, p) / dict.
-    suffix, r_end: S_ℓ and R at the segment's end, as :func:`segment_combine` returns them.
-    updates: the step's update rows u (its gradient rows when there is no preconditioner).
-    steps_to_end: b - t, the steps from this one to the segment's end.
-    v_rows, q_end, beta2: the second-moment response's rows y, Q at the segment's end and beta2.
-    Returns S_ℓ e + beta1^(b - t) R_b u - beta2^(b - t) Q_b y per row; without momentum and
-    second-moment response just S_ℓ e.
-    """
-    carries = []
-    if momentum and r_end is not None:
-        carries.append((updates, r_end, momentum ** int(steps_to_end) if steps_to_end is not None else None, "update"))
-    if beta2 and q_end is not None:
-        carries.append((v_rows, q_end, -beta2 ** int(steps_to_end) if steps_to_end is not None else None, "v"))
-    if not carries:
-        return apply_suffix(local, suffix)
-    out = _layers(apply_suffix(local, suffix))
-    for rows, end, carry, what in carries:
-        if rows is None or carry is None:
-            raise ValueError(f"carrying across segments, finalise_step needs the step's {what} rows and steps_to_end")
-        X, M = _layers(rows), _layers(end)
-        out = {n: e + carry * (X[n].to(e.dtype) @ M[n].T.to(e.dtype)) for n, e in out.items()}
-    return out["_"] if isinstance(local, torch.Tensor) else out
-
-
-# ----------------------------------------------------------------------------- vector chain
+        x_end = carry_back(suffixes[ell], locals_[ell], x_end, lengths[ell], beta, dtype)
+    return ends
 
 
 def chain_vectors_back(
-    K: Grads,
-    w: Grads,
-    R_loc: Grads | None = None,
-    z: Grads | None = None,
+    K: Layers,
+    w: Layers,
+    R_loc: Layers | None = None,
+    z: Layers | None = None,
     length: int = 0,
     momentum: float = 0.0,
-) -> tuple[Grads, Grads | None]:
-    """One link of the vector chain (docs/method.md §4, §7): from segment ℓ's (w_ℓ, z_ℓ) and
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """One link of the vector chain (docs/method.md §4, §7), the transpose of
+    :func:`chain_suffix_back` applied to one test vector v: from segment ℓ's (w_ℓ, z_ℓ) and
     its own K_ℓ, R^loc_ℓ, the pair of segment ℓ-1:
 
         w_{ℓ-1} = K_ℓᵀ w_ℓ,    z_{ℓ-1} = R^locᵀ_ℓ w_ℓ + β₁^(b_ℓ - a_ℓ) z_ℓ
@@ -419,37 +397,32 @@ def chain_vectors_back(
     e·w_ℓ + β₁^(b-t) u·z_ℓ without ever forming S_ℓ or R_b. O(p²) per layer. ``z`` is None
     without momentum (nothing crosses a segment's end). Computed in w's dtype.
     """
-    single = isinstance(w, torch.Tensor)
-    Kd, Wd = _layers(K), _layers(w)
-    w_prev = {n: Kd[n].to(v.dtype).T @ v for n, v in Wd.items()}
+    w_prev = {n: K[n].to(v.dtype).T @ v for n, v in w.items()}
     if not check_momentum(momentum) or R_loc is None:
-        return (w_prev["_"] if single else w_prev), None
-    Rd = _layers(R_loc)
-    Zd = _layers(z) if z is not None else {n: torch.zeros_like(v) for n, v in Wd.items()}
+        return w_prev, None
+    Zd = z if z is not None else {n: torch.zeros_like(v) for n, v in w.items()}
     carry = momentum ** int(length)
-    z_prev = {n: Rd[n].to(v.dtype).T @ v + carry * Zd[n] for n, v in Wd.items()}
-    return (w_prev["_"], z_prev["_"]) if single else (w_prev, z_prev)
+    z_prev = {n: R_loc[n].to(v.dtype).T @ v + carry * Zd[n] for n, v in w.items()}
+    return w_prev, z_prev
 
 
 def vector_chain(
-    Ks: Sequence[Grads],
-    test_grad: Grads,
-    Rs: Sequence[Grads] | None = None,
+    Ks: Sequence[Layers],
+    test_grad: Layers,
+    Rs: Sequence[Layers] | None = None,
     lengths: Sequence[int] | None = None,
     momentum: float = 0.0,
-) -> list[tuple[Grads, Grads | None]]:
-    """(w_ℓ, z_ℓ) for every segment ℓ, from the last backwards: w_{n-1} = v, z_{n-1} = 0.
-    The vector form of :func:`segment_combine` for one test vector v: w_ℓ = S_ℓᵀ v and
-    z_ℓ = R_{b_ℓ}ᵀ v (None without momentum)."""
+) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
+    """(w_ℓ, z_ℓ) for every segment ℓ, by :func:`chain_vectors_back` from the last backwards:
+    w_{n-1} = v, z_{n-1} = 0. The vector form of :func:`segment_combine` for one test vector v:
+    w_ℓ = S_ℓᵀ v and z_ℓ = R_{b_ℓ}ᵀ v (None without momentum)."""
     momentum = check_momentum(momentum)
     if momentum and (Rs is None or lengths is None):
         raise ValueError("with momentum, vector_chain needs one local R and one length per segment")
     n = len(Ks)
-    out: list[tuple[Grads, Grads | None]] = [None] * n  # type: ignore[list-item]
-    w = test_grad
-    z = ({k: torch.zeros_like(v) for k, v in _layers(w).items()} if momentum else None)
-    if momentum and isinstance(w, torch.Tensor):
-        z = z["_"]
+    out: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = [None] * n  # type: ignore[list-item]
+    w = dict(test_grad)
+    z = {k: torch.zeros_like(v) for k, v in w.items()} if momentum else None
     for ell in range(n - 1, -1, -1):
         out[ell] = (w, z)
         if ell:
@@ -458,113 +431,88 @@ def vector_chain(
     return out
 
 
-def chain_suffix_back(
-    K: Grads,
-    S: Grads | None,
-    R_loc: Grads | None = None,
-    r_end: Grads | None = None,
-    length: int = 0,
+# ----------------------------------------------------------------------------- finalising a step
+
+
+def finalise_step(
+    local: Layers,
+    suffix: Layers,
+    r_end: Layers | None = None,
+    updates: Layers | None = None,
     momentum: float = 0.0,
-) -> tuple[Grads, Grads | None]:
-    """One link of the matrix scan across segment actors: from segment ℓ's S_ℓ (None: the
-    identity, ℓ the last) and R_{b_ℓ} with its own K_ℓ, R^loc_ℓ, segment ℓ-1's pair
+    steps_to_end: int | None = None,
+    v_rows: Layers | None = None,
+    q_end: Layers | None = None,
+    beta2: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Final embeddings of one step's occurrences from their local ones (docs/method.md §4, §7).
 
-        S_{ℓ-1} = S_ℓ K_ℓ,    R_{b_{ℓ-1}} = R_{a_ℓ} = S_ℓ R^loc_ℓ + β₁^(b_ℓ - a_ℓ) R_{b_ℓ}
-
-    (:func:`segment_combine`, one step of its loop), in float64. Only the segment that owns K_ℓ
-    runs it, so no process holds every K (docs/method.md §4)."""
-    single = isinstance(K, torch.Tensor)
-    Kd = {n: k.to(torch.float64) for n, k in _layers(K).items()}
-    Sd = _layers(S) if S is not None else {n: torch.eye(k.shape[0], dtype=torch.float64) for n, k in Kd.items()}
-    s_prev = {n: Sd[n] @ Kd[n] for n in Kd}
-    if not check_momentum(momentum) or R_loc is None:
-        return (s_prev["_"] if single else s_prev), None
-    Rd = _layers(R_loc)
-    Ed = _layers(r_end) if r_end is not None else {n: torch.zeros_like(m) for n, m in Kd.items()}
-    carry = momentum ** int(length)
-    r_prev = {n: Sd[n] @ Rd[n].to(torch.float64) + carry * Ed[n] for n in Kd}
-    return (s_prev["_"], r_prev["_"]) if single else (s_prev, r_prev)
-
-
-def chain_sums_forward(
-    K: Grads,
-    x: Grads,
-    y_prev: Grads | None = None,
-    R_loc: Grads | None = None,
-    d: Grads | None = None,
-    c: Grads | None = None,
-    length: int = 0,
-    momentum: float = 0.0,
-) -> tuple[Grads, Grads | None]:
-    """One link of the forward scan that finalises sums of embeddings without any suffix
-    matrix (docs/method.md §4, §7). Summed over segments, the final sums are
-    Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: local sums, c: Σ β₁^(b−t) u), and by Horner's rule from the
-    first segment on
-
-        y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ,    d_{ℓ+1} = β₁^(b_ℓ - a_ℓ) d_ℓ + c_ℓ,    y_{-1} = d_0 = 0
-
-    so y_{n-1} is the total: one matrix times a (keys × p) block per layer and segment, O(p²)
-    per key. Tensors are (k, p) rows (one per key) or dicts of them; returns (y_ℓ, d_{ℓ+1})
-    in float64, d None without momentum."""
-    single = isinstance(x, torch.Tensor)
-    Kd, Xd = _layers(K), _layers(x)
-    f64 = torch.float64
-    y = {n: Xd[n].to(f64) + (_layers(y_prev)[n].to(f64) @ Kd[n].to(f64).T if y_prev is not None else 0.0)
-         for n in Xd}
-    if not check_momentum(momentum) or R_loc is None:
-        return (y["_"] if single else y), None
-    Rd, Cd = _layers(R_loc), _layers(c)
-    Dd = _layers(d) if d is not None else {n: torch.zeros_like(v, dtype=f64) for n, v in Xd.items()}
-    y = {n: y[n] + Dd[n].to(f64) @ Rd[n].to(f64).T for n in y}
-    carry = momentum ** int(length)
-    d_next = {n: carry * Dd[n].to(f64) + Cd[n].to(f64) for n in Xd}
-    return (y["_"], d_next["_"]) if single else (y, d_next)
+    local: the step's local embeddings (R^loc_t u, or eta_t K g for SGD), layer -> (B, p).
+    suffix, r_end: S_ℓ and R at the segment's end, as :func:`chain_suffix_back` gives them.
+    updates: the step's update rows u (its gradient rows when there is no preconditioner).
+    steps_to_end: b - t, the steps from this one to the segment's end.
+    v_rows, q_end, beta2: the second-moment response's rows y, Q at the segment's end and beta2.
+    Returns S_ℓ e + beta1^(b - t) R_b u - beta2^(b - t) Q_b y per row; without momentum and
+    second-moment response just S_ℓ e.
+    """
+    out = {n: local[n] @ suffix[n].T.to(local[n].dtype) for n in local}  # rows e ↦ S e
+    carries = []
+    if momentum and r_end is not None:
+        carries.append((updates, r_end, momentum ** int(steps_to_end) if steps_to_end is not None else None, "update"))
+    if beta2 and q_end is not None:
+        carries.append((v_rows, q_end, -beta2 ** int(steps_to_end) if steps_to_end is not None else None, "v"))
+    for rows, end, carry, what in carries:
+        if rows is None or carry is None:
+            raise ValueError(f"carrying across segments, finalise_step needs the step's {what} rows and steps_to_end")
+        out = {n: e + carry * (rows[n].to(e.dtype) @ end[n].T.to(e.dtype)) for n, e in out.items()}
+    return out
 
 
 def finalise_scores(
-    local: Grads,
-    w: Grads,
-    z: Grads | None = None,
-    updates: Grads | None = None,
+    local: Layers,
+    w: Layers,
+    z: Layers | None = None,
+    updates: Layers | None = None,
     momentum: float = 0.0,
     steps_to_end: int | None = None,
-) -> dict[str, torch.Tensor] | torch.Tensor:
+) -> dict[str, torch.Tensor]:
     """Per layer, each row's value v·(S e + β₁^(b-t) R_b u) = e·w + β₁^(b-t) u·z, from the
-    vector chain's (w, z) of the segment (:func:`vector_chain`), in w's dtype; (B,) per layer."""
-    E, W = _layers(local), _layers(w)
-    out = {n: E[n].to(W[n].dtype) @ W[n] for n in E}
+    vector chain's (w, z) of the segment (:func:`chain_vectors_back`), in w's dtype: the vector
+    form of :func:`finalise_step`; (B,) per layer."""
+    out = {n: local[n].to(w[n].dtype) @ w[n] for n in local}
     if check_momentum(momentum) and z is not None:
         if updates is None or steps_to_end is None:
             raise ValueError("with momentum, finalise_scores needs the step's update rows and steps_to_end")
-        U, Z = _layers(updates), _layers(z)
         carry = momentum ** int(steps_to_end)
-        out = {n: s + carry * (U[n].to(Z[n].dtype) @ Z[n]) for n, s in out.items()}
-    return out["_"] if isinstance(local, torch.Tensor) else out
+        out = {n: s + carry * (updates[n].to(z[n].dtype) @ z[n]) for n, s in out.items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def data_value_embeddings(
-    grads: Sequence[Grads],
+    grads: Sequence[Layers],
     step_sizes: Sequence[float] | torch.Tensor,
     segments: int = 1,
-    curvature: Sequence[Grads] | None = None,
+    curvature: Sequence[Layers] | None = None,
     batch_sizes: Sequence[int] | None = None,
-    updates: Sequence[Grads] | None = None,
-    curvature_updates: Sequence[Grads] | None = None,
+    updates: Sequence[Layers] | None = None,
+    curvature_updates: Sequence[Layers] | None = None,
     momentum: float = 0.0,
     decay: Sequence[float] | torch.Tensor | None = None,
-    v_rows: Sequence[Grads] | None = None,
+    v_rows: Sequence[Layers] | None = None,
     beta2: float | None = None,
-) -> list[Grads]:
-    """DVEmb(t, z) for every occurrence of every step.
+) -> list[dict[str, torch.Tensor]]:
+    """DVEmb(t, z) for every occurrence of every step, in memory: what the segment actors and
+    the reducer compute, as the same composition (:func:`segment_embeddings` per segment,
+    :func:`segment_combine`, :func:`finalise_step` per step).
 
-    grads: list over steps t of Tensor (B_t, p), or of dict layer -> Tensor (B_t, p_layer).
+    grads: list over steps t of dicts layer -> Tensor (B_t, p_layer).
     step_sizes: per-sample effective step size eta_t of each step.
     segments: number of influence-checkpoint segments (result is independent of it up to rounding).
     curvature: None (empirical Fisher of ``grads``), or list over steps of pseudo-gradient rows
-        (m_t, p) / dicts of them, with H_t = (B_t / m_t) Σ ĝ ĝᵀ.
+        layer -> (m_t, p), with H_t = (B_t / m_t) Σ ĝ ĝᵀ.
     batch_sizes: B_t for the sampled-label scale (default: rows of grads[t]).
     updates: AdamW: list over steps, shaped like grads, of update directions u = P_t g
         (None: SGD, u = g).
@@ -577,8 +525,8 @@ def data_value_embeddings(
         y = D_t ⊙ ḡ_t ⊙ g (D_t = m̂_t ⊙ P_t² / √v̂_t); needs ``beta2``. None: v frozen.
     beta2: Adam's beta2 for ``v_rows``, in (0, 1).
     Returns Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u (- Q_t y with v_rows) per occurrence
-    (docs/method.md §7), the same structure as grads, in the input dtype. With the defaults
-    this is SGD's eta_t K_{t+1→} g.
+    (docs/method.md §7), layer -> (B_t, p) in the input dtype. With the defaults this is SGD's
+    eta_t K_{t+1→} g.
     """
     T = len(grads)
     if T == 0:
@@ -587,22 +535,19 @@ def data_value_embeddings(
     decays = _floats(decay) if decay is not None else None
     momentum = check_momentum(momentum)
     _check_lengths(grads, steps, curvature, updates=updates, curvature_updates=curvature_updates,
-                   decay=decays, batch_sizes=batch_sizes)
-    if curvature is not None and updates is not None and curvature_updates is None:
-        raise ValueError("curvature and updates need curvature_updates (the rows P_t ĝ matching curvature)")
+                   decay=decays, batch_sizes=batch_sizes, v_rows=v_rows)
     if (v_rows is None) != (beta2 is None):
         raise ValueError("v_rows (the second-moment response) and beta2 go together")
     beta2 = check_momentum(beta2, "beta2") if beta2 is not None else 0.0
     if v_rows is not None and not beta2:
         raise ValueError("the second-moment response needs beta2 in (0, 1), got 0")
-    single = isinstance(grads[0], torch.Tensor)
     bounds = segment_bounds(T, segments)
     pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     locals_, Ks, Rs, Qs = [], [], [], []
     for sl in pieces:
-        e, rec = _sweep(grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
-                        _part(updates, sl), _part(curvature_updates, sl), momentum, _part(decays, sl),
-                        sl.start, v_rows=_part(v_rows, sl), beta2=beta2)
+        e, rec = segment_embeddings(grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
+                                    _part(updates, sl), _part(curvature_updates, sl), momentum,
+                                    _part(decays, sl), sl.start, v_rows=_part(v_rows, sl), beta2=beta2)
         locals_.append(e)
         Ks.append(rec.K)
         Rs.append(rec.R)
@@ -611,17 +556,13 @@ def data_value_embeddings(
     suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum)
     q_ends = carried_ends(suffixes, Qs, lengths, beta2) if beta2 else [None] * len(pieces)
     rows = updates if updates is not None else grads  # u, which momentum carries across segments
-    out: list[Grads] = []
+    out: list[dict[str, torch.Tensor]] = []
     for sl, e_seg, S, r_end, q_end in zip(pieces, locals_, suffixes, r_ends, q_ends):
-        out.extend(finalise_step(e, S, r_end, _layers(rows[t]), momentum, sl.stop - t,
-                                 _layers(v_rows[t]) if v_rows is not None else None, q_end, beta2)
+        out.extend(finalise_step(e, S, r_end, rows[t], momentum, sl.stop - t,
+                                 v_rows[t] if v_rows is not None else None, q_end, beta2)
                    for t, e in zip(range(sl.start, sl.stop), e_seg))
-    if single:
-        out = [e["_"] for e in out]
     # half-precision inputs were computed in float32; hand back what was given
-    given = {n: t.dtype for n, t in _layers(grads[0]).items()}
-    if isinstance(out[0], torch.Tensor):
-        return [e.to(given["_"]) for e in out]
+    given = {n: t.dtype for n, t in grads[0].items()}
     return [{n: t.to(given[n]) for n, t in e.items()} for e in out]
 
 
@@ -633,6 +574,10 @@ def _part(seq, sl: slice):
     return seq[sl] if seq is not None else None
 
 
+def _at(seq, t: int):
+    return seq[t] if seq is not None else None
+
+
 def segment_bounds(num_steps: int, segments: int) -> list[int]:
     """Split [0, num_steps) into ``segments`` contiguous ranges of near-equal length."""
     if segments < 1:
@@ -641,43 +586,27 @@ def segment_bounds(num_steps: int, segments: int) -> list[int]:
     return [round(i * num_steps / segments) for i in range(segments + 1)]
 
 
-def influence(embeddings: Sequence[Grads] | Grads, test_grads: Grads) -> list[torch.Tensor] | torch.Tensor:
+def influence(embeddings: Sequence[Layers] | Layers, test_grads: Layers) -> list[torch.Tensor] | torch.Tensor:
     """Predicted increase of each test loss if an occurrence is removed (+ = helpful).
 
-    embeddings: one step's Tensor (B, p) / dict, or a list of them.
-    test_grads: (p,) or (n_test, p), or dict layer -> such; layers are summed.
+    embeddings: one step's dict layer -> (B, p), or a list of them.
+    test_grads: dict layer -> (p,) or (n_test, p); layers are summed.
     Returns (B,) / (B, n_test) per step, matching the input nesting.
     """
     if isinstance(embeddings, (list, tuple)):
         return [influence(e, test_grads) for e in embeddings]
-    E, G = _layers(embeddings), _layers(test_grads)
-    unknown = set(E) - set(G)
+    unknown = set(embeddings) - set(test_grads)
     if unknown:
         raise KeyError(f"test gradients missing for layers {sorted(unknown)}")
     total = None
-    for n, e in E.items():
-        g = G[n].to(e.dtype)
+    for n, e in embeddings.items():
+        g = test_grads[n].to(e.dtype)
         s = e @ g.T if g.ndim == 2 else e @ g
         total = s if total is None else total + s
     return total
 
 
-def sum_by_key(rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum rows sharing a key (e.g. all-epochs sum per sample, or per source).
-
-    Returns (unique keys sorted, summed rows). Works for values (N,) or embeddings (N, p).
-    """
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    out = torch.zeros((len(uniq),) + tuple(rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    out.index_add_(0, inv.to(rows.device), rows)
-    return uniq, out
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _layers(x: Grads) -> dict[str, torch.Tensor]:
-    return {"_": x} if isinstance(x, torch.Tensor) else dict(x)
 
 
 def _dtype(d: Mapping[str, torch.Tensor]) -> torch.dtype:

@@ -8,8 +8,22 @@ from rayattr.dvemb import (
     data_value_embeddings,
     influence,
     segment_bounds,
-    sum_by_key,
 )
+
+W = "w"  # the one layer of the single-layer tests
+
+
+def one_layer(steps):
+    """A list of per-step tensors as the per-step layer dicts the recursion takes (None stays None)."""
+    return [{W: x} for x in steps] if steps is not None else None
+
+
+def dvemb_one_layer(grads, etas, **kw):
+    """data_value_embeddings of one layer: every per-step sequence of tensors as layer dicts,
+    the result back as tensors."""
+    per_step = ("curvature", "updates", "curvature_updates", "v_rows")
+    kw = {k: one_layer(v) if k in per_step else v for k, v in kw.items()}
+    return [e[W] for e in data_value_embeddings(one_layer(grads), etas, **kw)]
 
 
 def brute_force(grads, etas, curvature=None):
@@ -45,7 +59,7 @@ def test_all_segment_counts_match_explicit_products(use_curvature):
     c = curv if use_curvature else None
     ref = brute_force(grads, etas, c)
     for segments in range(1, len(grads) + 1):
-        got = data_value_embeddings(grads, etas, segments=segments, curvature=c)
+        got = dvemb_one_layer(grads, etas, segments=segments, curvature=c)
         assert len(got) == len(ref)
         for a, b in zip(got, ref):
             assert a.dtype == torch.float64
@@ -97,33 +111,30 @@ def test_steps_must_decrease_and_shapes_are_checked():
     with pytest.raises(KeyError, match="missing"):
         rec.step({}, 0.1)
     with pytest.raises(ValueError, match="step sizes"):
-        data_value_embeddings([torch.ones(1, 2)], [0.1, 0.2])
+        data_value_embeddings([{W: torch.ones(1, 2)}], [0.1, 0.2])
 
 
 def test_float32_stays_float32_and_close_to_float64():
     grads, etas, _ = make(T=5, p=4)
-    got = data_value_embeddings([g.float() for g in grads], etas, segments=2)
+    got = dvemb_one_layer([g.float() for g in grads], etas, segments=2)
     ref = brute_force(grads, etas)
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
-def test_influence_and_per_sample_sums():
+def test_influence_sums_layers():
     grads, etas, _ = make(T=4, p=3)
-    emb = data_value_embeddings(grads, etas)
+    emb = data_value_embeddings(one_layer(grads), etas)
     test = torch.randn(2, 3, dtype=torch.float64)
-    scores = influence(emb, test)
+    scores = influence(emb, {W: test})
     for e, s in zip(emb, scores):
-        torch.testing.assert_close(s, e @ test.T)
+        torch.testing.assert_close(s, e[W] @ test.T)
     # dict layers are summed
-    d = influence({"a": emb[0], "b": 2 * emb[0]}, {"a": test, "b": test})
-    torch.testing.assert_close(d, 3 * emb[0] @ test.T)
-    # all-epochs sum per sample id
-    rows = torch.arange(6, dtype=torch.float64)
-    ids, sums = sum_by_key(rows, torch.tensor([3, 1, 3, 2, 1, 3]))
-    assert ids.tolist() == [1, 2, 3]
-    assert sums.tolist() == [1 + 4, 3, 0 + 2 + 5]
+    d = influence({"a": emb[0][W], "b": 2 * emb[0][W]}, {"a": test, "b": test})
+    torch.testing.assert_close(d, 3 * emb[0][W] @ test.T)
+    with pytest.raises(KeyError, match="missing"):
+        influence(emb[0], {"a": test})
 
 
 def test_segment_bounds_cover_range():

@@ -16,6 +16,7 @@ from rayattr.dvemb import (
     segment_combine,
     segment_embeddings,
 )
+from tests.test_dvemb import W, dvemb_one_layer, one_layer
 
 F64 = torch.float64
 
@@ -84,7 +85,7 @@ def test_every_segment_count_equals_the_explicit_formula(beta, sampled):
     kw = dict(curvature=curv, curv_updates=cu, batch_sizes=bs) if sampled else {}
     ref = brute_force(grads, updates, etas, beta, decay, **kw)
     for segments in range(1, T + 1):
-        got = data_value_embeddings(
+        got = dvemb_one_layer(
             grads, etas, segments=segments, updates=updates, momentum=beta, decay=decay,
             curvature=curv if sampled else None, curvature_updates=cu if sampled else None,
             batch_sizes=bs if sampled else None,
@@ -97,20 +98,20 @@ def test_without_updates_momentum_and_decay_act_on_the_raw_gradients(beta):
     grads, _, _, _, etas, decay = make(seed=2)
     ref = brute_force(grads, grads, etas, beta, decay)
     for segments in (1, 3, len(grads)):
-        assert_all_close(data_value_embeddings(grads, etas, segments=segments, momentum=beta, decay=decay), ref)
+        assert_all_close(dvemb_one_layer(grads, etas, segments=segments, momentum=beta, decay=decay), ref)
 
 
 def test_defaults_are_sgd_bit_for_bit():
     grads, _, curv, _, etas, _ = make(seed=3)
     T = len(grads)
     for c in (None, curv):
-        sgd = data_value_embeddings(grads, etas, segments=3, curvature=c)
-        same = data_value_embeddings(grads, etas, segments=3, curvature=c, updates=None,
-                                     momentum=0.0, decay=[1.0] * T)
+        sgd = dvemb_one_layer(grads, etas, segments=3, curvature=c)
+        same = dvemb_one_layer(grads, etas, segments=3, curvature=c, updates=None,
+                               momentum=0.0, decay=[1.0] * T)
         assert all(torch.equal(a, b) for a, b in zip(sgd, same))
         # u = g through the AdamW arguments is SGD up to rounding
-        via_updates = data_value_embeddings(grads, etas, segments=3, curvature=c, updates=grads,
-                                            curvature_updates=c)
+        via_updates = dvemb_one_layer(grads, etas, segments=3, curvature=c, updates=grads,
+                                      curvature_updates=c)
         for a, b in zip(sgd, via_updates):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -136,9 +137,9 @@ def test_layers_are_independent_with_momentum():
 def test_segment_recursion_carries_the_local_K_and_R():
     grads, updates, _, _, etas, decay = make(T=5, p=4, seed=4)
     beta, first = 0.9, 7  # a segment starting at global step 7
-    rec = SegmentRecursion({"w": 4}, dtype=F64, momentum=beta)
+    rec = SegmentRecursion({W: 4}, dtype=F64, momentum=beta)
     for t in range(4, -1, -1):
-        rec.step({"w": grads[t]}, etas[t], step=first + t, updates={"w": updates[t]}, decay=decay[t])
+        rec.step({W: grads[t]}, etas[t], step=first + t, updates={W: updates[t]}, decay=decay[t])
     Ks = step_jacobians(grads, updates, etas, decay)
     K = torch.eye(4, dtype=F64)
     R = torch.zeros(4, 4, dtype=F64)
@@ -148,9 +149,9 @@ def test_segment_recursion_carries_the_local_K_and_R():
             suffix = Ks[k] @ suffix
         R = R + beta ** t * momentum_weight(beta, first + t) * etas[t] * suffix
         K = Ks[t] @ K
-    torch.testing.assert_close(rec.K["w"], K)
-    torch.testing.assert_close(rec.R["w"], R)
-    assert SegmentRecursion({"w": 4}, momentum=0.0).R is None
+    torch.testing.assert_close(rec.K[W], K)
+    torch.testing.assert_close(rec.R[W], R)
+    assert SegmentRecursion({W: 4}, momentum=0.0).R is None
 
 
 def test_pipeline_style_segment_combine_and_finalise():
@@ -159,25 +160,26 @@ def test_pipeline_style_segment_combine_and_finalise():
     beta = 0.9
     ref = brute_force(grads, updates, etas, beta, decay, curvature=curv, curv_updates=cu)
     bounds = segment_bounds(len(grads), 3)
-    segs = [
-        (a, b, *segment_embeddings(grads[a:b], etas[a:b], curv[a:b], updates=updates[a:b],
-                                   curvature_updates=cu[a:b], momentum=beta, decay=decay[a:b], first_step=a))
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
+    segs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        local, rec = segment_embeddings(one_layer(grads[a:b]), etas[a:b], one_layer(curv[a:b]),
+                                        updates=one_layer(updates[a:b]), curvature_updates=one_layer(cu[a:b]),
+                                        momentum=beta, decay=decay[a:b], first_step=a)
+        segs.append((a, b, local, rec.K, rec.R))
     suffixes, r_ends = segment_combine([s[3] for s in segs], [s[4] for s in segs],
                                        [b - a for a, b, *_ in segs], momentum=beta)
-    assert torch.count_nonzero(r_ends[-1]) == 0
+    assert torch.count_nonzero(r_ends[-1][W]) == 0
     for (a, b, local, _, _), S, r_end in zip(segs, suffixes, r_ends):
         for t in range(a, b):
-            got = finalise_step(local[t - a], S, r_end, updates[t], beta, steps_to_end=b - t)
-            torch.testing.assert_close(got, ref[t], rtol=1e-10, atol=1e-12)
+            got = finalise_step(local[t - a], S, r_end, {W: updates[t]}, beta, steps_to_end=b - t)
+            torch.testing.assert_close(got[W], ref[t], rtol=1e-10, atol=1e-12)
 
 
 def test_float32_is_close_to_float64():
     grads, updates, _, _, etas, decay = make(seed=6)
     ref = brute_force(grads, updates, etas, 0.9, decay)
-    got = data_value_embeddings([g.float() for g in grads], etas, segments=3,
-                                updates=[u.float() for u in updates], momentum=0.9, decay=decay)
+    got = dvemb_one_layer([g.float() for g in grads], etas, segments=3,
+                          updates=[u.float() for u in updates], momentum=0.9, decay=decay)
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
@@ -186,27 +188,27 @@ def test_float32_is_close_to_float64():
 def test_bad_input_is_a_clear_error():
     grads, updates, curv, cu, etas, decay = make(T=3, seed=7)
     with pytest.raises(ValueError, match="steps of updates"):
-        data_value_embeddings(grads, etas, updates=updates[:2])
+        dvemb_one_layer(grads, etas, updates=updates[:2])
     with pytest.raises(ValueError, match="steps of decay"):
-        data_value_embeddings(grads, etas, decay=decay[:2])
+        dvemb_one_layer(grads, etas, decay=decay[:2])
     with pytest.raises(ValueError, match="steps of curvature_updates"):
-        data_value_embeddings(grads, etas, curvature=curv, updates=updates, curvature_updates=cu[:1])
+        dvemb_one_layer(grads, etas, curvature=curv, updates=updates, curvature_updates=cu[:1])
     with pytest.raises(ValueError, match="need curvature_updates"):
-        data_value_embeddings(grads, etas, curvature=curv, updates=updates)
+        dvemb_one_layer(grads, etas, curvature=curv, updates=updates)
     with pytest.raises(ValueError, match="only go with"):
-        data_value_embeddings(grads, etas, curvature=curv, curvature_updates=cu)
+        dvemb_one_layer(grads, etas, curvature=curv, curvature_updates=cu)
     for beta in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
-            data_value_embeddings(grads, etas, momentum=beta)
+            dvemb_one_layer(grads, etas, momentum=beta)
     with pytest.raises(ValueError, match="update rows"):
-        data_value_embeddings(grads, etas, updates=[u[:0] for u in updates])
-    rec = SegmentRecursion({"w": 5}, dtype=F64, momentum=0.9)
+        dvemb_one_layer(grads, etas, updates=[u[:0] for u in updates])
+    rec = SegmentRecursion({W: 5}, dtype=F64, momentum=0.9)
     with pytest.raises(ValueError, match="step= .* is required"):
-        rec.step({"w": grads[0]}, 0.1)
+        rec.step({W: grads[0]}, 0.1)
     with pytest.raises(KeyError, match="updates missing"):
-        rec.step({"w": grads[0]}, 0.1, step=0, updates={})
+        rec.step({W: grads[0]}, 0.1, step=0, updates={})
     with pytest.raises(ValueError, match="one local R and one length"):
-        segment_combine([torch.eye(2)], None, None, momentum=0.9)
+        segment_combine([{W: torch.eye(2)}], None, None, momentum=0.9)
 
 
 # ----------------------------------------------------------------------------- v's response
@@ -242,7 +244,7 @@ def test_second_moment_response_equals_the_explicit_formula_for_every_segment_co
     kw = dict(curvature=curv, curv_updates=cu, batch_sizes=bs) if sampled else {}
     ref = brute_force_v(grads, updates, v_rows, etas, beta1, 0.95, decay, **kw)
     for segments in range(1, T + 1):
-        got = data_value_embeddings(
+        got = dvemb_one_layer(
             grads, etas, segments=segments, updates=updates, momentum=beta1, decay=decay,
             curvature=curv if sampled else None, curvature_updates=cu if sampled else None,
             batch_sizes=bs if sampled else None, v_rows=v_rows, beta2=0.95,

@@ -53,14 +53,14 @@ def test_source_values_are_float64():
 def test_dvemb_returns_the_input_dtype(dtype):
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(4, 3, generator=gen).to(dtype) for _ in range(5)]
-    out = data_value_embeddings(grads, [0.01] * 5, segments=2)
-    assert all(e.dtype == dtype for e in out)  # half precision stays half: no silent upcast to float32
+    out = data_value_embeddings([{"a": g} for g in grads], [0.01] * 5, segments=2)
+    assert all(e["a"].dtype == dtype for e in out)  # half precision stays half: no silent upcast to float32
     layered = [{"a": g, "b": g.double()} for g in grads]
     out = data_value_embeddings(layered, [0.01] * 5, segments=2)
     assert all(e["a"].dtype == dtype and e["b"].dtype == torch.float64 for e in out)
     # the rounding of the returned dtype, not more: computed in float32 at least
-    ref = data_value_embeddings([g.double() for g in grads], [0.01] * 5)
-    torch.testing.assert_close(out[0]["a"].double(), ref[0], rtol=1e-2, atol=1e-3)
+    ref = data_value_embeddings([{"a": g.double()} for g in grads], [0.01] * 5)
+    torch.testing.assert_close(out[0]["a"].double(), ref[0]["a"], rtol=1e-2, atol=1e-3)
 
 
 # torch API (as spelled in a call) -> first torch version that has it

@@ -7,7 +7,6 @@ import torch
 
 from rayattr.dvemb import (
     chain_suffix_back,
-    chain_sums_forward,
     chain_vectors_back,
     finalise_scores,
     finalise_step,
@@ -16,6 +15,8 @@ from rayattr.dvemb import (
     segment_embeddings,
     vector_chain,
 )
+from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
+from tests.test_dvemb import W, one_layer
 from tests.test_dvemb_adamw import brute_force
 
 F64 = torch.float64
@@ -28,7 +29,7 @@ def make(T=9, p=5, seed=0, adamw=True):
     updates = [torch.randn(b, p, generator=g, dtype=F64) if adamw else x for b, x in zip(B, grads)]
     etas = (0.05 + 0.1 * torch.rand(T, generator=g, dtype=F64)).tolist()
     decay = (1 - 0.01 * torch.rand(T, generator=g, dtype=F64)).tolist() if adamw else [1.0] * T
-    v = torch.randn(p, generator=g, dtype=F64)
+    v = {W: torch.randn(p, generator=g, dtype=F64)}
     return grads, updates, etas, decay, v
 
 
@@ -36,9 +37,9 @@ def segments_of(grads, updates, etas, decay, beta, n):
     bounds = segment_bounds(len(grads), n)
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        e, K, R = segment_embeddings(grads[a:b], etas[a:b], updates=updates[a:b], momentum=beta,
-                                     decay=decay[a:b], first_step=a)
-        out.append((a, b, e, K, R))
+        e, rec = segment_embeddings(one_layer(grads[a:b]), etas[a:b], updates=one_layer(updates[a:b]),
+                                    momentum=beta, decay=decay[a:b], first_step=a)
+        out.append((a, b, e, rec.K, rec.R))
     return out
 
 
@@ -51,9 +52,9 @@ def test_vector_chain_is_the_transposed_matrix_chain(beta, n):
     suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
     chain = vector_chain(Ks, v, Rs, lengths, beta)
     for ell, (w, z) in enumerate(chain):
-        torch.testing.assert_close(w, suffixes[ell].T @ v, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(w[W], suffixes[ell][W].T @ v[W], rtol=1e-12, atol=1e-14)
         if beta:
-            torch.testing.assert_close(z, r_ends[ell].T @ v, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(z[W], r_ends[ell][W].T @ v[W], rtol=1e-12, atol=1e-14)
         else:
             assert z is None and r_ends[ell] is None
 
@@ -62,7 +63,7 @@ def test_vector_chain_is_the_transposed_matrix_chain(beta, n):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_values_from_vectors_equal_brute_force_and_the_matrix_path(beta, n):
     grads, updates, etas, decay, v = make(seed=n, adamw=beta > 0)
-    want = torch.cat([e @ v for e in brute_force(grads, updates, etas, beta, decay)])
+    want = torch.cat([e @ v[W] for e in brute_force(grads, updates, etas, beta, decay)])
     segs = segments_of(grads, updates, etas, decay, beta, n)
     Ks, Rs, lengths = [s[3] for s in segs], [s[4] for s in segs], [s[1] - s[0] for s in segs]
     suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
@@ -70,8 +71,8 @@ def test_values_from_vectors_equal_brute_force_and_the_matrix_path(beta, n):
     got, via_matrix = [], []
     for (a, b, e, _, _), (w, z), S, r_end in zip(segs, chain, suffixes, r_ends):
         for t, local in zip(range(a, b), e):
-            got.append(finalise_scores(local, w, z, updates[t], beta, b - t))
-            via_matrix.append(finalise_step(local, S, r_end, updates[t], beta, b - t) @ v)
+            got.append(finalise_scores(local, w, z, {W: updates[t]}, beta, b - t)[W])
+            via_matrix.append(finalise_step(local, S, r_end, {W: updates[t]}, beta, b - t)[W] @ v[W])
     got, via_matrix = torch.cat(got), torch.cat(via_matrix)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(got, via_matrix, rtol=1e-12, atol=1e-14)
@@ -84,8 +85,8 @@ def test_suffix_scan_link_by_link_equals_segment_combine(beta):
     actors run, with dict layers."""
     grads, updates, etas, decay, _ = make(T=11, adamw=beta > 0)
     segs = segments_of(grads, updates, etas, decay, beta, 4)
-    Ks = [{"a": s[3], "b": 2 * s[3]} for s in segs]
-    Rs = [{"a": s[4], "b": 2 * s[4]} if beta else None for s in segs]
+    Ks = [{"a": s[3][W], "b": 2 * s[3][W]} for s in segs]
+    Rs = [{"a": s[4][W], "b": 2 * s[4][W]} if beta else None for s in segs]
     lengths = [s[1] - s[0] for s in segs]
     suffixes, r_ends = segment_combine(Ks, Rs if beta else None, lengths, beta)
     S, r_end = None, None
@@ -100,23 +101,31 @@ def test_suffix_scan_link_by_link_equals_segment_combine(beta):
 
 
 def test_a_vector_link_is_o_p2_and_needs_z_only_with_momentum():
-    K = torch.randn(4, 4, dtype=F64)
-    w = torch.randn(4, dtype=F64)
+    K = {W: torch.randn(4, 4, dtype=F64)}
+    w = {W: torch.randn(4, dtype=F64)}
     w_prev, z_prev = chain_vectors_back(K, w)
-    torch.testing.assert_close(w_prev, K.T @ w)
+    torch.testing.assert_close(w_prev[W], K[W].T @ w[W])
     assert z_prev is None
-    R = torch.randn(4, 4, dtype=F64)
+    R = {W: torch.randn(4, 4, dtype=F64)}
     _, z_prev = chain_vectors_back(K, w, R, None, 3, 0.5)
-    torch.testing.assert_close(z_prev, R.T @ w)
+    torch.testing.assert_close(z_prev[W], R[W].T @ w[W])
     with pytest.raises(ValueError, match="update rows"):
-        finalise_scores(torch.ones(2, 4, dtype=F64), w, z_prev, None, 0.5, None)
+        finalise_scores({W: torch.ones(2, 4, dtype=F64)}, w, z_prev, None, 0.5, None)
+
+
+def sums_of(rows):
+    """(3, p) rows as the per-(source, phase) sums of three keys, one row each."""
+    out = SourcePhaseSums({W: rows.shape[1]})
+    for i, row in enumerate(rows):
+        out.add([f"s{i}"], 0, {W: row[None]})
+    return out
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.9])
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_forward_sum_scan_equals_suffix_products(beta, n):
-    """Sums finalised by the forward scan (no suffix matrix anywhere) equal Σ_ℓ S_ℓ x_ℓ +
-    R_{b_ℓ} c_ℓ from segment_combine, for 3 keys of rows at once."""
+    """Sums finalised by the forward scan the segment actors run (no suffix matrix anywhere)
+    equal Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ from segment_combine, for 3 keys at once."""
     grads, updates, etas, decay, _ = make(T=10, seed=7, adamw=beta > 0)
     segs = segments_of(grads, updates, etas, decay, beta, n)
     Ks, Rs, lengths = [s[3] for s in segs], [s[4] for s in segs], [s[1] - s[0] for s in segs]
@@ -124,9 +133,13 @@ def test_forward_sum_scan_equals_suffix_products(beta, n):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(3, 5, generator=g, dtype=F64) for _ in segs]
     cs = [torch.randn(3, 5, generator=g, dtype=F64) for _ in segs]
-    want = sum(x @ S.T + (c @ r.T if beta else 0) for x, c, S, r in zip(xs, cs, suffixes, r_ends))
-    y = d = None
+    want = sum(x @ S[W].T + (c @ r[W].T if beta else 0) for x, c, S, r in zip(xs, cs, suffixes, r_ends))
+    link = None
     for ell in range(len(segs)):
-        y, d = chain_sums_forward(Ks[ell], xs[ell], y, Rs[ell] if beta else None, d, cs[ell], lengths[ell], beta)
-    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-13)
+        link = chain_sums_forward(Ks[ell], sums_of(xs[ell]), link, Rs[ell] if beta else None,
+                                  sums_of(cs[ell]) if beta else None, lengths[ell], beta)
+    y, d = link
+    torch.testing.assert_close(torch.stack([y.sum[(f"s{i}", 0)][W] for i in range(3)]), want,
+                               rtol=1e-12, atol=1e-13)
+    assert y.count == {(f"s{i}", 0): n for i in range(3)}  # each segment's one occurrence per key
     assert (d is None) == (not beta)

@@ -32,7 +32,7 @@ from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_ba
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
-from rayattr.embed.sums import SourcePhaseSums
+from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.store.layout import UPDATE_KIND
 from rayattr.embed.tensors import load_tensors, save_tensors
@@ -254,14 +254,10 @@ class SegmentWorker:
         Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
         whole run, to `all_sums_path()`. Used when no per-sample final embeddings are kept."""
         K, R = self._own_chain_inputs()
-        y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(self.dims)
-        y.merge(SourcePhaseSums.from_table(self.run.read_table(sums_path(self.seg.index)), self.dims))
-        d = None
-        if self.momentum:
-            d_in = prev[1] if prev is not None else SourcePhaseSums(self.dims)
-            y.add_vectors(d_in.transformed(R))
-            carry = SourcePhaseSums.from_table(self.run.read_table(carry_path(self.seg.index)), self.dims)
-            d = d_in.scaled(self.momentum ** (self.seg.end - self.seg.start)).add_vectors(carry)
+        local = SourcePhaseSums.from_table(self.run.read_table(sums_path(self.seg.index)), self.dims)
+        carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(self.seg.index)), self.dims)
+                 if self.momentum else None)
+        y, d = chain_sums_forward(K, local, prev, R, carry, self.seg.end - self.seg.start, self.momentum)
         if last:
             self.run.write_table(all_sums_path(), y.to_table())
             return None

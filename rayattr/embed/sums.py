@@ -112,3 +112,26 @@ class SourcePhaseSums:
             out.count[key] = counts[i]
             out.sum[key] = {n: mats[n][i].clone() for n in out.dims}
         return out
+
+
+def chain_sums_forward(K: Mapping[str, torch.Tensor], local: SourcePhaseSums,
+                       prev: tuple[SourcePhaseSums, SourcePhaseSums | None] | None = None,
+                       R_loc: Mapping[str, torch.Tensor] | None = None, carry: SourcePhaseSums | None = None,
+                       length: int = 0, momentum: float = 0.0) -> tuple[SourcePhaseSums, SourcePhaseSums | None]:
+    """One link of the forward scan that finalises the per-(source, phase) sums without any
+    suffix matrix (docs/method.md §4, §7). Summed over segments the final sums are
+    Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: segment ℓ's local sums, c: its Σ β₁^(b−t) u), and by
+    Horner's rule from the first segment on
+
+        y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ,    d_{ℓ+1} = β₁^(b_ℓ - a_ℓ) d_ℓ + c_ℓ,    y_{-1} = d_0 = 0
+
+    so y_{n-1} is the total: one matrix times the block of sum vectors per layer and segment.
+    ``prev`` is the previous link's (y_{ℓ-1}, d_ℓ) (None for the first segment); returns
+    (y_ℓ, d_{ℓ+1}), d None without momentum."""
+    y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(local.dims)
+    y.merge(local)
+    if not momentum:
+        return y, None
+    d_in = prev[1] if prev is not None else SourcePhaseSums(local.dims)
+    y.add_vectors(d_in.transformed(R_loc))
+    return y, d_in.scaled(momentum ** length).add_vectors(carry)
