@@ -38,7 +38,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from rayattr.config import Config  # noqa: E402
-from rayattr.dvemb import segment_bounds  # noqa: E402
+from rayattr.math.dvemb import segment_bounds  # noqa: E402
 from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
 from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
 from rayattr.plan.estimate import estimate  # noqa: E402

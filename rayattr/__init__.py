@@ -1,7 +1,8 @@
 """rayattr: trajectory-aware training-data attribution (Data Value Embedding) at cluster scale.
 
-Pipeline stages, one subpackage each:
-capture -> store -> train -> embed -> reduce -> query / report, with the math in `dvemb`.
+Layers, bottom to top, one subpackage per concept (README.md, Layout): math and capture ->
+store and data -> model and optim -> record -> train / embed / reduce -> validate / query /
+report -> pipeline and plan -> cli.
 """
 
 __version__ = "0.1.0"

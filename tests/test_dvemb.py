@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rayattr.dvemb import (
+from rayattr.math.dvemb import (
     SegmentRecursion,
     data_value_embeddings,
     influence,

@@ -7,7 +7,7 @@ with every K product formed explicitly, in float64."""
 import pytest
 import torch
 
-from rayattr.dvemb import (
+from rayattr.math.dvemb import (
     SegmentRecursion,
     data_value_embeddings,
     finalise_step,

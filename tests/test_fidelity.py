@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from sklearn.datasets import load_digits
 
 from rayattr.capture import GradientCapture, sampled_label_losses
-from rayattr.dvemb import data_value_embeddings, influence
+from rayattr.math.dvemb import data_value_embeddings, influence
 
 B, EPOCHS, N_TRAIN, N_VAL, N_PROBES = 16, 2, 192, 128, 40
 

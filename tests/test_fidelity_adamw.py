@@ -24,7 +24,7 @@ from scipy.stats import spearmanr
 from test_fidelity import B, N_PROBES, data, mlp
 
 from rayattr.capture import GradientCapture, module_preconditioner, module_second_moment_response
-from rayattr.dvemb import data_value_embeddings, influence
+from rayattr.math.dvemb import data_value_embeddings, influence
 
 EPOCHS, LR, BETAS, EPS, WD, BETA1 = 3, 1e-3, (0.9, 0.999), 1e-8, 0.01, 0.9
 

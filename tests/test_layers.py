@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "rayattr"
 # import nothing but each other; `rayattr` itself is the package's __init__ (its version)
 LAYERS = [
     {"rayattr", "config", "errors"},
-    {"capture", "dvemb", "runtime"},        # the math and capture; logging, test seams, joining Ray
+    {"capture", "math", "runtime"},         # the math and capture; logging, test seams, joining Ray
     {"store", "data"},                      # the run's storage; the training data
     {"model", "optim"},                     # the model and its loss; the optimizer
     {"record"},                             # a rank's steps into the run
@@ -124,8 +124,7 @@ def test_every_unit_has_a_layer():
 
 def test_the_top_level_holds_only_the_public_face():
     top = sorted(p.name for p in ROOT.glob("*.py"))
-    # dvemb.py joins the math layer's package once its rewrite has landed
-    assert top == ["__init__.py", "cli.py", "config.py", "dvemb.py", "errors.py"], top
+    assert top == ["__init__.py", "cli.py", "config.py", "errors.py"], top
 
 
 def test_imports_point_down():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rayattr.config import Config
-from rayattr.dvemb import data_value_embeddings, influence
+from rayattr.math.dvemb import data_value_embeddings, influence
 from rayattr.pipeline.stages import attribute, run_pipeline
 from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run

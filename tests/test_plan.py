@@ -12,7 +12,7 @@ import torch
 
 from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.config import Config, load_config
-from rayattr.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
 from rayattr.plan.estimate import Throughput, estimate, format_plan, human_bytes, ipc_bytes, parse_count, plan_main

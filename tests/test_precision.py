@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rayattr
-from rayattr.dvemb import data_value_embeddings
+from rayattr.math.dvemb import data_value_embeddings
 from rayattr.embed.segment import SegmentSpec, SegmentWorker, sums_path
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.reduce.aggregate import source_values

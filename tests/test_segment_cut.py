@@ -8,7 +8,7 @@ import pytest
 
 from rayattr.pipeline import attribution
 from rayattr.config import Config, ConfigError
-from rayattr.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.cut import choose_segments
 from rayattr.embed.segment import k_path
 from rayattr.store import Run

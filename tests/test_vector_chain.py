@@ -5,7 +5,7 @@ of the values v·DVEmb(t, z) with every K product formed explicitly."""
 import pytest
 import torch
 
-from rayattr.dvemb import (
+from rayattr.math.dvemb import (
     chain_suffix_back,
     chain_vectors_back,
     finalise_scores,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from rayattr.config import ConfigError
-from rayattr.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds
 
 # what embedding leaves in a run before its K's: the segments' outputs and local-embedding writers
 EMBED_PREFIXES = ("embed", "writers/local", "commits/local")

@@ -27,7 +27,7 @@ import ray
 import torch
 
 from rayattr.runtime import hooks
-from rayattr.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
+from rayattr.math.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
                            finalise_step)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs

@@ -11,7 +11,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
-from rayattr.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.segment import SegmentActor, SegmentSpec
 
 log = logging.getLogger(__name__)
