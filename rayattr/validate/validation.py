@@ -196,7 +196,8 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                    window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
                    baseline_loss=base["loss"], run_loss=run_loss, noise_floor=abs(base["loss"] - run_loss),
-                   retrain_seconds=float(np.median([done[r.key]["seconds"] for r in plan])))
+                   retrain_seconds=float(np.median([done[k]["seconds"] for k in
+                                                    [r.key for r in plan] + (smoothness or {}).get("retrains", [])])))
     summary["smoothness"] = {k: v for k, v in smoothness.items() if k != "attributable"} if smoothness else None
     summary["attributable"] = smoothness.get("attributable") if smoothness else None
     summary["verdict"] = verdict(summary)
