@@ -108,9 +108,10 @@ def test_finished_retrains_are_reused(two_ranks, monkeypatch):
 
 
 def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[float, list[float]]:
-    """Trajectory-specific leave-out by hand: float64 SGD over the run's batch plan with the
-    removed occurrences dropped from their micro-batches' sums (the divisor kept), clipped
-    to global norm `clip` as DeepSpeed does."""
+    """Trajectory-specific leave-out by hand: float64 SGD over the run's batch plan with each
+    occurrence's loss weighted as `removal` says (removed ones dropped from their micro-batches'
+    sums, the divisor kept; a direction's 1 + scale·w on every one), clipped to global norm
+    `clip` as DeepSpeed does."""
     cfg = Config.from_dict(run.manifest["config"])
     tok = load_tokenizer(cfg.data.tokenizer)
     data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
@@ -126,14 +127,15 @@ def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[flo
         for rank in range(t.ranks):
             for micro in range(t.grad_accum):
                 idx = plan.rank_slice(step, rank, micro)
-                keep = ~removal.removes(step, ids[idx]) if removal else np.ones(len(idx), bool)
+                weights = removal.loss_weights(step, ids[idx]) if removal else np.ones(len(idx))
+                keep = weights != 0
                 if not keep.any():  # the whole micro-batch removed: it adds nothing to the sum
                     continue
                 b = data.batch(idx[keep])
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"][:, 1:],
                                                              ignore_index=-100, reduction="none")
-                per_sample = tok_loss.sum(1) / (b["labels"][:, 1:] != -100).sum(1)
+                per_sample = tok_loss.sum(1) / (b["labels"][:, 1:] != -100).sum(1) * torch.from_numpy(weights[keep])
                 # the global batch's mean loss: each rank's micro-batch mean, averaged over ranks and micro-steps
                 (per_sample.sum() / (t.micro_batch * t.ranks * t.grad_accum)).backward()
         with torch.no_grad():
@@ -537,3 +539,37 @@ def test_the_trust_box_opens_with_attributability(tmp_path):
     sources = pa.table({"source": ["a", "b"], "value": [1.0, 2.0]})
     (box,) = trust_box(run, sources, None)
     assert "<b>Verdict:</b> This run is not attributable" in box and "Smoothness 0.10" in box
+
+
+def test_smoothness_end_to_end(two_ranks, capsys):
+    """`rayattr validate RUN --smoothness`: 4 retrains along one seeded direction (the
+    nothing-removed retrain is f(0)); the summary carries the score and the verdict, the
+    verdict opens with it, and a direction retrain's loss change equals the float64 replay
+    with the same per-occurrence weights."""
+    from rayattr.cli import main
+    from rayattr.validate.smoothness import direction_retrains
+
+    assert main(["validate", two_ranks.uri, "--smoothness", "--seed", "5", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    summary = json.loads(two_ranks.read_bytes(SUMMARY))
+    sm = summary["smoothness"]
+    assert sm["seed"] == 5 and sm["steps"] == [0.1, 0.01] and sm["threshold"] == 0.7
+    assert [p["h"] for p in sm["per_step"]] == [0.1, 0.01] and 0 <= sm["score"] <= 1
+    assert sm["n_occurrences"] == two_ranks.read_table("values/samples.parquet").num_rows
+    assert summary["attributable"] == (sm["score"] >= 0.7)
+    says = "This run is attributable" if summary["attributable"] else "This run is not attributable"
+    assert summary["verdict"].startswith(says) and lines[-1] == f"verdict: {summary['verdict']}"
+    assert any(line.startswith("smoothness (random ±1 direction, seed 5)") for line in lines)
+    retrains = direction_retrains(5, (0.1, 0.01))
+    assert sm["retrains"] == [r.key for r in retrains]
+    records = {r.key: two_ranks.read_json(f"validation/retrains/{r.key}.json") for r in retrains}
+    assert all(rec["removed"] == sm["n_occurrences"] for rec in records.values())  # every occurrence reweighted
+    base, _ = _reference_loss(two_ranks, None, 1.0)
+    assert base == pytest.approx(sm["baseline_loss"], abs=2e-5)
+    for r in retrains[:2]:  # h = 0.1: the scales 0.1 and 0.2
+        want = _reference_loss(two_ranks, r, 1.0)[0] - base
+        got = records[r.key]["loss"] - sm["baseline_loss"]
+        assert abs(want) > 1e-5 and got == pytest.approx(want, rel=0.02, abs=3e-6), r
+    # a later validation that does not ask for it keeps the check in the summary
+    again = validate_run(two_ranks, sources=["net"], progress=False)
+    assert again.summary["smoothness"] == sm and again.summary["verdict"].startswith(says)
