@@ -6,7 +6,7 @@
     rayattr query RUN --text "def parse(s):" [--k 5] [--all] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
-    rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16 [--weight 1 0.01]]
+    rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16 [--weight 1 0.01]] [--smoothness]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
     rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
     rayattr attribute RUN [--segments N] [--cpu] [--wait SECONDS]  (values for a run recorded by rayattr.Recorder)
@@ -255,18 +255,29 @@ def fraction(text: str) -> float:
     return value
 
 
+def smoothness_steps(text: str) -> tuple[float, ...]:
+    from rayattr.validate.smoothness import parse_steps
+    from rayattr.validate import ValidationError
+
+    try:
+        return parse_steps(text)
+    except ValidationError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--smoothness-steps: ")) from None
+
+
 def cmd_validate(args) -> int:
     from rayattr.validate import validate_run
     from rayattr.validate.validation import dumps, format_summary
 
     so = _storage_options(args.storage_option)
-    if not (args.subsets or args.sources is not None or args.occurrences):
+    smooth = args.smoothness or args.smoothness_steps is not None
+    if not (args.subsets or args.sources is not None or args.occurrences or smooth):
         args.subsets, args.sources = 16, []  # a default that fits the built-in run in minutes
     result = validate_run(args.run, subsets=args.subsets, fraction=args.fraction,
                           sources=(args.sources or True) if args.sources is not None else False,
                           occurrences=args.occurrences, seed=args.seed, gangs=args.gangs,
                           storage_options=so, progress=not args.no_progress, eps=tuple(args.weight),
-                          window=args.window)
+                          window=args.window, smoothness=smooth, smoothness_steps=args.smoothness_steps)
     if args.format == "json":
         print(dumps(result.summary))
     else:  # the verdict stays the last line: where it went and what shows it come first
@@ -393,7 +404,14 @@ def parser() -> argparse.ArgumentParser:
     va.add_argument("--window", metavar="A:B",
                     help="only occurrences at steps [A, B) are removed and predicted (either side may be "
                          "empty, e.g. 144: for the last quarter of a 192-step run)")
-    va.add_argument("--seed", type=int, default=0, help="seed of the subsets and occurrences drawn")
+    va.add_argument("--smoothness", action="store_true",
+                    help="the attributability check: retrain at loss weights 1 + h·w and 1 + 2h·w along a random "
+                         "±1 direction w over the occurrences (4 retrains at the default h), and say whether the "
+                         "run's final loss responds linearly to its data (docs/method.md §6)")
+    va.add_argument("--smoothness-steps", type=smoothness_steps, metavar="H1,H2",
+                    help="the step sizes h of --smoothness (implies it), each in (0, 0.5]; default 0.1,0.01")
+    va.add_argument("--seed", type=int, default=0,
+                    help="seed of the subsets and occurrences drawn, and of --smoothness's direction")
     va.add_argument("--gangs", type=positive_int, help="retraining gangs at once (default: as many as fit)")
     va.add_argument("--format", choices=("table", "json"), default="table")
     va.add_argument("--no-progress", action="store_true")

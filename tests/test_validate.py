@@ -108,9 +108,10 @@ def test_finished_retrains_are_reused(two_ranks, monkeypatch):
 
 
 def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[float, list[float]]:
-    """Trajectory-specific leave-out by hand: float64 SGD over the run's batch plan with the
-    removed occurrences dropped from their micro-batches' sums (the divisor kept), clipped
-    to global norm `clip` as DeepSpeed does."""
+    """Trajectory-specific leave-out by hand: float64 SGD over the run's batch plan with each
+    occurrence's loss weighted as `removal` says (removed ones dropped from their micro-batches'
+    sums, the divisor kept; a direction's 1 + scale·w on every one), clipped to global norm
+    `clip` as DeepSpeed does."""
     cfg = Config.from_dict(run.manifest["config"])
     tok = load_tokenizer(cfg.data.tokenizer)
     data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
@@ -126,14 +127,15 @@ def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[flo
         for rank in range(t.ranks):
             for micro in range(t.grad_accum):
                 idx = plan.rank_slice(step, rank, micro)
-                keep = ~removal.removes(step, ids[idx]) if removal else np.ones(len(idx), bool)
+                weights = removal.loss_weights(step, ids[idx]) if removal else np.ones(len(idx))
+                keep = weights != 0
                 if not keep.any():  # the whole micro-batch removed: it adds nothing to the sum
                     continue
                 b = data.batch(idx[keep])
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                 tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"][:, 1:],
                                                              ignore_index=-100, reduction="none")
-                per_sample = tok_loss.sum(1) / (b["labels"][:, 1:] != -100).sum(1)
+                per_sample = tok_loss.sum(1) / (b["labels"][:, 1:] != -100).sum(1) * torch.from_numpy(weights[keep])
                 # the global batch's mean loss: each rank's micro-batch mean, averaged over ranks and micro-steps
                 (per_sample.sum() / (t.micro_batch * t.ranks * t.grad_accum)).backward()
         with torch.no_grad():
@@ -401,3 +403,173 @@ def test_verdict_follows_the_measurements(fields, says):
     assert ("subsets:" in text) == bool(s["n_subsets"]) and "sources:" not in text and "occurrences:" not in text
     if s["lds_ci"] and s["lds_ci"][0] <= 0:
         assert "spans zero" in text.splitlines()[0] and "1 is the right size" in text
+
+
+# --------------------------------------------------------------------------- attributability
+
+
+def test_direction_weights_are_a_deterministic_rademacher_vector():
+    """w is ±1, a function of (seed, sample_id, step) alone: the same whichever rank or order
+    asks, balanced, different for another seed or step; pinned, so stored retrains stay valid."""
+    from rayattr.validate.counterfactuals import rademacher
+
+    ids = np.arange(20000)
+    w = rademacher(7, ids, 3)
+    assert w.dtype == np.float64 and w.shape == (20000,) and set(np.unique(w)) == {-1.0, 1.0}
+    assert abs(w.mean()) < 0.03  # balanced: sd of the mean of 20000 signs is 0.007
+    perm = np.random.default_rng(0).permutation(20000)
+    np.testing.assert_array_equal(rademacher(7, ids[perm], 3), w[perm])  # order and split do not matter
+    np.testing.assert_array_equal(rademacher(7, ids, np.full(20000, 3)), w)
+    for other in (rademacher(8, ids, 3), rademacher(7, ids, 4)):
+        assert abs((other * w).mean()) < 0.03  # another seed or step: an independent sign
+    assert rademacher(0, np.arange(8), 0).tolist() == [1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0]
+
+
+def test_a_direction_is_a_counterfactual_with_a_stable_key():
+    import hashlib
+
+    from rayattr.validate.counterfactuals import rademacher
+    from rayattr.validate.smoothness import direction_retrains
+
+    d = Removal("direction", "0.2", direction=3, scale=0.2)
+    ids = np.array([5, 9, 11, 40])
+    got = d.loss_weights(6, ids)
+    np.testing.assert_allclose(got, 1 + 0.2 * rademacher(3, ids, 6))
+    assert set(np.round(got, 12)) <= {0.8, 1.2} and d.removes(6, ids).all()
+    late = replace(d, window=(4, 8))
+    assert late.loss_weights(3, ids).tolist() == [1.0] * 4 and not late.removes(8, ids).any()
+    np.testing.assert_array_equal(late.loss_weights(7, ids), d.loss_weights(7, ids))
+    # a removal's weights are what retraining applied before directions existed
+    one = Removal("occurrence", "9@6", (9,), 6, weight=0.99)
+    assert one.loss_weights(6, ids).tolist() == [1.0, 0.99, 1.0, 1.0] and one.loss_weights(5, ids).tolist() == [1.0] * 4
+    # the key names seed, scale and window; a removal's key is what it always was (retrains reused)
+    assert Removal.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    keys = {d.key, replace(d, direction=4).key, replace(d, scale=0.1).key, late.key}
+    assert len(keys) == 4 and d.key == Removal("direction", "other name", direction=3, scale=0.2).key
+    text = json.dumps({"ids": [1, 2], "step": None})
+    assert Removal("source", "a", (1, 2)).key == f"source-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+    with pytest.raises(ValidationError, match="scale"):
+        Removal("direction", "x", direction=0, scale=1.5)
+    # h and 2h per step size: 4 retrains by default, a shared scale retrained once
+    assert [r.scale for r in direction_retrains(0, (0.1, 0.01))] == [0.1, 0.2, 0.01, 0.02]
+    assert [r.scale for r in direction_retrains(0, (0.1, 0.05))] == [0.1, 0.2, 0.05]
+
+
+def test_the_values_predict_a_direction_as_minus_the_signed_sum():
+    from rayattr.validate.counterfactuals import direction_predicted, rademacher
+
+    samples = _samples()
+    w = rademacher(2, samples["sample_id"].to_numpy(), samples["step"].to_numpy())
+    assert direction_predicted(samples, 2) == (pytest.approx(-float(w @ samples["value"].to_numpy())), 8)
+    assert direction_predicted(windowed(samples, (2, 4)), 2)[1] == 4
+
+
+@pytest.mark.parametrize("bad", [[0.0, 0.1], [0.1, 0.6], [-0.1, 0.01], [0.1], [0.1, 0.1], ["x", 0.1]])
+def test_smoothness_steps_are_checked(bad):
+    from rayattr.validate.smoothness import check_steps
+
+    with pytest.raises(ValidationError, match="--smoothness-steps"):
+        check_steps(bad)
+
+
+def test_smoothness_steps_named_on_the_command_line(capsys):
+    from rayattr.cli import main
+    from rayattr.validate.smoothness import check_steps, parse_steps
+
+    assert parse_steps("0.01, 0.1") == (0.1, 0.01) and check_steps([0.5, 0.25]) == (0.5, 0.25)
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "some-run", "--smoothness-steps", "0.1,0.7"])
+    assert e.value.code == 2 and "h = 0.7 is out of range" in capsys.readouterr().err
+
+
+def test_smoothness_score_from_the_losses():
+    """A quadratic response is smooth at small h (ν = c·h / |a + 2c·h|, slopes a + c·h); a
+    response that is noise is not; the threshold decides."""
+    from rayattr.validate.smoothness import THRESHOLD, smoothness_of
+
+    def quadratic(a, c, f0=3.0):
+        return {h: (f0 + a * h + c * h * h, f0 + 2 * a * h + 4 * c * h * h) for h in (0.1, 0.01)}
+
+    s = smoothness_of(3.0, quadratic(1.0, 0.5))
+    nu = {p["h"]: p["nu"] for p in s["per_step"]}
+    assert nu[0.1] == pytest.approx(0.05 / 1.1) and nu[0.01] == pytest.approx(0.005 / 1.01)
+    assert [p["slope"] for p in s["per_step"]] == [pytest.approx(1.05), pytest.approx(1.005)]
+    assert s["slope_agreement"] == pytest.approx(1 - 0.045 / 1.05)
+    assert s["score"] == pytest.approx(min(1 - nu[0.1], s["slope_agreement"])) and s["attributable"]
+    assert smoothness_of(3.0, quadratic(-2.0, 0.0))["score"] == pytest.approx(1.0)  # linear
+    assert not smoothness_of(3.0, quadratic(1.0, 20.0))["attributable"]  # smooth, but curved at 1 % removals
+    rng = np.random.default_rng(0)  # chaos: each retrain's loss a draw of its own, whatever h
+    scores = [smoothness_of(3.0, {h: tuple(3.0 + rng.normal(0, 1e-3, 2)) for h in (0.1, 0.01)})["score"]
+              for _ in range(200)]
+    assert np.median(scores) < 0.2 and np.mean(np.array(scores) >= THRESHOLD) < 0.05
+    s = smoothness_of(3.0, quadratic(1.0, 2.0))
+    assert smoothness_of(3.0, quadratic(1.0, 2.0), threshold=s["score"] - 1e-9)["attributable"]
+    assert not smoothness_of(3.0, quadratic(1.0, 2.0), threshold=s["score"] + 1e-9)["attributable"]
+
+
+def _smooth_summary(attributable: bool, **kw) -> dict:
+    score = 0.95 if attributable else 0.1
+    per = [{"h": 0.1, "loss_h": 3.1, "loss_2h": 3.2, "slope": 1.0, "nu": 0.9 - score},
+           {"h": 0.01, "loss_h": 3.01, "loss_2h": 3.02, "slope": 1.0, "nu": 0.01}]
+    return _summary(smoothness={"score": score, "threshold": 0.7, "max_nu": 0.9 - score, "slope_agreement": score,
+                                "steps": [0.1, 0.01], "per_step": per, "seed": 0, "predicted_slope": 0.5},
+                    attributable=attributable, **kw)
+
+
+def test_the_verdict_opens_with_attributability():
+    for yes, says in ((True, "This run is attributable"), (False, "This run is not attributable")):
+        s = _smooth_summary(yes, n_subsets=16, lds=0.6, lds_ci=[0.2, 0.85], subset_slope=1.0)
+        v = verdict(s)
+        assert v.startswith(says) and "smoothness" in v and "only roughly" in v
+        text = format_summary(s)
+        assert text.splitlines()[-1] == f"verdict: {v}" and "slope agreement" in text
+    # single-occurrence linearity, where measured, is named beside it
+    s = _smooth_summary(False, linearity_eps=[1.0, 0.01], linearity_spearman=0.97)
+    assert verdict(s).startswith("This run is not attributable") and "Spearman 0.97" in verdict(s).split("), so")[0]
+    assert "attributable" not in verdict(_summary())
+
+
+def test_the_trust_box_opens_with_attributability(tmp_path):
+    from rayattr.report.trust import trust_box
+
+    run = Run.create(str(tmp_path), "r", {"status": "done"})
+    s = _smooth_summary(False)
+    s["verdict"] = verdict(s)
+    run.write_json(SUMMARY, s)
+    sources = pa.table({"source": ["a", "b"], "value": [1.0, 2.0]})
+    (box,) = trust_box(run, sources, None)
+    assert "<b>Verdict:</b> This run is not attributable" in box and "Smoothness 0.10" in box
+
+
+def test_smoothness_end_to_end(two_ranks, capsys):
+    """`rayattr validate RUN --smoothness`: 4 retrains along one seeded direction (the
+    nothing-removed retrain is f(0)); the summary carries the score and the verdict, the
+    verdict opens with it, and a direction retrain's loss change equals the float64 replay
+    with the same per-occurrence weights."""
+    from rayattr.cli import main
+    from rayattr.validate.smoothness import direction_retrains
+
+    assert main(["validate", two_ranks.uri, "--smoothness", "--seed", "5", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    summary = json.loads(two_ranks.read_bytes(SUMMARY))
+    sm = summary["smoothness"]
+    assert sm["seed"] == 5 and sm["steps"] == [0.1, 0.01] and sm["threshold"] == 0.7
+    assert [p["h"] for p in sm["per_step"]] == [0.1, 0.01] and 0 <= sm["score"] <= 1
+    assert sm["n_occurrences"] == two_ranks.read_table("values/samples.parquet").num_rows
+    assert summary["attributable"] == (sm["score"] >= 0.7)
+    says = "This run is attributable" if summary["attributable"] else "This run is not attributable"
+    assert summary["verdict"].startswith(says) and lines[-1] == f"verdict: {summary['verdict']}"
+    assert any(line.startswith("smoothness (random ±1 direction, seed 5)") for line in lines)
+    retrains = direction_retrains(5, (0.1, 0.01))
+    assert sm["retrains"] == [r.key for r in retrains]
+    records = {r.key: two_ranks.read_json(f"validation/retrains/{r.key}.json") for r in retrains}
+    assert all(rec["removed"] == sm["n_occurrences"] for rec in records.values())  # every occurrence reweighted
+    base, _ = _reference_loss(two_ranks, None, 1.0)
+    assert base == pytest.approx(sm["baseline_loss"], abs=2e-5)
+    for r in retrains[:2]:  # h = 0.1: the scales 0.1 and 0.2
+        want = _reference_loss(two_ranks, r, 1.0)[0] - base
+        got = records[r.key]["loss"] - sm["baseline_loss"]
+        assert abs(want) > 1e-5 and got == pytest.approx(want, rel=0.02, abs=3e-6), r
+    # a later validation that does not ask for it keeps the check in the summary
+    again = validate_run(two_ranks, sources=["net"], progress=False)
+    assert again.summary["smoothness"] == sm and again.summary["verdict"].startswith(says)

@@ -4,6 +4,12 @@ A removal is a set of training samples, optionally restricted to one step or to 
 steps [A, B): every occurrence of those samples (at that step, in that window) gets loss
 weight 0 in its batch; nothing else changes. A window asks what the data of one stretch of
 training did (the late-only weighting of docs/method.md §6, continued pretraining's question).
+
+A direction (kind "direction") changes every occurrence at once: occurrence i gets loss weight
+1 + scale·w_i, w a Rademacher (±1) vector over the run's occurrences that is a function of
+(seed, sample_id, step) alone (`rademacher`), so a retraining rank derives its rows' weights
+and nothing per occurrence is shipped around. Retrains along one direction at two scales
+are the attributability check (rayattr/validate/smoothness.py, docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -37,20 +43,44 @@ class Removal:
     """Loss weight the chosen occurrences keep (0 = removed; 1 - ε probes the linear response)."""
     window: tuple[int, int] | None = None
     """Only occurrences at steps in [A, B) (None: the whole run)."""
+    direction: int | None = None
+    """Seed of a Rademacher direction w (kind "direction"): every occurrence, not a chosen set,
+    gets loss weight 1 + scale·w_i; `sample_ids` and `weight` are unused."""
+    scale: float = 0.0
+    """With `direction`: how far along it (h or 2h of the smoothness check)."""
+
+    def __post_init__(self):
+        if self.direction is not None and not 0 < self.scale <= 1:
+            raise ValidationError(f"a direction's scale must change the loss weights and keep 1 - scale >= 0: "
+                                  f"0 < scale <= 1, got {self.scale}")
 
     @property
     def key(self) -> str:
         """Stable id of the removal: a retrain already in the run is not run again."""
         text = json.dumps({"ids": sorted(self.sample_ids), "step": self.step}
                           | ({"weight": self.weight} if self.weight else {})
-                          | ({"window": list(self.window)} if self.window else {}))
+                          | ({"window": list(self.window)} if self.window else {})
+                          | ({"direction": self.direction, "scale": self.scale} if self.direction is not None else {}))
         return f"{self.kind}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
 
     def removes(self, step: int, sample_ids: np.ndarray) -> np.ndarray:
-        """Boolean mask over `sample_ids` (the rows of `step`) of the removed occurrences."""
+        """Boolean mask over `sample_ids` (the rows of `step`) of the occurrences whose loss
+        weight the counterfactual changes (a direction changes every one in its window)."""
         if (self.step is not None and step != self.step) or not in_window(step, self.window):
             return np.zeros(len(sample_ids), dtype=bool)
+        if self.direction is not None:
+            return np.ones(len(sample_ids), dtype=bool)
         return np.isin(sample_ids, np.asarray(self.sample_ids, dtype=np.int64))
+
+    def loss_weights(self, step: int, sample_ids: np.ndarray) -> np.ndarray:
+        """Loss weight (float64) of each of `sample_ids`, the rows of `step`: 1 where the
+        counterfactual leaves the occurrence alone, `weight` where it removes it, 1 + scale·w
+        along a direction."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        changed = self.removes(step, ids)
+        if self.direction is None:
+            return np.where(changed, self.weight, 1.0)
+        return np.where(changed, 1.0 + self.scale * rademacher(self.direction, ids, step), 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +89,32 @@ class Removal:
     def from_dict(cls, d: dict) -> "Removal":
         window = d.get("window")
         return cls(kind=d["kind"], name=d["name"], sample_ids=tuple(d["sample_ids"]), step=d["step"],
-                   weight=float(d.get("weight", 0.0)), window=tuple(window) if window else None)
+                   weight=float(d.get("weight", 0.0)), window=tuple(window) if window else None,
+                   direction=None if d.get("direction") is None else int(d["direction"]),
+                   scale=float(d.get("scale", 0.0)))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 whose output bits are all well mixed."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def rademacher(seed: int, sample_ids, step) -> np.ndarray:
+    """w of the occurrences (sample_ids[k], step[k]) (`step` may be one number): ±1 (float64),
+    each sign a hash of (seed, sample_id, step), independent of the others and of where or in
+    which order a rank asks for it."""
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    steps = np.broadcast_to(np.asarray(step, dtype=np.int64), ids.shape)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = _mix(np.full(ids.shape, int(seed) % 2**64, dtype=np.uint64))
+        x = _mix(_mix(x ^ ids.astype(np.uint64)) ^ steps.astype(np.uint64))
+    return np.where((x >> np.uint64(63)).astype(bool), -1.0, 1.0)
 
 
 def in_window(step: int, window: tuple[int, int] | None) -> bool:
@@ -136,6 +191,18 @@ def predicted_all(samples: Samples | pa.Table, removals: list[Removal]) -> list[
             sums[i] += float(pc.sum(chosen["value"]).as_py() or 0.0)
             counts[i] += chosen.num_rows
     return [(float(v), int(c)) for v, c in zip(sums, counts)]
+
+
+def direction_predicted(samples: Samples | pa.Table, seed: int) -> tuple[float, int]:
+    """−Σ w_i·value_i over the occurrences (already restricted to a window, if any), and how
+    many there are: the values' prediction of the final loss's slope d loss / d t along
+    loss weights 1 + t·w (a value predicts the change when weight 1 drops to 0)."""
+    total, n = 0.0, 0
+    for b in _batches(samples, ["sample_id", "step", "value"]):
+        w = rademacher(seed, b["sample_id"].to_numpy(), b["step"].to_numpy())
+        total -= float(w @ b["value"].to_numpy(zero_copy_only=False).astype(np.float64))
+        n += b.num_rows
+    return total, n
 
 
 def predicted(samples: Samples | pa.Table, removal: Removal) -> tuple[float, int]:

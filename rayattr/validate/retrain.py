@@ -1,10 +1,12 @@
-"""RetrainWorker: one DeepSpeed rank that replays a run's trajectory with occurrences removed.
+"""RetrainWorker: one DeepSpeed rank that replays a run's trajectory with occurrences removed
+(or reweighted: a partial removal, or every occurrence along a direction).
 
 A gang of these (one per rank of the original run, Ray Train workers) starts once and then runs
 counterfactual after counterfactual: each starts from the run's initial weights with a fresh engine and
-optimizer, follows the same batch plan and schedule, and gives the removed occurrences loss
-weight 0 (train/engine.py). Nothing is captured. Rank 0 returns the final validation loss and,
-when asked, the largest difference from the run's recorded final weights.
+optimizer, follows the same batch plan and schedule, and gives each occurrence the loss weight
+the counterfactual sets (Removal.loss_weights: 0 for a removed one; train/engine.py). Nothing
+is captured. Rank 0 returns the final validation loss and, when asked, the largest difference
+from the run's recorded final weights.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ class RetrainWorker:
         for step in range(self.num_steps):
             for micro in range(t.grad_accum):
                 b = self.data.micro_batch(step, micro)
-                gone = r.removes(step, b["ids"].numpy())
-                removed += int(gone.sum())
-                weights = torch.from_numpy(np.where(gone, r.weight, 1.0).astype(np.float32))
+                ids = b["ids"].numpy()
+                removed += int(r.removes(step, ids).sum())  # occurrences whose weight changed
+                weights = torch.from_numpy(r.loss_weights(step, ids).astype(np.float32))
                 loss = micro_batch_loss(engine, b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
                                         b["labels"].to(self.device), weights.to(self.device))
                 if not math.isfinite(loss.item()):

@@ -13,9 +13,12 @@ import pyarrow as pa
 from rayattr.config import Config
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.lease import driver_lease
-from rayattr.validate.counterfactuals import (Removal, occurrence_removals, parse_window, predicted_all,
-                                              run_samples, source_removals, subset_removals, windowed)
+from rayattr.validate.counterfactuals import (Removal, direction_predicted, occurrence_removals, parse_window,
+                                              predicted_all, run_samples, source_removals, subset_removals,
+                                              windowed)
 from rayattr.validate.errors import ValidationError
+from rayattr.validate.smoothness import (DEFAULT_STEPS, along, attributability_sentence, check_steps,
+                                         direction_retrains, smoothness_of)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
 
 SCHEMA_VERSION = 1
@@ -27,6 +30,7 @@ TABLES = {  # kind -> (file, columns)
     "occurrence": ("validation/occurrences.parquet", ["sample_id", "step", "eps", "predicted", "actual"]),
 }
 SUMMARY = "validation/summary.json"
+SMOOTHNESS = "validation/smoothness.json"  # the last attributability check, kept across validations
 
 
 @dataclass
@@ -55,7 +59,8 @@ def open_validatable(uri: str | Run, storage_options: dict | None = None) -> Run
 def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, sources: bool | list[str] = False,
                  occurrences: int = 0, seed: int = 0, gangs: int | None = None,
                  storage_options: dict | None = None, progress: bool = True,
-                 eps: tuple[float, ...] = (1.0,), window: str | None = None) -> ValidationResult:
+                 eps: tuple[float, ...] = (1.0,), window: str | None = None, smoothness: bool = False,
+                 smoothness_steps=None) -> ValidationResult:
     """Retrain the chosen counterfactuals and write validation/. Retrains already in the run
     (same removal) are reused; Ray is started (or joined) only when there is one to run.
 
@@ -64,7 +69,11 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
     the run responds linearly (docs/method.md §6).
 
     `window`: "A:B" restricts every removal to the occurrences at steps [A, B); predictions
-    sum only those occurrences' values."""
+    sum only those occurrences' values.
+
+    `smoothness`: the attributability check (rayattr/validate/smoothness.py): retrains at loss
+    weights 1 + h·w and 1 + 2h·w along a random ±1 direction w (seeded by `seed`), for each h
+    of `smoothness_steps` (default 0.1 and 0.01; giving them asks for the check)."""
     if subsets < 0 or occurrences < 0:
         raise ValidationError("--subsets and --occurrences must be >= 0")
     eps = tuple(sorted({float(e) for e in eps}, reverse=True))
@@ -72,18 +81,21 @@ def validate_run(uri: str | Run, subsets: int = 0, fraction: float = 0.1, source
         raise ValidationError(f"--weight: each ε must lie in (0, 1], got {list(eps)}")
     if subsets and not 0 < fraction < 1:
         raise ValidationError(f"--fraction must lie strictly between 0 and 1, got {fraction}")
-    if not (subsets or sources or occurrences):
-        raise ValidationError("nothing to validate: ask for --subsets N, --sources and/or --occurrences N")
+    smoothness = bool(smoothness or smoothness_steps)
+    steps = check_steps(smoothness_steps or DEFAULT_STEPS) if smoothness else ()
+    if not (subsets or sources or occurrences or smoothness):
+        raise ValidationError("nothing to validate: ask for --subsets N, --sources, --occurrences N "
+                              "and/or --smoothness")
     run = open_validatable(uri, storage_options)
     with driver_lease(run):  # one driver per run (store/lease.py)
         span = None
         if window:  # the run's steps, read only when a window asks for them
             span = parse_window(window, int(run.manifest.get("num_steps") or (run.last_step_record() or 0) + 1))
-        return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps, span)
+        return _validate(run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps, span, steps)
 
 
 def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, progress, eps,
-              window: tuple[int, int] | None) -> ValidationResult:
+              window: tuple[int, int] | None, steps: tuple[float, ...] = ()) -> ValidationResult:
     cfg = Config.from_dict(run.manifest["config"])
     samples = windowed(run_samples(run), window)  # by row group and column, never the whole table
     if window is not None and not any(b.num_rows for b in samples(["step"])):
@@ -98,9 +110,10 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
         plan += [replace(r, weight=1.0 - e) for r in occurrence_removals(samples, occurrences, rng) for e in eps]
     if window is not None:
         plan = plan[:1] + [replace(r, window=window) for r in plan[1:]]
+    directions = direction_retrains(seed, steps, window) if steps else []
 
     done = _finished_retrains(run)
-    todo = [r for r in plan if r.key not in done]
+    todo = [r for r in plan + directions if r.key not in done]
     if todo:
         from rayattr.runtime.cluster import connect
         from rayattr.validate.gangs import retrain_all
@@ -115,7 +128,28 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
 
         retrain_all(cfg, run, todo, keep, gangs=gangs, storage_options=run.options.storage_options or None,
                     progress=progress)
-    return _write_results(run, plan, done, samples, seed, fraction, window)
+    return _write_results(run, plan, done, samples, seed, fraction, window,
+                          _smoothness(run, done, directions, steps, samples, seed, window))
+
+
+def _smoothness(run: Run, done: dict[str, dict], directions: list[Removal], steps: tuple[float, ...],
+                samples, seed: int, window: tuple[int, int] | None) -> dict[str, Any] | None:
+    """The attributability check from its retrains, written to validation/smoothness.json; when
+    it was not asked for this time, the last one measured on the same window (None: never)."""
+    if not directions:
+        if run.exists(SMOOTHNESS):
+            last = run.read_json(SMOOTHNESS)
+            return last if last.get("window") == (list(window) if window else None) else None
+        return None
+    f0 = done[Removal("baseline", "nothing removed").key]["loss"]
+    losses = {h: (done[along(directions, h).key]["loss"], done[along(directions, 2 * h).key]["loss"]) for h in steps}
+    out = smoothness_of(f0, losses)
+    slope, n = direction_predicted(samples, seed)
+    out.update(seed=seed, baseline_loss=f0, n_occurrences=n, predicted_slope=slope,
+               window=list(window) if window else None,
+               retrains=[r.key for r in directions])
+    run.write_json(SMOOTHNESS, out)
+    return out
 
 
 def _finished_retrains(run: Run) -> dict[str, dict]:
@@ -128,7 +162,8 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
 
 
 def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
-                   seed: int, fraction: float, window: tuple[int, int] | None = None) -> ValidationResult:
+                   seed: int, fraction: float, window: tuple[int, int] | None = None,
+                   smoothness: dict[str, Any] | None = None) -> ValidationResult:
     from rayattr.model.gradients import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
 
@@ -161,7 +196,10 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                    window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
                    baseline_loss=base["loss"], run_loss=run_loss, noise_floor=abs(base["loss"] - run_loss),
-                   retrain_seconds=float(np.median([done[r.key]["seconds"] for r in plan])))
+                   retrain_seconds=float(np.median([done[k]["seconds"] for k in
+                                                    [r.key for r in plan] + (smoothness or {}).get("retrains", [])])))
+    summary["smoothness"] = {k: v for k, v in smoothness.items() if k != "attributable"} if smoothness else None
+    summary["attributable"] = smoothness.get("attributable") if smoothness else None
     summary["verdict"] = verdict(summary)
     run.write_json(SUMMARY, summary)
     return ValidationResult(uri=run.uri, summary=summary, tables=tables)
@@ -251,9 +289,9 @@ LINEAR_SPEARMAN = 0.8
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """How far to trust the run, in plain words, from what validation measured: single values
-    first (linearity, then the values against the first-order response), then rankings (LDS,
-    sources)."""
+    """How far to trust the run, in plain words, from what validation measured: whether the run
+    is attributable at all (the smoothness check), then single values (linearity, then the
+    values against the first-order response), then rankings (LDS, sources)."""
     lin, fo = summary.get("linearity_spearman"), summary.get("first_order_spearman")
     ratio = summary.get("first_order_rms_ratio")
     if summary.get("linearity_eps") and lin is not None and lin < LINEAR_SPEARMAN:
@@ -274,8 +312,9 @@ def verdict(summary: dict[str, Any]) -> str:
                       "sources whose intervals stand apart (docs/method.md §9).")
     else:
         single = ""
-    return " ".join(x for x in (single, _rankings(summary)) if x) or \
-        "Too few counterfactuals to judge: validate with --subsets N, --sources, or --occurrences N --weight 1 0.01."
+    return " ".join(x for x in (attributability_sentence(summary), single, _rankings(summary)) if x) or \
+        ("Too few counterfactuals to judge: validate with --smoothness, --subsets N, --sources, or "
+         "--occurrences N --weight 1 0.01.")
 
 
 def _rankings(summary: dict[str, Any]) -> str:
@@ -332,6 +371,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"values against the first-order response (Δloss/ε at ε = {summary['first_order_eps']:g}, "
                      f"{summary['first_order_n']} occurrences): Spearman {f(summary['first_order_spearman'])}, "
                      f"rms ratio {f(summary['first_order_rms_ratio'])} (values ÷ response; 1 is the right size)")
+    sm = summary.get("smoothness")
+    if sm and sm.get("score") is not None:
+        per = "; ".join(f"h = {p['h']:g}: slope {p['slope']:.4g}, ν {p['nu']:.3f}" for p in sm["per_step"])
+        lines.append(f"smoothness (random ±1 direction, seed {sm['seed']}): {per}; slope agreement "
+                     f"{f(sm['slope_agreement'])}; values predict slope {sm['predicted_slope']:.4g}; score "
+                     f"{f(sm['score'])} (attributable at ≥ {sm['threshold']:g}: "
+                     f"{'yes' if summary.get('attributable') else 'no'})")
     lines += [
         f"nothing-removed retrain: max |Δweight| {summary['baseline_max_abs_diff']:.3g}, "
         f"validation loss {summary['baseline_loss']:.6f} vs run {summary['run_loss']:.6f} "
