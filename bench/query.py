@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rayattr.embed.segment import FINAL_KIND  # noqa: E402
+from rayattr.store.layout import FINAL_KIND  # noqa: E402
 from rayattr.query import embedding_reader, score_occurrences  # noqa: E402
 from rayattr.store import GradientWriter, Run  # noqa: E402
 

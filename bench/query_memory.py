@@ -64,7 +64,7 @@ def make_run(root: str, run_id: str, rank: int, occurrences: int) -> tuple[str, 
     its URI and the embeddings' bytes."""
     from rayattr.data.run_data import token_meta
     from rayattr.embed.blocks import ProjectionBlocks
-    from rayattr.embed.segment import FINAL_KIND
+    from rayattr.store.layout import FINAL_KIND
     from rayattr.store import GradientWriter
 
     run = make_finished(root, run_id, rank)

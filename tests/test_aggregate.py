@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rayattr.embed.segment import SCORES_SCHEMA, scores_path, values_path
+from rayattr.embed.segment import SCORES_SCHEMA
+from rayattr.store.layout import segment_scores_path, segment_values_path
 from rayattr.reduce import aggregate
 from rayattr.reduce.aggregate import SourceAccumulator, sum_interval, write_outputs
 from rayattr.store import Run
@@ -53,10 +54,10 @@ def brute_sources(tables, seed=0):
 def make_run(tmp_path, tables, rng):
     run = Run.create(str(tmp_path), "r", {"layer_dims": DIMS})
     for i, t in enumerate(tables):
-        run.write_table(values_path(i), t)
+        run.write_table(segment_values_path(i), t)
         rows = [{"source": s, "phase": ph, "layer": n, "n_occurrences": int(rng.integers(1, 9)),
                  "value": float(rng.normal())} for s in ("x", "y") for ph in (0, 1) for n in DIMS]
-        run.write_table(scores_path(i), pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
+        run.write_table(segment_scores_path(i), pa.Table.from_pylist(rows, schema=SCORES_SCHEMA))
     return run
 
 
@@ -79,7 +80,7 @@ def test_streamed_outputs_equal_the_whole_table_reference(tmp_path):
         assert got[s]["value_high"] == pytest.approx(w["value_high"], rel=1e-12)
         assert got[s]["value_per_sample"] == pytest.approx(w["value"] / w["n_samples"], rel=1e-12)
 
-    scores = pa.concat_tables([run.read_table(scores_path(i)) for i in range(len(tables))]).to_pylist()
+    scores = pa.concat_tables([run.read_table(segment_scores_path(i)) for i in range(len(tables))]).to_pylist()
     phases = {(r["source"], r["phase"]): r for r in run.read_table("values/phases.parquet").to_pylist()}
     for key, row in phases.items():
         mine = [r for r in scores if (r["source"], r["phase"]) == key]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayattr.embed.segment import SegmentSpec, SegmentWorker, k_path
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.store.layout import segment_k_path
 from rayattr.errors import IncompleteInputError, RayattrError
 from rayattr.store import GradientWriter, Run, StepRecord, StoreError
 
@@ -67,7 +68,7 @@ def drop(run, kind, rank, first, last, commit=True):
 def test_a_complete_run_embeds(tmp_path):
     run, _ = make_run(tmp_path, curvature=True)
     worker(run, curvature=True).compute()
-    assert run.exists(k_path(0))
+    assert run.exists(segment_k_path(0))
 
 
 def test_an_open_writer_fails_the_segment_naming_step_rank_and_writer(tmp_path):
@@ -76,7 +77,7 @@ def test_an_open_writer_fails_the_segment_naming_step_rank_and_writer(tmp_path):
         worker(run).compute()
     msg = str(err.value)
     assert "step 8 " in msg and "rank 1" in msg and "'train'" in msg and writers["train", 1]._id in msg, msg
-    assert "still open" in msg and not run.exists(k_path(0))
+    assert "still open" in msg and not run.exists(segment_k_path(0))
     for w in writers.values():
         w.close()
 
@@ -86,7 +87,7 @@ def test_a_deleted_shard_and_commit_fails_naming_the_step_and_rank(tmp_path):
     drop(run, "train", 1, 4, 7)  # the rank closed cleanly: its steps 4-7 are visible, short
     with pytest.raises(IncompleteInputError, match=r"step 4 .*rank 1 has 0 rows, its record 2"):
         worker(run).compute()
-    assert not run.exists(k_path(0))
+    assert not run.exists(segment_k_path(0))
 
 
 def test_a_deleted_shard_object_names_the_steps(tmp_path):

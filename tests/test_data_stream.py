@@ -78,7 +78,7 @@ def test_a_data_stage_cut_short_is_redone_the_same(tmp_path):
     files = sorted(p for p in run.list("data/tokens") if p.endswith(".parquet"))
     assert files == ["00000000.parquet", "00000004.parquet", "00000008.parquet"]
     before = {f: run.read_bytes(f"data/tokens/{f}") for f in files}
-    os.remove(os.path.join(run.uri.removeprefix("file://"), run_data.META))
+    os.remove(os.path.join(run.uri.removeprefix("file://"), run_data.TOKENS_META))
     os.remove(os.path.join(run.uri.removeprefix("file://"), "data/tokens", files[1]))
     assert not run_data.complete(run)
     with pytest.raises(DataError, match="its data stage did not finish"):
@@ -204,7 +204,7 @@ def test_in_store_data_is_recorded_not_copied_and_a_change_is_refused(tmp_path):
     m = run.manifest["data"]
     assert m["train"] == "referenced" and m["files"] == len(files) == 4
     assert not run.exists("data/train.parquet") and run.list("data/train") == []
-    listing = run.read_json(run_data.LISTING)
+    listing = run.read_json(run_data.TRAIN_LISTING)
     assert [f["url"] for f in listing["files"]] == files
     assert [f["size"] for f in listing["files"]] == [os.path.getsize(f) for f in files]
     # each file's id range (from its Parquet statistics) tells a lookup which files to open

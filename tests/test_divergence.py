@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rayattr.embed.guard import DivergenceError, describe, eta_lambda_max, stability_edge
-from rayattr.embed.segment import SegmentSpec, SegmentWorker, k_path, sums_path, values_path
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.store.layout import segment_k_path, segment_sums_path, segment_values_path
 from rayattr.reduce.aggregate import write_outputs
 from rayattr.store import GradientWriter, Run, StepRecord
 
@@ -35,7 +36,7 @@ def segment(run: Run, n: int) -> SegmentWorker:
 
 
 def assert_nothing_written(run: Run) -> None:
-    assert not run.exists(k_path(0)) and not run.exists(sums_path(0))
+    assert not run.exists(segment_k_path(0)) and not run.exists(segment_sums_path(0))
     assert not run.exists("grads/local")
 
 
@@ -68,7 +69,7 @@ def test_large_step_is_reported(tmp_path, caplog):
         out = segment(run, 6).compute()
     assert out["max_eta_lambda"] == pytest.approx(2.5) and out["max_eta_lambda_step"] == 2
     assert "η·λ_max" not in caplog.text
-    assert run.exists(k_path(0))
+    assert run.exists(segment_k_path(0))
 
 
 def test_eta_lambda_max_matches_the_spectrum():
@@ -131,13 +132,13 @@ def test_non_finite_values_are_never_written(tmp_path):
     worker.compute()
     with pytest.raises(DivergenceError, match=r"segment 0: 1 value\(s\) are not finite, the first at step 0"):
         worker.finalize(worker.value_vectors({"l": torch.tensor([float("nan"), 0.0])}))
-    assert not run.exists(values_path(0))
+    assert not run.exists(segment_values_path(0))
 
 
 def test_values_tables_refuse_nan(tmp_path):
     """The reducer's last check, for values that reached a segment table some other way."""
     run = Run.create(str(tmp_path), "r", {"layer_dims": DIMS})
-    run.write_table(values_path(0), pa.table({
+    run.write_table(segment_values_path(0), pa.table({
         "sample_id": pa.array([0, 1, 2], pa.int64()), "source": ["s"] * 3, "step": pa.array([5, 6, 7], pa.int64()),
         "epoch": pa.array([0, 0, 0], pa.int64()), "position": pa.array([0, 0, 0], pa.int64()),
         "value": pa.array([0.5, float("nan"), float("inf")], pa.float64())}))

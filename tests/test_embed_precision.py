@@ -8,7 +8,8 @@ import json
 import torch
 
 from rayattr.embed.blocks import ProjectionBlocks
-from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND, SegmentSpec, SegmentWorker
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.store.layout import FINAL_KIND, LOCAL_KIND
 from rayattr.store import GradientReader
 from tests.test_segment_stream import DIMS, STEPS, make_run
 

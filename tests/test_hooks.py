@@ -183,7 +183,7 @@ def test_driver_seam_fires_once_per_reported_chunk_across_a_restart(tmp_path, mo
         state = next(looks, None)
         if state is None:
             return refs, []  # fit returned
-        run.write_json(trainer.PROGRESS, state)
+        run.write_json(trainer.TRAIN_PROGRESS, state)
         return [], refs
 
     monkeypatch.setattr(trainer.ray, "wait", wait)

@@ -13,7 +13,8 @@ import torch
 
 import rayattr
 from rayattr.math.dvemb import data_value_embeddings
-from rayattr.embed.segment import SegmentSpec, SegmentWorker, sums_path
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.store.layout import segment_sums_path
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.reduce.aggregate import source_values
 from rayattr.store import GradientWriter, Run, StepRecord
@@ -35,7 +36,7 @@ def test_segment_sums_accumulate_in_float64(tmp_path):
             w.write_step(step, [step], ["s"], {"l": torch.tensor([[g]])}, positions=[0])
     run.write_step_records([StepRecord(s, 0, 1.0, eta, [s], ["s"], [0]) for s in range(n + 1)])
     SegmentWorker(run.uri, None, SegmentSpec(0, 0, n + 1), [0, n + 1], dtype="float32").compute()
-    sums = SourcePhaseSums.from_table(run.read_table(sums_path(0)), dims)
+    sums = SourcePhaseSums.from_table(run.read_table(segment_sums_path(0)), dims)
     total = sums.sum[("s", 0)]["l"]
     assert total.dtype == torch.float64
     assert abs(float(total) - (1e8 - n)) < 1.0, float(total)  # float64 keeps every -1 that float32 would round away at 1e8

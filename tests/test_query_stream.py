@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rayattr.embed.blocks import ProjectionBlocks
-from rayattr.embed.segment import FINAL_KIND
+from rayattr.store.layout import FINAL_KIND
 from rayattr.query.answer import rank_run
 from rayattr.query.ranking import Ranking, rank_samples, rank_sources
 from rayattr.query.scoring import OccurrenceScores, concat, score_blocks, score_occurrences

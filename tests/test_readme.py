@@ -95,7 +95,7 @@ def test_the_summary_the_readme_shows_is_what_the_job_prints():
 def test_the_gc_paragraph_names_what_gc_dry_run_lists(tmp_path, capsys):
     """A finished run holding every gradient kind rayattr writes: the grads/ groups `gc --dry-run`
     lists are exactly those the README's gc paragraph names (the query embeddings stay)."""
-    from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
+    from rayattr.store.layout import FINAL_KIND, LOCAL_KIND
     from rayattr.store import Run
     from rayattr.store.layout import UPDATE_KIND
 

@@ -10,7 +10,7 @@ from rayattr.pipeline import attribution
 from rayattr.config import Config, ConfigError
 from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.cut import choose_segments
-from rayattr.embed.segment import k_path
+from rayattr.store.layout import segment_k_path
 from rayattr.store import Run
 
 STEPS = 12
@@ -23,7 +23,7 @@ def partly_embedded(root, segments: int = 3, count_only: bool = False) -> Run:
                                       "status": "embedding", "segments": segments, **cut})
     run.write_bytes("weights/final.safetensors", b"w")
     run.write_bytes("data/validation.parquet", b"v")
-    run.write_bytes(k_path(0), b"K of steps 0-3")
+    run.write_bytes(segment_k_path(0), b"K of steps 0-3")
     return run
 
 

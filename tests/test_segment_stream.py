@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rayattr.runtime import hooks
-from rayattr.embed.segment import LOCAL_KIND, SegmentSpec, SegmentWorker, k_path
+from rayattr.embed.segment import SegmentSpec, SegmentWorker
+from rayattr.store.layout import LOCAL_KIND, segment_k_path
 from rayattr.embed.tensors import load_tensors
 from rayattr.store import GradientReader, GradientWriter, Run, StepRecord
 
@@ -58,8 +59,8 @@ def test_chunked_sweep_equals_the_whole_segment(tmp_path):
         assert a[t][0] == b[t][0]
         for n in DIMS:  # stored as float32 either way; the same float64 sweep computed them
             assert torch.equal(a[t][1][n], b[t][1][n])
-    ka = load_tensors(whole.read_bytes(k_path(0)))
-    kb = load_tensors(chunked.read_bytes(k_path(0)))
+    ka = load_tensors(whole.read_bytes(segment_k_path(0)))
+    kb = load_tensors(chunked.read_bytes(segment_k_path(0)))
     assert all(torch.equal(ka[n], kb[n]) for n in DIMS)
     writers = chunked._storage.find("writers/local")
     assert len(writers) == 6  # 21 steps in chunks of 4 aligned on the end: 5 of 4 and 1 of 1
@@ -78,7 +79,7 @@ def test_a_sweep_killed_midway_resumes(tmp_path):
         worker(run, write_chunk=4).compute()
     hooks.clear()
     partial = local_rows(run)
-    assert sorted(partial) == list(range(STEPS - 8, STEPS)) and not run.exists(k_path(0))
+    assert sorted(partial) == list(range(STEPS - 8, STEPS)) and not run.exists(segment_k_path(0))
     committed = {r: run._storage.get_bytes(r) for r in run._storage.find("grads/local")}
     worker(run, write_chunk=4).compute()  # the restarted actor
     assert all(run._storage.get_bytes(r) == data for r, data in committed.items())  # not rewritten
@@ -86,4 +87,4 @@ def test_a_sweep_killed_midway_resumes(tmp_path):
     assert sorted(got) == sorted(want)
     for t in want:
         assert all(torch.equal(got[t][1][n], want[t][1][n]) for n in DIMS)
-    assert np.isfinite(load_tensors(run.read_bytes(k_path(0)))["a"].numpy()).all()
+    assert np.isfinite(load_tensors(run.read_bytes(segment_k_path(0)))["a"].numpy()).all()

@@ -29,7 +29,8 @@ from rayattr.validate import Removal, ValidationError, validate_run
 from rayattr.validate.counterfactuals import (occurrence_removals, parse_window, predicted, source_removals,
                                               subset_removals, windowed)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
-from rayattr.validate.validation import SUMMARY, TABLES, format_summary, read_validation, summarise, verdict
+from rayattr.store.layout import VALIDATION_SUMMARY as SUMMARY
+from rayattr.validate.validation import TABLES, format_summary, read_validation, summarise, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 

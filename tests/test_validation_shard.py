@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rayattr.model import gradients
-from rayattr.model.gradients import VALIDATION_PATH, VALIDATION_ROWS, row_slices, shard_rows
+from rayattr.store.layout import VALIDATION_DATA
+from rayattr.model.gradients import VALIDATION_ROWS, row_slices, shard_rows
 from tests.test_store import new_run
 
 
@@ -59,8 +60,8 @@ def test_validation_gradient_sum_hands_the_whole_table_rows(store_root, monkeypa
 
     table = validation_table(2 * VALIDATION_ROWS + 77)
     run = new_run(store_root)
-    run.write_bytes(VALIDATION_PATH, run_data._parquet_bytes(table, run_data.VALIDATION_GROUP_ROWS))
-    assert pq.ParquetFile(run.open_read(VALIDATION_PATH)).metadata.num_row_groups == 3
+    run.write_bytes(VALIDATION_DATA, run_data._parquet_bytes(table, run_data.VALIDATION_GROUP_ROWS))
+    assert pq.ParquetFile(run.open_read(VALIDATION_DATA)).metadata.num_row_groups == 3
     run.update_manifest(config={})
     seen = []
 

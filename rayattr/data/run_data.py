@@ -36,14 +36,11 @@ from rayattr.data import stage
 from rayattr.data.blocks import StagePlan, meta_of
 from rayattr.data.scan import (DataFile, body_column, check_columns, check_unchanged, count_rows, default_source,
                                digest, files_of, has_ids, listing, scan, stat_files)
-from rayattr.data.shards import META, RankTokens, ShardLayout
+from rayattr.data.shards import RankTokens, ShardLayout
+from rayattr.store.layout import TOKENS_META, TRAIN_DATA, TRAIN_LISTING, TRAIN_PARTS, VALIDATION_DATA
 from rayattr.data.tokenized import TokenizedDataset
 from rayattr.data.tokenizer import load_tokenizer
 
-VALIDATION = "data/validation.parquet"
-TRAIN_COPY = "data/train.parquet"
-TRAIN_PARTS = "data/train"
-LISTING = "data/train.files.json"
 # Rows per copied part and per row group of a copy: a lookup by id reads one row group.
 PART_ROWS = 1 << 18
 GROUP_ROWS = 1 << 14
@@ -180,19 +177,19 @@ def write(run, prepared: PreparedData) -> dict:
     last (it marks the data complete). Returns the manifest's data fields."""
     so = prepared.storage_options
     try:
-        run.write_bytes(VALIDATION, _parquet_bytes(prepared.validation, VALIDATION_GROUP_ROWS))
+        run.write_bytes(VALIDATION_DATA, _parquet_bytes(prepared.validation, VALIDATION_GROUP_ROWS))
         if prepared.train_copy is not None:
-            run.write_bytes(TRAIN_COPY, _parquet_bytes(prepared.train_copy))
+            run.write_bytes(TRAIN_DATA, _parquet_bytes(prepared.train_copy))
         parts = 0
         if prepared.copy_from is not None:
             parts = prepared.engine.copy_into(run.uri, prepared.copy_from, so, prepared.pretokenized, prepared.with_id,
                                     PART_ROWS, GROUP_ROWS, TRAIN_PARTS)
         if prepared.listing is not None:
-            run.write_json(LISTING, prepared.listing)
+            run.write_json(TRAIN_LISTING, prepared.listing)
         counts = prepared.engine.write_files(prepared.tokens, run.uri, so)
         meta = meta_of(prepared.layout, prepared.rows_scanned, counts)
         meta["nodes"] = sorted({node for c in counts for node in c["nodes"]})
-        run.write_json(META, meta)
+        run.write_json(TOKENS_META, meta)
     finally:
         prepared.cleanup()
     how = "referenced" if prepared.listing is not None else "copied"
@@ -206,14 +203,14 @@ def write(run, prepared: PreparedData) -> dict:
 
 
 def complete(run) -> bool:
-    return run.exists(META)
+    return run.exists(TOKENS_META)
 
 
 def check_data(run) -> None:
     """DataError if the training files a run left where they are changed since it recorded them."""
-    if not run.exists(LISTING):
+    if not run.exists(TRAIN_LISTING):
         return
-    ref = run.read_json(LISTING)
+    ref = run.read_json(TRAIN_LISTING)
     recorded = [DataFile.from_dict(f) for f in ref["files"]]
     current = stat_files([f.url for f in recorded], run.options.storage_options or None)
     check_unchanged(recorded, current, f"training data {ref['spec']}")
@@ -222,12 +219,12 @@ def check_data(run) -> None:
 def rank_tokens(run, rank: int) -> RankTokens:
     """The token shards as `rank` reads them."""
     if not complete(run):
-        raise DataError(f"run {run.uri} has no token shards ({META}): its data stage did not finish")
-    return RankTokens(run.read_json(META), run.open_read, rank)
+        raise DataError(f"run {run.uri} has no token shards ({TOKENS_META}): its data stage did not finish")
+    return RankTokens(run.read_json(TOKENS_META), run.open_read, rank)
 
 
 def token_meta(run) -> dict:
-    return run.read_json(META)
+    return run.read_json(TOKENS_META)
 
 
 # ------------------------------------------------------------------ rows by id (queries, report)
@@ -252,9 +249,9 @@ def train_rows(run, ids: Sequence[int] | np.ndarray, columns: Sequence[str] = ("
     """The training rows with these sample ids (each at most once, in no set order), reading only
     what a filter by id needs: row groups whose id statistics exclude them are skipped."""
     want = pa.array(np.unique(np.asarray(ids, dtype=np.int64)), pa.int64())
-    if run.exists(LISTING):
-        return _referenced_rows(run, run.read_json(LISTING), want, list(columns))
-    rels = [TRAIN_COPY] if run.exists(TRAIN_COPY) else [
+    if run.exists(TRAIN_LISTING):
+        return _referenced_rows(run, run.read_json(TRAIN_LISTING), want, list(columns))
+    rels = [TRAIN_DATA] if run.exists(TRAIN_DATA) else [
         f"{TRAIN_PARTS}/{p}" for p in run.list(TRAIN_PARTS) if p.endswith(".parquet") and not p.startswith(".")]
     dataset = _dataset(_run_files(run, rels))
     cols = [c for c in columns if c in dataset.schema.names]

@@ -28,11 +28,10 @@ from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from rayattr.data.errors import DataError
+from rayattr.data.limits import BATCH_ROWS
 from rayattr.data.files import _expand, _is_text, _storage_access, file_format
 from rayattr.data.pretokenized import check_token_type
 
-# Rows per record batch of a scan: bounds what one step of the scan holds.
-BATCH_ROWS = 4096
 _SHOW = 5
 
 

@@ -29,9 +29,8 @@ from rayattr.data.batching import BatchPlan
 from rayattr.data.errors import DataError
 from rayattr.data.permutation import to_slot
 from rayattr.data.tokenized import tensors
+from rayattr.store.layout import tokens_path
 
-TOKENS_DIR = "data/tokens"
-META = f"{TOKENS_DIR}/meta.json"
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class ShardLayout:
         return math.ceil(self.num_steps / self.steps_per_file)
 
     def file(self, index: int) -> str:
-        return f"{TOKENS_DIR}/{index * self.steps_per_file:08d}.parquet"
+        return tokens_path(index * self.steps_per_file)
 
     def steps_in(self, index: int) -> int:
         return min(self.steps_per_file, self.num_steps - index * self.steps_per_file)

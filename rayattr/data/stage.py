@@ -26,17 +26,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rayattr.data.limits import BATCH_ROWS, BUCKET_IDS, TASK_ROWS
 from rayattr.data.blocks import StagePlan, reduce_part, route_block
 from rayattr.data.errors import DataError
-from rayattr.data.scan import BATCH_ROWS, DataFile, body_column, count_rows, file_batches, files_of
+from rayattr.data.scan import DataFile, body_column, count_rows, file_batches, files_of
 
 log = logging.getLogger(__name__)
 _DATA_ERROR = re.compile(r"rayattr\.data\.errors\.DataError: ([^\n]*)")
 
-# Rows a read task reads at least (consecutive files grouped): few tasks for many small files.
-TASK_ROWS = 1 << 16
-# Ids per hash bucket of the uniqueness check, about: buckets = rows / this, at most the CPUs.
-BUCKET_IDS = 1 << 22
 
 
 def _ray():

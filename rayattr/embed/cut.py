@@ -12,9 +12,9 @@ from typing import Callable
 
 from rayattr.config import ConfigError
 from rayattr.math.dvemb import segment_bounds
+from rayattr.store.layout import EMBED_PREFIXES
 
 # what embedding leaves in a run before its K's: the segments' outputs and local-embedding writers
-EMBED_PREFIXES = ("embed", "writers/local", "commits/local")
 
 
 def embedding_started(run) -> bool:

@@ -34,14 +34,11 @@ from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
-from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.layout import (ALL_SUMS, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, segment_carry_path,
+                                  segment_k_path, segment_r_path, segment_scores_path,
+                                  segment_sums_path, segment_values_path)
+from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.embed.tensors import load_tensors, save_tensors
-
-
-# a write chunk's local embeddings are held until written: at most this many bytes of them
-WRITE_CHUNK_BYTES = 512 << 20
-LOCAL_KIND = "local"  # local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
-FINAL_KIND = "embeddings"  # final embeddings, one writer "rank" per segment
 
 
 @dataclass(frozen=True)
@@ -56,45 +53,14 @@ class SegmentSpec:
     """One past its last step."""
 
 
-def k_path(index: int) -> str:
-    return f"embed/K/seg{index:04d}.safetensors"
-
-
-def r_path(index: int) -> str:
-    return f"embed/R/seg{index:04d}.safetensors"
-
-
-def carry_path(index: int) -> str:
-    """Per-(source, phase) Σ β₁^(b−t) u of a segment (AdamW with momentum)."""
-    return f"embed/carry/seg{index:04d}.parquet"
-
-
-def sums_path(index: int, final: bool = False) -> str:
-    return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
-
-
-def all_sums_path() -> str:
-    """The whole run's final per-(source, phase) sums, from the forward scan (chain_sums)."""
-    return "embed/final_sums/all.parquet"
-
-
-def values_path(index: int) -> str:
-    return f"embed/values/seg{index:04d}.parquet"
-
-
-def scores_path(index: int) -> str:
-    """Per-(source, phase, layer) value sums of a segment (the vector chain's, float64)."""
-    return f"embed/scores/seg{index:04d}.parquet"
-
-
 class SegmentWorker:
     """The work of one segment (plain class; `SegmentActor` is its Ray actor)."""
 
     def __init__(self, run_uri: str, storage_options: dict | None, segment: SegmentSpec,
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
-                 read_chunk: int = 32, keep_sample_embeddings: bool = True,
+                 read_chunk: int = READ_CHUNK, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
-                 write_chunk: int = 256):
+                 write_chunk: int = WRITE_CHUNK):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 readonly=False)
@@ -121,7 +87,7 @@ class SegmentWorker:
 
     def compute(self) -> dict[str, Any]:
         """Local embeddings, K and per-(source, phase) local sums of this segment."""
-        if self.run.exists(k_path(self.seg.index)):
+        if self.run.exists(segment_k_path(self.seg.index)):
             return {"segment": self.seg.index, "skipped": True,  # done before a restart
                     "node": ray.util.get_node_ip_address()}
         t0 = time.perf_counter()
@@ -186,12 +152,12 @@ class SegmentWorker:
                     n_rows += len(batch.sample_ids)
                     hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
             self._write_local(wa, wb, chunk)
-        self.run.write_table(sums_path(s.index), sums.to_table())
+        self.run.write_table(segment_sums_path(s.index), sums.to_table())
         if rec.R is not None:
-            self.run.write_bytes(r_path(s.index), save_tensors(rec.R))
-            self.run.write_table(carry_path(s.index), carry.to_table())
+            self.run.write_bytes(segment_r_path(s.index), save_tensors(rec.R))
+            self.run.write_table(segment_carry_path(s.index), carry.to_table())
         # K last: its presence marks the segment as done
-        self.run.write_bytes(k_path(s.index), save_tensors(rec.K))
+        self.run.write_bytes(segment_k_path(s.index), save_tensors(rec.K))
         self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
         # the driver warns once for the run, from every segment's worst step (pipeline.attribute)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
@@ -224,7 +190,7 @@ class SegmentWorker:
         """This segment's K and (with momentum) local R, read once from the store."""
         if getattr(self, "_chain_inputs", None) is None:
             K = self.load_k()
-            R = load_tensors(self.run.read_bytes(r_path(self.seg.index))) if self.momentum else None
+            R = load_tensors(self.run.read_bytes(segment_r_path(self.seg.index))) if self.momentum else None
             self._chain_inputs = (K, R)
         return self._chain_inputs
 
@@ -252,14 +218,14 @@ class SegmentWorker:
         suffix matrix (docs/method.md §4, §7): y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ and
         d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
         Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
-        whole run, to `all_sums_path()`. Used when no per-sample final embeddings are kept."""
+        whole run, to `ALL_SUMS`. Used when no per-sample final embeddings are kept."""
         K, R = self._own_chain_inputs()
-        local = SourcePhaseSums.from_table(self.run.read_table(sums_path(self.seg.index)), self.dims)
-        carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(self.seg.index)), self.dims)
+        local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(self.seg.index)), self.dims)
+        carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(self.seg.index)), self.dims)
                  if self.momentum else None)
         y, d = chain_sums_forward(K, local, prev, R, carry, self.seg.end - self.seg.start, self.momentum)
         if last:
-            self.run.write_table(all_sums_path(), y.to_table())
+            self.run.write_table(ALL_SUMS, y.to_table())
             return None
         return y, d
 
@@ -298,7 +264,7 @@ class SegmentWorker:
         n_rows = 0
         # the values stream into their table one read chunk at a time (atomic: nothing if a
         # value is bad); memory is one chunk of local embeddings, never the segment
-        with self.run.table_writer(values_path(s.index)) as out:
+        with self.run.table_writer(segment_values_path(s.index)) as out:
             for a in range(s.start, s.end, self.read_chunk):
                 b = min(s.end, a + self.read_chunk)
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
@@ -328,19 +294,19 @@ class SegmentWorker:
                     out.write(values_table(cols))
         if writer is not None:
             writer.close()
-        local = SourcePhaseSums.from_table(self.run.read_table(sums_path(s.index)), self.dims)
-        carry = (SourcePhaseSums.from_table(self.run.read_table(carry_path(s.index)), self.dims)
+        local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(s.index)), self.dims)
+        carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(s.index)), self.dims)
                  if z is not None else None)
-        self.run.write_table(scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
+        self.run.write_table(segment_scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
         if embeddings:
             sums = local.transformed(S)
             if R_end is not None:
                 sums.add_vectors(carry.transformed(R_end))
-            self.run.write_table(sums_path(s.index, final=True), sums.to_table())
+            self.run.write_table(segment_sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
-        return load_tensors(self.run.read_bytes(k_path(self.seg.index)))
+        return load_tensors(self.run.read_bytes(segment_k_path(self.seg.index)))
 
 
 VALUE_COLUMNS = ("sample_id", "source", "step", "epoch", "position", "value", "value_se")

@@ -20,13 +20,15 @@ from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.store import Run
 from rayattr.model.build import build_model
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
+from rayattr.model.limits import VALIDATION_ROWS
+from rayattr.store.layout import FINAL_WEIGHTS, VALIDATION_DATA
 
 
 def final_model(run: Run, cfg: Config | None = None) -> torch.nn.Module:
     cfg = cfg or Config.from_dict(run.manifest["config"])
     tok = load_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=cfg.train.seed)
-    model.load_state_dict(load(run.read_bytes("weights/final.safetensors")))
+    model.load_state_dict(load(run.read_bytes(FINAL_WEIGHTS)))
     return model.float().eval()
 
 
@@ -61,7 +63,7 @@ def text_gradients(run: Run, table: pa.Table, batch_size: int = 32, cfg: Config 
 
 def validation_gradient(run: Run) -> dict[str, torch.Tensor]:
     """Gradient of the mean validation loss at the final model (the values' test point)."""
-    grads = text_gradients(run, run.read_table("data/validation.parquet"))
+    grads = text_gradients(run, run.read_table(VALIDATION_DATA))
     return {n: g.double().mean(0) for n, g in grads.items()}
 
 
@@ -78,7 +80,7 @@ def validation_gradient_sum(run: Run, shard: int, n_shards: int, device: str | t
     shards summed and divided by the total rows give validation_gradient (the loss is a mean
     over samples, so its gradient is too). Only the shard's rows are read (the row groups
     holding each slice of VALIDATION_ROWS), tokenised and run."""
-    with run.open_read(VALIDATION_PATH) as f:
+    with run.open_read(VALIDATION_DATA) as f:
         pf = pq.ParquetFile(f)
         a, b = shard_rows(pf.metadata.num_rows, shard, n_shards)
         if b == a:
@@ -106,10 +108,6 @@ def row_slices(pf: pq.ParquetFile, a: int, b: int, size: int) -> Iterator[pa.Tab
         need = [i for i in range(len(bounds) - 1) if bounds[i] < e and bounds[i + 1] > s]
         held = {i: held[i] if i in held else pf.read_row_group(i, use_threads=False) for i in need}
         yield pa.concat_tables([held[i] for i in need]).slice(s - bounds[need[0]], e - s)
-
-
-VALIDATION_ROWS = 256  # validation rows whose per-sample gradients are held at once
-VALIDATION_PATH = "data/validation.parquet"  # written in row groups of VALIDATION_ROWS (data/run_data.py)
 
 
 def mean_of_sums(parts: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:

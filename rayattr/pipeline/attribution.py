@@ -12,6 +12,7 @@ from rayattr.config import Config, ConfigError
 from rayattr.embed.cut import choose_segments
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.registrations import TRAINING_KINDS, wait_closed
+from rayattr.store.layout import FINAL_WEIGHTS, VALIDATION_DATA
 
 # statuses attribution starts or resumes from ("failed" only once training had finished)
 ATTRIBUTABLE = ("recorded", "embedding", "reducing", "failed")
@@ -31,8 +32,8 @@ def open_recorded(ref: str | Run, storage_options: dict | None = None, wait_s: f
         ("config (the manifest's 'config')", "config" in m),
         ("layer sizes (manifest 'layer_dims')", "layer_dims" in m),
         ("step count (manifest 'num_steps')", "num_steps" in m),
-        ("final weights (weights/final.safetensors)", run.exists("weights/final.safetensors")),
-        ("validation data (data/validation.parquet)", run.exists("data/validation.parquet")),
+        (f"final weights ({FINAL_WEIGHTS})", run.exists(FINAL_WEIGHTS)),
+        (f"validation data ({VALIDATION_DATA})", run.exists(VALIDATION_DATA)),
     ] if not ok]
     if status not in ATTRIBUTABLE or missing:
         raise ConfigError(f"run {run.uri} (status '{status}') is not a finished recording: missing "

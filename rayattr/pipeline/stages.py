@@ -21,7 +21,8 @@ from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_lambda_name, stability_edge
-from rayattr.embed.segment import FINAL_KIND, LOCAL_KIND
+from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
+from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.reduce import phase_edges, write_outputs
@@ -178,7 +179,7 @@ def _complete_run(cfg: Config, run: Run, progress: bool) -> RunResult:
     if not run_data.complete(run):  # a driver that died before the data was written
         timings["data"] = write_data(cfg, run)
 
-    if not run.exists("weights/final.safetensors"):
+    if not run.exists(FINAL_WEIGHTS):
         t = time.perf_counter()
         run.update_manifest(status="training")
         try:
@@ -216,7 +217,7 @@ def _attribute_recorded(cfg: Config, run: Run, timings: dict[str, float] | None,
 
 
 def read_sources(run: Run) -> list[dict[str, Any]]:
-    return run.read_table("values/sources.parquet").to_pylist()
+    return run.read_table(SOURCE_VALUES).to_pylist()
 
 
 # commit kinds the pipeline folds into index manifests (one compactor: this driver)
@@ -293,10 +294,6 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     finally:
         stop_segments(actors, placement)
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
-
-
-# at most this many validation shards: each loads the model once
-MAX_VALIDATION_SHARDS = 16
 
 
 def validation_shards(use_gpu: bool) -> int:

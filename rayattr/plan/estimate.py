@@ -24,7 +24,16 @@ import torch
 from rayattr.config import Config, ConfigError, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.optim.spec import resolve_optimizer
+from rayattr.data.limits import BATCH_ROWS as DATA_BATCH_ROWS
+from rayattr.data.limits import BUCKET_IDS, TASK_ROWS
+from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
+from rayattr.model.limits import VALIDATION_ROWS
+from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
+from rayattr.reduce.aggregate import BOOTSTRAP_MAX_N
+from rayattr.report.limits import MEDIAN_CAP, SCAN_ROWS
+from rayattr.store.reader import WINDOW_BYTES
 from rayattr.store.shard import META_COLUMNS
+from rayattr.store.writer import MAX_BUFFER_BYTES, QUEUE_DEPTH
 
 MB = 1e6
 GIB = 1 << 30
@@ -33,21 +42,12 @@ _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # the source string's int32 offset (+ its characters, counted separately)
 _ROW_META_BYTES = 8 + 8 + 8 + 4 + 4
 # Arrow IPC framing, fitted to encode_shard output (tests/test_plan.py checks it): per record
-# Rows of one block of the data stage's read tasks (data/scan.BATCH_ROWS), rows a read task
-# reads at least (data/stage.TASK_ROWS), ids per bucket of the uniqueness check (BUCKET_IDS)
-_DATA_BATCH_ROWS = 4096
-_DATA_TASK_ROWS = 1 << 16
-_DATA_BUCKET_IDS = 1 << 22
 # batch (one per step and writer) ~80 bytes of buffer metadata per column; per file the schema
 # twice (header and footer, ~120 bytes per column) and a 24-byte footer block per batch
 _BATCH_COLUMN_OVERHEAD = 80
 _FILE_COLUMN_OVERHEAD = 240
 _FILE_BATCH_OVERHEAD = 24
 _VALUE_ROW_BYTES = 48  # values/ tables: ids, step, epoch, position, value (+ source)
-_READ_CHUNK = 32  # steps per read in SegmentWorker
-_WINDOW_BYTES = 128 << 20  # GradientReader window (one decoded, one prefetched)
-_WRITER_BUFFER = 64 << 20  # GradientWriter.max_buffer_bytes
-_WRITER_QUEUE = 2  # GradientWriter.queue_depth
 
 
 # ---------------------------------------------------------------------------- throughputs
@@ -334,14 +334,9 @@ _PY_RECORD_BYTES = 140
 _PY_ENTRY_BYTES, _PY_PART_BYTES = 600, 200
 # Raw text bytes per token of a corpus (English text under a BPE tokenizer: ~4 characters)
 _TEXT_BYTES_PER_TOKEN = 4
-_WRITE_CHUNK = 256  # SegmentWorker.write_chunk: steps of local embeddings held before writing
-_WRITE_CHUNK_BYTES = 512 << 20  # embed/segment.WRITE_CHUNK_BYTES: ... or this many bytes of them
-_VALIDATION_ROWS = 256  # reduce/gradients.VALIDATION_ROWS: per-sample rows a validation task holds
-_REPORT_SCAN_ROWS, _REPORT_MEDIAN_CAP = 1 << 16, 1 << 20  # report/html.SCAN_ROWS, MEDIAN_CAP
 # report/html.SampleTotals: one sample's totals (id, source offset, value, count, se2) and its
 # hash-table slot; held merged, as partial groups up to as many again, and sorted
 _REPORT_SAMPLE_BYTES = 52
-_BOOTSTRAP_MAX_N = 20_000  # reduce/aggregate.py: values kept per source for the bootstrap
 # Every process's interpreter with torch, pyarrow and Ray imported: a Ray worker measured at
 # 0.30-0.34 GB before its first task (bench/scale.py, CPU torch; a CUDA context adds more)
 _RUNTIME_BYTES = 0.35e9
@@ -363,16 +358,16 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     steps_seg = math.ceil(steps / n_seg)
     spr = cfg.store.steps_per_shard
     proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in plan.layers) * 4
-    shard_cap = kinds * min(spr * rows_rank * P * gb, _WRITER_BUFFER)
+    shard_cap = kinds * min(spr * rows_rank * P * gb, MAX_BUFFER_BYTES)
     entry = _PY_ENTRY_BYTES + _PY_PART_BYTES * spr
     phases = min(cfg.embed.phases, steps)
-    chunk_steps = max(1, min(_WRITE_CHUNK, steps_seg, _WRITE_CHUNK_BYTES // (G * P * wide * eb)))
+    chunk_steps = max(1, min(WRITE_CHUNK, steps_seg, WRITE_CHUNK_BYTES // (G * P * wide * eb)))
     seg_rows = steps_seg * G
     momentum = resolve_optimizer(cfg).beta1 > 0
     terms = {
         # data/stage: a read task holds one block of texts, their slots per epoch and the token
         # rows of its used rows (at most all of them); the driver nothing per row
-        "data task: one block": min(n, _DATA_BATCH_ROWS) * (cfg.data.seq_len * (_TEXT_BYTES_PER_TOKEN + 4)
+        "data task: one block": min(n, DATA_BATCH_ROWS) * (cfg.data.seq_len * (_TEXT_BYTES_PER_TOKEN + 4)
                                                             + 8 * (t.epochs + 2)),
         # store/index.compact: one chunk of one kind's commit entries, all ranks
         "driver: index compaction": t.ranks * math.ceil(SPAN / spr) * entry,
@@ -380,7 +375,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # distinct sample ids per source (and union1d's copy), the bootstrap's kept values, the
         # merged final sums and the source embeddings
         "driver: reduce": 2 * seg_rows * _VALUE_ROW_BYTES + 2 * 8 * min(n, plan.occurrences)
-                          + plan.n_sources * _BOOTSTRAP_MAX_N * 8
+                          + plan.n_sources * BOOTSTRAP_MAX_N * 8
                           + plan.n_sources * (phases + 1) * P * wide * 8,
         "rank: model + optimizer (no activations)": model_state_bytes(cfg, plan.n_params),
         # capture/capture.py (defer_updates): AdamW's update rows wait for the step's own P
@@ -390,7 +385,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         "rank: AdamW P statistics": (8 + 8 + 4 + 8) * statistic_numbers(plan.layers) if plan.update_rows else 0.0,
         # one step's rows as float32, the projections (CPU copy + device copy), writer buffers
         "rank: capture + writer": (kinds * rows_rank + m_curv / t.ranks) * P * 4 + 2 * kinds * proj
-                                  + (_WRITER_QUEUE + 1) * shard_cap,
+                                  + (QUEUE_DEPTH + 1) * shard_cap,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
@@ -401,10 +396,10 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
             2 * kinds * sq * 8 if not plan.per_source
             else 2 * kinds * plan.n_sources * phases * P * wide * 8),
         # GradientReader windows (one decoded, one prefetched) per kind read
-        "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(_READ_CHUNK * G * P * gb, _WINDOW_BYTES),
+        "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(READ_CHUNK * G * P * gb, WINDOW_BYTES),
         # one write chunk of local embeddings (blocks included) and the writer's queued shards
         "segment actor: one write chunk": chunk_steps * G * P * wide * eb
-                                          + min(chunk_steps * G * P * wide * 4, (_WRITER_QUEUE + 1) * _WRITER_BUFFER),
+                                          + min(chunk_steps * G * P * wide * 4, (QUEUE_DEPTH + 1) * MAX_BUFFER_BYTES),
         # per-(source, phase) sums in float64 (+ the carried update rows under AdamW)
         "segment actor: sums": (2 if momentum else 1) * plan.n_sources * phases * P * wide * 8,
         # its step records while they load (then without their per-sample lists) and the index
@@ -415,14 +410,14 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # most two of data/run_data.VALIDATION_GROUP_ROWS), the slice's per-sample gradients
         # (float32, with the float64 sums beside) and tokens
         "validation task: model and gradients": 4 * plan.n_params
-                                                + min(2 * _VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
-                                                + min(_VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
+                                                + min(2 * VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
+                                                + min(VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
         # report/html.write_report streams values/samples.parquet: one batch of occurrences,
         # the per-sample totals (every distinct sample: the top and bottom k need them all,
         # so this grows with the corpus, not with the occurrences) and the median's last pass
         "report: per-sample totals (distinct samples)": 3 * min(n, plan.occurrences) * (_REPORT_SAMPLE_BYTES + source_chars)
-                                                        + _REPORT_SCAN_ROWS * _VALUE_ROW_BYTES + _REPORT_MEDIAN_CAP * 8,
+                                                        + SCAN_ROWS * _VALUE_ROW_BYTES + MEDIAN_CAP * 8,
     }
     for proc in ("driver", "rank", "report", "segment actor", "validation task"):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
@@ -450,8 +445,8 @@ def device_note(cfg: Config, plan: Plan, device_gb: float) -> str:
 
 
 def validation_tasks(plan: Plan) -> int:
-    """Validation shards: one per device, at most 16 (pipeline.MAX_VALIDATION_SHARDS)."""
-    return max(1, min(plan.devices, 16))
+    """Validation shards: one per device, at most MAX_VALIDATION_SHARDS (as the pipeline cuts them)."""
+    return max(1, min(plan.devices, MAX_VALIDATION_SHARDS))
 
 
 def process_totals(memory: dict[str, float]) -> dict[str, float]:
@@ -548,7 +543,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                               source_chars=0) if m_curv else 0.0,
         "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
                                 total_dim=P * wide),
-        "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / _READ_CHUNK), "float32",
+        "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
         # + R beside K under AdamW
         "K matrices": kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
@@ -589,8 +584,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     cpus = max(1, devices) if on_cluster else 1
     files = math.ceil(steps / spr)
     tokens_bytes = steps * G * cfg.data.seq_len * 4
-    plan.data_stage = {"read tasks": max(1, math.ceil(n / min(_DATA_TASK_ROWS, math.ceil(n / (2 * cpus))))),
-                       "file tasks": files + max(1, min(cpus, math.ceil(n / _DATA_BUCKET_IDS))),
+    plan.data_stage = {"read tasks": max(1, math.ceil(n / min(TASK_ROWS, math.ceil(n / (2 * cpus))))),
+                       "file tasks": files + max(1, min(cpus, math.ceil(n / BUCKET_IDS))),
                        "memory per read task": plan.memory["data task: one block"],
                        "memory per file task": tokens_bytes / files + spr * G * 64,
                        "bytes read": n * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN, "cpus": cpus,

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from rayattr.query.runs import open_finished
 from rayattr.store import Run
+from rayattr.store.layout import LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES
 
 if TYPE_CHECKING:  # scoring needs torch: imported by query() only, so tables open fast
     from rayattr.query.answer import QueryResult
@@ -39,19 +40,19 @@ class FinishedRun:
 
     def values(self) -> pa.Table:
         """values/samples.parquet: sample_id, source, step, epoch, value per occurrence."""
-        return self.run.read_table("values/samples.parquet")
+        return self.run.read_table(SAMPLE_VALUES)
 
     def sources(self) -> pa.Table:
         """values/sources.parquet: source, n_samples, n_occurrences, value, value_per_sample."""
-        return self.run.read_table("values/sources.parquet")
+        return self.run.read_table(SOURCE_VALUES)
 
     def phases(self) -> pa.Table:
         """values/phases.parquet: source, phase, step_start, step_end, n_occurrences, value."""
-        return self.run.read_table("values/phases.parquet")
+        return self.run.read_table(PHASE_VALUES)
 
     def layers(self) -> pa.Table:
         """values/layers.parquet: source, layer, value (each layer's part of the source's value)."""
-        return self.run.read_table("values/layers.parquet")
+        return self.run.read_table(LAYER_VALUES)
 
     def query(self, texts: str | list[str], k: int = 10, by_source: bool = False,
               each: bool = False, sources: list[str] | None = None,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rayattr.embed.blocks import ProjectionBlocks, is_block
-from rayattr.embed.segment import FINAL_KIND
+from rayattr.store.layout import FINAL_KIND, RUN_JSON
 from rayattr.query.errors import QueryError
 from rayattr.store import GradientReader, Run, StoreError
 
@@ -49,7 +49,7 @@ class OccurrenceScores:
 def embedding_reader(run: Run, window_bytes: int = 64 << 20) -> GradientReader:
     """Reader of the run's final per-occurrence embeddings, with a clear error if there are none."""
     reader = GradientReader(run, kind=FINAL_KIND, window_bytes=window_bytes)
-    if not reader.committed_steps() and not run.exists("run.json"):  # not a setting: it is gone
+    if not reader.committed_steps() and not run.exists(RUN_JSON):  # not a setting: it is gone
         raise StoreError(f"run {run.uri} was deleted while being read (its run.json is gone)")
     if not reader.committed_steps():
         raise QueryError(f"run {run.uri} has no per-occurrence embeddings: it was made with "

@@ -41,6 +41,7 @@ from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
 from rayattr.optim.adam_state import adam_step_count, basic_optimizer, read_preconditioners
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
+from rayattr.store.layout import FINAL_WEIGHTS, TRAIN_DATA
 
 # how long rank 0's finish() waits for the other ranks' writers to close (no process group)
 FINISH_TIMEOUT_S = 600.0
@@ -204,9 +205,9 @@ class Recorder:
 
     def _lookup_sources(self, ids: list[int]) -> list[str]:
         if self._sources_by_id is None:
-            if not self.run.exists("data/train.parquet"):
+            if not self.run.exists(TRAIN_DATA):
                 raise UsageError("sources not given and the run holds no data/train.parquet to look them up in")
-            t = self.run.read_table("data/train.parquet").select(["id", "source"]).to_pydict()
+            t = self.run.read_table(TRAIN_DATA).select(["id", "source"]).to_pydict()
             self._sources_by_id = dict(zip(t["id"], t["source"]))
         missing = [i for i in ids if i not in self._sources_by_id]
         if missing:
@@ -375,7 +376,7 @@ class Recorder:
             wait_closed(self.run, [w.kind for w in self._writers()], range(self.world_size), timeout_s,
                         what="the recording cannot end while a rank's writers are open")
             if weights:
-                self.run.write_bytes("weights/final.safetensors", state_dict_bytes(self.module))
+                self.run.write_bytes(FINAL_WEIGHTS, state_dict_bytes(self.module))
             last_record = self.run.last_step_record()
             fields = dict(status=RECORDED, layer_dims=self.layer_dims(), world_size=self.world_size,
                           recorded=dt.datetime.now(dt.timezone.utc).isoformat())

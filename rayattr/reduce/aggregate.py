@@ -9,7 +9,8 @@ import pyarrow as pa
 import torch
 
 from rayattr.embed.guard import check_values
-from rayattr.embed.segment import all_sums_path, scores_path, sums_path, values_path
+from rayattr.store.layout import (ALL_SUMS, LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_EMBEDDINGS, SOURCE_VALUES,
+                                  segment_scores_path, segment_sums_path, segment_values_path)
 from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import Run
 
@@ -24,7 +25,7 @@ def segment_values(run: Run, n_segments: int):
     """Each segment's values table in turn (one in memory at a time), in training order:
     segments cover increasing step ranges, each sorted by (step, position)."""
     for i in range(n_segments):
-        yield run.read_table(values_path(i)).sort_by([("step", "ascending"), ("position", "ascending")])
+        yield run.read_table(segment_values_path(i)).sort_by([("step", "ascending"), ("position", "ascending")])
 
 
 # Resamples of the per-source bootstrap; above BOOTSTRAP_MAX_N occurrences the normal limit
@@ -124,7 +125,7 @@ def source_values(samples: pa.Table, seed: int = 0) -> pa.Table:
 def merged_sums(run: Run, n_segments: int, dims: dict[str, int]) -> SourcePhaseSums:
     total = SourcePhaseSums(dims)
     for i in range(n_segments):
-        total.merge(SourcePhaseSums.from_table(run.read_table(sums_path(i, final=True)), dims))
+        total.merge(SourcePhaseSums.from_table(run.read_table(segment_sums_path(i, final=True)), dims))
     return total
 
 
@@ -135,7 +136,7 @@ def merged_scores(run: Run, n_segments: int) -> tuple[dict, dict, dict]:
     by_layer: dict[tuple[str, str], float] = {}
     count: dict[tuple[str, int], int] = {}
     for i in range(n_segments):
-        t = run.read_table(scores_path(i)).to_pydict()
+        t = run.read_table(segment_scores_path(i)).to_pydict()
         seen = set()
         for src, ph, layer, n, v in zip(t["source"], t["phase"], t["layer"], t["n_occurrences"], t["value"]):
             by_phase[(src, ph)] = by_phase.get((src, ph), 0.0) + v
@@ -190,19 +191,19 @@ def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
     dims = {k: int(v) for k, v in run.manifest["layer_dims"].items()}
     acc = SourceAccumulator()
     for table in segment_values(run, n_segments):
-        check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), "values/samples.parquet")
+        check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), SAMPLE_VALUES)
         acc.add(table)
     sources = acc.table()
-    with run.table_writer("values/samples.parquet") as w:
+    with run.table_writer(SAMPLE_VALUES) as w:
         for table in segment_values(run, n_segments):
             w.write(table.select(SAMPLE_COLUMNS))
-    run.write_table("values/sources.parquet", sources)
+    run.write_table(SOURCE_VALUES, sources)
     by_phase, by_layer, count = merged_scores(run, n_segments)
-    run.write_table("values/phases.parquet", phase_values(by_phase, count, edges))
-    run.write_table("values/layers.parquet", layer_values(by_layer, list(dims)))
-    if run.exists(all_sums_path()):  # the forward scan's (no suffix matrices were formed)
-        sums = SourcePhaseSums.from_table(run.read_table(all_sums_path()), dims)
-        run.write_table("embeddings/sources.parquet", source_embeddings(sums))
-    elif all(run.exists(sums_path(i, final=True)) for i in range(n_segments)):
-        run.write_table("embeddings/sources.parquet", source_embeddings(merged_sums(run, n_segments, dims)))
+    run.write_table(PHASE_VALUES, phase_values(by_phase, count, edges))
+    run.write_table(LAYER_VALUES, layer_values(by_layer, list(dims)))
+    if run.exists(ALL_SUMS):  # the forward scan's (no suffix matrices were formed)
+        sums = SourcePhaseSums.from_table(run.read_table(ALL_SUMS), dims)
+        run.write_table(SOURCE_EMBEDDINGS, source_embeddings(sums))
+    elif all(run.exists(segment_sums_path(i, final=True)) for i in range(n_segments)):
+        run.write_table(SOURCE_EMBEDDINGS, source_embeddings(merged_sums(run, n_segments, dims)))
     return {"sources": sources.to_pylist(), "occurrences": sum(acc.n.values())}

@@ -20,6 +20,8 @@ from rayattr.report.trust import separated_sources, trust_box, trust_section  # 
 from rayattr.report.standing import noise_sentence, split_by_noise
 from rayattr.store import Run
 from rayattr.report.summary import loss_summary
+from rayattr.report.limits import MEDIAN_CAP, SCAN_ROWS
+from rayattr.store.layout import PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES, VALIDATION_DATA
 
 
 def sample_totals(samples: pa.Table) -> list[dict]:
@@ -38,15 +40,12 @@ def sample_totals(samples: pa.Table) -> list[dict]:
     return rows
 
 
-SAMPLES = "values/samples.parquet"
-SCAN_ROWS = 1 << 16  # occurrence rows a streaming pass over values/samples.parquet holds at once
-MEDIAN_CAP = 1 << 20  # ratios a median's last pass collects at most (radix select, OccurrenceStats)
 _TOTALS = [("value", "sum"), ("n_occurrences", "sum"), ("se2", "sum")]
 
 
 def scan_samples(run: Run, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """values/samples.parquet in record batches of SCAN_ROWS, never the whole table."""
-    with run.open_read(SAMPLES) as f:
+    with run.open_read(SAMPLE_VALUES) as f:
         pf = pq.ParquetFile(f)
         cols = None if columns is None else [c for c in columns if c in pf.schema_arrow.names]
         yield from pf.iter_batches(batch_size=SCAN_ROWS, columns=cols, use_threads=False)
@@ -369,8 +368,8 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
     for batch in scan_samples(run):
         stats.add(batch)
         sample_sums.add(batch)
-    sources = run.read_table("values/sources.parquet")
-    phases = run.read_table("values/phases.parquet")
+    sources = run.read_table(SOURCE_VALUES)
+    phases = run.read_table(PHASE_VALUES)
     steps = stats.step_means()
     pngs = {
         "sources.png": (figures.source_bars(sources), "value per sample of each source"),
@@ -404,7 +403,7 @@ def write_report(run: Run, out_dir: str | Path, k: int = 10) -> Path:
         f"{m.get('segments')} segments.</p>",
         "<p>Value = predicted increase of the validation loss if a training occurrence were removed "
         "(Data Value Embedding): positive helped, negative hurt.</p>",
-        validation_text(run.read_table("data/validation.parquet")),
+        validation_text(run.read_table(VALIDATION_DATA)),
         "<h2>Sources</h2>", _img("sources.png", *pngs["sources.png"]),
         "<p>Each bar is a source's value divided by its number of distinct samples; the whiskers "
         "are its 95 % bootstrap interval over occurrences. Blue helped the validation loss, "

@@ -109,11 +109,11 @@ def schedule_summary(train: dict, records) -> dict[str, Any]:
 
 def validation_summary(run: Run) -> dict[str, Any] | None:
     """validation/summary.json's headline figures and verdict, or None if never validated."""
-    from rayattr.validate.validation import SUMMARY
+    from rayattr.store.layout import VALIDATION_SUMMARY
 
-    if not run.exists(SUMMARY):
+    if not run.exists(VALIDATION_SUMMARY):
         return None
-    s = run.read_json(SUMMARY)
+    s = run.read_json(VALIDATION_SUMMARY)
     keys = ("n_subsets", "lds", "lds_ci", "n_sources", "source_spearman", "n_occurrences", "occurrence_spearman",
             "linearity_spearman", "first_order_spearman", "verdict")
     return {k: s.get(k) for k in keys}

@@ -14,6 +14,7 @@ import pyarrow as pa
 from rayattr.report import figures
 from rayattr.report.standing import clear_of_others, standing_sentence
 from rayattr.store import Run
+from rayattr.store.layout import SOURCE_VALUES
 
 
 def separated_sources(sources: pa.Table) -> tuple[list[str], int]:
@@ -127,13 +128,13 @@ def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) ->
 
 def seed_caveat(run: Run) -> str:
     """What one training run's source values say and do not say (docs/method.md §9)."""
-    apart, n = separated_sources(run.read_table("values/sources.parquet"))
+    apart, n = separated_sources(run.read_table(SOURCE_VALUES))
     text = ("Training seed: these values belong to this run's trajectory (its initial weights and batch "
             "order), and a retrain with another seed orders similar sources differently; on the built-in job "
             "only a source that stands apart, like the deliberately corrupted one, keeps its place from seed "
             "to seed (measurements in docs/method.md §9). ")
     if n:
-        signed = [r["source"] for r in run.read_table("values/sources.parquet").to_pylist()
+        signed = [r["source"] for r in run.read_table(SOURCE_VALUES).to_pylist()
                   if r.get("value_low") is not None and (r["value_low"] > 0 or r["value_high"] < 0)]
         text += (f"In this run {len(apart)} of {n} sources have a 95 % interval clear of every other source's"
                  + (f" ({', '.join(apart)})" if apart else "")

@@ -30,6 +30,7 @@ from rayattr.runtime import hooks
 
 from . import epochs
 from .commits import ShardCommit
+from . import layout
 from .layout import RECORDS_KIND, RECORDS_RANK, RECORDS_WRITER_RANK
 from .errors import StoreError
 from .storage import Storage
@@ -42,13 +43,8 @@ _SCHEMA = pa.schema([("rank", pa.int64()), ("step_first", pa.int64()), ("step_la
                      ("shard", pa.string()), ("entry", pa.string())])
 
 
-def kind_dir(kind: str) -> str:
-    """commits/<kind> (the step records' kind "steps" included)."""
-    return f"commits/{kind}"
-
-
 def index_dir(kind: str) -> str:
-    return f"{kind_dir(kind)}/{INDEX}"
+    return f"{layout.commit_dir(kind)}/{INDEX}"
 
 
 def manifest_name(chunk: int, first: int, last: int) -> str:
@@ -66,7 +62,7 @@ def _manifests(storage: Storage, kind: str) -> list[tuple[str, int, int, int]]:
 
 
 def _loose(storage: Storage, kind: str, rank_dir: str | None = None) -> list[str]:
-    base = f"{kind_dir(kind)}/{rank_dir}" if rank_dir else kind_dir(kind)
+    base = f"{layout.commit_dir(kind)}/{rank_dir}" if rank_dir else layout.commit_dir(kind)
     prefix = index_dir(kind) + "/"
     return [r for r in storage.find(base) if r.endswith(".json") and not r.startswith(prefix)
             and not posixpath.basename(r).startswith(".")]

@@ -10,7 +10,9 @@
     writers/<kind>/r0003.e00000002.json        registration (open / closed) of writer epoch 2 of rank 3
     epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
     epochs/steps/r0000/e00000001               the claim of the step records' writer epoch 1
-    embeddings/..., values/...                 later stages (free-form, via Run.write_*)
+    data/, weights/, train/, embed/, values/, embeddings/, validation/
+                                               later stages' objects: each has its name below,
+                                               grouped by the stage that writes it
 
 Directory names never repeat a data column in Hive style (`rank=3/`), so pyarrow.dataset can
 read grads/<kind>/ directly.
@@ -73,6 +75,7 @@ def shard_dir(kind: str, rank: int) -> str:
 
 
 def commit_dir(kind: str, rank: int | None = None) -> str:
+    """commits/<kind> (the step records' kind "steps" included), or one rank's folder in it."""
     return f"commits/{kind}" if rank is None else f"commits/{kind}/{rank_dir(rank)}"
 
 
@@ -106,3 +109,91 @@ def records_path(first: int, last: int, epoch: int = 0) -> str:
 
 def records_commit_path(first: int, last: int, epoch: int = 0) -> str:
     return f"commits/{RECORDS_KIND}/{step_range(first, last)}{_epoch_suffix(epoch)}.json"
+
+
+# The recording's own folders: only the store's writers touch them (Run refuses writes there)
+MANAGED_DIRS = ("grads/", "commits/", "writers/", "steps/")
+
+# ---------------------------------------------------------------- data stage (data/run_data.py)
+VALIDATION_DATA = "data/validation.parquet"  # the validation texts, in row groups of VALIDATION_ROWS
+TRAIN_DATA = "data/train.parquet"  # a copy of a small training set (id, source, text)
+TRAIN_PARTS = "data/train"  # a large training set's copy, in parquet parts
+TRAIN_LISTING = "data/train.files.json"  # the training files referenced in place, instead of a copy
+TOKENS_DIR = "data/tokens"  # token shards, one file per steps_per_file steps
+TOKENS_META = f"{TOKENS_DIR}/meta.json"  # the token shards' layout; present once the data stage finished
+
+
+def tokens_path(first_step: int) -> str:
+    """The token shard that starts at `first_step`."""
+    return f"{TOKENS_DIR}/{first_step:08d}.parquet"
+
+
+# ---------------------------------------------------------------- train stage
+INITIAL_WEIGHTS = "weights/initial.safetensors"  # the model before step 0 (retrains start here)
+FINAL_WEIGHTS = "weights/final.safetensors"  # the model after the last step (attribution's v)
+TRAIN_PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss", "seconds"}
+
+# ---------------------------------------------------------------- embed stage (embed/segment.py)
+LOCAL_KIND = "local"  # gradient kind of the local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
+FINAL_KIND = "embeddings"  # gradient kind of the final embeddings, one writer "rank" per segment
+# what a new cut of the segments throws away (embed/cut.py)
+EMBED_PREFIXES = ("embed", f"writers/{LOCAL_KIND}", f"commits/{LOCAL_KIND}")
+
+
+def segment_k_path(index: int) -> str:
+    """The segment matrix K per layer of segment `index`."""
+    return f"embed/K/seg{index:04d}.safetensors"
+
+
+def segment_r_path(index: int) -> str:
+    """The momentum matrix R beside K (AdamW with momentum)."""
+    return f"embed/R/seg{index:04d}.safetensors"
+
+
+def segment_carry_path(index: int) -> str:
+    """Per-(source, phase) Σ β₁^(b−t) u of a segment (AdamW with momentum)."""
+    return f"embed/carry/seg{index:04d}.parquet"
+
+
+def segment_sums_path(index: int, final: bool = False) -> str:
+    """Per-(source, phase) sums of a segment's local (or, `final`, final) embeddings."""
+    return f"embed/{'final_sums' if final else 'sums'}/seg{index:04d}.parquet"
+
+
+ALL_SUMS = "embed/final_sums/all.parquet"  # the whole run's final sums, from the forward scan
+
+
+def segment_values_path(index: int) -> str:
+    """A segment's value per occurrence."""
+    return f"embed/values/seg{index:04d}.parquet"
+
+
+def segment_scores_path(index: int) -> str:
+    """Per-(source, phase, layer) value sums of a segment (the vector chain's, float64)."""
+    return f"embed/scores/seg{index:04d}.parquet"
+
+
+# ---------------------------------------------------------------- reduce stage (reduce/aggregate.py)
+SAMPLE_VALUES = "values/samples.parquet"  # sample_id, source, step, epoch, value per occurrence
+SOURCE_VALUES = "values/sources.parquet"  # source, n_samples, n_occurrences, value, value_per_sample
+PHASE_VALUES = "values/phases.parquet"  # source, phase, step_start, step_end, n_occurrences, value
+LAYER_VALUES = "values/layers.parquet"  # source, layer, value
+SOURCE_EMBEDDINGS = "embeddings/sources.parquet"  # each source's summed final embedding
+
+# ---------------------------------------------------------------- validate stage (validate/validation.py)
+VALIDATION_RETRAINS = "validation/retrains"  # one JSON per finished retrain, named by Removal.key
+VALIDATION_SUBSETS = "validation/subsets.parquet"  # predicted and actual change per removed subset
+VALIDATION_SOURCES = "validation/sources.parquet"  # ... per removed source
+VALIDATION_OCCURRENCES = "validation/occurrences.parquet"  # ... per perturbed occurrence
+VALIDATION_SUMMARY = "validation/summary.json"  # the headline figures and verdict
+VALIDATION_SMOOTHNESS = "validation/smoothness.json"  # the last attributability check, kept across validations
+
+
+def retrain_path(key: str) -> str:
+    """One finished retrain's record."""
+    return f"{VALIDATION_RETRAINS}/{key}.json"
+
+
+def gang_dir(index: int) -> str:
+    """Ray Train's storage of retrain gang `index`."""
+    return f"validation/gang-{index}"

@@ -36,6 +36,9 @@ class StepBatch:
         return len(self.sample_ids)
 
 
+WINDOW_BYTES = 128 << 20  # bytes a reader fetches per round trip (one window decoded, one prefetched)
+
+
 @dataclass
 class _Slot:
     """Where one rank's rows of one step live."""
@@ -54,7 +57,7 @@ class GradientReader:
     """
 
     def __init__(self, run: Run, kind: str = "train", projection: dict | None = None,
-                 expected_ranks: Sequence[int] | None = None, window_bytes: int = 128 << 20,
+                 expected_ranks: Sequence[int] | None = None, window_bytes: int = WINDOW_BYTES,
                  prefetch: bool = True, step_range: tuple[int, int | None] | None = None):
         self.run = run
         self.kind = layout.check_kind(kind)

@@ -32,7 +32,6 @@ THREADED_READ_BYTES = 64 << 20
 # Fields the store owns in run.json; callers may not change them after creation.
 _FIXED_FIELDS = ("run_id", "created", "store_format")
 # Directories whose objects only the writers/commit protocol may create.
-_MANAGED_DIRS = ("grads/", "commits/", "writers/", "steps/")
 # Manifest keys that smell like credentials: refused so secrets never land in run.json.
 _SECRET_KEYS = {"storage_options", "secret", "secret_key", "aws_secret_access_key",
                 "aws_session_token", "aws_access_key_id", "password", "credentials", "token"}
@@ -235,7 +234,7 @@ class Run:
         parts = rel.replace("\\", "/").split("/") if isinstance(rel, str) else [""]
         if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise StoreError(f"invalid path inside a run: {rel!r}")
-        if writing and (rel == layout.RUN_JSON or rel.startswith(_MANAGED_DIRS)):
+        if writing and (rel == layout.RUN_JSON or rel.startswith(layout.MANAGED_DIRS)):
             raise StoreError(f"'{rel}' is managed by the store (use update_manifest, "
                              "GradientWriter or write_step_records)")
         return rel

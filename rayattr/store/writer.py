@@ -57,6 +57,10 @@ def check_layers(layers: dict[str, int]) -> dict[str, int]:
     return out
 
 
+MAX_BUFFER_BYTES = 64 << 20  # bytes of rows a writer buffers before it hands a shard to its thread
+QUEUE_DEPTH = 2  # shards queued for the writer thread at most
+
+
 class GradientWriter:
     """Streams one rank's per-sample gradients of one kind into committed shards.
 
@@ -71,8 +75,8 @@ class GradientWriter:
     """
 
     def __init__(self, run: Run, rank: int, layers: dict[str, int], dtype: str = "float32",
-                 steps_per_shard: int = 16, max_buffer_bytes: int = 64 << 20,
-                 queue_depth: int = 2, kind: str = "train", projection: dict | None = None,
+                 steps_per_shard: int = 16, max_buffer_bytes: int = MAX_BUFFER_BYTES,
+                 queue_depth: int = QUEUE_DEPTH, kind: str = "train", projection: dict | None = None,
                  compression: str | None = None, step_range: tuple[int, int] | None = None,
                  takeover: bool = False):
         run._check_writable("GradientWriter")

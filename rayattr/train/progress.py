@@ -13,10 +13,10 @@ import threading
 from typing import Any
 
 from rayattr.store import Run
+from rayattr.store.layout import TRAIN_PROGRESS
 
 log = logging.getLogger(__name__)
 
-PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss", "seconds": of the steps since start}
 
 
 class ProgressWriter:
@@ -31,7 +31,7 @@ class ProgressWriter:
     def __init__(self, run: Run, state: dict[str, Any]):
         self.run = run
         self._state = dict(state)
-        run.write_json(PROGRESS, self._state)
+        run.write_json(TRAIN_PROGRESS, self._state)
         self._written = self._state
         self._pending: dict[str, Any] | None = None
         self._closed = False
@@ -54,10 +54,10 @@ class ProgressWriter:
                     return
                 state, self._pending = self._pending, None
             try:
-                self.run.write_json(PROGRESS, state)
+                self.run.write_json(TRAIN_PROGRESS, state)
                 self._written = state
             except Exception:  # noqa: BLE001 - progress is advisory; close() raises for the last state
-                log.warning("writing %s/%s (step %s) failed", self.run.uri, PROGRESS, state.get("step"),
+                log.warning("writing %s/%s (step %s) failed", self.run.uri, TRAIN_PROGRESS, state.get("step"),
                             exc_info=True)
 
     def close(self) -> None:
@@ -67,5 +67,5 @@ class ProgressWriter:
             self._cond.notify()
         self._thread.join()
         if self._written is not self._state:
-            self.run.write_json(PROGRESS, self._state)
+            self.run.write_json(TRAIN_PROGRESS, self._state)
             self._written = self._state

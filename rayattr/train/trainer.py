@@ -26,7 +26,8 @@ from rayattr.runtime import hooks
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train import checkpoints
-from rayattr.train.progress import PROGRESS, ProgressWriter
+from rayattr.store.layout import TRAIN_PROGRESS
+from rayattr.train.progress import ProgressWriter
 from rayattr.train.worker import NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def rank_loop(loop: dict) -> None:
     run = worker.run
     progress = None
     if rank == 0:
-        attempt = (run.read_json(PROGRESS)["attempt"] + 1) if run.exists(PROGRESS) else 0
+        attempt = (run.read_json(TRAIN_PROGRESS)["attempt"] + 1) if run.exists(TRAIN_PROGRESS) else 0
         run.update_manifest(layer_dims=info["layer_dims"], num_steps=info["num_steps"],
                             global_batch=info["global_batch"], steps_per_epoch=info["steps_per_epoch"],
                             rank_nodes=[i["node"] for i in infos], n_truncated=info["truncated"])
@@ -101,8 +102,8 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
     the seconds of the whole stage and, of those, the last attempt's steps on rank 0."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    if run.exists(PROGRESS):  # attempts count within this call
-        run.write_json(PROGRESS, {**run.read_json(PROGRESS), "attempt": -1})
+    if run.exists(TRAIN_PROGRESS):  # attempts count within this call
+        run.write_json(TRAIN_PROGRESS, {**run.read_json(TRAIN_PROGRESS), "attempt": -1})
     run.update_manifest(train_error=None)
     t = cfg.train
     trainer = gang_trainer(
@@ -118,7 +119,7 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
     m = run.reload_manifest()
     if m.get("train_error"):
         raise NonFiniteLoss(m["train_error"])
-    state = run.read_json(PROGRESS)
+    state = run.read_json(TRAIN_PROGRESS)
     return {"num_steps": m["num_steps"], "layer_dims": m["layer_dims"], "global_batch": m["global_batch"],
             "losses": losses, "train_seconds": time.perf_counter() - t0, "resumed_from": state["start"],
             "restarts": state["attempt"], "step_seconds": state.get("seconds")}
@@ -166,7 +167,7 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
 
     def observe() -> None:
         nonlocal seen
-        state = run.read_json(PROGRESS) if run.exists(PROGRESS) else None
+        state = run.read_json(TRAIN_PROGRESS) if run.exists(TRAIN_PROGRESS) else None
         if state is None or state.get("attempt", -1) < 0 or (state["attempt"], state["step"]) == seen:
             return
         if seen[0] is not None and state["attempt"] != seen[0]:

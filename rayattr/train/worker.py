@@ -27,6 +27,7 @@ from rayattr.model.loss import micro_batch_loss
 from rayattr.train.engine import build_engine
 from rayattr.model.build import build_model
 from rayattr.train.quiet import quiet_known_noise
+from rayattr.store.layout import INITIAL_WEIGHTS
 
 
 class RankWorker:
@@ -53,8 +54,8 @@ class RankWorker:
                             f"{self.data.lay.world_size} ranks; training needs {self.num_steps} for {self.world_size}")
 
         model = build_model(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len, seed=t.seed)
-        if self.rank == 0 and not self.run.exists("weights/initial.safetensors"):
-            self.run.write_bytes("weights/initial.safetensors", state_dict_bytes(model))
+        if self.rank == 0 and not self.run.exists(INITIAL_WEIGHTS):
+            self.run.write_bytes(INITIAL_WEIGHTS, state_dict_bytes(model))
         self.engine = build_engine(cfg, model, self.num_steps)
         # takeover: the trainer kills a failed gang before starting the next, so a writer
         # still registered open for this rank is a dead one (possibly on another node)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayattr.validate.errors import ValidationError
+from rayattr.store.layout import SAMPLE_VALUES
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def run_samples(run) -> Samples:
     """The run's values/samples.parquet read row group by row group, only the columns asked for:
     what validate holds is one row group of a few columns, plus what it collects."""
     def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
-        with run.open_read("values/samples.parquet") as f:
+        with run.open_read(SAMPLE_VALUES) as f:
             pf = pq.ParquetFile(f)
             for g in range(pf.num_row_groups):
                 yield from pf.read_row_group(g, columns=columns, use_threads=False).combine_chunks().to_batches()

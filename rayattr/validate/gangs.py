@@ -22,6 +22,7 @@ from rayattr.store import Run
 from rayattr.train.checkpoints import ray_train_storage
 from rayattr.train.trainer import fit_in_background, gang_trainer, rank_resources
 from rayattr.validate.counterfactuals import Removal
+from rayattr.store.layout import gang_dir
 
 POLL_S = 0.5  # how often the driver looks at the gangs while no result comes
 
@@ -68,7 +69,7 @@ def _gang(cfg: Config, run: Run, storage_options: dict | None, todo: Queue, resu
     loop = {"config": cfg.to_dict(redact=False), "run": run.uri, "storage_options": storage_options,
             "todo": todo, "results": results}
     # a failed retrain is not retried: the validation stops, and a rerun keeps what finished
-    return gang_trainer(cfg, gang_loop, loop, RunConfig(**ray_train_storage(run, f"validation/gang-{index}"),
+    return gang_trainer(cfg, gang_loop, loop, RunConfig(**ray_train_storage(run, gang_dir(index)),
                                                        failure_config=FailureConfig(max_failures=0)))
 
 

@@ -31,6 +31,7 @@ from rayattr.model.build import build_model
 from rayattr.train.quiet import quiet_known_noise
 from rayattr.validate.counterfactuals import Removal
 from rayattr.validate.errors import ValidationError
+from rayattr.store.layout import FINAL_WEIGHTS, INITIAL_WEIGHTS, VALIDATION_DATA
 
 
 class RetrainWorker:
@@ -46,8 +47,8 @@ class RetrainWorker:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.data = rank_tokens(self.run, rank)  # this rank's rows of each step (data/shards.py)
         self.num_steps = int(self.run.manifest["num_steps"])
-        self.initial = load(self.run.read_bytes("weights/initial.safetensors"))
-        self.validation = (TokenizedDataset(self.run.read_table("data/validation.parquet"), self.tokenizer,
+        self.initial = load(self.run.read_bytes(INITIAL_WEIGHTS))
+        self.validation = (TokenizedDataset(self.run.read_table(VALIDATION_DATA), self.tokenizer,
                                             cfg.data.seq_len) if rank == 0 else None)
 
     def retrain(self, removal: dict) -> dict[str, Any]:
@@ -77,7 +78,7 @@ class RetrainWorker:
             engine.module.eval()
             out["loss"] = mean_loss(engine.module, self.validation)
             if r.kind == "baseline":
-                out["max_abs_diff"] = _max_abs_diff(engine.module, load(self.run.read_bytes("weights/final.safetensors")))
+                out["max_abs_diff"] = _max_abs_diff(engine.module, load(self.run.read_bytes(FINAL_WEIGHTS)))
         if hasattr(engine, "destroy"):
             engine.destroy()
         return out

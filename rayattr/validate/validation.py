@@ -20,17 +20,16 @@ from rayattr.validate.errors import ValidationError
 from rayattr.validate.smoothness import (DEFAULT_STEPS, along, attributability_sentence, check_steps,
                                          direction_retrains, smoothness_of)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
+from rayattr.store.layout import (VALIDATION_DATA, VALIDATION_OCCURRENCES, VALIDATION_RETRAINS, VALIDATION_SMOOTHNESS,
+                                  VALIDATION_SOURCES, VALIDATION_SUBSETS, VALIDATION_SUMMARY, retrain_path)
 
 SCHEMA_VERSION = 1
-RESULTS = "validation/retrains"  # one JSON per finished retrain, named by Removal.key
 TABLES = {  # kind -> (file, columns)
-    "subset": ("validation/subsets.parquet", ["subset", "n_removed", "n_occurrences", "predicted", "actual"]),
-    "source": ("validation/sources.parquet", ["source", "n_removed", "n_occurrences", "predicted", "actual"]),
+    "subset": (VALIDATION_SUBSETS, ["subset", "n_removed", "n_occurrences", "predicted", "actual"]),
+    "source": (VALIDATION_SOURCES, ["source", "n_removed", "n_occurrences", "predicted", "actual"]),
     # actual = Δloss / ε: the response to giving the occurrence loss weight 1 − ε (ε = 1: removed)
-    "occurrence": ("validation/occurrences.parquet", ["sample_id", "step", "eps", "predicted", "actual"]),
+    "occurrence": (VALIDATION_OCCURRENCES, ["sample_id", "step", "eps", "predicted", "actual"]),
 }
-SUMMARY = "validation/summary.json"
-SMOOTHNESS = "validation/smoothness.json"  # the last attributability check, kept across validations
 
 
 @dataclass
@@ -123,7 +122,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
 
         def keep(removal: Removal, out: dict) -> None:
             record = {"removal": removal.to_dict(), **out}
-            run.write_json(f"{RESULTS}/{removal.key}.json", record)
+            run.write_json(retrain_path(removal.key), record)
             done[removal.key] = record
 
         retrain_all(cfg, run, todo, keep, gangs=gangs, storage_options=run.options.storage_options or None,
@@ -137,8 +136,8 @@ def _smoothness(run: Run, done: dict[str, dict], directions: list[Removal], step
     """The attributability check from its retrains, written to validation/smoothness.json; when
     it was not asked for this time, the last one measured on the same window (None: never)."""
     if not directions:
-        if run.exists(SMOOTHNESS):
-            last = run.read_json(SMOOTHNESS)
+        if run.exists(VALIDATION_SMOOTHNESS):
+            last = run.read_json(VALIDATION_SMOOTHNESS)
             return last if last.get("window") == (list(window) if window else None) else None
         return None
     f0 = done[Removal("baseline", "nothing removed").key]["loss"]
@@ -148,15 +147,15 @@ def _smoothness(run: Run, done: dict[str, dict], directions: list[Removal], step
     out.update(seed=seed, baseline_loss=f0, n_occurrences=n, predicted_slope=slope,
                window=list(window) if window else None,
                retrains=[r.key for r in directions])
-    run.write_json(SMOOTHNESS, out)
+    run.write_json(VALIDATION_SMOOTHNESS, out)
     return out
 
 
 def _finished_retrains(run: Run) -> dict[str, dict]:
     out = {}
-    for name in run.list(RESULTS):  # [] when there is none yet
+    for name in run.list(VALIDATION_RETRAINS):  # [] when there is none yet
         if name.endswith(".json"):
-            rec = run.read_json(f"{RESULTS}/{name}")
+            rec = run.read_json(f"{VALIDATION_RETRAINS}/{name}")
             out[Removal.from_dict(rec["removal"]).key] = rec
     return out
 
@@ -169,7 +168,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
 
     cfg = Config.from_dict(run.manifest["config"])
     base = done[plan[0].key]
-    val = TokenizedDataset(run.read_table("data/validation.parquet"), load_tokenizer(cfg.data.tokenizer),
+    val = TokenizedDataset(run.read_table(VALIDATION_DATA), load_tokenizer(cfg.data.tokenizer),
                            cfg.data.seq_len)
     run_loss = mean_loss(final_model(run, cfg), val)
     rows: dict[str, list[dict]] = {k: [] for k in TABLES}
@@ -201,7 +200,7 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
     summary["smoothness"] = {k: v for k, v in smoothness.items() if k != "attributable"} if smoothness else None
     summary["attributable"] = smoothness.get("attributable") if smoothness else None
     summary["verdict"] = verdict(summary)
-    run.write_json(SUMMARY, summary)
+    run.write_json(VALIDATION_SUMMARY, summary)
     return ValidationResult(uri=run.uri, summary=summary, tables=tables)
 
 
@@ -275,10 +274,10 @@ def _rms(x: np.ndarray) -> float | None:
 
 def read_validation(run: Run) -> ValidationResult | None:
     """The validation results a run holds, or None if it was never validated."""
-    if not run.exists(SUMMARY):
+    if not run.exists(VALIDATION_SUMMARY):
         return None
     tables = {k: run.read_table(p) for k, (p, _) in TABLES.items() if run.exists(p)}
-    return ValidationResult(uri=run.uri, summary=run.read_json(SUMMARY), tables=tables)
+    return ValidationResult(uri=run.uri, summary=run.read_json(VALIDATION_SUMMARY), tables=tables)
 
 
 # What a verdict asks of the measurements (docs/method.md §6, "The verdict"): values that
