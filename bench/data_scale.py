@@ -96,7 +96,7 @@ def child(role: str, data: Path, store: Path, steps: int) -> dict:
     for i in range(REPEATS):  # the fastest of a few: sub-second stages are noisy on a shared machine
         t, c = time.perf_counter(), time.process_time()
         if role == "driver":
-            start_run(config(data, store, steps).with_overrides(run_id=f"r{i}"))
+            start_run(config(data, store, steps).with_overrides(run_id=f"r{i}"), connect_ray=True)
         elif role == "rank":
             tokens = rank_tokens(Run.open(str(store), "r0"), 0)
             for step in range(tokens.lay.num_steps):

@@ -25,7 +25,7 @@ def run_job(store: str, run_id: str, settings: dict) -> Run:
                           "--run-id", run_id, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr[-3000:])
-    return Run.open(store, run_id, readonly=False)
+    return Run.open(store, run_id, mode="record")
 
 
 def dotted(items: list[str]) -> dict:

@@ -43,7 +43,7 @@ from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
 from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
 from rayattr.plan.estimate import estimate  # noqa: E402
 from rayattr.model.gradients import validation_gradient  # noqa: E402
-from rayattr.reduce import phase_edges, write_outputs  # noqa: E402
+from rayattr.reduce import write_outputs  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 # Ray's process titles name the actor class or the task: what each group runs. The ranks run
@@ -156,7 +156,7 @@ def run_polled(store: str, run_id: str, cfg: dict) -> tuple[float, Poller]:
 
 def copy_trained(run: Run, dest: Path, name: str) -> Run:
     shutil.copytree(run.uri, dest / name, ignore=lambda d, names: [n for n in names if n in EMBED_OUTPUTS])
-    return Run.open(str(dest), name, readonly=False)
+    return Run.open(str(dest), name, mode="record")
 
 
 def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
@@ -164,7 +164,7 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     cfg = Config.from_dict(run.manifest["config"])
     steps = run.manifest["num_steps"]
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
-    edges = phase_edges(steps, cfg.embed.phases)
+    edges = segment_bounds(steps, cfg.embed.phases)
     bounds = segment_bounds(steps, n_seg)
     workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, dtype=cfg.embed.dtype,
                              error_blocks=cfg.embed.error_blocks)
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
             print(f"{steps:>6} {wall:>7.1f} {wall / base[0]:>5.2f} {cells} {planned / 1e6:>17.0f}")
 
         print(f"\n2. reduce cost against segments (the {rows[-1][1]}-step run, in-process segment workers)")
-        trained = Run.open(store, "s16", readonly=False)
+        trained = Run.open(store, "s16", mode="record")
         test_grad = validation_gradient(trained)
         print(f"{'segments':>8} {'embed s':>8} {'vector chain s':>15} {'suffix scan s':>14} {'finalize s':>11} "
               f"{'write_outputs s':>16} {'reduce s':>9} {'x':>5} {'RSS growth MB':>14}")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from rayattr.config import load_config  # noqa: E402
-from rayattr.pipeline.stages import attribute, create_run, write_data  # noqa: E402
+from rayattr.pipeline.stages import embed_and_reduce, create_run, write_data  # noqa: E402
 from rayattr.train.trainer import train  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
@@ -39,7 +39,7 @@ EMBED_OUTPUTS = {"embed", "values", "embeddings", "local"}
 def copy_trained(run: Run, dest: Path, name: str) -> Run:
     """The trained run without anything the embedding stage wrote."""
     shutil.copytree(run.uri, dest / name, ignore=lambda d, names: [n for n in names if n in EMBED_OUTPUTS])
-    copy = Run.open(str(dest), name, readonly=False)
+    copy = Run.open(str(dest), name, mode="record")
     copy.update_manifest(status="trained", segments=None)
     return copy
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         base = None
         for n in args.segments:
             copy = copy_trained(run, Path(tmp), f"seg{n}")
-            out = attribute(cfg, copy, steps, segments=n, progress=False)
+            out = embed_and_reduce(cfg, copy, steps, segments=n, progress=False)
             e, r = out.timings["embed"], out.timings["reduce"]
             base = base or e
             sweep = max(copy.reload_manifest()["segment_seconds"])  # slowest actor's own work

@@ -200,7 +200,7 @@ def torch_loop(cfg, run, threads: int) -> tuple[float, int]:
 def new_run(cfg, run_id: str):
     from rayattr.pipeline.stages import start_run
 
-    return start_run(cfg.with_overrides(run_id=run_id))
+    return start_run(cfg.with_overrides(run_id=run_id), connect_ray=True)
 
 
 def fit(cfg, loop_fn, run, out: Path, storage: Path) -> tuple[float, dict]:

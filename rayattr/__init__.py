@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # public names, imported on first use: `import rayattr` stays free of torch and Ray
 _PUBLIC = {"open_run": "rayattr.query.finished", "Recorder": "rayattr.record.recorder", "attribute": "rayattr.pipeline.attribution",
-           "new_run": "rayattr.pipeline.stages", "RayattrError": "rayattr.errors"}
+           "new_run": "rayattr.pipeline.stages:start_run", "RayattrError": "rayattr.errors"}
 
 __all__ = sorted(_PUBLIC)
 
@@ -19,5 +19,6 @@ def __getattr__(name):
     if name in _PUBLIC:
         import importlib
 
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        module, _, attr = _PUBLIC[name].partition(":")  # "module[:its name for it]"
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'rayattr' has no attribute {name!r}")

@@ -312,25 +312,25 @@ def cmd_attribute(args) -> int:
 def cmd_gc(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
     from rayattr.store.gc import check_collectable, collect, collectable
-    from rayattr.report.summary import format_bytes
+    from rayattr.report.units import human_bytes
 
     run = open_run_ref(args.run, StoreOptions(storage_options=_storage_options(args.storage_option)),
-                       readonly=args.dry_run)
+                       mode="read" if args.dry_run else "record")
     check_collectable(run)
     garbage = collectable(run)
     if not garbage:
         print(f"nothing to delete in {run.uri}")
         return 0
-    rows = [{"what": g.group, "objects": len(g.objects), "size": format_bytes(g.bytes)} for g in garbage]
+    rows = [{"what": g.group, "objects": len(g.objects), "size": human_bytes(g.bytes)} for g in garbage]
     total = sum(g.bytes for g in garbage)
-    rows.append({"what": "total", "objects": sum(len(g.objects) for g in garbage), "size": format_bytes(total)})
+    rows.append({"what": "total", "objects": sum(len(g.objects) for g in garbage), "size": human_bytes(total)})
     print(format_rows(rows, ["what", "objects", "size"], "table"))
     if args.dry_run:
         print(f"\ndry run: would delete the above from {run.uri}; values, embeddings, weights, data, "
               "step records and run.json stay")
         return 0
     collect(run, garbage)
-    print(f"\ndeleted {format_bytes(total)} of intermediates from {run.uri}")
+    print(f"\ndeleted {human_bytes(total)} of intermediates from {run.uri}")
     return 0
 
 

@@ -25,7 +25,7 @@ GLOBAL_BATCH, STEPS = 8, 3
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-run = Run.open_uri(sys.argv[1], readonly=False)
+run = Run.open_uri(sys.argv[1], mode="record")
 cfg = Config.from_dict(run.manifest["config"])
 tok = load_tokenizer(cfg.data.tokenizer)
 data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)

@@ -90,7 +90,7 @@ def test_second_writer_on_one_rank_is_refused(store_root):
     run = Run.create(store_root.uri, "r", {"layers": LAYERS}, options=store_root.options)
     first = GradientWriter(run, 0, LAYERS, steps_per_shard=4)
     first.write_step(0, [0], ["s"], {"l": torch.ones(1, 4)})  # buffered, not committed yet
-    again = Run.open(store_root.uri, "r", store_root.options, readonly=False)
+    again = Run.open(store_root.uri, "r", store_root.options, mode="record")
     with pytest.raises(StoreError, match=r"rank 0 \(train\) already has an open writer .* second writer is refused"):
         GradientWriter(again, 0, LAYERS)  # a second writer would remove the first's uncommitted shards
     # other ranks and kinds are other writers
@@ -110,7 +110,7 @@ def test_writer_of_a_dead_process_is_taken_over(store_root):
     code = textwrap.dedent("""
         import os, sys, torch
         from rayattr.store import GradientWriter, Run
-        w = GradientWriter(Run.open(sys.argv[1], "r", readonly=False), 0, {"l": 4}, steps_per_shard=1)
+        w = GradientWriter(Run.open(sys.argv[1], "r", mode="record"), 0, {"l": 4}, steps_per_shard=1)
         w.write_step(0, [0], ["s"], {"l": torch.ones(1, 4)})
         w.flush()
         os._exit(3)  # dies with its writer registered open

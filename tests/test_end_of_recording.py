@@ -60,7 +60,7 @@ def recorded_run(setup):  # noqa: F811
 
 def test_attribute_refuses_a_run_with_open_writers(setup, capsys):  # noqa: F811
     run, dims = recorded_run(setup)
-    left_open = GradientWriter(Run.open_uri(run.uri, readonly=False), 1, dims, kind="curvature")
+    left_open = GradientWriter(Run.open_uri(run.uri, mode="record"), 1, dims, kind="curvature")
     with pytest.raises(OpenWritersError, match=rf"writer {left_open._id} of rank 1 \(curvature"):
         open_recorded(run.uri)
     t0 = time.monotonic()

@@ -21,7 +21,7 @@ def run(store_root):  # [local] in the fast tier, [s3] in the slow one
 
 def test_a_second_concurrent_driver_is_refused_naming_the_holder(run):
     with DriverLease(run, ttl_s=30):
-        other = Run.open_uri(run.uri, options=run.options, readonly=False)
+        other = Run.open_uri(run.uri, options=run.options, mode="record")
         with pytest.raises(DriverLeaseError, match=rf"pid {os.getpid()} on {socket.gethostname()}, started") as err:
             with driver_lease(other):
                 pass

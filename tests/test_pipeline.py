@@ -12,7 +12,7 @@ import torch
 
 from rayattr.config import Config
 from rayattr.math.dvemb import data_value_embeddings, influence
-from rayattr.pipeline.stages import attribute, run_pipeline
+from rayattr.pipeline.stages import embed_and_reduce, run_pipeline
 from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run
 
@@ -60,7 +60,7 @@ def copy_trained(run: Run, dest: Path) -> Run:
     src = Path(run.uri)
     skip = {"embed", "values", "embeddings", "local"}
     shutil.copytree(src, dest / run.run_id, ignore=lambda d, names: [n for n in names if n in skip])
-    return Run.open(str(dest), run.run_id, readonly=False)
+    return Run.open(str(dest), run.run_id, mode="record")
 
 
 def cut_again(cfg: Config, base: Run, result, dest: Path, segments: int) -> Run:
@@ -69,7 +69,7 @@ def cut_again(cfg: Config, base: Run, result, dest: Path, segments: int) -> Run:
     if segments == base.manifest["segments"]:
         return base
     run = copy_trained(base, dest)
-    out = attribute(cfg, run, result.num_steps, segments=segments, progress=False)
+    out = embed_and_reduce(cfg, run, result.num_steps, segments=segments, progress=False)
     assert out.segments == segments and run.reload_manifest()["segments"] == segments
     return run
 
@@ -307,7 +307,7 @@ def test_per_source_mode_forms_no_suffix_and_equals_the_core(trained, tmp_path):
     cfg, base, result = trained
     run = copy_trained(base, tmp_path)
     per_source = cfg.with_overrides(**{"embed.keep_sample_embeddings": False})
-    attribute(per_source, run, result.num_steps, segments=3, progress=False)
+    embed_and_reduce(per_source, run, result.num_steps, segments=3, progress=False)
     assert not run.exists("grads/embeddings") and not run.exists("embed/final_sums/seg0000.parquet")
     batches, emb = core_embeddings(run)
     assert_source_embeddings(run, source_sums(batches, emb))

@@ -9,7 +9,7 @@ import torch
 
 from rayattr.config import Config
 from rayattr.math.dvemb import data_value_embeddings, influence
-from rayattr.pipeline.stages import attribute, run_pipeline
+from rayattr.pipeline.stages import embed_and_reduce, run_pipeline
 from rayattr.model.gradients import validation_gradient
 from rayattr.store import GradientReader, Run
 from test_pipeline import _embeddings, copy_trained, cut_again, small_config
@@ -140,7 +140,7 @@ def test_adamw_per_source_mode_equals_the_core(trained, tmp_path):
 
     cfg, base, result = trained
     run = copy_trained(base, tmp_path)
-    attribute(cfg.with_overrides(**{"embed.keep_sample_embeddings": False}), run, result.num_steps,
+    embed_and_reduce(cfg.with_overrides(**{"embed.keep_sample_embeddings": False}), run, result.num_steps,
               segments=3, progress=False)
     batches, emb = core_adamw(run)
     assert_source_embeddings(run, source_sums(batches, emb), rtol=1e-4)

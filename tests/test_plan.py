@@ -15,8 +15,8 @@ from rayattr.config import Config, load_config
 from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
-from rayattr.plan.estimate import Throughput, estimate, format_plan, human_bytes, ipc_bytes, parse_count, plan_main
-from rayattr.reduce import phase_edges
+from rayattr.plan.estimate import Throughput, estimate, format_plan, ipc_bytes, parse_count, plan_main
+from rayattr.report.units import human_bytes
 from rayattr.store import GradientWriter, Run, StepRecord
 from rayattr.model.build import build_model
 from rayattr.train.worker import projection_spec
@@ -98,7 +98,7 @@ def test_sizes_match_a_real_store_run(tmp_path):
     for w in writers:
         w.close()
     run.write_step_records(records)
-    edges = phase_edges(plan.steps, cfg.embed.phases)
+    edges = segment_bounds(plan.steps, cfg.embed.phases)
     bounds = segment_bounds(plan.steps, plan.segments)
     workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges)
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -314,7 +314,7 @@ def test_docs_scale_shows_what_plan_prints(capsys):
 
 def test_docs_scale_prose_quotes_the_plan():
     """The numbers docs/scale.md's text quotes (rounded) are the plan's, not hand-typed."""
-    from rayattr.plan.estimate import human_bytes
+    from rayattr.report.units import human_bytes
 
     text = " ".join(open(os.path.join(ROOT, "docs", "scale.md")).read().split())
     cfg = load_config(os.path.join(ROOT, "jobs", "configs", "llama7b_1t.yaml"))

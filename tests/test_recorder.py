@@ -155,7 +155,7 @@ def test_bad_input_is_named(setup):
             pass
     rec.close()
     with pytest.raises(ConfigError, match="weights/final.safetensors"):
-        open_recorded(Run.open_uri(run.uri, readonly=False))
+        open_recorded(Run.open_uri(run.uri, mode="record"))
 
 
 def record_steps(rec, model, opt, data, steps):

@@ -259,7 +259,7 @@ import sys, time
 sys.path.insert(0, sys.argv[2])
 from test_store import LAYERS, make_step
 from rayattr.store import GradientWriter, Run
-run = Run.open_uri(sys.argv[1], readonly=False)   # credentials from the AWS_* environment
+run = Run.open_uri(sys.argv[1], mode="record")   # credentials from the AWS_* environment
 w = GradientWriter(run, 0, LAYERS, steps_per_shard=2, queue_depth=1)
 print("ready", flush=True)
 step = 0

@@ -51,7 +51,7 @@ def tiny_config(store: str, run_id: str, **train) -> Config:
 def two_ranks(local_ray, tmp_path_factory) -> Run:
     """A finished run on 2 ranks (ZeRO-1, the default) to validate."""
     result = run_pipeline(tiny_config(str(tmp_path_factory.mktemp("store")), "two"), progress=False)
-    return Run.open_uri(result.uri, readonly=False)
+    return Run.open_uri(result.uri, mode="record")
 
 
 # --------------------------------------------------------------------------- retraining
@@ -156,7 +156,7 @@ def test_zero_weight_equals_trajectory_specific_leave_out(local_ray, tmp_path):
     equals a float64 by-hand leave-out for a subset and for single occurrences."""
     cfg = tiny_config(str(tmp_path), "loo", grad_accum=2, micro_batch=2,
                       deepspeed={"zero_optimization": {"stage": 0}})
-    run = Run.open_uri(run_pipeline(cfg, progress=False).uri, readonly=False)
+    run = Run.open_uri(run_pipeline(cfg, progress=False).uri, mode="record")
     samples = run.read_table("values/samples.parquet")
     rng = np.random.default_rng(3)
     removals = subset_removals(samples, 1, 0.1, rng) + occurrence_removals(samples, 2, rng)

@@ -33,7 +33,7 @@ def train_func(loop: dict) -> None:
     from rayattr.model.build import build_model
 
     cfg = Config.from_dict(loop["config"])
-    run = Run.open_uri(loop["run"], readonly=False)
+    run = Run.open_uri(loop["run"], mode="record")
     tok = load_tokenizer(cfg.data.tokenizer)
     data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
     # attribution rebuilds the final model from config.model, so build it from there too

@@ -259,7 +259,7 @@ class OnRay:
 def _put(batch: pa.Table, run_uri: str, storage_options: dict | None) -> pa.Table:
     from rayattr.store import Run, StoreOptions
 
-    run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}), readonly=False)
+    run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}), mode="record")
     for rel, data in zip(batch["rel"].to_pylist(), batch["data"].to_pylist()):
         run.write_bytes(rel, data)
     return batch.drop_columns(["data"])
@@ -277,7 +277,7 @@ def _copy_part(block: pa.Table, run_uri: str, storage_options: dict | None, grou
                prefix: str) -> pa.Table:
     from rayattr.store import Run, StoreOptions
 
-    run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}), readonly=False)
+    run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}), mode="record")
     rel = f"{prefix}/part-{int(block['position'][0].as_py()):012d}.parquet"  # named by its first row
     sink = pa.BufferOutputStream()
     pq.write_table(block.drop_columns(["file", "position"]), sink, compression="zstd", row_group_size=group_rows)

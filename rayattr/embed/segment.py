@@ -63,7 +63,7 @@ class SegmentWorker:
                  write_chunk: int = WRITE_CHUNK):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
-                                readonly=False)
+                                mode="record")
         self.seg = segment
         self.phase_edges = np.asarray(phase_edges)
         self.curvature = curvature

@@ -579,7 +579,8 @@ def _at(seq, t: int):
 
 
 def segment_bounds(num_steps: int, segments: int) -> list[int]:
-    """Split [0, num_steps) into ``segments`` contiguous ranges of near-equal length."""
+    """Split [0, num_steps) into ``segments`` contiguous ranges of near-equal length (fewer when
+    there are fewer steps): the segments' bounds, and the training phases' edges."""
     if segments < 1:
         raise ValueError(f"segments must be >= 1, got {segments}")
     segments = min(segments, num_steps) if num_steps else 1

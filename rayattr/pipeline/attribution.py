@@ -23,7 +23,7 @@ def open_recorded(ref: str | Run, storage_options: dict | None = None, wait_s: f
     its config and layer sizes, and every writer of its recording closed (waiting up to
     `wait_s` seconds for the open ones); a clear error naming what is missing otherwise."""
     run = ref if isinstance(ref, Run) else open_run_ref(
-        str(ref), options=StoreOptions(storage_options=dict(storage_options or {})), readonly=False)
+        str(ref), options=StoreOptions(storage_options=dict(storage_options or {})), mode="record")
     m = run.manifest
     status = m.get("status", "unknown")
     if status == "done":

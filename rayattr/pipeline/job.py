@@ -85,7 +85,7 @@ def main(argv=None, prog: str | None = None) -> int:
                                        storage_options=cfg.store.storage_options)
             print(f"resuming {run.uri} (status {run.manifest.get('status')})", flush=True)
         else:
-            run = start_run(cfg)  # the store is checked before Ray starts, the data before the run exists
+            run = start_run(cfg, connect_ray=True)  # the store is checked before Ray starts, the data before the run exists
     except RayattrError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT

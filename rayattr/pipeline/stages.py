@@ -25,9 +25,10 @@ from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
 from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
-from rayattr.reduce import phase_edges, write_outputs
+from rayattr.math.dvemb import segment_bounds
+from rayattr.reduce import write_outputs
 from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
-from rayattr.store import Run, StoreOptions
+from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
 from rayattr.store.storage import Storage
@@ -70,7 +71,8 @@ def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -
 
 
 def create_run(cfg: Config) -> Run:
-    """A new run in the store whose manifest holds the full, replayable config."""
+    """The empty run in the store whose manifest holds the full, replayable config: start_run's
+    step after the data is checked (benches call it to skip the data stage's checks)."""
     options = StoreOptions(storage_options=cfg.store.storage_options)
     spec = ProjectionSpec(rank=cfg.capture.rank, seed=cfg.capture.seed, kind=cfg.capture.kind)
     manifest = {"config": cfg.to_dict(), "projection": spec.to_dict(), "world_size": cfg.train.ranks,
@@ -88,9 +90,12 @@ def write_data(cfg: Config, run: Run, prepared: PreparedData | None = None) -> f
     return time.perf_counter() - t
 
 
-def start_run(cfg: Config, connect_ray: bool = True) -> Run:
-    """Check and tokenise the data (Ray Data tasks), then create the run holding it: bad data or
-    an unreachable store fail here, before the run exists and before any training starts."""
+def start_run(cfg: Config, connect_ray: bool = False) -> Run:
+    """The one way to make a new run (public as rayattr.new_run, for a user's own training loop;
+    the built-in job calls it with connect_ray=True). Check and tokenise the data, then create
+    the run holding it: bad data or an unreachable store fail here, before the run exists and
+    before any training starts. The data stage runs on Ray Data when this process has Ray
+    (connect_ray: joins it first), else in this process."""
     cfg.validate()
     resolve_optimizer(cfg)  # the optimizer and the capture that goes with it
     check_model(cfg.model)  # the factory loads, model.extra's keys are known: in the driver
@@ -108,15 +113,9 @@ def start_run(cfg: Config, connect_ray: bool = True) -> Run:
     return run
 
 
-def new_run(cfg: Config) -> Run:
-    """rayattr.new_run: the data checked and the run created for a user's own training loop; the
-    data stage runs on Ray Data when this process has Ray, else in this process."""
-    return start_run(cfg, connect_ray=False)
-
-
 def run_pipeline(cfg: Config, progress: bool = True) -> RunResult:
     """Every stage of a new run: data, training, embedding, reduce."""
-    return complete_run(cfg, start_run(cfg), progress)
+    return complete_run(cfg, start_run(cfg, connect_ray=True), progress)
 
 
 # Keys a resumed run may change: where the store is, how many restarts, where actors go.
@@ -125,7 +124,9 @@ RESUMABLE_KEYS = ("run_id", "store", "train.max_restarts", "train.placement", "e
 
 def open_for_resume(ref: str, given: Config | None, store: str | None = None,
                     storage_options: dict | None = None) -> tuple[Config, Run]:
-    """The recorded config and the run named by `ref` (a run id under the store, or a run URI).
+    """The recorded config and the run named by `ref` (a run id under the store, or a run URI),
+    opened in "resume" mode. It exists beside open_run_ref because a resume must also reconcile
+    the config given now with the recorded one.
 
     `given` (from --config and overrides) must agree with the recorded config except in
     RESUMABLE_KEYS: resuming with other settings would splice two different trajectories.
@@ -133,10 +134,7 @@ def open_for_resume(ref: str, given: Config | None, store: str | None = None,
     root = store or (given.store.uri if given else Config().store.uri)
     so = storage_options if storage_options is not None else (given.store.storage_options if given else {})
     options = StoreOptions(storage_options=so)
-    run = (Run.open_uri(ref, options=options, readonly=False) if "/" in ref
-           else Run.open(root, ref, options=options, readonly=False))
-    if "config" not in run.manifest:
-        raise ConfigError(f"run {run.uri} has no recorded config: it was not made by rayattr's pipeline")
+    run = open_run_ref(ref, options=options, mode="resume", store=root)
     recorded = Config.from_dict(run.manifest["config"])
     if given is not None:
         diff = recorded.differences(given, ignore=RESUMABLE_KEYS)
@@ -206,7 +204,7 @@ def _attribute_recorded(cfg: Config, run: Run, timings: dict[str, float] | None,
                         segments: int | None, progress: bool) -> RunResult:
     timings = dict(timings if timings is not None else (run.manifest.get("timings") or {}))
     try:
-        result = attribute(cfg, run, run.reload_manifest()["num_steps"], segments=segments, progress=progress)
+        result = embed_and_reduce(cfg, run, run.reload_manifest()["num_steps"], segments=segments, progress=progress)
     except DivergenceError as err:  # nothing non-finite was written; the run says where it stopped
         message = str(getattr(err, "cause", None) or err)  # the message, not Ray's task traceback
         run.update_manifest(status="failed", error=message)
@@ -225,7 +223,7 @@ TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, RECORDS_KIND)
 EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
 
 
-def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
+def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
               progress: bool = True) -> RunResult:
     """Embedding and reduce stages on a trained run: segment actors, the chain through them
     (vectors for the values, suffixes for the final embeddings), values and aggregates."""
@@ -237,7 +235,7 @@ def attribute(cfg: Config, run: Run, num_steps: int, segments: int | None = None
     n_seg, bounds = choose_segments(run, num_steps, segments,
                                     lambda: cfg.embed.segments or default_segments(cfg.train.use_gpu))
     run.update_manifest(status="embedding")
-    edges = phase_edges(num_steps, cfg.embed.phases)
+    edges = segment_bounds(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg, segment_bounds=bounds)
     # training's commit entries folded into a few manifests: each segment's readers then open
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)

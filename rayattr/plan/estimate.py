@@ -31,6 +31,7 @@ from rayattr.model.limits import VALIDATION_ROWS
 from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
 from rayattr.reduce.aggregate import BOOTSTRAP_MAX_N
 from rayattr.report.limits import MEDIAN_CAP, SCAN_ROWS
+from rayattr.report.units import human_bytes
 from rayattr.store.reader import WINDOW_BYTES
 from rayattr.store.shard import META_COLUMNS
 from rayattr.store.writer import MAX_BUFFER_BYTES, QUEUE_DEPTH
@@ -629,13 +630,6 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
 
 
 # ---------------------------------------------------------------------------- output
-
-def human_bytes(b: float) -> str:
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if b >= scale:
-            return f"{b / scale:.3g} {unit}"
-    return f"{b:.0f} B"
-
 
 def human_time(s: float) -> str:
     for unit, scale in (("d", 86400), ("h", 3600), ("min", 60)):

@@ -1,16 +1,16 @@
 """Answers from a finished run: query texts scored against the stored per-occurrence embeddings.
 
-    run = open_finished("./rayattr_runs/run-001")
+    run = rayattr.open_run("./rayattr_runs/run-001").run
     result = query_run(run, ["some new input"], k=10, by_source=True)
     result.helpful, result.harmful, result.sources, result.notices
 """
 
 from rayattr.query.errors import QueryError
-from rayattr.query.runs import RunNotFinished, open_finished, require_finished
+from rayattr.query.runs import RunNotFinished, require_finished
 from rayattr.query.texts import read_query_file
 
 __all__ = ["QueryError", "QueryResult", "OccurrenceScores", "RunNotFinished", "embedding_reader",
-           "open_finished", "query_gradients", "query_run", "rank_samples", "rank_sources",
+           "query_gradients", "query_run", "rank_samples", "rank_sources",
            "read_query_file", "require_finished", "score_occurrences"]
 
 # Scoring needs torch (and the model); loaded on first use so that opening a finished run

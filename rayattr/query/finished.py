@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable
 
 import pyarrow as pa
 
-from rayattr.query.runs import open_finished
-from rayattr.store import Run
+from rayattr.query.runs import require_finished
+from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.layout import LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES
 
 if TYPE_CHECKING:  # scoring needs torch: imported by query() only, so tables open fast
@@ -76,6 +76,9 @@ class FinishedRun:
 
 
 def open_run(uri: str, storage_options: dict | None = None) -> FinishedRun:
-    """A finished run by its URI (local path, file:// or s3://); clear errors for an unknown
-    run (the runs that exist are listed) and for one that has not finished."""
-    return FinishedRun(open_finished(uri, storage_options))
+    """rayattr.open_run, the Python face of a finished run: a run id in the default store
+    ($RAYATTR_STORE, else ./rayattr_runs) or its URI (local path, file:// or s3://), opened
+    read-only (store/names.open_run_ref). Clear errors for an unknown run (StoreError, listing the
+    runs that exist) and for one that has not finished (RunNotFinished)."""
+    options = StoreOptions(storage_options=dict(storage_options or {}))
+    return FinishedRun(require_finished(open_run_ref(str(uri), options=options, mode="read")))

@@ -1,9 +1,9 @@
-"""Opening runs for answering: only finished runs have values and embeddings to read."""
+"""Only finished runs have values and embeddings to read: the check every reader makes."""
 
 from __future__ import annotations
 
 from rayattr.query.errors import QueryError
-from rayattr.store import Run, StoreOptions, open_run_ref
+from rayattr.store import Run
 
 
 class RunNotFinished(QueryError):
@@ -21,13 +21,3 @@ def require_finished(run: Run) -> Run:
                              "values, queries and reports need a run whose pipeline completed")
     return run
 
-
-def open_finished(uri: str, storage_options: dict | None = None) -> Run:
-    """Open a run by its URI (local path, file:// or s3://) or its bare id in the default store
-    ($RAYATTR_STORE, else ./rayattr_runs) read-only and check it finished.
-
-    StoreError for an unknown run (it lists the runs that exist), RunNotFinished for one
-    still running or abandoned.
-    """
-    options = StoreOptions(storage_options=dict(storage_options or {}))
-    return require_finished(open_run_ref(str(uri), options=options, readonly=True))

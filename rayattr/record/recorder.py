@@ -69,7 +69,7 @@ def _open_run(run: Run | str, storage_options: dict | None) -> Run:
         return run
     if not isinstance(run, str):
         raise TypeError(f"run must be a Run or a run URI, got {type(run).__name__}")
-    return Run.open_uri(run, options=StoreOptions(storage_options=storage_options or {}), readonly=False)
+    return Run.open_uri(run, options=StoreOptions(storage_options=storage_options or {}), mode="record")
 
 
 def _config(run: Run, config: Config | dict | None) -> Config:

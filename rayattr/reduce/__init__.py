@@ -2,6 +2,6 @@
 themselves: rayattr/embed/segment.py, docs/method.md §4; the test gradients they are scored
 against come from rayattr/model/gradients.py)."""
 
-from rayattr.reduce.aggregate import phase_edges, write_outputs
+from rayattr.reduce.aggregate import write_outputs
 
-__all__ = ["phase_edges", "write_outputs"]
+__all__ = ["write_outputs"]

@@ -15,12 +15,6 @@ from rayattr.embed.sums import SourcePhaseSums
 from rayattr.store import Run
 
 
-def phase_edges(num_steps: int, phases: int) -> list[int]:
-    """Step boundaries of `phases` equal buckets (fewer when there are fewer steps)."""
-    phases = max(1, min(phases, num_steps))
-    return [round(i * num_steps / phases) for i in range(phases + 1)]
-
-
 def segment_values(run: Run, n_segments: int):
     """Each segment's values table in turn (one in memory at a time), in training order:
     segments cover increasing step ranges, each sorted by (step, position)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rayattr.report.units import human_bytes
 from rayattr.store import Run
 
 STAGES = ("data", "train", "embed", "reduce")
@@ -162,7 +163,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines += format_validation(s.get("validation"), s["run_id"])
     if s.get("gc"):
         g = s["gc"]
-        lines.append(("gc", f"{g['objects']} intermediate objects ({format_bytes(g['bytes'])}) deleted {g['at']}: "
+        lines.append(("gc", f"{g['objects']} intermediate objects ({human_bytes(g['bytes'])}) deleted {g['at']}: "
                             + ", ".join(g["deleted"])))
     width = max(len(k) for k, _ in lines) + 2
     return "\n".join(f"{k:<{width}}{v}".rstrip() for k, v in lines)
@@ -207,13 +208,3 @@ def format_validation(v: dict[str, Any] | None, run_id: str) -> list[tuple[str, 
     if v.get("verdict"):
         lines.append(("verdict", v["verdict"]))
     return lines
-
-
-def format_bytes(n: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as object stores bill)."""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} PB"

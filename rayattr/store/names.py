@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .errors import StoreError
+from .layout import RUN_JSON
 from .options import StoreOptions
 from .run import Run
 
@@ -22,7 +23,7 @@ def is_bare_name(ref: str) -> bool:
     ref = os.fspath(ref)
     if "://" in ref or "/" in ref or os.sep in ref or ref.startswith((".", "~")):
         return False
-    return not os.path.isfile(os.path.join(ref, "run.json"))
+    return not os.path.isfile(os.path.join(ref, RUN_JSON))
 
 
 def resolve_run_uri(ref: str, store: str | None = None) -> str:
@@ -34,13 +35,15 @@ def resolve_run_uri(ref: str, store: str | None = None) -> str:
     return f"{(store or default_store()).rstrip('/')}/{ref}"
 
 
-def open_run_ref(ref: str, options: StoreOptions | None = None, readonly: bool = True,
+def open_run_ref(ref: str, options: StoreOptions | None = None, mode: str = "read",
                  store: str | None = None) -> Run:
-    """Run.open_uri on resolve_run_uri(ref); a bare name in a missing local store says where
-    it looked and how to point elsewhere (a wrong name in an existing store lists its runs)."""
+    """Run.open (its `mode`) of the run a user names: a bare run id in `store` (else the default
+    store), or a path or URI (resolve_run_uri). Every command that takes a run opens it here; a
+    bare name in a missing local store says where it looked and how to point elsewhere (a wrong
+    name in an existing store lists its runs)."""
     uri = resolve_run_uri(ref, store)
     if is_bare_name(ref) and "://" not in uri and not os.path.isdir(os.path.dirname(uri)):
         raise StoreError(f"no run '{ref}': runs are looked up in {os.path.dirname(uri)} "
                          f"(${STORE_ENV}, else {DEFAULT_STORE}), which does not exist here; "
                          "set RAYATTR_STORE or give the run's path or URI")
-    return Run.open_uri(uri, options=options, readonly=readonly)
+    return Run.open_uri(uri, options=options, mode=mode)

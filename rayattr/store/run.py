@@ -30,6 +30,7 @@ STORE_FORMAT = 1
 # one `rayattr values` in six exit with status 134 after printing its answer.
 THREADED_READ_BYTES = 64 << 20
 # Fields the store owns in run.json; callers may not change them after creation.
+OPEN_MODES = ("read", "record", "resume")  # Run.open
 _FIXED_FIELDS = ("run_id", "created", "store_format")
 # Directories whose objects only the writers/commit protocol may create.
 # Manifest keys that smell like credentials: refused so secrets never land in run.json.
@@ -120,15 +121,24 @@ class Run:
             storage.create_bytes(layout.RUN_JSON, _encode_manifest(full))
         except FileExistsError:
             if exist_ok:
-                return cls.open(root_uri, run_id, options, readonly=False)
+                return cls.open(root_uri, run_id, options, mode="record")
             raise StoreError(f"run '{run_id}' already exists at {storage.uri}; another job may be "
                              "writing it (choose another run id, or --resume it)") from None
         return cls(storage, run_id, full, readonly=False)
 
     @classmethod
     def open(cls, root_uri: str, run_id: str, options: StoreOptions | None = None,
-             readonly: bool = True) -> "Run":
-        """Existing run (read-only unless readonly=False); StoreError if there is none."""
+             mode: str = "read") -> "Run":
+        """The one way to open an existing run (StoreError if there is none). `mode`:
+
+        - "read": read-only (values, queries, reports, plans);
+        - "record": writable, for whatever writes into it (recording, the stages, validation);
+        - "resume": writable, and the run must hold the config the pipeline recorded, so its
+          stages can be replayed (`rayattr train --resume`).
+
+        Every other opener resolves a name to (root, run id) and calls this."""
+        if mode not in OPEN_MODES:
+            raise StoreError(f"mode must be one of {OPEN_MODES}, got {mode!r}")
         options = options or StoreOptions()
         layout.check_run_id(run_id)
         root = Storage(root_uri, options)
@@ -144,17 +154,21 @@ class Run:
             manifest = json.loads(raw)
         except ValueError as err:
             raise StoreError(f"{storage.uri}/run.json is not valid JSON: {err}") from None
-        return cls(storage, run_id, manifest, readonly)
+        if mode == "resume" and "config" not in manifest:
+            raise StoreError(f"run {storage.uri} has no recorded config: it was not made by rayattr's "
+                             "pipeline, so it cannot be resumed")
+        return cls(storage, run_id, manifest, readonly=mode == "read")
 
     @classmethod
     def open_uri(cls, run_uri: str, options: StoreOptions | None = None,
-                 readonly: bool = True) -> "Run":
-        """Open from the run's own URI, e.g. s3://bucket/prefix/run-001."""
+                 mode: str = "read") -> "Run":
+        """Run.open from the run's own URI, e.g. s3://bucket/prefix/run-001: what workers and
+        actors are handed (one string, not a root and an id)."""
         scheme, path = split_uri(run_uri)
         parent, run_id = posixpath.split(path.rstrip("/"))
         if not parent or not run_id:
             raise StoreError(f"'{run_uri}' is not a run URI (expected <root>/<run_id>)")
-        return cls.open(join_uri(scheme, parent), run_id, options, readonly)
+        return cls.open(join_uri(scheme, parent), run_id, options, mode)
 
     # -- manifest --------------------------------------------------------------------------
     @property
@@ -228,7 +242,7 @@ class Run:
     def _check_writable(self, what: str) -> None:
         if self.readonly:
             raise StoreError(f"run '{self.run_id}' is open read-only; {what} needs "
-                             "Run.open(..., readonly=False)")
+                             "Run.open(..., mode='record')")
 
     def _rel(self, rel: str, writing: bool = False) -> str:
         parts = rel.replace("\\", "/").split("/") if isinstance(rel, str) else [""]

@@ -45,7 +45,7 @@ class ValidationResult:
 def open_validatable(uri: str | Run, storage_options: dict | None = None) -> Run:
     """The run, writable, if its pipeline finished (values exist to compare with)."""
     run = uri if isinstance(uri, Run) else open_run_ref(  # a run id, path or URI
-        str(uri).rstrip("/"), StoreOptions(storage_options=dict(storage_options or {})), readonly=False)
+        str(uri).rstrip("/"), StoreOptions(storage_options=dict(storage_options or {})), mode="record")
     status = run.manifest.get("status", "unknown")
     if status != "done":
         raise ValidationError(f"run '{run.run_id}' is not finished (status '{status}'): validation "
