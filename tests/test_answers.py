@@ -27,7 +27,6 @@ def test_a_source_stands_apart_only_clear_of_the_others_and_of_zero():
     line = standing_sentence(SOURCES)
     assert line.startswith("corrupted (hurt) stands apart") and "the other 2 sources' intervals overlap" in line
     assert "no source stands apart" in standing_sentence(SOURCES[:2])
-    assert "made before" in standing_sentence([{"source": "a", "value": 1.0}])
 
 
 def test_noise_sentences_say_how_many_are_clear_and_when_none_is():

@@ -3,7 +3,6 @@ replaces what its successor wrote, and duplicates are resolved by writer epoch, 
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,19 +86,6 @@ def test_a_zombie_writers_late_registration_does_not_decide_its_rank(run, monkey
     epochs.claim(run._storage, "train", 0, 4, "starting")
     zombie._register("closed")
     assert _open(run) == [(0, "starting")]
-
-
-def test_a_run_from_before_epoch_registrations_reads(run):
-    """A run written before registrations carried the epoch: one per rank, rNNNN.json."""
-    legacy = {"rank": 1, "kind": "train", "status": "open", "writer": "old", "host": "h", "pid": 1,
-              "time": 0.0, "step_range": None}
-    run._storage.put_bytes("writers/train/r0001.json", json.dumps(legacy).encode())
-    assert _open(run) == [(1, "old")]
-    run._storage.put_bytes("writers/train/r0001.json", json.dumps({**legacy, "status": "closed"}).encode())
-    assert _open(run) == []
-    with GradientWriter(run, 1, L) as w:  # a resumed rank registers under its epoch
-        assert _open(run) == [(1, w._id)]
-    assert _open(run) == []
 
 
 def test_duplicate_steps_go_to_the_later_epoch_not_the_later_clock():

@@ -32,3 +32,26 @@ def test_an_unknown_mode_is_refused(tmp_path):
     _run(tmp_path)
     with pytest.raises(StoreError, match="mode must be one of"):
         Run.open(str(tmp_path / "store"), "r", mode="write")
+
+
+@pytest.mark.parametrize("found", [1, None])
+def test_a_run_of_another_store_format_is_refused_naming_both(tmp_path, found):
+    import json
+
+    from rayattr.errors import RayattrError
+    from rayattr.store.run import STORE_FORMAT
+
+    run = _run(tmp_path)
+    path = tmp_path / "store" / "r" / "run.json"
+    manifest = json.loads(path.read_text())
+    if found is None:
+        del manifest["store_format"]
+    else:
+        manifest["store_format"] = found
+    path.write_text(json.dumps(manifest))
+    for opener in (lambda: Run.open_uri(run.uri), lambda: open_run_ref(run.uri, mode="record")):
+        with pytest.raises(RayattrError) as err:
+            opener()
+        assert (f"store format {found}, but this rayattr" in str(err.value)
+                and f"reads store format {STORE_FORMAT} only" in str(err.value)), err.value
+    assert STORE_FORMAT == 2

@@ -180,11 +180,9 @@ def stored_dtype(run: Run) -> torch.dtype:
 
 
 def stored_blocks(run: Run, reader: GradientReader) -> ProjectionBlocks:
-    """The projection blocks stored beside the run's final embeddings (none for older runs,
-    or runs made with embed.error_blocks = 1)."""
+    """The projection blocks stored beside the run's final embeddings (none for runs made with
+    embed.error_blocks = 1)."""
     q = int(((run.manifest.get("config") or {}).get("embed") or {}).get("error_blocks", 1))
     layers = {n: p for n, p in reader.layers.items() if not is_block(n)}
     blocks = ProjectionBlocks.for_run({**run.manifest, "layer_dims": layers}, q)
-    if blocks.enabled and not set(blocks.index) <= set(reader.layers):
-        return ProjectionBlocks(layers, 1, 1, 1)
     return blocks

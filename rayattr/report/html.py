@@ -27,8 +27,6 @@ from rayattr.store.layout import PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES, VAL
 def sample_totals(samples: pa.Table) -> list[dict]:
     """Each training sample's value summed over its occurrences, with source and the
     projection's standard error (occurrences' errors added in quadrature), best first."""
-    if "value_se" not in samples.column_names:  # runs made before value_se
-        samples = samples.append_column("value_se", pa.nulls(samples.num_rows, pa.float64()))
     samples = samples.append_column("se2", pc.multiply(samples["value_se"], samples["value_se"]))
     g = samples.group_by(["sample_id", "source"]).aggregate([("value", "sum"), ("step", "count"), ("se2", "sum")])
     g = g.rename_columns(["sample_id", "source", "value", "n_occurrences", "se2"]).sort_by([("value", "descending")])
@@ -53,8 +51,6 @@ def scan_samples(run: Run, columns: list[str] | None = None) -> Iterator[pa.Reco
 
 def _with_se2(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     t = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-    if "value_se" not in t.column_names:  # runs made before value_se
-        t = t.append_column("value_se", pa.nulls(t.num_rows, pa.float64()))
     return t.append_column("se2", pc.multiply(t["value_se"], t["value_se"]))
 
 

@@ -49,8 +49,6 @@ def standing_sentence(rows: list[Row]) -> str:
     """One line a person can act on: which sources stand apart (helped or hurt), and that the
     order of the rest is within their intervals (what a bare top/bottom would overstate)."""
     with_ci = [r for r in rows if has_interval(r)]
-    if not with_ci:
-        return "no source intervals in this run (made before rayattr recorded them): the order is not established"
     by_name = {r["source"]: r for r in with_ci}
     apart = stand_apart(with_ci)
     if not apart:
@@ -69,7 +67,7 @@ def standing_sentence(rows: list[Row]) -> str:
 
 def split_by_noise(rows: list[Row], within: str = "within_noise") -> tuple[list[Row], list[Row]]:
     """Ranked sample rows as (clear of noise, within noise), each in its ranked order; a row
-    without an SE (runs made before value_se) counts as clear: nothing says otherwise."""
+    without an SE (embed.error_blocks = 1 estimates none) counts as clear: nothing says otherwise."""
     clear = [r for r in rows if not r.get(within)]
     return clear, [r for r in rows if r.get(within)]
 

@@ -19,7 +19,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 def loss_summary(records) -> dict[str, Any] | None:
     """First, last and lowest recorded training loss and the per-step series; None when the
-    run recorded none (runs made before rayattr recorded the loss)."""
+    run recorded none (the training loop gave the Recorder no loss)."""
     pts = [(r.step, r.loss) for r in records if r.loss is not None]
     if not pts:
         return None
@@ -158,7 +158,7 @@ def format_summary(s: dict[str, Any]) -> str:
                               f"{len(loss['loss'])} of {s['recorded_steps']} steps recorded)"))
         lines.append(("", sparkline(loss["loss"])))
     else:
-        lines.append(("loss", "not recorded (run made before rayattr recorded the training loss)"
+        lines.append(("loss", "not recorded (the training loop gave the Recorder no loss)"
                       if s["recorded_steps"] else "no steps recorded yet"))
     lines += format_validation(s.get("validation"), s["run_id"])
     if s.get("gc"):

@@ -32,8 +32,8 @@ _SCHEMA = pa.schema([
     pa.field("lr", pa.float64()), pa.field("eta", pa.float64()),
     pa.field("sample_ids", pa.list_(pa.int64())), pa.field("sources", pa.list_(pa.string())),
     pa.field("ranks", pa.list_(pa.int32())), pa.field("clip", pa.float64()),
-    pa.field("loss", pa.float64()),  # null in runs recorded before it was (and when unknown)
-    # AdamW (docs/method.md §7); SGD runs and runs recorded before them read the defaults
+    pa.field("loss", pa.float64()),  # null when the training loop gave none
+    # AdamW (docs/method.md §7); SGD runs read the defaults
     pa.field("optimizer", pa.string()), pa.field("weight_decay", pa.float64()),
     pa.field("beta1", pa.float64()), pa.field("beta2", pa.float64()), pa.field("eps", pa.float64()),
     pa.field("adam_step", pa.int64()), pa.field("precondition_step", pa.int64()),

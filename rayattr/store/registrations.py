@@ -8,8 +8,7 @@ is the moment every registration of its kinds is closed (Recorder.finish waits f
 Each writer registers under its own epoch (store/epochs.py) and a rank's state is its latest
 epoch's registration: a zombie writer (a restarted rank's predecessor) that writes its
 registration late only changes its own, older one, so it can neither mark the rank closed
-while its successor is open nor open again after it closed. Runs from before have one
-registration per rank (writers/<kind>/rNNNN.json), read as its epoch's.
+while its successor is open nor open again after it closed.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from .storage import Storage
 if TYPE_CHECKING:
     from .run import Run
 
-_NAME = re.compile(r"^r(\d+)(?:\.e(\d+))?\.json$")  # r<rank>[.e<epoch>].json
+_NAME = re.compile(r"^r(\d+)\.e(\d+)\.json$")  # r<rank>.e<epoch>.json
 
 # kinds a training run records: their writers must all be closed before attribution
 TRAINING_KINDS = ("train", "curvature", layout.UPDATE_KIND)
@@ -57,11 +56,11 @@ def current(storage: Storage, kind: str, rank: int | None = None) -> dict[int, d
     yet (its writer is starting, or died starting) counts as open, described by the claim.
     The registrations are listed before the claims: a writer that claims and registers in
     between is then seen as starting, never missed. One registration is read per rank."""
-    latest: dict[int, tuple[int, str]] = {}  # rank -> (epoch in the name, 0: none), path
+    latest: dict[int, tuple[int, str]] = {}  # rank -> (epoch in the name), path
     for rel in storage.find(layout.writer_dir(kind)):
         m = _NAME.match(posixpath.basename(rel))
         if m and (rank is None or int(m[1]) == rank):
-            e = int(m[2] or 0)
+            e = int(m[2])
             if e >= latest.get(int(m[1]), (-1, ""))[0]:
                 latest[int(m[1])] = (e, rel)
     claimed = epochs.latest(storage, kind)

@@ -23,7 +23,9 @@ from .records import (StepLoss, StepRecord, StepRecordWriter, last_record_step, 
                       read_step_records)
 from .storage import Storage
 
-STORE_FORMAT = 1
+# The run format this rayattr writes and reads; a run of any other format is refused (Run.open).
+# 2: writer epochs in every writer's object names, value_se and source intervals in values/.
+STORE_FORMAT = 2
 # Parquet objects smaller than this decode on the calling thread: as fast at that size, and
 # a process that never starts pyarrow's thread pool cannot hit its abort at interpreter exit
 # ("terminate called without an active exception", apache/arrow#34314), which made about
@@ -154,6 +156,11 @@ class Run:
             manifest = json.loads(raw)
         except ValueError as err:
             raise StoreError(f"{storage.uri}/run.json is not valid JSON: {err}") from None
+        found = manifest.get("store_format") if isinstance(manifest, dict) else None
+        if found != STORE_FORMAT:
+            raise StoreError(f"run {storage.uri} is in store format {found}, but this rayattr "
+                             f"({_package_version()}) reads store format {STORE_FORMAT} only: record it "
+                             "again with this version, or read it with the rayattr that made it")
         if mode == "resume" and "config" not in manifest:
             raise StoreError(f"run {storage.uri} has no recorded config: it was not made by rayattr's "
                              "pipeline, so it cannot be resumed")
