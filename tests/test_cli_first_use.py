@@ -191,7 +191,7 @@ def test_gc_dry_run_then_delete_keeps_the_answers(capsys, finished_run, tmp_path
     run_dir = tmp_path / "answers"
     before = {p for p in run_dir.rglob("*") if p.is_file()}
     code, out, _ = rayattr(capsys, "gc", str(run_dir), "--dry-run")
-    assert code == 0 and "dry run" in out and "grads/train" in out and "KB" in out
+    assert code == 0 and "dry run" in out and "grads/train" in out and "kB" in out
     assert {p for p in run_dir.rglob("*") if p.is_file()} == before  # nothing deleted
 
     code, out, _ = rayattr(capsys, "gc", str(run_dir))
