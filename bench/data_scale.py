@@ -9,7 +9,7 @@
    corpus size (default once; sizes interleaved), watched by bench/scale.py's Poller: wall
    time, the run's own stage timings (manifest `timings`: data, train, embed, reduce, and the
    rest of the wall), and the peak RSS of the driver (VmHWM), of each rank actor (Ray Train
-   worker), segment actor, validation task and the Ray Train controller, each against the 1x
+   worker), segment actor (its validation shard included) and the Ray Train controller, each against the 1x
    run (times the fastest run, peaks the largest). A whole run's time moves by tens of
    percent on a shared machine: one run per size cannot resolve a 1.2x ratio there.
 2. The data path alone. For each corpus size, in fresh processes (so each peak is its own):

@@ -50,7 +50,7 @@ from rayattr.store import Run  # noqa: E402
 # as Ray Train workers (RayTrainWorker, rayattr/train/trainer.py), RankWorker where one is an
 # actor of its own; Ray Train's controller actor drives them.
 GROUPS = {"rank actor": ("RayTrainWorker", "RankWorker"), "segment actor": ("SegmentWorker",),
-          "validation task": ("_validation_shard",), "train controller": ("TrainController",)}
+          "train controller": ("TrainController",)}
 FORK = " (forked child)"
 EMBED_OUTPUTS = {"embed", "values", "embeddings", "local"}
 

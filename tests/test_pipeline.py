@@ -247,39 +247,41 @@ def test_phase_and_layer_breakdowns_sum_to_the_source_values(trained):
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_validation_gradient_from_shards_equals_the_whole_set(trained, shards):
-    """Ray tasks with a CPU each, one per shard of the validation set, summed in float64:
-    the mean gradient of the whole set (per-sample rows are float32, batched differently)."""
-    import ray
-
-    from rayattr.pipeline.stages import start_validation_gradient
-    from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
+def test_validation_gradient_from_segment_shards_equals_the_whole_set(trained, shards):
+    """Each segment actor sums its shard of the validation set (SegmentWorker.validation_sum,
+    one per segment), and the last turns the shards into w = v: the mean gradient of the whole
+    set, in float64 (per-sample rows are float32, batched differently)."""
+    from rayattr.embed.segment import SegmentSpec, SegmentWorker
+    from rayattr.math.dvemb import segment_bounds
+    from rayattr.model.gradients import validation_gradient_sum
 
     _, run, _ = trained
     whole = validation_gradient(run)
-    got = ray.get(start_validation_gradient(run, None, shards=shards))
-    assert set(got) == set(whole)
-    for n in whole:
-        assert got[n].dtype == torch.float64
-        torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-7)
-    parts = [validation_gradient_sum(run, i, 5) for i in range(5)]
+    n = run.manifest["num_steps"]
+    bounds = segment_bounds(n, shards)
+    workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), [0, n])
+               for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    parts = [w.validation_sum(shards) for w in workers]
     table = run.read_table("data/validation.parquet")
-    assert sum(p[1] for p in parts) == table.num_rows
+    assert sum(p[1] for p in parts) == table.num_rows and all(p[1] > 0 for p in parts)
+    w, z = workers[-1].shard_vectors(*parts)
+    assert z is None  # SGD: no momentum carried
+    for name in whole:
+        assert w[name].dtype == torch.float64
+        torch.testing.assert_close(w[name], whole[name], rtol=1e-5, atol=1e-7)
+        assert float(whole[name].abs().max()) > 0
     if shards == 1:  # each shard reads only its row groups: the sums of the whole-table read, bit for bit
         from rayattr.model.gradients import VALIDATION_ROWS, final_model, shard_rows, text_gradients
 
         model = final_model(run)
-        for i, (sums, rows) in enumerate(parts):
+        for i in range(5):
+            sums, rows = validation_gradient_sum(run, i, 5)
             a, b = shard_rows(table.num_rows, i, 5)
             want: dict[str, torch.Tensor] = {}
             for start in range(a, b, VALIDATION_ROWS):
                 g = text_gradients(run, table.slice(start, min(b, start + VALIDATION_ROWS) - start), model=model)
                 want = {n: want[n] + x.double().sum(0) if n in want else x.double().sum(0) for n, x in g.items()}
             assert rows == b - a and all(torch.equal(sums[n], want[n]) for n in want)
-    local = mean_of_sums(parts)
-    for n in whole:
-        torch.testing.assert_close(local[n], got[n], rtol=1e-5, atol=1e-7)
-        assert float(whole[n].abs().max()) > 0
 
 
 def source_sums(batches, emb) -> dict[str, dict[str, np.ndarray]]:

@@ -15,7 +15,8 @@ from rayattr.config import Config, load_config
 from rayattr.math.dvemb import segment_bounds
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
-from rayattr.plan.estimate import Throughput, estimate, format_plan, ipc_bytes, parse_count, plan_main
+from rayattr.plan.estimate import (VALIDATION_PHASE, Throughput, estimate, format_plan, ipc_bytes, parse_count,
+                                   plan_main)
 from rayattr.report.units import human_bytes
 from rayattr.store import GradientWriter, Run, StepRecord
 from rayattr.model.build import build_model
@@ -272,7 +273,7 @@ def test_node_memory_warns_for_every_term_and_process_above_it():
     assert 6 * 2 ** 30 / 8 < per_rank < 6 * 2 ** 30
     assert any(n.startswith("warning: 8 ranks per node need") for n in roomy.notes)
     assert not [n for n in estimate(cfg, tokens=1e8).notes if n.startswith("warning:")]  # no node given: silent
-    assert "validation task" in format_plan(plan)
+    assert "segment actor, validation shard" in format_plan(plan)
 
 
 def test_throughput_defaults_follow_the_config():
@@ -345,7 +346,8 @@ def test_docs_scale_prose_quotes_the_plan():
         f"index ({human_bytes(p.memory['driver: index compaction'])})",
         f"its own rows of one token file ({human_bytes(p.memory['rank: token rows of its steps'])})",
         "Rank 0 resumes from the last committed step record without reading any",
-        f"per-sample gradients ({human_bytes(p.memory['validation task: model and gradients'])} with 1 % of the corpus held out",
+        f"per-sample gradients ({human_bytes(p.memory[VALIDATION_PHASE + ': model and gradients'])} "
+        "with 1 % of the corpus held out",
         f"total: {human_bytes(p.memory['report: per-sample totals (distinct samples)'])} for {p.n_samples / 1e6:.0f} M samples",
         f"{p.ranks} rank actors, one GPU each",
         f"checkpoints every {cfg.train.checkpoint_every} steps",

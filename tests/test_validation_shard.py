@@ -1,4 +1,4 @@
-"""A validation task reads only its shard's rows (rayattr/reduce/gradients.py): the row
+"""A segment actor's validation shard reads only its rows (rayattr/model/gradients.py): the row
 groups holding each slice, never the whole validation table, and hands text_gradients the very
 rows the whole-table read did, so the float64 sums are bit-identical."""
 

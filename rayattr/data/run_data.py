@@ -1,7 +1,7 @@
 """What a run holds of its data, and the only way the pipeline writes and reads it.
 
 - data/validation.parquet: the configured validation set, always copied, in row groups of
-  VALIDATION_GROUP_ROWS rows (a validation task reads only the row groups of its shard).
+  VALIDATION_GROUP_ROWS rows (a segment actor's validation shard reads only its row groups).
 - Training texts: copied into the run (data/train.parquet for the built-in corpus, data/train/
   part-*.parquet for files from elsewhere, copied a record batch at a time), or, when the files
   already sit in the store's own filesystem or bucket, left where they are: data/train.files.json
@@ -44,8 +44,8 @@ from rayattr.data.tokenizer import load_tokenizer
 # Rows per copied part and per row group of a copy: a lookup by id reads one row group.
 PART_ROWS = 1 << 18
 GROUP_ROWS = 1 << 14
-# Rows per row group of the validation set: a validation task reads only the row groups of its
-# slices of reduce/gradients.VALIDATION_ROWS rows (at most two per slice)
+# Rows per row group of the validation set: a segment actor's validation shard reads only the
+# row groups of its slices of model/gradients.VALIDATION_ROWS rows (at most two per slice)
 VALIDATION_GROUP_ROWS = 256
 
 

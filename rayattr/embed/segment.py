@@ -39,6 +39,7 @@ from rayattr.store.layout import (ALL_SUMS, FINAL_KIND, LOCAL_KIND, UPDATE_KIND,
                                   segment_sums_path, segment_values_path)
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.embed.tensors import load_tensors, save_tensors
+from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,20 @@ class SegmentWorker:
             self._chain_inputs = (K, R)
         return self._chain_inputs
 
+    def validation_sum(self, n_shards: int, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int]:
+        """(Σ per-sample gradients, rows) of this segment's shard of the validation set at the
+        final model (model/gradients.py). Each actor takes one shard before its sweep: the test
+        side needs no process of its own, and nothing waits for CPUs the actors hold."""
+        return validation_gradient_sum(self.run, self.seg.index, n_shards, device)
+
     def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> tuple:
         """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4)."""
         w = self.blocks.augment({n: g.to(torch.float64) for n, g in test_grad.items()})
         return w, ({n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None)
+
+    def shard_vectors(self, *shards: tuple[dict[str, torch.Tensor], int]) -> tuple:
+        """value_vectors of v, the mean validation gradient, from the actors' validation_sum shards."""
+        return self.value_vectors(mean_of_sums(list(shards)))
 
     def chain_vectors(self, vectors: tuple) -> tuple:
         """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =

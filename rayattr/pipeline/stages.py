@@ -21,13 +21,11 @@ from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
 from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_lambda_name, stability_edge
-from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
 from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.math.dvemb import segment_bounds
 from rayattr.reduce import write_outputs
-from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
 from rayattr.store.lease import driver_lease
@@ -241,15 +239,15 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
     run.compact_index(TRAINING_KINDS)
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
-    # the test side needs only the final weights: submitted before the segment actors, so on a
-    # small machine they wait for its CPUs (it never waits for them: no deadlock)
-    val_ref = start_validation_gradient(run, so, cfg.train.use_gpu)
     opt = resolve_optimizer(cfg)
     actors, specs, placement = start_segments(
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
         cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
     try:  # the actors and their placement group go on every exit path (a divergence included)
+        # the test side first: each actor sums its shard of the validation set at the final
+        # model before its sweep, so the model is freed before K is built
+        shards = [a.validation_sum.remote(n_seg, "cuda" if cfg.train.use_gpu else "cpu") for a in actors]
         done = wait_all([a.compute.remote() for a in actors], "embed", progress)
         timings["embed"] = time.perf_counter() - t
         run.update_manifest(segment_nodes=[d["node"] for d in done],
@@ -268,7 +266,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
         # actor uses its own K only, and the driver holds only object refs
         vectors: list = [None] * n_seg
-        vectors[-1] = actors[-1].value_vectors.remote(val_ref)
+        vectors[-1] = actors[-1].shard_vectors.remote(*shards)
         for ell in range(n_seg - 1, 0, -1):
             vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
         keep = cfg.embed.keep_sample_embeddings
@@ -282,7 +280,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
             for ell, a in enumerate(actors):
                 carry = a.chain_sums.remote(carry, ell == n_seg - 1)
             finals.append(carry)
-        del vectors, links  # each suffix is freed once its segment has finalised
+        del vectors, links, shards  # each suffix is freed once its segment has finalised
         wait_all(finals, "finalize", progress)
         out = write_outputs(run, n_seg, edges)
         run.compact_index(EMBEDDING_KINDS)  # what queries read
@@ -292,32 +290,3 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     finally:
         stop_segments(actors, placement)
     return RunResult(uri=run.uri, timings=timings, sources=out["sources"], segments=n_seg, num_steps=num_steps)
-
-
-def validation_shards(use_gpu: bool) -> int:
-    """One validation shard per CPU (GPU) of the cluster, at most MAX_VALIDATION_SHARDS."""
-    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
-    return max(1, min(devices, MAX_VALIDATION_SHARDS))
-
-
-def start_validation_gradient(run: Run, storage_options: dict | None, use_gpu: bool = False,
-                              shards: int | None = None):
-    """The validation gradient as Ray tasks with real resources (a CPU each, or a GPU with
-    use_gpu), one per shard of the validation set, averaged by a small task: returns its
-    ObjectRef, so the driver never holds the gradient or the data."""
-    n = shards or validation_shards(use_gpu)
-    res = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
-    device = "cuda" if use_gpu else "cpu"
-    parts = [_validation_shard.options(**res).remote(run.uri, storage_options, i, n, device) for i in range(n)]
-    return _mean_of_sums.options(num_cpus=0).remote(*parts)
-
-
-@ray.remote
-def _validation_shard(run_uri: str, storage_options: dict | None, shard: int, n_shards: int, device: str):
-    run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-    return validation_gradient_sum(run, shard, n_shards, device)
-
-
-@ray.remote
-def _mean_of_sums(*parts):
-    return mean_of_sums(list(parts))

@@ -28,7 +28,6 @@ from rayattr.data.limits import BATCH_ROWS as DATA_BATCH_ROWS
 from rayattr.data.limits import BUCKET_IDS, TASK_ROWS
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.model.limits import VALIDATION_ROWS
-from rayattr.pipeline.limits import MAX_VALIDATION_SHARDS
 from rayattr.reduce.aggregate import BOOTSTRAP_MAX_N
 from rayattr.report.limits import MEDIAN_CAP, SCAN_ROWS
 from rayattr.report.units import human_bytes
@@ -343,11 +342,16 @@ _REPORT_SAMPLE_BYTES = 52
 _RUNTIME_BYTES = 0.35e9
 
 
+# the segment actor's first phase, its shard of the validation gradient, as a process of the
+# memory table: it is not summed with the sweep's terms (segment_actor_peak takes the larger)
+VALIDATION_PHASE = "segment actor, validation shard"
+
+
 def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
                  source_chars: int, n_val: int) -> dict[str, float]:
     """Peak bytes of every term of every process, keyed "<process>: <what>". The processes
-    are the driver, each rank actor, each segment actor, each validation task and `rayattr
-    report`; the code each term follows is named beside it."""
+    are the driver, each rank actor, each segment actor (in its two phases: its validation
+    shard, then the sweep and chain) and `rayattr report`; the code each term follows is named beside it."""
     from rayattr.store.index import SPAN
 
     c, t = cfg.capture, cfg.train
@@ -407,10 +411,10 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # entries of the manifests covering its steps, per kind read
         "segment actor: step records and index": seg_rows * (_PY_RECORD_BYTES + source_chars)
                                                  + kinds * t.ranks * math.ceil((steps_seg + SPAN) / spr) * entry,
-        # pipeline._validation_shard: the model, the row groups of one slice of its shard (at
-        # most two of data/run_data.VALIDATION_GROUP_ROWS), the slice's per-sample gradients
-        # (float32, with the float64 sums beside) and tokens
-        "validation task: model and gradients": 4 * plan.n_params
+        # SegmentWorker.validation_sum, before the sweep (freed before K is built): the model, the
+        # row groups of one slice of its shard (at most two of data/run_data.VALIDATION_GROUP_ROWS),
+        # the slice's per-sample gradients (float32, with the float64 sums beside) and tokens
+        f"{VALIDATION_PHASE}: model and gradients": 4 * plan.n_params
                                                 + min(2 * VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
                                                 + min(VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
@@ -420,7 +424,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         "report: per-sample totals (distinct samples)": 3 * min(n, plan.occurrences) * (_REPORT_SAMPLE_BYTES + source_chars)
                                                         + SCAN_ROWS * _VALUE_ROW_BYTES + MEDIAN_CAP * 8,
     }
-    for proc in ("driver", "rank", "report", "segment actor", "validation task"):
+    for proc in ("driver", "rank", "report", "segment actor", VALIDATION_PHASE):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
     terms = {k: v for k, v in terms.items() if v or not k.startswith("rank: AdamW")}
     return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
@@ -445,9 +449,10 @@ def device_note(cfg: Config, plan: Plan, device_gb: float) -> str:
             "or capture.preconditioner: lagged keeps none")
 
 
-def validation_tasks(plan: Plan) -> int:
-    """Validation shards: one per device, at most MAX_VALIDATION_SHARDS (as the pipeline cuts them)."""
-    return max(1, min(plan.devices, MAX_VALIDATION_SHARDS))
+def segment_actor_peak(plan: Plan) -> float:
+    """A segment actor's peak: the larger of its two phases (the validation shard's model is
+    freed before the sweep)."""
+    return max(plan.process_memory.get("segment actor", 0.0), plan.process_memory.get(VALIDATION_PHASE, 0.0))
 
 
 def process_totals(memory: dict[str, float]) -> dict[str, float]:
@@ -466,10 +471,11 @@ def memory_warnings(plan: Plan, node_gb: float) -> list[str]:
            for k, v in plan.memory.items() if v > node]
     out += [f"warning: one {proc} needs {human_bytes(v)} in all, more than a node's {node_gb:g} GiB"
             for proc, v in plan.process_memory.items() if v > node]
-    per_node = {"rank": math.ceil(plan.ranks / plan.nodes), "segment actor": math.ceil(plan.segments / plan.nodes)}
-    for proc, k in per_node.items():
-        total = k * plan.process_memory.get(proc, 0.0)
-        if k > 1 and total > node >= plan.process_memory.get(proc, 0.0):
+    per_node = {"rank": (math.ceil(plan.ranks / plan.nodes), plan.process_memory.get("rank", 0.0)),
+                "segment actor": (math.ceil(plan.segments / plan.nodes), segment_actor_peak(plan))}
+    for proc, (k, one) in per_node.items():
+        total = k * one
+        if k > 1 and total > node >= one:
             out.append(f"warning: {k} {proc}s per node need {human_bytes(total)}, more than a node's {node_gb:g} GiB")
     return out
 
@@ -572,7 +578,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     if t.use_gpu and plan.update_rows:
         plan.notes.append(device_note(cfg, plan, device_memory_gb or 80.0))
     if actor_memory_gb:
-        need = plan.process_memory["segment actor"]
+        need = segment_actor_peak(plan)
         plan.notes.append(f"segment actors need {human_bytes(need)} each, whatever their steps: "
                           + (f"fits {actor_memory_gb:g} GiB" if need <= actor_memory_gb * GIB
                              else f"more than {actor_memory_gb:g} GiB (lower embed dtype or capture rank)"))
