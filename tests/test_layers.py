@@ -165,3 +165,18 @@ def test_reading_a_finished_run_imports_neither_torch_nor_ray():
                          cwd=ROOT.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# entry points print (results on stdout, errors and notes on stderr); library code logs under
+# the `rayattr` logger, which an entry point shows (runtime/logs.show_warnings)
+ENTRY_POINTS = {"rayattr.cli", "rayattr.pipeline.job", "rayattr.plan.estimate"}
+
+
+def test_only_entry_points_print():
+    printing = set()
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+               for n in ast.walk(tree)):
+            printing.add(module_name(path))
+    assert printing and printing <= ENTRY_POINTS, sorted(printing - ENTRY_POINTS)

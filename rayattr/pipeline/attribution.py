@@ -71,5 +71,5 @@ def attribute(run: str | Run, *, segments: int | None = None, cpu: bool = False,
     if cpu:
         cfg.train.use_gpu = False
     if not ray.is_initialized():
-        print(connect(), flush=True)
+        connect()
     return attribute_recorded(cfg, run, segments=segments, progress=progress)

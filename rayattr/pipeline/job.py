@@ -74,6 +74,8 @@ def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     from rayattr.pipeline.stages import complete_run, open_for_resume, start_run
 
+    show_warnings()  # the library's warnings, and where Ray runs, on stderr
+
     try:
         cfg, note = resolve_config(args)
         if note:
@@ -94,10 +96,9 @@ def main(argv=None, prog: str | None = None) -> int:
 
     from rayattr.runtime.cluster import connect
 
-    show_warnings()
     started = not ray.is_initialized()
     if started:
-        print(connect(), flush=True)
+        connect()
     try:
         result = complete_run(cfg, run, progress=not args.no_progress)
     except RayattrError as e:  # a NaN loss, a divergence, a store fault: committed data stays

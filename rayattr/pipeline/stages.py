@@ -64,7 +64,7 @@ def prepare_data(cfg: Config, options: StoreOptions, connect_ray: bool = True) -
     if not ray.is_initialized() and connect_ray:
         from rayattr.runtime.cluster import connect
 
-        print(connect(), flush=True)
+        connect()
     return run_data.prepare(cfg, so, on_ray=ray.is_initialized() and cfg.data.on_cluster, files=files)
 
 

@@ -8,6 +8,8 @@ import os
 
 from rayattr.runtime.logs import drop_messages
 
+log = logging.getLogger(__name__)
+
 # Worker processes of a local instance: one thread each (actors share the machine's cores).
 LOCAL_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Ray's warnings that are no news: with RAY_AUTH_MODE unset a new local instance turns token
@@ -31,16 +33,25 @@ def quiet_ray_worker() -> None:
 
 
 def connect(log_to_driver: bool = True) -> str:
-    """Initialise Ray once; returns a line saying which cluster this process is on.
+    """Initialise Ray once; returns a line saying which cluster this process is on, and logs it
+    at INFO (an entry point shows it: runtime/logs.show_warnings).
 
     Never a bare ray.init(): that attaches to whatever `ray start` left on the machine, and
     retries for ever a dead head still named in Ray's ray_current_cluster file.
     """
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return "ray: already initialised in this process"
+    line = _init(log_to_driver)
+    log.info("%s", line)
+    return line
+
+
+def _init(log_to_driver: bool) -> str:
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
     if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
         ctx = ray.init(address=address, log_to_driver=log_to_driver)
         return f"ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})"

@@ -8,9 +8,21 @@ import logging
 import sys
 
 
+# Loggers whose INFO records an entry point shows too, as they are: where Ray runs ("ray:
+# started a local Ray instance at ...").
+NOTES = ("rayattr.runtime.cluster",)
+
+
 class _LevelPrefix(logging.Formatter):
+    """"warning: ..." for warnings and errors; a note (INFO) as it is."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {super().format(record)}"
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _shown(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name in NOTES
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -31,15 +43,19 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def show_warnings(stream=None) -> logging.Handler:
-    """Print the `rayattr` logger's WARNING and ERROR records on `stream` (default: stderr as it
-    is at each record); idempotent, so each record prints once. With this handler found, Python's
-    last-resort handler no longer prints them a second time."""
+    """Print the `rayattr` logger's WARNING and ERROR records, and the NOTES loggers' INFO
+    records, on `stream` (default: stderr as it is at each record): what an entry point shows.
+    Idempotent, so each record prints once. With this handler found, Python's last-resort
+    handler no longer prints the warnings a second time."""
     logger = logging.getLogger("rayattr")
+    for name in NOTES:
+        logging.getLogger(name).setLevel(logging.INFO)
     for h in logger.handlers:
         if isinstance(h, _StderrHandler):
             return h
     handler = _StderrHandler(stream)
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(logging.INFO)
+    handler.addFilter(_shown)
     handler.setFormatter(_LevelPrefix("%(message)s"))
     logger.addHandler(handler)
     return handler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -117,8 +116,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
         from rayattr.runtime.cluster import connect
         from rayattr.validate.gangs import retrain_all
 
-        # RAY_ADDRESS's cluster, else a local one; on stderr, so --format json stays parseable
-        print(connect(log_to_driver=False), file=sys.stderr, flush=True)
+        connect(log_to_driver=False)  # RAY_ADDRESS's cluster, else a local one
 
         def keep(removal: Removal, out: dict) -> None:
             record = {"removal": removal.to_dict(), **out}
