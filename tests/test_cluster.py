@@ -45,24 +45,23 @@ def test_ray_address_joins_that_cluster_with_the_jobs_own_runtime_env(ray, monke
     assert line == "ray: joined the cluster at 10.0.0.1:6379 (RAY_ADDRESS=10.0.0.1:6379)"
 
 
-def test_library_code_logs_the_line_and_an_entry_point_shows_it(ray, capsys):
+def test_library_code_logs_the_line_and_an_entry_point_shows_it(ray, capsys, monkeypatch):
     """connect() prints nothing itself (a user's program decides what it shows); an entry point's
     show_warnings shows the line as it is on stderr, and warnings with their level."""
     import io
 
     from rayattr.runtime.logs import show_warnings
 
+    # as in a fresh process: no entry point's handler yet (an earlier test's CLI call added one)
+    monkeypatch.setattr(logging.getLogger("rayattr"), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("rayattr.runtime.cluster"), "level", logging.NOTSET)
     connect()
     assert capsys.readouterr() == ("", "")
     stream = io.StringIO()
-    handler = show_warnings(stream)
-    try:
-        ray.initialized = False
-        line = connect()
-        logging.getLogger("rayattr.embed").info("not shown: an INFO record of another logger")
-        logging.getLogger("rayattr.embed").warning("shown")
-    finally:
-        logging.getLogger("rayattr").removeHandler(handler)
+    show_warnings(stream)
+    line = connect()
+    logging.getLogger("rayattr.embed").info("not shown: an INFO record of another logger")
+    logging.getLogger("rayattr.embed").warning("shown")
     assert stream.getvalue().splitlines() == [line, "warning: shown"]
     assert capsys.readouterr().out == ""
 

@@ -132,8 +132,8 @@ def test_reader_of_a_training_run_sees_only_committed_steps(store_root):
     run.write_step_records([StepRecord(s, 0, 0.1, 0.1, [s], ["s"], [0]) for s in (0, 1)])
     # a crash between the two PUTs: a shard for steps 2-3 with no commit entry, and step records
     # likewise
-    run._storage.put_bytes(layout.shard_path("train", 0, 2, 3), b"half-written")
-    run._storage.put_bytes(layout.records_path(2, 3), b"half-written")
+    run._storage.put_bytes(layout.shard_path("train", 0, 2, 3, w.epoch), b"half-written")
+    run._storage.put_bytes(layout.records_path(2, 3, 1), b"half-written")
 
     reader_run = Run.open(store_root.uri, "r", store_root.options)
     reader = GradientReader(reader_run)

@@ -54,8 +54,8 @@ class ShardCommit:
     bytes: int  # shard size in bytes
     sha256: str  # hex digest of the whole shard
     committed_at: float  # writer's wall clock (seconds since epoch); informative only
+    epoch: int  # its writer's epoch (store/epochs.py, from 1)
     writer: str = ""  # id of the writer session that produced it
-    epoch: int = 0  # its writer's epoch (store/epochs.py); 0: written before writer epochs
     seq: int = 0  # how many commits its writer made before it: orders one writer's re-writes of a step
     format: str = SHARD_FORMAT  # shard encoding
     dtype: str = ""  # storage dtype of gradient columns
@@ -85,8 +85,8 @@ def write_commit(storage: Storage, rel: str, entry: ShardCommit) -> None:
 
 def latest_per_step(entries: list[ShardCommit]) -> dict[int, tuple[ShardCommit, Part | None]]:
     """step -> (entry, part); of entries holding the same step, the one whose writer registered
-    later (the larger epoch, store/epochs.py) wins, never the later wall clock. Ties (entries
-    of writers from before epochs) go to the larger object name, so every reader agrees."""
+    later (the larger epoch, store/epochs.py) wins, never the later wall clock; within one
+    epoch, the larger object name, so every reader agrees."""
     out: dict[int, tuple[ShardCommit, Part | None]] = {}
     for e in sorted(entries, key=lambda e: (e.epoch, e.shard)):
         if e.steps:

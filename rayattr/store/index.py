@@ -38,7 +38,7 @@ from .storage import Storage
 INDEX = "index"
 SPAN = 4096  # steps per manifest chunk: a segment's reader opens one or two of them
 _NAME = re.compile(r"^c(\d+)-(\d+)-(\d+)\.parquet$")
-_ENTRY = re.compile(r"^(\d+)-(\d+)(?:\.e\d+)?\.json$")  # <first>-<last>[.e<writer epoch>].json
+_ENTRY = re.compile(r"^(\d+)-(\d+)\.e\d+\.json$")  # <first>-<last>.e<writer epoch>.json
 _SCHEMA = pa.schema([("rank", pa.int64()), ("step_first", pa.int64()), ("step_last", pa.int64()),
                      ("shard", pa.string()), ("entry", pa.string())])
 

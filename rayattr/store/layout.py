@@ -60,11 +60,12 @@ def rank_dir(rank: int) -> str:
 
 
 def _epoch_suffix(epoch: int) -> str:
-    # epoch 0: a writer from before writer epochs (its objects carry no epoch in their names)
-    return f".e{epoch:0{STEP_DIGITS}d}" if epoch else ""
+    if epoch < 1:  # store/epochs.claim hands out 1, 2, ...
+        raise ValueError(f"writer epochs start at 1, got {epoch}")
+    return f".e{epoch:0{STEP_DIGITS}d}"
 
 
-def shard_path(kind: str, rank: int, first: int, last: int, epoch: int = 0) -> str:
+def shard_path(kind: str, rank: int, first: int, last: int, epoch: int) -> str:
     """A shard's object name: its writer's epoch is part of it, so a zombie writer (a restarted
     rank's predecessor) never overwrites its successor's objects."""
     return f"grads/{kind}/{rank_dir(rank)}/{step_range(first, last)}{_epoch_suffix(epoch)}{SHARD_SUFFIX}"
@@ -79,7 +80,7 @@ def commit_dir(kind: str, rank: int | None = None) -> str:
     return f"commits/{kind}" if rank is None else f"commits/{kind}/{rank_dir(rank)}"
 
 
-def commit_path(kind: str, rank: int, first: int, last: int, epoch: int = 0) -> str:
+def commit_path(kind: str, rank: int, first: int, last: int, epoch: int) -> str:
     return f"{commit_dir(kind, rank)}/{step_range(first, last)}{_epoch_suffix(epoch)}.json"
 
 
@@ -87,7 +88,7 @@ def writer_dir(kind: str) -> str:
     return f"writers/{kind}"
 
 
-def writer_path(kind: str, rank: int, epoch: int = 0) -> str:
+def writer_path(kind: str, rank: int, epoch: int) -> str:
     """A writer's registration: one per writer epoch, so a zombie writer's late registration
     lands on its own key and never overwrites its successor's (store/registrations.py)."""
     return f"{writer_dir(kind)}/{rank_dir(rank)}{_epoch_suffix(epoch)}.json"
@@ -103,11 +104,11 @@ def epoch_path(kind: str, rank: int, epoch: int) -> str:
     return f"{epoch_dir(kind, rank)}/e{epoch:0{STEP_DIGITS}d}"
 
 
-def records_path(first: int, last: int, epoch: int = 0) -> str:
+def records_path(first: int, last: int, epoch: int) -> str:
     return f"steps/{step_range(first, last)}{_epoch_suffix(epoch)}.parquet"
 
 
-def records_commit_path(first: int, last: int, epoch: int = 0) -> str:
+def records_commit_path(first: int, last: int, epoch: int) -> str:
     return f"commits/{RECORDS_KIND}/{step_range(first, last)}{_epoch_suffix(epoch)}.json"
 
 

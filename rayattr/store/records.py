@@ -105,7 +105,7 @@ class StepRecordWriter:
         self._seq += 1
 
 
-def write_step_records(run: "Run", records: Sequence[StepRecord], epoch: int = 0, writer: str = "",
+def write_step_records(run: "Run", records: Sequence[StepRecord], epoch: int, writer: str = "",
                        seq: int = 0) -> None:
     """Commit one chunk of records as commit `seq` of `writer`, of its records epoch `epoch`
     (StepRecordWriter claims it)."""
@@ -139,8 +139,7 @@ def write_step_records(run: "Run", records: Sequence[StepRecord], epoch: int = 0
 
 def _in_commit_order(entries: list[ShardCommit]) -> list[ShardCommit]:
     """Entries in the order a re-written step's records replace each other: by writer epoch,
-    then by commit within one writer; never by the clock. Entries of writers from before
-    epochs (epoch 0, seq 0) go by name, so every reader agrees."""
+    then by commit within one writer, then by name; never by the clock, so every reader agrees."""
     return sorted(entries, key=lambda e: (e.epoch, e.seq, e.shard))
 
 
@@ -157,7 +156,7 @@ def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = No
         for row in pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False).to_pylist():  # see Run.read_table
             if row["step"] < step_start or (step_end is not None and row["step"] >= step_end):
                 continue
-            # runs before `clip` (or the AdamW fields) were recorded read the defaults
+            # a field this run's optimizer does not record (SGD's Adam fields) is null: its default stands
             by_step[row["step"]] = StepRecord(**{k: v for k, v in row.items() if v is not None or k == "loss"})
     return [by_step[s] for s in sorted(by_step)]
 
