@@ -15,6 +15,8 @@ of P after the step.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -75,7 +77,10 @@ def rank_main(rank: int, world: int, port: int, config: dict, steps: int, queue)
     from rayattr.model.build import build_model
 
     cfg = Config.from_dict(config)
-    join_process_group(cfg, rank, world, "127.0.0.1", port)
+    # torch.distributed's env:// rendezvous, as the deepspeed launcher sets it
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK="0", LOCAL_SIZE="1")
+    join_process_group(cfg)
     torch.manual_seed(rank)
     model = build_model(cfg.model, 259, cfg.data.seq_len, seed=0)
     engine = build_engine(cfg, model, steps)
@@ -111,11 +116,12 @@ def main() -> None:
         d["data"] = {"seq_len": 128}
         d["train"]["micro_batch"] = 4
     cfg = Config.from_dict(d).validate()
-    from rayattr.train.backend import free_port
-
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(rank_main, args=(2, free_port(), cfg.to_dict(redact=False), args.steps, queue),
+    mp.start_processes(rank_main, args=(2, port, cfg.to_dict(redact=False), args.steps, queue),
                        nprocs=2, start_method="spawn")
     counts, n_params, n_layers = queue.get()
     grad = counts.get("gradient reduction (backward + engine.step)", 0) / args.steps

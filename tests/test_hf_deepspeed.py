@@ -21,12 +21,12 @@ EXAMPLE = "jobs/examples/hf_trainer.py"
 
 
 def record(store: Path, run_id: str, *flags: str, ranks: int = 1) -> Run:
-    from rayattr.train.backend import free_port
+    from s3server import pick_ports
 
     launcher = [sys.executable]
     if ranks > 1:
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                    "--master_port", str(free_port())]
+                    "--master_port", str(pick_ports(1)[0])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*launcher, EXAMPLE, "--store", str(store), "--run-id", run_id, *flags],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -46,16 +46,16 @@ def record(store: Path, ranks: int, port: int, launcher: str = "torchrun") -> Ru
 @pytest.fixture(scope="module")
 def one(tmp_path_factory) -> Run:
     """The loop on one rank under torchrun: what both launchers' two ranks must record."""
-    from rayattr.train.backend import free_port
+    from s3server import pick_ports
 
-    return record(tmp_path_factory.mktemp("one"), 1, free_port())
+    return record(tmp_path_factory.mktemp("one"), 1, pick_ports(1)[0])
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_ranks_record_what_one_rank_records(one, tmp_path, launcher):
-    from rayattr.train.backend import free_port
+    from s3server import pick_ports
 
-    two = record(tmp_path, 2, free_port(), launcher)
+    two = record(tmp_path, 2, pick_ports(1)[0], launcher)
     assert two.manifest["status"] == "recorded" and two.manifest["world_size"] == 2
     r1, r2 = one.step_records(), two.step_records()
     assert [r.step for r in r2] == [0, 1, 2]

@@ -7,6 +7,8 @@ update rows formed with it equal the rows of hooks that had the reference P from
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -20,10 +22,11 @@ from rayattr.data.corpus import builtin_corpus
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.record import projection_spec
 from rayattr.optim.adam_state import adam_step_count, full_exp_avg_sq, read_preconditioners
-from rayattr.train.backend import free_port, join_process_group
+from rayattr.train.backend import join_process_group
 from rayattr.model.loss import micro_batch_loss
 from rayattr.train.engine import build_engine
 from rayattr.model.build import build_model
+from s3server import pick_ports
 from test_pipeline_adamw import adamw_config
 
 
@@ -82,7 +85,10 @@ class StepRank:
     def __init__(self, config: dict, rank: int, world: int, port: int):
         cfg = self.cfg = Config.from_dict(config)
         self.rank, self.world = rank, world
-        join_process_group(cfg, rank, world, "127.0.0.1", port)
+        # torch.distributed's env:// rendezvous, as the deepspeed launcher sets it
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
+        join_process_group(cfg)
         tok = load_tokenizer(cfg.data.tokenizer)
         b = cfg.data.builtin
         train, _ = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
@@ -131,7 +137,7 @@ class StepRank:
 def test_step_preconditioner_is_v_t_of_the_step(local_ray, tmp_path, ranks, stage, accum):
     cfg = adamw_config(str(tmp_path), "step", stage=stage, preconditioner="lookahead", ranks=ranks,
                        micro_batch=16 // ranks // accum, grad_accum=accum)
-    port = free_port()
+    port = pick_ports(1)[0]
     actors = [StepRank.remote(cfg.to_dict(redact=False), r, ranks, port) for r in range(ranks)]
     try:
         results = ray.get([a.compare.remote(6) for a in actors])

@@ -4,34 +4,20 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from typing import Any
 
 from rayattr.config import Config, ConfigError
 from rayattr.optim.spec import resolve_optimizer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int = 0) -> None:
-    """torch.distributed's env:// rendezvous, as the deepspeed launcher would set it."""
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), LOCAL_SIZE="1")
-
-
-def join_process_group(cfg: Config, rank: int, world_size: int, master_addr: str | None, master_port: int | None):
+def join_process_group(cfg: Config):
     """This rank into the gang's process group (gloo on CPU, NCCL with use_gpu), with one
-    thread per OMP_NUM_THREADS; returns the torch device the rank trains on. Without an
-    address the group is already up (Ray Train's TorchTrainer made it) and DeepSpeed joins it."""
+    thread per OMP_NUM_THREADS; returns the torch device the rank trains on. The group is
+    already up (Ray Train's TorchTrainer made it, or a launcher's env:// rendezvous) and
+    DeepSpeed joins it."""
     import deepspeed
     import torch
 
-    if master_addr is not None:
-        set_dist_env(rank, world_size, master_addr, master_port)
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")

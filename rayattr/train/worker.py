@@ -40,7 +40,7 @@ class RankWorker:
         quiet_known_noise(expect_gpu=self.cfg.train.use_gpu)
         self.options = StoreOptions(storage_options=storage_options or {})
         self.run = Run.open_uri(run_uri, options=self.options, mode="record")
-        self.device = join_process_group(self.cfg, rank, world_size, None, None)  # Ray Train made the group
+        self.device = join_process_group(self.cfg)  # Ray Train made the group
         self._setup()
 
     def _setup(self) -> None:

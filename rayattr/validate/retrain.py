@@ -43,7 +43,7 @@ class RetrainWorker:
         self.cfg = cfg = Config.from_dict(config)
         quiet_known_noise(expect_gpu=cfg.train.use_gpu)
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}))
-        self.device = join_process_group(cfg, rank, world_size, None, None)  # Ray Train made the group
+        self.device = join_process_group(cfg)  # Ray Train made the group
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.data = rank_tokens(self.run, rank)  # this rank's rows of each step (data/shards.py)
         self.num_steps = int(self.run.manifest["num_steps"])
