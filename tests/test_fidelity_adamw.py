@@ -35,47 +35,60 @@ def order():
     return [perm[i:i + B] for perm in (g.permutation(n) for _ in range(EPOCHS)) for i in range(0, n - B + 1, B)]
 
 
-def adamw_step(params, state, k, frozen=None):
+def adamw_step(params, state, k, frozen=None, lr=LR, betas=BETAS):
     """One step of torch.optim.AdamW's arithmetic (step counter k >= 1); returns the P it used.
     ``frozen``: the per-parameter P to use instead of 1/(√v̂ + ε)."""
     used = []
+    b1, b2 = betas
     with torch.no_grad():
         for i, p in enumerate(params):
             m, v = state.setdefault(i, (torch.zeros_like(p), torch.zeros_like(p)))
-            p.mul_(1 - LR * WD)
-            m.mul_(BETAS[0]).add_(p.grad, alpha=1 - BETAS[0])
-            v.mul_(BETAS[1]).addcmul_(p.grad, p.grad, value=1 - BETAS[1])
-            P = frozen[i] if frozen is not None else 1 / ((v / (1 - BETAS[1] ** k)).sqrt() + EPS)
-            p.sub_(LR / (1 - BETAS[0] ** k) * m * P)
+            p.mul_(1 - lr * WD)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            P = frozen[i] if frozen is not None else 1 / ((v / (1 - b2 ** k)).sqrt() + EPS)
+            p.sub_(lr / (1 - b1 ** k) * m * P)
             used.append(P)
     return used
 
 
-def train(skip=None, frozen=None):
-    """The run, or its leave-out of occurrence ``skip`` = (step, row); returns (model, P per step)."""
+def train(skip=None, frozen=None, kappa=None, eps=1.0, lr=LR, betas=BETAS):
+    """The run, or its leave-out of occurrence ``skip`` = (step, row); returns (model, P per step).
+    ``eps`` < 1: the occurrence's loss weighted 1 - eps instead of removed. ``kappa``: each
+    step's clip factor, held (the gradient scaled by it before the step)."""
     x, y, _, _ = data()
     model = mlp()
     params, state, used = list(model.parameters()), {}, []
     for t, idx in enumerate(order()):
-        keep = [i for j, i in enumerate(idx) if skip is None or (t, j) != skip]
+        w = torch.tensor([1.0 - eps if skip is not None and (t, j) == skip else 1.0 for j in range(len(idx))],
+                         dtype=torch.float64)
         model.zero_grad()
-        (torch.nn.functional.cross_entropy(model(x[keep]), y[keep], reduction="sum") / B).backward()
-        used.append(adamw_step(params, state, t + 1, frozen[t] if frozen is not None else None))
+        ((torch.nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none") * w).sum() / B).backward()
+        if kappa is not None:
+            for p in params:
+                p.grad.mul_(kappa[t])
+        used.append(adamw_step(params, state, t + 1, frozen[t] if frozen is not None else None, lr, betas))
     return model, used
 
 
-def record():
-    """The run with torch.optim.AdamW itself: per step, rows g, u = P_t ⊙ g and y = M_t ⊙ g per layer."""
+def record(max_norm=None, lr=LR, betas=BETAS):
+    """The run with torch.optim.AdamW itself: per step, rows g, u = P_t ⊙ g and y = M_t ⊙ g per
+    layer, and the clip factor κ_t of clip_grad_norm_(max_norm) (1 without clipping)."""
     x, y, _, _ = data()
     model = mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=EPS, weight_decay=WD)
     cap = GradientCapture(model, projection=None, loss_scale=1.0 / B)
-    grads, updates, v_rows = [], [], []
+    grads, updates, v_rows, kappas = [], [], [], []
     for idx in order():
         opt.zero_grad()
         with cap:
             (torch.nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="sum") / B).backward()
         g = cap.pop_gradients()
+        kappa = 1.0
+        if max_norm is not None:  # torch's own factor: max_norm / (‖ḡ‖ + 1e-6), at most 1
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            kappa = min(1.0, max_norm / (norm + 1e-6))
+        kappas.append(kappa)
         opt.step()
         # P_t comes from v_t, which includes this step's gradient
         P = {n: module_preconditioner(model.get_submodule(n), opt, full=True).full.reshape(-1) for n in g}
@@ -83,7 +96,9 @@ def record():
         grads.append(g)
         updates.append({n: g[n] * P[n] for n in g})
         v_rows.append({n: g[n] * M[n] for n in g})
-    return model, grads, updates, v_rows
+    if max_norm is None:
+        return model, grads, updates, v_rows
+    return model, grads, updates, v_rows, kappas
 
 
 def val_loss_and_grad(model):
@@ -148,6 +163,72 @@ def test_adamw_embeddings_track_the_frozen_preconditioner_leave_out():
     rho, magnitude = got["AdamW, v frozen"]
     assert rho >= 0.9
     assert 0.6 <= magnitude <= 1.6
+
+
+# clipping at this norm clips most steps of the run
+MAX_NORM = 0.25
+# The bookkeeping alone: at this lr the curvature's part of the response (η·H against the
+# recursion's Σ g gᵀ) is negligible over the run, so κ_t, the momentum's bias-corrected
+# weights and the decay must give the response exactly, to first order in ε
+SMALL_LR, EPS_WEIGHT = 1e-6, 1e-3
+MOMENTUM_BAND = (0.95, 1.10)
+
+
+@functools.lru_cache(maxsize=2)
+def clipped_experiment(beta1: float):
+    """The run clipped at MAX_NORM at SMALL_LR, Adam's β₁ = beta1, its κ and P held in the
+    responses (what the v-frozen recursion describes): predictions with κ_t in η, as the pipeline
+    folds it (docs/method.md §2), and two broken bookkeepings beside, κ dropped and the
+    momentum's bias correction dropped."""
+    import rayattr.math.dvemb as dvemb
+
+    betas = (beta1, BETAS[1])
+    model, grads, updates, _, kappas = record(MAX_NORM, lr=SMALL_LR, betas=betas)
+    base, vgrad = val_loss_and_grad(model)
+    T = len(grads)
+    rng = np.random.default_rng(2)
+    probes = [(int(rng.integers(T // 3, 2 * T // 3)), int(rng.integers(B))) for _ in range(N_PROBES)]
+    frozen = train(kappa=kappas, lr=SMALL_LR, betas=betas)[1]
+    # Δloss/ε at loss weight 1 - ε: the derivative the embeddings estimate, without a whole
+    # removal's higher orders
+    truth = np.array([(val_loss_and_grad(train(skip=p, frozen=frozen, kappa=kappas, eps=EPS_WEIGHT, lr=SMALL_LR,
+                                               betas=betas)[0])[0] - base) / EPS_WEIGHT for p in probes])
+
+    def predict(eta):
+        emb = data_value_embeddings(grads, eta, segments=3, updates=updates, momentum=beta1,
+                                    decay=[1 - SMALL_LR * WD] * T)
+        scores = influence(emb, vgrad)
+        return np.array([float(scores[t][j]) for t, j in probes])
+
+    pred = {"κ in η": predict([SMALL_LR / B * k for k in kappas]), "κ dropped": predict([SMALL_LR / B] * T)}
+    kept = dvemb.momentum_weight
+    try:
+        dvemb.momentum_weight = lambda m, s: (1.0 - m) if m else 1.0
+        pred["bias correction dropped"] = predict([SMALL_LR / B * k for k in kappas])
+    finally:
+        dvemb.momentum_weight = kept
+    return {name: fit(p, truth) for name, p in pred.items()}, kappas
+
+
+def test_clipped_adamw_bookkeeping_fails_without_kappa_or_bias_correction():
+    """The bookkeeping, at a learning rate where curvature plays no part. Without momentum the
+    v-frozen embeddings are the κ- and P-held response to a loss weight 1 - ε (magnitude 1 to
+    1e-3, and dropping κ leaves that). With β₁ = 0.9 the recursion's P_s ≈ P_t over the
+    momentum's horizon costs about 5 % (v still moves early in a run); dropping κ or the
+    momentum's bias correction costs more, and leaves MOMENTUM_BAND."""
+    plain, kappas = clipped_experiment(0.0)
+    assert min(kappas) < 0.5 and sum(k < 1 for k in kappas) > len(kappas) // 2  # most steps clipped
+    momentum, _ = clipped_experiment(BETA1)
+    for beta1, got in ((0.0, plain), (BETA1, momentum)):
+        for name, (rho, magnitude) in got.items():
+            print(f"\nβ₁ {beta1}, κ and P held: {name}: Spearman {rho:.3f}, magnitude {magnitude:.4f}", end="")
+    rho, magnitude = plain["κ in η"]
+    assert rho >= 0.999 and abs(magnitude - 1) < 1e-3
+    assert abs(plain["κ dropped"][1] - 1) > 0.1
+    rho, magnitude = momentum["κ in η"]
+    assert rho >= 0.98 and MOMENTUM_BAND[0] <= magnitude <= MOMENTUM_BAND[1]
+    for broken in ("κ dropped", "bias correction dropped"):
+        assert not MOMENTUM_BAND[0] <= momentum[broken][1] <= MOMENTUM_BAND[1], (broken, momentum[broken])
 
 
 def test_adamw_embeddings_with_v_response_track_the_leave_out():
