@@ -10,6 +10,23 @@ from rayattr.config import Config, ConfigError
 from rayattr.optim.spec import resolve_optimizer
 
 
+# DeepSpeed's shared-memory all-reduce for CPU inference (deepspeed/comm/torch.py, build_shm_op)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def without_shm_comm_op() -> None:
+    """Keep DeepSpeed from loading its CPU shared-memory all-reduce op in this rank. Every CPU
+    rank's init_distributed JIT-loads it under a lock file in the torch extensions cache, and
+    a rank killed while it holds the lock (a fault, a restart, a timeout) leaves the file: every
+    later rank on the machine then waits for it for ever. Training's all-reduce is
+    torch.distributed's (gloo) either way; the op serves DeepSpeed's inference all-reduce only."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible[SHM_COMM_OP] = False
+
+
 def join_process_group(cfg: Config):
     """This rank into the gang's process group (gloo on CPU, NCCL with use_gpu), with one
     thread per OMP_NUM_THREADS; returns the torch device the rank trains on. The group is
@@ -20,6 +37,8 @@ def join_process_group(cfg: Config):
 
     torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    if not use_gpu:
+        without_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
