@@ -44,67 +44,90 @@ def texts(n: int, source="s", length=20) -> dict:
             "source": [source] * n}
 
 
+def refusal(tmp: Path, train: Path, validation: Path) -> str:
+    """The line the job prints after "error: " when start_run (the job's data check and run
+    creation, which come before any training) refuses these files, made in this process; and
+    nothing is half-written. test_bad_input runs the job itself on such refusals, before Ray
+    starts and on Ray's data stage: exit code 2, that one line, no traceback."""
+    from rayattr.config import Config
+    from rayattr.errors import error_line
+    from rayattr.pipeline.stages import start_run
+
+    cfg = Config().with_overrides(**{"store.uri": str(tmp / "store"), "run_id": "r", "data.train": str(train),
+                                     "data.validation": str(validation)}).validate()
+    with pytest.raises(DataError) as err:
+        start_run(cfg)
+    line = error_line(err.value)
+    assert line and "\n" not in line and "Traceback" not in line
+    assert not (tmp / "store").exists()  # checked before the run is created
+    return line
+
+
 @pytest.mark.parametrize("column,values,found", [
     ("text", pa.array([b"abc"] * 4, pa.binary()), "binary"),
     ("source", pa.array([1, 2, 3, 4], pa.int64()), "int64"),
 ])
-@pytest.mark.slow
 def test_wrong_column_types(tmp_path, column, values, found):
+    """Said from the files' schemas before Ray starts (no Ray here)."""
     good = texts(4)
     good[column] = values
     pq.write_table(pa.table(good), tmp_path / "train.parquet")
     pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
-    out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
-              "--store", str(tmp_path / "store"))
-    line = one_line_error(out)
+    line = refusal(tmp_path, tmp_path / "train.parquet", tmp_path / "val.parquet")
     assert f"column '{column}'" in line and "must hold strings" in line and found in line
-    assert not (tmp_path / "store").exists()  # checked before the run is created
 
 
-@pytest.mark.slow
-def test_empty_source_string(tmp_path):
+def test_empty_source_string(tmp_path, local_ray):
+    """Found in the rows, by the data stage's Ray Data tasks (the session's local Ray)."""
     rows = texts(6)
     rows["source"][2] = rows["source"][4] = ""
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     with pytest.raises(DataError, match=r"column 'source' in dataset file .* has 2 empty value\(s\), e.g. row\(s\) \[2, 4\]"):
         load_dataset(str(tmp_path / "train.parquet"))  # an empty source would become a source named ""
     pq.write_table(pa.table(texts(4)), tmp_path / "val.parquet")
-    out = job(tmp_path, {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet")}},
-              "--store", str(tmp_path / "store"))
-    assert "2 empty value(s)" in one_line_error(out)
-    assert not (tmp_path / "store").exists()
+    assert "2 empty value(s)" in refusal(tmp_path, tmp_path / "train.parquet", tmp_path / "val.parquet")
 
 
-@pytest.mark.slow
-def test_texts_longer_than_the_context_are_counted(tmp_path):
-    """Truncation is what training does (and queries do likewise); the run counts it in
-    run.json n_truncated and the job says so. The run also carries the fault tests' variables,
-    which a real run must ignore."""
+@pytest.fixture(scope="module")
+def truncating_job(tmp_path_factory):
+    """A 2-step job whose training texts are partly longer than data.seq_len = 32, run with the
+    fault tests' variables set. Returns (folder, its output, n_truncated expected): the folder
+    holds the data and the store with run "r"."""
+    tmp = tmp_path_factory.mktemp("truncating")
     rows = texts(48)
     long = "x = 1  # " + "a long comment " * 10
     for i in range(0, 48, 4):
         rows["text"][i] = long
-    pq.write_table(pa.table(rows), tmp_path / "train.parquet")
-    pq.write_table(pa.table(texts(8)), tmp_path / "val.parquet")
+    pq.write_table(pa.table(rows), tmp / "train.parquet")
+    pq.write_table(pa.table(texts(8)), tmp / "val.parquet")
     seq_len = 32
     # only the rows the trained steps use are tokenised (unused data costs nothing, docs/store.md)
-    table = load_dataset(str(tmp_path / "train.parquet"))
+    table = load_dataset(str(tmp / "train.parquet"))
     assert TokenizedDataset(table, load_tokenizer("byte"), seq_len).num_truncated == 12
     plan = BatchPlan(table.num_rows, 8, 2, 1, 2, 0)  # the default micro_batch, ranks, grad_accum, epochs, seed
     used = np.unique(np.concatenate([plan.global_batch(s) for s in range(2)]))
     expected = TokenizedDataset(table.take(used), load_tokenizer("byte"), seq_len).num_truncated
     assert 0 < expected < 12 and len(used) == 32
-    config = {"data": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "val.parquet"),
+    config = {"data": {"train": str(tmp / "train.parquet"), "validation": str(tmp / "val.parquet"),
                        "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
     # the fault tests' variables set, their seams not installed: nothing acts on them (rank 1's
     # loss would turn NaN at step 1 if anything did)
     fault_env = {"RAYATTR_FAULT": "rank.nan:rank=1,step=1", "RAYATTR_TEST_FAULT": "rank.nan:rank=1,step=1",
-                 "RAYATTR_FAULT_DIR": str(tmp_path), "RAYATTR_TEST_FAULT_DIR": str(tmp_path)}
-    out = job(tmp_path, config, "--store", str(tmp_path / "store"), "--run-id", "r", "--steps", "2", "--segments", "1",
+                 "RAYATTR_FAULT_DIR": str(tmp), "RAYATTR_TEST_FAULT_DIR": str(tmp)}
+    out = job(tmp, config, "--store", str(tmp / "store"), "--run-id", "r", "--steps", "2", "--segments", "1",
               env=fault_env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "loss is nan" not in out.stderr and not list(tmp_path.glob("fault-fired-*"))
-    assert Run.open(str(tmp_path / "store"), "r").manifest["n_truncated"] == expected
+    return tmp, out, expected
+
+
+@pytest.mark.slow
+def test_texts_longer_than_the_context_are_counted(truncating_job):
+    """Truncation is what training does (and queries do likewise); the run counts it in
+    run.json n_truncated and the job says so. The run also carries the fault tests' variables,
+    which a real run must ignore."""
+    tmp, out, expected = truncating_job
+    assert "loss is nan" not in out.stderr and not list(tmp.glob("fault-fired-*"))
+    assert Run.open(str(tmp / "store"), "r").manifest["n_truncated"] == expected
     assert f"note: {expected} of the 32 training texts the run trains on are longer than data.seq_len = 32 tokens" in out.stdout
 
 
@@ -135,13 +158,14 @@ def test_wrong_s3_credentials(tmp_path, s3_store):
     assert list_runs(root, StoreOptions(storage_options=s3_store.storage_options)) == []
 
 
-def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_run_deleted_while_query_reads_it(truncating_job, tmp_path, monkeypatch, capsys):
+    """On a copy of the module's finished run (any finished run does)."""
     from rayattr.cli import main
     from rayattr.query import answer
 
-    store, uri = finished_run
-    copy = tmp_path / "store" / "answers"
-    shutil.copytree(uri, copy)
+    copy = tmp_path / "store" / "r"
+    shutil.copytree(truncating_job[0] / "store" / "r", copy)
     opening = answer.embedding_reader
 
     def deleted_first(run, *a, **kw):  # the model is loaded; the embeddings are next
