@@ -116,6 +116,33 @@ def finished_run(tmp_path_factory):
     return str(store), f"{store}/answers"
 
 
+@dataclass
+class Validated:
+    """A validated copy of the finished run: its URI and what `rayattr validate` printed."""
+
+    uri: str
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def validated_run(finished_run, tmp_path_factory) -> Validated:
+    """A copy of the finished run, validated once per session by `rayattr validate` in its own
+    process (its own local Ray): 4 subsets of 20 %, every source, 3 occurrences, seed 1. The
+    copy keeps the shared finished run unvalidated. test_validate reads its files (schema,
+    reproduction, reuse) and test_report renders its trust box; a test that validates it again
+    does so on a copy of its own, so every reader sees this validation's files."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("validated") / "trusted"
+    shutil.copytree(finished_run[1], copy)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", str(copy), "--subsets", "4",
+                          "--fraction", "0.2", "--sources", "--occurrences", "3", "--seed", "1", "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return Validated(str(copy), out.stdout)
+
+
 def last_source(run_uri: str) -> str:
     """The source the run's values/sources.parquet lists last (the lowest value): what a command
     that lists sources must list last. Which source that is on a 20-step run is noise."""
@@ -128,7 +155,7 @@ def last_source(run_uri: str) -> str:
 
 # Fixtures that start Ray, the S3 server or a job: a test that uses one, directly or through
 # another fixture (item.fixturenames is the whole closure), is slow.
-SLOW_FIXTURES = {"local_ray", "s3_store", "finished_run"}
+SLOW_FIXTURES = {"local_ray", "s3_store", "finished_run", "validated_run"}
 
 
 def pytest_collection_modifyitems(config, items):

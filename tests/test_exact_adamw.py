@@ -10,15 +10,12 @@ On a real recorded AdamW run (DeepSpeed ranks under Ray, clipping active):
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -31,26 +28,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def adamw_run(tmp_path_factory):
-    """A tiny AdamW run without momentum (β₁ = 0), its gradients clipped at every step."""
-    cfg = {
+def adamw_run(local_ray, tmp_path_factory):
+    """A tiny AdamW run without momentum (β₁ = 0), its gradients clipped at every step, trained
+    in this process on the session's Ray (no job process and Ray of its own to start)."""
+    from rayattr.config import Config
+    from rayattr.pipeline.stages import run_pipeline
+
+    cfg = Config.from_dict({
+        "run_id": "r",
         "data": {"seq_len": 16, "builtin": {"n_train": 48, "n_validation": 16, "max_chars": 96}},
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
         "train": {"micro_batch": 4, "epochs": 1, "lr": 0.01,
                   "optimizer": {"type": "adamw", "betas": [0.0, 0.95], "eps": 1e-8, "weight_decay": 0.1},
                   "deepspeed": {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}},
         "capture": {"rank": 4},
-        "embed": {"phases": 2},
-    }
-    d = tmp_path_factory.mktemp("exact-adamw")
-    (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(d / "cfg.yaml"), "--store",
-                          str(d / "store"), "--run-id", "r", "--segments", "1", "--no-progress"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+        "embed": {"phases": 2, "segments": 1},
+        "store": {"uri": str(tmp_path_factory.mktemp("exact-adamw") / "store")},
+    }).validate()
+    result = run_pipeline(cfg, progress=False)
     torch.set_num_threads(1)
-    return AdamWReplay(Run.open_uri(str(d / "store" / "r")))
+    return AdamWReplay(Run.open_uri(result.uri))
 
 
 def test_replay_reproduces_the_recorded_clip_factors(adamw_run):

@@ -189,21 +189,14 @@ def test_report_tables_sort_and_filter_in_headless_chromium(report, tmp_path):
     assert seconds == sorted(seconds) and "total" not in column(after[3], "stage")
 
 
-def test_trust_section_before_and_after_validation(finished_run, tmp_path):
+def test_trust_section_before_and_after_validation(finished_run, validated_run, tmp_path):
     """Unvalidated: the report says so and how to validate; after `rayattr validate` (its own
-    process and Ray) it shows LDS, source Spearman, the scatter plots and a verdict. Ranked
-    samples carry the projection's standard error."""
-    import os
-    import sys
-    from pathlib import Path
-
+    process and Ray: the session's validated copy of the same run) it shows LDS, source
+    Spearman, the scatter plots and a verdict. Ranked samples carry the projection's standard
+    error."""
     from rayattr.report.html import write_report
 
-    store, uri = finished_run
-    src = Path(uri)
-    copy = Path(store).parent / "trust-copy"  # a copy: the shared run stays unvalidated
-    shutil.copytree(src, copy / "trusted")
-    run = Run.open(str(copy), "trusted")
+    run = Run.open_uri(finished_run[1])  # the shared run, never validated (nothing is written into it)
     page = write_report(run, tmp_path / "before").read_text()
     assert "How far to trust this run" in page and "has not been validated" in page
     assert page.index('<section class="trust"') < page.index("<figure>")  # the box opens the page
@@ -213,21 +206,18 @@ def test_trust_section_before_and_after_validation(finished_run, tmp_path):
     el = run.manifest["max_eta_lambda"]
     assert f"η·λ_max(H) of any step was {el:.2g}" in page
     assert ("less reliably" in page) == (el > 2) and ("Below 2 throughout" in page) == (el <= 2)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-m", "rayattr.cli", "validate", run.uri, "--subsets", "4",
-                          "--fraction", "0.2", "--sources", "--no-progress"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    trusted = Run.open_uri(validated_run.uri)
     # validate says what shows its results, and ends with the verdict
-    assert f"rayattr report {run.uri}" in out.stdout and out.stdout.rstrip().splitlines()[-1].startswith("verdict: ")
-    path = write_report(Run.open(str(copy), "trusted"), tmp_path / "after")
+    out = validated_run.stdout
+    assert f"rayattr report {validated_run.uri}" in out and out.rstrip().splitlines()[-1].startswith("verdict: ")
+    path = write_report(trusted, tmp_path / "after")
     page = path.read_text()
     assert "has not been validated" not in page and "LDS (Spearman" in page and "Verdict:" in page
     box = page[page.index('<section class="trust"'):page.index("</section>")]
     assert "not validated yet" not in box and "LDS " in box and "Sources left out one at a time" in box
     from rayattr.report.summary import format_summary, run_summary
 
-    shown = format_summary(run_summary(Run.open(str(copy), "trusted")))
+    shown = format_summary(run_summary(trusted))
     assert "not validated" not in shown and re.search(r"^verdict\s+\S", shown, re.M)
     for name in ("validation_sources.png", "validation_subsets.png"):
         assert (path.parent / name).read_bytes().startswith(b"\x89PNG") and name in page

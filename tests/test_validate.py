@@ -49,63 +49,99 @@ def tiny_config(store: str, run_id: str, **train) -> Config:
 
 @pytest.fixture(scope="module")
 def two_ranks(local_ray, tmp_path_factory) -> Run:
-    """A finished run on 2 ranks (ZeRO-1, the default) to validate."""
-    result = run_pipeline(tiny_config(str(tmp_path_factory.mktemp("store")), "two"), progress=False)
-    return Run.open_uri(result.uri, mode="record")
+    """A finished run on 2 ranks with ZeRO off and gradient accumulation (2 micro-batches of 2
+    per rank and step), to validate. (ZeRO-1, the default, is the session's validated_run.)"""
+    cfg = tiny_config(str(tmp_path_factory.mktemp("store")), "two", grad_accum=2, micro_batch=2,
+                      deepspeed={"zero_optimization": {"stage": 0}})
+    return Run.open_uri(run_pipeline(cfg, progress=False).uri, mode="record")
+
+
+@pytest.fixture(scope="module")
+def validated(two_ranks):
+    """One `rayattr validate` of two_ranks in this process (the session's Ray), asking for all
+    that the leave-out, ε and smoothness tests compare: 1 subset of 10 %, 2 occurrences at
+    ε = 1 and 0.01, the smoothness check, seed 3. One retraining gang for them all (its
+    start-up, not the retrains, is what a validation costs here). Returns the printed lines,
+    and the summary and tables as this validation left them (later tests validate again)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from rayattr.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["validate", two_ranks.uri, "--subsets", "1", "--fraction", "0.1", "--occurrences", "2",
+                     "--weight", "1", "0.01", "--smoothness", "--seed", "3", "--no-progress"])
+    assert code == 0
+    result = read_validation(Run.open_uri(two_ranks.uri))
+    return SimpleNamespace(lines=out.getvalue().rstrip().splitlines(), summary=result.summary, tables=result.tables)
 
 
 # --------------------------------------------------------------------------- retraining
 
 
-def test_validate_writes_schema_and_reproduces_the_run(two_ranks):
-    result = validate_run(two_ranks, subsets=4, fraction=0.2, sources=["corrupted", "text"], occurrences=3,
-                          seed=1, progress=False)
-    s = result.summary
+def test_validate_writes_schema_and_reproduces_the_run(validated_run):
+    """The session's validation of the finished run (ZeRO-1, the default; `rayattr validate` in
+    its own process): 4 subsets of 20 %, every source, 3 occurrences."""
+    run = Run.open_uri(validated_run.uri)
+    summary = json.loads(run.read_bytes(SUMMARY))
+    n_train = run.read_table("data/train.parquet").num_rows
+    sources = run.read_table("values/sources.parquet")["source"].to_pylist()
     # nothing removed: the same weights bit for bit on the same world size, so no noise floor
-    assert s["baseline_max_abs_diff"] == 0.0
-    assert s["noise_floor"] == 0.0 and s["baseline_loss"] == s["run_loss"]
-    assert (s["n_subsets"], s["n_sources"], s["n_occurrences"]) == (4, 2, 3)
+    assert summary["baseline_max_abs_diff"] == 0.0
+    assert summary["noise_floor"] == 0.0 and summary["baseline_loss"] == summary["run_loss"]
+    assert (summary["n_subsets"], summary["n_sources"], summary["n_occurrences"]) == (4, len(sources), 3)
+    assert len(sources) >= 2
     for kind, (path, cols) in TABLES.items():
-        table = two_ranks.read_table(path)
+        table = run.read_table(path)
         assert table.column_names == cols, kind
         assert np.isfinite(table["actual"].to_numpy()).all() and np.isfinite(table["predicted"].to_numpy()).all()
-    samples = two_ranks.read_table("values/samples.parquet")
-    subsets = two_ranks.read_table("validation/subsets.parquet").to_pylist()
-    assert all(r["n_removed"] == round(0.2 * 96) and r["n_occurrences"] == 2 * r["n_removed"] for r in subsets)
+    samples = run.read_table("values/samples.parquet")
+    subsets = run.read_table("validation/subsets.parquet").to_pylist()
+    assert all(r["n_removed"] == round(0.2 * n_train) and r["n_occurrences"] == 2 * r["n_removed"] for r in subsets)
     # predicted is the sum of the removed occurrences' values
-    src = two_ranks.read_table("validation/sources.parquet").to_pylist()
+    src = run.read_table("validation/sources.parquet").to_pylist()
     corrupted = samples.filter(pc.equal(samples["source"], "corrupted"))
     got = {r["source"]: r["predicted"] for r in src}
-    assert got["corrupted"] == pytest.approx(float(np.sum(corrupted["value"].to_numpy())))
+    assert corrupted.num_rows and got["corrupted"] == pytest.approx(float(np.sum(corrupted["value"].to_numpy())))
     # removing a whole source moves the loss by more than nothing
     assert all(r["actual"] != 0.0 for r in src)
-    summary = json.loads(two_ranks.read_bytes(SUMMARY))
     for key in ("lds", "lds_ci", "source_spearman", "occurrence_spearman", "occurrence_slope",
                 "baseline_max_abs_diff", "schema_version"):
         assert key in summary
     assert summary["lds_ci"] is None or summary["lds_ci"][0] <= summary["lds"] <= summary["lds_ci"][1]
-    assert read_validation(Run.open_uri(two_ranks.uri)).summary == summary
+    assert read_validation(run).summary == summary
 
 
-def test_clip_coefficients_recorded_under_zero1(two_ranks):
+def test_clip_coefficients_recorded_under_zero1(finished_run):
     """Under ZeRO-1 the clip factor comes from the optimizer's global norm; it matches a
-    by-hand float64 replay of the same trajectory."""
-    _, kappas = _reference_loss(two_ranks, None, 1.0)
+    by-hand float64 replay of the same trajectory (the finished run: ZeRO-1, lr 0.3)."""
+    run = Run.open_uri(finished_run[1])
+    _, kappas = _reference_loss(run, None, 1.0)
     assert min(kappas) < 0.9
-    np.testing.assert_allclose([r.clip for r in two_ranks.step_records()], kappas, rtol=1e-4)
+    np.testing.assert_allclose([r.clip for r in run.step_records()], kappas, rtol=1e-4)
 
 
-def test_finished_retrains_are_reused(two_ranks, monkeypatch):
-    """A second validation asking for the same counterfactuals retrains nothing."""
-    validate_run(two_ranks, sources=["net"], progress=False)
+def test_finished_retrains_are_reused(validated_run, tmp_path, monkeypatch):
+    """A second validation asking for counterfactuals the run already retrained (here in the
+    session's `rayattr validate` process) retrains nothing."""
+    import shutil
+
     from rayattr.validate import gangs
+
+    copy = tmp_path / "again"  # a copy: the shared validated run keeps its files
+    shutil.copytree(validated_run.uri, copy)
+    run = Run.open_uri(str(copy), mode="record")
+    stored = {r["source"]: r["actual"] for r in run.read_table("validation/sources.parquet").to_pylist()}
 
     def fail(*args, **kwargs):
         raise AssertionError("retrained a counterfactual that was already in the run")
 
     monkeypatch.setattr(gangs, "retrain_all", fail)
-    again = validate_run(two_ranks, sources=["net"], progress=False)
-    assert again.tables["source"].num_rows == 1
+    again = validate_run(run, sources=["corrupted"], progress=False)
+    (row,) = again.tables["source"].to_pylist()
+    assert row["actual"] == stored["corrupted"]
 
 
 def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[float, list[float]]:
@@ -151,27 +187,25 @@ def _reference_loss(run: Run, removal: Removal | None, clip: float) -> tuple[flo
     return mean_loss(model.eval(), val), kappas
 
 
-def test_zero_weight_equals_trajectory_specific_leave_out(local_ray, tmp_path):
+def test_zero_weight_equals_trajectory_specific_leave_out(two_ranks, validated):
     """On a tiny GPT-2 with ZeRO off and gradient accumulation, the retrained loss change
     equals a float64 by-hand leave-out for a subset and for single occurrences."""
-    cfg = tiny_config(str(tmp_path), "loo", grad_accum=2, micro_batch=2,
-                      deepspeed={"zero_optimization": {"stage": 0}})
-    run = Run.open_uri(run_pipeline(cfg, progress=False).uri, mode="record")
+    run = two_ranks
     samples = run.read_table("values/samples.parquet")
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(3)  # validated's seed: the same draws, subsets first
     removals = subset_removals(samples, 1, 0.1, rng) + occurrence_removals(samples, 2, rng)
-    result = validate_run(run, subsets=1, fraction=0.1, occurrences=2, seed=3, progress=False)
     clip = 1.0  # DeepSpeed's default gradient_clipping, which the run did not set
     base, kappas = _reference_loss(run, None, clip)
-    assert base == pytest.approx(result.summary["run_loss"], abs=2e-5)  # the same trajectory
+    assert base == pytest.approx(validated.summary["run_loss"], abs=2e-5)  # the same trajectory
     # the step records carry the clipping the run applied, folded into eta (ZeRO-0 path)
     records = run.step_records()
     assert min(kappas) < 0.9  # the test clips, else it would prove nothing
     np.testing.assert_allclose([r.clip for r in records], kappas, rtol=1e-4)
     np.testing.assert_allclose([r.eta for r in records], [k * 0.1 / 8 for k in kappas], rtol=1e-4)
-    actual = {("subset", r["subset"]): r["actual"] for r in result.tables["subset"].to_pylist()}
+    actual = {("subset", r["subset"]): r["actual"] for r in validated.tables["subset"].to_pylist()}
     actual.update({("occurrence", f"{r['sample_id']}@{r['step']}"): r["actual"]
-                   for r in result.tables["occurrence"].to_pylist()})
+                   for r in validated.tables["occurrence"].to_pylist() if r["eps"] == 1.0})  # weight 0
+    assert len(actual) == len(removals) == 3
     for removal in removals:
         want = _reference_loss(run, removal, clip)[0] - base
         got = actual[(removal.kind, removal.name)]
@@ -299,14 +333,14 @@ def test_statistics():
     assert -1 <= lo <= spearman(p, noisy) <= hi <= 1 and hi - lo > 0
 
 
-def test_summary_schema_is_documented(two_ranks):
+def test_summary_schema_is_documented(validated, validated_run):
     """Every key validate writes into summary.json is in docs/method.md's schema table (the
-    schema is a promise to users: a new key must be documented)."""
-    summary = json.loads(two_ranks.read_bytes(SUMMARY)) if two_ranks.exists(SUMMARY) else \
-        validate_run(two_ranks, sources=["data"], progress=False).summary
+    schema is a promise to users: a new key must be documented): the keys of both validations,
+    one with every kind of counterfactual but directions and one with ε pairs and smoothness."""
     row = next(line for line in (ROOT / "docs" / "method.md").read_text().splitlines()
                if line.startswith("| `validation/summary.json`"))
-    assert [k for k in summary if k not in row] == []
+    for summary in (validated.summary, json.loads(Run.open_uri(validated_run.uri).read_bytes(SUMMARY))):
+        assert [k for k in summary if k not in row] == []
 
 
 def test_as_many_gangs_as_the_cluster_holds(monkeypatch):
@@ -355,11 +389,10 @@ def test_first_order_summary_pairs_occurrences_across_eps():
     assert one["first_order_eps"] == 1.0 and "linearity_eps" not in one
 
 
-def test_partial_removals_are_retrained_per_eps(two_ranks):
+def test_partial_removals_are_retrained_per_eps(two_ranks, validated):
     """--weight 1 0.01: each occurrence retrained twice (weight 0 and 0.99); the ε = 1 rows are
     the full removal's, the small-ε rows a different, per-unit response."""
-    result = validate_run(two_ranks, occurrences=2, seed=7, eps=(1.0, 0.01), progress=False)
-    occ = result.tables["occurrence"].to_pylist()
+    occ = validated.tables["occurrence"].to_pylist()
     assert sorted(r["eps"] for r in occ) == [0.01, 0.01, 1.0, 1.0]
     weights = {two_ranks.read_json(f"validation/retrains/{n}")["removal"]["weight"]
                for n in two_ranks.list("validation/retrains")}
@@ -367,8 +400,8 @@ def test_partial_removals_are_retrained_per_eps(two_ranks):
     full = {(r["sample_id"], r["step"]): r["actual"] for r in occ if r["eps"] == 1.0}
     part = {(r["sample_id"], r["step"]): r["actual"] for r in occ if r["eps"] == 0.01}
     assert full.keys() == part.keys() and all(part[k] != full[k] for k in full)
-    assert result.summary["first_order_eps"] == 0.01 and result.summary["first_order_n"] == 2
-    assert "linear response" in format_summary(result.summary)
+    assert validated.summary["first_order_eps"] == 0.01 and validated.summary["first_order_n"] == 2
+    assert "linear response" in format_summary(validated.summary)
     with pytest.raises(ValidationError, match="ε must lie"):
         validate_run(two_ranks, occurrences=1, eps=(0.0,), progress=False)
 
@@ -542,26 +575,23 @@ def test_the_trust_box_opens_with_attributability(tmp_path):
     assert "<b>Verdict:</b> This run is not attributable" in box and "Smoothness 0.10" in box
 
 
-def test_smoothness_end_to_end(two_ranks, capsys):
-    """`rayattr validate RUN --smoothness`: 4 retrains along one seeded direction (the
-    nothing-removed retrain is f(0)); the summary carries the score and the verdict, the
-    verdict opens with it, and a direction retrain's loss change equals the float64 replay
-    with the same per-occurrence weights."""
-    from rayattr.cli import main
+def test_smoothness_end_to_end(two_ranks, validated):
+    """`rayattr validate RUN --smoothness` (validated, seed 3): 4 retrains along one seeded
+    direction (the nothing-removed retrain is f(0)); the summary carries the score and the
+    verdict, the verdict opens with it, and a direction retrain's loss change equals the
+    float64 replay with the same per-occurrence weights."""
     from rayattr.validate.smoothness import direction_retrains
 
-    assert main(["validate", two_ranks.uri, "--smoothness", "--seed", "5", "--no-progress"]) == 0
-    lines = capsys.readouterr().out.rstrip().splitlines()
-    summary = json.loads(two_ranks.read_bytes(SUMMARY))
+    lines, summary = validated.lines, validated.summary
     sm = summary["smoothness"]
-    assert sm["seed"] == 5 and sm["steps"] == [0.1, 0.01] and sm["threshold"] == 0.7
+    assert sm["seed"] == 3 and sm["steps"] == [0.1, 0.01] and sm["threshold"] == 0.7
     assert [p["h"] for p in sm["per_step"]] == [0.1, 0.01] and 0 <= sm["score"] <= 1
     assert sm["n_occurrences"] == two_ranks.read_table("values/samples.parquet").num_rows
     assert summary["attributable"] == (sm["score"] >= 0.7)
     says = "This run is attributable" if summary["attributable"] else "This run is not attributable"
     assert summary["verdict"].startswith(says) and lines[-1] == f"verdict: {summary['verdict']}"
-    assert any(line.startswith("smoothness (random ±1 direction, seed 5)") for line in lines)
-    retrains = direction_retrains(5, (0.1, 0.01))
+    assert any(line.startswith("smoothness (random ±1 direction, seed 3)") for line in lines)
+    retrains = direction_retrains(3, (0.1, 0.01))
     assert sm["retrains"] == [r.key for r in retrains]
     records = {r.key: two_ranks.read_json(f"validation/retrains/{r.key}.json") for r in retrains}
     assert all(rec["removed"] == sm["n_occurrences"] for rec in records.values())  # every occurrence reweighted
@@ -571,6 +601,7 @@ def test_smoothness_end_to_end(two_ranks, capsys):
         want = _reference_loss(two_ranks, r, 1.0)[0] - base
         got = records[r.key]["loss"] - sm["baseline_loss"]
         assert abs(want) > 1e-5 and got == pytest.approx(want, rel=0.02, abs=3e-6), r
-    # a later validation that does not ask for it keeps the check in the summary
-    again = validate_run(two_ranks, sources=["net"], progress=False)
+    # a later validation that does not ask for it keeps the check in the summary (it asks for
+    # validated's subset again: retrained already, so no gang starts)
+    again = validate_run(two_ranks, subsets=1, fraction=0.1, seed=3, progress=False)
     assert again.summary["smoothness"] == sm and again.summary["verdict"].startswith(says)
