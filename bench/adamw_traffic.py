@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -116,12 +115,11 @@ def main() -> None:
         d["data"] = {"seq_len": 128}
         d["train"]["micro_batch"] = 4
     cfg = Config.from_dict(d).validate()
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from rayattr.train.backend import free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(rank_main, args=(2, port, cfg.to_dict(redact=False), args.steps, queue),
+    mp.start_processes(rank_main, args=(2, free_port(), cfg.to_dict(redact=False), args.steps, queue),
                        nprocs=2, start_method="spawn")
     counts, n_params, n_layers = queue.get()
     grad = counts.get("gradient reduction (backward + engine.step)", 0) / args.steps

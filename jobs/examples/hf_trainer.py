@@ -57,12 +57,10 @@ def single_process_env() -> None:
     """DeepSpeed wants a process group even for one process: without a launcher this process
     is rank 0 of 1 (HF's advice for DeepSpeed in a notebook)."""
     if "RANK" not in os.environ:
-        import socket
+        from rayattr.train.backend import free_port
 
-        with socket.socket() as s:  # a free port for the group's rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
 
 
 def create_on_rank_zero(cfg: Config):

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from typing import Any
 
 from rayattr.config import Config, ConfigError
 from rayattr.optim.spec import resolve_optimizer
+
+
+def free_port() -> int:
+    """A free port on loopback, for the env:// rendezvous of ranks a script launches itself
+    (jobs/examples/hf_trainer.py without a launcher, bench/adamw_traffic.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # DeepSpeed's shared-memory all-reduce for CPU inference (deepspeed/comm/torch.py, build_shm_op)
