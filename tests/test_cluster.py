@@ -41,7 +41,9 @@ def test_without_an_address_a_local_instance_of_its_own(ray):
 def test_ray_address_joins_that_cluster_with_the_jobs_own_runtime_env(ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     line = connect()
-    assert ray.calls == [{"address": "10.0.0.1:6379", "log_to_driver": True}]  # no runtime_env over the job's
+    # Ray merges this runtime_env with the job's own (working_dir, env_vars)
+    assert ray.calls == [{"address": "10.0.0.1:6379", "log_to_driver": True,
+                          "runtime_env": {"worker_process_setup_hook": WORKER_SETUP}}]
     assert line == "ray: joined the cluster at 10.0.0.1:6379 (RAY_ADDRESS=10.0.0.1:6379)"
 
 
@@ -72,15 +74,23 @@ def test_once_per_process(ray, monkeypatch):
     assert connect() == "ray: already initialised in this process" and ray.calls == []
 
 
-def test_the_worker_setup_hook_drops_only_the_known_notice(capsys):
-    """Ray's worker_process_setup_hook names an importable function; in a worker it drops Ray
-    Train's "safe to ignore" overload warning and nothing else from that logger."""
+def test_the_worker_setup_hook_names_the_cluster_and_drops_only_the_known_notice(capsys, monkeypatch):
+    """Ray's worker_process_setup_hook names an importable function; in a worker it sets
+    RAY_ADDRESS to the worker's own cluster, and drops Ray Train's "safe to ignore" overload
+    warning and nothing else from that logger."""
     import importlib
+    import os
+    import types
+
+    import ray
 
     from rayattr.runtime.cluster import RAY_WORKER_NOTICES
 
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address="10.0.0.2:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")  # another cluster's, inherited
     module, _, name = WORKER_SETUP.rpartition(".")
     getattr(importlib.import_module(module), name)()
+    assert os.environ["RAY_ADDRESS"] == "10.0.0.2:6379"
     (logger_name,) = RAY_WORKER_NOTICES
     logger = logging.getLogger(logger_name)
     logger.addHandler(handler := logging.StreamHandler(sys.stderr))

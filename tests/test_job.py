@@ -32,6 +32,17 @@ def single_node(finished_run) -> Run:
     return Run.open_uri(uri)
 
 
+def test_the_job_counts_truncated_texts_and_ignores_the_fault_variables(single_node, finished_run):
+    """The quick config's texts are all longer than data.seq_len = 32 tokens: the run counts them
+    in run.json n_truncated (which rows count: tests/test_bad_input_more.py) and the job says so.
+    The run was made with the fault tests' variables set: a real run ignores them."""
+    printed = (Path(finished_run[0]) / "job-output.txt").read_text()
+    assert single_node.manifest["n_truncated"] == 160
+    assert "note: 160 of the 160 training texts the run trains on are longer than data.seq_len = 32 tokens" in printed
+    assert "loss is nan" not in printed and not list(Path(finished_run[0]).glob("fault-fired-*"))
+    assert np.isfinite([r.loss for r in single_node.step_records()]).all()
+
+
 @pytest.fixture(scope="module")
 def on_cluster(finished_run, tmp_path_factory) -> list[str]:
     """The single-node run's config and arguments with the data stage as Ray Data tasks over
@@ -160,6 +171,9 @@ def test_live_head_from_ray_start_is_left_alone(cluster):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert cluster.gcs_address not in out.stdout + out.stderr
     assert STARTED in out.stdout and "task ran" in out.stdout
+    # its workers name the new instance, where Ray Train's placement-group cleaner must look
+    started = out.stdout.split(STARTED)[1].split()[0]
+    assert f"its RAY_ADDRESS: {started}" in out.stdout
 
 
 # Lines that carry a log level: Python's and DeepSpeed's (WARNING, [WARNING]), Ray's C++ logs

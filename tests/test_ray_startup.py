@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTED = "ray: started a local Ray instance at "
 # What the job (rayattr.pipeline.stages.prepare_data) and every rayattr command do first: connect,
 # print the line, then run work on the Ray they got (a task here; the job is tested elsewhere).
-CONNECT = ("import ray; from rayattr.runtime.cluster import connect; print(connect(), flush=True); "
-           "assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42; print('task ran')")
+# The task says which cluster its worker names in RAY_ADDRESS (runtime/cluster.setup_ray_worker).
+CONNECT = ("import os, ray; from rayattr.runtime.cluster import connect; print(connect(), flush=True); "
+           "address = ray.get(ray.remote(lambda: os.environ.get('RAY_ADDRESS')).remote()); "
+           "print('task ran; its RAY_ADDRESS:', address)")
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_stale_cluster_file_does_not_hang(ray_tmpdir, tmp_path):
     dead = f"127.0.0.1:{pick_ports(1)[0]}"
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
-    out = run_connect({"RAY_TMPDIR": str(ray_tmpdir)})  # before: retried the dead GCS for ever
+    out = run_connect({"RAY_TMPDIR": str(ray_tmpdir)})
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert STARTED in out.stdout and "task ran" in out.stdout
     assert "Connecting to existing Ray cluster" not in out.stdout + out.stderr

@@ -21,13 +21,21 @@ RAY_NOTICES = {"ray._private.authentication.authentication_token_setup":
 # are "it's safe to ignore this error" (a local instance has no autoscaler to ask)
 RAY_WORKER_NOTICES = {"ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
                       ("Failed to send resource request for",)}
-# runs in every worker process of a local instance as it starts (Ray's worker_process_setup_hook)
-WORKER_SETUP = "rayattr.runtime.cluster.quiet_ray_worker"
+# runs in every worker process of the job as it starts (Ray's worker_process_setup_hook)
+WORKER_SETUP = "rayattr.runtime.cluster.setup_ray_worker"
 
 
-def quiet_ray_worker() -> None:
-    """Drop the RAY_WORKER_NOTICES in this worker process (filters on those loggers stay when
-    Ray Train configures its loggers later)."""
+def setup_ray_worker() -> None:
+    """Name this cluster in the worker's RAY_ADDRESS, and drop the RAY_WORKER_NOTICES.
+
+    Ray's state API finds a cluster from RAY_ADDRESS, else from the file `ray start` leaves in
+    Ray's temp dir. Ray Train's placement-group cleaner asks it whether the gang's controller
+    lives: asked of another cluster (one `ray start` left on the machine), the answer is no,
+    and the cleaner removes a live gang's placement group. The notices' filters stay when Ray
+    Train configures its loggers later."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     for name, fragments in RAY_WORKER_NOTICES.items():
         drop_messages(logging.getLogger(name), fragments)
 
@@ -52,8 +60,9 @@ def _init(log_to_driver: bool) -> str:
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
-    if address:  # `ray job submit`: the job's own runtime env applies (working_dir, env_vars)
-        ctx = ray.init(address=address, log_to_driver=log_to_driver)
+    if address:  # `ray job submit`: Ray merges this with the job's own runtime env (working_dir, env_vars)
+        ctx = ray.init(address=address, log_to_driver=log_to_driver,
+                       runtime_env={"worker_process_setup_hook": WORKER_SETUP})
         return f"ray: joined the cluster at {ctx.address_info['gcs_address']} (RAY_ADDRESS={address})"
     for name, fragments in RAY_NOTICES.items():
         drop_messages(logging.getLogger(name), fragments)

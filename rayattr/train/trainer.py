@@ -8,7 +8,7 @@ so no step is missing or duplicated. A new driver on the same run resumes from i
 call `ray.train.report` only with a checkpoint and once at the end: each report is a barrier
 through Ray Train's controller, seconds long on a small model. Rank 0 says how far it got in
 `train/progress.json` of the run, written in the background (rayattr/train/progress.py), which
-the driver follows for its progress bar. `rank_resources` and `fit_in_background` serve `rayattr validate`'s retraining
+the driver follows for its progress bar. `rank_resources` and `Fit` serve `rayattr validate`'s retraining
 gangs too (rayattr/validate/gangs.py).
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
-import ray
 from tqdm.auto import tqdm
 
 from rayattr.runtime import hooks
@@ -113,9 +113,9 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
         RunConfig(**checkpoints.storage(run), checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP),
                   failure_config=FailureConfig(max_failures=t.max_restarts)))
     t0 = time.perf_counter()
-    fit = fit_in_background(trainer)
+    fit = Fit(trainer)
     losses = _follow(run, fit, progress)
-    ray.get(fit)  # a training failure beyond train.max_restarts raises here
+    fit.result()  # a training failure beyond train.max_restarts raises here
     m = run.reload_manifest()
     if m.get("train_error"):
         raise NonFiniteLoss(m["train_error"])
@@ -125,32 +125,49 @@ def train(cfg: Config, run: Run, storage_options: dict | None = None, progress: 
             "restarts": state["attempt"], "step_seconds": state.get("seconds")}
 
 
-@ray.remote(num_cpus=0)
-def _fit(trainer) -> None:
-    trainer.fit()
+class Fit:
+    """trainer.fit() running in a thread of the driver, so the driver can follow progress.
 
+    A thread, not a Ray task: a task would be one more worker process (Ray Train's own
+    start-up again, about 5 s of a 2-CPU machine per gang) for what is a wait on Ray Train's
+    controller actor, which is where the work happens."""
 
-def fit_in_background(trainer) -> ray.ObjectRef:
-    """trainer.fit() in a task, so the driver can follow progress; its ref raises what fit raised.
+    def __init__(self, trainer) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="ray-train-fit", daemon=True)
+        _watcher_off()
+        self._thread.start()
 
-    The task names this cluster in RAY_ADDRESS: Ray Train's helper actors (its placement-group
-    cleaner) inherit it, and so query this cluster's state even where `ray start` left another
-    one on the machine (as rayattr/runtime/cluster.py keeps the driver off it)."""
-    here = {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **preemption_watcher_env()}}
-    return _fit.options(runtime_env=here).remote(trainer)
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - raised again in the driver's thread by result()
+            self._error = err
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether fit has returned, waiting at most `timeout` seconds for it."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> None:
+        """Wait for fit; raise what it raised (a failure beyond train.max_restarts)."""
+        self.wait()
+        if self._error is not None:
+            raise self._error
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def preemption_watcher_env() -> dict[str, str]:
+def _watcher_off() -> None:
     """Ray Train's preemption watcher off unless the user set it: a restarted gang resumes from
     its checkpoint either way (FailureConfig), and the watcher's actor makes Ray log an
-    error-level line on every start ("PreemptionWatcher ... max_restarts > 0") that is no error."""
-    return {PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
+    error-level line on every start ("PreemptionWatcher ... max_restarts > 0") that is no error.
+    Ray Train passes the variable from the driver's environment to its controller."""
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
-def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
+def _follow(run: Run, fit: Fit, progress: bool) -> list[float]:
     """Follow the ranks' progress until fit returns: the progress bar, the losses it saw,
     a note per restart, and the driver's test seam."""
     losses: list[float] = []
@@ -180,7 +197,7 @@ def _follow(run: Run, fit: ray.ObjectRef, progress: bool) -> list[float]:
             hooks.call("driver.train", step=state["step"])  # test seam: empty in production
 
     try:
-        while not ray.wait([fit], timeout=POLL_S)[0]:
+        while not fit.wait(POLL_S):
             observe()
         observe()  # the last chunk, when fit returned between two looks
     finally:

@@ -11,7 +11,6 @@ interrupted validation keeps every retrain that finished.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import ray
 from ray.util.queue import Empty, Queue
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from rayattr.config import Config
 from rayattr.store import Run
 from rayattr.train.checkpoints import ray_train_storage
-from rayattr.train.trainer import fit_in_background, gang_trainer, rank_resources
+from rayattr.train.trainer import Fit, gang_trainer, rank_resources
 from rayattr.validate.counterfactuals import Removal
 from rayattr.store.layout import gang_dir
 
@@ -82,7 +81,7 @@ def retrain_all(cfg: Config, run: Run, removals: list[Removal], on_result: Calla
     todo, results = Queue(), Queue()
     for r in removals:
         todo.put(r.to_dict())
-    fits = [fit_in_background(_gang(cfg, run, storage_options, todo, results, i)) for i in range(n)]
+    fits = [Fit(_gang(cfg, run, storage_options, todo, results, i)) for i in range(n)]
     left = len(removals)
     try:
         with tqdm(total=left, desc="retrain", unit="run", disable=not progress) as bar:
@@ -96,15 +95,16 @@ def retrain_all(cfg: Config, run: Run, removals: list[Removal], on_result: Calla
                 on_result(Removal.from_dict(removal), out)
                 bar.update(1)
                 left -= 1
-        ray.get(fits)
+        for f in fits:
+            f.result()
     finally:
         for q in (todo, results):
             q.shutdown()
 
 
-def _gangs_ended(fits: list[Any]) -> bool:
+def _gangs_ended(fits: list[Fit]) -> bool:
     """Raise a gang's failure as soon as it happens; True once every gang has ended."""
-    done, _ = ray.wait(fits, num_returns=len(fits), timeout=0)
+    done = [f for f in fits if f.wait(0)]
     for f in done:
-        ray.get(f)  # raises the gang's error
+        f.result()  # raises the gang's error
     return len(done) == len(fits)
