@@ -105,7 +105,11 @@ def finished_run(tmp_path_factory):
     cfg = tmp_path_factory.mktemp("answers") / "answers.yaml"
     cfg.write_text(yaml.safe_dump(settings))
     store = tmp_path_factory.mktemp("answers-store")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # the fault tests' variables set, their seams not installed: nothing may act on them (rank 1's
+    # loss would turn NaN at step 1 if anything did; tests/test_job.py checks)
+    faults = {f"{prefix}{suffix}": value for prefix in ("RAYATTR_", "RAYATTR_TEST_")
+              for suffix, value in (("FAULT", "rank.nan:rank=1,step=1"), ("FAULT_DIR", str(store)))}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **faults}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "jobs/pretrain_attr.py", "--config", str(cfg), "--store", str(store),
                           "--run-id", "answers", "--segments", "2", "--no-progress"],

@@ -88,47 +88,32 @@ def test_empty_source_string(tmp_path, local_ray):
     assert "2 empty value(s)" in refusal(tmp_path, tmp_path / "train.parquet", tmp_path / "val.parquet")
 
 
-@pytest.fixture(scope="module")
-def truncating_job(tmp_path_factory):
-    """A 2-step job whose training texts are partly longer than data.seq_len = 32, run with the
-    fault tests' variables set. Returns (folder, its output, n_truncated expected): the folder
-    holds the data and the store with run "r"."""
-    tmp = tmp_path_factory.mktemp("truncating")
+def test_only_the_trained_rows_count_as_truncated(tmp_path):
+    """Truncation is what training does (and queries do likewise); a run counts it in run.json
+    n_truncated over the rows its trained steps use (unused data costs nothing, docs/store.md).
+    The data stage runs in this process here (no Ray): the same block functions as on Ray Data.
+    The job's note from that count: tests/test_job.py."""
+    from rayattr.config import Config
+    from rayattr.data.run_data import token_meta
+    from rayattr.pipeline.stages import start_run
+
     rows = texts(48)
     long = "x = 1  # " + "a long comment " * 10
     for i in range(0, 48, 4):
         rows["text"][i] = long
-    pq.write_table(pa.table(rows), tmp / "train.parquet")
-    pq.write_table(pa.table(texts(8)), tmp / "val.parquet")
+    pq.write_table(pa.table(rows), tmp_path / "train.parquet")
+    pq.write_table(pa.table(texts(8)), tmp_path / "val.parquet")
     seq_len = 32
-    # only the rows the trained steps use are tokenised (unused data costs nothing, docs/store.md)
-    table = load_dataset(str(tmp / "train.parquet"))
+    table = load_dataset(str(tmp_path / "train.parquet"))
     assert TokenizedDataset(table, load_tokenizer("byte"), seq_len).num_truncated == 12
     plan = BatchPlan(table.num_rows, 8, 2, 1, 2, 0)  # the default micro_batch, ranks, grad_accum, epochs, seed
     used = np.unique(np.concatenate([plan.global_batch(s) for s in range(2)]))
     expected = TokenizedDataset(table.take(used), load_tokenizer("byte"), seq_len).num_truncated
     assert 0 < expected < 12 and len(used) == 32
-    config = {"data": {"train": str(tmp / "train.parquet"), "validation": str(tmp / "val.parquet"),
-                       "seq_len": seq_len}, "capture": {"rank": 4}, "embed": {"phases": 1}}
-    # the fault tests' variables set, their seams not installed: nothing acts on them (rank 1's
-    # loss would turn NaN at step 1 if anything did)
-    fault_env = {"RAYATTR_FAULT": "rank.nan:rank=1,step=1", "RAYATTR_TEST_FAULT": "rank.nan:rank=1,step=1",
-                 "RAYATTR_FAULT_DIR": str(tmp), "RAYATTR_TEST_FAULT_DIR": str(tmp)}
-    out = job(tmp, config, "--store", str(tmp / "store"), "--run-id", "r", "--steps", "2", "--segments", "1",
-              env=fault_env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return tmp, out, expected
-
-
-@pytest.mark.slow
-def test_texts_longer_than_the_context_are_counted(truncating_job):
-    """Truncation is what training does (and queries do likewise); the run counts it in
-    run.json n_truncated and the job says so. The run also carries the fault tests' variables,
-    which a real run must ignore."""
-    tmp, out, expected = truncating_job
-    assert "loss is nan" not in out.stderr and not list(tmp.glob("fault-fired-*"))
-    assert Run.open(str(tmp / "store"), "r").manifest["n_truncated"] == expected
-    assert f"note: {expected} of the 32 training texts the run trains on are longer than data.seq_len = 32 tokens" in out.stdout
+    cfg = Config.from_dict({"run_id": "r", "data": {"train": str(tmp_path / "train.parquet"),
+                                                    "validation": str(tmp_path / "val.parquet"), "seq_len": seq_len},
+                            "train": {"steps": 2}, "capture": {"rank": 4}, "store": {"uri": str(tmp_path / "store")}})
+    assert token_meta(start_run(cfg))["n_truncated"] == expected  # what each rank reports in run.json
 
 
 def test_store_path_with_spaces_and_unicode(store_root, capsys):
@@ -159,13 +144,13 @@ def test_wrong_s3_credentials(tmp_path, s3_store):
 
 
 @pytest.mark.slow
-def test_run_deleted_while_query_reads_it(truncating_job, tmp_path, monkeypatch, capsys):
-    """On a copy of the module's finished run (any finished run does)."""
+def test_run_deleted_while_query_reads_it(finished_run, tmp_path, monkeypatch, capsys):
+    """On a copy of the session's finished run (any finished run does)."""
     from rayattr.cli import main
     from rayattr.query import answer
 
     copy = tmp_path / "store" / "r"
-    shutil.copytree(truncating_job[0] / "store" / "r", copy)
+    shutil.copytree(finished_run[1], copy)
     opening = answer.embedding_reader
 
     def deleted_first(run, *a, **kw):  # the model is loaded; the embeddings are next

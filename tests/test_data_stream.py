@@ -284,8 +284,10 @@ def pretokenized_job(finished_run, tmp_path_factory):
     """The session's finished run (conftest.finished_run: the quick job on the built-in corpus)
     made again, in this process, from pre-tokenised files of the same texts: the token rows the
     text path trains on (the byte tokenizer's ids plus eos, cut to data.seq_len), training and
-    validation alike. Its recorded config otherwise. Returns (text run, token run, texts config,
-    training texts)."""
+    validation alike. Its recorded config otherwise, and the data stage in this process (the
+    same block functions as on Ray Data, whose start-up would be most of the stage here; the
+    engines agree: test_token_files_are_the_same_whatever_the_blocks_and_the_run). Returns
+    (text run, token run, texts config, training texts)."""
     from rayattr.pipeline.stages import run_pipeline
 
     text_run = Run.open_uri(finished_run[1])
@@ -299,7 +301,7 @@ def pretokenized_job(finished_run, tmp_path_factory):
         pq.write_table(pretokenized(table, seq_len=d.seq_len), tmp / f"{name}.parquet")
     cfg = text_cfg.with_overrides(**{
         "run_id": "tokens", "store.uri": str(tmp / "store"), "data.train": str(tmp / "train.parquet"),
-        "data.validation": str(tmp / "val.parquet"), "data.pretokenized": True}).validate()
+        "data.validation": str(tmp / "val.parquet"), "data.pretokenized": True, "data.stage": "driver"}).validate()
     return text_run, Run.open_uri(run_pipeline(cfg, progress=False).uri), text_cfg, train
 
 

@@ -66,6 +66,15 @@ def test_all_segment_counts_match_explicit_products(use_curvature):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_a_zero_step_size_update_has_no_influence_under_sgd():
+    """A warm-up schedule's lr 0 steps (tests/test_pipeline.py records them end to end under
+    AdamW, whose momentum carries them on): under SGD their occurrences' embeddings are 0."""
+    grads, etas, _ = make()
+    etas = [0.0, 0.0, *etas[2:]]
+    got = dvemb_one_layer(grads, etas, segments=3)
+    assert all(bool((e == 0).all()) for e in got[:2]) and all(bool((e != 0).any()) for e in got[2:])
+
+
 @pytest.mark.parametrize("use_curvature", [False, True])
 def test_layers_are_independent_and_batched(use_curvature):
     # three layers, two sharing a width (stacked path) and one on its own

@@ -88,25 +88,6 @@ def test_ranks_report_only_checkpoints_and_the_end(baseline):
         assert calls == [(s, True) for s in range(4, n + 1, 4)] + [(n, False)], calls
 
 
-def test_rank_and_segment_actors_killed_keep_the_adam_state(baseline, tmp_path):
-    """A rank killed at step 10 resumes from the checkpoint of step 8, and a segment actor killed
-    mid-segment redoes its segment, in one run. DeepSpeed's checkpoint holds Adam's m, v and
-    step: the resumed trajectory, its update rows and the values are bit-equal to the
-    uninterrupted run's."""
-    out = run_job(tmp_path, "--store", str(tmp_path / "store"), "--run-id", "r",
-                  fault="rank.step:rank=1,step=10;segment.compute:segment=1,step=3")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert fired(str(tmp_path), "rank.step") and fired(str(tmp_path), "segment.compute")
-    run = Run.open(str(tmp_path / "store"), "r")
-    m = run.manifest
-    assert m["train_restarts"] == 1 and m["resumed_from"] == 8  # last checkpoint before step 10
-    assert_trajectory_complete(run, m["num_steps"])
-    assert run.step_records() == baseline.step_records()
-    for a, b in zip(*(GradientReader(r, kind="update").read_steps(0, None) for r in (baseline, run))):
-        assert all(np.array_equal(a.grads[n].numpy(), b.grads[n].numpy()) for n in a.grads), a.step
-    np.testing.assert_array_equal(values(run), values(baseline))
-
-
 def restart_when_training(server, root: str, run_id: str, restarted: threading.Event) -> threading.Thread:
     """Restart the S3 server once the run's first training shard is committed."""
     fs = s3fs.S3FileSystem(**server.storage_options)
@@ -130,17 +111,25 @@ def restart_when_training(server, root: str, run_id: str, restarted: threading.E
     return watcher
 
 
-def test_s3_server_restarted_then_driver_killed_then_resumed(baseline, tmp_path, s3_store):
-    """On an S3 store: the server restarts while the ranks write, then the driver dies at step
-    12, and the run resumes from its last checkpoint; the values equal the fault-free run's."""
+def test_every_process_killed_and_the_s3_server_restarted_then_resumed(baseline, tmp_path, s3_store):
+    """One run on an S3 store, every fault in turn: the server restarts while the ranks write;
+    rank 1 dies at step 10 and the gang resumes from the checkpoint of step 8; the driver dies
+    at step 12; a new driver resumes the run from its last checkpoint, and one of its segment
+    actors dies mid-segment and redoes its segment. DeepSpeed's checkpoints hold Adam's m, v
+    and step: the trajectory, its update rows and the values are bit-equal to the fault-free
+    run's."""
     root = s3_store.root_uri("restart")
     opts = StoreOptions(storage_options=s3_store.storage_options)
     restarted = threading.Event()
     watcher = restart_when_training(s3_store, root, "d", restarted)
-    out = run_job(tmp_path, "--store", root, "--run-id", "d", fault="driver.train:step=12", env=s3_store.env)
+    out = run_job(tmp_path, "--store", root, "--run-id", "d", fault="rank.step:rank=1,step=10;driver.train:step=12",
+                  env=s3_store.env)
     watcher.join(timeout=5)
     assert restarted.is_set(), "the S3 server was never restarted during training"
     assert out.returncode == 17, out.stderr[-3000:]
+    assert fired(str(tmp_path), "rank.step")
+    # the gang restarted once, from the last checkpoint before step 10, before the driver died
+    assert "restarting from the last checkpoint (step 8, restart 1)" in out.stderr, out.stderr[-3000:]
     partial = Run.open(root, "d", options=opts)
     assert partial.manifest["status"] == "training"
     assert not partial.exists("values/samples.parquet")
@@ -150,14 +139,19 @@ def test_s3_server_restarted_then_driver_killed_then_resumed(baseline, tmp_path,
     out = run_job(tmp_path, "--store", root, "--resume", "d", config=bad, env=s3_store.env)
     assert out.returncode == 2 and "train.lr" in out.stderr and "different config" in out.stderr
 
-    out = run_job(tmp_path, "--store", root, "--resume", "d", env=s3_store.env)
+    out = run_job(tmp_path, "--store", root, "--resume", "d", fault="segment.compute:segment=1,step=3",
+                  env=s3_store.env)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert fired(str(tmp_path), "segment.compute")
     run = Run.open(root, "d", options=opts)
     # the driver dies once rank 0 reports step 12; Ray Train's ranks run on until the cluster
     # goes, so the last complete checkpoint (every 4 steps) is step 12 or a later one
     resumed = run.manifest["resumed_from"]
     assert run.manifest["status"] == "done" and 12 <= resumed < run.manifest["num_steps"] and resumed % 4 == 0
     assert_trajectory_complete(run, run.manifest["num_steps"])
+    assert run.step_records() == baseline.step_records()
+    for a, b in zip(*(GradientReader(r, kind="update").read_steps(0, None) for r in (baseline, run))):
+        assert all(np.array_equal(a.grads[n].numpy(), b.grads[n].numpy()) for n in a.grads), a.step
     np.testing.assert_array_equal(values(run), values(baseline))
 
 
