@@ -166,7 +166,7 @@ def test_fault_variables_change_nothing_at_the_rank_seams(monkeypatch, tmp_path)
 # -- the driver: trainer._follow with Ray Train's fit stood in for ---------------------------
 
 
-def test_driver_seam_fires_once_per_reported_chunk_across_a_restart(tmp_path, monkeypatch):
+def test_driver_seam_fires_once_per_reported_chunk_across_a_restart(tmp_path):
     run = Run.create(str(tmp_path / "store"), "r", {"num_steps": 12})
     reports = [  # what rank 0 writes to train/progress.json, one per look of the driver
         {"attempt": 0, "start": 0, "step": 0, "loss": None},
@@ -179,16 +179,40 @@ def test_driver_seam_fires_once_per_reported_chunk_across_a_restart(tmp_path, mo
     ]
     looks = iter(reports)
 
-    def wait(refs, timeout):
-        state = next(looks, None)
-        if state is None:
-            return refs, []  # fit returned
-        run.write_json(trainer.TRAIN_PROGRESS, state)
-        return [], refs
+    class Fit:  # trainer.Fit's wait: each look of the driver finds the next report
+        def wait(self, timeout):
+            state = next(looks, None)
+            if state is None:
+                return True  # fit returned
+            run.write_json(trainer.TRAIN_PROGRESS, state)
+            return False
 
-    monkeypatch.setattr(trainer.ray, "wait", wait)
     fired = []
     hooks.register("driver.train", lambda **at: fired.append(at))
-    losses = trainer._follow(run, object(), progress=False)
+    losses = trainer._follow(run, Fit(), progress=False)
     assert fired == [{"step": 4}, {"step": 8}, {"step": 8}, {"step": 12}]
     assert losses == [1.0, 0.9, 0.95, 0.8]
+
+
+def test_fit_runs_in_a_driver_thread_and_raises_what_fit_raised():
+    """trainer.Fit: the driver follows while fit runs; fit's failure comes out of result()."""
+    import threading
+
+    release = threading.Event()
+
+    class Trainer:
+        def __init__(self, error=None):
+            self.error = error
+
+        def fit(self):
+            release.wait(5)
+            if self.error:
+                raise self.error
+
+    ok, failing = trainer.Fit(Trainer()), trainer.Fit(Trainer(RuntimeError("gang failed")))
+    assert not ok.wait(0.05) and not failing.wait(0)  # both still fitting
+    release.set()
+    assert ok.wait(5) and failing.wait(5)
+    ok.result()
+    with pytest.raises(RuntimeError, match="gang failed"):
+        failing.result()
