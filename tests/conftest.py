@@ -29,6 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # make tests/s3server.py importa
 
 from s3server import SeaweedS3  # noqa: E402
 
+# Ray Train's controller polls its workers every 2 s by default, and a gang's start and end each
+# wait for a poll: on the suite's 20-step gangs that was about 4 s of a 23 s training stage
+# (small.yaml, 2026-12-03). The suite's jobs and in-process gangs poll every 0.5 s instead; the
+# driver hands the variable to the controller (Ray Train propagates it). Production keeps
+# Ray's default: on long runs the wait is noise, and a poll is one call per worker.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 from rayattr.store import StoreOptions  # noqa: E402
 
 
