@@ -22,6 +22,7 @@ import yaml
 import faults
 from faults import fired
 from rayattr.store import GradientReader, Run, StoreOptions
+from rayattr.store.layout import TRAIN_PROGRESS
 
 pytestmark = pytest.mark.slow  # each test runs the job, most of them twice
 
@@ -133,6 +134,9 @@ def test_every_process_killed_and_the_s3_server_restarted_then_resumed(baseline,
     partial = Run.open(root, "d", options=opts)
     assert partial.manifest["status"] == "training"
     assert not partial.exists("values/samples.parquet")
+    # what the driver turns into run.json's train_restarts and resumed_from (it died before)
+    progress = partial.read_json(TRAIN_PROGRESS)
+    assert (progress["attempt"], progress["start"]) == (1, 8)
 
     # the same config again would be accepted; a different one is refused, naming the key
     bad = {**SMALL, "train": {**SMALL["train"], "lr": 0.1}}  # not the run's 3e-3
@@ -148,6 +152,7 @@ def test_every_process_killed_and_the_s3_server_restarted_then_resumed(baseline,
     # goes, so the last complete checkpoint (every 4 steps) is step 12 or a later one
     resumed = run.manifest["resumed_from"]
     assert run.manifest["status"] == "done" and 12 <= resumed < run.manifest["num_steps"] and resumed % 4 == 0
+    assert run.manifest["train_restarts"] == 0  # the resumed driver's gang ran through
     assert_trajectory_complete(run, run.manifest["num_steps"])
     assert run.step_records() == baseline.step_records()
     for a, b in zip(*(GradientReader(r, kind="update").read_steps(0, None) for r in (baseline, run))):
