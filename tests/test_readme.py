@@ -108,3 +108,22 @@ def test_the_gc_paragraph_names_what_gc_dry_run_lists(tmp_path, capsys):
     paragraph = re.search(r"`rayattr gc RUN` deletes.*?\n\n", README, re.S).group(0)
     assert set(re.findall(r"`(grads/\w+)`", paragraph)) == listed == {
         "grads/train", "grads/update", "grads/curvature", "grads/local"}
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    """.ci/run is the README's set-up from a clean checkout: the same installs (torch first, then
+    the project at infra/constraints.txt's pins) and the test command the README names."""
+    def installs(lines):
+        out = []
+        for line in lines:
+            for part in line.split("&&"):
+                words = [w for w in shlex.split(part.removeprefix("python -m ").strip()) if w != "-q"]
+                if words[:2] == ["pip", "install"]:
+                    out.append(words[2:])
+        return out
+
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    readme = installs(bash_lines(README))
+    assert installs(ci) == readme[:2] and readme[1][:2] == ["-c", "infra/constraints.txt"]
+    assert ci[-2:] == ["ruff check .", "python -m pytest -q"]
+    assert "`python -m pytest -q`" in README
