@@ -169,11 +169,21 @@ def last_source(run_uri: str) -> str:
 SLOW_FIXTURES = {"local_ray", "s3_store", "finished_run", "validated_run"}
 
 
+# The session's shared runs (built once per pytest-xdist worker that asks for one): every module
+# with a test that reads them runs on the same worker, so each is made once.
+SHARED_RUNS = {"finished_run", "validated_run"}
+
+
 def pytest_collection_modifyitems(config, items):
+    shared_modules = {item.module.__name__ for item in items if SHARED_RUNS.intersection(item.fixturenames)}
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or params.get("store_root") == "s3":
             item.add_marker(pytest.mark.slow)
+        # pyproject's `--dist loadgroup`: one worker per module (its module-scoped runs are made
+        # once), and one for all the modules that share the session's runs
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("shared-runs" if module in shared_modules else module))
 
 
 # What a fast test must not start. A command line that runs the job or an example, a DeepSpeed
