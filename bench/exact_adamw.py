@@ -188,8 +188,12 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         value(t, z) = κ_t (P_t g_z) · r_t
 
     `curvature`: "hessian" (exact Hessian-vector products of the mean loss), "ggn" (its
-    Gauss-Newton part, which the sampled-label Fisher estimates) or "fisher" ((1/|B|) Σ g gᵀ of
-    the per-sample gradients: the empirical Fisher rayattr's AdamW recursion uses)."""
+    Gauss-Newton part, which the sampled-label Fisher estimates), "fisher" ((1/|B|) Σ g gᵀ of
+    the per-sample gradients: the empirical Fisher rayattr's AdamW recursion uses), "sampled"
+    (the same with labels drawn from the model: the sampled-label Fisher, one draw per token), "subspace"
+    (the Hessian compressed onto the span of the step's per-sample gradients, Q Qᵀ H Q Qᵀ: the
+    empirical Fisher's rank and range with the true curvature inside, |B| Hessian-vector
+    products a step) or "none" (K = α I: only decay and momentum carry the update)."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
     params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), differentiable=False,
@@ -218,35 +222,105 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             hv = {n: h.detach() for n, h in zip(p, hv)}
         elif curvature == "ggn":
             hv = rp.ggn_vector_product(theta, b, Px)
-        else:
+        elif curvature == "none":
+            hv = {n: torch.zeros_like(x) for n, x in a.items()}
+        elif curvature == "subspace":
+            hv = subspace_hessian_product(rp, p, per, rows, Px)
+        elif curvature == "sampled":
+            hv = fisher_product(p, rp.per_sample(p, sampled_labels(rp, theta, b, t)), Px)
+        elif curvature == "fisher":
             hv = {n: torch.zeros_like(x) for n, x in a.items()}
             for g in rows:
                 dot = sum((gi * Px[n]).sum() for n, gi in zip(p, g))
                 for n, gi in zip(p, g):
                     hv[n] += dot * gi / B
+        else:
+            raise ValueError(f"unknown curvature {curvature!r}")
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
     return out
+
+
+def sampled_labels(rp: AdamWReplay, theta: dict, b: dict, step: int) -> dict:
+    """The batch with each predicted token's label drawn from the model's own softmax at θ
+    (seeded by the step): per-sample gradients of these are the sampled-label Fisher's rows,
+    whose (1/|B|) Σ ĝ ĝᵀ estimates the Gauss-Newton matrix without bias (docs/method.md §3)."""
+    with torch.no_grad():
+        logits = functional_call(rp.model, theta, (), {"input_ids": b["input_ids"],
+                                                       "attention_mask": b["attention_mask"]}).logits[:, :-1]
+        gen = torch.Generator().manual_seed(step)
+        drawn = torch.multinomial(torch.softmax(logits, -1).reshape(-1, logits.shape[-1]), 1, generator=gen)
+    labels = b["labels"].clone()
+    keep = labels[:, 1:] != -100
+    labels[:, 1:] = torch.where(keep, drawn.reshape(keep.shape), labels[:, 1:])
+    return {**b, "labels": labels}
+
+
+def fisher_product(p: dict, per: torch.Tensor, x: dict) -> dict:
+    """(1/|B|) Σ g gᵀ x over the per-sample gradients of `per` at `p`."""
+    out = {n: torch.zeros_like(v) for n, v in x.items()}
+    for i in range(per.shape[0]):
+        g = torch.autograd.grad(per[i], list(p.values()), retain_graph=True)
+        dot = sum((gi * x[n]).sum() for n, gi in zip(p, g))
+        for n, gi in zip(p, g):
+            out[n] += dot * gi.detach() / per.shape[0]
+    return out
+
+
+def subspace_hessian_product(rp: AdamWReplay, p: dict, per: torch.Tensor, rows: list, x: dict) -> dict:
+    """Q Qᵀ H Q Qᵀ x for the mean loss's Hessian H at `p` and Q an orthonormal basis of the
+    per-sample gradients `rows` (|B| Hessian-vector products)."""
+    names = list(p)
+    G = torch.stack([torch.cat([gi.reshape(-1) for gi in g]) for g in rows])  # (|B|, n)
+    U, S, _ = torch.linalg.svd(G.T, full_matrices=False)
+    Q = U[:, S > S.max() * 1e-10]  # (n, k)
+    gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
+    shapes = [p[n].shape for n in names]
+    sizes = [p[n].numel() for n in names]
+    HQ = []
+    for j in range(Q.shape[1]):
+        probe = [c.reshape(s) for c, s in zip(Q[:, j].split(sizes), shapes)]
+        hq = torch.autograd.grad(gbar, list(p.values()), grad_outputs=probe, retain_graph=True)
+        HQ.append(torch.cat([h.reshape(-1) for h in hq]))
+    M = Q.T @ torch.stack(HQ, 1)  # (k, k): Qᵀ H Q
+    xv = torch.cat([x[n].reshape(-1) for n in names])
+    out = Q @ (M @ (Q.T @ xv))
+    return {n: c.reshape(s).detach() for n, c, s in zip(names, out.split(sizes), shapes)}
 
 
 BANDS = {"warm-up": lambda s, T, w: s < w, "middle": lambda s, T, w: (s >= T // 4) & (s < 3 * T // 4),
          "last quarter": lambda s, T, w: s >= 3 * T // 4}
 
 
-def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool = True) -> dict[str, np.ndarray]:
+METAGRADIENTS = (("exact", ()), ("κ held", ("kappa",)), ("v held", ("v",)), ("κ, v held", ("kappa", "v")))
+ADJOINTS = (("recursion, Hessian", {"curvature": "hessian"}),
+            ("recursion, Hessian, momentum-free K", {"curvature": "hessian", "momentum_curvature": False}),
+            ("recursion, Gauss-Newton", {"curvature": "ggn"}),
+            ("recursion, Hessian on the gradients' span", {"curvature": "subspace"}),
+            ("recursion, no curvature", {"curvature": "none"}),
+            ("recursion, sampled-label Fisher", {"curvature": "sampled"}),
+            ("recursion, empirical Fisher", {"curvature": "fisher"}),
+            ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher", "momentum_curvature": False}))
+
+
+def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list[str] = True,
+             metagradients: bool | list[str] = True, cache: Path | None = None) -> dict[str, np.ndarray]:
     """Every estimate of the run's occurrences, (steps × |B|) each: the exact response, the
     exact response with κ and/or v held, rayattr's recursion in the full parameter space
-    (exact P, no projection) with each curvature, and the product's values when given."""
-    cols = {}
-    for name, fr in (("exact", ()), ("κ held", ("kappa",)), ("v held", ("v",)), ("κ, v held", ("kappa", "v"))):
-        cols[name] = rp.exact_values(frozenset(fr))[0]
-    if adjoints:
-        for name, kw in (("recursion, Hessian", {"curvature": "hessian"}),
-                         ("recursion, Hessian, momentum-free K", {"curvature": "hessian", "momentum_curvature": False}),
-                         ("recursion, Gauss-Newton", {"curvature": "ggn"}),
-                         ("recursion, empirical Fisher", {"curvature": "fisher"}),
-                         ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher",
-                                                                            "momentum_curvature": False})):
-            cols[name] = adjoint_values(rp, **kw)
+    (exact P, no projection) with each curvature, and the product's values when given.
+    `cache` (an .npz) keeps each column once computed, so a later call computes only the rest
+    (the metagradients hold the whole unrolled graph; the sweeps do not)."""
+    cols = dict(np.load(cache)) if cache is not None and cache.exists() else {}
+    metas = [n for n, _ in METAGRADIENTS] if metagradients is True else list(metagradients or [])
+    wanted = [(n, lambda fr=dict(METAGRADIENTS)[n]: rp.exact_values(frozenset(fr))[0]) for n in metas]
+    sweeps = [n for n, _ in ADJOINTS] if adjoints is True else list(adjoints or [])
+    wanted += [(n, lambda kw=dict(ADJOINTS)[n]: adjoint_values(rp, **kw)) for n in sweeps]
+    for name, compute in wanted:
+        if name not in cols:
+            cols[name] = compute()
+            if cache is not None:
+                np.savez(cache, **cols)
+    order = [n for n, _ in METAGRADIENTS + ADJOINTS]
+    cols = {n: cols[n] for n in sorted(cols, key=lambda n: order.index(n) if n in order else len(order))}
     if product is not None:
         ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)])
         cols["rayattr values"] = np.vectorize(lambda t, z: product.get((t, z), np.nan))(
@@ -268,6 +342,9 @@ def table(cols: dict[str, np.ndarray], warmup: int) -> str:
         for pick in BANDS.values():
             m = pick(steps, T, warmup) & np.isfinite(x)
             for ref in ("exact", "κ, v held"):
+                if ref not in cols:  # the metagradients not computed
+                    cells.append("–")
+                    continue
                 a, b = x[m], cols[ref][m]
                 if len(a) < 3:  # a band a short run does not have
                     cells.append("–")
@@ -284,6 +361,11 @@ def main(argv=None) -> None:
     ap.add_argument("run")
     ap.add_argument("--check", type=int, default=0, help="check N occurrences against float64 retrains at ε=1e-3")
     ap.add_argument("--no-adjoints", action="store_true", help="only the metagradients (minutes, not tens)")
+    ap.add_argument("--no-metagradients", action="store_true",
+                    help="only the sweeps (no unrolled graph: the memory of one step)")
+    ap.add_argument("--metagradients", help="the metagradients to compute, their names joined by ';' (default: all)")
+    ap.add_argument("--sweeps", help="the sweeps to compute, their names joined by ';' (default: all)")
+    ap.add_argument("--cache", type=Path, help="an .npz that keeps each computed column for the next call")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     run = Run.open_uri(args.run)
@@ -292,13 +374,22 @@ def main(argv=None) -> None:
     if run.exists("values/samples.parquet"):
         t = run.read_table("values/samples.parquet").select(["step", "sample_id", "value"]).to_pydict()
         product = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
-    cols = ablation(rp, product, adjoints=not args.no_adjoints)
+    sweeps = args.sweeps.split(";") if args.sweeps else not args.no_adjoints
+    unknown = set(sweeps if isinstance(sweeps, list) else []) - {n for n, _ in ADJOINTS}
+    if unknown:
+        ap.error(f"unknown sweeps {sorted(unknown)}; choose from {[n for n, _ in ADJOINTS]}")
+    metas = args.metagradients.split(";") if args.metagradients else not args.no_metagradients
+    unknown |= set(metas if isinstance(metas, list) else []) - {n for n, _ in METAGRADIENTS}
+    if unknown:
+        ap.error(f"unknown columns {sorted(unknown)}")
+    cols = ablation(rp, product, adjoints=sweeps, metagradients=metas,
+                    cache=args.cache)
     warmup = int(np.argmax([r.lr for r in rp.records]))  # the step the warm-up peaks at
     print(f"{run.uri}: {rp.num_steps} steps; Spearman / rms ratio per band (warm-up: steps < {warmup})")
     print(table(cols, warmup))
-    steps = np.arange(rp.num_steps)[:, None].repeat(cols["exact"].shape[1], 1).ravel()
+    steps = np.arange(rp.num_steps)[:, None].repeat(next(iter(cols.values())).shape[1], 1).ravel()
     ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)]).ravel()
-    for i in np.random.default_rng(0).choice(len(steps), size=args.check, replace=False):
+    for i in np.random.default_rng(0).choice(len(steps), size=args.check if "exact" in cols else 0, replace=False):
         fd = rp.removal_response(int(steps[i]), int(ids[i]), 1e-3)
         print(f"check {ids[i]}@{steps[i]}: metagradient {cols['exact'].ravel()[i]:.4e}  retrain(ε=1e-3) {fd:.4e}")
 

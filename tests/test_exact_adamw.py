@@ -85,6 +85,41 @@ def test_adjoint_sweep_is_the_exact_linearisation_without_momentum(adamw_run):
     assert not np.allclose(fisher, held, rtol=1e-3)
 
 
+def test_the_gradients_span_hessian_is_the_hessian_compressed_onto_that_span(adamw_run):
+    """Q Qᵀ H Q Qᵀ x against exact Hessian-vector products: on the span of the step's per-sample
+    gradients it is Q Qᵀ H x; orthogonal to it, zero."""
+    from exact_adamw import subspace_hessian_product
+
+    rp = adamw_run
+    b, _ = rp.batch(2)
+    p = {n: x.clone().requires_grad_(True) for n, x in rp.initial.items()}
+    per = rp.per_sample(p, b)
+    rows = [torch.autograd.grad(per[i], list(p.values()), retain_graph=True) for i in range(per.shape[0])]
+    flat = lambda d: torch.cat([t.reshape(-1) for t in (d.values() if isinstance(d, dict) else d)])  # noqa: E731
+    G = torch.stack([flat(g) for g in rows])
+    Q, _ = torch.linalg.qr(G.T)
+    gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
+
+    def exact_hv(v):
+        parts = v.split([x.numel() for x in p.values()])
+        hv = torch.autograd.grad(gbar, list(p.values()), grad_outputs=[c.reshape(x.shape) for c, x in zip(parts, p.values())],
+                                 retain_graph=True)
+        return flat(hv)
+
+    def as_dict(v):
+        return {n: c.reshape(x.shape) for (n, x), c in zip(p.items(), v.split([x.numel() for x in p.values()]))}
+
+    rng = torch.Generator().manual_seed(0)
+    inside = G.T @ torch.randn(G.shape[0], dtype=G.dtype, generator=rng)
+    want = Q @ (Q.T @ exact_hv(inside))
+    got = flat(subspace_hessian_product(rp, p, per, rows, as_dict(inside)))
+    assert want.norm() > 0
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12 * float(want.norm()))
+    outside = torch.randn(G.shape[1], dtype=G.dtype, generator=rng)
+    outside -= Q @ (Q.T @ outside)
+    assert flat(subspace_hessian_product(rp, p, per, rows, as_dict(outside))).norm() < 1e-10 * want.norm()
+
+
 def test_the_bench_prints_one_ablation_table(adamw_run, capsys):
     from exact_adamw import main
 
