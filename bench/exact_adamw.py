@@ -225,15 +225,13 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         elif curvature == "none":
             hv = {n: torch.zeros_like(x) for n, x in a.items()}
         elif curvature == "subspace":
-            hv = subspace_hessian_product(rp, p, per, rows, Px)
+            hv = subspace_hessian_product(p, per, rows, Px)
         elif curvature == "sampled":
-            hv = fisher_product(p, rp.per_sample(p, sampled_labels(rp, theta, b, t)), Px)
+            drawn = rp.per_sample(p, sampled_labels(rp, theta, b, t))
+            hv = fisher_product([torch.autograd.grad(drawn[i], list(p.values()), retain_graph=True) for i in range(B)],
+                                p, Px)
         elif curvature == "fisher":
-            hv = {n: torch.zeros_like(x) for n, x in a.items()}
-            for g in rows:
-                dot = sum((gi * Px[n]).sum() for n, gi in zip(p, g))
-                for n, gi in zip(p, g):
-                    hv[n] += dot * gi / B
+            hv = fisher_product(rows, p, Px)
         else:
             raise ValueError(f"unknown curvature {curvature!r}")
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
@@ -255,18 +253,17 @@ def sampled_labels(rp: AdamWReplay, theta: dict, b: dict, step: int) -> dict:
     return {**b, "labels": labels}
 
 
-def fisher_product(p: dict, per: torch.Tensor, x: dict) -> dict:
-    """(1/|B|) Σ g gᵀ x over the per-sample gradients of `per` at `p`."""
+def fisher_product(rows: list, p: dict, x: dict) -> dict:
+    """(1/|B|) Σ g gᵀ x over the per-sample gradient `rows` (each in the order of `p`'s names)."""
     out = {n: torch.zeros_like(v) for n, v in x.items()}
-    for i in range(per.shape[0]):
-        g = torch.autograd.grad(per[i], list(p.values()), retain_graph=True)
+    for g in rows:
         dot = sum((gi * x[n]).sum() for n, gi in zip(p, g))
         for n, gi in zip(p, g):
-            out[n] += dot * gi.detach() / per.shape[0]
+            out[n] += dot * gi / len(rows)
     return out
 
 
-def subspace_hessian_product(rp: AdamWReplay, p: dict, per: torch.Tensor, rows: list, x: dict) -> dict:
+def subspace_hessian_product(p: dict, per: torch.Tensor, rows: list, x: dict) -> dict:
     """Q Qᵀ H Q Qᵀ x for the mean loss's Hessian H at `p` and Q an orthonormal basis of the
     per-sample gradients `rows` (|B| Hessian-vector products)."""
     names = list(p)
@@ -374,14 +371,18 @@ def main(argv=None) -> None:
     if run.exists("values/samples.parquet"):
         t = run.read_table("values/samples.parquet").select(["step", "sample_id", "value"]).to_pydict()
         product = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
-    sweeps = args.sweeps.split(";") if args.sweeps else not args.no_adjoints
-    unknown = set(sweeps if isinstance(sweeps, list) else []) - {n for n, _ in ADJOINTS}
-    if unknown:
-        ap.error(f"unknown sweeps {sorted(unknown)}; choose from {[n for n, _ in ADJOINTS]}")
-    metas = args.metagradients.split(";") if args.metagradients else not args.no_metagradients
-    unknown |= set(metas if isinstance(metas, list) else []) - {n for n, _ in METAGRADIENTS}
-    if unknown:
-        ap.error(f"unknown columns {sorted(unknown)}")
+    def columns(named: str | None, off: bool, known: tuple) -> bool | list[str]:
+        """The columns named on the command line (';'-joined), else all or none."""
+        if not named:
+            return not off
+        names = named.split(";")
+        unknown = set(names) - {n for n, _ in known}
+        if unknown:
+            ap.error(f"unknown columns {sorted(unknown)}; choose from {[n for n, _ in known]}")
+        return names
+
+    sweeps = columns(args.sweeps, args.no_adjoints, ADJOINTS)
+    metas = columns(args.metagradients, args.no_metagradients, METAGRADIENTS)
     cols = ablation(rp, product, adjoints=sweeps, metagradients=metas,
                     cache=args.cache)
     warmup = int(np.argmax([r.lr for r in rp.records]))  # the step the warm-up peaks at
