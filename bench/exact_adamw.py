@@ -18,7 +18,8 @@ which is how the ablation in docs/method.md §9 tells which frozen quantity cost
     freeze={"v"}         v_t (so P_t) held
     freeze={"kappa", "v"} both: the quantity rayattr's AdamW recursion linearises
 
-Only for small models: the unrolled graph of every step is kept until the backward.
+The metagradients are the product's checkpointed reverse pass (`rayattr exact`); the sweeps
+keep every step's θ and P. Only for small models.
 
     python bench/exact_adamw.py RUN_URI [--steps-from A --steps-to B]
 """
@@ -31,65 +32,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load
 from torch.func import functional_call
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rayattr.config import Config  # noqa: E402
-from rayattr.data import TokenizedDataset, load_tokenizer  # noqa: E402
-from rayattr.data.run_data import rank_tokens  # noqa: E402
+from rayattr.exact import Replay, exact_values  # noqa: E402
+from rayattr.exact.replay import sqrt0  # noqa: E402
 from rayattr.store import Run  # noqa: E402
-from rayattr.model.build import build_model  # noqa: E402
-
-FREEZABLE = ("kappa", "v")
 
 
-def _sqrt0(x: torch.Tensor) -> torch.Tensor:
-    """√x with derivative 0 where x = 0: a coordinate that never had a gradient (an unused
-    token's embedding) has v = 0, where √'s derivative is infinite and 0·∞ would be NaN."""
-    pos = x > 0
-    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
-
-
-class AdamWReplay:
-    """A finished AdamW run, replayed in float64 as a differentiable function of the loss weights."""
+class AdamWReplay(Replay):
+    """The product's float64 replay (rayattr/exact) with what the ablation adds: the
+    Gauss-Newton product, a traced forward pass, and (steps × |B|) arrays of values."""
 
     def __init__(self, run: Run):
-        self.run = run
-        self.cfg = cfg = Config.from_dict(run.manifest["config"])
-        tok = load_tokenizer(cfg.data.tokenizer)
-        self.records = run.step_records()
-        self.num_steps = len(self.records)
-        r0 = self.records[0]
-        if r0.optimizer != "adamw":
-            raise SystemExit(f"{run.uri} trained with {r0.optimizer}; this reference replays AdamW")
-        self.beta1, self.beta2, self.eps, self.wd = r0.beta1, r0.beta2, r0.eps, r0.weight_decay
-        self.clip = float(cfg.train.deepspeed.get("gradient_clipping", 0.0) or 0.0)
-        t = cfg.train
-        self.ranks = [rank_tokens(run, r) for r in range(t.ranks)]
-        self.grad_accum = t.grad_accum
-        self.val = TokenizedDataset(run.read_table("data/validation.parquet"), tok, cfg.data.seq_len)
-        self.model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed)
-        self.model.load_state_dict(load(run.read_bytes("weights/initial.safetensors")))
-        self.model.double()
-        if hasattr(self.model, "config"):  # double backward has no rule for fused CPU attention
-            self.model.config._attn_implementation = "eager"
-        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
-    def batch(self, step: int) -> tuple[dict, np.ndarray]:
-        """The step's global batch, rank by rank and micro-batch by micro-batch, and its ids."""
-        parts = [rt.micro_batch(step, m) for rt in self.ranks for m in range(self.grad_accum)]
-        b = {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask", "labels")}
-        return b, torch.cat([p["ids"] for p in parts]).numpy()
-
-    def per_sample(self, params: dict, b: dict) -> torch.Tensor:
-        logits = functional_call(self.model, params, (), {"input_ids": b["input_ids"],
-                                                          "attention_mask": b["attention_mask"]}).logits[:, :-1]
-        labels = b["labels"][:, 1:]
-        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return tok.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        super().__init__(run)
+        if self.optimizer != "adamw":
+            raise SystemExit(f"{run.uri} trained with {self.optimizer}; this reference replays AdamW")
 
     def ggn_vector_product(self, theta: dict, b: dict, x: dict) -> dict:
         """G x for the Gauss-Newton matrix of the batch's mean loss, Jᵀ (∂²ℓ/∂logits²) J x: the
@@ -110,71 +70,37 @@ class AdamWReplay:
         (gx,) = pull(hz * weight.unsqueeze(-1))
         return {n: v.detach() for n, v in gx.items()}
 
-    def val_loss(self, params: dict) -> torch.Tensor:
-        vb = self.val.batch(np.arange(len(self.val)))
-        return self.per_sample(params, vb).mean()
-
-    def unroll(self, weights: torch.Tensor, freeze: frozenset = frozenset(), differentiable: bool = True,
-               trace: list | None = None) -> dict:
-        """θ_T of the run with loss weights `weights` (steps × global batch).
-
-        One rank's micro-batch loss is Σ w ℓ / micro_batch and DeepSpeed averages the ranks, so
-        the step's gradient is Σ w ℓ / |B| (train/engine.py); DeepSpeed then clips the global
-        norm at c with κ = c / (‖ḡ‖ + 1e-6) when below 1, and torch's AdamW steps. `trace`
-        receives (θ_t, P_t, κ_t) of every step, detached."""
-        bad = set(freeze) - set(FREEZABLE)
-        if bad:
-            raise ValueError(f"cannot freeze {sorted(bad)}; choose from {FREEZABLE}")
-        params = {n: p.clone().requires_grad_(True) for n, p in self.initial.items()}
-        m = {n: torch.zeros_like(p) for n, p in params.items()}
-        v = {n: torch.zeros_like(p) for n, p in params.items()}
-        b1, b2 = self.beta1, self.beta2
-        for t, rec in enumerate(self.records):
-            b, _ = self.batch(t)
-            per = self.per_sample(params, b)
-            loss = (per * weights[t]).sum() / per.shape[0]
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
-            g = dict(zip(params, grads))
-            norm = torch.sqrt(sum((x * x).sum() for x in grads))
-            kappa = torch.clamp(self.clip / (norm + 1e-6), max=1.0) if self.clip > 0 else torch.ones(())
-            if "kappa" in freeze:
-                kappa = kappa.detach()
-            k = t + 1  # Adam's step counter
-            lr = rec.lr
-            new, P = {}, {}
-            for n, p in params.items():
-                gc = g[n] * kappa
-                m[n] = b1 * m[n] + (1 - b1) * gc
-                gv = gc.detach() if "v" in freeze else gc
-                v[n] = b2 * v[n] + (1 - b2) * gv * gv
-                P[n] = 1 / (_sqrt0(v[n] / (1 - b2 ** k)) + self.eps)
-                new[n] = p * (1 - lr * self.wd) - (lr / (1 - b1 ** k)) * m[n] * P[n]
+    def unroll(self, weights: torch.Tensor, trace: list | None = None) -> dict:
+        """θ_T of the run with loss weights `weights` (steps × global batch), no graph; `trace`
+        receives (θ_t, P_t, κ_t) of every step."""
+        state = self.initial_state()
+        for t in range(self.num_steps):
+            theta = state.params
+            state, kappa, _ = self.step(state, t, weights[t], differentiable=False)
             if trace is not None:
-                trace.append(({n: x.detach() for n, x in params.items()}, {n: x.detach() for n, x in P.items()},
-                              float(kappa)))
-            params = new if differentiable else {n: x.detach().requires_grad_(True) for n, x in new.items()}
-        return params
+                k = self.records[t].adam_step or t + 1
+                P = {n: 1 / (sqrt0(v / (1 - self.beta2 ** k)) + self.eps) for n, v in state.v.items()}
+                trace.append((theta, P, kappa))
+        return state.params
 
     def exact_values(self, freeze: frozenset = frozenset()) -> tuple[np.ndarray, np.ndarray]:
-        """(values, ids): −∂ℓ_val/∂w for every occurrence, as (steps × |B|) arrays."""
-        B = self.batch(0)[1].shape[0]
-        w = torch.ones(self.num_steps, B, dtype=torch.float64, requires_grad=True)
-        final = self.unroll(w, freeze)
-        (dw,) = torch.autograd.grad(self.val_loss(final), w)
+        """(values, ids): −∂ℓ_val/∂w for every occurrence, as (steps × |B|) arrays, by the
+        product's checkpointed reverse pass (rayattr/exact/metagradient.py)."""
+        table = exact_values(self, freeze=freeze).samples
         ids = np.stack([self.batch(t)[1] for t in range(self.num_steps)])
-        return -dw.numpy(), ids
+        value = {(s, z): v for s, z, v in zip(*(table[c].to_pylist() for c in ("step", "sample_id", "value")))}
+        out = np.array([[value[(t, int(z))] for z in row] for t, row in enumerate(ids)])
+        return out, ids
 
     def removal_response(self, step: int, sample_id: int, eps: float) -> float:
         """(ℓ_val(w_{t,z} = 1 − ε) − ℓ_val(w = 1)) / ε by two float64 retrains (no graph)."""
         B = self.batch(0)[1].shape[0]
         ones = torch.ones(self.num_steps, B, dtype=torch.float64)
-        base = float(self.val_loss(self.unroll(ones, differentiable=False)).detach())
+        base = float(self.val_loss(self.unroll(ones)))
         w = ones.clone()
         col = int(np.flatnonzero(self.batch(step)[1] == sample_id)[0])
         w[step, col] = 1 - eps
-        return (float(self.val_loss(self.unroll(w, differentiable=False)).detach()) - base) / eps
-
-
+        return (float(self.val_loss(self.unroll(w))) - base) / eps
 
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True) -> np.ndarray:
@@ -196,8 +122,7 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     products a step) or "none" (K = α I: only decay and momentum carry the update)."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
-    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), differentiable=False,
-                       trace=states)
+    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
     fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
     a = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
     r = {n: torch.zeros_like(x) for n, x in a.items()}

@@ -6,6 +6,7 @@
     rayattr query RUN --text "def parse(s):" [--k 5] [--all] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
+    rayattr exact RUN [--every K] [--hold kappa v]   (exact first-order values of a small run)
     rayattr validate RUN --subsets 16 --fraction 0.1 --sources [--occurrences 16 [--weight 1 0.01]] [--smoothness]
     rayattr plan jobs/configs/llama7b_1t.yaml [--tokens 1T]
     rayattr train [CONFIG] [--store DIR] [--ranks N] ...   (the built-in job: train, record, attribute)
@@ -287,6 +288,15 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_exact(args) -> int:
+    from rayattr.exact import format_exact, run_exact
+
+    uri, summary = run_exact(args.run, _storage_options(args.storage_option), every=args.every,
+                             freeze=frozenset(args.hold or ()), progress=not args.no_progress)
+    print(json.dumps(summary, indent=1) if args.format == "json" else format_exact(uri, summary))
+    return 0
+
+
 def cmd_show(args) -> int:
     from rayattr.store import StoreOptions, open_run_ref
     from rayattr.report.summary import format_summary, run_summary
@@ -416,6 +426,17 @@ def parser() -> argparse.ArgumentParser:
     va.add_argument("--format", choices=("table", "json"), default="table")
     va.add_argument("--no-progress", action="store_true")
     va.set_defaults(func=cmd_validate)
+
+    ex = sub.add_parser("exact", parents=[so], help="exact first-order values of a small run: its trajectory "
+                                                    "replayed in float64 and differentiated, and how the values agree")
+    ex.add_argument("run", help=RUN_HELP)
+    ex.add_argument("--every", type=positive_int, metavar="K",
+                    help="steps between the replay's checkpoints (default ⌈√steps⌉: memory grows as √steps)")
+    ex.add_argument("--hold", nargs="+", choices=("kappa", "v"),
+                    help="hold the clip factor and/or Adam's second moment at the run's values")
+    ex.add_argument("--format", choices=("table", "json"), default="table")
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=cmd_exact)
 
     g = sub.add_parser("gc", parents=[so], help="delete a finished run's intermediates (gradient shards, "
                                                 "checkpoints); answers stay")

@@ -53,8 +53,7 @@ def adamw_run(local_ray, tmp_path_factory):
 def test_replay_reproduces_the_recorded_clip_factors(adamw_run):
     rp = adamw_run
     trace: list = []
-    rp.unroll(torch.ones(rp.num_steps, rp.batch(0)[1].shape[0], dtype=torch.float64), differentiable=False,
-              trace=trace)
+    rp.unroll(torch.ones(rp.num_steps, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=trace)
     kappas = np.array([k for _, _, k in trace])
     recorded = np.array([r.clip for r in rp.records])
     assert (recorded < 1).all(), "the run should clip at every step, or κ is not exercised"

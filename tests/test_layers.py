@@ -21,7 +21,7 @@ LAYERS = [
     {"model", "optim"},                     # the model and its loss; the optimizer
     {"record"},                             # a rank's steps into the run
     {"train", "embed", "reduce", "integrations"},  # DeepSpeed ranks; segment actors; the reducer
-    {"validate", "query", "report"},        # what a finished run answers
+    {"validate", "query", "report", "exact"},  # what a finished run answers
     {"pipeline", "plan"},                   # the stages in order, the job; estimates
     {"cli"},                                # the `rayattr` command
 ]

@@ -188,3 +188,16 @@ def test_a_diverging_adamw_run_is_refused(local_ray, tmp_path):
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_exact_values_through_momentum_clipping_and_checkpoints(trained):
+    """`rayattr exact` on this AdamW run (β₁ 0.9, clipping at 1.0, warm-up and cosine decay):
+    the checkpointed reverse pass carries m's and v's adjoints across every checkpoint, so it
+    equals one unrolled segment, and it equals float64 retrains (tests/test_exact.py)."""
+    from rayattr.exact import Replay
+    from test_exact import check_exact
+
+    torch.set_num_threads(1)
+    rp = Replay(trained[1])
+    assert rp.beta1 > 0 and any(r.clip < 1 for r in rp.records), "momentum and clipping must be exercised"
+    check_exact(rp, [(1, 0), (rp.num_steps // 2, 2)], spacings=(1, 5))

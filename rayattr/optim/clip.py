@@ -8,6 +8,15 @@ import math
 import torch
 
 
+DEEPSPEED_DEFAULT_CLIP = 1.0
+"""The global-norm threshold DeepSpeed clips at when its config names none."""
+
+
+def configured_clip(deepspeed: dict) -> float:
+    """The threshold c a run with this DeepSpeed config clipped at (0: no clipping)."""
+    return float(deepspeed.get("gradient_clipping", DEEPSPEED_DEFAULT_CLIP) or 0.0)
+
+
 def grad_norm_before_step(engine) -> float | None:
     """Global gradient norm at an accumulation boundary, before engine.step(), where only the
     module holds the reduced gradients (ZeRO stage 0); None where the optimizer reports it."""

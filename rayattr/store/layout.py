@@ -10,7 +10,7 @@
     writers/<kind>/r0003.e00000002.json        registration (open / closed) of writer epoch 2 of rank 3
     epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
     epochs/steps/r0000/e00000001               the claim of the step records' writer epoch 1
-    data/, weights/, train/, embed/, values/, embeddings/, validation/
+    data/, weights/, train/, embed/, values/, embeddings/, exact/, validation/
                                                later stages' objects: each has its name below,
                                                grouped by the stage that writes it
 
@@ -180,6 +180,11 @@ SOURCE_VALUES = "values/sources.parquet"  # source, n_samples, n_occurrences, va
 PHASE_VALUES = "values/phases.parquet"  # source, phase, step_start, step_end, n_occurrences, value
 LAYER_VALUES = "values/layers.parquet"  # source, layer, value
 SOURCE_EMBEDDINGS = "embeddings/sources.parquet"  # each source's summed final embedding
+
+# ---------------------------------------------------------------- exact stage (exact/metagradient.py)
+EXACT_SAMPLES = "exact/samples.parquet"  # sample_id, source, step, epoch, value: the exact first-order response
+EXACT_SOURCES = "exact/sources.parquet"  # the same per source, as values/sources.parquet
+EXACT_SUMMARY = "exact/summary.json"  # how the replay went and how the values agree with it, by phase of training
 
 # ---------------------------------------------------------------- validate stage (validate/validation.py)
 VALIDATION_RETRAINS = "validation/retrains"  # one JSON per finished retrain, named by Removal.key

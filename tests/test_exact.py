@@ -1,0 +1,142 @@
+"""`rayattr exact`: the exact first-order response of a finished run, against what it must equal.
+
+- its checkpointed reverse pass equals the unrolled one (one segment for the whole run) and
+  does not depend on where the checkpoints fall;
+- it equals the central difference of two float64 retrains with loss weights 1 ∓ ε;
+- the command writes exact/ in the values' schema, says how the run's values agree by phase,
+  and refuses a run it cannot replay;
+- a replay that leaves the run's trajectory later is recorded as where the run amplifies rounding.
+(The same on an AdamW run with momentum and clipping: tests/test_pipeline_adamw.py.)
+"""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rayattr.exact import ExactError, Replay, exact_values
+from rayattr.exact.metagradient import DEPARTURE, Reproduction
+from rayattr.store import Run
+
+
+def removal_response(rp: Replay, step: int, sample_id: int, eps: float) -> float:
+    """(ℓ_val(w = 1 − ε) − ℓ_val(w = 1 + ε)) / 2ε for occurrence `sample_id`@`step`, by two
+    float64 retrains: the central difference of −∂ℓ_val/∂w."""
+    ones = torch.ones(rp.batch_size(), dtype=torch.float64)
+    col = int(np.flatnonzero(rp.batch(step)[1] == sample_id)[0])
+
+    def final_loss(weight: float) -> float:
+        state = rp.initial_state()
+        for t in range(rp.num_steps):
+            w = ones.clone()
+            if t == step:
+                w[col] = weight
+            state, _, _ = rp.step(state, t, w, differentiable=False)
+        return float(rp.val_loss(state.params))
+
+    return (final_loss(1 - eps) - final_loss(1 + eps)) / (2 * eps)
+
+
+def check_exact(rp: Replay, checks: list[tuple[int, int]], spacings: tuple[int, ...]) -> None:
+    """The reverse pass at several checkpoint spacings against one segment and against retrains."""
+    whole = exact_values(rp, every=rp.num_steps).samples
+    value = {(s, z): v for s, z, v in zip(*(whole[c].to_pylist() for c in ("step", "sample_id", "value")))}
+    assert np.abs(whole["value"].to_numpy()).max() > 0
+    for every in spacings:
+        got = exact_values(rp, every=every).samples
+        assert got["sample_id"].to_pylist() == whole["sample_id"].to_pylist()
+        np.testing.assert_allclose(got["value"].to_numpy(), whole["value"].to_numpy(), rtol=1e-9,
+                                   atol=1e-12 * np.abs(whole["value"].to_numpy()).max())
+    for t, col in checks:
+        sid = int(rp.batch(t)[1][col])
+        assert removal_response(rp, t, sid, 1e-4) == pytest.approx(value[(t, sid)], rel=1e-4, abs=1e-10)
+
+
+@pytest.fixture(scope="module")
+def replay(finished_run):
+    torch.set_num_threads(1)
+    return Replay(Run.open_uri(finished_run[1]))
+
+
+def test_sgd_exact_values_equal_retrains_wherever_the_checkpoints_fall(replay):
+    T = replay.num_steps
+    check_exact(replay, [(0, 1), (T // 2, 3), (T - 1, 0)], spacings=(1, 3))
+
+
+def test_the_command_writes_exact_values_and_the_agreement(finished_run, tmp_path, capsys):
+    from rayattr.cli import main
+    from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, SAMPLE_VALUES
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run[1], copy)
+    assert main(["exact", str(copy), "--every", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = Run.open_uri(str(copy))
+    samples, values = run.read_table(EXACT_SAMPLES), run.read_table(SAMPLE_VALUES)
+    assert samples.schema.names == ["sample_id", "source", "step", "epoch", "value"]
+    assert sorted(zip(samples["step"].to_pylist(), samples["sample_id"].to_pylist())) == \
+        sorted(zip(values["step"].to_pylist(), values["sample_id"].to_pylist()))
+    sources = run.read_table(EXACT_SOURCES).to_pylist()
+    by_source = {}
+    for s, v in zip(samples["source"].to_pylist(), samples["value"].to_pylist()):
+        by_source[s] = by_source.get(s, 0.0) + v
+    assert {r["source"]: r["value"] for r in sources} == pytest.approx(by_source, rel=1e-12)
+    summary = run.read_json(EXACT_SUMMARY)
+    assert summary["checkpoint_every"] == 4 and summary["occurrences"] == samples.num_rows
+    assert summary["replay_departs_at"] is None  # this SGD run follows its recorded trajectory
+    assert summary["final_weights_relative_distance"] < 1e-5
+    for band, a in summary["agreement"].items():
+        assert a["occurrences"] > 0 and f"{band:<13} steps {a['steps'][0]}–{a['steps'][1]}" in out
+    # the agreement is the values' against the exact ones: recompute one band's Spearman
+    from scipy.stats import spearmanr
+
+    a, b = summary["agreement"]["last quarter"]["steps"]
+    ex = {(s, z): v for s, z, v in zip(samples["step"].to_pylist(), samples["sample_id"].to_pylist(),
+                                       samples["value"].to_pylist()) if a <= s < b}
+    pairs = [(v, ex[(s, z)]) for s, z, v in zip(values["step"].to_pylist(), values["sample_id"].to_pylist(),
+                                                values["value"].to_pylist()) if a <= s < b]
+    rho = spearmanr(*zip(*pairs)).statistic
+    assert summary["agreement"]["last quarter"]["spearman"] == pytest.approx(rho)
+    assert "the float64 replay follows the run to the end" in out
+
+
+def test_a_run_it_cannot_replay_is_refused(finished_run, tmp_path):
+    """Initial weights that are not the ones trained from: the first step's loss misses."""
+    from safetensors.torch import load, save
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(finished_run[1], copy)
+    path = copy / "weights" / "initial.safetensors"
+    weights = load(path.read_bytes())
+    path.write_bytes(save({n: w * 1.5 for n, w in weights.items()}))
+    with pytest.raises(ExactError, match="does not reproduce the first step"):
+        exact_values(Replay(Run.open_uri(str(copy))), every=4)
+    with pytest.raises(ExactError, match="checkpoint spacing"):
+        exact_values(Replay(Run.open_uri(finished_run[1])), every=0)
+    with pytest.raises(ExactError, match="cannot freeze"):
+        exact_values(Replay(Run.open_uri(finished_run[1])), freeze=frozenset({"m"}))
+
+
+def test_an_unfinished_run_is_refused(tmp_path):
+    run = Run.create(str(tmp_path), "busy", {"status": "training", "config": {}})
+    with pytest.raises(ExactError, match="not finished"):
+        Replay(run)
+
+
+def test_where_the_replay_leaves_the_run_is_recorded():
+    """Misses below DEPARTURE are rounding; the first step above it is where the run amplifies
+    rounding; a first step that misses at all is a replay of other arithmetic."""
+    recs = [SimpleNamespace(loss=3.0, clip=0.5) for _ in range(4)]
+    seen = Reproduction(SimpleNamespace(records=recs, run=SimpleNamespace(uri="mem://r")))
+    seen.check(0, 3.0 * (1 + 1e-7), 0.5)
+    seen.check(1, 3.0, 0.5 * (1 + DEPARTURE / 2))
+    assert seen.summary()["replay_departs_at"] is None
+    seen.check(2, 3.0, 0.5 * (1 + 3 * DEPARTURE))
+    seen.check(3, 3.0 * (1 + 5 * DEPARTURE), 0.5)
+    assert seen.summary() == {"replay_max_relative_miss": pytest.approx(5 * DEPARTURE), "replay_departs_at": 2}
+    with pytest.raises(ExactError, match="first step"):
+        Reproduction(SimpleNamespace(records=recs, run=SimpleNamespace(uri="mem://r"))).check(0, 3.1, 0.5)
