@@ -37,8 +37,8 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rayattr.exact import Replay, exact_values  # noqa: E402
-from rayattr.exact.replay import sqrt0  # noqa: E402
+from rayattr.exact.metagradient import exact_values  # noqa: E402
+from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 

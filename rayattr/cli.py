@@ -289,7 +289,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_exact(args) -> int:
-    from rayattr.exact import format_exact, run_exact
+    from rayattr.exact.run import format_exact, run_exact
 
     uri, summary = run_exact(args.run, _storage_options(args.storage_option), every=args.every,
                              freeze=frozenset(args.hold or ()), progress=not args.no_progress)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from rayattr.exact import ExactError, Replay, exact_values
+from rayattr.exact.metagradient import exact_values
+from rayattr.exact.replay import ExactError, Replay
 from rayattr.exact.metagradient import DEPARTURE, Reproduction
 from rayattr.store import Run
 

@@ -194,7 +194,7 @@ def test_exact_values_through_momentum_clipping_and_checkpoints(trained):
     """`rayattr exact` on this AdamW run (β₁ 0.9, clipping at 1.0, warm-up and cosine decay):
     the checkpointed reverse pass carries m's and v's adjoints across every checkpoint, so it
     equals one unrolled segment, and it equals float64 retrains (tests/test_exact.py)."""
-    from rayattr.exact import Replay
+    from rayattr.exact.replay import Replay
     from test_exact import check_exact
 
     torch.set_num_threads(1)

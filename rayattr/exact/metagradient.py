@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rayattr.exact.limits import default_every
 from rayattr.exact.replay import FREEZABLE, ExactError, Replay, State
 from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, SAMPLE_VALUES
 
@@ -37,20 +38,6 @@ there; a replay of different arithmetic (dropout, bf16 weights, another data pla
 DEPARTURE = 1e-2
 """A relative miss of the loss or clip factor above which the replay has left the run's own
 trajectory: the rounding difference between float32 and float64 has been amplified about 10⁵-fold."""
-
-
-def default_every(num_steps: int) -> int:
-    """A checkpoint every ⌈√T⌉ steps: the checkpoints and one segment's graph then weigh alike."""
-    return max(1, math.ceil(math.sqrt(num_steps)))
-
-
-def memory_estimate(num_params: int, num_steps: int, every: int, adamw: bool,
-                    graph_bytes_per_step: float) -> dict[str, float]:
-    """Bytes the reverse pass holds at its peak: the checkpoints and one segment's graph."""
-    states = 3 if adamw else 1
-    checkpoints = math.ceil(num_steps / every) * states * num_params * 8
-    return {"checkpoints": checkpoints, "graph": every * graph_bytes_per_step,
-            "total": checkpoints + every * graph_bytes_per_step}
 
 
 @dataclass

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from rayattr.exact.metagradient import default_every, exact_values, write_exact
+from rayattr.exact.limits import checkpoint_bytes, default_every
+from rayattr.exact.metagradient import exact_values, write_exact
 from rayattr.exact.replay import ExactError, Replay
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,7 @@ def run_exact(uri, storage_options: dict | None = None, every: int | None = None
         torch.set_num_threads(threads)
     replay = Replay(run)
     every = every or default_every(replay.num_steps)
-    states = 3 if replay.optimizer == "adamw" else 1
-    gib = -(-replay.num_steps // every) * states * replay.num_params * 8 / 2**30
+    gib = checkpoint_bytes(replay.num_params, replay.num_steps, every, replay.optimizer == "adamw") / 2**30
     log.info("exact: %d steps, %d parameters, a checkpoint every %d steps (%.2f GiB of checkpoints, "
              "plus %d steps' graph)", replay.num_steps, replay.num_params, every, gib, every)
     result = exact_values(replay, every=every, freeze=freeze, progress=progress)

@@ -26,6 +26,7 @@ from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.data.limits import BATCH_ROWS as DATA_BATCH_ROWS
 from rayattr.data.limits import BUCKET_IDS, TASK_ROWS
+from rayattr.exact.limits import checkpoint_bytes, default_every
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.model.limits import VALIDATION_ROWS
 from rayattr.reduce.aggregate import BOOTSTRAP_MAX_N
@@ -418,13 +419,17 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
                                                 + min(2 * VALIDATION_ROWS, n_val) * cfg.data.seq_len * _TEXT_BYTES_PER_TOKEN
                                                 + min(VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
+        # exact/metagradient, `rayattr exact` (optional, one process): θ (and Adam's m, v) in float64
+        # at ⌈√steps⌉ checkpoints; one segment's float64 graph beside them is activations (not counted)
+        "exact (optional): state checkpoints (grow as √steps)": checkpoint_bytes(plan.n_params, steps, default_every(steps),
+                                                                    resolve_optimizer(cfg).adamw),
         # report/html.write_report streams values/samples.parquet: one batch of occurrences,
         # the per-sample totals (every distinct sample: the top and bottom k need them all,
         # so this grows with the corpus, not with the occurrences) and the median's last pass
         "report: per-sample totals (distinct samples)": 3 * min(n, plan.occurrences) * (_REPORT_SAMPLE_BYTES + source_chars)
                                                         + SCAN_ROWS * _VALUE_ROW_BYTES + MEDIAN_CAP * 8,
     }
-    for proc in ("driver", "rank", "report", "segment actor", VALIDATION_PHASE):
+    for proc in ("driver", "rank", "report", "segment actor", VALIDATION_PHASE, "exact (optional)"):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
     terms = {k: v for k, v in terms.items() if v or not k.startswith("rank: AdamW")}
     return dict(sorted(terms.items(), key=lambda kv: kv[0].split(":")[0]))  # grouped by process
