@@ -292,7 +292,8 @@ def cmd_exact(args) -> int:
     from rayattr.exact.run import format_exact, run_exact
 
     uri, summary = run_exact(args.run, _storage_options(args.storage_option), every=args.every,
-                             freeze=frozenset(args.hold or ()), progress=not args.no_progress)
+                             freeze=frozenset(args.hold or ()), progress=not args.no_progress,
+                             anchor=not args.no_anchor)
     print(json.dumps(summary, indent=1) if args.format == "json" else format_exact(uri, summary))
     return 0
 
@@ -434,6 +435,8 @@ def parser() -> argparse.ArgumentParser:
                     help="steps between the replay's checkpoints (default ⌈√steps⌉: memory grows as √steps)")
     ex.add_argument("--hold", nargs="+", choices=("kappa", "v"),
                     help="hold the clip factor and/or Adam's second moment at the run's values")
+    ex.add_argument("--no-anchor", action="store_true",
+                    help="replay from the initial weights only, ignoring the states the run kept (train.states_every)")
     ex.add_argument("--format", choices=("table", "json"), default="table")
     ex.add_argument("--no-progress", action="store_true")
     ex.set_defaults(func=cmd_exact)

@@ -128,6 +128,11 @@ class TrainConfig:
     """One GPU per rank (NCCL) instead of CPU (gloo)."""
     checkpoint_every: int = 0
     """DeepSpeed checkpoint interval in steps (0 = none: a restart retrains from step 0)."""
+    states_every: int = 0
+    """Keep the full training state (weights, and Adam's m and v, in float32) every this many
+    steps in the run's states/ (0 = none), so that `rayattr exact` follows the run's own
+    trajectory rather than a float64 replay of it (docs/method.md §10). Small models only:
+    each state is 3× the model; `rayattr plan` counts them."""
     max_restarts: int = 2
     """Times training restarts from the last checkpoint after a rank dies (Ray Train FailureConfig.max_failures)."""
     placement: str = "PACK"
@@ -265,8 +270,8 @@ class Config:
             raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
         if not 0 <= self.data.builtin.corrupted_fraction < 1:
             raise ConfigError(f"data.builtin.corrupted_fraction must be in [0, 1), got {self.data.builtin.corrupted_fraction}")
-        if t.checkpoint_every < 0 or t.max_restarts < 0:
-            raise ConfigError("train.checkpoint_every and train.max_restarts must be >= 0")
+        if t.checkpoint_every < 0 or t.max_restarts < 0 or t.states_every < 0:
+            raise ConfigError("train.checkpoint_every, train.states_every and train.max_restarts must be >= 0")
         if t.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"train.placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {t.placement!r}")
         if c.curvature not in ("empirical", "sampled"):

@@ -138,6 +138,7 @@ def test_where_the_replay_leaves_the_run_is_recorded():
     assert seen.summary()["replay_departs_at"] is None
     seen.check(2, 3.0, 0.5 * (1 + 3 * DEPARTURE))
     seen.check(3, 3.0 * (1 + 5 * DEPARTURE), 0.5)
-    assert seen.summary() == {"replay_max_relative_miss": pytest.approx(5 * DEPARTURE), "replay_departs_at": 2}
+    assert seen.summary() == {"replay_max_relative_miss": pytest.approx(5 * DEPARTURE), "replay_departs_at": 2,
+                              "anchor_max_relative_distance": 0.0}
     with pytest.raises(ExactError, match="first step"):
         Reproduction(SimpleNamespace(records=recs, run=SimpleNamespace(uri="mem://r"))).check(0, 3.1, 0.5)

@@ -38,7 +38,7 @@ def adamw_config(store: str, run_id: str, stage: int = 1, preconditioner: str = 
 
 @pytest.fixture(scope="module")
 def trained(local_ray, tmp_path_factory):
-    cfg = adamw_config(str(tmp_path_factory.mktemp("store")), "adamw")
+    cfg = adamw_config(str(tmp_path_factory.mktemp("store")), "adamw", states_every=4)  # states for rayattr exact
     result = run_pipeline(cfg, progress=False)
     return cfg, Run.open_uri(result.uri), result
 
@@ -201,3 +201,30 @@ def test_exact_values_through_momentum_clipping_and_checkpoints(trained):
     rp = Replay(trained[1])
     assert rp.beta1 > 0 and any(r.clip < 1 for r in rp.records), "momentum and clipping must be exercised"
     check_exact(rp, [(1, 0), (rp.num_steps // 2, 2)], spacings=(1, 5))
+
+
+def test_kept_states_are_the_runs_own_and_re_seat_the_exact_replay(trained):
+    """train.states_every = 4 on 2 ranks under ZeRO-1: the states gathered from the partitions
+    are the replay's θ, m and v at those steps (float32 against float64), and re-seating the
+    replay on them leaves the exact values of this stable run as they were."""
+    from rayattr.exact.metagradient import exact_values
+    from rayattr.exact.replay import Replay
+
+    torch.set_num_threads(1)
+    rp = Replay(trained[1])
+    T = rp.num_steps
+    assert rp.anchor_steps() == list(range(4, T, 4))
+    state, ones = rp.initial_state(), torch.ones(rp.batch_size(), dtype=torch.float64)
+    for t in range(8):
+        state, _, _ = rp.step(state, t, ones, differentiable=False)
+    kept = rp.recorded_state(8)
+    for mine, theirs in ((state.params, kept.params), (state.m, kept.m), (state.v, kept.v)):
+        num = sum(float(((mine[n] - theirs[n]) ** 2).sum()) for n in mine)
+        den = sum(float((theirs[n] ** 2).sum()) for n in mine)
+        assert den > 0 and (num / den) ** 0.5 < 1e-5
+    anchored = exact_values(rp)
+    assert anchored.summary["anchors"] == len(rp.anchor_steps()) and anchored.summary["checkpoint_every"] == 4
+    assert 0 < anchored.summary["anchor_max_relative_distance"] < 1e-5
+    free = exact_values(rp, every=4, anchor=False)
+    a, b = anchored.samples["value"].to_numpy(), free.samples["value"].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())

@@ -363,3 +363,21 @@ def test_docs_scale_prose_quotes_the_plan():
     # embedding and reduce take about half an hour each
     assert 20 * 60 < p.time["embed"] < 40 * 60 and 20 * 60 < p.time["reduce"] < 40 * 60
     assert "embedding and reduce stages take about half an hour each" in text
+
+
+def test_kept_training_states_and_the_exact_replay_are_counted():
+    """train.states_every stores weights, m and v (float32) at every kept step; `rayattr exact`
+    holds θ, m and v (float64) at ⌈√T⌉ checkpoints in one process."""
+    from rayattr.exact.limits import checkpoint_bytes, default_every
+
+    d = load_config(None).to_dict(redact=False)
+    sizes = {}
+    for every in (0, 4, 8):
+        d["train"]["states_every"] = every
+        plan = estimate(Config.from_dict(d).validate())
+        sizes[every] = plan.storage["training states (train.states_every)"]
+    assert sizes[0] == 0
+    assert sizes[4] == (plan.steps - 1) // 4 * 3 * 4 * plan.n_params
+    assert sizes[8] == (plan.steps - 1) // 8 * 3 * 4 * plan.n_params
+    assert plan.memory["exact (optional): state checkpoints (grow as √steps)"] == \
+        checkpoint_bytes(plan.n_params, plan.steps, default_every(plan.steps), adamw=True)

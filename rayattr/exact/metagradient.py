@@ -59,6 +59,7 @@ class Reproduction:
         self.replay = replay
         self.worst = 0.0
         self.departs_at: int | None = None
+        self.anchor_distance = 0.0
 
     def check(self, t: int, loss: float, kappa: float) -> None:
         rec = self.replay.records[t]
@@ -76,6 +77,10 @@ class Reproduction:
             self.departs_at = t
         self.worst = max(self.worst, miss)
 
+    def anchor(self, replayed: State, recorded: State) -> None:
+        """Where the replay stands when the run's own state re-seats it: ‖θ(replay) − θ(run)‖ / ‖θ(run)‖."""
+        self.anchor_distance = max(self.anchor_distance, _relative(replayed.params, recorded.params))
+
     def final_distance(self, params: dict[str, torch.Tensor]) -> float | None:
         """‖θ_T(replay) − θ_T(run)‖ / ‖θ_T(run)‖ from the run's final weights, when it kept them."""
         from safetensors.torch import load
@@ -84,34 +89,48 @@ class Reproduction:
         if not run.exists("weights/final.safetensors"):
             return None
         final = load(run.read_bytes("weights/final.safetensors"))
-        num = sum(float(((params[n] - final[n].double()) ** 2).sum()) for n in params if n in final)
-        den = sum(float((final[n].double() ** 2).sum()) for n in params if n in final)
-        return math.sqrt(num / den) if den > 0 else None
+        return _relative(params, {n: final[n] for n in params if n in final})
 
     def summary(self) -> dict:
-        return {"replay_max_relative_miss": self.worst, "replay_departs_at": self.departs_at}
+        return {"replay_max_relative_miss": self.worst, "replay_departs_at": self.departs_at,
+                "anchor_max_relative_distance": self.anchor_distance}
+
+
+def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float | None:
+    """‖a − b‖ / ‖b‖ over the tensors b has."""
+    num = sum(float(((a[n].detach() - b[n].double()) ** 2).sum()) for n in b)
+    den = sum(float((b[n].double() ** 2).sum()) for n in b)
+    return math.sqrt(num / den) if den > 0 else None
 
 
 def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = frozenset(),
-                 progress: bool = False) -> ExactResult:
+                 progress: bool = False, anchor: bool = True) -> ExactResult:
     """−∂ℓ_val/∂w for every occurrence of the run, by checkpointed reverse-mode through the
-    replay. `every`: steps between checkpoints (default ⌈√T⌉). `freeze`: hold κ and/or v at
-    the run's values (the response of the run with that piece frozen)."""
+    replay. `every`: steps between checkpoints (default: the run's kept states' spacing, else
+    ⌈√T⌉). `freeze`: hold κ and/or v at the run's values (the response of the run with that
+    piece frozen). `anchor`: re-seat the replay on the states the run kept (train.states_every)."""
     bad = set(freeze) - set(FREEZABLE)
     if bad:
         raise ExactError(f"cannot freeze {sorted(bad)}; choose from {FREEZABLE}")
     T, B = replay.num_steps, replay.batch_size()
-    every = default_every(T) if every is None else every
+    anchors = [a for a in replay.anchor_steps() if 0 < a < T] if anchor else []
+    if every is None:  # the run's own states are the checkpoints, when it kept them
+        every = min(np.diff([0, *anchors, T])) if anchors else default_every(T)
     if every < 1:
         raise ExactError(f"checkpoint spacing must be at least 1 step, got {every}")
     started = time.perf_counter()
     ones = torch.ones(B, dtype=torch.float64)
 
-    # forward: the trajectory without a graph, its state kept at every checkpoint
+    # forward: the trajectory without a graph, re-seated on the run's own state wherever it kept
+    # one, its state kept at every checkpoint
     checkpoints: dict[int, State] = {}
     state, seen = replay.initial_state(), Reproduction(replay)
     for t in range(T):
-        if t % every == 0:
+        if t in anchors:
+            recorded = replay.recorded_state(t)
+            seen.anchor(state, recorded)
+            state = recorded
+        if t % every == 0 or t in anchors:
             checkpoints[t] = state
         state, kappa, loss = replay.step(state, t, ones, differentiable=False)
         seen.check(t, loss, kappa)
@@ -125,10 +144,10 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
         adjoint = list(torch.autograd.grad(val_loss, list(final.params.values())))
     adjoint += [torch.zeros_like(x) for x in [*final.m.values(), *final.v.values()]]
 
-    # backward: each segment re-run with its graph, from the last to the first
+    # backward: each segment re-run with its graph from its checkpoint, the last first
     values = np.zeros((T, B))
-    for start in sorted(checkpoints, reverse=True):
-        end = min(start + every, T)
+    starts = sorted(checkpoints)
+    for start, end in reversed(list(zip(starts, [*starts[1:], T]))):
         begin = checkpoints.pop(start).leaves()
         w = torch.ones(end - start, B, dtype=torch.float64, requires_grad=True)
         with torch.enable_grad():
@@ -142,7 +161,7 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
         if progress:
             log.info("exact: steps %d–%d differentiated", start, end)
 
-    summary = {"num_steps": T, "occurrences": T * B, "checkpoint_every": every,
+    summary = {"num_steps": T, "occurrences": T * B, "checkpoint_every": int(every), "anchors": len(anchors),
                "freeze": sorted(freeze), "val_loss": float(val_loss.detach()), **seen.summary(),
                "final_weights_relative_distance": seen.final_distance(final.params), "forward_s": round(forward_s, 2),
                "total_s": round(time.perf_counter() - started, 2), "num_params": replay.num_params}

@@ -24,6 +24,7 @@ from rayattr.errors import RayattrError
 from rayattr.model.build import build_model
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION
 from rayattr.optim.clip import configured_clip
+from rayattr.store.layout import STATES_DIR, state_path, state_step
 from rayattr.capture import per_sample_loss
 
 FREEZABLE = ("kappa", "v")
@@ -92,6 +93,26 @@ class Replay:
             self.model.config._attn_implementation = "eager"
         self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.num_params = sum(p.numel() for p in self.initial.values())
+
+    # ------------------------------------------------------------------ the run's own states
+
+    def anchor_steps(self) -> list[int]:
+        """Steps whose state the run kept (train.states_every), in order."""
+        return sorted(s for s in (state_step(n) for n in self.run.list(STATES_DIR)) if s is not None)
+
+    def recorded_state(self, step: int) -> State:
+        """The run's own state before `step`, in float64."""
+        saved = load(self.run.read_bytes(state_path(step)))
+
+        def part(key):
+            return {n: saved[f"{key}/{n}"].double() for n in self.initial}
+
+        missing = [n for n in self.initial if f"param/{n}" not in saved]
+        if missing:
+            raise ExactError(f"{self.run.uri}/{state_path(step)} lacks the weights {missing[:3]}")
+        if self.optimizer != "adamw":
+            return State(part("param"))
+        return State(part("param"), part("exp_avg"), part("exp_avg_sq"))
 
     # ------------------------------------------------------------------ data
 

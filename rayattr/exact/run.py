@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def run_exact(uri, storage_options: dict | None = None, every: int | None = None, freeze: frozenset = frozenset(),
-              progress: bool = True, threads: int | None = None) -> tuple[str, dict]:
+              progress: bool = True, threads: int | None = None, anchor: bool = True) -> tuple[str, dict]:
     """Exact values of a finished run written to its exact/ directory; (run URI, summary)."""
     from rayattr.store import StoreOptions, open_run_ref
 
@@ -26,11 +26,13 @@ def run_exact(uri, storage_options: dict | None = None, every: int | None = None
     if threads:
         torch.set_num_threads(threads)
     replay = Replay(run)
-    every = every or default_every(replay.num_steps)
+    anchors = replay.anchor_steps() if anchor else []
+    every = every or (min(b - a for a, b in zip([0, *anchors], [*anchors, replay.num_steps])) if anchors
+                      else default_every(replay.num_steps))
     gib = checkpoint_bytes(replay.num_params, replay.num_steps, every, replay.optimizer == "adamw") / 2**30
     log.info("exact: %d steps, %d parameters, a checkpoint every %d steps (%.2f GiB of checkpoints, "
              "plus %d steps' graph)", replay.num_steps, replay.num_params, every, gib, every)
-    result = exact_values(replay, every=every, freeze=freeze, progress=progress)
+    result = exact_values(replay, every=every, freeze=freeze, progress=progress, anchor=anchor)
     return run.uri, write_exact(run, result)
 
 
@@ -38,6 +40,9 @@ def format_exact(uri: str, summary: dict) -> str:
     """The summary as the command prints it."""
     lines = [f"exact first-order values of {uri}: {summary['occurrences']} occurrences over "
              f"{summary['num_steps']} steps in {summary['total_s']:.1f} s, written to {uri}/exact/"]
+    if summary.get("anchors"):
+        lines.append(f"re-seated on the run's own state at {summary['anchors']} steps (the replay stood at most "
+                     f"{summary['anchor_max_relative_distance']:.1e} from it there, relative)")
     departs = summary.get("replay_departs_at")
     if departs is None:
         lines.append(f"the float64 replay follows the run to the end (losses and clip factors within "

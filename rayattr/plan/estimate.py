@@ -563,6 +563,10 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
         "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,
         "weights (initial + final)": 2 * 4 * n_state,  # float32 safetensors
+        # train/states.py: the parameters (tied ones once) and Adam's m, v in float32 every
+        # train.states_every steps
+        "training states (train.states_every)": ((steps - 1) // t.states_every if t.states_every else 0)
+                                                * (3 if resolve_optimizer(cfg).adamw else 1) * 4 * n_params,
     }
     plan.storage_per_sample = sum(storage.values())
     plan.storage_per_source = plan.storage_per_sample - storage["final embeddings"]

@@ -10,7 +10,7 @@
     writers/<kind>/r0003.e00000002.json        registration (open / closed) of writer epoch 2 of rank 3
     epochs/<kind>/r0003/e00000002              the claim of writer epoch 2 of rank 3 (store/epochs.py)
     epochs/steps/r0000/e00000001               the claim of the step records' writer epoch 1
-    data/, weights/, train/, embed/, values/, embeddings/, exact/, validation/
+    data/, weights/, states/, train/, embed/, values/, embeddings/, exact/, validation/
                                                later stages' objects: each has its name below,
                                                grouped by the stage that writes it
 
@@ -180,6 +180,22 @@ SOURCE_VALUES = "values/sources.parquet"  # source, n_samples, n_occurrences, va
 PHASE_VALUES = "values/phases.parquet"  # source, phase, step_start, step_end, n_occurrences, value
 LAYER_VALUES = "values/layers.parquet"  # source, layer, value
 SOURCE_EMBEDDINGS = "embeddings/sources.parquet"  # each source's summed final embedding
+
+# ---------------------------------------------------------------- training states (train/states.py)
+STATES_DIR = "states"
+
+
+def state_path(step: int) -> str:
+    """The training state before step `step` (after step − 1): weights, and Adam's m and v."""
+    return f"{STATES_DIR}/{step:0{STEP_DIGITS}d}.safetensors"
+
+
+def state_step(name: str) -> int | None:
+    """The step of a states/ object's name; None for any other name."""
+    base = name.rsplit("/", 1)[-1]
+    stem, dot, ext = base.partition(".")
+    return int(stem) if dot and ext == "safetensors" and stem.isdigit() and len(stem) == STEP_DIGITS else None
+
 
 # ---------------------------------------------------------------- exact stage (exact/metagradient.py)
 EXACT_SAMPLES = "exact/samples.parquet"  # sample_id, source, step, epoch, value: the exact first-order response

@@ -22,7 +22,7 @@ from rayattr.data.run_data import rank_tokens
 from rayattr.record import NonFiniteLoss, Recorder, projection_spec, state_dict_bytes  # noqa: F401 (re-exported)
 from rayattr.store import Run, StoreOptions
 from rayattr.train.backend import join_process_group
-from rayattr.train import checkpoints
+from rayattr.train import checkpoints, states
 from rayattr.model.loss import micro_batch_loss
 from rayattr.train.engine import build_engine
 from rayattr.model.build import build_model
@@ -121,6 +121,8 @@ class RankWorker:
                     self.engine.step()
                     step_losses.append(loss.item())
             losses += step_losses
+            if t.states_every and (step + 1) % t.states_every == 0 and step + 1 < self.num_steps:
+                states.save(self.engine, self.run, step + 1, self.rank)
             every = t.checkpoint_every
             if every and (step + 1) % every == 0:
                 self.save_checkpoint(step + 1, float(np.mean(losses[-every * t.grad_accum:])))
