@@ -70,11 +70,13 @@ class AdamWReplay(Replay):
         (gx,) = pull(hz * weight.unsqueeze(-1))
         return {n: v.detach() for n, v in gx.items()}
 
-    def unroll(self, weights: torch.Tensor, trace: list | None = None) -> dict:
-        """θ_T of the run with loss weights `weights` (steps × global batch), no graph; `trace`
-        receives (θ_t, P_t, κ_t) of every step."""
-        state = self.initial_state()
+    def unroll(self, weights: torch.Tensor, trace: list | None = None, anchor: bool = True) -> dict:
+        """θ_T of the run with loss weights `weights` (steps × global batch), no graph, re-seated
+        on the states the run kept; `trace` receives (θ_t, P_t, κ_t) of every step."""
+        state, anchors = self.initial_state(), set(self.anchor_steps() if anchor else ())
         for t in range(self.num_steps):
+            if t in anchors:  # the run's own state, where it kept one (as the metagradients do)
+                state = self.recorded_state(t)
             theta = state.params
             state, kappa, _ = self.step(state, t, weights[t], differentiable=False)
             if trace is not None:
@@ -93,14 +95,15 @@ class AdamWReplay(Replay):
         return out, ids
 
     def removal_response(self, step: int, sample_id: int, eps: float) -> float:
-        """(ℓ_val(w_{t,z} = 1 − ε) − ℓ_val(w = 1)) / ε by two float64 retrains (no graph)."""
+        """(ℓ_val(w_{t,z} = 1 − ε) − ℓ_val(w = 1)) / ε by two float64 retrains (no graph), from
+        the initial weights: a kept state would undo the removal."""
         B = self.batch(0)[1].shape[0]
         ones = torch.ones(self.num_steps, B, dtype=torch.float64)
-        base = float(self.val_loss(self.unroll(ones)))
+        base = float(self.val_loss(self.unroll(ones, anchor=False)))
         w = ones.clone()
         col = int(np.flatnonzero(self.batch(step)[1] == sample_id)[0])
         w[step, col] = 1 - eps
-        return (float(self.val_loss(self.unroll(w))) - base) / eps
+        return (float(self.val_loss(self.unroll(w, anchor=False))) - base) / eps
 
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     rayattr runs [STORE]
     rayattr show RUN [--format json]
-    rayattr values RUN [--by-phase | --by-layer] [--format table|csv|json]
+    rayattr values RUN [--by-phase | --by-layer | --exact] [--format table|csv|json]
     rayattr query RUN --text "def parse(s):" [--k 5] [--all] [--each] [--source NAME] [--by-source] [--format csv|json]
     rayattr report RUN [--out report/]
     rayattr gc RUN [--dry-run]
@@ -124,6 +124,8 @@ def cmd_values(args) -> int:
         table = run.phases().sort_by([("source", "ascending"), ("phase", "ascending")])
     elif args.by_layer:
         table = run.layers().sort_by([("source", "ascending"), ("layer", "ascending")])
+    elif args.exact:
+        table = run.exact_sources()
     else:
         table = run.sources()
     print(format_rows(table.to_pylist(), table.column_names, args.format))
@@ -375,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
     how = v.add_mutually_exclusive_group()
     how.add_argument("--by-phase", action="store_true", help="source x training phase")
     how.add_argument("--by-layer", action="store_true", help="source x layer")
+    how.add_argument("--exact", action="store_true", help="per source from the exact first-order values "
+                                                          "(after `rayattr exact RUN`)")
     v.add_argument("--format", choices=FORMATS, default="table")
     v.set_defaults(func=cmd_values)
 

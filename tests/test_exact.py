@@ -103,6 +103,26 @@ def test_the_command_writes_exact_values_and_the_agreement(finished_run, tmp_pat
     rho = spearmanr(*zip(*pairs)).statistic
     assert summary["agreement"]["last quarter"]["spearman"] == pytest.approx(rho)
     assert "the float64 replay follows the run to the end" in out
+    # `rayattr values --exact` lists the exact per-source table
+    assert main(["values", str(copy), "--exact", "--format", "json"]) == 0
+    import json
+
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["source"]: r["value"] for r in listed} == pytest.approx(by_source, rel=1e-12)
+    # the report's trust box says it, band by band
+    from rayattr.report.trust import trust_box
+    from rayattr.store.layout import SOURCE_VALUES
+
+    box = trust_box(run, run.read_table(SOURCE_VALUES), None)[0]
+    for band, a in summary["agreement"].items():
+        assert f"{band} (steps {a['steps'][0]}–{a['steps'][1]}): Spearman {a['spearman']:+.2f}" in box
+
+
+def test_values_exact_before_rayattr_exact_says_what_to_run(finished_run, capsys):
+    from rayattr.cli import main
+
+    assert main(["values", finished_run[1], "--exact"]) == 2
+    assert "rayattr exact" in capsys.readouterr().err
 
 
 def test_a_run_it_cannot_replay_is_refused(finished_run, tmp_path):
@@ -142,3 +162,22 @@ def test_where_the_replay_leaves_the_run_is_recorded():
                               "anchor_max_relative_distance": 0.0}
     with pytest.raises(ExactError, match="first step"):
         Reproduction(SimpleNamespace(records=recs, run=SimpleNamespace(uri="mem://r"))).check(0, 3.1, 0.5)
+
+
+def test_validate_sets_the_exact_values_against_the_retrains():
+    """`rayattr validate` puts the exact values beside the retrained Δloss/ε at the smallest ε,
+    on the occurrences retrained at every ε."""
+    import pyarrow as pa
+
+    from rayattr.validate.validation import _by_eps, exact_against_retrains
+
+    occ = pa.table({"sample_id": [1, 2, 3, 4, 1, 2, 3, 4], "step": [5, 6, 7, 8] * 2,
+                    "eps": [1.0] * 4 + [0.01] * 4, "predicted": [0.0] * 8,
+                    "actual": [1.0, 2.0, 3.0, 4.0, 0.1, 0.4, 0.2, 0.3]})
+    exact = pa.table({"sample_id": [1, 2, 3, 4, 9], "step": [5, 6, 7, 8, 9],
+                      "value": [0.2, 0.8, 0.4, 0.6, 5.0]})
+    got = exact_against_retrains(exact, _by_eps(occ))
+    assert got["exact_first_order_n"] == 4
+    assert got["exact_first_order_spearman"] == pytest.approx(1.0)  # ranked as at ε = 0.01, not ε = 1
+    assert got["exact_first_order_rms_ratio"] == pytest.approx(2.0)
+    assert exact_against_retrains(exact, {}) == {}

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Callable
 import pyarrow as pa
 
 from rayattr.query.runs import require_finished
+from rayattr.query.errors import QueryError
 from rayattr.store import Run, StoreOptions, open_run_ref
-from rayattr.store.layout import LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES
+from rayattr.store.layout import EXACT_SOURCES, LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_VALUES
 
 if TYPE_CHECKING:  # scoring needs torch: imported by query() only, so tables open fast
     from rayattr.query.answer import QueryResult
@@ -45,6 +46,13 @@ class FinishedRun:
     def sources(self) -> pa.Table:
         """values/sources.parquet: source, n_samples, n_occurrences, value, value_per_sample."""
         return self.run.read_table(SOURCE_VALUES)
+
+    def exact_sources(self) -> pa.Table:
+        """exact/sources.parquet (`rayattr exact`): the same columns, from the exact first-order values."""
+        if not self.run.exists(EXACT_SOURCES):
+            raise QueryError(f"run {self.run.run_id} has no exact values: `rayattr exact {self.run.run_id}` computes "
+                             "them (small runs: docs/method.md §10)")
+        return self.run.read_table(EXACT_SOURCES)
 
     def phases(self) -> pa.Table:
         """values/phases.parquet: source, phase, step_start, step_end, n_occurrences, value."""

@@ -14,7 +14,7 @@ import pyarrow as pa
 from rayattr.report import figures
 from rayattr.report.standing import clear_of_others, standing_sentence
 from rayattr.store import Run
-from rayattr.store.layout import SOURCE_VALUES
+from rayattr.store.layout import EXACT_SUMMARY, SOURCE_VALUES
 
 
 def separated_sources(sources: pa.Table) -> tuple[list[str], int]:
@@ -94,6 +94,27 @@ def _smoothness_text(s: dict) -> str:
             "along a random direction.")
 
 
+def exact_sentence(run: Run) -> str | None:
+    """How the values agree with the exact first-order response, phase by phase, where
+    `rayattr exact` measured it (docs/method.md §10)."""
+    if not run.exists(EXACT_SUMMARY):
+        return None
+    s = run.read_json(EXACT_SUMMARY)
+    parts = []
+    for band, a in (s.get("agreement") or {}).items():
+        if a.get("spearman") is not None and a.get("rms_ratio") is not None:
+            parts.append(f"{band} (steps {a['steps'][0]}–{a['steps'][1]}): Spearman {a['spearman']:+.2f}, "
+                         f"{a['rms_ratio']:.2g}× its size")
+    if not parts:
+        return None
+    text = "Against the exact first-order response (rayattr exact; 1 and 1× are right): " + "; ".join(parts) + "."
+    if s.get("replay_departs_at") is not None:
+        text += (f" The run amplifies rounding from step {s['replay_departs_at']}: from there the float64 replay "
+                 "follows a sibling of the run's trajectory" + (" between the states the run kept." if s.get("anchors")
+                                                                 else "; keep states (train.states_every) to follow the run itself."))
+    return text
+
+
 def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) -> list[str]:
     """The page's first section: the verdict and the few figures it rests on."""
     from rayattr.validate import read_validation
@@ -121,6 +142,9 @@ def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) ->
     stability = stability_sentence(run)
     if stability:
         items.append(html.escape(stability))
+    exact = exact_sentence(run)
+    if exact:
+        items.append(html.escape(exact))
     lis = "".join(f"<li>{i}</li>" for i in items)
     return [f'<section class="trust" id="trust"><h2>How far to trust this run</h2>{head}<ul>{lis}</ul>'
             "<p><small>Details: <a href=\"#trust-details\">below</a>.</small></p></section>"]

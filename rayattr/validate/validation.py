@@ -19,7 +19,7 @@ from rayattr.validate.errors import ValidationError
 from rayattr.validate.smoothness import (DEFAULT_STEPS, along, attributability_sentence, check_steps,
                                          direction_retrains, smoothness_of)
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman
-from rayattr.store.layout import (VALIDATION_DATA, VALIDATION_OCCURRENCES, VALIDATION_RETRAINS, VALIDATION_SMOOTHNESS,
+from rayattr.store.layout import (EXACT_SAMPLES, VALIDATION_DATA, VALIDATION_OCCURRENCES, VALIDATION_RETRAINS, VALIDATION_SMOOTHNESS,
                                   VALIDATION_SOURCES, VALIDATION_SUBSETS, VALIDATION_SUMMARY, retrain_path)
 
 SCHEMA_VERSION = 1
@@ -189,6 +189,8 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
             if (table.schema.metadata or {}).get(b"window", b"null") == tag[b"window"]:
                 tables[kind] = table  # never summarised beside another window's results
     summary = summarise(tables, np.random.default_rng(seed))
+    if run.exists(EXACT_SAMPLES):
+        summary.update(exact_against_retrains(run.read_table(EXACT_SAMPLES), _by_eps(tables.get("occurrence"))))
     summary.update(schema_version=SCHEMA_VERSION, run_id=run.run_id, seed=seed, fraction=fraction,
                    window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
@@ -259,6 +261,24 @@ def first_order(by_eps: dict[float, pa.Table]) -> dict[str, Any]:
         b = by_eps[large]["actual"].to_numpy()
         out.update(linearity_eps=[large, small], linearity_spearman=spearman(b, a), linearity_rms_ratio=_ratio(b, a))
     return out
+
+
+def exact_against_retrains(exact: pa.Table, by_eps: dict[float, pa.Table]) -> dict[str, Any]:
+    """The exact first-order response (`rayattr exact`, docs/method.md §10) against Δloss/ε at
+    the smallest ε retrained, on the same occurrences: it must match where the retrains are
+    linear, or the reference (or the retrains) cannot be trusted."""
+    if not by_eps:
+        return {}
+    t = by_eps[min(by_eps)]
+    value = {(s, z): v for s, z, v in zip(exact["step"].to_numpy(), exact["sample_id"].to_numpy(),
+                                          exact["value"].to_numpy())}
+    pairs = [(value[(s, z)], a) for s, z, a in zip(t["step"].to_numpy(), t["sample_id"].to_numpy(),
+                                                   t["actual"].to_numpy()) if (s, z) in value]
+    if not pairs:
+        return {}
+    x, a = (np.array(c) for c in zip(*pairs))
+    return {"exact_first_order_n": len(x), "exact_first_order_spearman": spearman(x, a),
+            "exact_first_order_rms_ratio": _ratio(x, a)}
 
 
 def _ratio(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -368,6 +388,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"values against the first-order response (Δloss/ε at ε = {summary['first_order_eps']:g}, "
                      f"{summary['first_order_n']} occurrences): Spearman {f(summary['first_order_spearman'])}, "
                      f"rms ratio {f(summary['first_order_rms_ratio'])} (values ÷ response; 1 is the right size)")
+    if summary.get("exact_first_order_n"):
+        lines.append(f"the exact first-order values (rayattr exact) against the same response, "
+                     f"{summary['exact_first_order_n']} occurrences: Spearman {f(summary['exact_first_order_spearman'])}, "
+                     f"rms ratio {f(summary['exact_first_order_rms_ratio'])}")
     sm = summary.get("smoothness")
     if sm and sm.get("score") is not None:
         per = "; ".join(f"h = {p['h']:g}: slope {p['slope']:.4g}, ν {p['nu']:.3f}" for p in sm["per_step"])
