@@ -181,3 +181,20 @@ def test_validate_sets_the_exact_values_against_the_retrains():
     assert got["exact_first_order_spearman"] == pytest.approx(1.0)  # ranked as at ε = 0.01, not ε = 1
     assert got["exact_first_order_rms_ratio"] == pytest.approx(2.0)
     assert exact_against_retrains(exact, {}) == {}
+
+
+def test_validate_figures_the_exact_values_lds_on_the_same_retrains():
+    import pyarrow as pa
+
+    from rayattr.validate.counterfactuals import Removal
+    from rayattr.validate.validation import exact_counterfactuals
+
+    exact = pa.table({"sample_id": [1, 2, 3, 1, 2, 3], "step": [0, 0, 0, 1, 1, 1],
+                      "value": [1.0, 2.0, 3.0, 0.5, 0.5, 0.5]})
+    removals = [Removal("subset", "0", (1,)), Removal("subset", "1", (2,)), Removal("subset", "2", (3,)),
+                Removal("source", "a", (1, 2)), Removal("source", "b", (3,)), Removal("source", "c", (2,))]
+    actual = [3.0, 2.0, 1.0, 10.0, 30.0, 20.0]  # against the exact sums 1.5, 2.5, 3.5 and 4.0, 3.5, 2.5
+    got = exact_counterfactuals(exact, removals, actual)
+    assert got["exact_lds"] == pytest.approx(-1.0)
+    assert got["exact_source_spearman"] == pytest.approx(-0.5)
+    assert exact_counterfactuals(exact, [], []) == {}

@@ -190,7 +190,11 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
                 tables[kind] = table  # never summarised beside another window's results
     summary = summarise(tables, np.random.default_rng(seed))
     if run.exists(EXACT_SAMPLES):
-        summary.update(exact_against_retrains(run.read_table(EXACT_SAMPLES), _by_eps(tables.get("occurrence"))))
+        exact = run.read_table(EXACT_SAMPLES)
+        summary.update(exact_against_retrains(exact, _by_eps(tables.get("occurrence"))))
+        removals = [r for r in plan[1:] if r.kind in ("subset", "source")]
+        summary.update(exact_counterfactuals(windowed(exact, window), removals,
+                                             [done[r.key]["loss"] - base["loss"] for r in removals]))
     summary.update(schema_version=SCHEMA_VERSION, run_id=run.run_id, seed=seed, fraction=fraction,
                    window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
@@ -279,6 +283,22 @@ def exact_against_retrains(exact: pa.Table, by_eps: dict[float, pa.Table]) -> di
     x, a = (np.array(c) for c in zip(*pairs))
     return {"exact_first_order_n": len(x), "exact_first_order_spearman": spearman(x, a),
             "exact_first_order_rms_ratio": _ratio(x, a)}
+
+
+def exact_counterfactuals(exact: pa.Table, removals: list[Removal], actual: list[float]) -> dict[str, Any]:
+    """The exact values' own predictions of this validation's subset and source retrains:
+    LDS and source Spearman as the values' are figured, for the same removals."""
+    pairs: dict[str, tuple[list, list]] = {}
+    for r, (pred, _), a in zip(removals, predicted_all(exact, removals), actual):
+        pairs.setdefault(r.kind, ([], []))
+        pairs[r.kind][0].append(pred)
+        pairs[r.kind][1].append(a)
+    out: dict[str, Any] = {}
+    if "subset" in pairs:
+        out["exact_lds"] = spearman(*pairs["subset"])
+    if "source" in pairs:
+        out["exact_source_spearman"] = spearman(*pairs["source"])
+    return out
 
 
 def _ratio(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -388,6 +408,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"values against the first-order response (Δloss/ε at ε = {summary['first_order_eps']:g}, "
                      f"{summary['first_order_n']} occurrences): Spearman {f(summary['first_order_spearman'])}, "
                      f"rms ratio {f(summary['first_order_rms_ratio'])} (values ÷ response; 1 is the right size)")
+    if summary.get("exact_lds") is not None or summary.get("exact_source_spearman") is not None:
+        lines.append(f"the exact first-order values (rayattr exact) on the same retrains: LDS {f(summary.get('exact_lds'))}, "
+                     f"sources Spearman {f(summary.get('exact_source_spearman'))}")
     if summary.get("exact_first_order_n"):
         lines.append(f"the exact first-order values (rayattr exact) against the same response, "
                      f"{summary['exact_first_order_n']} occurrences: Spearman {f(summary['exact_first_order_spearman'])}, "
