@@ -194,7 +194,8 @@ def test_validate_figures_the_exact_values_lds_on_the_same_retrains():
     removals = [Removal("subset", "0", (1,)), Removal("subset", "1", (2,)), Removal("subset", "2", (3,)),
                 Removal("source", "a", (1, 2)), Removal("source", "b", (3,)), Removal("source", "c", (2,))]
     actual = [3.0, 2.0, 1.0, 10.0, 30.0, 20.0]  # against the exact sums 1.5, 2.5, 3.5 and 4.0, 3.5, 2.5
-    got = exact_counterfactuals(exact, removals, actual)
+    got = exact_counterfactuals(exact, removals, actual, np.random.default_rng(0))
     assert got["exact_lds"] == pytest.approx(-1.0)
+    assert got["exact_lds_ci"] == pytest.approx([-1.0, -1.0])  # every resample keeps the order
     assert got["exact_source_spearman"] == pytest.approx(-0.5)
     assert exact_counterfactuals(exact, [], []) == {}

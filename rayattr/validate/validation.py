@@ -194,7 +194,8 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
         summary.update(exact_against_retrains(exact, _by_eps(tables.get("occurrence"))))
         removals = [r for r in plan[1:] if r.kind in ("subset", "source")]
         summary.update(exact_counterfactuals(windowed(exact, window), removals,
-                                             [done[r.key]["loss"] - base["loss"] for r in removals]))
+                                             [done[r.key]["loss"] - base["loss"] for r in removals],
+                                             np.random.default_rng(seed)))
     summary.update(schema_version=SCHEMA_VERSION, run_id=run.run_id, seed=seed, fraction=fraction,
                    window=list(window) if window else None,
                    world_size=cfg.train.ranks, baseline_max_abs_diff=base["max_abs_diff"],
@@ -285,9 +286,11 @@ def exact_against_retrains(exact: pa.Table, by_eps: dict[float, pa.Table]) -> di
             "exact_first_order_rms_ratio": _ratio(x, a)}
 
 
-def exact_counterfactuals(exact: pa.Table, removals: list[Removal], actual: list[float]) -> dict[str, Any]:
+def exact_counterfactuals(exact: pa.Table, removals: list[Removal], actual: list[float],
+                          rng: np.random.Generator | None = None) -> dict[str, Any]:
     """The exact values' own predictions of this validation's subset and source retrains:
-    LDS and source Spearman as the values' are figured, for the same removals."""
+    LDS (with its bootstrap interval when `rng` is given) and source Spearman as the values'
+    are figured, for the same removals."""
     pairs: dict[str, tuple[list, list]] = {}
     for r, (pred, _), a in zip(removals, predicted_all(exact, removals), actual):
         pairs.setdefault(r.kind, ([], []))
@@ -296,6 +299,8 @@ def exact_counterfactuals(exact: pa.Table, removals: list[Removal], actual: list
     out: dict[str, Any] = {}
     if "subset" in pairs:
         out["exact_lds"] = spearman(*pairs["subset"])
+        if rng is not None:
+            out["exact_lds_ci"] = bootstrap_spearman_ci(*pairs["subset"], rng)
     if "source" in pairs:
         out["exact_source_spearman"] = spearman(*pairs["source"])
     return out
@@ -409,7 +414,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{summary['first_order_n']} occurrences): Spearman {f(summary['first_order_spearman'])}, "
                      f"rms ratio {f(summary['first_order_rms_ratio'])} (values ÷ response; 1 is the right size)")
     if summary.get("exact_lds") is not None or summary.get("exact_source_spearman") is not None:
-        lines.append(f"the exact first-order values (rayattr exact) on the same retrains: LDS {f(summary.get('exact_lds'))}, "
+        ci = summary.get("exact_lds_ci")
+        lines.append(f"the exact first-order values (rayattr exact) on the same retrains: LDS {f(summary.get('exact_lds'))}"
+                     + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + ", "
                      f"sources Spearman {f(summary.get('exact_source_spearman'))}")
     if summary.get("exact_first_order_n"):
         lines.append(f"the exact first-order values (rayattr exact) against the same response, "
