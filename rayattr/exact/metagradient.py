@@ -10,7 +10,8 @@ question values/samples.parquet answers, exactly, and no other test.
 
 Memory: the states at every checkpoint (θ, m, v in float64) plus one segment's graph. With a
 checkpoint every √T steps both grow as √T: the one stage that grows with the run's steps, which
-`rayattr plan` counts and `exact_values` states before it starts.
+`rayattr plan` counts and `rayattr exact` states before it starts. States the run kept
+(train.states_every) are read again from the run when their segment is differentiated, not held.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayattr.exact.limits import default_every
+from rayattr.exact.limits import checkpoint_bytes, default_every
 from rayattr.exact.replay import FREEZABLE, ExactError, Replay, State
 from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, SAMPLE_VALUES
 
@@ -118,19 +119,24 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
         every = min(np.diff([0, *anchors, T])) if anchors else default_every(T)
     if every < 1:
         raise ExactError(f"checkpoint spacing must be at least 1 step, got {every}")
+    held = 0 if anchors else checkpoint_bytes(replay.num_params, T, every, replay.optimizer == "adamw")
+    log.info("exact: %d steps, %d parameters, a checkpoint every %d steps (%s; %.2f GiB held) and one "
+             "segment's graph", T, replay.num_params, every, "the run's kept states" if anchors else "replayed",
+             held / 2**30)
     started = time.perf_counter()
     ones = torch.ones(B, dtype=torch.float64)
 
     # forward: the trajectory without a graph, re-seated on the run's own state wherever it kept
-    # one, its state kept at every checkpoint
-    checkpoints: dict[int, State] = {}
+    # one, its state kept at every other checkpoint (a kept one is read again when its segment
+    # is differentiated, so memory does not grow with the states the run kept)
+    checkpoints: dict[int, State | None] = {}
     state, seen = replay.initial_state(), Reproduction(replay)
     for t in range(T):
         if t in anchors:
             recorded = replay.recorded_state(t)
             seen.anchor(state, recorded)
-            state = recorded
-        if t % every == 0 or t in anchors:
+            state, checkpoints[t] = recorded, None
+        elif t % every == 0:
             checkpoints[t] = state
         state, kappa, loss = replay.step(state, t, ones, differentiable=False)
         seen.check(t, loss, kappa)
@@ -148,7 +154,8 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
     values = np.zeros((T, B))
     starts = sorted(checkpoints)
     for start, end in reversed(list(zip(starts, [*starts[1:], T]))):
-        begin = checkpoints.pop(start).leaves()
+        kept = checkpoints.pop(start)
+        begin = (replay.recorded_state(start) if kept is None else kept).leaves()
         w = torch.ones(end - start, B, dtype=torch.float64, requires_grad=True)
         with torch.enable_grad():
             cur = begin

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
-from rayattr.exact.limits import checkpoint_bytes, default_every
 from rayattr.exact.metagradient import exact_values, write_exact
 from rayattr.exact.replay import ExactError, Replay
 
-log = logging.getLogger(__name__)
-
 
 def run_exact(uri, storage_options: dict | None = None, every: int | None = None, freeze: frozenset = frozenset(),
-              progress: bool = True, threads: int | None = None, anchor: bool = True) -> tuple[str, dict]:
+              progress: bool = True, anchor: bool = True) -> tuple[str, dict]:
     """Exact values of a finished run written to its exact/ directory; (run URI, summary)."""
     from rayattr.store import StoreOptions, open_run_ref
 
@@ -23,16 +16,7 @@ def run_exact(uri, storage_options: dict | None = None, every: int | None = None
     if run.manifest.get("status") != "done":
         raise ExactError(f"run '{run.run_id}' is not finished (status '{run.manifest.get('status')}'): "
                          "its trajectory must be complete to be replayed")
-    if threads:
-        torch.set_num_threads(threads)
-    replay = Replay(run)
-    anchors = replay.anchor_steps() if anchor else []
-    every = every or (min(b - a for a, b in zip([0, *anchors], [*anchors, replay.num_steps])) if anchors
-                      else default_every(replay.num_steps))
-    gib = checkpoint_bytes(replay.num_params, replay.num_steps, every, replay.optimizer == "adamw") / 2**30
-    log.info("exact: %d steps, %d parameters, a checkpoint every %d steps (%.2f GiB of checkpoints, "
-             "plus %d steps' graph)", replay.num_steps, replay.num_params, every, gib, every)
-    result = exact_values(replay, every=every, freeze=freeze, progress=progress, anchor=anchor)
+    result = exact_values(Replay(run), every=every, freeze=freeze, progress=progress, anchor=anchor)
     return run.uri, write_exact(run, result)
 
 
