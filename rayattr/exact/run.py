@@ -44,7 +44,7 @@ def format_exact(uri: str, summary: dict) -> str:
         lines.append("the run's values against them (Spearman, rms ratio values ÷ exact; 1 and 1 are right):")
         for band, a in agree.items():
             rho = "–" if a["spearman"] is None else f"{a['spearman']:+.2f}"
-            ratio = "–" if a["rms_ratio"] is None else f"{a['rms_ratio']:.2f}"
+            ratio = "–" if a["rms_ratio"] is None else f"{a['rms_ratio']:.3g}"
             lines.append(f"  {band:<13} steps {a['steps'][0]}–{a['steps'][1]}: Spearman {rho}, rms ratio {ratio} "
                          f"({a['occurrences']} occurrences)")
     return "\n".join(lines)
