@@ -27,7 +27,7 @@ import torch
 
 from rayattr.exact.limits import checkpoint_bytes, default_every
 from rayattr.exact.replay import FREEZABLE, ExactError, Replay, State
-from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, SAMPLE_VALUES
+from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, FINAL_WEIGHTS, SAMPLE_VALUES
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class Reproduction:
         from safetensors.torch import load
 
         run = self.replay.run
-        if not run.exists("weights/final.safetensors"):
+        if not run.exists(FINAL_WEIGHTS):
             return None
-        final = load(run.read_bytes("weights/final.safetensors"))
+        final = load(run.read_bytes(FINAL_WEIGHTS))
         return _relative(params, {n: final[n] for n in params if n in final})
 
     def summary(self) -> dict:

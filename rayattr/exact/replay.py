@@ -22,9 +22,9 @@ from rayattr.data import TokenizedDataset, load_tokenizer
 from rayattr.data.run_data import rank_tokens
 from rayattr.errors import RayattrError
 from rayattr.model.build import build_model
-from rayattr.model.loss import SAMPLE_LOSS_REDUCTION
+from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
 from rayattr.optim.clip import configured_clip
-from rayattr.store.layout import STATES_DIR, state_path, state_step
+from rayattr.store.layout import INITIAL_WEIGHTS, STATES_DIR, VALIDATION_DATA, state_path, state_step
 from rayattr.capture import per_sample_loss
 
 FREEZABLE = ("kappa", "v")
@@ -85,9 +85,9 @@ class Replay:
         self.ranks = [rank_tokens(run, r) for r in range(t.ranks)]
         self.grad_accum = t.grad_accum
         tok = load_tokenizer(cfg.data.tokenizer)
-        self.val = TokenizedDataset(run.read_table("data/validation.parquet"), tok, cfg.data.seq_len)
+        self.val = TokenizedDataset(run.read_table(VALIDATION_DATA), tok, cfg.data.seq_len)
         self.model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed)
-        self.model.load_state_dict(load(run.read_bytes("weights/initial.safetensors")))
+        self.model.load_state_dict(load(run.read_bytes(INITIAL_WEIGHTS)))
         self.model.double().train()
         if hasattr(self.model, "config"):  # double backward has no rule for fused CPU attention
             self.model.config._attn_implementation = "eager"
@@ -127,9 +127,8 @@ class Replay:
 
     def per_sample(self, params: dict, b: dict) -> torch.Tensor:
         """Every sample's own loss at `params`, the model/loss.py loss in float64."""
-        logits = functional_call(self.model, params, (), {"input_ids": b["input_ids"],
-                                                          "attention_mask": b["attention_mask"]})
-        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        logits = logits_of(lambda **inputs: functional_call(self.model, params, (), inputs),
+                           b["input_ids"], b["attention_mask"])
         return per_sample_loss(logits[:, :-1], b["labels"][:, 1:], reduction=SAMPLE_LOSS_REDUCTION)
 
     def val_loss(self, params: dict) -> torch.Tensor:
