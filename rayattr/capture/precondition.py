@@ -66,11 +66,17 @@ def fragment_row_col_sums(fragment: torch.Tensor, start: int, shape: tuple[int, 
     ``shape`` (2-D, or 1-D: one column) that one contiguous flat fragment holds: the part of a
     ZeRO partition that falls in one parameter, entries [start, start + numel) of its
     row-major flattening. Entries outside the fragment count 0, so the ranks' sums add up to
-    the whole state's (the floor included: every entry lies in exactly one fragment)."""
+    the whole state's (the floor included: every entry lies in exactly one fragment).
+
+    This runs on every rank at every step, so the entries stay in float32, as the state is: a
+    float64 copy of the state cost as much as the optimizer's step itself. Only the sums of a
+    row or a column (float32 cascade sums, relative error about 1e-7) are carried in float64."""
     rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
     r = torch.zeros(rows, dtype=torch.float64, device=fragment.device)
     c = torch.zeros(cols, dtype=torch.float64, device=fragment.device)
-    v = (fragment.detach().reshape(-1).to(torch.float64) / correction).clamp_min(eps * eps)
+    floor = eps * eps
+    single = fragment.dtype != torch.float64 and floor >= torch.finfo(torch.float32).tiny  # ε² must not flush to 0
+    v = (fragment.detach().reshape(-1).to(torch.float32 if single else torch.float64) / correction).clamp_min_(floor)
     end = start + v.numel()
     # the fragment is a partial first row, whole rows, then a partial last row
     head = min(end, -(-start // cols) * cols) - start
