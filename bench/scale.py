@@ -12,8 +12,16 @@
    (rayattr/plan/estimate.py) is printed beside the measured one.
 2. **Reduce cost against segments**: the 16x run's trained store, embedded with 1, 4, 16, 64
    segments by SegmentWorker objects in this process (64 actor processes would not fit this
-   machine); timed separately: the vector chain and suffix scan through the workers,
-   finalize, and the driver's write_outputs, with this process's peak RSS growth.
+   machine); timed separately: the vector chain through the workers, the suffix scan for the
+   final embeddings, finalize, and the driver's write_outputs, with this process's peak RSS
+   growth. The scan runs as the pipeline runs it (math/dvemb.suffix_scan, each combine by the
+   worker the pipeline gives it), one combine at a time here; it is reported as its total work
+   and its critical path: the slowest scan_link plus, per round, the slowest combine, i.e. its
+   wall time with one CPU per actor (object transfers between actors not included). Beside
+   it, the sequential chain the pipeline ran before (the same combines, one segment after the
+   other from the last: n - 2 of them), timed on the same links.
+
+    python bench/scale.py --reduce-only --rank 16   # part 2 only (trains just the 16x run)
 """
 
 from __future__ import annotations
@@ -38,11 +46,12 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from rayattr.config import Config  # noqa: E402
-from rayattr.math.dvemb import segment_bounds  # noqa: E402
+from rayattr.math.dvemb import compose_links, segment_bounds, suffix_scan  # noqa: E402
 from rayattr.embed.blocks import ProjectionBlocks  # noqa: E402
 from rayattr.embed.segment import SegmentSpec, SegmentWorker  # noqa: E402
 from rayattr.plan.estimate import estimate  # noqa: E402
 from rayattr.model.gradients import validation_gradient  # noqa: E402
+from rayattr.optim.spec import resolve_optimizer  # noqa: E402
 from rayattr.reduce import write_outputs  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
@@ -166,8 +175,10 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     ProjectionBlocks.register(run, cfg.embed.error_blocks)
     edges = segment_bounds(steps, cfg.embed.phases)
     bounds = segment_bounds(steps, n_seg)
-    workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, dtype=cfg.embed.dtype,
-                             error_blocks=cfg.embed.error_blocks)
+    opt = resolve_optimizer(cfg)  # as the pipeline's segments: AdamW's update rows and β₁ (R in the scan)
+    workers = [SegmentWorker(run.uri, None, SegmentSpec(i, a, b), edges, cfg.capture.curvature == "sampled",
+                             dtype=cfg.embed.dtype, error_blocks=cfg.embed.error_blocks, updates=opt.adamw,
+                             momentum=opt.beta1)
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     t0 = time.perf_counter()
     for w in workers:
@@ -178,22 +189,56 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     for ell in range(n_seg - 1, 0, -1):
         vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
     t2 = time.perf_counter()
-    # as the actors do: each passes its suffix on and finalises, then lets go of it
-    scan = fin = 0.0
-    link = None
-    for ell in range(n_seg - 1, -1, -1):
+    scan = suffix_scan_cost(workers)
+    # as the actors do: each finalises with its link, then lets go of its K
+    fin = 0.0
+    for w, v, link in zip(workers, vectors, scan.pop("links")):
         a = time.perf_counter()
-        before = workers[ell].chain_suffix(link) if ell else None
-        b = time.perf_counter()
-        workers[ell].finalize(vectors[ell], link)
-        workers[ell]._chain_inputs = None
-        scan, fin = scan + b - a, fin + time.perf_counter() - b
-        link = before
+        w.finalize(v, link)
+        w._chain_inputs = None
+        fin += time.perf_counter() - a
     t4 = time.perf_counter()
     write_outputs(run, n_seg, edges)
     t5 = time.perf_counter()
-    return {"embed": t1 - t0, "vector chain": t2 - t1, "suffix scan": scan, "finalize": fin,
-            "write_outputs": t5 - t4, "reduce": t5 - t1}
+    return {"embed": t1 - t0, "vector chain": t2 - t1, **scan, "finalize": fin, "write_outputs": t5 - t4}
+
+
+def suffix_scan_cost(workers: list) -> dict:
+    """The suffix scan of the pipeline (rayattr/pipeline/stages.py) through the workers, one
+    combine at a time: its total work, its critical path (the slowest scan_link, then per round
+    the slowest combine), its rounds, and the sequential chain's time on the same links; and
+    the links, [M_{n-1} ⋯ M_{ℓ+1} for each ℓ] + [None]."""
+    t = time.perf_counter()
+    own, link_s = [], 0.0
+    for w in workers[1:]:
+        a = time.perf_counter()
+        own.append(w.scan_link())
+        link_s = max(link_s, time.perf_counter() - a)
+    work = time.perf_counter() - t
+    rounds: list[float] = []  # the slowest combine of each round
+    last = [len(own)]
+
+    def combine(i, later, mine):
+        nonlocal work
+        if i <= last[0]:  # each round's combines come in increasing i, from 0
+            rounds.append(0.0)
+        last[0] = i
+        a = time.perf_counter()
+        out = workers[i + 1].compose_links(later, mine)
+        dt = time.perf_counter() - a
+        rounds[-1], work = max(rounds[-1], dt), work + dt
+        return out
+
+    links = suffix_scan(own, combine) + [None]
+    # the chain the pipeline ran before: the same combines from the last segment backwards
+    a = time.perf_counter()
+    link = own[-1] if own else None
+    for i in range(len(own) - 2, -1, -1):
+        link = compose_links(link, own[i])
+    sequential = time.perf_counter() - a
+    del own, link
+    return {"sequential chain": sequential, "scan rounds": len(rounds), "scan work": work,
+            "scan path": link_s + sum(rounds), "links": links}
 
 
 def main(argv=None) -> int:
@@ -201,47 +246,64 @@ def main(argv=None) -> int:
     p.add_argument("--base-steps", type=int, default=8, help="the 1x run's steps (4x and 16x follow)")
     p.add_argument("--rank", type=int, default=32, help="projection rank r (p = r*r per layer)")
     p.add_argument("--segments", type=int, nargs="+", default=[1, 4, 16, 64], help="segment counts for the reduce")
+    p.add_argument("--reduce-only", action="store_true", help="part 2 only: train just the 16x run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         os.makedirs(store)
-        print(f"1. steps 1x/4x/16x at projection rank {args.rank}, 2 segments (peak RSS per process, x the 1x run)")
-        rows, base = [], None
-        for mult in (1, 4, 16):
-            steps = args.base_steps * mult
-            wall, peaks = run_measured(store, f"s{mult}", settings(steps, args.rank, 2))
-            run = Run.open(store, f"s{mult}")
-            plan = estimate(Config.from_dict(run.manifest["config"]), segments=2)
-            rows.append((mult, steps, wall, peaks, plan.process_memory["segment actor"]))
-            base = base or (wall, peaks)
-        groups = ["driver", *GROUPS]
-        print(f"{'steps':>6} {'wall s':>7} {'x':>5} " + " ".join(f"{g + ' MB':>18} {'x':>5}" for g in groups)
-              + f" {'plan: segment MB':>17}")
-        for mult, steps, wall, peaks, planned in rows:
-            cells = " ".join(f"{peaks.get(g, 0) / 1e6:>18.0f} {peaks.get(g, 0) / max(1, base[1].get(g, 0)):>5.2f}"
-                             for g in groups)
-            print(f"{steps:>6} {wall:>7.1f} {wall / base[0]:>5.2f} {cells} {planned / 1e6:>17.0f}")
-
-        print(f"\n2. reduce cost against segments (the {rows[-1][1]}-step run, in-process segment workers)")
-        trained = Run.open(store, "s16", mode="record")
-        test_grad = validation_gradient(trained)
-        print(f"{'segments':>8} {'embed s':>8} {'vector chain s':>15} {'suffix scan s':>14} {'finalize s':>11} "
-              f"{'write_outputs s':>16} {'reduce s':>9} {'x':>5} {'RSS growth MB':>14}")
-        first = None
-        for n in args.segments:
-            run = copy_trained(trained, Path(tmp), f"seg{n}")
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            t = reduce_cost(run, n, test_grad)
-            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-            first = first or t["reduce"]
-            print(f"{n:>8} {t['embed']:>8.2f} {t['vector chain']:>15.4f} {t['suffix scan']:>14.3f} "
-                  f"{t['finalize']:>11.2f} {t['write_outputs']:>16.3f} {t['reduce']:>9.2f} "
-                  f"{t['reduce'] / first:>5.2f} {grown / 1e6:>14.0f}")
-            shutil.rmtree(run.uri)
-        print("\n(RSS growth: how far this process's peak RSS rose during that count's embed and reduce;"
-              " 0 = it stayed below an earlier peak)")
+        if args.reduce_only:
+            steps = args.base_steps * 16
+            print(f"training the {steps}-step run at projection rank {args.rank}")
+            run_measured(store, "s16", settings(steps, args.rank, 2))
+        else:
+            steps = memory_against_steps(store, args)
+        reduce_against_segments(store, tmp, steps, args.segments)
     return 0
+
+
+def memory_against_steps(store: str, args) -> int:
+    """Part 1; returns the 16x run's steps."""
+    print(f"1. steps 1x/4x/16x at projection rank {args.rank}, 2 segments (peak RSS per process, x the 1x run)")
+    rows, base = [], None
+    for mult in (1, 4, 16):
+        steps = args.base_steps * mult
+        wall, peaks = run_measured(store, f"s{mult}", settings(steps, args.rank, 2))
+        run = Run.open(store, f"s{mult}")
+        plan = estimate(Config.from_dict(run.manifest["config"]), segments=2)
+        rows.append((mult, steps, wall, peaks, plan.process_memory["segment actor"]))
+        base = base or (wall, peaks)
+    groups = ["driver", *GROUPS]
+    print(f"{'steps':>6} {'wall s':>7} {'x':>5} " + " ".join(f"{g + ' MB':>18} {'x':>5}" for g in groups)
+          + f" {'plan: segment MB':>17}")
+    for mult, steps, wall, peaks, planned in rows:
+        cells = " ".join(f"{peaks.get(g, 0) / 1e6:>18.0f} {peaks.get(g, 0) / max(1, base[1].get(g, 0)):>5.2f}"
+                         for g in groups)
+        print(f"{steps:>6} {wall:>7.1f} {wall / base[0]:>5.2f} {cells} {planned / 1e6:>17.0f}")
+    return rows[-1][1]
+
+
+def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int]) -> None:
+    """Part 2 on the trained run "s16"."""
+    print(f"\n2. reduce cost against segments (the {steps}-step run, in-process segment workers)")
+    trained = Run.open(store, "s16", mode="record")
+    test_grad = validation_gradient(trained)
+    print(f"{'segments':>8} {'embed s':>8} {'vector chain s':>15} {'sequential chain s':>19} {'scan rounds':>12} "
+          f"{'scan work s':>12} {'scan path s':>12} {'seq/path':>9} {'finalize s':>11} {'write_outputs s':>16} "
+          f"{'RSS growth MB':>14}")
+    for n in segments:
+        run = copy_trained(trained, Path(tmp), f"seg{n}")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        t = reduce_cost(run, n, test_grad)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        ratio = t["sequential chain"] / t["scan path"] if t["scan path"] > 0 else float("nan")
+        print(f"{n:>8} {t['embed']:>8.2f} {t['vector chain']:>15.4f} {t['sequential chain']:>19.3f} "
+              f"{t['scan rounds']:>12} {t['scan work']:>12.3f} {t['scan path']:>12.3f} {ratio:>9.2f} "
+              f"{t['finalize']:>11.2f} {t['write_outputs']:>16.3f} {grown / 1e6:>14.0f}", flush=True)
+        shutil.rmtree(run.uri)
+    print("\n(scan path: the slowest scan_link plus each round's slowest combine, the scan's wall time with "
+          "one CPU per actor;\n RSS growth: how far this process's peak RSS rose during that count's embed and "
+          "reduce; 0 = it stayed below an earlier peak)")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def cut_again(cfg: Config, base: Run, result, dest: Path, segments: int) -> Run:
     return run
 
 
-@pytest.mark.parametrize("segments", [1, 2, 3])
+@pytest.mark.parametrize("segments", [1, 2, 3, 5])
 def test_segments_equal_single_process_core(trained, tmp_path, segments):
     run = cut_again(*trained, tmp_path, segments)
 

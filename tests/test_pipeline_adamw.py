@@ -78,7 +78,7 @@ def test_records_keep_schedule_clipping_and_adam_state(trained):
     assert not torch.allclose(u[2].grads[n], g[2].grads[n])
 
 
-@pytest.mark.parametrize("segments", [1, 2, 3])
+@pytest.mark.parametrize("segments", [1, 2, 3, 5])
 def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
     run = cut_again(*trained, tmp_path, segments)
     batches, emb = core_adamw(run)

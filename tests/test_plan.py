@@ -12,7 +12,7 @@ import torch
 
 from rayattr.capture import GradientCapture, ProjectionSpec
 from rayattr.config import Config, load_config
-from rayattr.math.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds, suffix_scan
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
 from rayattr.plan.estimate import (VALIDATION_PHASE, Throughput, estimate, format_plan, ipc_bytes, parse_count,
@@ -105,12 +105,13 @@ def test_sizes_match_a_real_store_run(tmp_path):
                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     for w in workers:
         w.compute()
-    # the reduce's chains, run through the workers from the last segment backwards
-    vectors, links = [None] * len(workers), [None] * len(workers)
+    # the reduce's chains, run through the workers as the pipeline does
+    vectors = [None] * len(workers)
     vectors[-1] = workers[-1].value_vectors({n: torch.ones(p) for n, p in dims.items()})
     for ell in range(len(workers) - 1, 0, -1):
         vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
-        links[ell - 1] = workers[ell].chain_suffix(links[ell])
+    links = suffix_scan([w.scan_link() for w in workers[1:]],
+                        lambda i, later, own: workers[i + 1].compose_links(later, own)) + [None]
     for w, v, link in zip(workers, vectors, links):
         w.finalize(v, link)
 

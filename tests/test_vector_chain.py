@@ -1,18 +1,24 @@
 """The vector chain (values from w_ℓ = S_ℓᵀ v, z_ℓ = R_bᵀ v; docs/method.md §4, §7) and the
-matrix scan across segments, against segment_combine and a brute-force float64 reference
-of the values v·DVEmb(t, z) with every K product formed explicitly."""
+parallel matrix scan across segments (suffix_scan of compose_links), against segment_combine
+and brute-force float64 references: the values v·DVEmb(t, z) with every K product formed
+explicitly, and the suffixes as blocks of explicit block-matrix products."""
+
+import copy
+import math
 
 import pytest
 import torch
 
 from rayattr.math.dvemb import (
-    chain_suffix_back,
     chain_vectors_back,
+    compose_links,
     finalise_scores,
     finalise_step,
     segment_bounds,
     segment_combine,
     segment_embeddings,
+    segment_link,
+    suffix_scan,
     vector_chain,
 )
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
@@ -79,25 +85,111 @@ def test_values_from_vectors_equal_brute_force_and_the_matrix_path(beta, n):
     assert got.abs().max() > 1e-3  # the values are not trivially zero
 
 
+def test_suffix_scan_schedule_is_log_depth_and_ordered():
+    """suffix_scan on a non-commutative operation (string concatenation, later on the left):
+    item i is items[n-1] ⋯ items[i], in ⌈log2 n⌉ rounds of independent combines."""
+    for n in range(0, 18):
+        calls = []
+
+        def concat(i, later, own):
+            calls.append(i)
+            return later + own
+
+        got = suffix_scan([chr(97 + i) for i in range(n)], concat)
+        assert got == ["".join(chr(97 + j) for j in range(n - 1, i - 1, -1)) for i in range(n)]
+        rounds = sum(1 for a, b in zip(calls, calls[1:]) if b <= a) + (1 if calls else 0)
+        assert rounds == math.ceil(math.log2(n)) if n > 1 else rounds == 0
+        assert len(calls) == sum(n - 2 ** d for d in range(rounds))
+
+
+def block_products(Ks, Rs, lengths, beta):
+    """Brute force: (S_ℓ, R_{b_ℓ}) as blocks of the explicit 2p × 2p product M_{n-1} ⋯ M_{ℓ+1},
+    M_ℓ = [[K_ℓ, R^loc_ℓ], [0, β^(b_ℓ - a_ℓ) I]], per layer."""
+    out = []
+    for ell in range(len(Ks)):
+        S, R = {}, {}
+        for name, K in Ks[0].items():
+            p = K.shape[0]
+            prod = torch.eye(2 * p, dtype=F64)
+            for m in range(len(Ks) - 1, ell, -1):
+                M = torch.zeros(2 * p, 2 * p, dtype=F64)
+                M[:p, :p] = Ks[m][name]
+                M[:p, p:] = Rs[m][name] if beta else 0
+                M[p:, p:] = beta ** lengths[m] * torch.eye(p, dtype=F64)
+                prod = prod @ M
+            S[name], R[name] = prod[:p, :p], prod[:p, p:]
+        out.append((S, R))
+    return out
+
+
+def random_segments(n, beta, seed=0):
+    """n segments' K and local R for two layers of different widths, and their lengths."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"a": 5, "b": 3}
+    Ks = [{k: torch.eye(p, dtype=F64) + 0.3 * torch.randn(p, p, generator=g, dtype=F64) for k, p in dims.items()}
+          for _ in range(n)]
+    Rs = [{k: 0.5 * torch.randn(p, p, generator=g, dtype=F64) for k, p in dims.items()} for _ in range(n)]
+    lengths = [int(x) for x in torch.randint(1, 6, (n,), generator=g)]
+    return Ks, (Rs if beta else None), lengths
+
+
+def scanned(Ks, Rs, lengths, beta):
+    """(S_ℓ, R_{b_ℓ}) as the pipeline gets them: suffix_scan of segments 1..n-1's links with
+    compose_links (each combine on its own copy: nothing is shared between actors)."""
+    own = [segment_link(K, R, length, beta) for K, R, length in
+           zip(Ks[1:], Rs[1:] if Rs else [None] * len(Ks), lengths[1:])]
+    links = suffix_scan(own, lambda i, later, mine: compose_links(*copy.deepcopy((later, mine)))) + [None]
+    return links
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.9])
-def test_suffix_scan_link_by_link_equals_segment_combine(beta):
-    """Each segment computes its predecessor's (S, R_b) from its own: the scan the segment
-    actors run, with dict layers."""
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_suffix_scan_equals_segment_combine_and_block_products(beta, n):
+    """The parallel scan's links equal the in-memory sequential chain (segment_combine) and the
+    explicit block-matrix products, to float64 rounding."""
+    Ks, Rs, lengths = random_segments(n, beta, seed=n)
+    links = scanned(Ks, Rs, lengths, beta)
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
+    want = block_products(Ks, Rs, lengths, beta)
+    assert links[-1] is None and len(links) == n
+    for ell, link in enumerate(links):
+        S = link.S if link is not None else {k: torch.eye(K.shape[0], dtype=F64) for k, K in Ks[0].items()}
+        for name in Ks[0]:
+            torch.testing.assert_close(S[name], want[ell][0][name], rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(suffixes[ell][name], want[ell][0][name], rtol=1e-12, atol=1e-13)
+            if beta:
+                R = link.R[name] if link is not None else torch.zeros_like(S[name])
+                torch.testing.assert_close(R, want[ell][1][name], rtol=1e-12, atol=1e-13)
+                torch.testing.assert_close(r_ends[ell][name], want[ell][1][name], rtol=1e-12, atol=1e-13)
+                if link is not None:
+                    assert link.carry == pytest.approx(beta ** sum(lengths[ell + 1:]), rel=1e-14)
+            else:
+                assert r_ends[ell] is None and (link is None or link.R is None)
+    if n > 1:  # the products are not near the identity
+        assert all(float((S - torch.eye(S.shape[0], dtype=F64)).abs().max()) > 0.3 for S in suffixes[0].values())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_suffix_scan_of_real_segments_equals_segment_combine(beta):
+    """The same on segments swept from recorded-like steps (segment_embeddings' K and R)."""
     grads, updates, etas, decay, _ = make(T=11, adamw=beta > 0)
-    segs = segments_of(grads, updates, etas, decay, beta, 4)
+    segs = segments_of(grads, updates, etas, decay, beta, 5)
     Ks = [{"a": s[3][W], "b": 2 * s[3][W]} for s in segs]
-    Rs = [{"a": s[4][W], "b": 2 * s[4][W]} if beta else None for s in segs]
+    Rs = [{"a": s[4][W], "b": 2 * s[4][W]} for s in segs] if beta else None
     lengths = [s[1] - s[0] for s in segs]
-    suffixes, r_ends = segment_combine(Ks, Rs if beta else None, lengths, beta)
-    S, r_end = None, None
-    for ell in range(len(segs) - 1, -1, -1):
-        if ell < len(segs) - 1:
-            for n in ("a", "b"):
-                torch.testing.assert_close(S[n], suffixes[ell][n], rtol=1e-12, atol=1e-14)
-                if beta:
-                    torch.testing.assert_close(r_end[n], r_ends[ell][n], rtol=1e-12, atol=1e-14)
-        S, r_end = chain_suffix_back(Ks[ell], S, Rs[ell], r_end, lengths[ell], beta)
-    assert (r_end is None) == (not beta)
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
+    for ell, link in enumerate(scanned(Ks, Rs, lengths, beta)[:-1]):
+        for n in ("a", "b"):
+            torch.testing.assert_close(link.S[n], suffixes[ell][n], rtol=1e-12, atol=1e-14)
+            if beta:
+                torch.testing.assert_close(link.R[n], r_ends[ell][n], rtol=1e-12, atol=1e-14)
+        assert (link.R is None) == (not beta)
+
+
+def test_compose_links_refuses_mixed_momentum():
+    K = {W: torch.eye(2, dtype=F64)}
+    with pytest.raises(ValueError, match="both links carry R"):
+        compose_links(segment_link(K, K, 2, 0.5), segment_link(K))
 
 
 def test_a_vector_link_is_o_p2_and_needs_z_only_with_momentum():

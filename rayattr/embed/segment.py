@@ -2,10 +2,12 @@
 
 `compute()` sweeps the segment's steps backwards from K = I, writing the local embeddings of
 every occurrence, the segment matrix K per layer, and per-(source, phase) sums of local
-embeddings. The reduce then chains the segments through the actors themselves, from the last
-backwards (docs/method.md §4): `chain_vectors` passes (w, z) = (S_ℓᵀ v, R_bᵀ v) for the
-validation gradient v (O(p²) per layer), `chain_suffix` passes (S_ℓ, R_b) for the final
-embeddings; each actor uses only its own K, so no process holds all of them.
+embeddings. The reduce then chains the segments through the actors themselves
+(docs/method.md §4): `chain_vectors` passes (w, z) = (S_ℓᵀ v, R_bᵀ v) for the validation
+gradient v from the last segment backwards (O(p²) per layer); for the final embeddings every
+actor gets its (S_ℓ, R_b) from a parallel suffix scan in ⌈log2 n⌉ rounds, `scan_link` (its
+own element) and `compose_links` (one combine). Each actor holds its own K and at most a few
+partial products, never every K.
 `finalize(vectors, link)` scores every occurrence from the vectors and writes the final
 embeddings from the link. Everything is read from and written to the store, so a restarted
 actor redoes just its own segment.
@@ -27,8 +29,8 @@ import ray
 import torch
 
 from rayattr.runtime import hooks
-from rayattr.math.dvemb import (SegmentRecursion, chain_suffix_back, chain_vectors_back, finalise_scores,
-                           finalise_step)
+from rayattr.math.dvemb import (Link, SegmentRecursion, chain_vectors_back, compose_links, finalise_scores,
+                                finalise_step, segment_link)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
@@ -217,12 +219,17 @@ class SegmentWorker:
         w, z = vectors
         return chain_vectors_back(K, w, R, z, self.seg.end - self.seg.start, self.momentum)
 
-    def chain_suffix(self, link: tuple | None) -> tuple:
-        """The previous segment's (S, R_b) from this one's (None: the last segment, S = I):
-        the scan that gives every actor its suffix without any process holding all K's."""
+    def scan_link(self) -> Link:
+        """This segment's own element M_ℓ = [[K_ℓ, R^loc_ℓ], [0, β₁^(b−a) I]] of the suffix scan,
+        in float64 (dvemb.segment_link)."""
         K, R = self._own_chain_inputs()
-        S, r_end = link if link is not None else (None, None)
-        return chain_suffix_back(K, S, R, r_end, self.seg.end - self.seg.start, self.momentum)
+        return segment_link(K, R, self.seg.end - self.seg.start, self.momentum)
+
+    def compose_links(self, later: Link, own: Link) -> Link:
+        """One combine of the suffix scan, ``later ∘ own`` (dvemb.compose_links): the driver
+        passes both as object refs (pipeline/stages.py), so the actor keeps no scan state and
+        a restarted one redoes just this combine."""
+        return compose_links(later, own)
 
     def chain_sums(self, prev: tuple | None, last: bool = False) -> tuple | None:
         """Forward scan (segment 0 first) finalising the per-(source, phase) sums without any
@@ -242,19 +249,19 @@ class SegmentWorker:
 
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, vectors: tuple, link: tuple | None = None, embeddings: bool = True) -> dict[str, Any]:
+    def finalize(self, vectors: tuple, link: Link | None = None, embeddings: bool = True) -> dict[str, Any]:
         """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
         e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
-        from the local sums the same way. `link` = (S, R_b) from the suffix scan (None for the
-        last segment: S = I, R_b = 0) gives the final embeddings (kept per sample when
-        keep_sample_embeddings) and the final per-(source, phase) sums; `embeddings` False
+        from the local sums the same way. `link`, the suffix scan's M_{n-1} ⋯ M_{ℓ+1} (a Link;
+        None for the last segment: S = I, R_b = 0), gives the final embeddings (kept per sample
+        when keep_sample_embeddings) and the final per-(source, phase) sums; `embeddings` False
         skips both (the sums then come from `chain_sums`)."""
         t0 = time.perf_counter()
         s = self.seg
         w, z = vectors
         w = {n: x.to(torch.float64) for n, x in w.items()}
         z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
-        S0, r_end = link if link is not None else (None, None)
+        S0, r_end = (link.S, link.R) if link is not None else (None, None)
         S = ({n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
               for n, p in self.dims.items()} if embeddings else None)
         R_end = ({n: m.to(self.dtype) for n, m in r_end.items()}

@@ -3,9 +3,10 @@
 Pure tensor math (Wang et al., ICLR 2025, Algorithms 1 and 2; conventions and the AdamW
 extension in docs/method.md). Everything distributed in rayattr -- segment actors, the
 reducer, queries -- calls into here, and the in-memory :func:`data_value_embeddings` is built
-from the same pieces: one step (:meth:`SegmentRecursion.step`), one link of the chain across
-segments each way (:func:`chain_suffix_back` for matrices, with :func:`carry_back` for R and
-Q; :func:`chain_vectors_back` for a test vector) and one finalisation per form
+from the same pieces: one step (:meth:`SegmentRecursion.step`), the chain across segments
+(:func:`compose_links`, the associative operation of the suffix scan for matrices, along
+:func:`suffix_scan`'s rounds across the actors; :func:`carry_back` for Q;
+:func:`chain_vectors_back`, one link for a test vector) and one finalisation per form
 (:func:`finalise_step`, :func:`finalise_scores`). Every tensor argument is a dict layer name ->
 tensor.
 
@@ -41,13 +42,15 @@ is removed (positive = helpful).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import torch
 
 Layers = Mapping[str, torch.Tensor]
 """Layer name -> tensor."""
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -289,46 +292,89 @@ def segment_embeddings(
 
 # ----------------------------------------------------------------------------- chaining the segments
 #
-# One link each way, called by the segment actors one segment at a time (rayattr/embed/segment.py)
-# and looped over all segments by the in-memory reference below.
+# The matrix chain is a scan of one associative operation (compose_links): the segment actors
+# run it along suffix_scan's rounds (rayattr/embed/segment.py, rayattr/pipeline/stages.py),
+# the in-memory reference below in order. The vector chain is one link at a time.
 
 
-def carry_back(S: Layers, X_loc: Layers, x_end: Layers, length: int, beta: float,
+def carry_back(S: Layers, X_loc: Layers, x_end: Layers, carry: float,
                dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """A carried matrix (R with beta1, Q with beta2) at a segment's start from its local one
     and its value at the segment's end (docs/method.md §7, Segments):
 
-        X_{a_ℓ} = S_ℓ X^loc_{a_ℓ} + beta^(b_ℓ - a_ℓ) X_{b_ℓ}
+        X_{a_ℓ} = S_ℓ X^loc_{a_ℓ} + carry X_{b_ℓ},    carry = beta^(b_ℓ - a_ℓ)
 
-    X^loc is cast to ``dtype``; S and X_{b_ℓ} are taken as they are."""
-    carry = beta ** int(length)
+    (:func:`compose_links` for R, :func:`carried_ends` for Q). X^loc is cast to ``dtype``;
+    S and X_{b_ℓ} are taken as they are."""
     return {n: S[n] @ X_loc[n].to(dtype) + carry * x_end[n] for n in S}
 
 
-def chain_suffix_back(
+class Link(NamedTuple):
+    """An element of the suffix scan across segments (docs/method.md §4): segment ℓ's own
+
+        M_ℓ = [[K_ℓ, R^loc_ℓ], [0, c_ℓ I]],    c_ℓ = β₁^(b_ℓ - a_ℓ)
+
+    or a product M_j ⋯ M_i of consecutive ones (later segments on the left), which keeps that
+    form. Right-multiplying the row block [S_ℓ, R_{b_ℓ}] by M_ℓ gives [S_{ℓ-1}, R_{b_{ℓ-1}}]
+    (S_{ℓ-1} = S_ℓ K_ℓ, R_{a_ℓ} = S_ℓ R^loc_ℓ + c_ℓ R_{b_ℓ}), so segment ℓ's
+    (S_ℓ, R_{b_ℓ}) is the (S, R) of M_{n-1} ⋯ M_{ℓ+1} (the identity for the last segment)."""
+
+    S: dict[str, torch.Tensor]
+    """The K block: a product of segment matrices, layer -> (p, p)."""
+    R: dict[str, torch.Tensor] | None
+    """The R block, layer -> (p, p); None without momentum (nothing crosses a segment's end)."""
+    carry: float
+    """c: β₁ to the power of the steps covered."""
+
+
+def segment_link(
     K: Layers,
-    S: Layers | None,
     R_loc: Layers | None = None,
-    r_end: Layers | None = None,
     length: int = 0,
     momentum: float = 0.0,
     dtype: torch.dtype = torch.float64,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """One link of the matrix scan across segments: from segment ℓ's S_ℓ (None: the identity,
-    ℓ the last) and R_{b_ℓ} (None: zero) with its own K_ℓ, R^loc_ℓ, segment ℓ-1's pair
+) -> Link:
+    """Segment ℓ's own element M_ℓ of the suffix scan from its K_ℓ, local R^loc_ℓ and its steps
+    b_ℓ - a_ℓ, cast to ``dtype`` (float64 across the segment actors, the K's in
+    :func:`segment_combine`). R is dropped without momentum."""
+    momentum = check_momentum(momentum)
+    S = {n: k.to(dtype) for n, k in K.items()}
+    R = {n: r.to(dtype) for n, r in R_loc.items()} if momentum and R_loc is not None else None
+    return Link(S, R, momentum ** int(length))
 
-        S_{ℓ-1} = S_ℓ K_ℓ,    R_{b_{ℓ-1}} = R_{a_ℓ} = S_ℓ R^loc_ℓ + β₁^(b_ℓ - a_ℓ) R_{b_ℓ}
 
-    (:func:`carry_back`), computed in ``dtype`` (float64 across the segment actors, the input's
-    in :func:`segment_combine`). Only the segment that owns K_ℓ runs it, so no process holds
-    every K (docs/method.md §4). The second item is None without momentum."""
-    Kd = {n: k.to(dtype) for n, k in K.items()}
-    Sd = S if S is not None else {n: torch.eye(k.shape[0], dtype=dtype, device=k.device) for n, k in Kd.items()}
-    s_prev = {n: Sd[n] @ Kd[n] for n in Kd}
-    if not check_momentum(momentum) or R_loc is None:
-        return s_prev, None
-    Ed = r_end if r_end is not None else {n: torch.zeros_like(k) for n, k in Kd.items()}
-    return s_prev, carry_back(Sd, R_loc, Ed, length, momentum, dtype)
+def compose_links(later: Link, earlier: Link) -> Link:
+    """The scan's associative operation, the block product M_later M_earlier:
+
+        (S₁, R₁, c₁) ∘ (S₂, R₂, c₂) = (S₁ S₂,  S₁ R₂ + c₂ R₁,  c₁ c₂)
+
+    one p × p product per layer (two with momentum). ``later`` covers the later segments.
+    Both carry R or neither. Used by :func:`segment_combine` in order, and by the segment
+    actors along :func:`suffix_scan`'s rounds, so no process holds every K (docs/method.md §4)."""
+    if (later.R is None) != (earlier.R is None):
+        raise ValueError("compose_links: both links carry R (momentum) or neither does")
+    S = {n: later.S[n] @ earlier.S[n] for n in earlier.S}
+    R = None if earlier.R is None else carry_back(later.S, earlier.R, later.R, earlier.carry, _dtype(S))
+    return Link(S, R, later.carry * earlier.carry)
+
+
+def suffix_scan(items: Sequence[T], combine: Callable[[int, T, T], T]) -> list[T]:
+    """Inclusive suffix scan in ⌈log2 n⌉ rounds (Hillis–Steele): item i of the result is
+    items[n-1] ∘ ⋯ ∘ items[i]. In the round of stride s every i with i + s < n replaces its
+    partial x_i by ``combine(i, x_{i+s}, x_i)``, x_{i+s} being the later one; the combines of a
+    round are independent of each other.
+
+    Only the schedule is here: :func:`compose_links` is the operation in memory, and the
+    driver's combine submits it to segment actor i as a Ray task on object refs (the driver
+    holds refs only). Hillis–Steele rather than a work-efficient (Blelloch) scan: with one actor
+    per segment the actors are there anyway, so its n log n combines cost no more wall time than
+    Blelloch's 2n, and it has half the rounds (⌈log2 n⌉ against about 2 log2 n)."""
+    parts = list(items)
+    n, stride = len(parts), 1
+    while stride < n:
+        parts = [combine(i, parts[i + stride], parts[i]) if i + stride < n else parts[i] for i in range(n)]
+        stride *= 2
+    return parts
 
 
 def segment_combine(
@@ -338,7 +384,8 @@ def segment_combine(
     momentum: float = 0.0,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
     """Chain all segments in memory: (S_ℓ, R_{b_ℓ}) for every segment ℓ, by
-    :func:`chain_suffix_back` from the last segment backwards, in the K's dtype.
+    :func:`compose_links` from the last segment backwards (n - 2 products, the fewest in one
+    process; the segment actors run the same operation as :func:`suffix_scan`), in the K's dtype.
 
     Ks: each segment's K (layer -> (p, p)), earliest segment first.
     Rs: each segment's local R at its first step (``SegmentRecursion.R``); only read with momentum.
@@ -356,13 +403,14 @@ def segment_combine(
     if not n:
         return suffixes, r_ends
     dtype = next(iter(Ks[-1].values())).dtype
-    S, r_end = {m: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for m, k in Ks[-1].items()}, None
+    suffixes[-1] = {m: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for m, k in Ks[-1].items()}
     if momentum:
-        r_end = {m: torch.zeros_like(k) for m, k in Ks[-1].items()}
-    for ell in range(n - 1, -1, -1):
-        suffixes[ell], r_ends[ell] = S, r_end
-        S, r_end = chain_suffix_back(Ks[ell], S, Rs[ell] if momentum else None, r_end,
-                                     lengths[ell] if momentum else 0, momentum, dtype)
+        r_ends[-1] = {m: torch.zeros_like(k) for m, k in Ks[-1].items()}
+    link = None  # M_{n-1} ⋯ M_{ℓ+1}
+    for ell in range(n - 1, 0, -1):
+        own = segment_link(Ks[ell], Rs[ell] if momentum else None, lengths[ell] if momentum else 0, momentum, dtype)
+        link = own if link is None else compose_links(link, own)
+        suffixes[ell - 1], r_ends[ell - 1] = link.S, link.R
     return suffixes, r_ends
 
 
@@ -375,7 +423,7 @@ def carried_ends(suffixes: Sequence[Layers], locals_: Sequence[Layers], lengths:
     ends: list[dict[str, torch.Tensor]] = [None] * len(suffixes)  # type: ignore[list-item]
     for ell in range(len(suffixes) - 1, -1, -1):
         ends[ell] = x_end
-        x_end = carry_back(suffixes[ell], locals_[ell], x_end, lengths[ell], beta, dtype)
+        x_end = carry_back(suffixes[ell], locals_[ell], x_end, beta ** int(lengths[ell]), dtype)
     return ends
 
 
@@ -387,9 +435,9 @@ def chain_vectors_back(
     length: int = 0,
     momentum: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """One link of the vector chain (docs/method.md §4, §7), the transpose of
-    :func:`chain_suffix_back` applied to one test vector v: from segment ℓ's (w_ℓ, z_ℓ) and
-    its own K_ℓ, R^loc_ℓ, the pair of segment ℓ-1:
+    """One link of the vector chain (docs/method.md §4, §7), segment ℓ's :class:`Link`
+    transposed and applied to one test vector v: from segment ℓ's (w_ℓ, z_ℓ) and its own K_ℓ,
+    R^loc_ℓ, the pair of segment ℓ-1:
 
         w_{ℓ-1} = K_ℓᵀ w_ℓ,    z_{ℓ-1} = R^locᵀ_ℓ w_ℓ + β₁^(b_ℓ - a_ℓ) z_ℓ
 
@@ -448,7 +496,7 @@ def finalise_step(
     """Final embeddings of one step's occurrences from their local ones (docs/method.md §4, §7).
 
     local: the step's local embeddings (R^loc_t u, or eta_t K g for SGD), layer -> (B, p).
-    suffix, r_end: S_ℓ and R at the segment's end, as :func:`chain_suffix_back` gives them.
+    suffix, r_end: S_ℓ and R at the segment's end (a :class:`Link`'s S and R, :func:`segment_combine`).
     updates: the step's update rows u (its gradient rows when there is no preconditioner).
     steps_to_end: b - t, the steps from this one to the segment's end.
     v_rows, q_end, beta2: the second-moment response's rows y, Q at the segment's end and beta2.

@@ -24,7 +24,7 @@ from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_
 from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
-from rayattr.math.dvemb import segment_bounds
+from rayattr.math.dvemb import segment_bounds, suffix_scan
 from rayattr.reduce import write_outputs
 from rayattr.store import Run, StoreOptions, open_run_ref
 from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
@@ -262,18 +262,21 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
 
         t = time.perf_counter()
         run.update_manifest(status="reducing")
-        # chain from the last segment backwards through the actors (docs/method.md §4): values from
-        # the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), final embeddings from the scan of (S_ℓ, R_b); each
-        # actor uses its own K only, and the driver holds only object refs
+        # the chains run through the actors (docs/method.md §4); each uses its own K only, and the
+        # driver holds only object refs. Final embeddings need each segment's (S_ℓ, R_b): the
+        # suffix scan M_{n-1} ⋯ M_{ℓ+1}, in ⌈log2(n-1)⌉ rounds across actors 1..n-1 (submitted
+        # first, so that no actor's combines queue behind its link of the vector chain)
+        keep = cfg.embed.keep_sample_embeddings
+        links: list = [None] * n_seg
+        if keep:
+            own = [a.scan_link.remote() for a in actors[1:]]
+            links[:-1] = suffix_scan(own, lambda i, later, mine: actors[i + 1].compose_links.remote(later, mine))
+            del own
+        # values from the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), from the last segment backwards
         vectors: list = [None] * n_seg
         vectors[-1] = actors[-1].shard_vectors.remote(*shards)
         for ell in range(n_seg - 1, 0, -1):
             vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
-        keep = cfg.embed.keep_sample_embeddings
-        links: list = [None] * n_seg
-        if keep:  # per-sample final embeddings need each segment's S
-            for ell in range(n_seg - 1, 0, -1):
-                links[ell - 1] = actors[ell].chain_suffix.remote(links[ell])
         finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
         if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
             carry = None
