@@ -395,11 +395,11 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
-        # embed/segment: K (and R) in the embed dtype; the chain's incoming and outgoing S (and
-        # R_b) in float64 when per-sample embeddings are kept, else the forward scan's sums y
-        # (and d) in and out; w, z are vectors
+        # embed/segment: K (and R) in the embed dtype; a suffix scan combine's two links in and
+        # one out, each S (and R) in float64, when per-sample embeddings are kept, else the
+        # forward scan's sums y (and d) in and out; w, z are vectors
         "segment actor: K, R and the chain": kinds * sq * eb + (
-            2 * kinds * sq * 8 if not plan.per_source
+            3 * kinds * sq * 8 if not plan.per_source
             else 2 * kinds * plan.n_sources * phases * P * wide * 8),
         # GradientReader windows (one decoded, one prefetched) per kind read
         "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(READ_CHUNK * G * P * gb, WINDOW_BYTES),
@@ -635,13 +635,25 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
     fin = (steps_seg * L * tp.embed_layer_step_s + 2 * rows_seg * sq / tp.embed_flops
            + io_out / (tp.store_read_mbps * MB) + (io_out / (tp.store_write_mbps * MB) if keep else 0))
-    # the suffix scan (p³ per layer and segment) only with per-sample embeddings; else the
-    # forward scan of the sums (keys × p² per layer); the vector chain is p² either way
-    chain = (2 * n_seg * sum(lay.p ** 3 for lay in layers) if keep
+    # with per-sample embeddings the suffix scan (math/dvemb.suffix_scan over segments 1..n-1):
+    # ⌈log2(n-1)⌉ rounds, m - 2^d independent combines in round d, each one p × p product per
+    # layer (two with R), actors outnumbering devices sharing them; else the forward scan of
+    # the sums (keys × p² per layer, segment after segment). The vector chain is p² either way
+    chain = (scan_rounds_time(n_seg - 1, devices, 2 * kinds * sum(lay.p ** 3 for lay in layers)) if keep
              else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(lay.p ** 2 for lay in layers)
              ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan
+
+
+def scan_rounds_time(m: int, devices: int, combine: float) -> float:
+    """The critical path of math/dvemb.suffix_scan over m items on `devices` devices, in units
+    of `combine` (one combine's cost): each round's combines run side by side, devices at a time."""
+    total, stride = 0.0, 1
+    while stride < m:
+        total += math.ceil((m - stride) / max(1, devices)) * combine
+        stride *= 2
+    return total
 
 
 # ---------------------------------------------------------------------------- output
