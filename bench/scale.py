@@ -19,7 +19,8 @@
    and its critical path: the slowest scan_link plus, per round, the slowest combine, i.e. its
    wall time with one CPU per actor (object transfers between actors not included). Beside
    it, the sequential chain the pipeline ran before (the same combines, one segment after the
-   other from the last: n - 2 of them), timed on the same links.
+   other from the last: n - 2 of them), timed on the same links. Both are run --repeats times
+   and each combine (and the whole sequential chain) counts its fastest repeat.
 
     python bench/scale.py --reduce-only --rank 16   # part 2 only (trains just the 16x run)
 """
@@ -168,7 +169,7 @@ def copy_trained(run: Run, dest: Path, name: str) -> Run:
     return Run.open(str(dest), name, mode="record")
 
 
-def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
+def reduce_cost(run: Run, n_seg: int, test_grad: dict, repeats: int = 3) -> dict[str, float]:
     """Embed `run` with n_seg in-process segment workers, then time the reduce's parts."""
     cfg = Config.from_dict(run.manifest["config"])
     steps = run.manifest["num_steps"]
@@ -189,7 +190,7 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     for ell in range(n_seg - 1, 0, -1):
         vectors[ell - 1] = workers[ell].chain_vectors(vectors[ell])
     t2 = time.perf_counter()
-    scan = suffix_scan_cost(workers)
+    scan = suffix_scan_cost(workers, repeats)
     # as the actors do: each finalises with its link, then lets go of its K
     fin = 0.0
     for w, v, link in zip(workers, vectors, scan.pop("links")):
@@ -203,42 +204,46 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict) -> dict[str, float]:
     return {"embed": t1 - t0, "vector chain": t2 - t1, **scan, "finalize": fin, "write_outputs": t5 - t4}
 
 
-def suffix_scan_cost(workers: list) -> dict:
+def suffix_scan_cost(workers: list, repeats: int = 3) -> dict:
     """The suffix scan of the pipeline (rayattr/pipeline/stages.py) through the workers, one
-    combine at a time: its total work, its critical path (the slowest scan_link, then per round
-    the slowest combine), its rounds, and the sequential chain's time on the same links; and
-    the links, [M_{n-1} ⋯ M_{ℓ+1} for each ℓ] + [None]."""
-    t = time.perf_counter()
-    own, link_s = [], 0.0
+    combine at a time, `repeats` times (each combine's and the sequential chain's fastest
+    repeat count: the CPUs are shared): its total work, its critical path (the slowest
+    scan_link, then per round the slowest combine), its rounds, and the sequential chain's
+    time on the same links; and the links, [M_{n-1} ⋯ M_{ℓ+1} for each ℓ] + [None]."""
+    own, link_s = [], []
     for w in workers[1:]:
         a = time.perf_counter()
         own.append(w.scan_link())
-        link_s = max(link_s, time.perf_counter() - a)
-    work = time.perf_counter() - t
-    rounds: list[float] = []  # the slowest combine of each round
-    last = [len(own)]
-
-    def combine(i, later, mine):
-        nonlocal work
-        if i <= last[0]:  # each round's combines come in increasing i, from 0
-            rounds.append(0.0)
-        last[0] = i
+        link_s.append(time.perf_counter() - a)
+    best: dict[tuple[int, int], float] = {}  # (round, i) -> fastest combine
+    sequential = float("inf")
+    links: list = []
+    for _ in range(repeats):
+        links = []  # the previous repeat's go first
+        # the chain the pipeline ran before: the same combines from the last segment backwards
         a = time.perf_counter()
-        out = workers[i + 1].compose_links(later, mine)
-        dt = time.perf_counter() - a
-        rounds[-1], work = max(rounds[-1], dt), work + dt
-        return out
+        link = own[-1] if own else None
+        for i in range(len(own) - 2, -1, -1):
+            link = compose_links(link, own[i])
+        sequential = min(sequential, time.perf_counter() - a)
+        del link
+        state = {"round": -1, "last": len(own)}
 
-    links = suffix_scan(own, combine) + [None]
-    # the chain the pipeline ran before: the same combines from the last segment backwards
-    a = time.perf_counter()
-    link = own[-1] if own else None
-    for i in range(len(own) - 2, -1, -1):
-        link = compose_links(link, own[i])
-    sequential = time.perf_counter() - a
-    del own, link
-    return {"sequential chain": sequential, "scan rounds": len(rounds), "scan work": work,
-            "scan path": link_s + sum(rounds), "links": links}
+        def combine(i, later, mine):
+            if i <= state["last"]:  # each round's combines come in increasing i, from 0
+                state["round"] += 1
+            state["last"] = i
+            a = time.perf_counter()
+            out = workers[i + 1].compose_links(later, mine)
+            key = (state["round"], i)
+            best[key] = min(best.get(key, float("inf")), time.perf_counter() - a)
+            return out
+
+        links = suffix_scan(own, combine) + [None]
+    rounds = sorted({r for r, _ in best})
+    path = max(link_s, default=0.0) + sum(max(t for (r, _), t in best.items() if r == d) for d in rounds)
+    return {"sequential chain": sequential if own else 0.0, "scan rounds": len(rounds),
+            "scan work": sum(link_s) + sum(best.values()), "scan path": path, "links": links}
 
 
 def main(argv=None) -> int:
@@ -247,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=32, help="projection rank r (p = r*r per layer)")
     p.add_argument("--segments", type=int, nargs="+", default=[1, 4, 16, 64], help="segment counts for the reduce")
     p.add_argument("--reduce-only", action="store_true", help="part 2 only: train just the 16x run")
+    p.add_argument("--repeats", type=int, default=3, help="runs of the suffix scan and sequential chain (fastest counts)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +264,7 @@ def main(argv=None) -> int:
             run_measured(store, "s16", settings(steps, args.rank, 2))
         else:
             steps = memory_against_steps(store, args)
-        reduce_against_segments(store, tmp, steps, args.segments)
+        reduce_against_segments(store, tmp, steps, args.segments, args.repeats)
     return 0
 
 
@@ -283,7 +289,7 @@ def memory_against_steps(store: str, args) -> int:
     return rows[-1][1]
 
 
-def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int]) -> None:
+def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int], repeats: int) -> None:
     """Part 2 on the trained run "s16"."""
     print(f"\n2. reduce cost against segments (the {steps}-step run, in-process segment workers)")
     trained = Run.open(store, "s16", mode="record")
@@ -294,7 +300,7 @@ def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int
     for n in segments:
         run = copy_trained(trained, Path(tmp), f"seg{n}")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        t = reduce_cost(run, n, test_grad)
+        t = reduce_cost(run, n, test_grad, repeats)
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         ratio = t["sequential chain"] / t["scan path"] if t["scan path"] > 0 else float("nan")
         print(f"{n:>8} {t['embed']:>8.2f} {t['vector chain']:>15.4f} {t['sequential chain']:>19.3f} "
