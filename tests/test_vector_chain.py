@@ -17,6 +17,7 @@ from rayattr.math.dvemb import (
     segment_bounds,
     segment_combine,
     segment_embeddings,
+    scan_rounds,
     segment_link,
     suffix_scan,
     vector_chain,
@@ -85,21 +86,30 @@ def test_values_from_vectors_equal_brute_force_and_the_matrix_path(beta, n):
     assert got.abs().max() > 1e-3  # the values are not trivially zero
 
 
-def test_suffix_scan_schedule_is_log_depth_and_ordered():
+@pytest.mark.parametrize("width", [None, 1, 2, 3, 5])
+def test_suffix_scan_schedule(width):
     """suffix_scan on a non-commutative operation (string concatenation, later on the left):
-    item i is items[n-1] ⋯ items[i], in ⌈log2 n⌉ rounds of independent combines."""
+    item i is items[n-1] ⋯ items[i]. With a device per item (width None) the combines' longest
+    dependency chain is ⌈log2 n⌉ (Hillis–Steele); at width w < n about 2n combines, within
+    scan_rounds; at width 1 the sequential chain's n - 1."""
     for n in range(0, 18):
         calls = []
 
         def concat(i, later, own):
             calls.append(i)
-            return later + own
+            return later[0] + own[0], max(later[1], own[1]) + 1  # (product, dependency depth)
 
-        got = suffix_scan([chr(97 + i) for i in range(n)], concat)
-        assert got == ["".join(chr(97 + j) for j in range(n - 1, i - 1, -1)) for i in range(n)]
-        rounds = sum(1 for a, b in zip(calls, calls[1:]) if b <= a) + (1 if calls else 0)
-        assert rounds == math.ceil(math.log2(n)) if n > 1 else rounds == 0
-        assert len(calls) == sum(n - 2 ** d for d in range(rounds))
+        got = suffix_scan([(chr(97 + i), 0) for i in range(n)], concat, width)
+        assert [x[0] for x in got] == ["".join(chr(97 + j) for j in range(n - 1, i - 1, -1)) for i in range(n)]
+        depth = max((x[1] for x in got), default=0)
+        w = n if width is None else min(width, n)
+        if w == n:
+            assert depth == scan_rounds(n, width) == (math.ceil(math.log2(n)) if n > 1 else 0)
+        else:
+            assert depth <= scan_rounds(n, width)
+            assert len(calls) <= 2 * n + w * math.ceil(math.log2(w))
+        if w == 1:
+            assert len(calls) == scan_rounds(n, 1) == max(0, n - 1)
 
 
 def block_products(Ks, Rs, lengths, beta):
@@ -133,22 +143,24 @@ def random_segments(n, beta, seed=0):
     return Ks, (Rs if beta else None), lengths
 
 
-def scanned(Ks, Rs, lengths, beta):
+def scanned(Ks, Rs, lengths, beta, width=None):
     """(S_ℓ, R_{b_ℓ}) as the pipeline gets them: suffix_scan of segments 1..n-1's links with
     compose_links (each combine on its own copy: nothing is shared between actors)."""
     own = [segment_link(K, R, length, beta) for K, R, length in
            zip(Ks[1:], Rs[1:] if Rs else [None] * len(Ks), lengths[1:])]
-    links = suffix_scan(own, lambda i, later, mine: compose_links(*copy.deepcopy((later, mine)))) + [None]
+    links = suffix_scan(own, lambda i, later, mine: compose_links(*copy.deepcopy((later, mine))), width) + [None]
     return links
 
 
+@pytest.mark.parametrize("width", [None, 2, 3])
 @pytest.mark.parametrize("beta", [0.0, 0.9])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
-def test_suffix_scan_equals_segment_combine_and_block_products(beta, n):
-    """The parallel scan's links equal the in-memory sequential chain (segment_combine) and the
-    explicit block-matrix products, to float64 rounding."""
+def test_suffix_scan_equals_segment_combine_and_block_products(beta, n, width):
+    """The parallel scan's links (a device per actor, or blocks on fewer) equal the in-memory
+    sequential chain (segment_combine) and the explicit block-matrix products, to float64
+    rounding."""
     Ks, Rs, lengths = random_segments(n, beta, seed=n)
-    links = scanned(Ks, Rs, lengths, beta)
+    links = scanned(Ks, Rs, lengths, beta, width)
     suffixes, r_ends = segment_combine(Ks, Rs, lengths, beta)
     want = block_products(Ks, Rs, lengths, beta)
     assert links[-1] is None and len(links) == n

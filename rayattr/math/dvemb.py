@@ -42,6 +42,7 @@ is removed (positive = helpful).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
@@ -358,23 +359,54 @@ def compose_links(later: Link, earlier: Link) -> Link:
     return Link(S, R, later.carry * earlier.carry)
 
 
-def suffix_scan(items: Sequence[T], combine: Callable[[int, T, T], T]) -> list[T]:
-    """Inclusive suffix scan in ⌈log2 n⌉ rounds (Hillis–Steele): item i of the result is
-    items[n-1] ∘ ⋯ ∘ items[i]. In the round of stride s every i with i + s < n replaces its
-    partial x_i by ``combine(i, x_{i+s}, x_i)``, x_{i+s} being the later one; the combines of a
-    round are independent of each other.
+def suffix_scan(items: Sequence[T], combine: Callable[[int, T, T], T], width: int | None = None) -> list[T]:
+    """Inclusive suffix scan: item i of the result is items[n-1] ∘ ⋯ ∘ items[i]. Every combine
+    is ``combine(i, x_later, x_i)`` and replaces item i's partial x_i; item i's combines come
+    in order, and the combines of one round depend only on earlier ones.
 
-    Only the schedule is here: :func:`compose_links` is the operation in memory, and the
-    driver's combine submits it to segment actor i as a Ray task on object refs (the driver
-    holds refs only). Hillis–Steele rather than a work-efficient (Blelloch) scan: with one actor
-    per segment the actors are there anyway, so its n log n combines cost no more wall time than
-    Blelloch's 2n, and it has half the rounds (⌈log2 n⌉ against about 2 log2 n)."""
+    ``width``: how many combines can run at once (the devices the actors share; None: one per
+    item). With width ≥ n it is Hillis–Steele: ⌈log2 n⌉ rounds, in the round of stride s every
+    i with i + s < n takes x_{i+s} ∘ x_i. With width w < n the items are cut into w contiguous
+    blocks: each block's suffix products in order (the blocks side by side), the blocks' firsts
+    by Hillis–Steele across the blocks, then every other item composed with the next block's
+    first: about 2n combines, 2(⌈n/w⌉ - 1) + ⌈log2 w⌉ combine times on the w devices
+    (:func:`scan_rounds`), where Hillis–Steele's n log n would queue on them. Width 1 is the
+    plain sequential chain.
+
+    Only the schedule is here: :func:`compose_links` is the operation (:func:`segment_combine`
+    runs it at width 1), and the driver's combine submits it to the segment actor that owns
+    item i as a Ray task on object refs (the driver holds refs only). Hillis–Steele rather than
+    a work-efficient (Blelloch) scan with one device per actor (the default): its n log n
+    combines cost no more wall time there, and it has half the rounds."""
     parts = list(items)
-    n, stride = len(parts), 1
-    while stride < n:
-        parts = [combine(i, parts[i + stride], parts[i]) if i + stride < n else parts[i] for i in range(n)]
+    n = len(parts)
+    if n < 2:
+        return parts
+    w = n if width is None else max(1, min(int(width), n))
+    bounds = [n * b // w for b in range(w + 1)]  # block b: [bounds[b], bounds[b + 1])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # 1. each block from its end
+        for i in range(hi - 2, lo - 1, -1):
+            parts[i] = combine(i, parts[i + 1], parts[i])
+    firsts, stride = bounds[:-1], 1
+    while stride < w:  # 2. Hillis–Steele over the blocks' firsts (all of the items at width n)
+        prev = list(parts)
+        for b in range(w - stride):
+            i = firsts[b]
+            parts[i] = combine(i, prev[firsts[b + stride]], prev[i])
         stride *= 2
+    for b in range(w - 1):  # 3. the later blocks' product into the rest of each block
+        for i in range(bounds[b] + 1, bounds[b + 1]):
+            parts[i] = combine(i, parts[bounds[b + 1]], parts[i])
     return parts
+
+
+def scan_rounds(n: int, width: int | None = None) -> int:
+    """The critical path of :func:`suffix_scan` over n items on ``width`` devices (None: one per
+    item), in combine times: its rounds at full width."""
+    w = n if width is None else max(1, min(int(width), n))
+    if n <= 1:
+        return 0
+    return 2 * (-(-n // w) - 1) + math.ceil(math.log2(w)) if w > 1 else n - 1
 
 
 def segment_combine(
@@ -383,9 +415,9 @@ def segment_combine(
     lengths: Sequence[int] | None = None,
     momentum: float = 0.0,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
-    """Chain all segments in memory: (S_ℓ, R_{b_ℓ}) for every segment ℓ, by
-    :func:`compose_links` from the last segment backwards (n - 2 products, the fewest in one
-    process; the segment actors run the same operation as :func:`suffix_scan`), in the K's dtype.
+    """Chain all segments in memory: (S_ℓ, R_{b_ℓ}) for every segment ℓ, by :func:`suffix_scan`
+    of :func:`compose_links` at width 1, i.e. from the last segment backwards (n - 2 combines,
+    the fewest in one process), in the K's dtype.
 
     Ks: each segment's K (layer -> (p, p)), earliest segment first.
     Rs: each segment's local R at its first step (``SegmentRecursion.R``); only read with momentum.
@@ -406,11 +438,10 @@ def segment_combine(
     suffixes[-1] = {m: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for m, k in Ks[-1].items()}
     if momentum:
         r_ends[-1] = {m: torch.zeros_like(k) for m, k in Ks[-1].items()}
-    link = None  # M_{n-1} ⋯ M_{ℓ+1}
-    for ell in range(n - 1, 0, -1):
-        own = segment_link(Ks[ell], Rs[ell] if momentum else None, lengths[ell] if momentum else 0, momentum, dtype)
-        link = own if link is None else compose_links(link, own)
-        suffixes[ell - 1], r_ends[ell - 1] = link.S, link.R
+    own = [segment_link(Ks[ell], Rs[ell] if momentum else None, lengths[ell] if momentum else 0, momentum, dtype)
+           for ell in range(1, n)]
+    for ell, link in enumerate(suffix_scan(own, lambda i, later, mine: compose_links(later, mine), width=1)):
+        suffixes[ell], r_ends[ell] = link.S, link.R  # M_{n-1} ⋯ M_{ℓ+1}
     return suffixes, r_ends
 
 

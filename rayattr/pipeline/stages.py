@@ -264,13 +264,15 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         run.update_manifest(status="reducing")
         # the chains run through the actors (docs/method.md §4); each uses its own K only, and the
         # driver holds only object refs. Final embeddings need each segment's (S_ℓ, R_b): the
-        # suffix scan M_{n-1} ⋯ M_{ℓ+1}, in ⌈log2(n-1)⌉ rounds across actors 1..n-1 (submitted
-        # first, so that no actor's combines queue behind its link of the vector chain)
+        # suffix scan M_{n-1} ⋯ M_{ℓ+1} across actors 1..n-1, in ⌈log2(n-1)⌉ rounds with a
+        # device per actor, in blocks where actors share the devices (submitted first, so that no
+        # actor's combines queue behind its link of the vector chain)
         keep = cfg.embed.keep_sample_embeddings
         links: list = [None] * n_seg
         if keep:
             own = [a.scan_link.remote() for a in actors[1:]]
-            links[:-1] = suffix_scan(own, lambda i, later, mine: actors[i + 1].compose_links.remote(later, mine))
+            links[:-1] = suffix_scan(own, lambda i, later, mine: actors[i + 1].compose_links.remote(later, mine),
+                                     width=default_segments(cfg.train.use_gpu))  # the cluster's devices
             del own
         # values from the vectors (w, z) = (S_ℓᵀ v, R_bᵀ v), from the last segment backwards
         vectors: list = [None] * n_seg

@@ -24,6 +24,7 @@ import torch
 from rayattr.config import Config, ConfigError, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.optim.spec import resolve_optimizer
+from rayattr.math.dvemb import scan_rounds
 from rayattr.data.limits import BATCH_ROWS as DATA_BATCH_ROWS
 from rayattr.data.limits import BUCKET_IDS, TASK_ROWS
 from rayattr.exact.limits import checkpoint_bytes, default_every
@@ -635,25 +636,15 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
     fin = (steps_seg * L * tp.embed_layer_step_s + 2 * rows_seg * sq / tp.embed_flops
            + io_out / (tp.store_read_mbps * MB) + (io_out / (tp.store_write_mbps * MB) if keep else 0))
-    # with per-sample embeddings the suffix scan (math/dvemb.suffix_scan over segments 1..n-1):
-    # ⌈log2(n-1)⌉ rounds, m - 2^d independent combines in round d, each one p × p product per
-    # layer (two with R), actors outnumbering devices sharing them; else the forward scan of
-    # the sums (keys × p² per layer, segment after segment). The vector chain is p² either way
-    chain = (scan_rounds_time(n_seg - 1, devices, 2 * kinds * sum(lay.p ** 3 for lay in layers)) if keep
+    # with per-sample embeddings the suffix scan (math/dvemb.suffix_scan over segments 1..n-1 at
+    # the devices' width): ⌈log2(n-1)⌉ rounds with a device per actor, each combine one p × p
+    # product per layer (two with R); else the forward scan of the sums (keys × p² per layer,
+    # segment after segment). The vector chain is p² either way
+    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(lay.p ** 3 for lay in layers) if keep
              else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(lay.p ** 2 for lay in layers)
              ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan
-
-
-def scan_rounds_time(m: int, devices: int, combine: float) -> float:
-    """The critical path of math/dvemb.suffix_scan over m items on `devices` devices, in units
-    of `combine` (one combine's cost): each round's combines run side by side, devices at a time."""
-    total, stride = 0.0, 1
-    while stride < m:
-        total += math.ceil((m - stride) / max(1, devices)) * combine
-        stride *= 2
-    return total
 
 
 # ---------------------------------------------------------------------------- output
