@@ -19,8 +19,10 @@
    and its critical path: the slowest scan_link plus, per round, the slowest combine, i.e. its
    wall time with one CPU per actor (object transfers between actors not included). Beside
    it, the sequential chain the pipeline ran before (the same combines, one segment after the
-   other from the last: n - 2 of them), timed on the same links. Both are run --repeats times
-   and each combine (and the whole sequential chain) counts its fastest repeat.
+   other from the last: n - 2 of them), timed on the same links, and the total work of the
+   schedule the pipeline takes when the actors share 2 devices (this machine: blocks, about
+   2n combines). All are run --repeats times; each combine (each whole chain) counts its
+   fastest repeat.
 
     python bench/scale.py --reduce-only --rank 16   # part 2 only (trains just the 16x run)
 """
@@ -209,14 +211,15 @@ def suffix_scan_cost(workers: list, repeats: int = 3) -> dict:
     combine at a time, `repeats` times (each combine's and the sequential chain's fastest
     repeat count: the CPUs are shared): its total work, its critical path (the slowest
     scan_link, then per round the slowest combine), its rounds, and the sequential chain's
-    time on the same links; and the links, [M_{n-1} ⋯ M_{ℓ+1} for each ℓ] + [None]."""
+    time on the same links, and the total work of the schedule for actors sharing 2 devices
+    (suffix_scan at width 2); and the links, [M_{n-1} ⋯ M_{ℓ+1} for each ℓ] + [None]."""
     own, link_s = [], []
     for w in workers[1:]:
         a = time.perf_counter()
         own.append(w.scan_link())
         link_s.append(time.perf_counter() - a)
     best: dict[tuple[int, int], float] = {}  # (round, i) -> fastest combine
-    sequential = float("inf")
+    sequential = two = float("inf")
     links: list = []
     for _ in range(repeats):
         links = []  # the previous repeat's go first
@@ -240,10 +243,15 @@ def suffix_scan_cost(workers: list, repeats: int = 3) -> dict:
             return out
 
         links = suffix_scan(own, combine) + [None]
+        # the schedule the pipeline takes when the actors share 2 devices (this machine)
+        a = time.perf_counter()
+        suffix_scan(own, lambda i, later, mine: workers[i + 1].compose_links(later, mine), width=2)
+        two = min(two, time.perf_counter() - a)
     rounds = sorted({r for r, _ in best})
     path = max(link_s, default=0.0) + sum(max(t for (r, _), t in best.items() if r == d) for d in rounds)
     return {"sequential chain": sequential if own else 0.0, "scan rounds": len(rounds),
-            "scan work": sum(link_s) + sum(best.values()), "scan path": path, "links": links}
+            "scan work": sum(link_s) + sum(best.values()), "scan path": path,
+            "width 2 work": sum(link_s) + (two if own else 0.0), "links": links}
 
 
 def main(argv=None) -> int:
@@ -295,8 +303,8 @@ def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int
     trained = Run.open(store, "s16", mode="record")
     test_grad = validation_gradient(trained)
     print(f"{'segments':>8} {'embed s':>8} {'vector chain s':>15} {'sequential chain s':>19} {'scan rounds':>12} "
-          f"{'scan work s':>12} {'scan path s':>12} {'seq/path':>9} {'finalize s':>11} {'write_outputs s':>16} "
-          f"{'RSS growth MB':>14}")
+          f"{'scan work s':>12} {'scan path s':>12} {'seq/path':>9} {'width-2 work s':>15} {'finalize s':>11} "
+          f"{'write_outputs s':>16} {'RSS growth MB':>14}")
     for n in segments:
         run = copy_trained(trained, Path(tmp), f"seg{n}")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -305,7 +313,7 @@ def reduce_against_segments(store: str, tmp: str, steps: int, segments: list[int
         ratio = t["sequential chain"] / t["scan path"] if t["scan path"] > 0 else float("nan")
         print(f"{n:>8} {t['embed']:>8.2f} {t['vector chain']:>15.4f} {t['sequential chain']:>19.3f} "
               f"{t['scan rounds']:>12} {t['scan work']:>12.3f} {t['scan path']:>12.3f} {ratio:>9.2f} "
-              f"{t['finalize']:>11.2f} {t['write_outputs']:>16.3f} {grown / 1e6:>14.0f}", flush=True)
+              f"{t['width 2 work']:>15.3f} {t['finalize']:>11.2f} {t['write_outputs']:>16.3f} {grown / 1e6:>14.0f}", flush=True)
         shutil.rmtree(run.uri)
     print("\n(scan path: the slowest scan_link plus each round's slowest combine, the scan's wall time with "
           "one CPU per actor;\n RSS growth: how far this process's peak RSS rose during that count's embed and "
