@@ -402,7 +402,7 @@ def suffix_scan(items: Sequence[T], combine: Callable[[int, T, T], T], width: in
 
 def scan_rounds(n: int, width: int | None = None) -> int:
     """The critical path of :func:`suffix_scan` over n items on ``width`` devices (None: one per
-    item), in combine times: its rounds at full width."""
+    item), in combine times: its rounds at full width; at most that where blocks are uneven."""
     w = n if width is None else max(1, min(int(width), n))
     if n <= 1:
         return 0
