@@ -228,6 +228,8 @@ def test_default_job_says_how_far_its_values_hold(tmp_path):
         assert printed.count("η·λ_max(P H) =") == 1  # once, from the driver
     else:
         assert "η·λ_max" not in printed
+    clipped = m["clipped_steps"]  # DeepSpeed clips at 1.0: the job says where the values hold κ
+    assert printed.count(f"gradient clipping acted at {clipped} of 192 steps") == (1 if clipped else 0)
 
 
 @pytest.mark.slow

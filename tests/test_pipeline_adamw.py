@@ -165,6 +165,8 @@ def test_guard_measures_the_preconditioned_curvature(trained):
     assert m["max_eta_lambda_step"] == worst[1]
     assert m["max_eta_lambda"] == pytest.approx(worst[0], rel=1e-3)
     assert m["eta_lambda_preconditioned"] is True and m["stability_edge"] == pytest.approx(38.0)
+    # the steps clipping acted at, which the values hold κ fixed for (the report says so)
+    assert m["clipped_steps"] == sum(r.clip < 1.0 for r in recs.values()) > 0
 
 
 def test_a_diverging_adamw_run_is_refused(local_ray, tmp_path):

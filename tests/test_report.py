@@ -206,6 +206,10 @@ def test_trust_section_before_and_after_validation(finished_run, validated_run, 
     el = run.manifest["max_eta_lambda"]
     assert f"η·λ_max(H) of any step was {el:.2g}" in page
     assert ("less reliably" in page) == (el > 2) and ("Below 2 throughout" in page) == (el <= 2)
+    # and where gradient clipping acted, that the values hold its factor fixed
+    clipped = sum(r.clip < 1.0 for r in run.step_records())
+    assert run.manifest["clipped_steps"] == clipped
+    assert (f"Gradient clipping acted at {clipped} of {run.manifest['num_steps']} steps" in page) == (clipped > 0)
     trusted = Run.open_uri(validated_run.uri)
     # validate says what shows its results, and ends with the verdict
     out = validated_run.stdout

@@ -20,7 +20,7 @@ from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
-from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, describe, eta_lambda_name, stability_edge
+from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, clipping_note, describe, eta_lambda_name, stability_edge
 from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
@@ -259,6 +259,10 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         if worst[0] > ETA_LAMBDA_WARN:
             log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
                         eta_lambda_name(opt.adamw), worst[0], worst[1], describe(worst[0], opt.beta1))
+        clipped = sum(1 for r in run.step_losses() if r.clip < 1.0)  # four columns of the records
+        run.update_manifest(clipped_steps=clipped)
+        if clipped:
+            log.warning("%s", clipping_note(clipped, num_steps))
 
         t = time.perf_counter()
         run.update_manifest(status="reducing")

@@ -115,6 +115,18 @@ def exact_sentence(run: Run) -> str | None:
     return text
 
 
+def clipping_sentence(run: Run) -> str | None:
+    """The clip factor's caveat where gradient clipping acted (None: it never did, or the run
+    was embedded before clipped steps were counted)."""
+    from rayattr.embed.guard import clipping_note
+
+    clipped, steps = run.manifest.get("clipped_steps"), run.manifest.get("num_steps")
+    if not clipped or not steps:
+        return None
+    note = clipping_note(int(clipped), int(steps))
+    return note[0].upper() + note[1:] + "."
+
+
 def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) -> list[str]:
     """The page's first section: the verdict and the few figures it rests on."""
     from rayattr.validate import read_validation
@@ -142,6 +154,9 @@ def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) ->
     stability = stability_sentence(run)
     if stability:
         items.append(html.escape(stability))
+    clipping = clipping_sentence(run)
+    if clipping:
+        items.append(html.escape(clipping))
     exact = exact_sentence(run)
     if exact:
         items.append(html.escape(exact))

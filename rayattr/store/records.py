@@ -163,24 +163,26 @@ def read_step_records(run: "Run", step_start: int = 0, step_end: int | None = No
 
 @dataclass(frozen=True)
 class StepLoss:
-    """A step record's step, loss and learning rate alone (what `rayattr show` and `report`
-    plot and summarise)."""
+    """A step record's step, loss, learning rate and clip factor alone (what `rayattr show`
+    and `report` plot and summarise, and what the driver counts clipped steps from)."""
 
     step: int
     loss: float | None
     lr: float
+    clip: float = 1.0
 
 
 def read_step_losses(run: "Run") -> list[StepLoss]:
-    """Every committed step's loss and learning rate, reading only those columns of each chunk
-    (range reads of three column chunks, not the per-sample lists); a re-written step goes to
-    the later writer (commit), as in read_step_records."""
+    """Every committed step's loss, learning rate and clip factor, reading only those columns
+    of each chunk (range reads of four column chunks, not the per-sample lists); a re-written
+    step goes to the later writer (commit), as in read_step_records."""
     entries = _in_commit_order(load_entries(run._storage, layout.RECORDS_KIND))
-    by_step: dict[int, tuple[float | None, float]] = {}
+    by_step: dict[int, tuple[float | None, float, float]] = {}
     for e in entries:
         with run._storage.open_read(e.shard) as f:
-            t = pq.ParquetFile(f).read(columns=["step", "loss", "lr"], use_threads=False)
-        by_step.update(zip(t["step"].to_pylist(), zip(t["loss"].to_pylist(), t["lr"].to_pylist())))
+            t = pq.ParquetFile(f).read(columns=["step", "loss", "lr", "clip"], use_threads=False)
+        by_step.update(zip(t["step"].to_pylist(),
+                           zip(t["loss"].to_pylist(), t["lr"].to_pylist(), t["clip"].to_pylist())))
     return [StepLoss(s, *by_step[s]) for s in sorted(by_step)]
 
 
