@@ -179,6 +179,11 @@ class CaptureConfig:
     """AdamW with preconditioner "lagged": re-read Adam's second moment v for the update rows
     every this many steps; checkpoint_every must be a multiple of it, so a resumed run reads the
     same v. "lookahead" reads v_t every step and needs 1."""
+    v_response: bool = False
+    """AdamW: also record each occurrence's second-moment response row y = D_t ⊙ ḡ_t ⊙ g (store
+    kind "v_response") and carry Q next to R in the segments and the reduce, so that the values
+    include how removing the occurrence lowers Adam's v in later steps (docs/method.md §7,
+    "v's response"). Needs preconditioner "lookahead"."""
 
 
 @dataclass

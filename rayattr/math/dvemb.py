@@ -400,10 +400,20 @@ def chain_vectors_back(
     w_prev = {n: K[n].to(v.dtype).T @ v for n, v in w.items()}
     if not check_momentum(momentum) or R_loc is None:
         return w_prev, None
-    Zd = z if z is not None else {n: torch.zeros_like(v) for n, v in w.items()}
-    carry = momentum ** int(length)
-    z_prev = {n: R_loc[n].to(v.dtype).T @ v + carry * Zd[n] for n, v in w.items()}
-    return w_prev, z_prev
+    return w_prev, carry_vectors_back(R_loc, w, z, length, momentum)
+
+
+def carry_vectors_back(X_loc: Layers, w: Layers, x: Layers | None, length: int, beta: float) -> dict[str, torch.Tensor]:
+    """The vector form of :func:`carry_back` for one test vector v: from segment ℓ's w_ℓ = S_ℓᵀ v
+    and x_ℓ = X_{b_ℓ}ᵀ v (None: zero, ℓ the last), segment ℓ-1's
+
+        x_{ℓ-1} = X^locᵀ_ℓ w_ℓ + beta^(b_ℓ - a_ℓ) x_ℓ
+
+    (z with R and beta1, :func:`chain_vectors_back`; the second-moment response's z_Q with Q and
+    beta2). Computed in w's dtype."""
+    carry = beta ** int(length)
+    Xd = x if x is not None else {n: torch.zeros_like(v) for n, v in w.items()}
+    return {n: X_loc[n].to(v.dtype).T @ v + carry * Xd[n] for n, v in w.items()}
 
 
 def vector_chain(
@@ -475,16 +485,25 @@ def finalise_scores(
     updates: Layers | None = None,
     momentum: float = 0.0,
     steps_to_end: int | None = None,
+    v_rows: Layers | None = None,
+    zq: Layers | None = None,
+    beta2: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Per layer, each row's value v·(S e + β₁^(b-t) R_b u) = e·w + β₁^(b-t) u·z, from the
-    vector chain's (w, z) of the segment (:func:`chain_vectors_back`), in w's dtype: the vector
-    form of :func:`finalise_step`; (B,) per layer."""
+    """Per layer, each row's value v·(S e + β₁^(b-t) R_b u - β₂^(b-t) Q_b y) = e·w + β₁^(b-t) u·z
+    - β₂^(b-t) y·z_Q, from the vector chain's (w, z) of the segment (:func:`chain_vectors_back`)
+    and, with the second-moment response, z_Q = Q_bᵀ v (:func:`carry_vectors_back`) and the
+    step's rows y, in w's dtype: the vector form of :func:`finalise_step`; (B,) per layer."""
     out = {n: local[n].to(w[n].dtype) @ w[n] for n in local}
+    carries = []
     if check_momentum(momentum) and z is not None:
-        if updates is None or steps_to_end is None:
-            raise ValueError("with momentum, finalise_scores needs the step's update rows and steps_to_end")
-        carry = momentum ** int(steps_to_end)
-        out = {n: s + carry * (updates[n].to(z[n].dtype) @ z[n]) for n, s in out.items()}
+        carries.append((updates, z, momentum, 1.0, "update"))
+    if check_momentum(beta2, "beta2") and zq is not None:
+        carries.append((v_rows, zq, beta2, -1.0, "v"))  # the response's sign: -Q y (docs/method.md §7)
+    for rows, x, beta, sign, what in carries:
+        if rows is None or steps_to_end is None:
+            raise ValueError(f"carrying across segments, finalise_scores needs the step's {what} rows and steps_to_end")
+        carry = sign * beta ** int(steps_to_end)
+        out = {n: s + carry * (rows[n].to(x[n].dtype) @ x[n]) for n, s in out.items()}
     return out
 
 

@@ -122,6 +122,8 @@ class Recorder:
         self.cfg = cfg = _config(self.run, config)
         self.optimizer = resolve_optimizer(cfg)
         check_optimizer(self.training.optimizer_owner, self.optimizer)
+        if cfg.capture.v_response:  # the segments and the reduce carry Q; the rows are not captured yet
+            raise ConfigError("capture.v_response: the ranks do not capture the second-moment response rows yet")
         self.precondition_step = 0  # Adam's counter of the v the update rows use (0: none yet, u = g)
         spec = projection_spec(cfg)
         # AdamW's step's own P is known only after the step: its update rows wait for it
