@@ -123,3 +123,25 @@ def test_a_run_without_the_rows_is_refused(recorded, tmp_path):
     run = copy_trained(base, tmp_path)
     with pytest.raises(Exception, match=V_RESPONSE_KIND):
         embed_and_reduce(cfg, run, result.num_steps, segments=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def recorded_with_response(local_ray, tmp_path_factory):
+    """capture.v_response on: the ranks record the rows (two ranks, ZeRO-1: m and v gathered)."""
+    cfg = adamw_config(str(tmp_path_factory.mktemp("resp")), "resp", preconditioner="lookahead", epochs=1)
+    cfg = cfg.with_overrides(**{"capture.v_response": True}).validate()
+    result = run_pipeline(cfg, progress=False)
+    return cfg, Run.open_uri(result.uri), result
+
+
+def test_a_recorded_run_with_v_response_equals_the_core(recorded_with_response):
+    """The recorded rows end to end: every step's occurrences have response rows (not zero),
+    and the values are the core's on the recorded rows."""
+    _, run, result = recorded_with_response
+    ys = GradientReader(run, kind=V_RESPONSE_KIND).read_steps(0, None, dtype=torch.float64)
+    batches, emb = core(run)
+    assert [y.sample_ids.tolist() for y in ys] == [b.sample_ids.tolist() for b in batches]
+    assert len(ys) == result.num_steps and all(float(y.grads[n].abs().max()) > 0 for y in ys for n in y.grads)
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want,
+                               rtol=2e-5, atol=1e-10)
