@@ -209,6 +209,10 @@ def test_v_response_counts_its_rows_and_q():
     assert resp.memory["rank: v's response (m, v gathered whole)"] > 0
     assert "rank: v's response (m, v gathered whole)" not in adamw.memory
     assert "v-response row per sample" in format_plan(resp)
+    # ZeRO partitions m and v: the rank gathers the captured layers' whole m and v every step
+    gathered = "v's response: m and v gathered"
+    assert resp.traffic[gathered] == 2 * 4 * sum(lay.d_out * (lay.d_in + lay.has_bias) for lay in resp.layers)
+    assert gathered not in adamw.traffic
 
 
 FACTORS = "rank: AdamW update-row factors (to the step's end)"

@@ -296,15 +296,21 @@ def statistic_numbers(layers: list[LayerPlan]) -> int:
 def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[str, float]:
     """Bytes one rank puts into collectives per optimizer step: DeepSpeed's gradient reduction
     (every parameter's gradient, in the training dtype) and, under AdamW with partitioned
-    state, the all-reduce of v's row and column sums in float32 (optim/adam_state.py)."""
+    state, the all-reduce of v's row and column sums in float32 (optim/adam_state.py), and with
+    v's response the gathers of the captured layers' whole m and v."""
     t = cfg.train
     if t.ranks < 2:
         return {}
     stage = int(t.deepspeed.get("zero_optimization", {}).get("stage", 0))
     partitioned = stage >= 1 or half_precision(cfg)  # DeepSpeed's bf16 optimizer partitions too
     adamw = resolve_optimizer(cfg).adamw
-    return {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
-            "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+    out = {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
+           "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+    if adamw and partitioned and cfg.capture.v_response:
+        # optim/adam_state.read_responses: m and v of every captured layer gathered whole (float32)
+        out["v's response: m and v gathered"] = 2 * 4 * sum(lay.d_out * (lay.d_in + int(lay.has_bias))
+                                                             for lay in layers)
+    return out
 
 
 def model_state_bytes(cfg: Config, n_params: int) -> float:
