@@ -179,6 +179,16 @@ class CaptureConfig:
     """AdamW with preconditioner "lagged": re-read Adam's second moment v for the update rows
     every this many steps; checkpoint_every must be a multiple of it, so a resumed run reads the
     same v. "lookahead" reads v_t every step and needs 1."""
+    v_response: bool = False
+    """AdamW: also record each occurrence's second-moment response row y = D_t ⊙ ḡ_t ⊙ g (store
+    kind "v_response") and carry Q next to R in the segments and the reduce, so that the values
+    include how removing the occurrence lowers Adam's v in later steps (docs/method.md §7,
+    "v's response"). Needs preconditioner "lookahead". The ranks gather each captured layer's
+    whole m and v at every step (small models: the rows need M_t = D_t ⊙ ḡ_t entry by entry)."""
+    v_response_rank: int = 1
+    """With v_response: the rank k of M_t's truncated SVD that the projected rows use, at k
+    update-row projections per layer and step (M_t is signed, so v's row and column sums do not
+    factor it; k ≥ min(d_out, d_in + 1) is exact)."""
 
 
 @dataclass
@@ -260,7 +270,8 @@ class Config:
     def validate(self) -> "Config":
         t, c = self.train, self.capture
         for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
-                    "capture.rank", "capture.precondition_every", "store.steps_per_shard", "data.seq_len", "embed.phases",
+                    "capture.rank", "capture.precondition_every", "capture.v_response_rank", "store.steps_per_shard",
+                    "data.seq_len", "embed.phases",
                     "embed.segments", "embed.error_blocks", "model.n_layer", "model.n_embd", "model.n_head",
                     "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
             value = self._get(key)

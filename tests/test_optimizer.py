@@ -68,6 +68,9 @@ def test_deepspeed_sgd_block_still_passes_through():
     ({"optimizer": {"type": "adamw"}}, {"curvature": "sampled"}, "capture.curvature"),
     ({"optimizer": {"type": "adamw"}}, {"precondition_every": 2}, "capture.preconditioner: lagged"),
     ({"optimizer": {"type": "adamw"}}, {"preconditioner": "soon"}, "capture.preconditioner must be"),
+    ({"optimizer": {"type": "sgd"}}, {"v_response": True}, "it needs an AdamW run"),
+    ({"optimizer": {"type": "adamw"}}, {"v_response": True, "preconditioner": "lagged"},
+     "capture.v_response needs capture.preconditioner: lookahead"),
     ({"optimizer": {"type": "adamw"}, "checkpoint_every": 3}, {"preconditioner": "lagged", "precondition_every": 2},
      "train.checkpoint_every=3 must be a multiple of capture.precondition_every"),
 ])

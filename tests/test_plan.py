@@ -196,6 +196,26 @@ def test_adamw_counts_update_rows():
     assert "update row per sample (AdamW)" in format_plan(adamw)
 
 
+def test_v_response_counts_its_rows_and_q():
+    """capture.v_response stores a response row next to every update row and a Q next to every
+    K and R; the rank holds the captured layers' m and v whole."""
+    adamw = estimate(small(**{"train.steps": 40, "train.optimizer": {"type": "adamw"}}))
+    resp = estimate(small(**{"train.steps": 40, "train.optimizer": {"type": "adamw"}, "capture.v_response": True}))
+    assert resp.response_rows and not adamw.response_rows
+    assert resp.storage["v-response rows"] == adamw.storage["update rows"] > 0
+    assert not adamw.storage["v-response rows"]
+    assert resp.storage["K matrices"] == 1.5 * adamw.storage["K matrices"]
+    assert resp.objects == 1.5 * adamw.objects
+    assert resp.memory["segment actor: K, R and the chain"] == 1.5 * adamw.memory["segment actor: K, R and the chain"]
+    assert resp.memory["rank: v's response (m, v gathered whole)"] > 0
+    assert "rank: v's response (m, v gathered whole)" not in adamw.memory
+    assert "v-response row per sample" in format_plan(resp)
+    # ZeRO partitions m and v: the rank gathers the captured layers' whole m and v every step
+    gathered = "v's response: m and v gathered"
+    assert resp.traffic[gathered] == 2 * 4 * sum(lay.d_out * (lay.d_in + lay.has_bias) for lay in resp.layers)
+    assert gathered not in adamw.traffic
+
+
 FACTORS = "rank: AdamW update-row factors (to the step's end)"
 
 

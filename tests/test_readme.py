@@ -97,17 +97,17 @@ def test_the_gc_paragraph_names_what_gc_dry_run_lists(tmp_path, capsys):
     lists are exactly those the README's gc paragraph names (the query embeddings stay)."""
     from rayattr.store.layout import FINAL_KIND, LOCAL_KIND
     from rayattr.store import Run
-    from rayattr.store.layout import UPDATE_KIND
+    from rayattr.store.layout import UPDATE_KIND, V_RESPONSE_KIND
 
     run = Run.create(str(tmp_path), "r", {"status": "done"})
-    for kind in ("train", UPDATE_KIND, "curvature", LOCAL_KIND, FINAL_KIND):  # as the writers leave them
+    for kind in ("train", UPDATE_KIND, V_RESPONSE_KIND, "curvature", LOCAL_KIND, FINAL_KIND):  # as the writers leave them
         (tmp_path / "r" / "grads" / kind).mkdir(parents=True)
         (tmp_path / "r" / "grads" / kind / "shard.bin").write_bytes(b"x" * 10)
     assert main(["gc", run.uri, "--dry-run"]) == 0
     listed = set(re.findall(r"^(grads/\w+)", capsys.readouterr().out, re.M))
     paragraph = re.search(r"`rayattr gc RUN` deletes.*?\n\n", README, re.S).group(0)
     assert set(re.findall(r"`(grads/\w+)`", paragraph)) == listed == {
-        "grads/train", "grads/update", "grads/curvature", "grads/local"}
+        "grads/train", "grads/update", "grads/v_response", "grads/curvature", "grads/local"}
 
 
 def test_ci_installs_and_tests_as_the_readme_says():

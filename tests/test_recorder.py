@@ -129,7 +129,7 @@ def test_resumed_recorder_writes_no_step_twice(setup):
     first.flush()
     first.close()
     again = Recorder(model, run, cfg, optimizer=opt)
-    assert again.stored_through == {"train": 2, "curvature": -1, "update": -1, "records": 2}
+    assert again.stored_through == {"train": 2, "curvature": -1, "update": -1, "v_response": -1, "records": 2}
     record(again, range(5))  # steps 0-2 again (a restart from step 0), then two new ones
     again.finish()
     assert [r.step for r in run.step_records()] == [0, 1, 2, 3, 4]

@@ -13,10 +13,12 @@ from .layers import LayerInfo, select_layers
 from .losses import per_sample_loss
 from .precondition import (
     Preconditioner,
+    Response,
     adam_preconditioner,
     factor_second_moment,
     module_preconditioner,
     module_second_moment_response,
+    response_factors,
     second_moment_response,
 )
 from .projection import ProjectionSpec, projection_matrices
@@ -27,10 +29,12 @@ __all__ = [
     "LayerInfo",
     "Preconditioner",
     "ProjectionSpec",
+    "Response",
     "adam_preconditioner",
     "factor_second_moment",
     "module_preconditioner",
     "module_second_moment_response",
+    "response_factors",
     "second_moment_response",
     "per_sample_loss",
     "projection_matrices",

@@ -29,7 +29,7 @@ from torch import nn
 from . import kernels
 from .background import BackgroundWorker
 from .layers import LayerInfo, layer_info, select_layers
-from .precondition import Preconditioner
+from .precondition import Preconditioner, Response
 from .projection import ProjectionSpec, projection_matrices
 
 
@@ -186,6 +186,7 @@ class GradientCapture:
         self._generation = 0
         self._rows: dict[str, dict[int, torch.Tensor]] = {}
         self._update_rows: dict[str, dict[int, torch.Tensor]] = {}
+        self._response_rows: dict[str, dict[int, torch.Tensor]] = {}
         self.defer_updates = defer_updates
         self._deferred: list[_Deferred] = []
         self._micro = 0
@@ -276,6 +277,7 @@ class GradientCapture:
         self._generation += 1
         self._rows = {}
         self._update_rows = {}
+        self._response_rows = {}
         self._deferred = []
         self._micro = 0
         self._backward_seen = False
@@ -306,11 +308,24 @@ class GradientCapture:
             raise RuntimeError("update rows are deferred: call finish_updates(preconditioner) first")
         return self._collect(self._update_rows)
 
-    def finish_updates(self, preconditioner: dict[str, Preconditioner] | None) -> None:
+    def responses(self) -> dict[str, torch.Tensor]:
+        """{layer name: (N, p)} second-moment response rows y = M_t ⊙ G (projected like
+        gradients()), formed by finish_updates(..., response=); (0, p) where none were."""
+        self._worker.drain()
+        if self._deferred:
+            raise RuntimeError("response rows are deferred: call finish_updates(preconditioner, response) first")
+        return self._collect(self._response_rows)
+
+    def finish_updates(self, preconditioner: dict[str, Preconditioner] | None,
+                       response: dict[str, Response] | None = None) -> None:
         """Form the deferred update rows with this preconditioner per layer (the step's own P)
-        and free the factors kept for them; None only frees them (no P exists: u = g)."""
+        and free the factors kept for them; None only frees them (no P exists: u = g).
+        ``response``: also form each layer's second-moment response rows y = M_t ⊙ G from the
+        same factors (docs/method.md §7, "v's response"; :class:`Response`), read by responses()."""
         self._worker.drain()
         deferred, self._deferred = self._deferred, []
+        if deferred and response is not None:
+            self._form_responses(deferred, response)
         if not deferred or preconditioner is None:
             return
         missing = {d.layer.info.name for d in deferred} - set(preconditioner)
@@ -332,6 +347,34 @@ class GradientCapture:
                                                         pre.gamma)
             u = kernels.update_row(d.a, d.ds, d.mask, scaled[key], d.out_dtype, d.scale)
             self._store(self._update_rows, info, d.micro, u)
+
+    def _form_responses(self, deferred: list[_Deferred], response: dict[str, Response]) -> None:
+        """y = M ⊙ G per deferred call: on the formed row in exact mode, else Σ_k of the update
+        row with ρ = x_k, γ = y_k (M's SVD factors), summed over repeated calls like G."""
+        missing = {d.layer.info.name for d in deferred} - set(response)
+        if missing:
+            raise KeyError(f"response missing for layers {sorted(missing)}")
+        exact = self.projection is None
+        for d in deferred:
+            info, res = d.layer.info, response[d.layer.info.name]
+            if exact:
+                if res.full is None or tuple(res.full.shape) != (info.d_out, info.d_in_aug):
+                    raise ValueError(f"layer {info.name!r}: exact capture needs the response's full "
+                                     f"(d_out, d_in_aug) = {(info.d_out, info.d_in_aug)} matrix")
+                rows = self._rows[info.name][d.micro]
+                self._response_rows.setdefault(info.name, {})[d.micro] = (
+                    rows * res.full.reshape(1, -1).to(device=rows.device, dtype=rows.dtype))
+                continue
+            if res.x.shape[1:] != (info.d_out,) or res.y.shape[1:] != (info.d_in_aug,) or len(res.x) != len(res.y):
+                raise ValueError(f"layer {info.name!r}: response factors of shapes {tuple(res.x.shape)}, "
+                                 f"{tuple(res.y.shape)} for (k, {info.d_out}) and (k, {info.d_in_aug})")
+            matrices = d.layer.matrices(d.a.device, d.compute_dtype)
+            y = None
+            for xk, yk in zip(res.x, res.y):
+                part = kernels.update_row(d.a, d.ds, d.mask, kernels.scale_projections(*matrices, xk, yk),
+                                          d.out_dtype, d.scale)
+                y = part if y is None else y + part
+            self._store(self._response_rows, info, d.micro, y)
 
     def deferred_bytes(self) -> int:
         """Bytes held by the factors of deferred update rows (what deferring costs now)."""

@@ -161,3 +161,31 @@ def module_second_moment_response(module: nn.Module, optimizer: torch.optim.Opti
     return second_moment_response(joined(lambda p: optimizer.state[p]["exp_avg"]),
                                   joined(lambda p: optimizer.state[p]["exp_avg_sq"]),
                                   joined(lambda p: p.grad), int(state["step"]), beta1, beta2, group["eps"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """One layer's second-moment response M_t = D_t ⊙ ḡ_t in the form the capture applies it
+    (docs/method.md §7, "v's response"): a sample's row is y = M_t ⊙ G. M_t is signed and not
+    of rank one, so unlike P it is factored by its singular value decomposition,
+    M ≈ Σ_k x_k y_kᵀ, and Π(M ⊙ δ aᵀ) = Σ_k Π_s(x_k ⊙ δ) ⊗ Π_a(y_k ⊙ a): k update-row
+    projections, exact when k reaches M's rank. Exact mode (projection=None) uses M itself."""
+
+    x: torch.Tensor
+    """(k, d_out) the left factors, singular values folded in."""
+    y: torch.Tensor
+    """(k, d_in_aug) the right factors, the bias column's last."""
+    full: torch.Tensor | None = None
+    """(d_out, d_in_aug) M itself; needed in exact mode."""
+
+
+def response_factors(M: torch.Tensor, rank: int, keep_full: bool = False) -> Response:
+    """The rank-``rank`` truncated SVD of a layer's M (float64): the best rank-k approximation in
+    Frobenius norm (Eckart–Young), all of M when rank ≥ min(d_out, d_in_aug)."""
+    if rank < 1:
+        raise ValueError(f"the response's rank must be >= 1, got {rank}")
+    M = M.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    k = min(int(rank), S.numel())
+    return Response((U[:, :k] * S[:k]).T.contiguous(), Vh[:k].contiguous(), M if keep_full else None)
+

@@ -14,7 +14,10 @@ actor redoes just its own segment.
 
 AdamW (docs/method.md §7): the sweep also reads the update rows, carries R next to K (saved
 beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; z (and R_b) add the momentum
-that leaks past the segment's end.
+that leaks past the segment's end. With v's response (a run that recorded the rows y of kind
+`V_RESPONSE_KIND`, manifest "v_response") it carries Q the same way with β₂: Q beside K, sums
+of β₂^(b−t) y, and a third item in every link (z_Q = Q_bᵀ v in the vectors, Q_b in the
+suffix link, the forward scan's q), subtracted where R's is added.
 """
 
 from __future__ import annotations
@@ -29,16 +32,17 @@ import ray
 import torch
 
 from rayattr.runtime import hooks
-from rayattr.math.dvemb import (Link, SegmentRecursion, chain_vectors_back, compose_links, finalise_scores,
-                                finalise_step, segment_link)
+from rayattr.math.dvemb import (Link, SegmentRecursion, carry_vectors_back, chain_vectors_back, compose_links,
+                                finalise_scores, finalise_step, segment_link)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
-from rayattr.store.layout import (ALL_SUMS, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, segment_carry_path,
-                                  segment_k_path, segment_r_path, segment_scores_path,
-                                  segment_sums_path, segment_values_path)
+from rayattr.store.layout import (ALL_SUMS, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
+                                  segment_carry_path, segment_k_path, segment_q_path, segment_r_path,
+                                  segment_scores_path, segment_sums_path, segment_v_carry_path,
+                                  segment_values_path)
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.embed.tensors import load_tensors, save_tensors
 from rayattr.model.gradients import mean_of_sums, validation_gradient_sum
@@ -63,7 +67,7 @@ class SegmentWorker:
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = READ_CHUNK, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
-                 write_chunk: int = WRITE_CHUNK):
+                 write_chunk: int = WRITE_CHUNK, beta2: float = 0.0):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 mode="record")
@@ -82,6 +86,10 @@ class SegmentWorker:
         self.dims = self.blocks.dims  # layers and block layers
         self.updates = updates  # AdamW: the run stored update rows (kind "update")
         self.momentum = momentum  # Adam's β₁
+        # Adam's β₂ when the run recorded v's response rows (0: v frozen, no Q)
+        self.beta2 = beta2
+        if beta2 and not updates:
+            raise ValueError("v's response (beta2 > 0) goes with an AdamW run's update rows")
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -104,10 +112,12 @@ class SegmentWorker:
         reader = GradientReader(self.run, kind="train", step_range=span)
         curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if self.updates else None
+        resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if self.beta2 else None
         chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
-        rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum)
+        rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum, beta2=self.beta2)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
         carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
+        v_carry = SourcePhaseSums(self.dims)  # Σ β₂^(b−t) y, for v's response past the segment's end
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
         # Backwards in write chunks of chunk_steps steps (aligned on the segment's end, so a
@@ -129,6 +139,9 @@ class SegmentWorker:
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
                 if upd is not None:
                     inputs.check(UPDATE_KIND, a, b, list(u_by_step.values()), upd.reader)
+                y_by_step = resp.read(a, b, self.dtype) if resp is not None else {}
+                if resp is not None:
+                    inputs.check(V_RESPONSE_KIND, a, b, list(y_by_step.values()), resp.reader)
                 for batch in reversed(batches):
                     record = etas[batch.step]
                     rows = curv_by_step.get(batch.step) if curv else None
@@ -137,11 +150,14 @@ class SegmentWorker:
                                        batch_size=len(batch.sample_ids), step=batch.step)
                     else:
                         u = upd.rows(u_by_step, batch, record)
+                        y = resp.rows(y_by_step, batch, record) if resp is not None else None
                         emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
-                                       decay=record.decay)
+                                       decay=record.decay, v_rows=y)
                         if self.momentum:
                             carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
+                        if y is not None:
+                            v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
                     el = eta_lambda_max(batch.grads, record.eta if upd is None else upd.step_size(record),
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
@@ -159,9 +175,12 @@ class SegmentWorker:
         if rec.R is not None:
             self.run.write_bytes(segment_r_path(s.index), save_tensors(rec.R))
             self.run.write_table(segment_carry_path(s.index), carry.to_table())
+        if rec.Q is not None:
+            self.run.write_bytes(segment_q_path(s.index), save_tensors(rec.Q))
+            self.run.write_table(segment_v_carry_path(s.index), v_carry.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(segment_k_path(s.index), save_tensors(rec.K))
-        self._chain_inputs = (rec.K, rec.R)  # the chain needs them next: no read back
+        self._chain_inputs = (rec.K, rec.R, rec.Q)  # the chain needs them next: no read back
         # the driver warns once for the run, from every segment's worst step (pipeline.attribute)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
@@ -189,12 +208,14 @@ class SegmentWorker:
 
     # ------------------------------------------------------------------ chaining the segments
 
-    def _own_chain_inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """This segment's K and (with momentum) local R, read once from the store."""
+    def _own_chain_inputs(self) -> tuple:
+        """This segment's K, (with momentum) local R and (with v's response) local Q, read once
+        from the store."""
         if getattr(self, "_chain_inputs", None) is None:
             K = self.load_k()
             R = load_tensors(self.run.read_bytes(segment_r_path(self.seg.index))) if self.momentum else None
-            self._chain_inputs = (K, R)
+            Q = load_tensors(self.run.read_bytes(segment_q_path(self.seg.index))) if self.beta2 else None
+            self._chain_inputs = (K, R, Q)
         return self._chain_inputs
 
     def validation_sum(self, n_shards: int, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int]:
@@ -204,9 +225,11 @@ class SegmentWorker:
         return validation_gradient_sum(self.run, self.seg.index, n_shards, device)
 
     def value_vectors(self, test_grad: dict[str, torch.Tensor]) -> tuple:
-        """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4)."""
+        """(w, z) of the last segment: w = v (block layers included), z = 0 (docs/method.md §4);
+        with v's response (w, z, z_Q), z_Q = 0."""
         w = self.blocks.augment({n: g.to(torch.float64) for n, g in test_grad.items()})
-        return w, ({n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None)
+        z = {n: torch.zeros_like(x) for n, x in w.items()} if self.momentum else None
+        return (w, z, {n: torch.zeros_like(x) for n, x in w.items()}) if self.beta2 else (w, z)
 
     def shard_vectors(self, *shards: tuple[dict[str, torch.Tensor], int]) -> tuple:
         """value_vectors of v, the mean validation gradient, from the actors' validation_sum shards."""
@@ -215,15 +238,21 @@ class SegmentWorker:
     def chain_vectors(self, vectors: tuple) -> tuple:
         """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =
         R^locᵀ_ℓ w_ℓ + β₁^(b−a) z_ℓ (docs/method.md §4, §7). O(p²) per layer."""
-        K, R = self._own_chain_inputs()
-        w, z = vectors
-        return chain_vectors_back(K, w, R, z, self.seg.end - self.seg.start, self.momentum)
+        K, R, Q = self._own_chain_inputs()
+        w, z = vectors[:2]
+        length = self.seg.end - self.seg.start
+        w_prev, z_prev = chain_vectors_back(K, w, R, z, length, self.momentum)
+        if not self.beta2:
+            return w_prev, z_prev
+        # z_Q{ℓ-1} = Q^locᵀ_ℓ w_ℓ + β₂^(b−a) z_Q{ℓ}
+        return w_prev, z_prev, carry_vectors_back(Q, w, vectors[2], length, self.beta2)
 
     def scan_link(self) -> Link:
-        """This segment's own element M_ℓ = [[K_ℓ, R^loc_ℓ], [0, β₁^(b−a) I]] of the suffix scan,
-        in float64 (dvemb.segment_link)."""
-        K, R = self._own_chain_inputs()
-        return segment_link(K, R, self.seg.end - self.seg.start, self.momentum)
+        """This segment's own element M_ℓ = [[K_ℓ, R^loc_ℓ, Q^loc_ℓ], [0, β₁^(b−a) I, 0],
+        [0, 0, β₂^(b−a) I]] of the suffix scan, in float64 (dvemb.segment_link); R only with
+        momentum, Q only with v's response."""
+        K, R, Q = self._own_chain_inputs()
+        return segment_link(K, R, self.seg.end - self.seg.start, self.momentum, Q_loc=Q, beta2=self.beta2)
 
     def compose_links(self, later: Link, own: Link) -> Link:
         """One combine of the suffix scan, ``later ∘ own`` (dvemb.compose_links): the driver
@@ -237,15 +266,18 @@ class SegmentWorker:
         d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
         Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
         whole run, to `ALL_SUMS`. Used when no per-sample final embeddings are kept."""
-        K, R = self._own_chain_inputs()
+        K, R, Q = self._own_chain_inputs()
         local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(self.seg.index)), self.dims)
         carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(self.seg.index)), self.dims)
                  if self.momentum else None)
-        y, d = chain_sums_forward(K, local, prev, R, carry, self.seg.end - self.seg.start, self.momentum)
+        v_carry = (SourcePhaseSums.from_table(self.run.read_table(segment_v_carry_path(self.seg.index)), self.dims)
+                   if self.beta2 else None)
+        link = chain_sums_forward(K, local, prev, R, carry, self.seg.end - self.seg.start, self.momentum,
+                                  Q, v_carry, self.beta2)
         if last:
-            self.run.write_table(ALL_SUMS, y.to_table())
+            self.run.write_table(ALL_SUMS, link[0].to_table())
             return None
-        return y, d
+        return link
 
     # ------------------------------------------------------------------ finalisation
 
@@ -258,15 +290,20 @@ class SegmentWorker:
         skips both (the sums then come from `chain_sums`)."""
         t0 = time.perf_counter()
         s = self.seg
-        w, z = vectors
+        w, z = vectors[:2]
         w = {n: x.to(torch.float64) for n, x in w.items()}
         z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
+        zq = {n: x.to(torch.float64) for n, x in vectors[2].items()} if self.beta2 else None
         S0, r_end = (link.S, link.R) if link is not None else (None, None)
         S = ({n: (S0[n] if S0 is not None else torch.eye(p, dtype=torch.float64)).to(self.dtype)
               for n, p in self.dims.items()} if embeddings else None)
         R_end = ({n: m.to(self.dtype) for n, m in r_end.items()}
                  if r_end is not None and self.momentum and embeddings else None)
+        # Q at the segment's end: zero for the last segment (no link)
+        Q_end = ({n: m.to(self.dtype) for n, m in link.Q.items()}
+                 if link is not None and self.beta2 and embeddings else None)
         upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
+        resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if zq is not None else None
         full = self.run.step_records(s.start, s.end)
         inputs = SegmentInputs(self.run, s.index, s.start, s.end, full)  # every step's local rows, or a refusal
         records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
@@ -286,16 +323,19 @@ class SegmentWorker:
             for a in range(s.start, s.end, self.read_chunk):
                 b = min(s.end, a + self.read_chunk)
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
+                y_by_step = resp.read(a, b, self.dtype) if resp is not None else {}
                 cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
                 batches = reader.read_steps(a, b, dtype=self.dtype)
                 inputs.check(LOCAL_KIND, a, b, batches, reader, by_rank=False)
                 for batch in batches:
                     u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
+                    y = resp.rows(y_by_step, batch, records[batch.step]) if resp is not None else None
                     value, se = self.blocks.combine(
-                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step))
+                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step, y, zq, self.beta2))
                     check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                     if writer is not None and batch.step > done:  # a restart keeps what was committed
-                        final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step)
+                        final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step,
+                                              y, Q_end, self.beta2)
                         writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
                                           positions=list(batch.positions))
                     k = len(batch.sample_ids)
@@ -315,11 +355,16 @@ class SegmentWorker:
         local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(s.index)), self.dims)
         carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(s.index)), self.dims)
                  if z is not None else None)
-        self.run.write_table(segment_scores_path(s.index), source_phase_scores(local, carry, w, z, self.layers))
+        v_carry = (SourcePhaseSums.from_table(self.run.read_table(segment_v_carry_path(s.index)), self.dims)
+                   if zq is not None else None)
+        self.run.write_table(segment_scores_path(s.index),
+                             source_phase_scores(local, carry, w, z, self.layers, v_carry, zq))
         if embeddings:
             sums = local.transformed(S)
             if R_end is not None:
                 sums.add_vectors(carry.transformed(R_end))
+            if Q_end is not None:  # v's response: - Q_b Σ β₂^(b−t) y
+                sums.add_vectors(v_carry.transformed(Q_end).scaled(-1.0))
             self.run.write_table(segment_sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
 
@@ -341,9 +386,11 @@ def values_table(cols: dict[str, list]) -> pa.Table:
 
 
 def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w: dict[str, torch.Tensor],
-                        z: dict[str, torch.Tensor] | None, layers) -> pa.Table:
+                        z: dict[str, torch.Tensor] | None, layers, v_carry: SourcePhaseSums | None = None,
+                        zq: dict[str, torch.Tensor] | None = None) -> pa.Table:
     """Per (source, phase, real layer): Σ of the occurrences' values, from the summed local
-    embeddings and carried update rows, Σe·w + (Σβ₁^(b−t)u)·z (float64; docs/method.md §4)."""
+    embeddings and carried update rows, Σe·w + (Σβ₁^(b−t)u)·z (float64; docs/method.md §4),
+    with v's response - (Σβ₂^(b−t)y)·z_Q."""
     keys = sorted(local.sum)
     rows = {"source": [], "phase": [], "layer": [], "n_occurrences": [], "value": []}
     for key in keys:
@@ -351,6 +398,8 @@ def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w
             v = float(local.sum[key][n] @ w[n])
             if z is not None and carry is not None and key in carry.sum:
                 v += float(carry.sum[key][n] @ z[n])
+            if zq is not None and v_carry is not None and key in v_carry.sum:
+                v -= float(v_carry.sum[key][n] @ zq[n])
             rows["source"].append(key[0])
             rows["phase"].append(key[1])
             rows["layer"].append(n)
@@ -400,6 +449,34 @@ class AdamSteps:
     def carried(self, rows: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """β₁^(b−t)·(κ_t u): what of the occurrence's row the momentum carries past the segment."""
         w = self.momentum ** (self.end - step)
+        return {n: w * r for n, r in rows.items()}
+
+
+class ResponseRows:
+    """A segment's view of an AdamW run's second-moment response rows y = D_t ⊙ ḡ_t ⊙ g
+    (docs/method.md §7, "v's response"; store kind `V_RESPONSE_KIND`). ḡ_t is the clipped mean
+    gradient v_t saw and g the raw row, so, as for the update rows (:class:`AdamSteps`), the
+    occurrence's row is κ_t·y and the recursion's η_s = lr_s/|B|."""
+
+    def __init__(self, run: Run, blocks: ProjectionBlocks, beta2: float, start: int, end: int):
+        self.reader = GradientReader(run, kind=V_RESPONSE_KIND, step_range=(start, end))
+        self.blocks, self.beta2, self.end = blocks, beta2, end
+
+    def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:
+        return {y.step: y for y in self.reader.read_steps(a, b, dtype=dtype)}
+
+    def rows(self, by_step: dict[int, Any], batch, record) -> dict[str, torch.Tensor]:
+        """κ_t·y of the step's occurrences, block layers included, in the batch's row order."""
+        y = by_step.get(batch.step)
+        if y is None or y.sample_ids.tolist() != batch.sample_ids.tolist():
+            raise RuntimeError(f"step {batch.step}: the v-response rows do not match the gradient rows")
+        if record.beta2 is not None and abs(record.beta2 - self.beta2) > 0:
+            raise RuntimeError(f"step {batch.step}: recorded β₂ {record.beta2} differs from the run's {self.beta2}")
+        return {n: record.clip * g for n, g in self.blocks.augment(y.grads).items()}
+
+    def carried(self, rows: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """β₂^(b−t)·(κ_t y): what of the occurrence's row v carries past the segment."""
+        w = self.beta2 ** (self.end - step)
         return {n: w * r for n, r in rows.items()}
 
 

@@ -115,9 +115,10 @@ class SourcePhaseSums:
 
 
 def chain_sums_forward(K: Mapping[str, torch.Tensor], local: SourcePhaseSums,
-                       prev: tuple[SourcePhaseSums, SourcePhaseSums | None] | None = None,
+                       prev: tuple | None = None,
                        R_loc: Mapping[str, torch.Tensor] | None = None, carry: SourcePhaseSums | None = None,
-                       length: int = 0, momentum: float = 0.0) -> tuple[SourcePhaseSums, SourcePhaseSums | None]:
+                       length: int = 0, momentum: float = 0.0, Q_loc: Mapping[str, torch.Tensor] | None = None,
+                       v_carry: SourcePhaseSums | None = None, beta2: float = 0.0) -> tuple:
     """One link of the forward scan that finalises the per-(source, phase) sums without any
     suffix matrix (docs/method.md §4, §7). Summed over segments the final sums are
     Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: segment ℓ's local sums, c: its Σ β₁^(b−t) u), and by
@@ -127,11 +128,18 @@ def chain_sums_forward(K: Mapping[str, torch.Tensor], local: SourcePhaseSums,
 
     so y_{n-1} is the total: one matrix times the block of sum vectors per layer and segment.
     ``prev`` is the previous link's (y_{ℓ-1}, d_ℓ) (None for the first segment); returns
-    (y_ℓ, d_{ℓ+1}), d None without momentum."""
+    (y_ℓ, d_{ℓ+1}), d None without momentum. With the second-moment response (``beta2`` > 0,
+    Q^loc and ``v_carry`` = Σ β₂^(b−t) y) the same again for Q, subtracted:
+    y_ℓ -= Q^loc_ℓ q_ℓ, q_{ℓ+1} = β₂^(b_ℓ - a_ℓ) q_ℓ + v_carry_ℓ, and the link is (y, d, q)."""
     y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(local.dims)
     y.merge(local)
-    if not momentum:
-        return y, None
-    d_in = prev[1] if prev is not None else SourcePhaseSums(local.dims)
-    y.add_vectors(d_in.transformed(R_loc))
-    return y, d_in.scaled(momentum ** length).add_vectors(carry)
+    d_out = None
+    if momentum:
+        d_in = prev[1] if prev is not None else SourcePhaseSums(local.dims)
+        y.add_vectors(d_in.transformed(R_loc))
+        d_out = d_in.scaled(momentum ** length).add_vectors(carry)
+    if not beta2:
+        return y, d_out
+    q_in = prev[2] if prev is not None else SourcePhaseSums(local.dims)
+    y.add_vectors(q_in.transformed(Q_loc).scaled(-1.0))
+    return y, d_out, q_in.scaled(beta2 ** length).add_vectors(v_carry)

@@ -326,6 +326,11 @@ class Link(NamedTuple):
     """The R block, layer -> (p, p); None without momentum (nothing crosses a segment's end)."""
     carry: float
     """c: β₁ to the power of the steps covered."""
+    Q: dict[str, torch.Tensor] | None = None
+    """The Q block of v's response (docs/method.md §7), carried like R with β₂: M gains a row
+    and column [[K, R, Q], [0, c I, 0], [0, 0, c₂ I]]; None without it."""
+    carry_q: float = 1.0
+    """c₂: β₂ to the power of the steps covered."""
 
 
 def segment_link(
@@ -334,14 +339,17 @@ def segment_link(
     length: int = 0,
     momentum: float = 0.0,
     dtype: torch.dtype = torch.float64,
+    Q_loc: Layers | None = None,
+    beta2: float = 0.0,
 ) -> Link:
-    """Segment ℓ's own element M_ℓ of the suffix scan from its K_ℓ, local R^loc_ℓ and its steps
-    b_ℓ - a_ℓ, cast to ``dtype`` (float64 across the segment actors, the K's in
-    :func:`segment_combine`). R is dropped without momentum."""
-    momentum = check_momentum(momentum)
+    """Segment ℓ's own element M_ℓ of the suffix scan from its K_ℓ, local R^loc_ℓ (and Q^loc_ℓ
+    of v's response) and its steps b_ℓ - a_ℓ, cast to ``dtype`` (float64 across the segment
+    actors, the K's in :func:`segment_combine`). R is dropped without momentum, Q without β₂."""
+    momentum, beta2 = check_momentum(momentum), check_momentum(beta2, "beta2")
     S = {n: k.to(dtype) for n, k in K.items()}
     R = {n: r.to(dtype) for n, r in R_loc.items()} if momentum and R_loc is not None else None
-    return Link(S, R, momentum ** int(length))
+    Q = {n: q.to(dtype) for n, q in Q_loc.items()} if beta2 and Q_loc is not None else None
+    return Link(S, R, momentum ** int(length), Q, beta2 ** int(length))
 
 
 def compose_links(later: Link, earlier: Link) -> Link:
@@ -349,14 +357,19 @@ def compose_links(later: Link, earlier: Link) -> Link:
 
         (S₁, R₁, c₁) ∘ (S₂, R₂, c₂) = (S₁ S₂,  S₁ R₂ + c₂ R₁,  c₁ c₂)
 
+(and Q with c₂ = β₂^steps the same way as R, under v's response)
+
     one p × p product per layer (two with momentum). ``later`` covers the later segments.
     Both carry R or neither. Used by :func:`segment_combine` in order, and by the segment
     actors along :func:`suffix_scan`'s rounds, so no process holds every K (docs/method.md §4)."""
     if (later.R is None) != (earlier.R is None):
         raise ValueError("compose_links: both links carry R (momentum) or neither does")
+    if (later.Q is None) != (earlier.Q is None):
+        raise ValueError("compose_links: both links carry Q (v's response) or neither does")
     S = {n: later.S[n] @ earlier.S[n] for n in earlier.S}
     R = None if earlier.R is None else carry_back(later.S, earlier.R, later.R, earlier.carry, _dtype(S))
-    return Link(S, R, later.carry * earlier.carry)
+    Q = None if earlier.Q is None else carry_back(later.S, earlier.Q, later.Q, earlier.carry_q, _dtype(S))
+    return Link(S, R, later.carry * earlier.carry, Q, later.carry_q * earlier.carry_q)
 
 
 def suffix_scan(items: Sequence[T], combine: Callable[[int, T, T], T], width: int | None = None) -> list[T]:
@@ -479,10 +492,20 @@ def chain_vectors_back(
     w_prev = {n: K[n].to(v.dtype).T @ v for n, v in w.items()}
     if not check_momentum(momentum) or R_loc is None:
         return w_prev, None
-    Zd = z if z is not None else {n: torch.zeros_like(v) for n, v in w.items()}
-    carry = momentum ** int(length)
-    z_prev = {n: R_loc[n].to(v.dtype).T @ v + carry * Zd[n] for n, v in w.items()}
-    return w_prev, z_prev
+    return w_prev, carry_vectors_back(R_loc, w, z, length, momentum)
+
+
+def carry_vectors_back(X_loc: Layers, w: Layers, x: Layers | None, length: int, beta: float) -> dict[str, torch.Tensor]:
+    """The vector form of :func:`carry_back` for one test vector v: from segment ℓ's w_ℓ = S_ℓᵀ v
+    and x_ℓ = X_{b_ℓ}ᵀ v (None: zero, ℓ the last), segment ℓ-1's
+
+        x_{ℓ-1} = X^locᵀ_ℓ w_ℓ + beta^(b_ℓ - a_ℓ) x_ℓ
+
+    (z with R and beta1, :func:`chain_vectors_back`; the second-moment response's z_Q with Q and
+    beta2). Computed in w's dtype."""
+    carry = beta ** int(length)
+    Xd = x if x is not None else {n: torch.zeros_like(v) for n, v in w.items()}
+    return {n: X_loc[n].to(v.dtype).T @ v + carry * Xd[n] for n, v in w.items()}
 
 
 def vector_chain(
@@ -554,16 +577,25 @@ def finalise_scores(
     updates: Layers | None = None,
     momentum: float = 0.0,
     steps_to_end: int | None = None,
+    v_rows: Layers | None = None,
+    zq: Layers | None = None,
+    beta2: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Per layer, each row's value v·(S e + β₁^(b-t) R_b u) = e·w + β₁^(b-t) u·z, from the
-    vector chain's (w, z) of the segment (:func:`chain_vectors_back`), in w's dtype: the vector
-    form of :func:`finalise_step`; (B,) per layer."""
+    """Per layer, each row's value v·(S e + β₁^(b-t) R_b u - β₂^(b-t) Q_b y) = e·w + β₁^(b-t) u·z
+    - β₂^(b-t) y·z_Q, from the vector chain's (w, z) of the segment (:func:`chain_vectors_back`)
+    and, with the second-moment response, z_Q = Q_bᵀ v (:func:`carry_vectors_back`) and the
+    step's rows y, in w's dtype: the vector form of :func:`finalise_step`; (B,) per layer."""
     out = {n: local[n].to(w[n].dtype) @ w[n] for n in local}
+    carries = []
     if check_momentum(momentum) and z is not None:
-        if updates is None or steps_to_end is None:
-            raise ValueError("with momentum, finalise_scores needs the step's update rows and steps_to_end")
-        carry = momentum ** int(steps_to_end)
-        out = {n: s + carry * (updates[n].to(z[n].dtype) @ z[n]) for n, s in out.items()}
+        carries.append((updates, z, momentum, 1.0, "update"))
+    if check_momentum(beta2, "beta2") and zq is not None:
+        carries.append((v_rows, zq, beta2, -1.0, "v"))  # the response's sign: -Q y (docs/method.md §7)
+    for rows, x, beta, sign, what in carries:
+        if rows is None or steps_to_end is None:
+            raise ValueError(f"carrying across segments, finalise_scores needs the step's {what} rows and steps_to_end")
+        carry = sign * beta ** int(steps_to_end)
+        out = {n: s + carry * (rows[n].to(x[n].dtype) @ x[n]) for n, s in out.items()}
     return out
 
 

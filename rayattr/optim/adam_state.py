@@ -9,10 +9,13 @@ import torch
 
 from rayattr.capture.precondition import (
     Preconditioner,
+    Response,
     adam_preconditioner,
     factors_from_sums,
     fragment_row_col_sums,
     in_gradient_orientation,
+    response_factors,
+    second_moment_response,
 )
 from rayattr.optim.spec import OptimizerSpec
 
@@ -50,12 +53,66 @@ def full_exp_avg_sq(engine, param: torch.nn.Parameter) -> torch.Tensor:
     """The whole exp_avg_sq of one parameter, for exact mode (projection=None, small models
     only). Under ZeRO 1/2 this is a collective: every rank must call it for the same
     parameters in the same order."""
+    return full_state(engine, param, "exp_avg_sq")
+
+
+def full_state(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """The whole Adam state ``key`` ("exp_avg" or "exp_avg_sq") of one parameter, in float32 on
+    the CPU; a collective under ZeRO 1/2 (every rank, same parameters, same order)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    full = safe_get_full_optimizer_state(param, "exp_avg_sq")  # None where the state is not partitioned
+    full = safe_get_full_optimizer_state(param, key)  # None where the state is not partitioned
     if full is None:
-        full = basic_optimizer(engine).state[param]["exp_avg_sq"]
+        full = basic_optimizer(engine).state[param][key]
     return full.detach().float().cpu()
+
+
+def layer_state(engine, module: torch.nn.Module, key: str) -> torch.Tensor:
+    """A captured layer's whole Adam state ``key`` as a (d_out, d_in_aug) float64 matrix in G's
+    orientation, the bias's as the last column (a collective under ZeRO 1/2)."""
+    weight = in_gradient_orientation(module, full_state(engine, module.weight, key)).double()
+    if getattr(module, "bias", None) is None:
+        return weight
+    return torch.cat([weight, full_state(engine, module.bias, key).double().reshape(-1, 1)], dim=1)
+
+
+def first_moments(engine, layers: list[str]) -> dict[str, torch.Tensor]:
+    """{layer: m} as the optimizer holds it now (zeros before the first update): the m_{t−1}
+    that :func:`read_responses` recovers the step's mean gradient from. Small models only: the
+    whole state of every captured layer is gathered (a collective under ZeRO 1/2)."""
+    model = engine.module
+    modules = [model.get_submodule(name) for name in layers]
+    if adam_step_count(engine) == 0:
+        shapes = {n: in_gradient_orientation(m, m.weight).shape for n, m in zip(layers, modules)}
+        return {n: torch.zeros(shapes[n][0], shapes[n][1] + int(getattr(m, "bias", None) is not None),
+                               dtype=torch.float64) for n, m in zip(layers, modules)}
+    link_partitioned_state(engine, [p for m in modules for p in _layer_params(m)])
+    return {n: layer_state(engine, m, "exp_avg") for n, m in zip(layers, modules)}
+
+
+def read_responses(engine, layers: list[str], spec: OptimizerSpec, m_prev: dict[str, torch.Tensor], rank: int,
+                   exact: bool = False) -> tuple[dict[str, Response], dict[str, torch.Tensor]]:
+    """({layer: Response}, {layer: m_t}) right after step t's update (docs/method.md §7, "v's
+    response"): M_t = D_t ⊙ κ_t ḡ_t with D_t = m̂_t ⊙ P_t² / √v̂_t from the whole m_t and v_t,
+    and the step's clipped mean gradient recovered from the momentum,
+    κ_t ḡ_t = (m_t − β₁ m_{t−1}) / (1 − β₁) (decoupled decay never enters m), so nothing
+    needs the gradient itself, which the engine has freed by now. M_t is factored by its
+    rank-``rank`` SVD (``exact`` keeps M itself). Small models only: m and v of every captured
+    layer are gathered whole (a collective under ZeRO 1/2). The m_t returned is the next
+    step's m_{t−1}."""
+    model = engine.module
+    modules = [model.get_submodule(name) for name in layers]
+    link_partitioned_state(engine, [p for m in modules for p in _layer_params(m)])
+    k = adam_step_count(engine)
+    out, moments = {}, {}
+    for name, module in zip(layers, modules):  # the same order on every rank (collective reads)
+        m = layer_state(engine, module, "exp_avg")
+        v = layer_state(engine, module, "exp_avg_sq")
+        mean_grad = (m - spec.beta1 * m_prev[name]) / (1.0 - spec.beta1)
+        M = second_moment_response(m, v, mean_grad, k, spec.beta1, spec.beta2, spec.eps)
+        out[name] = response_factors(M, rank, keep_full=exact)
+        moments[name] = m
+    return out, moments
 
 
 def local_exp_avg_sq(engine, param: torch.nn.Parameter) -> tuple[torch.Tensor | None, int, bool]:

@@ -128,9 +128,15 @@ def _adamw(prefix: str, lr, beta1, beta2, eps, decay, from_ds: bool) -> Optimize
 
 def check_adamw_capture(cfg: "Config", spec: OptimizerSpec) -> None:
     """Capture settings that do not go with AdamW yet, and the refresh/checkpoint alignment."""
+    c, t = cfg.capture, cfg.train
+    if c.v_response and not spec.adamw:
+        raise ConfigError("capture.v_response: v's response is Adam's second moment; it needs an AdamW run")
     if not spec.adamw:
         return
-    c, t = cfg.capture, cfg.train
+    if c.v_response and c.preconditioner != "lookahead":
+        # y = D_t ⊙ ḡ_t ⊙ g needs the step's mean gradient, known only after the step's update
+        raise ConfigError("capture.v_response needs capture.preconditioner: lookahead (its rows need the step's "
+                          "own m_t and v_t, read after the update)")
     if c.curvature != "empirical":
         raise ConfigError("capture.curvature: 'sampled' is not wired for AdamW runs yet (its pseudo-gradients "
                           "need update rows of their own); use 'empirical'")

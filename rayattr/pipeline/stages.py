@@ -27,7 +27,7 @@ from rayattr.optim.spec import resolve_optimizer
 from rayattr.math.dvemb import segment_bounds, suffix_scan
 from rayattr.reduce import write_outputs
 from rayattr.store import Run, StoreOptions, open_run_ref
-from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND
+from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND, V_RESPONSE_KIND
 from rayattr.store.lease import driver_lease
 from rayattr.store.storage import Storage
 from rayattr.record.errors import NonFiniteLoss
@@ -217,8 +217,14 @@ def read_sources(run: Run) -> list[dict[str, Any]]:
 
 
 # commit kinds the pipeline folds into index manifests (one compactor: this driver)
-TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, RECORDS_KIND)
+TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, V_RESPONSE_KIND, RECORDS_KIND)
 EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
+
+
+def response_beta2(cfg: Config, opt) -> float:
+    """Adam's β₂ when the run records v's response rows (capture.v_response, docs/method.md §7),
+    else 0: v frozen, no Q."""
+    return opt.beta2 if cfg.capture.v_response and opt.adamw else 0.0
 
 
 def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
@@ -243,7 +249,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     actors, specs, placement = start_segments(
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
-        cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1)
+        cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1, beta2=response_beta2(cfg, opt))
     try:  # the actors and their placement group go on every exit path (a divergence included)
         # the test side first: each actor sums its shard of the validation set at the final
         # model before its sweep, so the model is freed before K is built

@@ -151,6 +151,9 @@ class Plan:
     """Sampled-label pseudo-gradient rows per step (0 with the empirical curvature)."""
     update_rows: bool
     """AdamW: every occurrence also stores an update row u = P g (docs/method.md §7)."""
+    response_rows: bool
+    """AdamW with capture.v_response: every occurrence also stores a second-moment response row
+    y, and each segment keeps Q beside K and R (docs/method.md §7, "v's response")."""
     n_sources: int
     storage: dict[str, float] = field(default_factory=dict)
     """Stored bytes per kind of object, in the chosen mode."""
@@ -279,6 +282,13 @@ def deferred_factor_bytes(cfg: Config, layers: list[LayerPlan]) -> float:
     return t.micro_batch * t.grad_accum * cfg.data.seq_len * per_token
 
 
+def response_state_bytes(layers: list[LayerPlan]) -> float:
+    """v's response on a rank: per captured layer m_{t−1} kept (float64), m_t and v_t gathered
+    whole (float32 and their float64 copies), M_t, its SVD's U and Vᵀ (float64): about ten
+    float64 copies of the layer's d_out × d_in_aug (optim/adam_state.read_responses)."""
+    return 10 * 8 * sum(lay.d_out * (lay.d_in + int(lay.has_bias)) for lay in layers)
+
+
 def statistic_numbers(layers: list[LayerPlan]) -> int:
     """The row and column sums of v that the factored P needs: d_out + d_in_aug per layer."""
     return sum(lay.d_out + lay.d_in + int(lay.has_bias) for lay in layers)
@@ -287,15 +297,21 @@ def statistic_numbers(layers: list[LayerPlan]) -> int:
 def step_traffic(cfg: Config, n_params: int, layers: list[LayerPlan]) -> dict[str, float]:
     """Bytes one rank puts into collectives per optimizer step: DeepSpeed's gradient reduction
     (every parameter's gradient, in the training dtype) and, under AdamW with partitioned
-    state, the all-reduce of v's row and column sums in float32 (optim/adam_state.py)."""
+    state, the all-reduce of v's row and column sums in float32 (optim/adam_state.py), and with
+    v's response the gathers of the captured layers' whole m and v."""
     t = cfg.train
     if t.ranks < 2:
         return {}
     stage = int(t.deepspeed.get("zero_optimization", {}).get("stage", 0))
     partitioned = stage >= 1 or half_precision(cfg)  # DeepSpeed's bf16 optimizer partitions too
     adamw = resolve_optimizer(cfg).adamw
-    return {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
-            "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+    out = {"gradient reduction": n_params * (2 if half_precision(cfg) else 4),
+           "AdamW P statistics": 4 * statistic_numbers(layers) if adamw and partitioned else 0.0}
+    if adamw and partitioned and cfg.capture.v_response:
+        # optim/adam_state.read_responses: m and v of every captured layer gathered whole (float32)
+        out["v's response: m and v gathered"] = 2 * 4 * sum(lay.d_out * (lay.d_in + int(lay.has_bias))
+                                                             for lay in layers)
+    return out
 
 
 def model_state_bytes(cfg: Config, n_params: int) -> float:
@@ -396,9 +412,10 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
-        # embed/segment: K (and R) in the embed dtype; a suffix scan combine's two links in and
-        # one out, each S (and R) in float64, when per-sample embeddings are kept, else the
-        # forward scan's sums y (and d) in and out; w, z are vectors
+        # embed/segment: K (and R, and Q with v's response) in the embed dtype; a suffix scan
+        # combine's two links in and one out, each S (and R, Q) in float64, when per-sample
+        # embeddings are kept, else the forward scan's sums y (and d, q) in and out; w, z, z_Q
+        # are vectors
         "segment actor: K, R and the chain": kinds * sq * eb + (
             3 * kinds * sq * 8 if not plan.per_source
             else 2 * kinds * plan.n_sources * phases * P * wide * 8),
@@ -407,8 +424,9 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # one write chunk of local embeddings (blocks included) and the writer's queued shards
         "segment actor: one write chunk": chunk_steps * G * P * wide * eb
                                           + min(chunk_steps * G * P * wide * 4, (QUEUE_DEPTH + 1) * MAX_BUFFER_BYTES),
-        # per-(source, phase) sums in float64 (+ the carried update rows under AdamW)
-        "segment actor: sums": (2 if momentum else 1) * plan.n_sources * phases * P * wide * 8,
+        # per-(source, phase) sums in float64 (+ the carried update rows under AdamW, + the carried
+        # response rows with v's response)
+        "segment actor: sums": (1 + int(momentum) + int(plan.response_rows)) * plan.n_sources * phases * P * wide * 8,
         # its step records while they load (then without their per-sample lists) and the index
         # entries of the manifests covering its steps, per kind read
         "segment actor: step records and index": seg_rows * (_PY_RECORD_BYTES + source_chars)
@@ -430,6 +448,10 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         "report: per-sample totals (distinct samples)": 3 * min(n, plan.occurrences) * (_REPORT_SAMPLE_BYTES + source_chars)
                                                         + SCAN_ROWS * _VALUE_ROW_BYTES + MEDIAN_CAP * 8,
     }
+    if plan.response_rows:
+        # optim/adam_state.read_responses: every captured layer's whole m_{t−1} kept, m_t and v_t
+        # gathered (float32 then float64), M_t and its SVD factors (float64)
+        terms["rank: v's response (m, v gathered whole)"] = response_state_bytes(plan.layers)
     for proc in ("driver", "rank", "report", "segment actor", VALIDATION_PHASE, "exact (optional)"):
         terms[f"{proc}: runtime (Python, torch, Ray)"] = _RUNTIME_BYTES
     terms = {k: v for k, v in terms.items() if v or not k.startswith("rank: AdamW")}
@@ -532,6 +554,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                 segments=n_seg, devices=devices, per_source=not keep, layers=layers,
                 grad_dtype=c.dtype, embed_dtype=cfg.embed.dtype, curvature_rows_per_step=m_curv,
                 update_rows=resolve_optimizer(cfg).adamw,
+                response_rows=resolve_optimizer(cfg).adamw and c.v_response,
                 n_sources=n_sources, throughput=tp)
     P = plan.total_dim
 
@@ -548,17 +571,19 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     blocked = q >= 2 and c.rank % q == 0
     wide, kfac = (2, 1 + 1 / q ** 2) if blocked else (1, 1.0)
     train = ipc(rows, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype)
-    kinds = 2 if plan.update_rows else 1  # AdamW: "update" shards as large as the "train" ones
+    # AdamW: "update" shards as large as the "train" ones, and with v's response "v_response" ones too
+    kinds = 1 + int(plan.update_rows) + int(plan.response_rows)
     storage = {
         "train gradients": train,
         "update rows": train if plan.update_rows else 0.0,
+        "v-response rows": train if plan.response_rows else 0.0,
         "curvature rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
                               source_chars=0) if m_curv else 0.0,
         "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
                                 total_dim=P * wide),
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
-        # + R beside K under AdamW
+        # + R beside K under AdamW, + Q with v's response
         "K matrices": kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
@@ -669,7 +694,8 @@ def format_plan(plan: Plan) -> str:
         f"capture     {len(plan.layers)} layers, p = {'/'.join(map(str, widths))} per layer, "
         f"P = {plan.total_dim:,} numbers = {human_bytes(plan.grad_bytes_per_sample)} per sample ({plan.grad_dtype})"
         + (f", {plan.curvature_rows_per_step} curvature rows per step" if plan.curvature_rows_per_step else "")
-        + (", + an update row per sample (AdamW)" if plan.update_rows else ""),
+        + (", + an update row per sample (AdamW)" if plan.update_rows else "")
+        + (", + a v-response row per sample" if plan.response_rows else ""),
         "",
         f"storage     ({mode})",
     ]

@@ -35,11 +35,12 @@ from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
-from rayattr.store.layout import UPDATE_KIND
+from rayattr.store.layout import UPDATE_KIND, V_RESPONSE_KIND
 from rayattr.store.records import StepRecordWriter
 from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
-from rayattr.optim.adam_state import adam_step_count, basic_optimizer, read_preconditioners
+from rayattr.optim.adam_state import (adam_step_count, basic_optimizer, first_moments, read_preconditioners,
+                                      read_responses)
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of
 from rayattr.store.layout import FINAL_WEIGHTS, TRAIN_DATA
 
@@ -138,6 +139,12 @@ class Recorder:
         # AdamW: update rows u = P g next to the raw rows (docs/method.md §7)
         self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
                               if self.optimizer.adamw else None)
+        # AdamW with v's response (capture.v_response, lookahead only): rows y = M_t ⊙ G beside them
+        self.v_response = self.optimizer.adamw and cfg.capture.v_response
+        self.response_writer = (GradientWriter(self.run, self.rank, dims, kind=V_RESPONSE_KIND, **common)
+                                if self.v_response else None)
+        self._m_prev: dict[str, torch.Tensor] | None = None  # m_{t−1} of the captured layers
+        self._responded = False  # the open step's response rows were formed
         self.pending_records: list[StepRecord] = []
         # rank 0 commits step records in the background, a shard's worth at a time, as one
         # fenced writer: a zombie predecessor's late records never replace this one's
@@ -156,7 +163,8 @@ class Recorder:
         last_record = self.records_writer.last_committed_step if self.rank == 0 else None
         records = -1 if last_record is None else last_record
         self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer),
-                               UPDATE_KIND: last(self.update_writer), "records": records}
+                               UPDATE_KIND: last(self.update_writer), V_RESPONSE_KIND: last(self.response_writer),
+                               "records": records}
         self.next_step = 0
 
     def layer_dims(self) -> dict[str, int]:
@@ -187,6 +195,8 @@ class Recorder:
         # over this rank's samples of the step (DeepSpeed's 1/grad_accum included)
         self._base_scale = 1.0 / len(known) if known else 1.0
         self._refresh_preconditioner(step)
+        if self.v_response and self._m_prev is None:  # the first step (or a resumed rank's): m_{t−1}
+            self._m_prev = first_moments(self.training.optimizer_owner, self.capture.layer_names())
         with self.training.watch(), self.capture, self._mask_from_forwards():
             yield self
         self._end_step(step, epoch, lr, late_scale=not known)
@@ -283,7 +293,15 @@ class Recorder:
         were; before any update there is no v and u = g."""
         pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
                                       exact=self.capture.projection is None)
-        self.capture.finish_updates(pre)
+        response = None
+        self._responded = False
+        if self.v_response and k and self.training.applied():
+            # a skipped update (fp16 overflow) moved neither m nor v: its rows stay zero
+            response, self._m_prev = read_responses(
+                self.training.optimizer_owner, self.capture.layer_names(), self.optimizer, self._m_prev,
+                self.cfg.capture.v_response_rank, exact=self.capture.projection is None)
+            self._responded = True
+        self.capture.finish_updates(pre, response)
         self.precondition_step = k
 
     def _end_step(self, step: int, epoch: int, lr: float, late_scale: bool) -> None:
@@ -302,14 +320,16 @@ class Recorder:
         eta = clip * lr / batch.size if applied else 0.0
         grads = self.capture.gradients()
         updates = self._update_rows(grads)
+        responses = self._response_rows(grads)
         if late_scale:  # the rank's sample count became known only now
             grads = {n: g * len(ids) for n, g in grads.items()}
             updates = {n: u * len(ids) for n, u in updates.items()} if updates is not None else None
+            responses = {n: y * len(ids) for n, y in responses.items()} if responses is not None else None
         for n, g in grads.items():
             if g.shape[0] != len(ids):
                 raise UsageError(f"step {step}: {len(ids)} sample ids but {g.shape[0]} captured rows in layer {n!r}; "
                                  "give every sample of the rank's forwards of the step, in order")
-        self._write(step, epoch, lr, eta, clip, batch, ids, srcs, grads, updates)
+        self._write(step, epoch, lr, eta, clip, batch, ids, srcs, grads, updates, responses)
 
     def _update_rows(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The step's update rows; u = g while there is no v yet (the first step)."""
@@ -317,7 +337,14 @@ class Recorder:
             return None
         return self.capture.updates() if self.precondition_step else grads
 
-    def _write(self, step, epoch, lr, eta, clip, batch, ids, srcs, grads, updates) -> None:
+    def _response_rows(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The step's second-moment response rows (docs/method.md §7, "v's response"); zero
+        where no update moved v (no rows were formed)."""
+        if not self.v_response:
+            return None
+        return self.capture.responses() if self._responded else {n: torch.zeros_like(g) for n, g in grads.items()}
+
+    def _write(self, step, epoch, lr, eta, clip, batch, ids, srcs, grads, updates, responses=None) -> None:
         """Hand one step's gradients (and, on rank 0, its step record) to the store; after a
         restart, what the store already holds is not written again."""
         done = self.stored_through
@@ -328,6 +355,8 @@ class Recorder:
             self.writer.write_step(step, ids, srcs, grads, positions=positions)
         if self.update_writer is not None and step > done[UPDATE_KIND]:
             self.update_writer.write_step(step, ids, srcs, updates, positions=positions)
+        if self.response_writer is not None and step > done[V_RESPONSE_KIND]:
+            self.response_writer.write_step(step, ids, srcs, responses, positions=positions)
         if self.curv_writer is not None and step > done["curvature"]:
             if not curv_rows:
                 raise UsageError(f"step {step}: capture.curvature='sampled' needs recorder.sample_curvature(...) "
@@ -397,7 +426,7 @@ class Recorder:
                 self._records.close()  # waits for the records, re-raises a failed commit
 
     def _writers(self) -> list[GradientWriter]:
-        return [w for w in (self.writer, self.curv_writer, self.update_writer) if w is not None]
+        return [w for w in (self.writer, self.curv_writer, self.update_writer, self.response_writer) if w is not None]
 
     def commit_records(self) -> None:
         """Hand the step records gathered since the last commit to the background commit

@@ -30,6 +30,9 @@ RECORDS_RANK = -1  # the rank a step records' commit entry names
 # The records' one writer is rank 0's Recorder: it claims its epochs as rank 0's of kind "steps"
 RECORDS_WRITER_RANK = 0
 UPDATE_KIND = "update"  # AdamW update rows u = P g, beside the "train" rows (docs/method.md §7)
+# AdamW's second-moment response rows y = D_t ⊙ ḡ_t ⊙ g (docs/method.md §7, "v's response"),
+# beside the update rows when the run records them (manifest "v_response")
+V_RESPONSE_KIND = "v_response"
 
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -154,6 +157,16 @@ def segment_r_path(index: int) -> str:
 def segment_carry_path(index: int) -> str:
     """Per-(source, phase) Σ β₁^(b−t) u of a segment (AdamW with momentum)."""
     return f"embed/carry/seg{index:04d}.parquet"
+
+
+def segment_q_path(index: int) -> str:
+    """The second-moment response's matrix Q beside K (AdamW with v's response)."""
+    return f"embed/Q/seg{index:04d}.safetensors"
+
+
+def segment_v_carry_path(index: int) -> str:
+    """Per-(source, phase) Σ β₂^(b−t) y of a segment (AdamW with v's response)."""
+    return f"embed/v_carry/seg{index:04d}.parquet"
 
 
 def segment_sums_path(index: int, final: bool = False) -> str:

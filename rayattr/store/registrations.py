@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^r(\d+)\.e(\d+)\.json$")  # r<rank>.e<epoch>.json
 
 # kinds a training run records: their writers must all be closed before attribution
-TRAINING_KINDS = ("train", "curvature", layout.UPDATE_KIND)
+TRAINING_KINDS = ("train", "curvature", layout.UPDATE_KIND, layout.V_RESPONSE_KIND)
 
 
 class OpenWritersError(StoreError):
