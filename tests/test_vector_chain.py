@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rayattr.math.dvemb import (
+    carried_ends,
     chain_vectors_back,
     compose_links,
     finalise_scores,
@@ -196,6 +197,28 @@ def test_suffix_scan_of_real_segments_equals_segment_combine(beta):
             if beta:
                 torch.testing.assert_close(link.R[n], r_ends[ell][n], rtol=1e-12, atol=1e-14)
         assert (link.R is None) == (not beta)
+
+
+@pytest.mark.parametrize("width", [None, 2])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_suffix_scan_carries_q_as_the_sequential_chain_does(n, width):
+    """v's response: Q rides in each link beside R with β₂ for β₁, and the scan's Q at every
+    segment's end equals carried_ends, the sequential chain's, to float64 rounding."""
+    Ks, Rs, lengths = random_segments(n, 0.9, seed=10 + n)
+    _, Qs, _ = random_segments(n, 0.9, seed=20 + n)
+    beta2 = 0.95
+    own = [segment_link(K, R, length, 0.9, Q_loc=Q, beta2=beta2)
+           for K, R, Q, length in zip(Ks[1:], Rs[1:], Qs[1:], lengths[1:])]
+    links = suffix_scan(own, lambda i, later, mine: compose_links(*copy.deepcopy((later, mine))), width) + [None]
+    suffixes, _ = segment_combine(Ks, Rs, lengths, 0.9)
+    q_ends = carried_ends(suffixes, Qs, lengths, beta2)
+    for ell, link in enumerate(links[:-1]):
+        for name in Ks[0]:
+            torch.testing.assert_close(link.Q[name], q_ends[ell][name], rtol=1e-12, atol=1e-13)
+        assert link.carry_q == pytest.approx(beta2 ** sum(lengths[ell + 1:]), rel=1e-14)
+    assert all(float(q.abs().max()) > 0 for q in q_ends[0].values())
+    with pytest.raises(ValueError, match="both links carry Q"):
+        compose_links(own[0], segment_link(Ks[0], Rs[0], lengths[0], 0.9))
 
 
 def test_compose_links_refuses_mixed_momentum():
