@@ -61,7 +61,7 @@ GRID: dict[str, tuple] = {
     "sgd-0.05": (0.05, SGD, NO_CLIP, 16, {}),
     "sgd-0.05-r32": (0.05, SGD, NO_CLIP, 32, {}),
     "sgd-0.01-r32": (0.01, SGD, NO_CLIP, 32, {}),
-    "sgd-0.05-b64": (0.05, SGD, NO_CLIP, 16, {"grad_accum": 4, "epochs": 8}),  # 20 steps of 64
+    "sgd-0.05-b64": (0.05, SGD, NO_CLIP, 16, {"grad_accum": 4, "epochs": 8}),  # 16 steps of 64
     "adamw-1e-3-clip": (1e-3, ADAMW, CLIP, 16, {}),
     "adamw-1e-3": (1e-3, ADAMW, NO_CLIP, 16, {}),
     "adamw-1e-4": (1e-4, ADAMW, NO_CLIP, 16, {}),
