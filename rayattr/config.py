@@ -205,6 +205,12 @@ class EmbedConfig:
     """q: the recursion also runs on the q×q blocks of each projected layer, whose spread gives
     every value a standard error (values/samples.parquet value_se); 1 = off. Needs capture.rank
     divisible by q."""
+    clip_response: bool = False
+    """At steps gradient clipping acted on, give the recursion and the values the clipped step's
+    own response to a sample, κ (I − ĝĝᵀ) g, instead of κ g (dvemb.clipped_step_rows; docs/method.md
+    §9): the component along the batch's mean gradient, which clipping takes out, made the values
+    3–7× too large at the last step of bench/regime.py's clipped runs. Off until it has been
+    measured on more runs than those."""
 
 
 @dataclass

@@ -230,3 +230,40 @@ def test_kept_states_are_the_runs_own_and_re_seat_the_exact_replay(trained):
     free = exact_values(rp, every=4, anchor=False)
     a, b = anchored.samples["value"].to_numpy(), free.samples["value"].to_numpy()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_clip_response_segments_equal_the_core(trained, tmp_path, segments):
+    """embed.clip_response: at every clipped step the segments' rows are the clipped step's own
+    (tests/test_clip_response.py's explicit ũ = u − ū⟨g, ḡ⟩/‖ḡ‖², here built by hand from
+    the stored rows), through the sweep, the chain and the momentum term the finalize reads."""
+    from test_clip_response import explicit
+
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    embed_and_reduce(cfg.with_overrides(**{"embed.clip_response": True}), run, result.num_steps, segments=segments,
+                     progress=False)
+    batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    updates = GradientReader(run, kind="update").read_steps(0, None, dtype=torch.float64)
+    rs = [{r.step: r for r in run.step_records()}[b.step] for b in batches]
+    assert sum(r.clip < 1 for r in rs) >= 3
+    rows = [explicit(b.grads, u.grads) if r.clip < 1 else u.grads for b, u, r in zip(batches, updates, rs)]
+    emb = data_value_embeddings([b.grads for b in batches], [r.eta / r.clip for r in rs],
+                                updates=[{n: r.clip * x for n, x in u.items()} for u, r in zip(rows, rs)],
+                                momentum=rs[0].beta1, decay=[r.decay for r in rs])
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want, rtol=2e-5,
+                               atol=1e-10)
+    final = _embeddings(run)
+    for b, e in zip(batches, emb):
+        for n in e:
+            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-6 * float(e[n].abs().max()))
+    # the report says the values take the clipped steps' own response, not that they hold κ
+    from rayattr.report.trust import clipping_sentence
+
+    run.reload_manifest()
+    assert run.manifest["clip_response"] is True and "with embed.clip_response" in clipping_sentence(run)
+    assert "hold its factor" in clipping_sentence(base)
+    # and it is not the run's own embedding: the clipped steps' values moved
+    held = torch.cat(influence(core_adamw(base)[1], validation_gradient(run))).numpy()
+    assert np.abs(want - held).max() > 0.1 * np.abs(held).max()

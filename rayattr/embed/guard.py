@@ -47,17 +47,23 @@ def describe(eta_lambda: float, momentum: float = 0.0) -> str:
     return f"within {ETA_LAMBDA_WARN:g}: the recursion contracts"
 
 
-def clipping_note(clipped: int, steps: int) -> str:
+def clipping_note(clipped: int, steps: int, corrected: bool = False) -> str:
     """What holding the clip factor κ costs, for a run clipped at `clipped` of its `steps`.
 
     A clipped step moves along κḡ with ‖κḡ‖ fixed, so one sample's weight turns the step
     rather than lengthening it: its exact response is κ (I − ĝĝᵀ) g, without the component
     along the batch's mean gradient ĝ. The recursion holds κ and keeps that component, which
     is most of a sample's inner product with a test gradient: on the runs of bench/regime.py
-    the last step's values came out 3–7× the exact response (docs/method.md §9)."""
+    the last step's values came out 3–7× the exact response (docs/method.md §9). `corrected`:
+    the run was embedded with embed.clip_response, which gives those steps their own rows."""
+    if corrected:
+        return (f"gradient clipping acted at {clipped} of {steps} steps; with embed.clip_response the values take "
+                "each clipped step's own response to a sample, without its component along the batch's mean "
+                "gradient (docs/method.md §9)")
     return (f"gradient clipping acted at {clipped} of {steps} steps; the values hold its factor κ fixed, so at those "
             "steps they keep each sample's component along the batch's mean gradient, which clipping takes out of "
-            "its real effect: there they can be several times too large (docs/method.md §9)")
+            "its real effect: there they can be several times too large (embed.clip_response corrects it; "
+            "docs/method.md §9)")
 
 
 class DivergenceError(RayattrError, RuntimeError):

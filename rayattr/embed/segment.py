@@ -32,8 +32,8 @@ import ray
 import torch
 
 from rayattr.runtime import hooks
-from rayattr.math.dvemb import (Link, SegmentRecursion, carry_vectors_back, chain_vectors_back, compose_links,
-                                finalise_scores, finalise_step, segment_link)
+from rayattr.math.dvemb import (Link, SegmentRecursion, carry_vectors_back, chain_vectors_back, clipped_step_rows,
+                                compose_links, finalise_scores, finalise_step, segment_link)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
@@ -67,7 +67,7 @@ class SegmentWorker:
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = READ_CHUNK, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
-                 write_chunk: int = WRITE_CHUNK, beta2: float = 0.0):
+                 write_chunk: int = WRITE_CHUNK, beta2: float = 0.0, clip_response: bool = False):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 mode="record")
@@ -88,6 +88,7 @@ class SegmentWorker:
         self.momentum = momentum  # Adam's β₁
         # Adam's β₂ when the run recorded v's response rows (0: v frozen, no Q)
         self.beta2 = beta2
+        self.clip_response = clip_response  # embed.clip_response: clipped steps' own rows
         if beta2 and not updates:
             raise ValueError("v's response (beta2 > 0) goes with an AdamW run's update rows")
 
@@ -111,7 +112,8 @@ class SegmentWorker:
         span = (s.start, s.end)  # each reader opens only the index objects of this segment
         reader = GradientReader(self.run, kind="train", step_range=span)
         curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if self.updates else None
+        upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response)
+               if self.updates else None)
         resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if self.beta2 else None
         chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum, beta2=self.beta2)
@@ -146,10 +148,13 @@ class SegmentWorker:
                     record = etas[batch.step]
                     rows = curv_by_step.get(batch.step) if curv else None
                     if upd is None:
+                        # a clipped SGD step's rows turn the step (dvemb.clipped_step_rows): u ≠ g there
+                        u = (self.blocks.augment(clipped_step_rows(batch.grads, batch.grads))
+                             if self.clip_response and record.clip < 1.0 and rows is None else None)
                         emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
-                                       batch_size=len(batch.sample_ids), step=batch.step)
+                                       batch_size=len(batch.sample_ids), step=batch.step, updates=u)
                     else:
-                        u = upd.rows(u_by_step, batch, record)
+                        u = upd.rows(u_by_step, batch, record, raw=batch.grads)
                         y = resp.rows(y_by_step, batch, record) if resp is not None else None
                         emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
@@ -161,7 +166,7 @@ class SegmentWorker:
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
                     el = eta_lambda_max(batch.grads, record.eta if upd is None else upd.step_size(record),
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
-                                        updates=u if upd is not None else None)
+                                        updates=u)
                     # stops before this step's rows are written (and K, which marks the segment done)
                     check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
                     worst = max(worst, (el, batch.step))
@@ -302,7 +307,8 @@ class SegmentWorker:
         # Q at the segment's end: zero for the last segment (no link)
         Q_end = ({n: m.to(self.dtype) for n, m in link.Q.items()}
                  if link is not None and self.beta2 and embeddings else None)
-        upd = AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end) if z is not None else None
+        upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response)
+               if z is not None else None)
         resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if zq is not None else None
         full = self.run.step_records(s.start, s.end)
         inputs = SegmentInputs(self.run, s.index, s.start, s.end, full)  # every step's local rows, or a refusal
@@ -421,15 +427,24 @@ class AdamSteps:
     comes out as κ_s·lr_s/|B| as before.
     """
 
-    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, start: int, end: int):
+    def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, start: int, end: int,
+                 clip_response: bool = False):
         self.reader = GradientReader(run, kind=UPDATE_KIND, step_range=(start, end))
+        self.run, self.span, self.clip_response = run, (start, end), clip_response
         self.blocks, self.momentum, self.end = blocks, momentum, end
+        self._chunk: tuple[int, int, torch.dtype] | None = None
+        self._raw: dict[int, Any] | None = None  # the chunk's raw rows, read at its first clipped step
+        self._raw_reader: GradientReader | None = None
 
     def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:
+        self._chunk, self._raw = (a, b, dtype), None
         return {u.step: u for u in self.reader.read_steps(a, b, dtype=dtype)}
 
-    def rows(self, by_step: dict[int, Any], batch, record) -> dict[str, torch.Tensor]:
-        """κ_t·u of the step's occurrences, block layers included, in the batch's row order."""
+    def rows(self, by_step: dict[int, Any], batch, record, raw: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """κ_t·u of the step's occurrences, block layers included, in the batch's row order. With
+        embed.clip_response, at a clipped step u is the clipped step's row (dvemb.clipped_step_rows),
+        which needs the step's raw rows: `raw` where the caller holds them (the sweep), else read here."""
         u = by_step.get(batch.step)
         if u is None or u.sample_ids.tolist() != batch.sample_ids.tolist():
             raise RuntimeError(f"step {batch.step}: the update rows do not match the gradient rows")
@@ -439,7 +454,23 @@ class AdamSteps:
                                f"{batch.step + 1} (a skipped update); not supported with AdamW")
         if abs(record.beta1 - self.momentum) > 0:
             raise RuntimeError(f"step {batch.step}: recorded β₁ {record.beta1} differs from the run's {self.momentum}")
-        return {n: record.clip * g for n, g in self.blocks.augment(u.grads).items()}
+        rows = u.grads
+        if self.clip_response and record.clip < 1.0:
+            rows = clipped_step_rows(raw if raw is not None else self._raw_rows(batch, u), rows)
+        return {n: record.clip * g for n, g in self.blocks.augment(rows).items()}
+
+    def _raw_rows(self, batch, u) -> dict[str, torch.Tensor]:
+        """The step's raw gradient rows, for a caller that holds only its embeddings (finalize):
+        the last read() chunk's, read once."""
+        if self._raw is None:
+            if self._raw_reader is None:
+                self._raw_reader = GradientReader(self.run, kind="train", step_range=self.span)
+            a, b, dtype = self._chunk if self._chunk is not None else (batch.step, batch.step + 1, torch.float32)
+            self._raw = {r.step: r for r in self._raw_reader.read_steps(a, b, dtype=dtype)}
+        found = self._raw.get(batch.step)
+        if found is None or found.sample_ids.tolist() != batch.sample_ids.tolist():
+            raise RuntimeError(f"step {batch.step}: the gradient rows do not match the update rows")
+        return found.grads
 
     @staticmethod
     def step_size(record) -> float:

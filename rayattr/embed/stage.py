@@ -66,8 +66,8 @@ def segment_placement(n_segments: int, resources: dict[str, float], use_gpu: boo
 def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n_segments: int,
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
                    use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2,
-                   updates: bool = False, momentum: float = 0.0, beta2: float = 0.0
-                   ) -> tuple[list, list[SegmentSpec], Any]:
+                   updates: bool = False, momentum: float = 0.0, beta2: float = 0.0,
+                   clip_response: bool = False) -> tuple[list, list[SegmentSpec], Any]:
     """One actor per segment; `updates` and `momentum` (Adam's β₁) for an AdamW run, `beta2`
     (Adam's β₂) when it recorded v's response rows (0: v frozen). Returns the
     actors, their step ranges and their placement group (None if SPREAD only), which the
@@ -86,7 +86,8 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
     actors = [SegmentActor.options(**resources, max_restarts=3, max_task_retries=3, scheduling_strategy=where(i))
               .remote(run_uri, storage_options, s, edges, curvature, dtype,
                       keep_sample_embeddings=keep_sample_embeddings,
-                      error_blocks=error_blocks, updates=updates, momentum=momentum, beta2=beta2)
+                      error_blocks=error_blocks, updates=updates, momentum=momentum, beta2=beta2,
+                      clip_response=clip_response)
               for i, s in enumerate(specs)]
     return actors, specs, pg
 

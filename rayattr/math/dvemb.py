@@ -65,6 +65,25 @@ def momentum_weight(momentum: float, step: int) -> float:
     return (1.0 - momentum) / (1.0 - momentum ** (step + 1))
 
 
+def clipped_step_rows(grads: Layers, updates: Layers) -> dict[str, torch.Tensor]:
+    """A clipped step's update rows (docs/method.md §7, "Clipping"): the step moves along
+    κ ḡ with κ = c/‖ḡ‖, so a sample's weight turns it rather than lengthening it, and its
+    response is κ (I − ĝĝᵀ) g (under AdamW P κ (I − ĝĝᵀ) g), not κ g:
+
+        ũ_i = u_i − ū ⟨g_i, ḡ⟩ / ‖ḡ‖²,    ḡ = mean_i g_i,  ū = mean_i u_i  (u = g under SGD)
+
+    over the step's whole global batch, the inner products summed over every layer. Taken in
+    the rows' own (projected) space: a projection's error common to g, ḡ and the test gradient
+    then scales both terms alike. K's curvature term Σ ũ gᵀ is (I − ĝĝᵀ) Σ u gᵀ, the clip's
+    Jacobian, so the same rows serve the recursion and the values. κ itself stays in η."""
+    gbar = {n: g.mean(0) for n, g in grads.items()}
+    norm2 = sum(float(x.double() @ x.double()) for x in gbar.values())
+    if norm2 == 0.0:
+        return dict(updates)
+    share = sum(g.double() @ gbar[n].double() for n, g in grads.items()) / norm2  # (B,): ⟨g_i, ḡ⟩/‖ḡ‖²
+    return {n: u - share.to(u.dtype)[:, None] * u.mean(0) for n, u in updates.items()}
+
+
 @dataclass
 class SegmentRecursion:
     """Backward sweep over one influence-checkpoint segment, one step at a time.

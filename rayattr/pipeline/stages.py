@@ -249,7 +249,8 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     actors, specs, placement = start_segments(
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
-        cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1, beta2=response_beta2(cfg, opt))
+        cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1, beta2=response_beta2(cfg, opt),
+        clip_response=cfg.embed.clip_response)
     try:  # the actors and their placement group go on every exit path (a divergence included)
         # the test side first: each actor sums its shard of the validation set at the final
         # model before its sweep, so the model is freed before K is built
@@ -266,9 +267,9 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
             log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
                         eta_lambda_name(opt.adamw), worst[0], worst[1], describe(worst[0], opt.beta1))
         clipped = sum(1 for r in run.step_losses() if r.clip < 1.0)  # four columns of the records
-        run.update_manifest(clipped_steps=clipped)
+        run.update_manifest(clipped_steps=clipped, clip_response=cfg.embed.clip_response)
         if clipped:
-            log.warning("%s", clipping_note(clipped, num_steps))
+            log.warning("%s", clipping_note(clipped, num_steps, cfg.embed.clip_response))
 
         t = time.perf_counter()
         run.update_manifest(status="reducing")

@@ -123,7 +123,7 @@ def clipping_sentence(run: Run) -> str | None:
     clipped, steps = run.manifest.get("clipped_steps"), run.manifest.get("num_steps")
     if not clipped or not steps:
         return None
-    note = clipping_note(int(clipped), int(steps))
+    note = clipping_note(int(clipped), int(steps), bool(run.manifest.get("clip_response")))
     return note[0].upper() + note[1:] + "."
 
 
