@@ -174,6 +174,9 @@ SLOW_FIXTURES = {"local_ray", "s3_store", "finished_run", "validated_run"}
 SHARED_RUNS = {"finished_run", "validated_run"}
 
 
+# before xdist's own hook, which reads the groups to suffix each node id: after it, a module's
+# tests were spread over both workers and its module-scoped runs made twice
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     shared_modules = {item.module.__name__ for item in items if SHARED_RUNS.intersection(item.fixturenames)}
     for item in items:
