@@ -22,7 +22,7 @@ import yaml
 import faults
 from faults import fired
 from rayattr.store import GradientReader, Run, StoreOptions
-from rayattr.store.layout import TRAIN_PROGRESS
+from rayattr.store.layout import FINAL_WEIGHTS, TRAIN_PROGRESS
 
 pytestmark = pytest.mark.slow  # each test runs the job, most of them twice
 
@@ -150,9 +150,15 @@ def test_every_process_killed_and_the_s3_server_restarted_then_resumed(baseline,
     run = Run.open(root, "d", options=opts)
     # the driver dies once rank 0 reports step 12; Ray Train's ranks run on until the cluster
     # goes, so the last complete checkpoint (every 4 steps) is step 12 or a later one
-    resumed = run.manifest["resumed_from"]
-    assert run.manifest["status"] == "done" and 12 <= resumed < run.manifest["num_steps"] and resumed % 4 == 0
-    assert run.manifest["train_restarts"] == 0  # the resumed driver's gang ran through
+    assert run.manifest["status"] == "done"
+    resumed = run.manifest.get("resumed_from")
+    if resumed is not None:
+        assert 12 <= resumed < run.manifest["num_steps"] and resumed % 4 == 0
+        assert run.manifest["train_restarts"] == 0  # the resumed driver's gang ran through
+    else:  # the dead driver's ranks ran on to the last step before its cluster went (their
+        # writes are fenced by epoch, not stopped): the new driver found the final weights and
+        # had nothing left to train, so it recorded no training of its own
+        assert run.exists(FINAL_WEIGHTS)
     assert_trajectory_complete(run, run.manifest["num_steps"])
     assert run.step_records() == baseline.step_records()
     for a, b in zip(*(GradientReader(r, kind="update").read_steps(0, None) for r in (baseline, run))):
