@@ -42,12 +42,16 @@ class ModelConfig:
 
 @dataclass
 class BuiltinDataConfig:
+    kind: str = "docstrings"
+    """"docstrings": six standard-library docstring families and `corrupted` (near-exchangeable
+    clean sources); "graded": sources of graded true value, from near-duplicates of the validation
+    texts to pure noise (rayattr/data/graded.py), for checking per-source answers."""
     n_train: int = 1536
     """Training samples of the built-in standard-library docstring corpus."""
     n_validation: int = 128
     """Held-out validation samples (clean sources only)."""
     corrupted_fraction: float = 0.15
-    """Share of training samples in the deliberately corrupted source `corrupted`."""
+    """Share of training samples in the deliberately corrupted source `corrupted` (kind "docstrings")."""
     max_chars: int | None = None
     """Longest sample in UTF-8 bytes; None: data.seq_len − 1, so that every text with its eos
     fits in data.seq_len tokens and none is truncated (DataConfig.builtin_max_chars)."""
@@ -285,6 +289,8 @@ class Config:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if not (math.isfinite(t.lr) and t.lr > 0):
             raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
+        if self.data.builtin.kind not in ("docstrings", "graded"):
+            raise ConfigError(f"data.builtin.kind must be 'docstrings' or 'graded', got {self.data.builtin.kind!r}")
         if not 0 <= self.data.builtin.corrupted_fraction < 1:
             raise ConfigError(f"data.builtin.corrupted_fraction must be in [0, 1), got {self.data.builtin.corrupted_fraction}")
         if t.checkpoint_every < 0 or t.max_restarts < 0 or t.states_every < 0:

@@ -63,7 +63,7 @@ CORRUPTED_SOURCE = "corrupted"
 # Samples shorter than this carry too little text to be worth a training row.
 DEFAULT_MIN_CHARS = 64
 # Printable ASCII used as the noise alphabet for corrupted samples.
-_NOISE_ALPHABET = np.array([chr(c) for c in range(0x20, 0x7F)])
+NOISE_ALPHABET = np.array([chr(c) for c in range(0x20, 0x7F)])
 
 
 def _import_or_none(name: str):
@@ -224,24 +224,24 @@ def corrupt_text(text: str, rng: np.random.Generator, mode: str) -> str:
         chars = np.array(list(text))
         out = "".join(chars[rng.permutation(len(chars))])
     elif mode == "noise":
-        out = "".join(rng.choice(_NOISE_ALPHABET, size=len(text)))
+        out = "".join(rng.choice(NOISE_ALPHABET, size=len(text)))
     else:
         raise DataError(f"unknown corruption mode {mode!r}; expected 'shuffle' or 'noise'")
     return normalize_whitespace(out) or "~"
 
 
-def _split_evenly(total: int, names: list[str]) -> dict[str, int]:
+def split_evenly(total: int, names: list[str]) -> dict[str, int]:
     """total items over names as evenly as possible; the first names get the remainder."""
     base, extra = divmod(total, len(names))
     return {name: base + (1 if i < extra else 0) for i, name in enumerate(names)}
 
 
-def _source_rng(seed: int, source: str) -> np.random.Generator:
+def source_rng(seed: int, source: str) -> np.random.Generator:
     """RNG for one source, keyed by name (CRC, not hash()) so sources don't perturb each other."""
     return np.random.default_rng([seed, zlib.crc32(source.encode())])
 
 
-def _table(ids: np.ndarray, sources: list[str], texts: list[str]) -> pa.Table:
+def corpus_table(ids: np.ndarray, sources: list[str], texts: list[str]) -> pa.Table:
     return pa.table({
         "id": pa.array(ids, type=pa.int64()),
         "source": pa.array(sources, type=pa.string()),
@@ -278,9 +278,9 @@ def builtin_corpus(
     pools = source_pools(max_chars, min_chars)
     clean = [s for s in sorted(pools) if pools[s]]
     n_corrupted = int(round(corrupted_fraction * n_train))
-    train_counts = _split_evenly(n_train - n_corrupted, clean)
-    val_counts = _split_evenly(n_validation, clean)
-    corrupt_counts = _split_evenly(n_corrupted, clean)  # which clean source feeds each
+    train_counts = split_evenly(n_train - n_corrupted, clean)
+    val_counts = split_evenly(n_validation, clean)
+    corrupt_counts = split_evenly(n_corrupted, clean)  # which clean source feeds each
 
     train_src: list[str] = []
     train_txt: list[str] = []
@@ -294,7 +294,7 @@ def builtin_corpus(
                 f"built-in source {source!r} has {len(pool)} samples at max_chars={max_chars}, "
                 f"min_chars={min_chars}, but {need} are needed ({train_counts[source]} train + "
                 f"{val_counts[source]} validation); lower n_train/n_validation or max_chars")
-        rng = _source_rng(seed, source)
+        rng = source_rng(seed, source)
         order = rng.permutation(len(pool))
         val_idx = order[:val_counts[source]]
         train_idx = order[val_counts[source]:need]
@@ -316,7 +316,7 @@ def builtin_corpus(
             train_txt.append(corrupt_text(pool[i], rng, mode))
 
     row_order = np.random.default_rng([seed, zlib.crc32(b"train-rows")]).permutation(n_train)
-    train = _table(np.arange(n_train), [train_src[i] for i in row_order],
+    train = corpus_table(np.arange(n_train), [train_src[i] for i in row_order],
                    [train_txt[i] for i in row_order])
-    validation = _table(np.arange(n_train, n_train + n_validation), val_src, val_txt)
+    validation = corpus_table(np.arange(n_train, n_train + n_validation), val_src, val_txt)
     return train, validation

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from rayattr.data.corpus import builtin_corpus
+from rayattr.data.graded import graded_corpus
 from rayattr.data.errors import DataError
 from rayattr.data.files import check_unique_ids
 from rayattr.data import stage
@@ -125,9 +126,13 @@ def prepare(cfg, storage_options: dict | None = None, on_ray: bool = True,
     ref, copy, copy_from, with_id = None, None, None, True
     if d.train is None:
         b = d.builtin
-        copy, validation = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
-                                          corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
-                                          max_chars=d.builtin_max_chars)
+        if b.kind == "graded":
+            copy, validation = graded_corpus(n_train=b.n_train, n_validation=b.n_validation,
+                                             seed=cfg.train.seed, max_chars=d.builtin_max_chars)
+        else:
+            copy, validation = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
+                                              corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed,
+                                              max_chars=d.builtin_max_chars)
         source, n, urls, starts, buckets = engine.table_source(copy), copy.num_rows, ("built-in corpus",), (0,), 0
     else:
         files = files or check_files(cfg, so)

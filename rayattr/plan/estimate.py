@@ -336,11 +336,12 @@ def ipc_bytes(rows: int, batches: int, files: int, dtype: str, *, n_layers: int,
             + files * _FILE_COLUMN_OVERHEAD * cols)
 
 
-def builtin_sources() -> tuple[int, int]:
-    """(number of sources, mean name length) of the built-in corpus."""
+def builtin_sources(kind: str = "docstrings") -> tuple[int, int]:
+    """(number of sources, mean name length) of the built-in corpus of that kind."""
     from rayattr.data.corpus import CLEAN_SOURCES, CORRUPTED_SOURCE
+    from rayattr.data.graded import GRADED_SOURCES
 
-    names = [*CLEAN_SOURCES, CORRUPTED_SOURCE]
+    names = list(GRADED_SOURCES) if kind == "graded" else [*CLEAN_SOURCES, CORRUPTED_SOURCE]
     return len(names), round(sum(map(len, names)) / len(names))
 
 
@@ -543,7 +544,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     keep = cfg.embed.keep_sample_embeddings if per_source is None else not per_source
     tp = throughput or Throughput.for_config(cfg)
     if cfg.data.train is None and n_sources is None:
-        n_sources, source_chars = builtin_sources()
+        n_sources, source_chars = builtin_sources(cfg.data.builtin.kind)
     n_sources = n_sources or 16
     n_val = n_validation or (cfg.data.builtin.n_validation if cfg.data.train is None else max(1, n // 100))
     G, L = bp.global_batch_size, len(layers)
