@@ -107,6 +107,40 @@ def test_segments_carry_q_as_the_core(recorded, responding, tmp_path, segments):
         np.testing.assert_allclose(by_phase, row["value"], rtol=2e-5)
 
 
+def test_clip_response_turns_y_as_it_turns_u(recorded, responding, tmp_path):
+    """embed.clip_response with v's response: at a clipped step both the update rows and the
+    rows y are the clipped step's own (y is linear in the sample's gradient, so the same
+    ũ = u − ū⟨g, ḡ⟩/‖ḡ‖² applies), through the sweep, the chain and the finalize's own read of
+    the raw rows (3 segments). Fails if y is left as it was."""
+    from test_clip_response import explicit
+
+    cfg, _, result = recorded
+    run = copy_trained(responding, tmp_path)
+    embed_and_reduce(cfg.with_overrides(**{"embed.clip_response": True}), run, result.num_steps, segments=3,
+                     progress=False)
+    batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    updates = GradientReader(run, kind="update").read_steps(0, None, dtype=torch.float64)
+    ys = GradientReader(run, kind=V_RESPONSE_KIND).read_steps(0, None, dtype=torch.float64)
+    rs = [{r.step: r for r in run.step_records()}[b.step] for b in batches]
+    assert sum(r.clip < 1 for r in rs) >= 3
+
+    def values(turn_y: bool) -> np.ndarray:
+        u = [explicit(b.grads, x.grads) if r.clip < 1 else x.grads for b, x, r in zip(batches, updates, rs)]
+        y = [explicit(b.grads, x.grads) if r.clip < 1 and turn_y else x.grads for b, x, r in zip(batches, ys, rs)]
+        emb = data_value_embeddings(
+            [b.grads for b in batches], [r.eta / r.clip for r in rs],
+            updates=[{n: r.clip * g for n, g in x.items()} for x, r in zip(u, rs)], momentum=rs[0].beta1,
+            decay=[r.decay for r in rs], v_rows=[{n: r.clip * g for n, g in x.items()} for x, r in zip(y, rs)],
+            beta2=rs[0].beta2)
+        return torch.cat(influence(emb, validation_gradient(run))).numpy()
+
+    got = run.read_table("values/samples.parquet")["value"].to_numpy()
+    want = values(turn_y=True)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-10)
+    held = values(turn_y=False)
+    assert np.abs(want - held).max() > 1e-3 * np.abs(held).max()
+
+
 def test_per_source_mode_carries_q(recorded, responding, tmp_path):
     """The forward scan of the sums subtracts Q^loc q past each segment's end."""
     cfg, _, result = recorded

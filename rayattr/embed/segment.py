@@ -114,7 +114,8 @@ class SegmentWorker:
         curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
         upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response)
                if self.updates else None)
-        resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if self.beta2 else None
+        resp = (ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end, self.clip_response)
+                if self.beta2 else None)
         chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
         rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum, beta2=self.beta2)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
@@ -155,7 +156,7 @@ class SegmentWorker:
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u)
                     else:
                         u = upd.rows(u_by_step, batch, record, raw=batch.grads)
-                        y = resp.rows(y_by_step, batch, record) if resp is not None else None
+                        y = resp.rows(y_by_step, batch, record, raw=batch.grads) if resp is not None else None
                         emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
                                        decay=record.decay, v_rows=y)
@@ -307,9 +308,11 @@ class SegmentWorker:
         # Q at the segment's end: zero for the last segment (no link)
         Q_end = ({n: m.to(self.dtype) for n, m in link.Q.items()}
                  if link is not None and self.beta2 and embeddings else None)
-        upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response)
+        raw = RawRows(self.run, s.start, s.end) if self.clip_response else None
+        upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response, raw)
                if z is not None else None)
-        resp = ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end) if zq is not None else None
+        resp = (ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end, self.clip_response, raw)
+                if zq is not None else None)
         full = self.run.step_records(s.start, s.end)
         inputs = SegmentInputs(self.run, s.index, s.start, s.end, full)  # every step's local rows, or a refusal
         records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
@@ -330,6 +333,8 @@ class SegmentWorker:
                 b = min(s.end, a + self.read_chunk)
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
                 y_by_step = resp.read(a, b, self.dtype) if resp is not None else {}
+                if raw is not None:
+                    raw.chunk(a, b, self.dtype)
                 cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
                 batches = reader.read_steps(a, b, dtype=self.dtype)
                 inputs.check(LOCAL_KIND, a, b, batches, reader, by_rank=False)
@@ -418,6 +423,40 @@ SCORES_SCHEMA = pa.schema([("source", pa.string()), ("phase", pa.int64()), ("lay
                            ("n_occurrences", pa.int64()), ("value", pa.float64())])
 
 
+class RawRows:
+    """A segment's raw gradient rows, for a pass that holds only the update rows or the local
+    embeddings (finalize) when a clipped step's own rows need them (embed.clip_response): the
+    current chunk's, read once at its first clipped step."""
+
+    def __init__(self, run: Run, start: int, end: int):
+        self.reader = GradientReader(run, kind="train", step_range=(start, end))
+        self._chunk: tuple[int, int, torch.dtype] | None = None
+        self._rows: dict[int, Any] | None = None
+
+    def chunk(self, a: int, b: int, dtype: torch.dtype) -> None:
+        self._chunk, self._rows = (a, b, dtype), None
+
+    def of(self, batch) -> dict[str, torch.Tensor]:
+        if self._rows is None:
+            a, b, dtype = self._chunk if self._chunk is not None else (batch.step, batch.step + 1, torch.float32)
+            self._rows = {r.step: r for r in self.reader.read_steps(a, b, dtype=dtype)}
+        found = self._rows.get(batch.step)
+        if found is None or found.sample_ids.tolist() != batch.sample_ids.tolist():
+            raise RuntimeError(f"step {batch.step}: the gradient rows do not match the update rows")
+        return found.grads
+
+
+def clipped_rows(rows: dict[str, torch.Tensor], batch, record, clip_response: bool,
+                 raw: dict[str, torch.Tensor] | None, reader: RawRows | None) -> dict[str, torch.Tensor]:
+    """rows as the step's own response: turned at a clipped step with embed.clip_response
+    (dvemb.clipped_step_rows, from `raw` or the segment's RawRows), else as they are."""
+    if not (clip_response and record.clip < 1.0):
+        return rows
+    if raw is None and reader is None:
+        raise RuntimeError(f"step {batch.step}: a clipped step's own rows need its raw gradient rows")
+    return clipped_step_rows(raw if raw is not None else reader.of(batch), rows)
+
+
 class AdamSteps:
     """A segment's view of an AdamW run's update rows and step records (docs/method.md §7).
 
@@ -428,23 +467,20 @@ class AdamSteps:
     """
 
     def __init__(self, run: Run, blocks: ProjectionBlocks, momentum: float, start: int, end: int,
-                 clip_response: bool = False):
+                 clip_response: bool = False, raw: RawRows | None = None):
         self.reader = GradientReader(run, kind=UPDATE_KIND, step_range=(start, end))
-        self.run, self.span, self.clip_response = run, (start, end), clip_response
+        self.clip_response, self.raw = clip_response, raw
         self.blocks, self.momentum, self.end = blocks, momentum, end
-        self._chunk: tuple[int, int, torch.dtype] | None = None
-        self._raw: dict[int, Any] | None = None  # the chunk's raw rows, read at its first clipped step
-        self._raw_reader: GradientReader | None = None
 
     def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:
-        self._chunk, self._raw = (a, b, dtype), None
         return {u.step: u for u in self.reader.read_steps(a, b, dtype=dtype)}
 
     def rows(self, by_step: dict[int, Any], batch, record, raw: dict[str, torch.Tensor] | None = None
              ) -> dict[str, torch.Tensor]:
         """κ_t·u of the step's occurrences, block layers included, in the batch's row order. With
         embed.clip_response, at a clipped step u is the clipped step's row (dvemb.clipped_step_rows),
-        which needs the step's raw rows: `raw` where the caller holds them (the sweep), else read here."""
+        which needs the step's raw rows: `raw` where the caller holds them (the sweep), else the
+        segment's :class:`RawRows`."""
         u = by_step.get(batch.step)
         if u is None or u.sample_ids.tolist() != batch.sample_ids.tolist():
             raise RuntimeError(f"step {batch.step}: the update rows do not match the gradient rows")
@@ -454,23 +490,8 @@ class AdamSteps:
                                f"{batch.step + 1} (a skipped update); not supported with AdamW")
         if abs(record.beta1 - self.momentum) > 0:
             raise RuntimeError(f"step {batch.step}: recorded β₁ {record.beta1} differs from the run's {self.momentum}")
-        rows = u.grads
-        if self.clip_response and record.clip < 1.0:
-            rows = clipped_step_rows(raw if raw is not None else self._raw_rows(batch, u), rows)
-        return {n: record.clip * g for n, g in self.blocks.augment(rows).items()}
-
-    def _raw_rows(self, batch, u) -> dict[str, torch.Tensor]:
-        """The step's raw gradient rows, for a caller that holds only its embeddings (finalize):
-        the last read() chunk's, read once."""
-        if self._raw is None:
-            if self._raw_reader is None:
-                self._raw_reader = GradientReader(self.run, kind="train", step_range=self.span)
-            a, b, dtype = self._chunk if self._chunk is not None else (batch.step, batch.step + 1, torch.float32)
-            self._raw = {r.step: r for r in self._raw_reader.read_steps(a, b, dtype=dtype)}
-        found = self._raw.get(batch.step)
-        if found is None or found.sample_ids.tolist() != batch.sample_ids.tolist():
-            raise RuntimeError(f"step {batch.step}: the gradient rows do not match the update rows")
-        return found.grads
+        return {n: record.clip * g for n, g in self.blocks.augment(
+            clipped_rows(u.grads, batch, record, self.clip_response, raw, self.raw)).items()}
 
     @staticmethod
     def step_size(record) -> float:
@@ -489,21 +510,27 @@ class ResponseRows:
     gradient v_t saw and g the raw row, so, as for the update rows (:class:`AdamSteps`), the
     occurrence's row is κ_t·y and the recursion's η_s = lr_s/|B|."""
 
-    def __init__(self, run: Run, blocks: ProjectionBlocks, beta2: float, start: int, end: int):
+    def __init__(self, run: Run, blocks: ProjectionBlocks, beta2: float, start: int, end: int,
+                 clip_response: bool = False, raw: RawRows | None = None):
         self.reader = GradientReader(run, kind=V_RESPONSE_KIND, step_range=(start, end))
         self.blocks, self.beta2, self.end = blocks, beta2, end
+        self.clip_response, self.raw = clip_response, raw
 
     def read(self, a: int, b: int, dtype: torch.dtype) -> dict[int, Any]:
         return {y.step: y for y in self.reader.read_steps(a, b, dtype=dtype)}
 
-    def rows(self, by_step: dict[int, Any], batch, record) -> dict[str, torch.Tensor]:
-        """κ_t·y of the step's occurrences, block layers included, in the batch's row order."""
+    def rows(self, by_step: dict[int, Any], batch, record, raw: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, torch.Tensor]:
+        """κ_t·y of the step's occurrences, block layers included, in the batch's row order. y is
+        linear in the sample's gradient, so with embed.clip_response a clipped step's y turns as
+        u does (dvemb.clipped_step_rows on y): v sees κ (I − ĝĝᵀ) g, not κ g."""
         y = by_step.get(batch.step)
         if y is None or y.sample_ids.tolist() != batch.sample_ids.tolist():
             raise RuntimeError(f"step {batch.step}: the v-response rows do not match the gradient rows")
         if record.beta2 is not None and abs(record.beta2 - self.beta2) > 0:
             raise RuntimeError(f"step {batch.step}: recorded β₂ {record.beta2} differs from the run's {self.beta2}")
-        return {n: record.clip * g for n, g in self.blocks.augment(y.grads).items()}
+        return {n: record.clip * g for n, g in self.blocks.augment(
+            clipped_rows(y.grads, batch, record, self.clip_response, raw, self.raw)).items()}
 
     def carried(self, rows: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """β₂^(b−t)·(κ_t y): what of the occurrence's row v carries past the segment."""
