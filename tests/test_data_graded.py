@@ -12,6 +12,7 @@ from rayattr.config import Config, ConfigError
 from rayattr.data import GRADED_SOURCES, DataError, graded_corpus
 from rayattr.data.corpus import NOISE_ALPHABET, default_min_chars
 from rayattr.data.graded import pseudo_text, replace_chars, swap_words
+from test_data import _bigrams, _cosine
 
 MAX_CHARS = 63
 
@@ -69,20 +70,6 @@ def test_clean_is_disjoint_from_validation_and_near_duplicates_are_close(corpus)
         assert same >= 0.5, near
     swapped = np.mean([near not in val for near in texts["near_validation"]])
     assert swapped > 0.5  # most copies differ from their original
-
-
-def _bigrams(texts):
-    counts = collections.Counter()
-    for text in texts:
-        counts.update(text[i:i + 2] for i in range(len(text) - 1))
-    return counts
-
-
-def _cosine(a, b):
-    keys = sorted(set(a) | set(b))
-    x = np.array([a[k] for k in keys], dtype=np.float64)
-    y = np.array([b[k] for k in keys], dtype=np.float64)
-    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
 
 
 def test_sources_are_graded_in_their_bigram_likeness_to_validation(corpus):
