@@ -103,6 +103,7 @@ def test_the_command_writes_exact_values_and_the_agreement(finished_run, tmp_pat
     rho = spearmanr(*zip(*pairs)).statistic
     assert summary["agreement"]["last quarter"]["spearman"] == pytest.approx(rho)
     assert "the float64 replay follows the run to the end" in out
+    assert summary["sharpness"]["step"] == summary["num_steps"] - 1 and "along the validation gradient" in out
     # `rayattr values --exact` lists the exact per-source table
     assert main(["values", str(copy), "--exact", "--format", "json"]) == 0
     import json
@@ -199,3 +200,76 @@ def test_validate_figures_the_exact_values_lds_on_the_same_retrains():
     assert got["exact_lds_ci"] == pytest.approx([-1.0, -1.0])  # every resample keeps the order
     assert got["exact_source_spearman"] == pytest.approx(-0.5)
     assert exact_counterfactuals(exact, [], []) == {}
+
+
+def test_top_eigenvalue_is_the_dense_matrix_s_largest_in_magnitude():
+    """Power iteration against numpy's float64 eigendecomposition, a positive and a negative
+    dominant eigenvalue, the operator split over two tensors as parameters are."""
+    from rayattr.exact.sharpness import top_eigenvalue
+
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    for top in (5.0, -5.0):
+        eig = np.concatenate([[top], rng.uniform(-2.0, 2.0, 29)])
+        m = torch.from_numpy(q @ np.diag(eig) @ q.T)
+
+        def hvp(v):
+            x = torch.cat([v[0].reshape(-1), v[1].reshape(-1)])
+            y = m @ x
+            return [y[:12].reshape(3, 4), y[12:]]
+
+        like = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(18, dtype=torch.float64)]
+        want = eig[np.argmax(np.abs(eig))]
+        assert top_eigenvalue(hvp, like, iterations=200) == pytest.approx(want, rel=1e-8)
+        assert abs(top_eigenvalue(hvp, like, iterations=3) - want) > 1e-6  # it is iterating, not exact
+
+
+def test_the_end_sharpness_along_the_validation_gradient_is_a_finite_difference(replay):
+    """η·⟨w, H w⟩/‖w‖² from Hessian-vector products against a central difference of the
+    training gradient along w, at the final weights on the last step's batch; the report says
+    it when it exceeds 1 (one step back turns w past zero)."""
+    from rayattr.exact.sharpness import end_sharpness, sharpness_sentence
+    from rayattr.store.layout import FINAL_WEIGHTS
+    from safetensors.torch import load
+
+    final = load(replay.run.read_bytes(FINAL_WEIGHTS))
+    params = {n: final[n].double() for n in replay.initial}
+    leaves = list(params)
+    w = list(torch.autograd.grad(replay.val_loss({n: x.requires_grad_(True) for n, x in params.items()}),
+                                 [params[n] for n in leaves]))
+    s = end_sharpness(replay, {n: x.detach() for n, x in params.items()}, [x.detach() for x in w], iterations=30)
+    t = replay.num_steps - 1
+    batch, _ = replay.batch(t)
+
+    def train_grad(shift: float) -> list[torch.Tensor]:
+        moved = {n: (params[n].detach() + shift * d).requires_grad_(True) for n, d in zip(leaves, w)}
+        return torch.autograd.grad(replay.per_sample(moved, batch).mean(), [moved[n] for n in leaves])
+
+    h = 1e-4
+    hw = [(a - b) / (2 * h) for a, b in zip(train_grad(h), train_grad(-h))]
+    ww = sum(float((x * x).sum()) for x in w)
+    along = s["eta"] * sum(float((x * y).sum()) for x, y in zip(w, hw)) / ww
+    assert s["eta_along_validation"] == pytest.approx(along, rel=1e-5)
+    assert s["eta"] == pytest.approx(replay.records[t].eta * replay.batch_size())
+    assert abs(s["eta_lambda_max"]) >= abs(s["eta_along_validation"]) - 1e-9  # no direction beats the top one
+    assert s["turns"] is (s["eta_along_validation"] > 1.0)
+    assert "along the validation gradient" in sharpness_sentence(s)
+    turned = {**s, "turns": True, "eta_along_validation": 1.33}
+    assert "trust the exact values" in sharpness_sentence(turned)
+    from rayattr.report.trust import exact_sentence
+
+    class Summary:  # a run whose exact/summary.json holds `summary`
+        def __init__(self, summary):
+            self.summary = summary
+
+        def exists(self, rel):
+            return True
+
+        def read_json(self, rel):
+            return self.summary
+
+    band = {"middle": {"steps": [1, 2], "spearman": 0.1, "rms_ratio": 3.0}}
+    assert "edge of stability along the validation gradient" in exact_sentence(
+        Summary({"agreement": band, "sharpness": turned}))
+    calm = {**s, "turns": False}
+    assert "edge of stability" not in exact_sentence(Summary({"agreement": band, "sharpness": calm}))

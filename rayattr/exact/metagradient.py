@@ -27,6 +27,7 @@ import torch
 
 from rayattr.exact.limits import checkpoint_bytes, default_every
 from rayattr.exact.replay import FREEZABLE, ExactError, Replay, State
+from rayattr.exact.sharpness import end_sharpness
 from rayattr.store.layout import EXACT_SAMPLES, EXACT_SOURCES, EXACT_SUMMARY, FINAL_WEIGHTS, SAMPLE_VALUES
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
     with torch.enable_grad():
         val_loss = replay.val_loss(final.params)
         adjoint = list(torch.autograd.grad(val_loss, list(final.params.values())))
+    sharp = end_sharpness(replay, final.params, adjoint)
     adjoint += [torch.zeros_like(x) for x in [*final.m.values(), *final.v.values()]]
 
     # backward: each segment re-run with its graph from its checkpoint, the last first
@@ -171,7 +173,8 @@ def exact_values(replay: Replay, every: int | None = None, freeze: frozenset = f
     summary = {"num_steps": T, "occurrences": T * B, "checkpoint_every": int(every), "anchors": len(anchors),
                "freeze": sorted(freeze), "val_loss": float(val_loss.detach()), **seen.summary(),
                "final_weights_relative_distance": seen.final_distance(final.params), "forward_s": round(forward_s, 2),
-               "total_s": round(time.perf_counter() - started, 2), "num_params": replay.num_params}
+               "total_s": round(time.perf_counter() - started, 2), "num_params": replay.num_params,
+               "sharpness": sharp}
     return ExactResult(_occurrences(replay, values), summary)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rayattr.exact.metagradient import exact_values, write_exact
 from rayattr.exact.replay import ExactError, Replay
+from rayattr.exact.sharpness import sharpness_sentence
 
 
 def run_exact(uri, storage_options: dict | None = None, every: int | None = None, freeze: frozenset = frozenset(),
@@ -39,6 +40,9 @@ def format_exact(uri: str, summary: dict) -> str:
                      "from there on are a sibling trajectory's, and removals before it are not first-order events")
     if summary.get("freeze"):
         lines.append(f"held at the run's values: {', '.join(summary['freeze'])}")
+    sharp = sharpness_sentence(summary.get("sharpness"))
+    if sharp:
+        lines.append(sharp)
     agree = summary.get("agreement")
     if agree:
         lines.append("the run's values against them (Spearman, rms ratio values ÷ exact; 1 and 1 are right):")

@@ -112,6 +112,11 @@ def exact_sentence(run: Run) -> str | None:
         text += (f" The run amplifies rounding from step {s['replay_departs_at']}: from there the float64 replay "
                  "follows a sibling of the run's trajectory" + (" between the states the run kept." if s.get("anchors")
                                                                  else "; keep states (train.states_every) to follow the run itself."))
+    sharp = s.get("sharpness")
+    if sharp and sharp.get("turns"):  # exact/sharpness.py: one step back turns w past zero
+        text += (f" The run ends at the edge of stability along the validation gradient (η·⟨w, H w⟩/‖w‖² = "
+                 f"{sharp['eta_along_validation']:.2f} > 1), where the values' Fisher curvature does not follow it: "
+                 "trust the exact values over the run's values.")
     return text
 
 
