@@ -389,7 +389,7 @@ def test_docs_scale_prose_quotes_the_plan():
 def test_kept_training_states_and_the_exact_replay_are_counted():
     """train.states_every stores weights, m and v (float32) at every kept step; `rayattr exact`
     holds θ, m and v (float64) at ⌈√T⌉ checkpoints in one process."""
-    from rayattr.exact.limits import checkpoint_bytes, default_every
+    from rayattr.exact.limits import checkpoint_bytes, default_every, segment_graph_bytes
 
     d = load_config(None).to_dict(redact=False)
     sizes = {}
@@ -402,3 +402,13 @@ def test_kept_training_states_and_the_exact_replay_are_counted():
     assert sizes[8] == (plan.steps - 1) // 8 * 3 * 4 * plan.n_params
     assert plan.memory["exact (optional): state checkpoints (grow as √steps)"] == \
         checkpoint_bytes(plan.n_params, plan.steps, default_every(plan.steps), adamw=True)
+    # and one segment's float64 graph: every step of it keeps its tokens' activations
+    graph = "exact (optional): one segment's graph (√steps × global batch)"
+    m = load_config(None).model
+    assert plan.memory[graph] == segment_graph_bytes(
+        plan.global_batch * plan.seq_len, default_every(plan.steps), m.n_layer, m.n_embd, m.n_head, plan.seq_len,
+        plan.vocab_size)
+    d["train"]["grad_accum"] = 2  # twice the global batch, half the steps
+    wider = estimate(Config.from_dict(d).validate())
+    assert wider.memory[graph] / plan.memory[graph] == pytest.approx(
+        2 * default_every(wider.steps) / default_every(plan.steps), rel=1e-6)

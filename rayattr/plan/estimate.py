@@ -27,7 +27,7 @@ from rayattr.optim.spec import resolve_optimizer
 from rayattr.math.dvemb import scan_rounds
 from rayattr.data.limits import BATCH_ROWS as DATA_BATCH_ROWS
 from rayattr.data.limits import BUCKET_IDS, TASK_ROWS
-from rayattr.exact.limits import checkpoint_bytes, default_every
+from rayattr.exact.limits import checkpoint_bytes, default_every, segment_graph_bytes
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
 from rayattr.model.limits import VALIDATION_ROWS
 from rayattr.reduce.aggregate import BOOTSTRAP_MAX_N
@@ -440,9 +440,12 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
                                                 + min(VALIDATION_ROWS, n_val) * (P * 4 + cfg.data.seq_len * 24)
                                                 + P * 8,
         # exact/metagradient, `rayattr exact` (optional, one process): θ (and Adam's m, v) in float64
-        # at ⌈√steps⌉ checkpoints; one segment's float64 graph beside them is activations (not counted)
+        # at ⌈√steps⌉ checkpoints, and one segment's float64 graph beside them (its activations)
         "exact (optional): state checkpoints (grow as √steps)": checkpoint_bytes(plan.n_params, steps, default_every(steps),
                                                                     resolve_optimizer(cfg).adamw),
+        "exact (optional): one segment's graph (√steps × global batch)": segment_graph_bytes(
+            G * cfg.data.seq_len, default_every(steps), cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head,
+            cfg.data.seq_len, plan.vocab_size),
         # report/html.write_report streams values/samples.parquet: one batch of occurrences,
         # the per-sample totals (every distinct sample: the top and bottom k need them all,
         # so this grows with the corpus, not with the occurrences) and the median's last pass
