@@ -161,6 +161,8 @@ def _finished_retrains(run: Run) -> dict[str, dict]:
 def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples,
                    seed: int, fraction: float, window: tuple[int, int] | None = None,
                    smoothness: dict[str, Any] | None = None) -> ValidationResult:
+    import torch
+
     from rayattr.model.gradients import final_model, mean_loss
     from rayattr.data import TokenizedDataset, load_tokenizer
 
@@ -168,7 +170,15 @@ def _write_results(run: Run, plan: list[Removal], done: dict[str, dict], samples
     base = done[plan[0].key]
     val = TokenizedDataset(run.read_table(VALIDATION_DATA), load_tokenizer(cfg.data.tokenizer),
                            cfg.data.seq_len)
-    run_loss = mean_loss(final_model(run, cfg), val)
+    # one thread, as the local retrain actors evaluate (runtime/cluster.LOCAL_ENV): with more,
+    # the BLAS may split its sums differently from call to call under load, and a bit-equal
+    # baseline would show a noise floor of rounding
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_loss = mean_loss(final_model(run, cfg), val)
+    finally:
+        torch.set_num_threads(threads)
     rows: dict[str, list[dict]] = {k: [] for k in TABLES}
     for r, (pred, n_occ) in zip(plan[1:], predicted_all(samples, plan[1:])):
         actual = done[r.key]["loss"] - base["loss"]
