@@ -7,7 +7,6 @@ update rows formed with it equal the rows of hooks that had the reference P from
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -16,17 +15,10 @@ import torch
 
 from rayattr.capture import GradientCapture, adam_preconditioner
 from rayattr.capture.precondition import in_gradient_orientation
-from rayattr.config import Config
-from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.data.corpus import builtin_corpus
-from rayattr.optim.spec import resolve_optimizer
 from rayattr.record import projection_spec
 from rayattr.optim.adam_state import adam_step_count, full_exp_avg_sq, read_preconditioners
-from rayattr.train.backend import join_process_group
 from rayattr.model.loss import micro_batch_loss
-from rayattr.train.engine import build_engine
-from rayattr.model.build import build_model
-from s3server import pick_ports
+from builtin_rank import BuiltinRank, compare_on_ranks
 from test_pipeline_adamw import adamw_config
 
 
@@ -79,26 +71,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @ray.remote(num_cpus=1)
-class StepRank:
+class StepRank(BuiltinRank):
     """One DeepSpeed rank that compares the step's own P with the brute-force reference."""
-
-    def __init__(self, config: dict, rank: int, world: int, port: int):
-        cfg = self.cfg = Config.from_dict(config)
-        self.rank, self.world = rank, world
-        # torch.distributed's env:// rendezvous, as the deepspeed launcher sets it
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-        join_process_group(cfg)
-        tok = load_tokenizer(cfg.data.tokenizer)
-        b = cfg.data.builtin
-        train, _ = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
-                                  corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed, max_chars=b.max_chars)
-        self.data = TokenizedDataset(train, tok, cfg.data.seq_len)
-        t = cfg.train
-        self.plan = BatchPlan(len(self.data), t.micro_batch, world, t.grad_accum, t.epochs, t.seed)
-        self.engine = build_engine(cfg, build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed))
-        self.spec = resolve_optimizer(cfg)
-        self.layers = [n for n, m in self.engine.module.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
 
     def compare(self, steps: int) -> dict[str, list[float]]:
         """Per step, the largest relative differences against the reference: the factored ρ·γ
@@ -128,22 +102,13 @@ class StepRank:
             out["kappa"].append(kappa)
         return out
 
-    def _batch(self, step: int, micro: int):
-        b = self.data.batch(self.plan.rank_slice(step, self.rank, micro))
-        return b["input_ids"], b["attention_mask"], b["labels"]
 
 
 @pytest.mark.parametrize("ranks, stage, accum", [(1, 0, 2), (2, 1, 1)], ids=["1 rank ZeRO-0", "2 ranks ZeRO-1"])
 def test_step_preconditioner_is_v_t_of_the_step(local_ray, tmp_path, ranks, stage, accum):
     cfg = adamw_config(str(tmp_path), "step", stage=stage, preconditioner="lookahead", ranks=ranks,
                        micro_batch=16 // ranks // accum, grad_accum=accum)
-    port = pick_ports(1)[0]
-    actors = [StepRank.remote(cfg.to_dict(redact=False), r, ranks, port) for r in range(ranks)]
-    try:
-        results = ray.get([a.compare.remote(6) for a in actors])
-    finally:
-        for a in actors:
-            ray.kill(a)
+    results = compare_on_ranks(StepRank, cfg, ranks, 6)
     for res in results:
         assert min(res["kappa"]) < 1.0, res["kappa"]  # clipping is active in these steps
         # the optimizer's float32 v against the float64 reference: float32 rounding

@@ -8,7 +8,6 @@ partitioned and gathered)."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -16,18 +15,11 @@ import ray
 import torch
 
 from rayattr.capture import GradientCapture, projection_matrices, second_moment_response
-from rayattr.config import Config
-from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
-from rayattr.data.corpus import builtin_corpus
-from rayattr.model.build import build_model
 from rayattr.model.loss import micro_batch_loss
 from rayattr.optim.adam_state import (adam_step_count, first_moments, layer_state, read_preconditioners,
                                       read_responses)
-from rayattr.optim.spec import resolve_optimizer
 from rayattr.record import projection_spec
-from rayattr.train.backend import join_process_group
-from rayattr.train.engine import build_engine
-from s3server import pick_ports
+from builtin_rank import BuiltinRank, compare_on_ranks
 from test_pipeline_adamw import adamw_config
 from test_step_preconditioner import reference_mean_gradient
 
@@ -35,24 +27,7 @@ FULL = 10_000  # an SVD rank above every layer's: the factored M is M
 
 
 @ray.remote(num_cpus=1)
-class ResponseRank:
-    def __init__(self, config: dict, rank: int, world: int, port: int):
-        cfg = self.cfg = Config.from_dict(config)
-        self.rank, self.world = rank, world
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-        join_process_group(cfg)
-        tok = load_tokenizer(cfg.data.tokenizer)
-        b = cfg.data.builtin
-        train, _ = builtin_corpus(n_train=b.n_train, n_validation=b.n_validation,
-                                  corrupted_fraction=b.corrupted_fraction, seed=cfg.train.seed, max_chars=b.max_chars)
-        self.data = TokenizedDataset(train, tok, cfg.data.seq_len)
-        t = cfg.train
-        self.plan = BatchPlan(len(self.data), t.micro_batch, world, t.grad_accum, t.epochs, t.seed)
-        self.engine = build_engine(cfg, build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed))
-        self.spec = resolve_optimizer(cfg)
-        self.layers = [n for n, m in self.engine.module.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
-
+class ResponseRank(BuiltinRank):
     def reference(self, batches) -> tuple[dict[str, torch.Tensor], float]:
         """{layer: M_t} in float64 from the state before the step and the brute-force ḡ_t, and κ_t."""
         model, s = self.engine.module, self.spec
@@ -108,22 +83,13 @@ class ResponseRank:
             out["scale"].append(scale)
         return out
 
-    def _batch(self, step: int, micro: int):
-        b = self.data.batch(self.plan.rank_slice(step, self.rank, micro))
-        return b["input_ids"], b["attention_mask"], b["labels"]
 
 
 @pytest.mark.parametrize("ranks, stage, accum", [(1, 0, 2), (2, 1, 1)], ids=["1 rank ZeRO-0", "2 ranks ZeRO-1"])
 def test_response_rows_are_M_t_times_G(local_ray, tmp_path, ranks, stage, accum):
     cfg = adamw_config(str(tmp_path), "resp", stage=stage, preconditioner="lookahead", ranks=ranks,
                        micro_batch=16 // ranks // accum, grad_accum=accum)
-    port = pick_ports(1)[0]
-    actors = [ResponseRank.remote(cfg.to_dict(redact=False), r, ranks, port) for r in range(ranks)]
-    try:
-        results = ray.get([a.compare.remote(5) for a in actors])
-    finally:
-        for a in actors:
-            ray.kill(a)
+    results = compare_on_ranks(ResponseRank, cfg, ranks, 5)
     for res in results:
         assert min(res["kappa"]) < 1.0, res["kappa"]  # clipping is active in these steps
         assert min(res["scale"]) > 0
