@@ -106,7 +106,8 @@ class AdamWReplay(Replay):
         return (float(self.val_loss(self.unroll(w, anchor=False))) - base) / eps
 
 
-def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True) -> np.ndarray:
+def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
+                   top: int = 16, refresh: int = 1, blocks: bool = False) -> np.ndarray:
     """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
     (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
     exact P: the reference that tells the recursion's own approximations from the projection.
@@ -122,7 +123,11 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     (the same with labels drawn from the model: the sampled-label Fisher, one draw per token), "subspace"
     (the Hessian compressed onto the span of the step's per-sample gradients, Q Qᵀ H Q Qᵀ: the
     empirical Fisher's rank and range with the true curvature inside, |B| Hessian-vector
-    products a step) or "none" (K = α I: only decay and momentum carry the update)."""
+    products a step), "top" (the `top` eigenpairs of largest |λ| of P^½ H P^½ at every
+    `refresh`-th step, on that step's batch and θ, kept as λ_j and h_j = P^-½ v_j and used for
+    the steps up to the next refresh) or "none"
+    (K = α I: only decay and momentum carry the update). `blocks` keeps only the curvature's
+    block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn" and "top"."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
     params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
@@ -130,6 +135,7 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     a = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
     r = {n: torch.zeros_like(x) for n, x in a.items()}
     out = np.zeros((T, rp.batch(0)[1].shape[0]))
+    pairs = None
     for t in range(T - 1, -1, -1):
         rec = rp.records[t]
         theta, P, kappa = states[t]
@@ -146,12 +152,23 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         Px = {n: P[n] * x[n] for n in x}
         if curvature == "hessian":
             gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
-            hv = torch.autograd.grad(gbar, list(p.values()), grad_outputs=[Px[n] for n in p])
-            hv = {n: h.detach() for n, h in zip(p, hv)}
+
+            def hessian(y: dict) -> dict:
+                return dict(zip(p, (h.detach() for h in torch.autograd.grad(
+                    gbar, list(p.values()), grad_outputs=[y[n] for n in p], retain_graph=True))))
+            hv = block_product(hessian, Px) if blocks else hessian(Px)
+        elif curvature == "ggn" and blocks:
+            hv = block_product(lambda y: rp.ggn_vector_product(theta, b, y), Px)
         elif curvature == "ggn":
             hv = rp.ggn_vector_product(theta, b, Px)
         elif curvature == "none":
             hv = {n: torch.zeros_like(x) for n, x in a.items()}
+        elif curvature == "top":
+            start = t - t % refresh
+            if pairs is None or pairs[0] != start:  # warm-started from the later refresh's vectors
+                pairs = (start, top_pairs(rp, states[start], start, top, start=pairs and pairs[2]))
+                pairs = (*pairs[:2], pairs[1][2])
+            hv = low_rank_product(pairs[1][:2], Px, blocks)
         elif curvature == "subspace":
             hv = subspace_hessian_product(p, per, rows, Px)
         elif curvature == "sampled":
@@ -163,6 +180,66 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         else:
             raise ValueError(f"unknown curvature {curvature!r}")
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
+    return out
+
+
+def top_pairs(rp: AdamWReplay, state: tuple, t: int, k: int, iterations: int = 8, seed: int = 0,
+              start: torch.Tensor | None = None) -> tuple:
+    """(λ, rows, basis): the k eigenpairs of largest |λ| of S = P^½ H P^½ for step t's batch
+    Hessian H at θ_t, by subspace iteration with k + 8 probes and a Rayleigh–Ritz step, returned
+    as H ≈ Σ_j λ_j h_j h_jᵀ with h_j = P^-½ v_j (one dict per pair). `start` (a previous call's
+    basis) warm-starts it: two iterations then do what eight do from random probes."""
+    theta, P, _ = state
+    b, _ = rp.batch(t)
+    p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
+    names = list(p)
+    shapes, sizes = [p[n].shape for n in names], [p[n].numel() for n in names]
+    half = torch.cat([P[n].reshape(-1).sqrt() for n in names])
+    gbar = torch.autograd.grad(rp.per_sample(p, b).mean(), list(p.values()), create_graph=True)
+
+    def S(x: torch.Tensor) -> torch.Tensor:
+        probe = [c.reshape(s) for c, s in zip((half * x).split(sizes), shapes)]
+        hx = torch.autograd.grad(gbar, list(p.values()), grad_outputs=probe, retain_graph=True)
+        return half * torch.cat([h.reshape(-1) for h in hx])
+
+    if start is None:
+        gen = torch.Generator().manual_seed(seed + t)
+        Q, _ = torch.linalg.qr(torch.randn(half.numel(), k + 8, generator=gen, dtype=torch.float64))
+    else:
+        Q, iterations = start, 2
+    for _ in range(iterations):
+        Q, _ = torch.linalg.qr(torch.stack([S(Q[:, j]) for j in range(Q.shape[1])], 1))
+    SQ = torch.stack([S(Q[:, j]) for j in range(Q.shape[1])], 1)
+    lam, U = torch.linalg.eigh((Q.T @ SQ + SQ.T @ Q) / 2)
+    keep = lam.abs().argsort(descending=True)[:k]
+    V = (Q @ U[:, keep]) / half.clamp(min=1e-300)[:, None]
+    rows = [{n: c.reshape(s).detach() for n, c, s in zip(names, V[:, j].split(sizes), shapes)}
+            for j in range(V.shape[1])]
+    return lam[keep].detach(), rows, (Q @ U).detach()
+
+
+def block_product(product, x: dict) -> dict:
+    """The block-diagonal part of a curvature `product`: each weight matrix's own block (a
+    per-layer K's), and one block for the vectors (biases, layer norms)."""
+    groups = [[n] for n, v in x.items() if v.dim() == 2] + [[n for n, v in x.items() if v.dim() < 2]]
+    out = {}
+    for names in groups:
+        part = product({n: v if n in names else torch.zeros_like(v) for n, v in x.items()})
+        out.update({n: part[n] for n in names})
+    return out
+
+
+def low_rank_product(pairs: tuple, x: dict, blocks: bool) -> dict:
+    """Σ_j λ_j h_j ⟨h_j, x⟩ for (λ, rows) of :func:`top_pairs`; with `blocks` only its
+    block-diagonal part, in :func:`block_product`'s blocks."""
+    if blocks:
+        return block_product(lambda y: low_rank_product(pairs, y, False), x)
+    lam, rows = pairs
+    out = {n: torch.zeros_like(v) for n, v in x.items()}
+    for lj, h in zip(lam.tolist(), rows):
+        dot = sum((h[n] * x[n]).sum() for n in x)
+        for n in x:
+            out[n] += lj * dot * h[n]
     return out
 
 
@@ -224,7 +301,16 @@ ADJOINTS = (("recursion, Hessian", {"curvature": "hessian"}),
             ("recursion, no curvature", {"curvature": "none"}),
             ("recursion, sampled-label Fisher", {"curvature": "sampled"}),
             ("recursion, empirical Fisher", {"curvature": "fisher"}),
-            ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher", "momentum_curvature": False}))
+            ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher", "momentum_curvature": False}),
+            ("recursion, Hessian, per layer", {"curvature": "hessian", "blocks": True}),
+            ("recursion, Gauss-Newton, per layer", {"curvature": "ggn", "blocks": True}))
+NAMED_ADJOINTS = (  # tens of Hessian-vector products a step: computed only when named (--sweeps)
+            ("recursion, Hessian top 16, every step", {"curvature": "top", "top": 16}),
+            ("recursion, Hessian top 32, every step", {"curvature": "top", "top": 32}),
+            ("recursion, Hessian top 16, every 16 steps", {"curvature": "top", "top": 16, "refresh": 16}),
+            ("recursion, Hessian top 16, every 16 steps, per layer",
+             {"curvature": "top", "top": 16, "refresh": 16, "blocks": True}),
+            ("recursion, Hessian top 64, every 16 steps", {"curvature": "top", "top": 64, "refresh": 16}))
 
 
 def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list[str] = True,
@@ -238,13 +324,13 @@ def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list
     metas = [n for n, _ in METAGRADIENTS] if metagradients is True else list(metagradients or [])
     wanted = [(n, lambda fr=dict(METAGRADIENTS)[n]: rp.exact_values(frozenset(fr))[0]) for n in metas]
     sweeps = [n for n, _ in ADJOINTS] if adjoints is True else list(adjoints or [])
-    wanted += [(n, lambda kw=dict(ADJOINTS)[n]: adjoint_values(rp, **kw)) for n in sweeps]
+    wanted += [(n, lambda kw=dict(ADJOINTS + NAMED_ADJOINTS)[n]: adjoint_values(rp, **kw)) for n in sweeps]
     for name, compute in wanted:
         if name not in cols:
             cols[name] = compute()
             if cache is not None:
                 np.savez(cache, **cols)
-    order = [n for n, _ in METAGRADIENTS + ADJOINTS]
+    order = [n for n, _ in METAGRADIENTS + ADJOINTS + NAMED_ADJOINTS]
     cols = {n: cols[n] for n in sorted(cols, key=lambda n: order.index(n) if n in order else len(order))}
     if product is not None:
         ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)])
@@ -289,7 +375,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-metagradients", action="store_true",
                     help="only the sweeps (no unrolled graph: the memory of one step)")
     ap.add_argument("--metagradients", help="the metagradients to compute, their names joined by ';' (default: all)")
-    ap.add_argument("--sweeps", help="the sweeps to compute, their names joined by ';' (default: all)")
+    ap.add_argument("--sweeps", help="the sweeps to compute, their names joined by ';' (default: all but the Hessian top-k ones)")
     ap.add_argument("--cache", type=Path, help="an .npz that keeps each computed column for the next call")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -300,7 +386,7 @@ def main(argv=None) -> None:
         t = run.read_table("values/samples.parquet").select(["step", "sample_id", "value"]).to_pydict()
         product = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
     def columns(named: str | None, off: bool, known: tuple) -> bool | list[str]:
-        """The columns named on the command line (';'-joined), else all or none."""
+        """The columns named on the command line (';'-joined), else the default set or none."""
         if not named:
             return not off
         names = named.split(";")
@@ -309,7 +395,7 @@ def main(argv=None) -> None:
             ap.error(f"unknown columns {sorted(unknown)}; choose from {[n for n, _ in known]}")
         return names
 
-    sweeps = columns(args.sweeps, args.no_adjoints, ADJOINTS)
+    sweeps = columns(args.sweeps, args.no_adjoints, ADJOINTS + NAMED_ADJOINTS)
     metas = columns(args.metagradients, args.no_metagradients, METAGRADIENTS)
     cols = ablation(rp, product, adjoints=sweeps, metagradients=metas,
                     cache=args.cache)

@@ -116,3 +116,66 @@ def test_the_bench_prints_one_ablation_table(adamw_run, capsys):
     names = [r.split("|")[1].strip() for r in rows[1:]]
     assert names[:4] == ["exact", "κ held", "v held", "κ, v held"] and "rayattr values" in names
     assert "recursion, empirical Fisher" in names and "check " in out
+
+
+
+def test_top_pairs_and_block_products_against_independent_references(adamw_run):
+    """The top-k eigenpairs of P^½ H P^½ (bench/exact_adamw.py's "top" curvature) against
+    ARPACK's Lanczos on the same Hessian-vector products, each pair against H P h = λ h; the
+    low-rank product against Σ λ h hᵀ x formed densely; the per-layer ("blocks") product
+    against a dense symmetric matrix's block-diagonal part."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    from exact_adamw import block_product, low_rank_product, top_pairs
+
+    rp = adamw_run
+    b, _ = rp.batch(1)
+    p = {n: x.clone().requires_grad_(True) for n, x in rp.initial.items()}
+    names, sizes = list(p), [x.numel() for x in p.values()]
+    n = sum(sizes)
+    flat = lambda d: torch.cat([d[k].reshape(-1) for k in names])  # noqa: E731
+    as_dict = lambda v: {k: c.reshape(p[k].shape) for k, c in zip(names, v.split(sizes))}  # noqa: E731
+    gbar = torch.autograd.grad(rp.per_sample(p, b).mean(), list(p.values()), create_graph=True)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        d = as_dict(v)
+        return flat(dict(zip(names, torch.autograd.grad(gbar, list(p.values()), grad_outputs=[d[k] for k in names],
+                                                        retain_graph=True))))
+
+    gen = torch.Generator().manual_seed(1)
+    P = as_dict(torch.rand(n, dtype=torch.float64, generator=gen) + 0.5)  # a positive diagonal
+    half = flat(P).sqrt()
+    S = LinearOperator((n, n), dtype=np.float64,
+                       matvec=lambda v: (half * hvp(half * torch.from_numpy(np.ravel(v)))).numpy())
+    lam = torch.from_numpy(eigsh(S, k=3, which="LM", return_eigenvectors=False, tol=1e-12))
+    want = lam[lam.abs().argsort(descending=True)]
+
+    k, state = 3, ({k: x.detach() for k, x in p.items()}, P, 1.0)
+    got, rows, basis = top_pairs(rp, state, 1, k, iterations=100)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    for lj, h in zip(got, rows):  # h = P^-½ v for S v = λ v: H P h = λ h
+        hv = flat(h)
+        torch.testing.assert_close(hvp(flat(P) * hv), lj * hv, rtol=1e-4, atol=1e-6 * abs(float(lj)) * float(hv.norm()))
+    # warm-started from its own basis it stays put
+    again, _, _ = top_pairs(rp, state, 1, k, start=basis)
+    torch.testing.assert_close(again, got, rtol=1e-8, atol=0.0)
+
+    x = torch.randn(n, dtype=torch.float64, generator=gen)
+    V = torch.stack([flat(h) for h in rows], 1)
+    torch.testing.assert_close(flat(low_rank_product((got, rows), as_dict(x), blocks=False)), V @ (got * (V.T @ x)))
+
+    # per layer: each weight matrix's own block, the vectors (biases, norms) together
+    A = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    A = A + A.T
+    groups = [[k] for k in names if p[k].dim() == 2] + [[k for k in names if p[k].dim() < 2]]
+    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+    mask = torch.zeros_like(A, dtype=torch.bool)
+    for g in groups:
+        idx = torch.cat([torch.arange(offsets[k], offsets[k] + p[k].numel()) for k in g])
+        mask[idx[:, None], idx[None, :]] = True
+    assert 0 < int(mask.sum()) < mask.numel()
+    got_blocks = flat(block_product(lambda y: as_dict(A @ flat(y)), as_dict(x)))
+    torch.testing.assert_close(got_blocks, (A * mask) @ x)
+    assert not torch.allclose(got_blocks, A @ x, rtol=1e-3)
+    blocked_pairs = flat(low_rank_product((got, rows), as_dict(x), blocks=True))
+    torch.testing.assert_close(blocked_pairs, ((V @ torch.diag(got) @ V.T) * mask) @ x)
