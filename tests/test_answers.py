@@ -111,6 +111,7 @@ def test_the_stability_statement_is_the_bound_of_the_runs_optimizer():
 
     adamw = stability_sentence(fake_run("adamw", 5.3))
     assert "η·λ_max(P·H) of any step was 5.3" in adamw and "amplify" in adamw and "below its stability edge 38" in adamw
+    assert "not the loss's Hessian" in adamw  # whose H it is: a reader takes H for the Hessian
     assert "stability edge" in stability_sentence(fake_run("adamw", 40.0))  # past Adam's own edge at β₁ 0.9
     assert "Below 2 throughout" in stability_sentence(fake_run("adamw", 0.5))
     older = stability_sentence(fake_run("adamw", 0.014, preconditioned=False))  # embedded before P·H was measured

@@ -226,6 +226,7 @@ def test_default_job_says_how_far_its_values_hold(tmp_path):
     if m["max_eta_lambda"] > 2:
         assert f"η·λ_max(P H) = {m['max_eta_lambda']:.3g} at step {m['max_eta_lambda_step']}" in printed
         assert printed.count("η·λ_max(P H) =") == 1  # once, from the driver
+        assert "not the loss's Hessian" in printed  # whose H the figure is
     else:
         assert "η·λ_max" not in printed
     clipped = m["clipped_steps"]  # DeepSpeed clips at 1.0: the job says where the values hold κ

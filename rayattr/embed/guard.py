@@ -110,6 +110,11 @@ def eta_lambda_name(preconditioned: bool) -> str:
     return "η·λ_max(P H)" if preconditioned else "η·λ_max(H)"
 
 
+WHOSE_H = "H: the curvature K holds, a Fisher of the per-sample gradients, not the loss's Hessian"
+"""Said beside the figure: a reader takes H for the Hessian, whose top eigenvalue differs from the
+Fisher's by several times either way (docs/method.md §9)."""
+
+
 def check_step(segment: int, step: int, K: Mapping[str, torch.Tensor], emb: Mapping[str, torch.Tensor],
                eta_lambda: float, momentum: float = 0.0, preconditioned: bool = False) -> None:
     """DivergenceError if this step left K or its embeddings non-finite or K exploding."""

@@ -20,7 +20,8 @@ from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.cut import choose_segments
-from rayattr.embed.guard import ETA_LAMBDA_WARN, DivergenceError, clipping_note, describe, eta_lambda_name, stability_edge
+from rayattr.embed.guard import (ETA_LAMBDA_WARN, WHOSE_H, DivergenceError, clipping_note, describe, eta_lambda_name,
+                               stability_edge)
 from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
@@ -264,8 +265,8 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
             run.update_manifest(max_eta_lambda=worst[0], max_eta_lambda_step=worst[1],
                                 eta_lambda_preconditioned=bool(opt.adamw), stability_edge=stability_edge(opt.beta1))
         if worst[0] > ETA_LAMBDA_WARN:
-            log.warning("%s = %.3g at step %d, %s; values may be dominated by it",
-                        eta_lambda_name(opt.adamw), worst[0], worst[1], describe(worst[0], opt.beta1))
+            log.warning("%s = %.3g at step %d (%s), %s; values may be dominated by it",
+                        eta_lambda_name(opt.adamw), worst[0], worst[1], WHOSE_H, describe(worst[0], opt.beta1))
         clipped = sum(1 for r in run.step_losses() if r.clip < 1.0)  # four columns of the records
         run.update_manifest(clipped_steps=clipped, clip_response=cfg.embed.clip_response)
         if clipped:

@@ -42,7 +42,7 @@ def stability_sentence(run: Run) -> str | None:
     """The step-size bound that applies to the run's optimizer, with what the run measured.
     An AdamW step is η·P·H (docs/method.md §7): its number is η·λ_max(P·H), judged against the
     recursion's 2 and Adam's own stability edge 2(1+β₁)/(1−β₁); plain SGD's is η·λ_max(H) < 2."""
-    from rayattr.embed.guard import ETA_LAMBDA_WARN, describe
+    from rayattr.embed.guard import ETA_LAMBDA_WARN, WHOSE_H, describe
 
     from rayattr.report.summary import optimizer_summary
 
@@ -57,7 +57,8 @@ def stability_sentence(run: Run) -> str | None:
                 "η·λ_max(H) says nothing about it. Retraining (rayattr validate) is what says how far the values hold.")
     what = "η·λ_max(P·H)" if adamw else "η·λ_max(H)"
     momentum = float(spec.get("beta1") or 0.0) if adamw else 0.0
-    text = f"Step size against curvature: the largest {what} of any step was {el:.2g} (step {at}), {describe(el, momentum)}. "
+    text = (f"Step size against curvature: the largest {what} of any step was {el:.2g} (step {at}; {WHOSE_H}), "
+            f"{describe(el, momentum)}. ")
     if el > ETA_LAMBDA_WARN:
         return text + ("Where it does, first-order values, Data Value Embedding included, rank sources and samples "
                        "less reliably (docs/method.md §9).")
