@@ -107,7 +107,7 @@ class AdamWReplay(Replay):
 
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
-                   top: int = 16, refresh: int = 1, blocks: bool = False) -> np.ndarray:
+                   top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False) -> np.ndarray:
     """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
     (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
     exact P: the reference that tells the recursion's own approximations from the projection.
@@ -127,7 +127,9 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     `refresh`-th step, on that step's batch and θ, kept as λ_j and h_j = P^-½ v_j and used for
     the steps up to the next refresh) or "none"
     (K = α I: only decay and momentum carry the update). `blocks` keeps only the curvature's
-    block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn" and "top"."""
+    block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn" and "top".
+    `captured` keeps the curvature only among the parameters of the layers a capture records
+    (:func:`captured_parameters`): the rest of the model gets K = α I, as in the pipeline."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
     params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
@@ -150,6 +152,8 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             out[t, i] = kappa * float(sum((P[n] * gi * r[n]).sum() for n, gi in zip(p, g)))
         x = r if momentum_curvature else {n: rec.lr / B * a[n] for n in a}
         Px = {n: P[n] * x[n] for n in x}
+        if captured:
+            Px = {n: v if n in captured_parameters(rp) else torch.zeros_like(v) for n, v in Px.items()}
         if curvature == "hessian":
             gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
 
@@ -179,6 +183,9 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             hv = fisher_product(rows, p, Px)
         else:
             raise ValueError(f"unknown curvature {curvature!r}")
+        if captured:  # curvature only within the captured layers: H restricted to them
+            keep = captured_parameters(rp)
+            hv = {n: h if n in keep else torch.zeros_like(h) for n, h in hv.items()}
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
     return out
 
@@ -216,6 +223,18 @@ def top_pairs(rp: AdamWReplay, state: tuple, t: int, k: int, iterations: int = 8
     rows = [{n: c.reshape(s).detach() for n, c, s in zip(names, V[:, j].split(sizes), shapes)}
             for j in range(V.shape[1])]
     return lam[keep].detach(), rows, (Q @ U).detach()
+
+
+def captured_parameters(rp: AdamWReplay) -> set[str]:
+    """The parameters of the layers a capture records by default (Linear and Conv1D modules:
+    weights and biases). A tied lm_head is the input embedding's matrix, which then stands for
+    both of its uses; position embeddings and layer norms are left out."""
+    out = set()
+    names = {id(p): n for n, p in rp.model.named_parameters()}
+    for _, m in rp.model.named_modules():
+        if type(m).__name__ in ("Linear", "Conv1D"):
+            out.update(names[id(p)] for p in m.parameters(recurse=False) if id(p) in names)
+    return out
 
 
 def block_product(product, x: dict) -> dict:
@@ -303,7 +322,8 @@ ADJOINTS = (("recursion, Hessian", {"curvature": "hessian"}),
             ("recursion, empirical Fisher", {"curvature": "fisher"}),
             ("recursion, empirical Fisher, momentum-free K", {"curvature": "fisher", "momentum_curvature": False}),
             ("recursion, Hessian, per layer", {"curvature": "hessian", "blocks": True}),
-            ("recursion, Gauss-Newton, per layer", {"curvature": "ggn", "blocks": True}))
+            ("recursion, Gauss-Newton, per layer", {"curvature": "ggn", "blocks": True}),
+            ("recursion, Hessian, captured layers", {"curvature": "hessian", "captured": True}))
 NAMED_ADJOINTS = (  # tens of Hessian-vector products a step: computed only when named (--sweeps)
             ("recursion, Hessian top 16, every step", {"curvature": "top", "top": 16}),
             ("recursion, Hessian top 32, every step", {"curvature": "top", "top": 32}),

@@ -179,3 +179,17 @@ def test_top_pairs_and_block_products_against_independent_references(adamw_run):
     assert not torch.allclose(got_blocks, A @ x, rtol=1e-3)
     blocked_pairs = flat(low_rank_product((got, rows), as_dict(x), blocks=True))
     torch.testing.assert_close(blocked_pairs, ((V @ torch.diag(got) @ V.T) * mask) @ x)
+
+
+def test_captured_parameters_are_the_recorded_layers(adamw_run):
+    """The "captured layers" sweep keeps curvature among the Linear/Conv1D layers' weights and
+    biases (the tied lm_head standing as the input embedding's matrix), not the layer norms or
+    position embeddings, which a capture does not record."""
+    from exact_adamw import captured_parameters
+
+    keep = captured_parameters(adamw_run)
+    names = set(adamw_run.initial)
+    assert "transformer.wte.weight" in keep and "transformer.wpe.weight" not in keep
+    assert {n for n in names if ".ln_" in n or "ln_f" in n}.isdisjoint(keep)
+    assert {n for n in names if n.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))} <= keep
+    assert keep < names
