@@ -37,6 +37,7 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rayattr.capture import select_layers  # noqa: E402
 from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
 from rayattr.store import Run  # noqa: E402
@@ -137,7 +138,8 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     a = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
     r = {n: torch.zeros_like(x) for n, x in a.items()}
     out = np.zeros((T, rp.batch(0)[1].shape[0]))
-    pairs = None
+    keep = captured_parameters(rp) if captured else set(a)  # where K has curvature
+    refreshed, pairs, basis = None, None, None  # the top curvature's last refresh step, (λ, rows), basis
     for t in range(T - 1, -1, -1):
         rec = rp.records[t]
         theta, P, kappa = states[t]
@@ -151,9 +153,7 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         for i, g in enumerate(rows):
             out[t, i] = kappa * float(sum((P[n] * gi * r[n]).sum() for n, gi in zip(p, g)))
         x = r if momentum_curvature else {n: rec.lr / B * a[n] for n in a}
-        Px = {n: P[n] * x[n] for n in x}
-        if captured:
-            Px = {n: v if n in captured_parameters(rp) else torch.zeros_like(v) for n, v in Px.items()}
+        Px = {n: P[n] * x[n] if n in keep else torch.zeros_like(x[n]) for n in x}
         if curvature == "hessian":
             gbar = torch.autograd.grad(per.mean(), list(p.values()), create_graph=True)
 
@@ -169,10 +169,10 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             hv = {n: torch.zeros_like(x) for n, x in a.items()}
         elif curvature == "top":
             start = t - t % refresh
-            if pairs is None or pairs[0] != start:  # warm-started from the later refresh's vectors
-                pairs = (start, top_pairs(rp, states[start], start, top, start=pairs and pairs[2]))
-                pairs = (*pairs[:2], pairs[1][2])
-            hv = low_rank_product(pairs[1][:2], Px, blocks)
+            if refreshed != start:  # warm-started from the later refresh's basis
+                lam, top_rows, basis = top_pairs(rp, states[start], start, top, start=basis)
+                refreshed, pairs = start, (lam, top_rows)
+            hv = low_rank_product(pairs, Px, blocks)
         elif curvature == "subspace":
             hv = subspace_hessian_product(p, per, rows, Px)
         elif curvature == "sampled":
@@ -183,9 +183,7 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             hv = fisher_product(rows, p, Px)
         else:
             raise ValueError(f"unknown curvature {curvature!r}")
-        if captured:  # curvature only within the captured layers: H restricted to them
-            keep = captured_parameters(rp)
-            hv = {n: h if n in keep else torch.zeros_like(h) for n, h in hv.items()}
+        hv = {n: h if n in keep else torch.zeros_like(h) for n, h in hv.items()}  # H restricted to `keep`
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
     return out
 
@@ -226,15 +224,12 @@ def top_pairs(rp: AdamWReplay, state: tuple, t: int, k: int, iterations: int = 8
 
 
 def captured_parameters(rp: AdamWReplay) -> set[str]:
-    """The parameters of the layers a capture records by default (Linear and Conv1D modules:
-    weights and biases). A tied lm_head is the input embedding's matrix, which then stands for
-    both of its uses; position embeddings and layer norms are left out."""
-    out = set()
+    """The parameters (weights and biases) of the layers the run's capture records
+    (`capture.layers`, chosen as the capture chooses them). A tied lm_head is the input
+    embedding's matrix, which then stands for both of its uses."""
     names = {id(p): n for n, p in rp.model.named_parameters()}
-    for _, m in rp.model.named_modules():
-        if type(m).__name__ in ("Linear", "Conv1D"):
-            out.update(names[id(p)] for p in m.parameters(recurse=False) if id(p) in names)
-    return out
+    layers = select_layers(rp.model, rp.cfg.capture.layers)
+    return {names[id(p)] for m in layers.values() for p in m.parameters(recurse=False) if id(p) in names}
 
 
 def block_product(product, x: dict) -> dict:

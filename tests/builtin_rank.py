@@ -7,6 +7,7 @@ import os
 
 import ray
 
+from rayattr.capture import select_layers
 from rayattr.config import Config
 from rayattr.data import BatchPlan, TokenizedDataset, load_tokenizer
 from rayattr.data.corpus import builtin_corpus
@@ -37,7 +38,7 @@ class BuiltinRank:
         self.plan = BatchPlan(len(self.data), t.micro_batch, world, t.grad_accum, t.epochs, t.seed)
         self.engine = build_engine(cfg, build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=t.seed))
         self.spec = resolve_optimizer(cfg)
-        self.layers = [n for n, m in self.engine.module.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
+        self.layers = list(select_layers(self.engine.module))  # every layer a capture can record
 
     def _batch(self, step: int, micro: int):
         b = self.data.batch(self.plan.rank_slice(step, self.rank, micro))
