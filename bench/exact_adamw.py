@@ -37,9 +37,10 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rayattr.capture import select_layers  # noqa: E402
+from rayattr.capture import sampled_label_losses, select_layers  # noqa: E402
 from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
+from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of  # noqa: E402
 from rayattr.store import Run  # noqa: E402
 
 
@@ -108,7 +109,8 @@ class AdamWReplay(Replay):
 
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
-                   top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False) -> np.ndarray:
+                   top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False,
+                   draws: int = 1, tokens: bool = False) -> np.ndarray:
     """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
     (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
     exact P: the reference that tells the recursion's own approximations from the projection.
@@ -120,15 +122,20 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
 
     `curvature`: "hessian" (exact Hessian-vector products of the mean loss), "ggn" (its
     Gauss-Newton part, which the sampled-label Fisher estimates), "fisher" ((1/|B|) Σ g gᵀ of
-    the per-sample gradients: the empirical Fisher rayattr's AdamW recursion uses), "sampled"
-    (the same with labels drawn from the model: the sampled-label Fisher, one draw per token), "subspace"
+    the per-sample gradients: the empirical Fisher rayattr's AdamW recursion uses; with `tokens`,
+    (1/|B|) Σ T_s g gᵀ, the empirical Fisher of the tokens' own losses with the cross terms
+    between a sample's tokens dropped, on the mean loss's scale as the sampled-label Fisher
+    is: docs/method.md §3), "sampled"
+    (the same over `draws` pseudo-gradients per sample, labels drawn from the model: the
+    sampled-label Fisher, an unbiased estimate of the Gauss-Newton matrix), "subspace"
     (the Hessian compressed onto the span of the step's per-sample gradients, Q Qᵀ H Q Qᵀ: the
     empirical Fisher's rank and range with the true curvature inside, |B| Hessian-vector
     products a step), "top" (the `top` eigenpairs of largest |λ| of P^½ H P^½ at every
     `refresh`-th step, on that step's batch and θ, kept as λ_j and h_j = P^-½ v_j and used for
     the steps up to the next refresh) or "none"
     (K = α I: only decay and momentum carry the update). `blocks` keeps only the curvature's
-    block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn" and "top".
+    block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn",
+    "sampled" and "top".
     `captured` keeps the curvature only among the parameters of the layers a capture records
     (:func:`captured_parameters`): the rest of the model gets K = α I, as in the pipeline."""
     T, b1 = rp.num_steps, rp.beta1
@@ -176,9 +183,12 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
         elif curvature == "subspace":
             hv = subspace_hessian_product(p, per, rows, Px)
         elif curvature == "sampled":
-            drawn = rp.per_sample(p, sampled_labels(rp, theta, b, t))
-            hv = fisher_product([torch.autograd.grad(drawn[i], list(p.values()), retain_graph=True) for i in range(B)],
-                                p, Px)
+            drawn = sampled_rows(rp, p, b, t, draws)
+            hv = block_product(lambda y: fisher_product(drawn, p, y), Px) if blocks else fisher_product(drawn, p, Px)
+        elif curvature == "fisher" and tokens:  # each row × √T_s: the tokens' Fisher, cross terms dropped
+            counts = (b["labels"][:, 1:] != -100).sum(1).clamp(min=1).double().sqrt()
+            scaled = [tuple(gi * float(counts[i]) for gi in g) for i, g in enumerate(rows)]
+            hv = block_product(lambda y: fisher_product(scaled, p, y), Px) if blocks else fisher_product(scaled, p, Px)
         elif curvature == "fisher":
             hv = fisher_product(rows, p, Px)
         else:
@@ -257,19 +267,19 @@ def low_rank_product(pairs: tuple, x: dict, blocks: bool) -> dict:
     return out
 
 
-def sampled_labels(rp: AdamWReplay, theta: dict, b: dict, step: int) -> dict:
-    """The batch with each predicted token's label drawn from the model's own softmax at θ
-    (seeded by the step): per-sample gradients of these are the sampled-label Fisher's rows,
-    whose (1/|B|) Σ ĝ ĝᵀ estimates the Gauss-Newton matrix without bias (docs/method.md §3)."""
-    with torch.no_grad():
-        logits = functional_call(rp.model, theta, (), {"input_ids": b["input_ids"],
-                                                       "attention_mask": b["attention_mask"]}).logits[:, :-1]
-        gen = torch.Generator().manual_seed(step)
-        drawn = torch.multinomial(torch.softmax(logits, -1).reshape(-1, logits.shape[-1]), 1, generator=gen)
-    labels = b["labels"].clone()
-    keep = labels[:, 1:] != -100
-    labels[:, 1:] = torch.where(keep, drawn.reshape(keep.shape), labels[:, 1:])
-    return {**b, "labels": labels}
+def sampled_rows(rp: AdamWReplay, p: dict, b: dict, step: int, draws: int = 1) -> list:
+    """Sampled-label pseudo-gradients of every sample at `p`, `draws` label draws each (seeded
+    by the step), from the product's own pseudo-loss: (1/len) Σ ĝ ĝᵀ over them estimates the
+    batch mean loss's Gauss–Newton matrix without bias (docs/method.md §3)."""
+    gen = torch.Generator().manual_seed(step)
+    logits = logits_of(lambda **inputs: functional_call(rp.model, p, (), inputs),
+                       b["input_ids"], b["attention_mask"])[:, :-1]
+    rows = []
+    for _ in range(draws):
+        losses = sampled_label_losses(logits, generator=gen, mask=b["labels"][:, 1:] != -100,
+                                      reduction=SAMPLE_LOSS_REDUCTION)
+        rows += [torch.autograd.grad(losses[i], list(p.values()), retain_graph=True) for i in range(len(losses))]
+    return rows
 
 
 def fisher_product(rows: list, p: dict, x: dict) -> dict:
@@ -319,13 +329,22 @@ ADJOINTS = (("recursion, Hessian", {"curvature": "hessian"}),
             ("recursion, Hessian, per layer", {"curvature": "hessian", "blocks": True}),
             ("recursion, Gauss-Newton, per layer", {"curvature": "ggn", "blocks": True}),
             ("recursion, Hessian, captured layers", {"curvature": "hessian", "captured": True}))
-NAMED_ADJOINTS = (  # tens of Hessian-vector products a step: computed only when named (--sweeps)
+NAMED_ADJOINTS = (  # tens of Hessian-vector products or draws a step: computed only when named (--sweeps)
             ("recursion, Hessian top 16, every step", {"curvature": "top", "top": 16}),
             ("recursion, Hessian top 32, every step", {"curvature": "top", "top": 32}),
             ("recursion, Hessian top 16, every 16 steps", {"curvature": "top", "top": 16, "refresh": 16}),
             ("recursion, Hessian top 16, every 16 steps, per layer",
              {"curvature": "top", "top": 16, "refresh": 16, "blocks": True}),
-            ("recursion, Hessian top 64, every 16 steps", {"curvature": "top", "top": 64, "refresh": 16}))
+            ("recursion, Hessian top 64, every 16 steps", {"curvature": "top", "top": 64, "refresh": 16}),
+            ("recursion, sampled-label Fisher, per layer", {"curvature": "sampled", "blocks": True}),
+            ("recursion, sampled-label Fisher, captured layers", {"curvature": "sampled", "captured": True}),
+            ("recursion, empirical Fisher × T", {"curvature": "fisher", "tokens": True}),
+            ("recursion, empirical Fisher × T, per layer", {"curvature": "fisher", "tokens": True, "blocks": True}),
+            ("recursion, sampled-label Fisher, 4 draws", {"curvature": "sampled", "draws": 4}),
+            ("recursion, sampled-label Fisher, 4 draws, per layer", {"curvature": "sampled", "draws": 4, "blocks": True}),
+            ("recursion, sampled-label Fisher, 4 draws, captured layers",
+             {"curvature": "sampled", "draws": 4, "captured": True}),
+            ("recursion, sampled-label Fisher, 16 draws", {"curvature": "sampled", "draws": 16}))
 
 
 def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list[str] = True,

@@ -436,6 +436,24 @@ def test_sampled_label_gradients_estimate_the_fisher():
     full = sampled_label_losses(logits, generator=torch.Generator().manual_seed(1), mask=mask)
     labels = sample_labels(logits, generator=torch.Generator().manual_seed(1), mask=mask)
     assert torch.allclose(full, per_sample_loss(logits, labels))
-    # reduction="mean" (the pipeline's per-sample loss) averages over each sample's own tokens
+    # reduction="mean" (the pipeline's per-sample loss): the summed pseudo-loss over √T, not T
     mean = sampled_label_losses(logits, generator=torch.Generator().manual_seed(1), mask=mask, reduction="mean")
-    assert torch.allclose(mean * mask.sum(1), full) and not torch.allclose(mean, full)
+    assert torch.allclose(mean * mask.sum(1).double().sqrt().float(), full) and not torch.allclose(mean, full)
+
+
+def test_sampled_label_gradients_of_a_mean_loss_estimate_its_gauss_newton():
+    # A sample's mean loss (1/T) Σ_τ ℓ_τ has Gauss-Newton (1/T) diag_τ(diag(p_τ) - p_τ p_τᵀ) in
+    # its logits. The pseudo-gradients' second moment must be that, not T times smaller (the
+    # plain mean of the sampled token losses), nor T times larger (their sum).
+    torch.manual_seed(0)
+    z = torch.randn(1, 5, 4, dtype=torch.float64) * 2
+    mask = torch.tensor([[1, 1, 1, 1, 0]])  # T = 4 predicted tokens
+    n = 40000
+    zs = z.repeat(n, 1, 1).requires_grad_(True)
+    losses = sampled_label_losses(zs, generator=torch.Generator().manual_seed(0), mask=mask.repeat(n, 1),
+                                  reduction="mean")
+    (g,) = torch.autograd.grad(losses.sum(), zs)
+    g = g.reshape(n, -1)
+    p = torch.softmax(z[0], -1)
+    ggn = torch.block_diag(*[(torch.diag(p[t]) - torch.outer(p[t], p[t])) * mask[0, t] / 4 for t in range(5)])
+    assert (g.T @ g / n - ggn).abs().max() < 0.1 * ggn.abs().max()

@@ -106,21 +106,18 @@ def test_segments_equal_single_process_core(trained, tmp_path, segments):
 
 
 def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
-    """curvature: sampled end to end: pseudo-gradients on the training loss's scale, and the
-    segment actors' result equal to the core's on the same recorded rows."""
-    d = small_config(str(tmp_path), "sampled", epochs=1).to_dict(redact=False)
+    """curvature: sampled end to end: the segment actors' result equal to the core's on the
+    same recorded rows. (The pseudo-loss's scale is tested where it is made, test_capture.py.)
+    At lr 0.3 the correctly scaled estimate reaches η·λ_max 9–49 here (16 or 8 rows a step) and K
+    explodes, which the guard refuses; at lr 0.1 it peaks at 8.7 and the 12 steps stay finite."""
+    d = small_config(str(tmp_path), "sampled", epochs=1, lr=0.1).to_dict(redact=False)
     d["capture"].update(curvature="sampled", curvature_fraction=0.5)
     d["embed"]["segments"] = 2
     run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
     curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
     batches, emb = core_embeddings(run, curvature=curv)
     assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 8 for b in curv)
-    # A sample's pseudo-gradient and its real gradient are of one loss (mean over tokens):
-    # their sizes agree within a small factor (a summed pseudo-loss was ~50x larger here).
-    for name in batches[0].grads:
-        real = torch.cat([b.grads[name] for b in batches]).norm(dim=1).median()
-        pseudo = torch.cat([b.grads[name] for b in curv]).norm(dim=1).median()
-        assert 0.25 < float(pseudo / real) < 4, (name, float(pseudo / real))
+    assert all(torch.isfinite(b.grads[n]).all() and b.grads[n].abs().max() > 0 for b in curv for n in b.grads)
 
     final = _embeddings(run)
     for b, e in zip(batches, emb):

@@ -1,7 +1,7 @@
 """Sampled-label ("true Fisher") pseudo-losses for the curvature estimate (docs/method.md §3).
 
 Backpropagating a loss against labels drawn from the model's own predictive distribution
-gives pseudo-gradients g^ with E[g^ g^^T] = the Gauss-Newton matrix of cross-entropy.
+gives pseudo-gradients ĝ with E[ĝ ĝᵀ] = the Gauss–Newton matrix of cross-entropy.
 """
 
 from __future__ import annotations
@@ -41,10 +41,20 @@ def sampled_label_losses(
     mask: torch.Tensor | None = None,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """Per-sample cross-entropy against sampled labels: (B, C) or (B, S, C) logits -> (B,).
+    """Per-sample pseudo-losses against sampled labels, (B, C) or (B, S, C) logits -> (B,), whose
+    gradients ĝ have E[ĝ ĝᵀ] = the Gauss–Newton matrix of the training loss with `reduction`
+    ("sum" or "mean" over a sample's tokens; docs/method.md §3).
 
-    `reduction` must be the training loss's own ("sum" or "mean" over a sample's tokens):
-    the pseudo-gradients estimate the curvature of that loss, at its scale.
+    The tokens' pseudo-gradients are independent with mean zero, so the second moment of their
+    sum is the sum of theirs: Σ_τ ℓ̂_τ gives Σ_τ G_τ, the summed loss's Gauss–Newton matrix. The
+    mean loss's is (1/T) Σ_τ G_τ, which Σ_τ ℓ̂_τ / √T gives; the plain mean Σ_τ ℓ̂_τ / T would
+    give it T times too small.
     """
     labels = sample_labels(logits, generator=generator, mask=mask, ignore_index=ignore_index)
-    return per_sample_loss(logits, labels, reduction=reduction, ignore_index=ignore_index)
+    total = per_sample_loss(logits, labels, reduction="sum", ignore_index=ignore_index)
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    count = (labels.reshape(labels.shape[0], -1) != ignore_index).sum(dim=1).clamp_min(1)
+    return total / count.to(total.dtype).sqrt()
