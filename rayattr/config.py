@@ -171,6 +171,10 @@ class CaptureConfig:
     """"empirical" (Fisher of recorded gradients, the paper) or "sampled" (sampled-label Fisher)."""
     curvature_fraction: float = 0.5
     """Share of each micro-batch used for sampled-label pseudo-gradients."""
+    curvature_draws: int = 1
+    """Label draws per sampled sample, each a forward and backward of its own: the estimate
+    (|B|/m) Σ ĝ ĝᵀ is unbiased at any m, but at few rows its spread adds spurious sharp
+    directions (η·λ_max far above the run's own), which more draws average out (docs/method.md §3)."""
     dtype: str = "float32"
     """Stored gradient dtype: float32, bfloat16 or float16."""
     preconditioner: str = "lookahead"
@@ -303,6 +307,8 @@ class Config:
             raise ConfigError(f"capture.kind must be 'gaussian' or 'rademacher', got {c.kind!r}")
         if c.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"capture.dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
+        if c.curvature_draws < 1:  # the type is checked where the config is read
+            raise ConfigError(f"capture.curvature_draws must be an integer >= 1, got {c.curvature_draws}")
         if not 0 < c.curvature_fraction <= 1:
             raise ConfigError(f"capture.curvature_fraction must be in (0, 1], got {c.curvature_fraction}")
         if self.embed.dtype not in ("float32", "float64"):

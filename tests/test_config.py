@@ -46,6 +46,8 @@ def test_differences_name_dotted_keys():
     ({"train.max_restarts": -1}, "max_restarts"),
     ({"capture.dtype": "int8"}, "capture.dtype"),
     ({"capture.curvature_fraction": 0.0}, "curvature_fraction"),
+    ({"capture.curvature_draws": 0}, "capture.curvature_draws must be an integer >= 1"),
+    ({"capture.curvature_draws": 1.5}, "'capture.curvature_draws' must be an integer"),
     ({"embed.segments": 0}, "embed.segments"),
     ({"embed.dtype": "float16"}, "embed.dtype"),
     ({"capture.kind": "sparse"}, "capture.kind"),

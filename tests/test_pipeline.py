@@ -106,18 +106,25 @@ def test_segments_equal_single_process_core(trained, tmp_path, segments):
 
 
 def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
-    """curvature: sampled end to end: the segment actors' result equal to the core's on the
-    same recorded rows. (The pseudo-loss's scale is tested where it is made, test_capture.py.)
+    """curvature: sampled end to end, two label draws per sample: the segment actors' result
+    equal to the core's on the same recorded rows, whose count sets the estimate's scale
+    (|B|/m). (The pseudo-loss's scale is tested where it is made, test_capture.py.)
     At lr 0.3 the correctly scaled estimate reaches η·λ_max 9–49 here (16 or 8 rows a step) and K
     explodes, which the guard refuses; at lr 0.1 it peaks at 8.7 and the 12 steps stay finite."""
     d = small_config(str(tmp_path), "sampled", epochs=1, lr=0.1).to_dict(redact=False)
-    d["capture"].update(curvature="sampled", curvature_fraction=0.5)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2)
     d["embed"]["segments"] = 2
     run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
     curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
     batches, emb = core_embeddings(run, curvature=curv)
-    assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 8 for b in curv)
+    # 2 ranks × 4 sampled rows × 2 draws; a rank's second draw redraws its first's samples' labels
+    assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 16 for b in curv)
     assert all(torch.isfinite(b.grads[n]).all() and b.grads[n].abs().max() > 0 for b in curv for n in b.grads)
+    name = next(iter(curv[0].grads))
+    for b in curv:
+        for rank in (0, 1):
+            rows = b.grads[name][b.ranks == rank]
+            assert rows.shape[0] == 8 and not torch.allclose(rows[:4], rows[4:])
 
     final = _embeddings(run)
     for b, e in zip(batches, emb):

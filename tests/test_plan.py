@@ -177,6 +177,10 @@ def test_scaling_laws():
     samp = estimate(small(**{"train.steps": 40, "capture.curvature": "sampled"}))
     assert samp.curvature_rows_per_step == 4 * 2
     assert samp.storage["curvature rows"] > 0.4 * base.storage["train gradients"]
+    # and each label draw adds as many again
+    drawn = estimate(small(**{"train.steps": 40, "capture.curvature": "sampled", "capture.curvature_draws": 3}))
+    assert drawn.curvature_rows_per_step == 3 * samp.curvature_rows_per_step
+    assert drawn.storage["curvature rows"] == pytest.approx(3 * samp.storage["curvature rows"], rel=0.05)
 
 
 def test_adamw_counts_update_rows():

@@ -551,7 +551,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     n_sources = n_sources or 16
     n_val = n_validation or (cfg.data.builtin.n_validation if cfg.data.train is None else max(1, n // 100))
     G, L = bp.global_batch_size, len(layers)
-    m_curv = (math.ceil(t.micro_batch * c.curvature_fraction) * t.grad_accum * t.ranks
+    m_curv = (math.ceil(t.micro_batch * c.curvature_fraction) * t.grad_accum * t.ranks * c.curvature_draws
               if c.curvature == "sampled" else 0)
     plan = Plan(n_params=n_params, vocab_size=vocab, seq_len=cfg.data.seq_len, n_samples=n,
                 epochs=t.epochs, steps=steps, global_batch=G, ranks=t.ranks, nodes=nodes,
@@ -646,7 +646,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
 
     # -- time
     rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
-    flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction if m_curv else 0))
+    flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction * c.curvature_draws if m_curv else 0))
     compute = flops_step / t.ranks / tp.train_flops * (1 + tp.capture_overhead) + tp.train_step_s
     write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (kinds + (m_curv / G if m_curv else 0))
     write_s = write / (tp.store_write_mbps * MB)  # a background thread: overlaps with compute

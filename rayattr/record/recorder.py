@@ -262,14 +262,15 @@ class Recorder:
         device = input_ids.device
         gen = torch.Generator(device=device).manual_seed(seed)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        with self.curvature:
-            self.curvature.set_mask(attention_mask)
-            logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
-            losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
-                                          reduction=SAMPLE_LOSS_REDUCTION)
-            torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        for n, g in self.curvature.gradients().items():
-            self._curv_rows.setdefault(n, []).append(g)
+        for _ in range(self.cfg.capture.curvature_draws):  # a forward each: the capture reads one backward per forward
+            with self.curvature:
+                self.curvature.set_mask(attention_mask)
+                logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
+                losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
+                                              reduction=SAMPLE_LOSS_REDUCTION)
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for n, g in self.curvature.gradients().items():
+                self._curv_rows.setdefault(n, []).append(g)
 
     def _refresh_preconditioner(self, step: int) -> None:
         """AdamW with capture.preconditioner "lagged": before the step's forwards, every
