@@ -55,7 +55,7 @@ def make_finished(root: str, run_id: str, rank: int) -> Run:
                         seed=cfg.train.seed)
     run.write_bytes("weights/final.safetensors", state_dict_bytes(model))
     run.update_manifest(status="done", layer_dims={LAYER: rank * rank})
-    ProjectionBlocks.register(run, cfg.embed.error_blocks)
+    ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)
     return run
 
 

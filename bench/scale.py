@@ -175,7 +175,7 @@ def reduce_cost(run: Run, n_seg: int, test_grad: dict, repeats: int = 3) -> dict
     """Embed `run` with n_seg in-process segment workers, then time the reduce's parts."""
     cfg = Config.from_dict(run.manifest["config"])
     steps = run.manifest["num_steps"]
-    ProjectionBlocks.register(run, cfg.embed.error_blocks)
+    ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)
     edges = segment_bounds(steps, cfg.embed.phases)
     bounds = segment_bounds(steps, n_seg)
     opt = resolve_optimizer(cfg)  # as the pipeline's segments: AdamW's update rows and β₁ (R in the scan)

@@ -213,6 +213,11 @@ class EmbedConfig:
     """q: the recursion also runs on the q×q blocks of each projected layer, whose spread gives
     every value a standard error (values/samples.parquet value_se); 1 = off. Needs capture.rank
     divisible by q."""
+    joint_layers: bool = False
+    """One K across all captured layers, (Σ p)² numbers, instead of one p × p K per layer: the
+    curvature between layers pulls a perturbation back too, and on the default AdamW run even
+    the exact Hessian kept per layer loses the last quarter's order (docs/method.md §3, §9).
+    K, R, the chain and its links grow with the square of the captured size (`rayattr plan`)."""
     clip_response: bool = False
     """At steps gradient clipping acted on, give the recursion and the values the clipped step's
     own response to a sample, κ (I − ĝĝᵀ) g, instead of κ g (dvemb.clipped_step_rows; docs/method.md

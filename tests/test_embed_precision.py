@@ -39,3 +39,26 @@ def test_layers_are_summed_in_float64():
     big, small = torch.tensor([1e8], dtype=torch.float32), torch.tensor([1.0], dtype=torch.float32)
     value, se = ProjectionBlocks({"a": 4, "b": 4}, 1, 1, 1).combine({"a": big, "b": small})
     assert value.dtype == torch.float64 and value.item() == 1e8 + 1  # float32 would round it to 1e8
+
+
+def test_joint_layout_concatenates_layers_and_their_blocks():
+    """embed.joint_layers: the recorded layers side by side in one layer `joint`, and block (a, b)
+    of every layer side by side in `joint@ab`, scaled by q as per layer; the value of a joint row
+    is the sum of the per-layer values, and the blocks' estimates are those of the per-layer blocks."""
+    dims = {"a": 4, "b": 4}
+    per, joint = ProjectionBlocks(dims, 2, 2, 2), ProjectionBlocks(dims, 2, 2, 2, joint=True)
+    assert joint.layers == {"joint": 8} and joint.recorded == dims and set(per.layers) == {"a", "b"}
+    assert joint.dims == {"joint": 8, **{f"joint@{a}{b}": 2 for a in range(2) for b in range(2)}}
+    g = {"a": torch.arange(4.0)[None], "b": 10 + torch.arange(4.0)[None]}
+    rows = joint.augment(g)
+    torch.testing.assert_close(rows["joint"], torch.cat([g["a"], g["b"]], -1))
+    pr = per.augment(g)
+    torch.testing.assert_close(rows["joint@01"], torch.cat([pr["a@01"], pr["b@01"]], -1))
+    # a diagonal recursion (K = I) gives the same values and standard errors either way
+    test = {"a": torch.randn(4, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
+    emb = {"a": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(3, 4, dtype=torch.float64)}
+    v_per, se_per = per.values(per.augment(emb), per.augment(test))
+    v_joint, se_joint = joint.values(joint.augment(emb), joint.augment(test))
+    torch.testing.assert_close(v_joint, v_per)
+    torch.testing.assert_close(se_joint, se_per)
+    assert joint.join(g).keys() == {"joint"} and per.join(g).keys() == {"a", "b"}

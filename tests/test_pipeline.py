@@ -136,6 +136,41 @@ def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
     np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
 
 
+def test_joint_layers_equal_the_core_on_joined_rows(trained, tmp_path):
+    """embed.joint_layers: one K across all captured layers, across 3 segments, equals the
+    single-process core run on the layers' rows side by side; its values are a different answer
+    from the per-layer K's, and a query with per-layer gradients scores them as the values."""
+    from rayattr.query.scoring import score_occurrences
+
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    embed_and_reduce(cfg.with_overrides(**{"embed.joint_layers": True}), run, result.num_steps, segments=3,
+                     progress=False)
+    names = list(run.manifest["layer_dims"])
+    batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    etas = {r.step: r.eta for r in run.step_records()}
+    joined = [{"joint": torch.cat([b.grads[n] for n in names], -1)} for b in batches]
+    emb = data_value_embeddings(joined, [etas[b.step] for b in batches])
+    final = _embeddings(run)
+    for b, e in zip(batches, emb):
+        assert set(final[b.step].grads) == {"joint", "joint@00", "joint@01", "joint@10", "joint@11"}
+        torch.testing.assert_close(final[b.step].grads["joint"], e["joint"], rtol=1e-5, atol=1e-9)
+    vgrad = validation_gradient(run)
+    want = torch.cat(influence(emb, {"joint": torch.cat([vgrad[n] for n in names])})).numpy()
+    samples = run.read_table("values/samples.parquet")
+    values = samples["value"].to_numpy()
+    np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
+    per_layer = base.read_table("values/samples.parquet")["value"].to_numpy()
+    assert np.abs(values - per_layer).max() > 1e-3 * np.abs(per_layer).max()
+    assert np.isfinite(samples["value_se"].to_numpy()).all()
+    layers = run.read_table("values/layers.parquet")
+    assert set(layers["layer"].to_pylist()) == {"joint"}
+    occ = score_occurrences(run, vgrad)
+    scored = {(int(t), int(i)): float(v) for t, i, v in zip(occ.steps, occ.sample_ids, occ.scores[:, 0])}
+    got = [scored[(t, i)] for t, i in zip(samples["step"].to_pylist(), samples["sample_id"].to_pylist())]
+    np.testing.assert_allclose(got, values, rtol=1e-5, atol=1e-10)
+
+
 def test_outputs_and_manifest(trained):
     cfg, run, result = trained
     m = run.reload_manifest()

@@ -100,6 +100,33 @@ def test_adamw_segments_equal_the_core(trained, tmp_path, segments):
         np.testing.assert_allclose(by_phase, row["value"], rtol=2e-5)
 
 
+def test_adamw_joint_layers_equal_the_core_on_joined_rows(trained, tmp_path):
+    """embed.joint_layers under AdamW (R beside K, momentum past the segments' ends): 2 segments
+    equal the core on the recorded rows and update rows with the layers side by side."""
+    cfg, base, result = trained
+    run = copy_trained(base, tmp_path)
+    embed_and_reduce(cfg.with_overrides(**{"embed.joint_layers": True}), run, result.num_steps, segments=2,
+                     progress=False)
+    batches, _ = core_adamw(run)  # its rows, joined below
+    names = list(run.manifest["layer_dims"])
+    updates = GradientReader(run, kind="update").read_steps(0, None, dtype=torch.float64)
+    recs = {r.step: r for r in run.step_records()}
+    rs = [recs[b.step] for b in batches]
+    join = lambda d: {"joint": torch.cat([d[n] for n in names], -1)}  # noqa: E731
+    emb = data_value_embeddings(
+        [join(b.grads) for b in batches], [r.eta / r.clip for r in rs],
+        updates=[join({n: r.clip * g for n, g in u.grads.items()}) for u, r in zip(updates, rs)],
+        momentum=rs[0].beta1, decay=[r.decay for r in rs])
+    final = _embeddings(run)
+    for b, e in zip(batches, emb):
+        torch.testing.assert_close(final[b.step].grads["joint"], e["joint"], rtol=1e-5,
+                                   atol=1e-6 * float(e["joint"].abs().max()))
+    vgrad = validation_gradient(run)
+    want = torch.cat(influence(emb, join(vgrad))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want,
+                               rtol=2e-5, atol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def one_rank_one_epoch(local_ray, tmp_path_factory) -> Run:
     cfg = adamw_config(str(tmp_path_factory.mktemp("one")), "one", preconditioner="lookahead", ranks=1,

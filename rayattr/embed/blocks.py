@@ -10,6 +10,12 @@ full estimate is no mean of the blocks (the recursion mixes them), and measured 
 spread of values over independent projection seeds on the built-in run, the blocks' spread
 itself matches (docs/method.md, "Uncertainty"). The block layers ride through segments, K
 chain and sums like real layers; only values treat them apart.
+
+The same object owns the recursion's layout. Per layer (the default), each recorded layer has
+a K of its own. With embed.joint_layers the recorded layers' rows are concatenated into one
+layer `joint` (and each block (a, b) into `joint@ab`), so K couples the layers
+(docs/method.md §3 "Layers"); every row, test gradient and sum enters the recursion through
+`augment`, so nothing else needs to know which layout a run has.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping
 import torch
 
 SEP = "@"
+JOINT = "joint"
 
 
 def is_block(name: str) -> bool:
@@ -26,38 +33,51 @@ def is_block(name: str) -> bool:
 
 
 class ProjectionBlocks:
-    """The q² blocks of every layer of a run projected at ranks (r_out, r_in)."""
+    """The q² blocks of every layer of a run projected at ranks (r_out, r_in), in the
+    recursion's layout: per recorded layer, or (`joint`) all of them as one."""
 
-    def __init__(self, dims: Mapping[str, int], r_out: int, r_in: int, q: int):
+    def __init__(self, dims: Mapping[str, int], r_out: int, r_in: int, q: int, joint: bool = False):
         self.q = q
-        self.layers = dict(dims)
+        self.recorded = dict(dims)  # the layers rows and test gradients come in
+        self.joint = joint
+        self.layers = {JOINT: sum(self.recorded.values())} if joint else dict(self.recorded)  # the recursion's
         self.index: dict[str, torch.Tensor] = {}
         if q < 2 or r_out % q or r_in % q:
             return  # no blocks: no standard errors
-        for name, p in self.layers.items():
+        offsets, at = {}, 0
+        for name, p in self.recorded.items():
             if p != r_out * r_in:
                 raise ValueError(f"layer {name!r}: width {p} is not r_out*r_in = {r_out}*{r_in}")
-            rows = torch.arange(r_out).reshape(q, r_out // q)
-            cols = torch.arange(r_in).reshape(q, r_in // q)
-            for a in range(q):
-                for b in range(q):
-                    self.index[f"{name}{SEP}{a}{b}"] = (rows[a][:, None] * r_in + cols[b][None, :]).reshape(-1)
+            offsets[name], at = at, at + p
+        rows = torch.arange(r_out).reshape(q, r_out // q)
+        cols = torch.arange(r_in).reshape(q, r_in // q)
+        blocks = {f"{a}{b}": (rows[a][:, None] * r_in + cols[b][None, :]).reshape(-1) for a in range(q) for b in range(q)}
+        if joint:  # block (a, b) of every layer, side by side in the joint row
+            for ab, idx in blocks.items():
+                self.index[f"{JOINT}{SEP}{ab}"] = torch.cat([idx + offsets[n] for n in self.recorded])
+            return
+        for name in self.recorded:
+            for ab, idx in blocks.items():
+                self.index[f"{name}{SEP}{ab}"] = idx
 
     @classmethod
     def for_run(cls, manifest: dict, q: int) -> "ProjectionBlocks":
         dims = {k: int(v) for k, v in manifest["layer_dims"].items()}
+        joint = bool(manifest.get("joint_layers", False))  # as `register` recorded it
         spec = manifest.get("projection") or {}
         if not spec:  # exact gradients: nothing to split
-            return cls(dims, 1, 1, 1)
+            return cls(dims, 1, 1, 1, joint)
         rank = int(spec["rank"])
-        return cls(dims, int(spec.get("rank_out") or rank), int(spec.get("rank_in") or rank), q)
+        return cls(dims, int(spec.get("rank_out") or rank), int(spec.get("rank_in") or rank), q, joint)
 
     @classmethod
-    def register(cls, run, q: int) -> "ProjectionBlocks":
-        """The run's blocks, recorded in its manifest as `derived_layers` so that the segment
-        actors' writers accept the block layers (call before the embedding stage)."""
+    def register(cls, run, q: int, joint: bool = False) -> "ProjectionBlocks":
+        """The run's layout (`joint_layers`) and blocks, recorded in its manifest, the blocks and
+        the joint layer as `derived_layers` so that the segment actors' writers accept them (call
+        before the embedding stage; every later reader takes the layout from there)."""
+        run.update_manifest(joint_layers=joint)
         blocks = cls.for_run(run.manifest, q)
-        run.update_manifest(derived_layers={n: p for n, p in blocks.dims.items() if is_block(n)})
+        run.update_manifest(derived_layers={n: p for n, p in blocks.dims.items() if n not in blocks.recorded})
         return blocks
 
     @property
@@ -69,11 +89,18 @@ class ProjectionBlocks:
         """Real layers and block layers with their widths."""
         return {**self.layers, **{n: len(i) for n, i in self.index.items()}}
 
+    def join(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows (…, p) of the recorded layers in the recursion's layers (no blocks)."""
+        if not self.joint:
+            return dict(grads)
+        return {JOINT: torch.cat([grads[n] for n in self.recorded], dim=-1)}
+
     def augment(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rows (…, p) of every layer plus their block layers (columns picked, scaled by q)."""
-        out = dict(grads)
+        """Rows (…, p) of every recorded layer as the recursion takes them: its layers plus
+        their block layers (columns picked, scaled by q)."""
+        out = self.join(grads)
         for name, idx in self.index.items():
-            out[name] = grads[name.split(SEP)[0]][..., idx] * self.q
+            out[name] = out[name.split(SEP)[0]][..., idx] * self.q
         return out
 
     def values(self, emb: Mapping[str, torch.Tensor], test: Mapping[str, torch.Tensor]

@@ -165,7 +165,7 @@ class SegmentWorker:
                         if y is not None:
                             v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
-                    el = eta_lambda_max(batch.grads, record.eta if upd is None else upd.step_size(record),
+                    el = eta_lambda_max(self.blocks.join(batch.grads), record.eta if upd is None else upd.step_size(record),
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
                                         updates=u)
                     # stops before this step's rows are written (and K, which marks the segment done)

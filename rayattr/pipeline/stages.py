@@ -245,7 +245,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     # training's commit entries folded into a few manifests: each segment's readers then open
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
     run.compact_index(TRAINING_KINDS)
-    ProjectionBlocks.register(run, cfg.embed.error_blocks)
+    ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)
     opt = resolve_optimizer(cfg)
     actors, specs, placement = start_segments(
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",

@@ -289,6 +289,12 @@ def response_state_bytes(layers: list[LayerPlan]) -> float:
     return 10 * 8 * sum(lay.d_out * (lay.d_in + int(lay.has_bias)) for lay in layers)
 
 
+def k_widths(cfg: Config, layers: list[LayerPlan]) -> list[int]:
+    """The widths of the recursion's K matrices: one p × p per captured layer, or with
+    embed.joint_layers one (Σ p) × (Σ p) (embed/blocks.py)."""
+    return [sum(lay.p for lay in layers)] if cfg.embed.joint_layers else [lay.p for lay in layers]
+
+
 def statistic_numbers(layers: list[LayerPlan]) -> int:
     """The row and column sums of v that the factored P needs: d_out + d_in_aug per layer."""
     return sum(lay.d_out + lay.d_in + int(lay.has_bias) for lay in layers)
@@ -377,7 +383,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     P, G, n = plan.total_dim, plan.global_batch, plan.n_samples
     steps, n_seg = plan.steps, plan.segments
     eb, gb = _DTYPE_BYTES[cfg.embed.dtype], _DTYPE_BYTES[c.dtype]
-    sq = kfac * sum(lay.p ** 2 for lay in plan.layers)
+    sq = kfac * sum(w ** 2 for w in k_widths(cfg, plan.layers))
     rows_rank = t.micro_batch * t.grad_accum
     steps_seg = math.ceil(steps / n_seg)
     spr = cfg.store.steps_per_shard
@@ -588,7 +594,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
         # + R beside K under AdamW, + Q with v's response
-        "K matrices": kinds * kfac * n_seg * sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype],
+        "K matrices": kinds * kfac * n_seg * sum(w ** 2 for w in k_widths(cfg, layers)) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
         "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,
@@ -614,6 +620,12 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                                source_chars=source_chars, n_val=n_val)
     plan.process_memory = process_totals(plan.memory)
     plan.traffic = step_traffic(cfg, n_params, layers)
+    if cfg.embed.joint_layers:  # the one term that grows with the square of the captured size
+        width = k_widths(cfg, layers)[0]
+        plan.notes.append(f"embed.joint_layers: one K of {width:,} x {width:,} per segment "
+                          f"({human_bytes(width ** 2 * _DTYPE_BYTES[cfg.embed.dtype])}, with R under AdamW twice), "
+                          f"against {human_bytes(sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype])} "
+                          "for the per-layer K's; every step costs (Σ p)² per row")
     if t.use_gpu and plan.update_rows:
         plan.notes.append(device_note(cfg, plan, device_memory_gb or 80.0))
     if actor_memory_gb:
@@ -655,7 +667,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         plan.notes.append("training is bound by gradient writes to the store "
                           f"({write_s:.3g} s vs {compute:.3g} s compute per step)")
     share = max(1.0, n_seg / devices)  # segment actors outnumbering devices share them
-    sq = kfac * sum(lay.p ** 2 for lay in layers)
+    sq = kfac * sum(w ** 2 for w in k_widths(cfg, layers))
     rows_seg = steps_seg * G
     rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
     io_in = ipc(kinds * rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
@@ -669,8 +681,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     # the devices' width): ⌈log2(n-1)⌉ rounds with a device per actor, each combine one p × p
     # product per layer (two with R); else the forward scan of the sums (keys × p² per layer,
     # segment after segment). The vector chain is p² either way
-    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(lay.p ** 3 for lay in layers) if keep
-             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(lay.p ** 2 for lay in layers)
+    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(w ** 3 for w in k_widths(cfg, layers)) if keep
+             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(w ** 2 for w in k_widths(cfg, layers))
              ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan

@@ -138,8 +138,8 @@ def score_blocks(run: Run, test_grads: dict[str, torch.Tensor], block_rows: int 
     blocks = stored_blocks(run, reader)
     dtype = stored_dtype(run)
     test = {n: (g if g.ndim == 2 else g[None]).to(dtype).contiguous()
-            for n, g in test_grads.items() if n in blocks.layers}
-    missing = sorted(set(blocks.layers) - set(test))
+            for n, g in test_grads.items() if n in blocks.recorded}
+    missing = sorted(set(blocks.recorded) - set(test))
     if missing:
         raise QueryError(f"query gradients lack layers {missing} of run {run.uri}")
     test = blocks.augment(test)
@@ -183,6 +183,9 @@ def stored_blocks(run: Run, reader: GradientReader) -> ProjectionBlocks:
     """The projection blocks stored beside the run's final embeddings (none for runs made with
     embed.error_blocks = 1)."""
     q = int(((run.manifest.get("config") or {}).get("embed") or {}).get("error_blocks", 1))
+    blocks = ProjectionBlocks.for_run(run.manifest, q)
+    if blocks.joint:  # stored as the recursion ran: the recorded layers side by side
+        return blocks
     layers = {n: p for n, p in reader.layers.items() if not is_block(n)}
     blocks = ProjectionBlocks.for_run({**run.manifest, "layer_dims": layers}, q)
     return blocks

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import check_values
 from rayattr.store.layout import (ALL_SUMS, LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_EMBEDDINGS, SOURCE_VALUES,
                                   segment_scores_path, segment_sums_path, segment_values_path)
@@ -156,7 +157,8 @@ def phase_values(by_phase: dict, count: dict, edges: list[int]) -> pa.Table:
 
 def layer_values(by_layer: dict, layers: list[str]) -> pa.Table:
     """Per source x layer: the part of the source's value carried by each layer's block of the
-    curvature (layers are independent in the recursion, so the parts add up to the value)."""
+    curvature (layers are independent in the recursion, so the parts add up to the value; with
+    embed.joint_layers the recursion has one layer, `joint`, and the table one row a source)."""
     sources = sorted({k[0] for k in by_layer})
     rows = [{"source": s, "layer": n, "value": by_layer[(s, n)]} for s in sources for n in layers
             if (s, n) in by_layer]
@@ -182,7 +184,7 @@ def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
     """values/ and embeddings/ from the segments' tables, one segment in memory at a time:
     a first pass checks every value and groups by source (float64), a second streams the
     occurrences into values/samples.parquet, so nothing is written when a value is bad."""
-    dims = {k: int(v) for k, v in run.manifest["layer_dims"].items()}
+    dims = ProjectionBlocks.for_run(run.manifest, 1).layers  # the recursion's layers (embed.joint_layers: one)
     acc = SourceAccumulator()
     for table in segment_values(run, n_segments):
         check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), SAMPLE_VALUES)
