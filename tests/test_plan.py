@@ -183,6 +183,22 @@ def test_scaling_laws():
     assert drawn.storage["curvature rows"] == pytest.approx(3 * samp.storage["curvature rows"], rel=0.05)
 
 
+def test_joint_layers_size_k_at_the_square_of_the_captured_width():
+    """embed.joint_layers: one (Σ p)² K per segment instead of Σ p² (blocks included), and the
+    plan says so."""
+    per = estimate(small(**{"train.steps": 40}))
+    joint = estimate(small(**{"train.steps": 40, "embed.joint_layers": True}))
+    widths = [lay.p for lay in per.layers]
+    assert len(widths) > 1
+    ratio = sum(widths) ** 2 / sum(w * w for w in widths)
+    assert joint.storage["K matrices"] == pytest.approx(ratio * per.storage["K matrices"])
+    key = "segment actor: K, R and the chain"
+    assert joint.memory[key] > per.memory[key]
+    assert joint.time["embed"] > per.time["embed"]
+    assert any("embed.joint_layers" in n and f"{sum(widths):,} x {sum(widths):,}" in n for n in joint.notes)
+    assert not any("joint_layers" in n for n in per.notes)
+
+
 def test_adamw_counts_update_rows():
     """AdamW stores an update row next to every raw row and an R next to every K."""
     sgd = estimate(small(**{"train.steps": 40}))
