@@ -344,6 +344,8 @@ NAMED_ADJOINTS = (  # tens of Hessian-vector products or draws a step: computed 
             ("recursion, sampled-label Fisher, 4 draws, per layer", {"curvature": "sampled", "draws": 4, "blocks": True}),
             ("recursion, sampled-label Fisher, 4 draws, captured layers",
              {"curvature": "sampled", "draws": 4, "captured": True}),
+            ("recursion, sampled-label Fisher, 4 draws, captured layers, momentum-free K",
+             {"curvature": "sampled", "draws": 4, "captured": True, "momentum_curvature": False}),
             ("recursion, sampled-label Fisher, 16 draws", {"curvature": "sampled", "draws": 16}))
 
 

@@ -183,9 +183,8 @@ def stored_blocks(run: Run, reader: GradientReader) -> ProjectionBlocks:
     """The projection blocks stored beside the run's final embeddings (none for runs made with
     embed.error_blocks = 1)."""
     q = int(((run.manifest.get("config") or {}).get("embed") or {}).get("error_blocks", 1))
-    blocks = ProjectionBlocks.for_run(run.manifest, q)
-    if blocks.joint:  # stored as the recursion ran: the recorded layers side by side
-        return blocks
+    if run.manifest.get("joint_layers"):  # stored as the recursion ran: the recorded layers side by side
+        return ProjectionBlocks.for_run(run.manifest, q)
     layers = {n: p for n, p in reader.layers.items() if not is_block(n)}
     blocks = ProjectionBlocks.for_run({**run.manifest, "layer_dims": layers}, q)
     return blocks
