@@ -259,8 +259,8 @@ def test_the_end_sharpness_along_the_validation_gradient_is_a_finite_difference(
     from rayattr.report.trust import exact_sentence
 
     class Summary:  # a run whose exact/summary.json holds `summary`
-        def __init__(self, summary):
-            self.summary = summary
+        def __init__(self, summary, manifest=None):
+            self.summary, self.manifest = summary, manifest or {}
 
         def exists(self, rel):
             return True
@@ -269,7 +269,11 @@ def test_the_end_sharpness_along_the_validation_gradient_is_a_finite_difference(
             return self.summary
 
     band = {"middle": {"steps": [1, 2], "spearman": 0.1, "rms_ratio": 3.0}}
-    assert "edge of stability along the validation gradient" in exact_sentence(
-        Summary({"agreement": band, "sharpness": turned}))
+    per_layer = exact_sentence(Summary({"agreement": band, "sharpness": turned}))
+    assert "edge of stability along the validation gradient" in per_layer
+    assert "an empirical Fisher layer by layer (embed.joint_layers" in per_layer
+    joint = exact_sentence(Summary({"agreement": band, "sharpness": turned},
+                                   {"joint_layers": True, "config": {"capture": {"curvature": "sampled"}}}))
+    assert "a sampled-label Fisher across all layers" in joint and "embed.joint_layers" not in joint
     calm = {**s, "turns": False}
     assert "edge of stability" not in exact_sentence(Summary({"agreement": band, "sharpness": calm}))

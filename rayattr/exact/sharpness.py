@@ -82,6 +82,6 @@ def sharpness_sentence(s: dict | None) -> str | None:
             f"η·⟨w, H w⟩/‖w‖² = {s['eta_along_validation']:.2f} along the validation gradient w"
             + (f" (the Fisher in the values' K: η·λ_max {fisher:.2f})" if fisher is not None else ""))
     if s["turns"]:
-        text += (f"; above {TURNS:g}, one step back turns w past zero, which a Fisher-curvature recursion does "
-                 "not follow: trust the exact values over the run's values")
+        text += (f"; above {TURNS:g}, one step back turns w past zero, which a Fisher-curvature recursion "
+                 "follows only in part (docs/method.md §9): trust the exact values over the run's values")
     return text

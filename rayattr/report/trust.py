@@ -116,9 +116,20 @@ def exact_sentence(run: Run) -> str | None:
     sharp = s.get("sharpness")
     if sharp and sharp.get("turns"):  # exact/sharpness.py: one step back turns w past zero
         text += (f" The run ends at the edge of stability along the validation gradient (η·⟨w, H w⟩/‖w‖² = "
-                 f"{sharp['eta_along_validation']:.2f} > 1), where the values' Fisher curvature does not follow it: "
-                 "trust the exact values over the run's values.")
+                 f"{sharp['eta_along_validation']:.2f} > 1), where {curvature_kind(run)} follows it "
+                 "only in part: trust the exact values over the run's values.")
     return text
+
+
+def curvature_kind(run: Run) -> str:
+    """The curvature the run's K held, as a reader should picture it: the edge of stability
+    needs one near the Hessian, across layers (docs/method.md §3, §9)."""
+    capture = (run.manifest.get("config") or {}).get("capture") or {}
+    fisher = "a sampled-label Fisher" if capture.get("curvature") == "sampled" else "an empirical Fisher"
+    if run.manifest.get("joint_layers"):
+        return f"the values' K, {fisher} across all layers,"
+    return (f"the values' K, {fisher} layer by layer (embed.joint_layers with capture.curvature: sampled "
+            "follows it further, docs/method.md §9),")
 
 
 def clipping_sentence(run: Run) -> str | None:
