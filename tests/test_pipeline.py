@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from rayattr.config import Config
+from rayattr.config import Config, ConfigError
 from rayattr.math.dvemb import data_value_embeddings, influence
 from rayattr.pipeline.stages import embed_and_reduce, run_pipeline
 from rayattr.model.gradients import validation_gradient
@@ -169,6 +169,10 @@ def test_joint_layers_equal_the_core_on_joined_rows(trained, tmp_path):
     scored = {(int(t), int(i)): float(v) for t, i, v in zip(occ.steps, occ.sample_ids, occ.scores[:, 0])}
     got = [scored[(t, i)] for t, i in zip(samples["step"].to_pylist(), samples["sample_id"].to_pylist())]
     np.testing.assert_allclose(got, values, rtol=1e-5, atol=1e-10)
+    # embedding it again per layer would mix the layouts' K's and embeddings: refused, nothing touched
+    with pytest.raises(ConfigError, match="embed.joint_layers: true"):
+        embed_and_reduce(cfg, run, result.num_steps, segments=3, progress=False)
+    assert run.reload_manifest()["joint_layers"] is True and run.reload_manifest()["status"] == "done"
 
 
 def test_outputs_and_manifest(trained):

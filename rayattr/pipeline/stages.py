@@ -239,13 +239,13 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     # cut is refused: segment artefacts are named by index
     n_seg, bounds = choose_segments(run, num_steps, segments,
                                     lambda: cfg.embed.segments or default_segments(cfg.train.use_gpu))
+    ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)  # refuses another layout
     run.update_manifest(status="embedding")
     edges = segment_bounds(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg, segment_bounds=bounds)
     # training's commit entries folded into a few manifests: each segment's readers then open
     # the ones covering its steps, not one entry per shard (rayattr/store/index.py)
     run.compact_index(TRAINING_KINDS)
-    ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)
     opt = resolve_optimizer(cfg)
     actors, specs, placement = start_segments(
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
