@@ -37,7 +37,7 @@ from torch.func import functional_call
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rayattr.capture import sampled_label_losses, select_layers  # noqa: E402
+from rayattr.capture import sampled_label_losses, select_layers, token_counts  # noqa: E402
 from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of  # noqa: E402
@@ -167,11 +167,9 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             def hessian(y: dict) -> dict:
                 return dict(zip(p, (h.detach() for h in torch.autograd.grad(
                     gbar, list(p.values()), grad_outputs=[y[n] for n in p], retain_graph=True))))
-            hv = block_product(hessian, Px) if blocks else hessian(Px)
-        elif curvature == "ggn" and blocks:
-            hv = block_product(lambda y: rp.ggn_vector_product(theta, b, y), Px)
+            hv = curvature_product(hessian, Px, blocks)
         elif curvature == "ggn":
-            hv = rp.ggn_vector_product(theta, b, Px)
+            hv = curvature_product(lambda y: rp.ggn_vector_product(theta, b, y), Px, blocks)
         elif curvature == "none":
             hv = {n: torch.zeros_like(x) for n, x in a.items()}
         elif curvature == "top":
@@ -184,11 +182,11 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             hv = subspace_hessian_product(p, per, rows, Px)
         elif curvature == "sampled":
             drawn = sampled_rows(rp, p, b, t, draws)
-            hv = block_product(lambda y: fisher_product(drawn, p, y), Px) if blocks else fisher_product(drawn, p, Px)
+            hv = curvature_product(lambda y: fisher_product(drawn, p, y), Px, blocks)
         elif curvature == "fisher" and tokens:  # each row × √T_s: the tokens' Fisher, cross terms dropped
-            counts = (b["labels"][:, 1:] != -100).sum(1).clamp(min=1).double().sqrt()
+            counts = token_counts(b["labels"][:, 1:]).double().sqrt()
             scaled = [tuple(gi * float(counts[i]) for gi in g) for i, g in enumerate(rows)]
-            hv = block_product(lambda y: fisher_product(scaled, p, y), Px) if blocks else fisher_product(scaled, p, Px)
+            hv = curvature_product(lambda y: fisher_product(scaled, p, y), Px, blocks)
         elif curvature == "fisher":
             hv = fisher_product(rows, p, Px)
         else:
@@ -251,6 +249,11 @@ def block_product(product, x: dict) -> dict:
         part = product({n: v if n in names else torch.zeros_like(v) for n, v in x.items()})
         out.update({n: part[n] for n in names})
     return out
+
+
+def curvature_product(product, x: dict, blocks: bool) -> dict:
+    """`product`(x), or with `blocks` its block-diagonal part (:func:`block_product`)."""
+    return block_product(product, x) if blocks else product(x)
 
 
 def low_rank_product(pairs: tuple, x: dict, blocks: bool) -> dict:

@@ -10,7 +10,7 @@ sample's gradient as it streams past (docs/method.md §5).
 
 from .capture import GradientCapture
 from .layers import LayerInfo, select_layers
-from .losses import per_sample_loss
+from .losses import per_sample_loss, token_counts
 from .precondition import (
     Preconditioner,
     Response,
@@ -41,4 +41,5 @@ __all__ = [
     "sample_labels",
     "sampled_label_losses",
     "select_layers",
+    "token_counts",
 ]

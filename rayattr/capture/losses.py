@@ -35,5 +35,10 @@ def per_sample_loss(
     total = token_losses.sum(dim=1)
     if reduction == "sum":
         return total
-    count = (labels.reshape(batch, -1) != ignore_index).sum(dim=1).clamp_min(1)
-    return total / count
+    return total / token_counts(labels, ignore_index)
+
+
+def token_counts(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Each sample's labelled tokens, (B, S) or (B,) labels -> (B,), at least 1 (a sample with
+    none then has a mean loss of 0)."""
+    return (labels.reshape(labels.shape[0], -1) != ignore_index).sum(dim=1).clamp_min(1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import per_sample_loss
+from .losses import per_sample_loss, token_counts
 
 
 def sample_labels(
@@ -51,10 +51,7 @@ def sampled_label_losses(
     give it T times too small.
     """
     labels = sample_labels(logits, generator=generator, mask=mask, ignore_index=ignore_index)
-    total = per_sample_loss(logits, labels, reduction="sum", ignore_index=ignore_index)
-    if reduction == "sum":
-        return total
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    count = (labels.reshape(labels.shape[0], -1) != ignore_index).sum(dim=1).clamp_min(1)
-    return total / count.to(total.dtype).sqrt()
+    losses = per_sample_loss(logits, labels, reduction=reduction, ignore_index=ignore_index)
+    if reduction == "mean":  # Σ_τ ℓ̂_τ / T → Σ_τ ℓ̂_τ / √T
+        losses = losses * token_counts(labels, ignore_index).to(losses.dtype).sqrt()
+    return losses

@@ -84,9 +84,9 @@ class ProjectionBlocks:
             raise ConfigError(f"run {run.uri}: its embedding started with embed.joint_layers: {str(recorded).lower()}; "
                               f"{str(joint).lower()} would mix K's and embeddings of both layouts. Run it with "
                               f"embed.joint_layers: {str(recorded).lower()}")
-        run.update_manifest(joint_layers=joint)
-        blocks = cls.for_run(run.manifest, q)
-        run.update_manifest(derived_layers={n: p for n, p in blocks.dims.items() if n not in blocks.recorded})
+        blocks = cls.for_run({**run.manifest, "joint_layers": joint}, q)
+        run.update_manifest(joint_layers=joint,
+                            derived_layers={n: p for n, p in blocks.dims.items() if n not in blocks.recorded})
         return blocks
 
     @property

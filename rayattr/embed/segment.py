@@ -148,16 +148,17 @@ class SegmentWorker:
                 for batch in reversed(batches):
                     record = etas[batch.step]
                     rows = curv_by_step.get(batch.step) if curv else None
+                    g = self.blocks.augment(batch.grads)  # the rows in the recursion's layers and blocks
                     if upd is None:
                         # a clipped SGD step's rows turn the step (dvemb.clipped_step_rows): u ≠ g there
                         u = (self.blocks.augment(clipped_step_rows(batch.grads, batch.grads))
                              if self.clip_response and record.clip < 1.0 and rows is None else None)
-                        emb = rec.step(self.blocks.augment(batch.grads), record.eta, rows,
+                        emb = rec.step(g, record.eta, rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u)
                     else:
                         u = upd.rows(u_by_step, batch, record, raw=batch.grads)
                         y = resp.rows(y_by_step, batch, record, raw=batch.grads) if resp is not None else None
-                        emb = rec.step(self.blocks.augment(batch.grads), upd.step_size(record), rows,
+                        emb = rec.step(g, upd.step_size(record), rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
                                        decay=record.decay, v_rows=y)
                         if self.momentum:
@@ -165,7 +166,7 @@ class SegmentWorker:
                         if y is not None:
                             v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
-                    el = eta_lambda_max(self.blocks.join(batch.grads), record.eta if upd is None else upd.step_size(record),
+                    el = eta_lambda_max({n: g[n] for n in self.layers}, record.eta if upd is None else upd.step_size(record),
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
                                         updates=u)
                     # stops before this step's rows are written (and K, which marks the segment done)

@@ -557,6 +557,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     n_sources = n_sources or 16
     n_val = n_validation or (cfg.data.builtin.n_validation if cfg.data.train is None else max(1, n // 100))
     G, L = bp.global_batch_size, len(layers)
+    widths = k_widths(cfg, layers)  # the recursion's K's
     m_curv = (math.ceil(t.micro_batch * c.curvature_fraction) * t.grad_accum * t.ranks * c.curvature_draws
               if c.curvature == "sampled" else 0)
     plan = Plan(n_params=n_params, vocab_size=vocab, seq_len=cfg.data.seq_len, n_samples=n,
@@ -594,7 +595,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
         # + R beside K under AdamW, + Q with v's response
-        "K matrices": kinds * kfac * n_seg * sum(w ** 2 for w in k_widths(cfg, layers)) * _DTYPE_BYTES[cfg.embed.dtype],
+        "K matrices": kinds * kfac * n_seg * sum(w ** 2 for w in widths) * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
         "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,
@@ -621,7 +622,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     plan.process_memory = process_totals(plan.memory)
     plan.traffic = step_traffic(cfg, n_params, layers)
     if cfg.embed.joint_layers:  # the one term that grows with the square of the captured size
-        width = k_widths(cfg, layers)[0]
+        (width,) = widths
         plan.notes.append(f"embed.joint_layers: one K of {width:,} x {width:,} per segment "
                           f"({human_bytes(width ** 2 * _DTYPE_BYTES[cfg.embed.dtype])}, with R under AdamW twice), "
                           f"against {human_bytes(sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype])} "
@@ -667,7 +668,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         plan.notes.append("training is bound by gradient writes to the store "
                           f"({write_s:.3g} s vs {compute:.3g} s compute per step)")
     share = max(1.0, n_seg / devices)  # segment actors outnumbering devices share them
-    sq = kfac * sum(w ** 2 for w in k_widths(cfg, layers))
+    sq = kfac * sum(w ** 2 for w in widths)
     rows_seg = steps_seg * G
     rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
     io_in = ipc(kinds * rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
@@ -681,8 +682,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     # the devices' width): ⌈log2(n-1)⌉ rounds with a device per actor, each combine one p × p
     # product per layer (two with R); else the forward scan of the sums (keys × p² per layer,
     # segment after segment). The vector chain is p² either way
-    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(w ** 3 for w in k_widths(cfg, layers)) if keep
-             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(w ** 2 for w in k_widths(cfg, layers))
+    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(w ** 3 for w in widths) if keep
+             else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(w ** 2 for w in widths)
              ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
     return plan
