@@ -26,6 +26,15 @@ preconditioner), alpha_t = 1 - lr_t λ the decoupled decay and beta1 the momentu
     R_t          c_t eta_t K_{t+1→} + beta1 R_{t+1},  c_t = (1 - beta1)/(1 - beta1^(t+1)),  R_T = 0
 With beta1 = 0 R_t is eta_t K_{t+1→}, so R is only carried when there is momentum.
 
+Curvature through the momentum (optional; docs/method.md §7): a perturbation of θ_t changes
+the gradient at t, and the momentum spends that change over every later step, as it spends
+an occurrence's gradient. So the exact K of the linearised run is
+    K_t          alpha_t I - Σ_i (R_t u_i) g_iᵀ   (= alpha_t I - E_tᵀ G_t, E the step's embeddings)
+rather than alpha_t I - eta_t Σ u gᵀ, which spends it all at once. [K, R] then moves as a pair,
+[K_t, R_t] = [K_{t+1}, R_{t+1}] M_t with a full 2×2 block M_t, so a segment also sweeps from
+[K, R] = [0, I] at its end (C, D below) and every occurrence has a second local row D^loc_t u,
+what R at the segment's end acts on (β₁^(b-t) u with the momentum-free K).
+
 Second-moment response (optional; docs/method.md §7, "v's response"): removing an occurrence
 also lowers Adam's v for every later step, which raises later steps' P. To first order, with
 D_t = m̂_t ⊙ P_t² / √v̂_t frozen at the occurrence's step and y = D_t ⊙ ḡ_t ⊙ g its row,
@@ -106,8 +115,14 @@ class SegmentRecursion:
     beta2: float = 0.0
     """Adam's beta2 for the second-moment response; > 0 carries Q next to K and needs each
     step's ``v_rows`` (0: v frozen, no Q)."""
+    momentum_curvature: bool = False
+    """K's curvature term through the momentum, alpha K - R Σ u gᵀ (module docstring); needs
+    momentum > 0 (without it the two K's are one) and is not combined with beta2."""
     last_step: int | None = field(init=False, default=None)
     """The last step fed (steps must decrease)."""
+    carried: dict[str, torch.Tensor] | None = field(init=False, default=None)
+    """With momentum, the last step's rows that R at the segment's end acts on: D^loc_t u under
+    momentum_curvature, else β₁^(b-t) u (b - t the steps fed so far)."""
 
     def __post_init__(self) -> None:
         self.dims = dict(self.dims)
@@ -126,6 +141,15 @@ class SegmentRecursion:
             p: torch.zeros_like(K) for p, K in self._stacks.items()
         } if self.momentum else None
         self._q_stacks = {p: torch.zeros_like(K) for p, K in self._stacks.items()} if self.beta2 else None
+        if self.momentum_curvature and self.beta2:
+            raise ValueError("momentum_curvature is not combined with v's response (beta2 > 0)")
+        self.momentum_curvature = bool(self.momentum_curvature and self.momentum)
+        # the sweep from [K, R] = [0, I] at the segment's end: C = ∂K/∂R_b, D = ∂R/∂R_b
+        self._c_stacks = ({p: torch.zeros_like(K) for p, K in self._stacks.items()}
+                          if self.momentum_curvature else None)
+        self._d_stacks = ({p: torch.eye(p, dtype=self.dtype, device=self.device).repeat(len(self._groups[p]), 1, 1)
+                           for p in self._stacks} if self.momentum_curvature else None)
+        self._fed = 0  # steps fed: b - t after step t
 
     @property
     def K(self) -> dict[str, torch.Tensor]:
@@ -142,6 +166,17 @@ class SegmentRecursion:
     def Q(self) -> dict[str, torch.Tensor] | None:
         """Layer -> local Q (the second-moment response's R) at the last step fed; None when v is frozen."""
         return self._unstack(self._q_stacks) if self._q_stacks is not None else None
+
+    @property
+    def C(self) -> dict[str, torch.Tensor] | None:
+        """Layer -> ∂K/∂R_b, K's response to R at the segment's end (views); None unless
+        momentum_curvature, where it is 0."""
+        return self._unstack(self._c_stacks) if self._c_stacks is not None else None
+
+    @property
+    def D(self) -> dict[str, torch.Tensor] | None:
+        """Layer -> ∂R/∂R_b (views); None unless momentum_curvature, where it is β₁^(b-t) I."""
+        return self._unstack(self._d_stacks) if self._d_stacks is not None else None
 
     def _unstack(self, stacks) -> dict[str, torch.Tensor]:
         return {n: stacks[p][i] for p, names in self._groups.items() for i, n in enumerate(names)}
@@ -186,11 +221,26 @@ class SegmentRecursion:
             if missing:
                 raise KeyError(f"v_rows missing for layers {sorted(missing)}")
         self._check_step(step)  # last: a refused call leaves the recursion where it was
+        self._fed += 1
         out: dict[str, torch.Tensor] = {}
+        carried: dict[str, torch.Tensor] = {}
         for p, names in self._groups.items():
             K = self._stacks[p]
             G = self._stack(grads, names, p)
             U = G if updates is None else self._stack(updates, names, p)
+            C = CU = None
+            if curvature is not None:
+                C = self._stack(curvature, names, p)
+                CU = C if curvature_updates is None else self._stack(curvature_updates, names, p)
+            rows = batch_size if batch_size is not None else G.shape[1]  # |B_t| of the sampled-label scale
+            if self.momentum_curvature:
+                scale = rows / C.shape[1] if C is not None and C.shape[1] else 0.0
+                weight = momentum_weight(self.momentum, step) * eta
+                E = self._momentum_step(K, self._r_stacks[p], U, G, C, CU, scale, weight, decay)
+                E2 = self._momentum_step(self._c_stacks[p], self._d_stacks[p], U, G, C, CU, scale, weight, decay)
+                for i, n in enumerate(names):
+                    out[n], carried[n] = E[i], E2[i]
+                continue
             if self._r_stacks is None:
                 E = eta * torch.matmul(U, K.transpose(1, 2))  # (L,B,p): eta K u per row
             else:
@@ -208,17 +258,30 @@ class SegmentRecursion:
                 _decay(K, decay)
                 K.sub_(torch.matmul(KU, G))
             else:
-                C = self._stack(curvature, names, p)
-                CU = C if curvature_updates is None else self._stack(curvature_updates, names, p)
                 m = C.shape[1]
                 KC = torch.matmul(K, CU.transpose(1, 2)) if m else None  # (L,p,m), before the decay
                 _decay(K, decay)
                 if m:
-                    scale = eta * (batch_size if batch_size is not None else G.shape[1]) / m
-                    K.sub_(scale * torch.matmul(KC, C))
+                    K.sub_(eta * rows / m * torch.matmul(KC, C))
             for i, n in enumerate(names):
                 out[n] = E[i]
+                if self._r_stacks is not None:
+                    carried[n] = self.momentum ** self._fed * U[i]
+        self.carried = carried if self._r_stacks is not None else None
         return out
+
+    def _momentum_step(self, K, R, U, G, C, CU, scale: float, weight: float, decay: float) -> torch.Tensor:
+        """One step of the pair [K, R] under momentum_curvature, in place: R_t = c_t eta_t K_{t+1}
+        + beta1 R_{t+1}, then K_t = alpha_t K_{t+1} - R_t Σ u gᵀ (the sampled rows' (B/m) Σ û ĝᵀ
+        with curvature). Returns the rows R_t u (L, B, p)."""
+        R.mul_(self.momentum).add_(K, alpha=weight)
+        E = torch.matmul(U, R.transpose(1, 2))
+        _decay(K, decay)
+        if C is None:
+            K.sub_(torch.matmul(E.transpose(1, 2), G))
+        elif C.shape[1]:
+            K.sub_(scale * torch.matmul(torch.matmul(R, CU.transpose(1, 2)), C))
+        return E
 
     def _check_step(self, step: int | None) -> None:
         if step is None:
@@ -282,6 +345,8 @@ def segment_embeddings(
     first_step: int = 0,
     v_rows: Sequence[Layers] | None = None,
     beta2: float = 0.0,
+    momentum_curvature: bool = False,
+    carried: list | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], SegmentRecursion]:
     """Algorithm 2's work unit in memory: one segment's backward sweep, :meth:`SegmentRecursion.step`
     over its steps from the last to the first (a segment actor runs the same steps, reading them
@@ -290,8 +355,9 @@ def segment_embeddings(
     The per-step arguments are as in :func:`data_value_embeddings`, for this segment's steps
     only; ``first_step`` is the global 0-based index of the first one (the momentum's bias
     correction depends on it). Returns (local embeddings per step, the finished recursion): its
-    ``K``, ``R`` (None without momentum) and ``Q`` (None without beta2) are what
-    :func:`segment_combine` chains. All are in the compute dtype: the input's for
+    ``K``, ``R`` (None without momentum), ``C``, ``D`` (None unless ``momentum_curvature``) and
+    ``Q`` (None without beta2) are what :func:`segment_combine` chains. ``carried``, a list,
+    receives each step's :attr:`SegmentRecursion.carried` rows (None without momentum). All are in the compute dtype: the input's for
     float32/float64, float32 for half precision.
     """
     T = len(grads)
@@ -299,14 +365,19 @@ def segment_embeddings(
                    decay=decay, batch_sizes=batch_sizes, v_rows=v_rows)
     first = grads[0]
     rec = SegmentRecursion({n: t.shape[1] for n, t in first.items()}, dtype=_dtype(first),
-                           device=_device(first), momentum=momentum, beta2=beta2)
+                           device=_device(first), momentum=momentum, beta2=beta2,
+                           momentum_curvature=momentum_curvature)
     embs: list[dict[str, torch.Tensor]] = [None] * T  # type: ignore[list-item]
+    rows: list = [None] * T
     for t in range(T - 1, -1, -1):
         embs[t] = rec.step(
             grads[t], float(step_sizes[t]), _at(curvature, t), _at(batch_sizes, t),
             step=first_step + t, updates=_at(updates, t), curvature_updates=_at(curvature_updates, t),
             decay=float(decay[t]) if decay is not None else 1.0, v_rows=_at(v_rows, t),
         )
+        rows[t] = rec.carried
+    if carried is not None:
+        carried.extend(rows)
     return embs, rec
 
 
@@ -337,7 +408,9 @@ class Link(NamedTuple):
     or a product M_j ⋯ M_i of consecutive ones (later segments on the left), which keeps that
     form. Right-multiplying the row block [S_ℓ, R_{b_ℓ}] by M_ℓ gives [S_{ℓ-1}, R_{b_{ℓ-1}}]
     (S_{ℓ-1} = S_ℓ K_ℓ, R_{a_ℓ} = S_ℓ R^loc_ℓ + c_ℓ R_{b_ℓ}), so segment ℓ's
-    (S_ℓ, R_{b_ℓ}) is the (S, R) of M_{n-1} ⋯ M_{ℓ+1} (the identity for the last segment)."""
+    (S_ℓ, R_{b_ℓ}) is the (S, R) of M_{n-1} ⋯ M_{ℓ+1} (the identity for the last segment).
+    With the curvature through the momentum the lower row is full, M_ℓ = [[K_ℓ, R^loc_ℓ],
+    [C_ℓ, D_ℓ]] (module docstring), and C, D are kept."""
 
     S: dict[str, torch.Tensor]
     """The K block: a product of segment matrices, layer -> (p, p)."""
@@ -350,6 +423,10 @@ class Link(NamedTuple):
     and column [[K, R, Q], [0, c I, 0], [0, 0, c₂ I]]; None without it."""
     carry_q: float = 1.0
     """c₂: β₂ to the power of the steps covered."""
+    C: dict[str, torch.Tensor] | None = None
+    """The lower-left block, layer -> (p, p); None: 0 (the momentum-free K)."""
+    D: dict[str, torch.Tensor] | None = None
+    """The lower-right block, layer -> (p, p); None: c I."""
 
 
 def segment_link(
@@ -360,15 +437,21 @@ def segment_link(
     dtype: torch.dtype = torch.float64,
     Q_loc: Layers | None = None,
     beta2: float = 0.0,
+    C_loc: Layers | None = None,
+    D_loc: Layers | None = None,
 ) -> Link:
     """Segment ℓ's own element M_ℓ of the suffix scan from its K_ℓ, local R^loc_ℓ (and Q^loc_ℓ
     of v's response) and its steps b_ℓ - a_ℓ, cast to ``dtype`` (float64 across the segment
-    actors, the K's in :func:`segment_combine`). R is dropped without momentum, Q without β₂."""
+    actors, the K's in :func:`segment_combine`). R is dropped without momentum, Q without β₂;
+    C and D (the recursion's, under momentum_curvature) make the lower row full."""
     momentum, beta2 = check_momentum(momentum), check_momentum(beta2, "beta2")
     S = {n: k.to(dtype) for n, k in K.items()}
     R = {n: r.to(dtype) for n, r in R_loc.items()} if momentum and R_loc is not None else None
     Q = {n: q.to(dtype) for n, q in Q_loc.items()} if beta2 and Q_loc is not None else None
-    return Link(S, R, momentum ** int(length), Q, beta2 ** int(length))
+    full = R is not None and C_loc is not None and D_loc is not None
+    C = {n: c.to(dtype) for n, c in C_loc.items()} if full else None
+    D = {n: d.to(dtype) for n, d in D_loc.items()} if full else None
+    return Link(S, R, momentum ** int(length), Q, beta2 ** int(length), C, D)
 
 
 def compose_links(later: Link, earlier: Link) -> Link:
@@ -385,6 +468,14 @@ def compose_links(later: Link, earlier: Link) -> Link:
         raise ValueError("compose_links: both links carry R (momentum) or neither does")
     if (later.Q is None) != (earlier.Q is None):
         raise ValueError("compose_links: both links carry Q (v's response) or neither does")
+    if (later.D is None) != (earlier.D is None):
+        raise ValueError("compose_links: both links have the full lower row (momentum_curvature) or neither does")
+    if later.D is not None:  # [[K₁, R₁], [C₁, D₁]] [[K₂, R₂], [C₂, D₂]]
+        return Link({n: later.S[n] @ earlier.S[n] + later.R[n] @ earlier.C[n] for n in earlier.S},
+                    {n: later.S[n] @ earlier.R[n] + later.R[n] @ earlier.D[n] for n in earlier.S},
+                    later.carry * earlier.carry, None, 1.0,
+                    {n: later.C[n] @ earlier.S[n] + later.D[n] @ earlier.C[n] for n in earlier.S},
+                    {n: later.C[n] @ earlier.R[n] + later.D[n] @ earlier.D[n] for n in earlier.S})
     S = {n: later.S[n] @ earlier.S[n] for n in earlier.S}
     R = None if earlier.R is None else carry_back(later.S, earlier.R, later.R, earlier.carry, _dtype(S))
     Q = None if earlier.Q is None else carry_back(later.S, earlier.Q, later.Q, earlier.carry_q, _dtype(S))
@@ -446,6 +537,8 @@ def segment_combine(
     Rs: Sequence[Layers] | None = None,
     lengths: Sequence[int] | None = None,
     momentum: float = 0.0,
+    Cs: Sequence[Layers] | None = None,
+    Ds: Sequence[Layers] | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor] | None]]:
     """Chain all segments in memory: (S_ℓ, R_{b_ℓ}) for every segment ℓ, by :func:`suffix_scan`
     of :func:`compose_links` at width 1, i.e. from the last segment backwards (n - 2 combines,
@@ -454,6 +547,7 @@ def segment_combine(
     Ks: each segment's K (layer -> (p, p)), earliest segment first.
     Rs: each segment's local R at its first step (``SegmentRecursion.R``); only read with momentum.
     lengths: steps in each segment (b - a); only read with momentum.
+    Cs, Ds: each segment's C and D (``SegmentRecursion.C``, ``.D``) under momentum_curvature.
     Returns the suffix products S_ℓ = K_{n-1} ⋯ K_{ℓ+1} (identity for the last) and the global
     R at each segment's end (zero for the last; all None without momentum: nothing is carried
     across segments).
@@ -470,7 +564,8 @@ def segment_combine(
     suffixes[-1] = {m: torch.eye(k.shape[0], dtype=k.dtype, device=k.device) for m, k in Ks[-1].items()}
     if momentum:
         r_ends[-1] = {m: torch.zeros_like(k) for m, k in Ks[-1].items()}
-    own = [segment_link(Ks[ell], Rs[ell] if momentum else None, lengths[ell] if momentum else 0, momentum, dtype)
+    own = [segment_link(Ks[ell], Rs[ell] if momentum else None, lengths[ell] if momentum else 0, momentum, dtype,
+                        C_loc=_at(Cs, ell), D_loc=_at(Ds, ell))
            for ell in range(1, n)]
     for ell, link in enumerate(suffix_scan(own, lambda i, later, mine: compose_links(later, mine), width=1)):
         suffixes[ell], r_ends[ell] = link.S, link.R  # M_{n-1} ⋯ M_{ℓ+1}
@@ -497,6 +592,8 @@ def chain_vectors_back(
     z: Layers | None = None,
     length: int = 0,
     momentum: float = 0.0,
+    C_loc: Layers | None = None,
+    D_loc: Layers | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """One link of the vector chain (docs/method.md §4, §7), segment ℓ's :class:`Link`
     transposed and applied to one test vector v: from segment ℓ's (w_ℓ, z_ℓ) and its own K_ℓ,
@@ -504,10 +601,17 @@ def chain_vectors_back(
 
         w_{ℓ-1} = K_ℓᵀ w_ℓ,    z_{ℓ-1} = R^locᵀ_ℓ w_ℓ + β₁^(b_ℓ - a_ℓ) z_ℓ
 
+    (with the full lower row C, D of momentum_curvature: w_{ℓ-1} = K_ℓᵀ w_ℓ + C_ℓᵀ z_ℓ,
+    z_{ℓ-1} = R^locᵀ_ℓ w_ℓ + D_ℓᵀ z_ℓ)
+
     where w_ℓ = S_ℓᵀ v and z_ℓ = R_{b_ℓ}ᵀ v, so a value is v·(S_ℓ e + β₁^(b-t) R_b u) =
     e·w_ℓ + β₁^(b-t) u·z_ℓ without ever forming S_ℓ or R_b. O(p²) per layer. ``z`` is None
     without momentum (nothing crosses a segment's end). Computed in w's dtype.
     """
+    if check_momentum(momentum) and R_loc is not None and D_loc is not None:
+        zd = z if z is not None else {n: torch.zeros_like(v) for n, v in w.items()}
+        return ({n: K[n].to(v.dtype).T @ v + C_loc[n].to(v.dtype).T @ zd[n] for n, v in w.items()},
+                {n: R_loc[n].to(v.dtype).T @ v + D_loc[n].to(v.dtype).T @ zd[n] for n, v in w.items()})
     w_prev = {n: K[n].to(v.dtype).T @ v for n, v in w.items()}
     if not check_momentum(momentum) or R_loc is None:
         return w_prev, None
@@ -533,6 +637,8 @@ def vector_chain(
     Rs: Sequence[Layers] | None = None,
     lengths: Sequence[int] | None = None,
     momentum: float = 0.0,
+    Cs: Sequence[Layers] | None = None,
+    Ds: Sequence[Layers] | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
     """(w_ℓ, z_ℓ) for every segment ℓ, by :func:`chain_vectors_back` from the last backwards:
     w_{n-1} = v, z_{n-1} = 0. The vector form of :func:`segment_combine` for one test vector v:
@@ -548,7 +654,7 @@ def vector_chain(
         out[ell] = (w, z)
         if ell:
             w, z = chain_vectors_back(Ks[ell], w, Rs[ell] if momentum else None, z,
-                                      lengths[ell] if momentum else 0, momentum)
+                                      lengths[ell] if momentum else 0, momentum, _at(Cs, ell), _at(Ds, ell))
     return out
 
 
@@ -565,6 +671,7 @@ def finalise_step(
     v_rows: Layers | None = None,
     q_end: Layers | None = None,
     beta2: float = 0.0,
+    carried: Layers | None = None,
 ) -> dict[str, torch.Tensor]:
     """Final embeddings of one step's occurrences from their local ones (docs/method.md §4, §7).
 
@@ -573,12 +680,16 @@ def finalise_step(
     updates: the step's update rows u (its gradient rows when there is no preconditioner).
     steps_to_end: b - t, the steps from this one to the segment's end.
     v_rows, q_end, beta2: the second-moment response's rows y, Q at the segment's end and beta2.
+    carried: the step's rows D^loc_t u under momentum_curvature (``SegmentRecursion.carried``),
+        which R_b acts on in place of beta1^(b - t) u.
     Returns S_ℓ e + beta1^(b - t) R_b u - beta2^(b - t) Q_b y per row; without momentum and
     second-moment response just S_ℓ e.
     """
     out = {n: local[n] @ suffix[n].T.to(local[n].dtype) for n in local}  # rows e ↦ S e
     carries = []
-    if momentum and r_end is not None:
+    if momentum and r_end is not None and carried is not None:
+        carries.append((carried, r_end, 1.0, "carried"))
+    elif momentum and r_end is not None:
         carries.append((updates, r_end, momentum ** int(steps_to_end) if steps_to_end is not None else None, "update"))
     if beta2 and q_end is not None:
         carries.append((v_rows, q_end, -beta2 ** int(steps_to_end) if steps_to_end is not None else None, "v"))
@@ -599,14 +710,18 @@ def finalise_scores(
     v_rows: Layers | None = None,
     zq: Layers | None = None,
     beta2: float = 0.0,
+    carried: Layers | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per layer, each row's value v·(S e + β₁^(b-t) R_b u - β₂^(b-t) Q_b y) = e·w + β₁^(b-t) u·z
     - β₂^(b-t) y·z_Q, from the vector chain's (w, z) of the segment (:func:`chain_vectors_back`)
     and, with the second-moment response, z_Q = Q_bᵀ v (:func:`carry_vectors_back`) and the
-    step's rows y, in w's dtype: the vector form of :func:`finalise_step`; (B,) per layer."""
+    step's rows y, in w's dtype: the vector form of :func:`finalise_step`; (B,) per layer. Under
+    momentum_curvature the ``carried`` rows D^loc_t u take β₁^(b-t) u's place."""
     out = {n: local[n].to(w[n].dtype) @ w[n] for n in local}
     carries = []
-    if check_momentum(momentum) and z is not None:
+    if check_momentum(momentum) and z is not None and carried is not None:
+        out = {n: s + carried[n].to(z[n].dtype) @ z[n] for n, s in out.items()}
+    elif check_momentum(momentum) and z is not None:
         carries.append((updates, z, momentum, 1.0, "update"))
     if check_momentum(beta2, "beta2") and zq is not None:
         carries.append((v_rows, zq, beta2, -1.0, "v"))  # the response's sign: -Q y (docs/method.md §7)
@@ -633,6 +748,7 @@ def data_value_embeddings(
     decay: Sequence[float] | torch.Tensor | None = None,
     v_rows: Sequence[Layers] | None = None,
     beta2: float | None = None,
+    momentum_curvature: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """DVEmb(t, z) for every occurrence of every step, in memory: what the segment actors and
     the reducer compute, as the same composition (:func:`segment_embeddings` per segment,
@@ -654,6 +770,7 @@ def data_value_embeddings(
     v_rows: the second-moment response: list over steps, shaped like grads, of rows
         y = D_t ⊙ ḡ_t ⊙ g (D_t = m̂_t ⊙ P_t² / √v̂_t); needs ``beta2``. None: v frozen.
     beta2: Adam's beta2 for ``v_rows``, in (0, 1).
+    momentum_curvature: K's curvature term through the momentum (module docstring).
     Returns Σ_{s≥t} w_{t,s} eta_s K_{s+1→} u (- Q_t y with v_rows) per occurrence
     (docs/method.md §7), layer -> (B_t, p) in the input dtype. With the defaults this is SGD's
     eta_t K_{t+1→} g.
@@ -673,23 +790,28 @@ def data_value_embeddings(
         raise ValueError("the second-moment response needs beta2 in (0, 1), got 0")
     bounds = segment_bounds(T, segments)
     pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    locals_, Ks, Rs, Qs = [], [], [], []
+    locals_, Ks, Rs, Qs, Cs, Ds, carried = [], [], [], [], [], [], []
     for sl in pieces:
         e, rec = segment_embeddings(grads[sl], steps[sl], _part(curvature, sl), _part(batch_sizes, sl),
                                     _part(updates, sl), _part(curvature_updates, sl), momentum,
-                                    _part(decays, sl), sl.start, v_rows=_part(v_rows, sl), beta2=beta2)
+                                    _part(decays, sl), sl.start, v_rows=_part(v_rows, sl), beta2=beta2,
+                                    momentum_curvature=momentum_curvature, carried=carried)
         locals_.append(e)
         Ks.append(rec.K)
         Rs.append(rec.R)
         Qs.append(rec.Q)
+        Cs.append(rec.C)
+        Ds.append(rec.D)
     lengths = [sl.stop - sl.start for sl in pieces]
-    suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum)
+    full = Ds[0] is not None  # momentum_curvature with momentum
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum, Cs if full else None, Ds if full else None)
     q_ends = carried_ends(suffixes, Qs, lengths, beta2) if beta2 else [None] * len(pieces)
     rows = updates if updates is not None else grads  # u, which momentum carries across segments
     out: list[dict[str, torch.Tensor]] = []
     for sl, e_seg, S, r_end, q_end in zip(pieces, locals_, suffixes, r_ends, q_ends):
         out.extend(finalise_step(e, S, r_end, rows[t], momentum, sl.stop - t,
-                                 v_rows[t] if v_rows is not None else None, q_end, beta2)
+                                 v_rows[t] if v_rows is not None else None, q_end, beta2,
+                                 carried[t] if full else None)
                    for t, e in zip(range(sl.start, sl.stop), e_seg))
     # half-precision inputs were computed in float32; hand back what was given
     given = {n: t.dtype for n, t in grads[0].items()}
