@@ -218,6 +218,11 @@ class EmbedConfig:
     curvature between layers pulls a perturbation back too, and on the default AdamW run even
     the exact Hessian kept per layer loses the last quarter's order (docs/method.md §3, §9).
     K, R, the chain and its links grow with the square of the captured size (`rayattr plan`)."""
+    momentum_curvature: bool = False
+    """AdamW: K's curvature term through Adam's momentum, K_t = α K − R_t Σ u gᵀ, the exact K of
+    the linearised run (docs/method.md §7), instead of α K − η K Σ u gᵀ, which spends the
+    curvature's pull at once. Doubles K's work and memory in the segments (a second sweep, C and
+    D) and writes a second row per occurrence. Not with capture.v_response."""
     clip_response: bool = False
     """At steps gradient clipping acted on, give the recursion and the values the clipped step's
     own response to a sample, κ (I − ĝĝᵀ) g, instead of κ g (dvemb.clipped_step_rows; docs/method.md

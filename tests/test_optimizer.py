@@ -79,6 +79,17 @@ def test_refusals_name_the_key(train, capture, key):
         resolve_optimizer(cfg_of(train, capture).validate())
 
 
+@pytest.mark.parametrize("train, capture, key", [
+    ({"optimizer": {"type": "sgd"}}, {}, "embed.momentum_curvature: K's curvature through Adam's momentum"),
+    ({"optimizer": {"type": "adamw"}}, {"v_response": True}, "does not go with capture.v_response"),
+])
+def test_momentum_curvature_refusals(train, capture, key):
+    cfg = Config.from_dict({"train": train, "capture": capture, "embed": {"momentum_curvature": True}})
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_optimizer(cfg.validate())
+    resolve_optimizer(Config.from_dict({"embed": {"momentum_curvature": True}}).validate())  # the default AdamW
+
+
 def test_per_group_lr_or_decay_within_a_layer_is_refused():
     layer = torch.nn.Linear(3, 2)
     same = torch.optim.AdamW([{"params": [layer.weight]}, {"params": [layer.bias]}], lr=1e-3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayattr.config import Config
+from rayattr.config import Config, ConfigError
 from rayattr.math.dvemb import data_value_embeddings, influence
 from rayattr.pipeline.stages import embed_and_reduce, run_pipeline
 from rayattr.model.gradients import validation_gradient
@@ -43,9 +43,10 @@ def trained(local_ray, tmp_path_factory):
     return cfg, Run.open_uri(result.uri), result
 
 
-def core_adamw(run: Run):
+def core_adamw(run: Run, **kw):
     """The core's DVEmb on the recorded rows, with docs/method.md §7's conventions: η_t = lr_t/|B|
-    (κ_t taken out of the recorded η), rows κ_t·u, α_t = 1 − lr_t·λ, β₁ from the records."""
+    (κ_t taken out of the recorded η), rows κ_t·u, α_t = 1 − lr_t·λ, β₁ from the records; `kw`
+    to data_value_embeddings."""
     batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
     updates = GradientReader(run, kind="update").read_steps(0, None, dtype=torch.float64)
     recs = {r.step: r for r in run.step_records()}
@@ -54,7 +55,7 @@ def core_adamw(run: Run):
     emb = data_value_embeddings(
         [b.grads for b in batches], [r.eta / r.clip for r in rs],
         updates=[{n: r.clip * g for n, g in u.grads.items()} for u, r in zip(updates, rs)],
-        momentum=rs[0].beta1, decay=[r.decay for r in rs])
+        momentum=rs[0].beta1, decay=[r.decay for r in rs], **kw)
     return batches, emb
 
 
@@ -171,6 +172,36 @@ def test_adamw_per_source_mode_equals_the_core(trained, tmp_path):
               segments=3, progress=False)
     batches, emb = core_adamw(run)
     assert_source_embeddings(run, source_sums(batches, emb), rtol=1e-4)
+
+
+def test_momentum_curvature_segments_equal_the_core(trained, tmp_path):
+    """embed.momentum_curvature: 3 segments (C, D and the carried rows on disk, full links in the
+    scan, the vector chain, both finalisations) equal the core's recursion on the recorded rows,
+    and so do the per-source sums of the forward scan; the values are not the momentum-free K's;
+    the run then refuses to be embedded with the other K."""
+    from tests.test_pipeline import assert_source_embeddings, source_sums
+
+    cfg, base, result = trained
+    on = cfg.with_overrides(**{"embed.momentum_curvature": True})
+    run = copy_trained(base, tmp_path / "kept")
+    embed_and_reduce(on, run, result.num_steps, segments=3, progress=False)
+    batches, emb = core_adamw(run, momentum_curvature=True)
+    final = _embeddings(run)
+    for b, e in zip(batches, emb):
+        for n in e:
+            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-6 * float(e[n].abs().max()))
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want, rtol=2e-5,
+                               atol=1e-10)
+    free = torch.cat(influence(core_adamw(run)[1], validation_gradient(run))).numpy()
+    assert np.abs(want - free).max() > 1e-3 * np.abs(free).max()
+    sums = copy_trained(base, tmp_path / "sums")
+    embed_and_reduce(on.with_overrides(**{"embed.keep_sample_embeddings": False}), sums, result.num_steps,
+                     segments=3, progress=False)
+    assert_source_embeddings(sums, source_sums(batches, emb), rtol=1e-4)
+    with pytest.raises(ConfigError, match="embed.momentum_curvature: true"):
+        embed_and_reduce(cfg, run, result.num_steps, segments=3, progress=False)
+    assert Run.open_uri(run.uri).manifest["momentum_curvature"] is True
 
 
 def test_guard_measures_the_preconditioned_curvature(trained):

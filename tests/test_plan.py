@@ -216,6 +216,20 @@ def test_adamw_counts_update_rows():
     assert "update row per sample (AdamW)" in format_plan(adamw)
 
 
+def test_momentum_curvature_counts_c_d_and_the_carried_rows():
+    """embed.momentum_curvature: C and D beside K and R (twice the matrices, kept and in every
+    link), a carried row beside every local embedding; nothing on an SGD-shaped count."""
+    adamw = {"train.steps": 40, "train.optimizer": {"type": "adamw"}}
+    free = estimate(small(**adamw))
+    full = estimate(small(**adamw, **{"embed.momentum_curvature": True}))
+    assert full.storage["K matrices"] == 2 * free.storage["K matrices"]
+    assert not free.storage["carried rows (embed.momentum_curvature)"]
+    assert full.storage["carried rows (embed.momentum_curvature)"] == full.storage["local embeddings"]
+    key = "segment actor: K, R and the chain"
+    assert full.memory[key] == 2 * free.memory[key]
+    assert full.memory["segment actor: one write chunk"] == 2 * free.memory["segment actor: one write chunk"]
+
+
 def test_v_response_counts_its_rows_and_q():
     """capture.v_response stores a response row next to every update row and a Q next to every
     K and R; the rank holds the captured layers' m and v whole."""

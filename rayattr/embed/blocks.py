@@ -24,8 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rayattr.config import ConfigError
-from rayattr.embed.cut import embedding_started
+from rayattr.embed.cut import record_choice
 
 SEP = "@"
 JOINT = "joint"
@@ -79,14 +78,9 @@ class ProjectionBlocks:
         the joint layer as `derived_layers` so that the segment actors' writers accept them (call
         before the embedding stage; every later reader takes the layout from there). Once a
         segment artefact exists, another layout is refused: K's and embeddings of both would mix."""
-        recorded = bool(run.manifest.get("joint_layers", False))  # runs from before the key: per layer
-        if recorded != joint and embedding_started(run):
-            raise ConfigError(f"run {run.uri}: its embedding started with embed.joint_layers: {str(recorded).lower()}; "
-                              f"{str(joint).lower()} would mix K's and embeddings of both layouts. Run it with "
-                              f"embed.joint_layers: {str(recorded).lower()}")
+        record_choice(run, "joint_layers", bool(joint), False)  # runs from before the key: per layer
         blocks = cls.for_run({**run.manifest, "joint_layers": joint}, q)
-        run.update_manifest(joint_layers=joint,
-                            derived_layers={n: p for n, p in blocks.dims.items() if n not in blocks.recorded})
+        run.update_manifest(derived_layers={n: p for n, p in blocks.dims.items() if n not in blocks.recorded})
         return blocks
 
     @property

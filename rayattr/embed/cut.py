@@ -22,6 +22,20 @@ def embedding_started(run) -> bool:
     return any(run._storage.find(p) for p in EMBED_PREFIXES)
 
 
+def record_choice(run, key: str, value, default) -> None:
+    """Record an embedding choice (`embed.<key>`) in the run's manifest; once a segment artefact
+    exists, another value than the recorded one (`default` for runs from before the key) is
+    refused: K's and embeddings computed both ways would mix."""
+    recorded = run.manifest.get(key, default)
+    if recorded != value and embedding_started(run):
+        def word(x):
+            return str(x).lower() if isinstance(x, bool) else str(x)
+        raise ConfigError(f"run {run.uri}: its embedding started with embed.{key}: {word(recorded)}; "
+                          f"{word(value)} would mix K's and embeddings of both. Run it with "
+                          f"embed.{key}: {word(recorded)}")
+    run.update_manifest(**{key: value})
+
+
 def recorded_cut(run, num_steps: int) -> list[int] | None:
     """The bounds the run's embedding was started with (None: not started, or no artefact left)."""
     m = run.manifest

@@ -17,7 +17,10 @@ beside it), and keeps per-(source, phase) sums of β₁^(b−t) u; z (and R_b) a
 that leaks past the segment's end. With v's response (a run that recorded the rows y of kind
 `V_RESPONSE_KIND`, manifest "v_response") it carries Q the same way with β₂: Q beside K, sums
 of β₂^(b−t) y, and a third item in every link (z_Q = Q_bᵀ v in the vectors, Q_b in the
-suffix link, the forward scan's q), subtracted where R's is added.
+suffix link, the forward scan's q), subtracted where R's is added. With the curvature through
+the momentum (embed.momentum_curvature) the sweep also carries C and D (saved beside R), the
+links have a full lower row, and each occurrence's second local row D^loc u (what R_b acts on,
+β₁^(b−t) u otherwise) is written beside its local embedding (kind `CARRIED_KIND`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
-from rayattr.store.layout import (ALL_SUMS, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
-                                  segment_carry_path, segment_k_path, segment_q_path, segment_r_path,
+from rayattr.store.layout import (ALL_SUMS, CARRIED_KIND, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
+                                  segment_carry_path, segment_cd_path, segment_k_path, segment_q_path, segment_r_path,
                                   segment_scores_path, segment_sums_path, segment_v_carry_path,
                                   segment_values_path)
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
@@ -67,7 +70,8 @@ class SegmentWorker:
                  phase_edges: list[int], curvature: bool = False, dtype: str = "float32",
                  read_chunk: int = READ_CHUNK, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
-                 write_chunk: int = WRITE_CHUNK, beta2: float = 0.0, clip_response: bool = False):
+                 write_chunk: int = WRITE_CHUNK, beta2: float = 0.0, clip_response: bool = False,
+                 momentum_curvature: bool = False):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 mode="record")
@@ -91,6 +95,10 @@ class SegmentWorker:
         self.clip_response = clip_response  # embed.clip_response: clipped steps' own rows
         if beta2 and not updates:
             raise ValueError("v's response (beta2 > 0) goes with an AdamW run's update rows")
+        if momentum_curvature and beta2:
+            raise ValueError("embed.momentum_curvature is not combined with v's response (capture.v_response)")
+        # K's curvature through the momentum (dvemb.SegmentRecursion); nothing to do without momentum
+        self.momentum_curvature = bool(momentum_curvature and momentum)
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -117,9 +125,10 @@ class SegmentWorker:
         resp = (ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end, self.clip_response)
                 if self.beta2 else None)
         chunk_steps = self.chunk_steps(max((len(r.sample_ids) for r in records), default=1))
-        rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum, beta2=self.beta2)
+        rec = SegmentRecursion(self.dims, dtype=self.dtype, momentum=self.momentum, beta2=self.beta2,
+                               momentum_curvature=self.momentum_curvature)
         sums = SourcePhaseSums(self.dims)  # float64 whatever embed.dtype is
-        carry = SourcePhaseSums(self.dims)  # Σ β₁^(b−t) u, for the momentum past the segment's end
+        carry = SourcePhaseSums(self.dims)  # Σ of the carried rows, for the momentum past the segment's end
         v_carry = SourcePhaseSums(self.dims)  # Σ β₂^(b−t) y, for v's response past the segment's end
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
@@ -162,7 +171,7 @@ class SegmentWorker:
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
                                        decay=record.decay, v_rows=y)
                         if self.momentum:
-                            carry.add(batch.sources, self.phase_of(batch.step), upd.carried(u, batch.step))
+                            carry.add(batch.sources, self.phase_of(batch.step), rec.carried)
                         if y is not None:
                             v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
@@ -174,7 +183,7 @@ class SegmentWorker:
                     worst = max(worst, (el, batch.step))
                     sums.add(batch.sources, self.phase_of(batch.step), emb)
                     batch.grads = None  # keep the rows' ids, not their gradients
-                    chunk.append((batch, emb))
+                    chunk.append((batch, emb, rec.carried if self.momentum_curvature else None))
                     n_rows += len(batch.sample_ids)
                     hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
             self._write_local(wa, wb, chunk)
@@ -182,12 +191,15 @@ class SegmentWorker:
         if rec.R is not None:
             self.run.write_bytes(segment_r_path(s.index), save_tensors(rec.R))
             self.run.write_table(segment_carry_path(s.index), carry.to_table())
+        if rec.D is not None:
+            self.run.write_bytes(segment_cd_path(s.index, "C"), save_tensors(rec.C))
+            self.run.write_bytes(segment_cd_path(s.index, "D"), save_tensors(rec.D))
         if rec.Q is not None:
             self.run.write_bytes(segment_q_path(s.index), save_tensors(rec.Q))
             self.run.write_table(segment_v_carry_path(s.index), v_carry.to_table())
         # K last: its presence marks the segment as done
         self.run.write_bytes(segment_k_path(s.index), save_tensors(rec.K))
-        self._chain_inputs = (rec.K, rec.R, rec.Q)  # the chain needs them next: no read back
+        self._chain_inputs = (rec.K, rec.R, rec.Q, rec.C, rec.D)  # the chain needs them next: no read back
         # the driver warns once for the run, from every segment's worst step (pipeline.attribute)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
@@ -200,29 +212,37 @@ class SegmentWorker:
         return max(1, min(self.write_chunk, WRITE_CHUNK_BYTES // max(1, batch_rows * row)))
 
     def _write_local(self, a: int, b: int, chunk: list) -> None:
-        """One write chunk's local embeddings, in increasing step order (so they read back like
-        gradients), by a writer of its own: its "rank" is the chunk's first step, unique in the
-        run, and its step_range the chunk. A restart skips what the chunk's writer committed."""
-        # takeover: an open writer of this chunk is this actor's own before Ray restarted it
-        with GradientWriter(self.run, a, self.dims, kind=LOCAL_KIND, dtype=self.store_dtype, takeover=True,
-                            steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
-            done = _committed(w)
-            for batch, emb in reversed(chunk):
-                if batch.step <= done:
-                    continue  # written before a restart (K was not yet)
-                w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, emb,
-                             positions=list(batch.positions))
+        """One write chunk's local embeddings (and, under momentum_curvature, carried rows), in
+        increasing step order (so they read back like gradients), by a writer of its own per kind:
+        its "rank" is the chunk's first step, unique in the run, and its step_range the chunk. A
+        restart skips what the chunk's writer committed."""
+        kinds = [(LOCAL_KIND, 1)] + ([(CARRIED_KIND, 2)] if self.momentum_curvature else [])
+        for kind, item in kinds:
+            # takeover: an open writer of this chunk is this actor's own before Ray restarted it
+            with GradientWriter(self.run, a, self.dims, kind=kind, dtype=self.store_dtype, takeover=True,
+                                steps_per_shard=max(1, b - a), step_range=(a, b)) as w:
+                done = _committed(w)
+                for entry in reversed(chunk):
+                    batch = entry[0]
+                    if batch.step <= done:
+                        continue  # written before a restart (K was not yet)
+                    w.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, entry[item],
+                                 positions=list(batch.positions))
 
     # ------------------------------------------------------------------ chaining the segments
 
     def _own_chain_inputs(self) -> tuple:
-        """This segment's K, (with momentum) local R and (with v's response) local Q, read once
-        from the store."""
+        """This segment's K, (with momentum) local R, (with v's response) local Q and (under
+        momentum_curvature) its link's lower row C, D, read once from the store."""
         if getattr(self, "_chain_inputs", None) is None:
+            i = self.seg.index
             K = self.load_k()
-            R = load_tensors(self.run.read_bytes(segment_r_path(self.seg.index))) if self.momentum else None
-            Q = load_tensors(self.run.read_bytes(segment_q_path(self.seg.index))) if self.beta2 else None
-            self._chain_inputs = (K, R, Q)
+            R = load_tensors(self.run.read_bytes(segment_r_path(i))) if self.momentum else None
+            Q = load_tensors(self.run.read_bytes(segment_q_path(i))) if self.beta2 else None
+            C, D = ((load_tensors(self.run.read_bytes(segment_cd_path(i, "C"))),
+                     load_tensors(self.run.read_bytes(segment_cd_path(i, "D"))))
+                    if self.momentum_curvature else (None, None))
+            self._chain_inputs = (K, R, Q, C, D)
         return self._chain_inputs
 
     def validation_sum(self, n_shards: int, device: str = "cpu") -> tuple[dict[str, torch.Tensor], int]:
@@ -245,10 +265,10 @@ class SegmentWorker:
     def chain_vectors(self, vectors: tuple) -> tuple:
         """The previous segment's (w, z) from this one's: w_{ℓ-1} = K_ℓᵀ w_ℓ, z_{ℓ-1} =
         R^locᵀ_ℓ w_ℓ + β₁^(b−a) z_ℓ (docs/method.md §4, §7). O(p²) per layer."""
-        K, R, Q = self._own_chain_inputs()
+        K, R, Q, C, D = self._own_chain_inputs()
         w, z = vectors[:2]
         length = self.seg.end - self.seg.start
-        w_prev, z_prev = chain_vectors_back(K, w, R, z, length, self.momentum)
+        w_prev, z_prev = chain_vectors_back(K, w, R, z, length, self.momentum, C, D)
         if not self.beta2:
             return w_prev, z_prev
         # z_Q{ℓ-1} = Q^locᵀ_ℓ w_ℓ + β₂^(b−a) z_Q{ℓ}
@@ -257,9 +277,10 @@ class SegmentWorker:
     def scan_link(self) -> Link:
         """This segment's own element M_ℓ = [[K_ℓ, R^loc_ℓ, Q^loc_ℓ], [0, β₁^(b−a) I, 0],
         [0, 0, β₂^(b−a) I]] of the suffix scan, in float64 (dvemb.segment_link); R only with
-        momentum, Q only with v's response."""
-        K, R, Q = self._own_chain_inputs()
-        return segment_link(K, R, self.seg.end - self.seg.start, self.momentum, Q_loc=Q, beta2=self.beta2)
+        momentum, Q only with v's response; under momentum_curvature the lower row is [C_ℓ, D_ℓ]."""
+        K, R, Q, C, D = self._own_chain_inputs()
+        return segment_link(K, R, self.seg.end - self.seg.start, self.momentum, Q_loc=Q, beta2=self.beta2,
+                            C_loc=C, D_loc=D)
 
     def compose_links(self, later: Link, own: Link) -> Link:
         """One combine of the suffix scan, ``later ∘ own`` (dvemb.compose_links): the driver
@@ -273,14 +294,14 @@ class SegmentWorker:
         d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
         Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
         whole run, to `ALL_SUMS`. Used when no per-sample final embeddings are kept."""
-        K, R, Q = self._own_chain_inputs()
+        K, R, Q, C, D = self._own_chain_inputs()
         local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(self.seg.index)), self.dims)
         carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(self.seg.index)), self.dims)
                  if self.momentum else None)
         v_carry = (SourcePhaseSums.from_table(self.run.read_table(segment_v_carry_path(self.seg.index)), self.dims)
                    if self.beta2 else None)
         link = chain_sums_forward(K, local, prev, R, carry, self.seg.end - self.seg.start, self.momentum,
-                                  Q, v_carry, self.beta2)
+                                  Q, v_carry, self.beta2, C, D)
         if last:
             self.run.write_table(ALL_SUMS, link[0].to_table())
             return None
@@ -321,6 +342,8 @@ class SegmentWorker:
         del full
         epochs = {t: r.epoch for t, r in records.items()}
         reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
+        carried = (GradientReader(self.run, kind=CARRIED_KIND, step_range=(s.start, s.end))
+                   if self.momentum_curvature and z is not None else None)
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype=self.store_dtype, takeover=True,
                                  steps_per_shard=self.read_chunk, step_range=(s.start, s.end))
@@ -339,15 +362,22 @@ class SegmentWorker:
                 cols: dict[str, list] = {k: [] for k in VALUE_COLUMNS}
                 batches = reader.read_steps(a, b, dtype=self.dtype)
                 inputs.check(LOCAL_KIND, a, b, batches, reader, by_rank=False)
+                c_by_step = {}
+                if carried is not None:
+                    c_steps = carried.read_steps(a, b, dtype=self.dtype)
+                    inputs.check(CARRIED_KIND, a, b, c_steps, carried, by_rank=False)
+                    c_by_step = {c.step: c for c in c_steps}
                 for batch in batches:
+                    c = _carried_rows(c_by_step, batch) if carried is not None else None
                     u = upd.rows(u_by_step, batch, records[batch.step]) if upd is not None else None
                     y = resp.rows(y_by_step, batch, records[batch.step]) if resp is not None else None
                     value, se = self.blocks.combine(
-                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step, y, zq, self.beta2))
+                        finalise_scores(batch.grads, w, z, u, self.momentum, s.end - batch.step, y, zq, self.beta2,
+                                        carried=c))
                     check_values(value, torch.full((len(value),), batch.step), f"segment {s.index}")
                     if writer is not None and batch.step > done:  # a restart keeps what was committed
                         final = finalise_step(batch.grads, S, R_end, u, self.momentum, s.end - batch.step,
-                                              y, Q_end, self.beta2)
+                                              y, Q_end, self.beta2, carried=c)
                         writer.write_step(batch.step, batch.sample_ids.tolist(), batch.sources, final,
                                           positions=list(batch.positions))
                     k = len(batch.sample_ids)
@@ -499,11 +529,6 @@ class AdamSteps:
         """η_t = lr_t/|B| of an applied step (0 for a skipped one), without κ_t."""
         return record.eta / record.clip if record.clip > 0 else 0.0
 
-    def carried(self, rows: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """β₁^(b−t)·(κ_t u): what of the occurrence's row the momentum carries past the segment."""
-        w = self.momentum ** (self.end - step)
-        return {n: w * r for n, r in rows.items()}
-
 
 class ResponseRows:
     """A segment's view of an AdamW run's second-moment response rows y = D_t ⊙ ḡ_t ⊙ g
@@ -537,6 +562,14 @@ class ResponseRows:
         """β₂^(b−t)·(κ_t y): what of the occurrence's row v carries past the segment."""
         w = self.beta2 ** (self.end - step)
         return {n: w * r for n, r in rows.items()}
+
+
+def _carried_rows(by_step: dict[int, Any], batch) -> dict[str, torch.Tensor]:
+    """The step's carried rows (momentum_curvature), checked to be the local embeddings' rows."""
+    c = by_step.get(batch.step)
+    if c is None or c.sample_ids.tolist() != batch.sample_ids.tolist():
+        raise RuntimeError(f"step {batch.step}: the carried rows do not match the local embeddings")
+    return c.grads
 
 
 def _committed(writer: GradientWriter | None) -> int:

@@ -118,7 +118,9 @@ def chain_sums_forward(K: Mapping[str, torch.Tensor], local: SourcePhaseSums,
                        prev: tuple | None = None,
                        R_loc: Mapping[str, torch.Tensor] | None = None, carry: SourcePhaseSums | None = None,
                        length: int = 0, momentum: float = 0.0, Q_loc: Mapping[str, torch.Tensor] | None = None,
-                       v_carry: SourcePhaseSums | None = None, beta2: float = 0.0) -> tuple:
+                       v_carry: SourcePhaseSums | None = None, beta2: float = 0.0,
+                       C_loc: Mapping[str, torch.Tensor] | None = None,
+                       D_loc: Mapping[str, torch.Tensor] | None = None) -> tuple:
     """One link of the forward scan that finalises the per-(source, phase) sums without any
     suffix matrix (docs/method.md §4, §7). Summed over segments the final sums are
     Σ_ℓ S_ℓ x_ℓ + R_{b_ℓ} c_ℓ (x: segment ℓ's local sums, c: its Σ β₁^(b−t) u), and by
@@ -130,14 +132,20 @@ def chain_sums_forward(K: Mapping[str, torch.Tensor], local: SourcePhaseSums,
     ``prev`` is the previous link's (y_{ℓ-1}, d_ℓ) (None for the first segment); returns
     (y_ℓ, d_{ℓ+1}), d None without momentum. With the second-moment response (``beta2`` > 0,
     Q^loc and ``v_carry`` = Σ β₂^(b−t) y) the same again for Q, subtracted:
-    y_ℓ -= Q^loc_ℓ q_ℓ, q_{ℓ+1} = β₂^(b_ℓ - a_ℓ) q_ℓ + v_carry_ℓ, and the link is (y, d, q)."""
-    y = prev[0].transformed(K) if prev is not None else SourcePhaseSums(local.dims)
+    y_ℓ -= Q^loc_ℓ q_ℓ, q_{ℓ+1} = β₂^(b_ℓ - a_ℓ) q_ℓ + v_carry_ℓ, and the link is (y, d, q).
+    Under embed.momentum_curvature the segment's link has a full lower row [C_ℓ, D_ℓ] and c its
+    carried rows' sums: d_{ℓ+1} = C_ℓ y_{ℓ-1} + D_ℓ d_ℓ + c_ℓ."""
+    y_prev = prev[0] if prev is not None else SourcePhaseSums(local.dims)
+    y = y_prev.transformed(K)
     y.merge(local)
     d_out = None
     if momentum:
         d_in = prev[1] if prev is not None else SourcePhaseSums(local.dims)
         y.add_vectors(d_in.transformed(R_loc))
-        d_out = d_in.scaled(momentum ** length).add_vectors(carry)
+        if D_loc is not None:
+            d_out = y_prev.transformed(C_loc).add_vectors(d_in.transformed(D_loc)).add_vectors(carry)
+        else:
+            d_out = d_in.scaled(momentum ** length).add_vectors(carry)
     if not beta2:
         return y, d_out
     q_in = prev[2] if prev is not None else SourcePhaseSums(local.dims)

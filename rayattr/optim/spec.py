@@ -131,8 +131,13 @@ def check_adamw_capture(cfg: "Config", spec: OptimizerSpec) -> None:
     c, t = cfg.capture, cfg.train
     if c.v_response and not spec.adamw:
         raise ConfigError("capture.v_response: v's response is Adam's second moment; it needs an AdamW run")
+    if cfg.embed.momentum_curvature and not spec.adamw:
+        raise ConfigError("embed.momentum_curvature: K's curvature through Adam's momentum needs an AdamW run")
     if not spec.adamw:
         return
+    if cfg.embed.momentum_curvature and c.v_response:
+        raise ConfigError("embed.momentum_curvature does not go with capture.v_response yet (Q would join [K, R]'s "
+                          "full link); turn one off")
     if c.v_response and c.preconditioner != "lookahead":
         # y = D_t ⊙ ḡ_t ⊙ g needs the step's mean gradient, known only after the step's update
         raise ConfigError("capture.v_response needs capture.preconditioner: lookahead (its rows need the step's "

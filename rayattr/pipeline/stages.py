@@ -19,10 +19,10 @@ from rayattr.config import Config, ConfigError
 from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
 from rayattr.embed.blocks import ProjectionBlocks
-from rayattr.embed.cut import choose_segments
+from rayattr.embed.cut import choose_segments, record_choice
 from rayattr.embed.guard import (ETA_LAMBDA_WARN, WHOSE_H, DivergenceError, clipping_note, describe, eta_lambda_name,
                                stability_edge)
-from rayattr.store.layout import FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
+from rayattr.store.layout import CARRIED_KIND, FINAL_KIND, FINAL_WEIGHTS, LOCAL_KIND, SOURCE_VALUES
 from rayattr.embed.stage import default_segments, start_segments, stop_segments, wait_all
 from rayattr.optim.spec import resolve_optimizer
 from rayattr.math.dvemb import segment_bounds, suffix_scan
@@ -219,7 +219,7 @@ def read_sources(run: Run) -> list[dict[str, Any]]:
 
 # commit kinds the pipeline folds into index manifests (one compactor: this driver)
 TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, V_RESPONSE_KIND, RECORDS_KIND)
-EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND)
+EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND, CARRIED_KIND)
 
 
 def response_beta2(cfg: Config, opt) -> float:
@@ -240,6 +240,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
     n_seg, bounds = choose_segments(run, num_steps, segments,
                                     lambda: cfg.embed.segments or default_segments(cfg.train.use_gpu))
     ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)  # refuses another layout
+    record_choice(run, "momentum_curvature", cfg.embed.momentum_curvature, False)  # and another K
     run.update_manifest(status="embedding")
     edges = segment_bounds(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg, segment_bounds=bounds)
@@ -251,7 +252,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
         cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1, beta2=response_beta2(cfg, opt),
-        clip_response=cfg.embed.clip_response)
+        clip_response=cfg.embed.clip_response, momentum_curvature=cfg.embed.momentum_curvature)
     try:  # the actors and their placement group go on every exit path (a divergence included)
         # the test side first: each actor sums its shard of the validation set at the final
         # model before its sweep, so the model is freed before K is built

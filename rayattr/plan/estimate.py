@@ -372,6 +372,19 @@ _RUNTIME_BYTES = 0.35e9
 VALIDATION_PHASE = "segment actor, validation shard"
 
 
+def carried_rows(cfg: Config) -> int:
+    """1 when the segments write a second local row per occurrence (embed.momentum_curvature
+    on an AdamW run with momentum), else 0."""
+    opt = resolve_optimizer(cfg)
+    return int(bool(cfg.embed.momentum_curvature and opt.adamw and opt.beta1 > 0))
+
+
+def link_matrices(cfg: Config, kinds: int) -> int:
+    """p × p matrices per layer a segment keeps and its links carry: K (and R under AdamW, Q
+    with v's response: `kinds`), and C, D of the full lower row under embed.momentum_curvature."""
+    return kinds + 2 * carried_rows(cfg)
+
+
 def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float, m_curv: int,
                  source_chars: int, n_val: int) -> dict[str, float]:
     """Peak bytes of every term of every process, keyed "<process>: <what>". The processes
@@ -394,6 +407,7 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     chunk_steps = max(1, min(WRITE_CHUNK, steps_seg, WRITE_CHUNK_BYTES // (G * P * wide * eb)))
     seg_rows = steps_seg * G
     momentum = resolve_optimizer(cfg).beta1 > 0
+    mats = link_matrices(cfg, kinds)
     terms = {
         # data/stage: a read task holds one block of texts, their slots per epoch and the token
         # rows of its used rows (at most all of them); the driver nothing per row
@@ -419,18 +433,19 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
         # data/shards: a rank reads its own row group of one token file (store.steps_per_shard
         # steps of int32 ids) and makes that batch's input_ids, mask and labels as int64
         "rank: token rows of its steps": spr * rows_rank * cfg.data.seq_len * (4 + 3 * 8),
-        # embed/segment: K (and R, and Q with v's response) in the embed dtype; a suffix scan
-        # combine's two links in and one out, each S (and R, Q) in float64, when per-sample
-        # embeddings are kept, else the forward scan's sums y (and d, q) in and out; w, z, z_Q
-        # are vectors
-        "segment actor: K, R and the chain": kinds * sq * eb + (
-            3 * kinds * sq * 8 if not plan.per_source
+        # embed/segment: K (and R, Q with v's response, C and D under embed.momentum_curvature)
+        # in the embed dtype; a suffix scan combine's two links in and one out, each with as many
+        # float64 blocks, when per-sample embeddings are kept, else the forward scan's sums y (and
+        # d, q) in and out; w, z, z_Q are vectors
+        "segment actor: K, R and the chain": mats * sq * eb + (
+            3 * mats * sq * 8 if not plan.per_source
             else 2 * kinds * plan.n_sources * phases * P * wide * 8),
         # GradientReader windows (one decoded, one prefetched) per kind read
         "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(READ_CHUNK * G * P * gb, WINDOW_BYTES),
-        # one write chunk of local embeddings (blocks included) and the writer's queued shards
-        "segment actor: one write chunk": chunk_steps * G * P * wide * eb
-                                          + min(chunk_steps * G * P * wide * 4, (QUEUE_DEPTH + 1) * MAX_BUFFER_BYTES),
+        # one write chunk of local embeddings (blocks included; and carried rows under
+        # embed.momentum_curvature) and the writer's queued shards
+        "segment actor: one write chunk": (1 + carried_rows(cfg)) * (
+            chunk_steps * G * P * wide * eb + min(chunk_steps * G * P * wide * 4, (QUEUE_DEPTH + 1) * MAX_BUFFER_BYTES)),
         # per-(source, phase) sums in float64 (+ the carried update rows under AdamW, + the carried
         # response rows with v's response)
         "segment actor: sums": (1 + int(momentum) + int(plan.response_rows)) * plan.n_sources * phases * P * wide * 8,
@@ -594,8 +609,12 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
                                 total_dim=P * wide),
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
                                 n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
-        # + R beside K under AdamW, + Q with v's response
-        "K matrices": kinds * kfac * n_seg * sum(w ** 2 for w in widths) * _DTYPE_BYTES[cfg.embed.dtype],
+        # under embed.momentum_curvature each occurrence's second local row, D^loc u
+        "carried rows (embed.momentum_curvature)": carried_rows(cfg) * ipc(
+            rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1), total_dim=P * wide),
+        # + R beside K under AdamW, + Q with v's response, + C and D under embed.momentum_curvature
+        "K matrices": link_matrices(cfg, kinds) * kfac * n_seg * sum(w ** 2 for w in widths)
+                      * _DTYPE_BYTES[cfg.embed.dtype],
         "values tables": 2 * rows * _VALUE_ROW_BYTES,
         # local and final sums: each segment holds the phases it overlaps; + source embeddings
         "source x phase sums": (2 * (cfg.embed.phases + n_seg - 1) * wide + 1) * n_sources * P * 8,

@@ -140,8 +140,12 @@ TRAIN_PROGRESS = "train/progress.json"  # {"attempt", "start", "step", "loss", "
 # ---------------------------------------------------------------- embed stage (embed/segment.py)
 LOCAL_KIND = "local"  # gradient kind of the local embeddings DVEmb^(t→t_ℓ), one writer "rank" per segment
 FINAL_KIND = "embeddings"  # gradient kind of the final embeddings, one writer "rank" per segment
+# under embed.momentum_curvature, each occurrence's second local row D^loc u, which R at its
+# segment's end acts on (dvemb.SegmentRecursion.carried), written beside its local embedding
+CARRIED_KIND = "local_carried"
 # what a new cut of the segments throws away (embed/cut.py)
-EMBED_PREFIXES = ("embed", f"writers/{LOCAL_KIND}", f"commits/{LOCAL_KIND}")
+EMBED_PREFIXES = ("embed", f"writers/{LOCAL_KIND}", f"commits/{LOCAL_KIND}",
+                  f"writers/{CARRIED_KIND}", f"commits/{CARRIED_KIND}")
 
 
 def segment_k_path(index: int) -> str:
@@ -152,6 +156,13 @@ def segment_k_path(index: int) -> str:
 def segment_r_path(index: int) -> str:
     """The momentum matrix R beside K (AdamW with momentum)."""
     return f"embed/R/seg{index:04d}.safetensors"
+
+
+def segment_cd_path(index: int, block: str) -> str:
+    """The lower row C or D (`block`) of a segment's link under embed.momentum_curvature."""
+    if block not in ("C", "D"):
+        raise ValueError(f"a segment link's lower row is C or D, not {block!r}")
+    return f"embed/{block}/seg{index:04d}.safetensors"
 
 
 def segment_carry_path(index: int) -> str:
