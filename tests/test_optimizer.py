@@ -65,7 +65,6 @@ def test_deepspeed_sgd_block_still_passes_through():
     # (a train.optimizer equal to the built-in default cannot be told from none given)
     ({"optimizer": {"type": "adamw", "betas": [0.9, 0.999]}, "deepspeed": {"optimizer": {"type": "AdamW"}}}, {},
      "train.optimizer and"),
-    ({"optimizer": {"type": "adamw"}}, {"curvature": "sampled"}, "capture.curvature"),
     ({"optimizer": {"type": "adamw"}}, {"precondition_every": 2}, "capture.preconditioner: lagged"),
     ({"optimizer": {"type": "adamw"}}, {"preconditioner": "soon"}, "capture.preconditioner must be"),
     ({"optimizer": {"type": "sgd"}}, {"v_response": True}, "it needs an AdamW run"),

@@ -58,7 +58,7 @@ def _embeddings(run: Run) -> dict[int, dict]:
 def copy_trained(run: Run, dest: Path) -> Run:
     """A copy of a trained local run without any embedding-stage output."""
     src = Path(run.uri)
-    skip = {"embed", "values", "embeddings", "local"}
+    skip = {"embed", "values", "embeddings", "local", "local_carried"}
     shutil.copytree(src, dest / run.run_id, ignore=lambda d, names: [n for n in names if n in skip])
     return Run.open(str(dest), run.run_id, mode="record")
 

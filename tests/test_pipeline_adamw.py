@@ -204,6 +204,33 @@ def test_momentum_curvature_segments_equal_the_core(trained, tmp_path):
     assert Run.open_uri(run.uri).manifest["momentum_curvature"] is True
 
 
+def test_sampled_curvature_with_momentum_curvature_equals_the_core(local_ray, tmp_path):
+    """capture.curvature "sampled" under AdamW (pseudo-gradient rows ĝ and their update rows P ĝ,
+    two draws, two ranks) with embed.momentum_curvature, 3 segments: the segment actors' result
+    equals the core's on the same recorded rows, K's term (|B|/m) R Σ κ P ĝ ĝᵀ."""
+    cfg = adamw_config(str(tmp_path), "sampled", preconditioner="lookahead", epochs=1)
+    d = cfg.to_dict(redact=False)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2)
+    d["embed"].update(segments=3, momentum_curvature=True)
+    run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
+    curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
+    cu = GradientReader(run, kind="curvature_update").read_steps(0, None, dtype=torch.float64)
+    assert [c.step for c in cu] == [c.step for c in curv] and all(len(c) == 16 for c in cu)
+    name = next(iter(curv[0].grads))
+    assert not torch.allclose(cu[-1].grads[name], curv[-1].grads[name])  # P ≠ I
+    rs = [r for r in run.step_records()]
+    batches, emb = core_adamw(run, curvature=[c.grads for c in curv],
+                              curvature_updates=[{n: r.clip * x for n, x in c.grads.items()} for c, r in zip(cu, rs)],
+                              batch_sizes=[len(r.sample_ids) for r in rs], momentum_curvature=True)
+    final = _embeddings(run)
+    for b, e in zip(batches, emb):
+        for n in e:
+            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-6 * float(e[n].abs().max()))
+    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
+    np.testing.assert_allclose(run.read_table("values/samples.parquet")["value"].to_numpy(), want, rtol=2e-5,
+                               atol=1e-10)
+
+
 def test_guard_measures_the_preconditioned_curvature(trained):
     """The run's largest η·λ_max(P H) is K's curvature term η_t (κ_t U)ᵀ G (docs/method.md §7),
     recomputed here in float64 by a dense eigendecomposition of every step and layer, and is

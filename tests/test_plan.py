@@ -230,6 +230,20 @@ def test_momentum_curvature_counts_c_d_and_the_carried_rows():
     assert full.memory["segment actor: one write chunk"] == 2 * free.memory["segment actor: one write chunk"]
 
 
+def test_adamw_sampled_curvature_counts_its_update_rows_and_factors():
+    """Under AdamW the pseudo-gradients get update rows P ĝ (as many as the curvature rows), and
+    their factors wait for the step's P on the rank."""
+    adamw = {"train.steps": 40, "train.optimizer": {"type": "adamw"}}
+    emp = estimate(small(**adamw))
+    samp = estimate(small(**adamw, **{"capture.curvature": "sampled"}))
+    sgd = estimate(small(**{"train.steps": 40, "capture.curvature": "sampled"}))
+    assert samp.storage["curvature update rows"] == samp.storage["curvature rows"] > 0
+    assert not sgd.storage["curvature update rows"] and not emp.storage["curvature update rows"]
+    key = "rank: AdamW update-row factors (to the step's end)"
+    assert samp.memory[key] > emp.memory[key]
+    assert samp.objects == emp.objects + 2 * (sgd.objects - estimate(small(**{"train.steps": 40})).objects)
+
+
 def test_v_response_counts_its_rows_and_q():
     """capture.v_response stores a response row next to every update row and a Q next to every
     K and R; the rank holds the captured layers' m and v whole."""

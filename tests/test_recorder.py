@@ -129,7 +129,8 @@ def test_resumed_recorder_writes_no_step_twice(setup):
     first.flush()
     first.close()
     again = Recorder(model, run, cfg, optimizer=opt)
-    assert again.stored_through == {"train": 2, "curvature": -1, "update": -1, "v_response": -1, "records": 2}
+    assert again.stored_through == {"train": 2, "curvature": -1, "update": -1, "v_response": -1,
+                                    "curvature_update": -1, "records": 2}
     record(again, range(5))  # steps 0-2 again (a restart from step 0), then two new ones
     again.finish()
     assert [r.step for r in run.step_records()] == [0, 1, 2, 3, 4]
@@ -156,6 +157,60 @@ def test_bad_input_is_named(setup):
     rec.close()
     with pytest.raises(ConfigError, match="weights/final.safetensors"):
         open_recorded(Run.open_uri(run.uri, mode="record"))
+
+
+@pytest.mark.parametrize("preconditioner", ["lookahead", "lagged"])
+def test_adamw_pseudo_gradients_get_the_update_rows_of_the_steps_own_p(tmp_path, monkeypatch, preconditioner):
+    """capture.curvature "sampled" under AdamW: each pseudo-gradient row ĝ gets its update row
+    P ĝ with the P the step's own update rows use. With the sampled pseudo-loss swapped for the
+    true per-sample loss, the pseudo-gradients are the batch's own rows, so their update rows
+    must be the batch's update rows, step by step: the step's P (lookahead: v_t after the step;
+    lagged: the refresh's), formed at the step's end over two sample_curvature calls a step."""
+    import rayattr.record.recorder as recorder_module
+
+    d = small_config(str(tmp_path)).to_dict(redact=False)
+    d["train"]["optimizer"] = {"type": "adamw", "betas": [0.9, 0.99], "weight_decay": 0.1}
+    d["train"]["lr"] = 0.05
+    d["capture"].update(curvature="sampled", curvature_fraction=1.0, preconditioner=preconditioner,
+                        precondition_every=1 if preconditioner == "lookahead" else 2)
+    cfg = Config.from_dict(d).validate()
+    run = rayattr.new_run(cfg)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    data = TokenizedDataset(run.read_table("data/train.parquet"), tok, cfg.data.seq_len)
+    model = build_model(cfg.model, tok.vocab_size, cfg.data.seq_len, seed=0).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(0.9, 0.99), weight_decay=0.1)
+    rec = Recorder(model, run, cfg, optimizer=opt)
+    labels = {}
+
+    def true_losses(logits, generator, mask, reduction):  # the pseudo-loss with the real labels
+        return per_sample_loss(logits, labels["now"][:, 1:], reduction=reduction)
+
+    monkeypatch.setattr(recorder_module, "sampled_label_losses", true_losses)
+    steps = 4
+    for step in range(steps):
+        b = data.batch(np.arange(step * B, (step + 1) * B))
+        for half in (slice(0, B // 2), slice(B // 2, B)):  # two calls a step, as two micro-batches make
+            labels["now"] = b["labels"][half]
+            rec.sample_curvature(b["input_ids"][half], b["attention_mask"][half], seed=step)
+        with rec.step(b["ids"].tolist(), step=step):
+            loss = micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+            rec.add_loss(loss)
+            loss.backward()
+            rec.training.clip_gradients(CLIP)
+            opt.step()
+            opt.zero_grad()
+    rec.finish()
+    read = {k: GradientReader(run, kind=k).read_steps(0, None, dtype=torch.float64)
+            for k in ("train", "update", "curvature", "curvature_update")}
+    assert [len(v) for v in read.values()] == [steps] * 4
+    for t in range(steps):
+        train, update, curv, curv_update = (read[k][t] for k in read)
+        assert curv.sample_ids.tolist() == [-1] * B
+        for n in train.grads:  # stored as float32
+            torch.testing.assert_close(curv.grads[n], train.grads[n], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(curv_update.grads[n], update.grads[n], rtol=1e-4, atol=1e-6)
+    n = next(iter(read["train"][0].grads))
+    assert not torch.allclose(read["update"][3].grads[n], read["train"][3].grads[n], rtol=1e-2)  # P ≠ I there
 
 
 def record_steps(rec, model, opt, data, steps):

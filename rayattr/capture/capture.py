@@ -258,10 +258,26 @@ class GradientCapture:
         if self._active:
             raise RuntimeError("GradientCapture is already active; blocks cannot be nested")
         self.reset()
+        self._attach()
+        return self
+
+    @contextlib.contextmanager
+    def resumed(self) -> Iterator["GradientCapture"]:
+        """A block that keeps what the capture holds: its forwards add micro-batches after those
+        of earlier blocks (rows, update rows and deferred factors alike), for a step whose rows
+        come from several calls (the recorder's sampled-label draws, one call per micro-batch)."""
+        if self._active:
+            raise RuntimeError("GradientCapture is already active; blocks cannot be nested")
+        self._attach()
+        try:
+            yield self
+        finally:
+            self.__exit__(None, None, None)
+
+    def _attach(self) -> None:
         for layer in self._layers.values():
             layer.handle = layer.module.register_forward_hook(functools.partial(self._forward_hook, layer))
         self._active = True
-        return self
 
     def __exit__(self, *exc) -> None:
         self._active = False

@@ -72,16 +72,19 @@ class DivergenceError(RayattrError, RuntimeError):
 
 def eta_lambda_max(grads: Mapping[str, torch.Tensor], eta: float,
                    curvature: Mapping[str, torch.Tensor] | None = None, batch_size: int | None = None,
-                   updates: Mapping[str, torch.Tensor] | None = None) -> float:
+                   updates: Mapping[str, torch.Tensor] | None = None,
+                   curvature_updates: Mapping[str, torch.Tensor] | None = None) -> float:
     """Largest η·λ_max(P_t H_t) over the layers of ``grads``: H = Σ g gᵀ of the rows, or
     (B/m) Σ ĝ ĝᵀ of the curvature rows; P H = Σ u gᵀ with AdamW's update rows u = P g
-    (``updates``, the rows K's curvature term uses; SGD: u = g)."""
+    (``updates``, the rows K's curvature term uses; SGD: u = g), or Σ P ĝ ĝᵀ with the
+    curvature rows' own (``curvature_updates``)."""
     rows = curvature if curvature is not None else grads
+    steps = curvature_updates if curvature is not None else updates
     out = 0.0
     for name, g in rows.items():
         if g.shape[0] == 0:
             continue
-        u = updates[name] if updates is not None and curvature is None else g
+        u = steps[name] if steps is not None else g
         scale = (batch_size or g.shape[0]) / g.shape[0] if curvature is not None else 1.0
         out = max(out, eta * scale * _top_eigenvalue(g.double(), u.double()))
     return out

@@ -18,6 +18,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from rayattr.errors import IncompleteInputError
+from rayattr.store.layout import CURVATURE_KIND, CURVATURE_UPDATE_KIND
+
+SAMPLED_KINDS = (CURVATURE_KIND, CURVATURE_UPDATE_KIND)  # rows drawn per rank, not the batch's samples
 
 
 def rows_digest(sample_ids: Sequence[int], ranks: Sequence[int] | None) -> bytes:
@@ -51,13 +54,13 @@ class SegmentInputs:
     def check(self, kind: str, a: int, b: int, batches: Sequence, reader, by_rank: bool = True) -> None:
         """The batches a reader returned for steps [a, b) of `kind`: every step there, each with
         exactly its record's rows ((rank, id) pairs; ids only when not `by_rank`; rows of every
-        rank for kind "curvature", whose rows are sampled, not the batch's)."""
+        rank for the sampled kinds, whose rows are drawn, not the batch's)."""
         got = {batch.step: batch for batch in batches}
         for t in range(a, b):
             batch = got.get(t)
             if batch is None or len(batch) == 0:
                 self._refuse(kind, t, reader.why_missing(t, self.ranks[t] if by_rank else ()))
-            if kind == "curvature":
+            if kind in SAMPLED_KINDS:
                 lacking = self.ranks[t] - set(batch.ranks.tolist())
                 if lacking:
                     self._refuse(kind, t, reader.why_missing(t, lacking))

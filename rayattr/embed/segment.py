@@ -42,7 +42,8 @@ from rayattr.embed.inputs import SegmentInputs
 from rayattr.embed.guard import check_step, check_values, eta_lambda_max
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
-from rayattr.store.layout import (ALL_SUMS, CARRIED_KIND, FINAL_KIND, LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
+from rayattr.store.layout import (ALL_SUMS, CARRIED_KIND, CURVATURE_KIND, CURVATURE_UPDATE_KIND, FINAL_KIND,
+                                  LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
                                   segment_carry_path, segment_cd_path, segment_k_path, segment_q_path, segment_r_path,
                                   segment_scores_path, segment_sums_path, segment_v_carry_path,
                                   segment_values_path)
@@ -119,7 +120,10 @@ class SegmentWorker:
         etas = {r.step: replace(r, sample_ids=[], sources=[], ranks=[]) for r in records}
         span = (s.start, s.end)  # each reader opens only the index objects of this segment
         reader = GradientReader(self.run, kind="train", step_range=span)
-        curv = GradientReader(self.run, kind="curvature", step_range=span) if self.curvature else None
+        curv = GradientReader(self.run, kind=CURVATURE_KIND, step_range=span) if self.curvature else None
+        # AdamW: the pseudo-gradients' update rows P ĝ, K's curvature term P H (docs/method.md §7)
+        curv_u = (GradientReader(self.run, kind=CURVATURE_UPDATE_KIND, step_range=span)
+                  if self.curvature and self.updates else None)
         upd = (AdamSteps(self.run, self.blocks, self.momentum, s.start, s.end, self.clip_response)
                if self.updates else None)
         resp = (ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end, self.clip_response)
@@ -145,8 +149,16 @@ class SegmentWorker:
                 inputs.check("train", a, b, batches, reader)
                 curv_steps = curv.read_steps(a, b, dtype=self.dtype) if curv is not None else []
                 if curv is not None:
-                    inputs.check("curvature", a, b, curv_steps, curv)
+                    inputs.check(CURVATURE_KIND, a, b, curv_steps, curv)
                 curv_by_step = {c.step: self.blocks.augment(c.grads) for c in curv_steps}
+                cu_by_step = {}
+                if curv_u is not None:
+                    cu_steps = curv_u.read_steps(a, b, dtype=self.dtype)
+                    inputs.check(CURVATURE_UPDATE_KIND, a, b, cu_steps, curv_u)
+                    cu_by_step = {c.step: c for c in cu_steps}
+                    for c in curv_steps:  # each P ĝ beside its ĝ, rank by rank in the same order
+                        if c.step not in cu_by_step or not np.array_equal(cu_by_step[c.step].ranks.numpy(), c.ranks.numpy()):
+                            raise RuntimeError(f"step {c.step}: the curvature update rows do not match the curvature rows")
                 del curv_steps
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
                 if upd is not None:
@@ -167,9 +179,12 @@ class SegmentWorker:
                     else:
                         u = upd.rows(u_by_step, batch, record, raw=batch.grads)
                         y = resp.rows(y_by_step, batch, record, raw=batch.grads) if resp is not None else None
+                        # κ_t·P ĝ, as the update rows hold κ_t (AdamSteps)
+                        cu = ({n: record.clip * x for n, x in self.blocks.augment(cu_by_step[batch.step].grads).items()}
+                              if rows is not None else None)
                         emb = rec.step(g, upd.step_size(record), rows,
                                        batch_size=len(batch.sample_ids), step=batch.step, updates=u,
-                                       decay=record.decay, v_rows=y)
+                                       curvature_updates=cu, decay=record.decay, v_rows=y)
                         if self.momentum:
                             carry.add(batch.sources, self.phase_of(batch.step), rec.carried)
                         if y is not None:
@@ -177,7 +192,8 @@ class SegmentWorker:
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
                     el = eta_lambda_max({n: g[n] for n in self.layers}, record.eta if upd is None else upd.step_size(record),
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
-                                        updates=u)
+                                        updates=u, curvature_updates={n: cu[n] for n in self.layers}
+                                        if rows and upd is not None else None)
                     # stops before this step's rows are written (and K, which marks the segment done)
                     check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
                     worst = max(worst, (el, batch.step))

@@ -142,9 +142,6 @@ def check_adamw_capture(cfg: "Config", spec: OptimizerSpec) -> None:
         # y = D_t ⊙ ḡ_t ⊙ g needs the step's mean gradient, known only after the step's update
         raise ConfigError("capture.v_response needs capture.preconditioner: lookahead (its rows need the step's "
                           "own m_t and v_t, read after the update)")
-    if c.curvature != "empirical":
-        raise ConfigError("capture.curvature: 'sampled' is not wired for AdamW runs yet (its pseudo-gradients "
-                          "need update rows of their own); use 'empirical'")
     if c.preconditioner not in ("lookahead", "lagged"):
         raise ConfigError(f"capture.preconditioner must be 'lookahead' or 'lagged', got {c.preconditioner!r}")
     if c.preconditioner == "lookahead" and c.precondition_every != 1:

@@ -28,7 +28,8 @@ from rayattr.optim.spec import resolve_optimizer
 from rayattr.math.dvemb import segment_bounds, suffix_scan
 from rayattr.reduce import write_outputs
 from rayattr.store import Run, StoreOptions, open_run_ref
-from rayattr.store.layout import RECORDS_KIND, UPDATE_KIND, V_RESPONSE_KIND
+from rayattr.store.layout import RECORDS_KIND
+from rayattr.store.registrations import TRAINING_KINDS as WRITTEN_IN_TRAINING
 from rayattr.store.lease import driver_lease
 from rayattr.store.storage import Storage
 from rayattr.record.errors import NonFiniteLoss
@@ -218,7 +219,7 @@ def read_sources(run: Run) -> list[dict[str, Any]]:
 
 
 # commit kinds the pipeline folds into index manifests (one compactor: this driver)
-TRAINING_KINDS = ("train", "curvature", UPDATE_KIND, V_RESPONSE_KIND, RECORDS_KIND)
+TRAINING_KINDS = (*WRITTEN_IN_TRAINING, RECORDS_KIND)
 EMBEDDING_KINDS = (LOCAL_KIND, FINAL_KIND, CARRIED_KIND)
 
 

@@ -274,12 +274,15 @@ def step_own_p(cfg: Config) -> bool:
 def deferred_factor_bytes(cfg: Config, layers: list[LayerPlan]) -> float:
     """AdamW's step's own P: every captured call's input and output gradient (d_in + d_out per
     token, in the forward's dtype) kept from its forward to the step's end, for all of the
-    rank's micro-batches of the step (capture/capture.py, defer_updates)."""
-    if not step_own_p(cfg):
-        return 0.0
-    t = cfg.train
+    rank's micro-batches of the step (capture/capture.py, defer_updates); and under AdamW with
+    sampled-label curvature, those of every pseudo-gradient draw, lagged P or not (their P ĝ
+    are formed at the step's end, record/recorder.py)."""
+    t, c = cfg.train, cfg.capture
+    rows = t.micro_batch * t.grad_accum if step_own_p(cfg) else 0
+    if c.curvature == "sampled" and resolve_optimizer(cfg).adamw:
+        rows += max(1, math.ceil(t.micro_batch * c.curvature_fraction)) * t.grad_accum * c.curvature_draws
     per_token = sum(lay.d_in + lay.d_out for lay in layers) * (2 if half_precision(cfg) else 4)
-    return t.micro_batch * t.grad_accum * cfg.data.seq_len * per_token
+    return rows * cfg.data.seq_len * per_token
 
 
 def response_state_bytes(layers: list[LayerPlan]) -> float:
@@ -441,7 +444,8 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
             3 * mats * sq * 8 if not plan.per_source
             else 2 * kinds * plan.n_sources * phases * P * wide * 8),
         # GradientReader windows (one decoded, one prefetched) per kind read
-        "segment actor: read windows": (kinds + (1 if m_curv else 0)) * 2 * min(READ_CHUNK * G * P * gb, WINDOW_BYTES),
+        "segment actor: read windows": (kinds + ((1 + int(plan.update_rows)) if m_curv else 0))
+                                       * 2 * min(READ_CHUNK * G * P * gb, WINDOW_BYTES),
         # one write chunk of local embeddings (blocks included; and carried rows under
         # embed.momentum_curvature) and the writer's queued shards
         "segment actor: one write chunk": (1 + carried_rows(cfg)) * (
@@ -605,6 +609,9 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
         "v-response rows": train if plan.response_rows else 0.0,
         "curvature rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
                               source_chars=0) if m_curv else 0.0,
+        # AdamW: the pseudo-gradients' update rows P ĝ beside them
+        "curvature update rows": ipc(steps * m_curv, steps * t.ranks, t.ranks * math.ceil(steps / spr), c.dtype,
+                                     source_chars=0) if m_curv and plan.update_rows else 0.0,
         "local embeddings": ipc(rows, steps, n_seg, "float32", n_layers=L * (1 + q * q if blocked else 1),
                                 total_dim=P * wide),
         "final embeddings": ipc(rows, steps, n_seg * math.ceil(steps_seg / READ_CHUNK), "float32",
@@ -629,7 +636,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     if not keep:
         storage["final embeddings"] = 0.0
     plan.storage = storage
-    plan.objects = t.ranks * math.ceil(steps / spr) * (kinds + (1 if m_curv else 0))
+    plan.objects = t.ranks * math.ceil(steps / spr) * (kinds + (1 + int(plan.update_rows) if m_curv else 0))
     shard = train / max(1, plan.objects)
     if shard < 4 * MB:
         plan.notes.append(f"gradient shards average {human_bytes(shard)}: raise store.steps_per_shard "

@@ -35,7 +35,7 @@ from rayattr.record.batches import gather_batch, known_batch, rank_and_world
 from rayattr.record.engines import steps_of
 from rayattr.record.errors import NonFiniteLoss
 from rayattr.store import GradientWriter, Run, StepRecord, StoreOptions
-from rayattr.store.layout import UPDATE_KIND, V_RESPONSE_KIND
+from rayattr.store.layout import CURVATURE_KIND, CURVATURE_UPDATE_KIND, UPDATE_KIND, V_RESPONSE_KIND
 from rayattr.store.records import StepRecordWriter
 from rayattr.store.registrations import wait_closed
 from rayattr.store.uploader import BackgroundUploader
@@ -129,13 +129,20 @@ class Recorder:
         self.step_own_p = self.optimizer.adamw and cfg.capture.preconditioner == "lookahead"
         self.capture = GradientCapture(self.module, projection=spec, layers=cfg.capture.layers,
                                        defer_updates=self.step_own_p)
-        self.curvature = (GradientCapture(self.module, projection=spec, layers=cfg.capture.layers)
+        # sampled-label pseudo-gradients; under AdamW their update rows P ĝ wait for the P the
+        # step's own update rows use (K's curvature term is P H: docs/method.md §7)
+        self.curvature = (GradientCapture(self.module, projection=spec, layers=cfg.capture.layers,
+                                          defer_updates=self.optimizer.adamw)
                           if cfg.capture.curvature == "sampled" else None)
         dims = self.capture.layer_dims()
         common = dict(dtype=cfg.capture.dtype, steps_per_shard=cfg.store.steps_per_shard, takeover=takeover)
         self.writer = GradientWriter(self.run, self.rank, dims, kind="train", **common)
-        self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind="curvature", **common)
+        self.curv_writer = (GradientWriter(self.run, self.rank, dims, kind=CURVATURE_KIND, **common)
                             if self.curvature is not None else None)
+        self.curv_update_writer = (GradientWriter(self.run, self.rank, dims, kind=CURVATURE_UPDATE_KIND, **common)
+                                   if self.curvature is not None and self.optimizer.adamw else None)
+        self._curv_sampled = False  # the open step's pseudo-gradients were drawn
+        self._preconditioner = None  # AdamW: the P of the step's update rows, for the pseudo-gradients' too
         # AdamW: update rows u = P g next to the raw rows (docs/method.md §7)
         self.update_writer = (GradientWriter(self.run, self.rank, dims, kind=UPDATE_KIND, **common)
                               if self.optimizer.adamw else None)
@@ -151,7 +158,6 @@ class Recorder:
         self.records_writer = StepRecordWriter(self.run) if self.rank == 0 else None
         self._records = BackgroundUploader(2, name="rayattr-records") if self.rank == 0 else None
         self._step_losses: list[float] = []  # this step's global-batch mean loss per micro-step
-        self._curv_rows: dict[str, list[torch.Tensor]] = {}
         self._sources_by_id: dict[int, str] | None = None
         self._step: int | None = None  # the step whose block is open
         self._global: tuple | None = None  # the open step's global batch, where the caller gave it
@@ -162,9 +168,9 @@ class Recorder:
         last = lambda w: -1 if w is None or w.last_committed_step is None else w.last_committed_step  # noqa: E731
         last_record = self.records_writer.last_committed_step if self.rank == 0 else None
         records = -1 if last_record is None else last_record
-        self.stored_through = {"train": last(self.writer), "curvature": last(self.curv_writer),
+        self.stored_through = {"train": last(self.writer), CURVATURE_KIND: last(self.curv_writer),
                                UPDATE_KIND: last(self.update_writer), V_RESPONSE_KIND: last(self.response_writer),
-                               "records": records}
+                               CURVATURE_UPDATE_KIND: last(self.curv_update_writer), "records": records}
         self.next_step = 0
 
     def layer_dims(self) -> dict[str, int]:
@@ -256,21 +262,36 @@ class Recorder:
     def sample_curvature(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
         """capture.curvature="sampled": sampled-label pseudo-gradients of these samples at the
         current weights, without touching .grad, for the next recorded step. Call it before
-        that step's block: the weights move only at the step boundary (docs/method.md §5)."""
+        that step's block: the weights move only at the step boundary (docs/method.md §5).
+        Several calls for one step (one per micro-batch) add their rows after each other's."""
         if self.curvature is None:
             raise ConfigError("sample_curvature needs capture.curvature='sampled'")
         device = input_ids.device
         gen = torch.Generator(device=device).manual_seed(seed)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        for _ in range(self.cfg.capture.curvature_draws):  # a forward each: the capture reads one backward per forward
-            with self.curvature:
-                self.curvature.set_mask(attention_mask)
+        # the step's first call starts its rows; later ones keep them (and, under AdamW, the
+        # factors their update rows wait on)
+        with self.curvature.resumed() if self._curv_sampled else self.curvature:
+            self.curvature.set_mask(attention_mask)
+            for _ in range(self.cfg.capture.curvature_draws):  # a forward each: the capture reads one backward per forward
                 logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
                 losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
                                               reduction=SAMPLE_LOSS_REDUCTION)
                 torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            for n, g in self.curvature.gradients().items():
-                self._curv_rows.setdefault(n, []).append(g)
+        self._curv_sampled = True
+
+    def _curvature_rows(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The step's pseudo-gradient rows ĝ and, under AdamW, their update rows P ĝ with the P
+        the step's update rows use (ĝ itself before any v, as u = g then)."""
+        if not self._curv_sampled:
+            raise UsageError(f"step {step}: capture.curvature='sampled' needs recorder.sample_curvature(...) "
+                             "before each step's block")
+        self._curv_sampled = False
+        rows = self.curvature.gradients()
+        if not self.optimizer.adamw:
+            return rows, None
+        self.curvature.finish_updates(self._preconditioner if self.precondition_step else None)
+        return rows, (self.curvature.updates() if self.precondition_step else rows)
 
     def _refresh_preconditioner(self, step: int) -> None:
         """AdamW with capture.preconditioner "lagged": before the step's forwards, every
@@ -284,7 +305,7 @@ class Recorder:
         pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
                                       exact=self.capture.projection is None)
         self.capture.set_preconditioner(pre)
-        self.precondition_step = k
+        self.precondition_step, self._preconditioner = k, pre
 
     def _finish_updates(self) -> None:
         """AdamW's default: the step's update rows with P_t, from v_t as the optimizer holds it
@@ -303,7 +324,7 @@ class Recorder:
                 self.cfg.capture.v_response_rank, exact=self.capture.projection is None)
             self._responded = True
         self.capture.finish_updates(pre, response)
-        self.precondition_step = k
+        self.precondition_step, self._preconditioner = k, pre
 
     def _end_step(self, step: int, epoch: int, lr: float, late_scale: bool) -> None:
         ids, srcs = self._samples or ([], [])
@@ -350,7 +371,6 @@ class Recorder:
         restart, what the store already holds is not written again."""
         done = self.stored_through
         loss, self._step_losses = (float(np.mean(self._step_losses)) if self._step_losses else None), []
-        curv_rows, self._curv_rows = self._curv_rows, {}
         positions = (batch.offset + np.arange(len(ids))).tolist()
         if step > done["train"]:
             self.writer.write_step(step, ids, srcs, grads, positions=positions)
@@ -358,13 +378,13 @@ class Recorder:
             self.update_writer.write_step(step, ids, srcs, updates, positions=positions)
         if self.response_writer is not None and step > done[V_RESPONSE_KIND]:
             self.response_writer.write_step(step, ids, srcs, responses, positions=positions)
-        if self.curv_writer is not None and step > done["curvature"]:
-            if not curv_rows:
-                raise UsageError(f"step {step}: capture.curvature='sampled' needs recorder.sample_curvature(...) "
-                                 "before each step's block")
-            cat = {n: torch.cat(v) for n, v in curv_rows.items()}
+        if self.curv_writer is not None:
+            cat, cat_updates = self._curvature_rows(step)
             m = next(iter(cat.values())).shape[0]
-            self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
+            if step > done[CURVATURE_KIND]:
+                self.curv_writer.write_step(step, [-1] * m, [""] * m, cat)
+            if self.curv_update_writer is not None and step > done[CURVATURE_UPDATE_KIND]:
+                self.curv_update_writer.write_step(step, [-1] * m, [""] * m, cat_updates)
         if self.rank == 0 and step > done["records"]:
             self.pending_records.append(StepRecord(
                 step=step, epoch=epoch, lr=lr, eta=eta, clip=clip, sample_ids=batch.sample_ids,
@@ -427,7 +447,8 @@ class Recorder:
                 self._records.close()  # waits for the records, re-raises a failed commit
 
     def _writers(self) -> list[GradientWriter]:
-        return [w for w in (self.writer, self.curv_writer, self.update_writer, self.response_writer) if w is not None]
+        return [w for w in (self.writer, self.curv_writer, self.update_writer, self.response_writer,
+                            self.curv_update_writer) if w is not None]
 
     def commit_records(self) -> None:
         """Hand the step records gathered since the last commit to the background commit

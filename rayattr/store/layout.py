@@ -30,6 +30,9 @@ RECORDS_RANK = -1  # the rank a step records' commit entry names
 # The records' one writer is rank 0's Recorder: it claims its epochs as rank 0's of kind "steps"
 RECORDS_WRITER_RANK = 0
 UPDATE_KIND = "update"  # AdamW update rows u = P g, beside the "train" rows (docs/method.md §7)
+CURVATURE_KIND = "curvature"  # sampled-label pseudo-gradient rows ĝ (capture.curvature "sampled")
+# AdamW with sampled-label curvature: their update rows P ĝ, beside them in the same order
+CURVATURE_UPDATE_KIND = "curvature_update"
 # AdamW's second-moment response rows y = D_t ⊙ ḡ_t ⊙ g (docs/method.md §7, "v's response"),
 # beside the update rows when the run records them (manifest "v_response")
 V_RESPONSE_KIND = "v_response"

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^r(\d+)\.e(\d+)\.json$")  # r<rank>.e<epoch>.json
 
 # kinds a training run records: their writers must all be closed before attribution
-TRAINING_KINDS = ("train", "curvature", layout.UPDATE_KIND, layout.V_RESPONSE_KIND)
+TRAINING_KINDS = ("train", layout.CURVATURE_KIND, layout.UPDATE_KIND, layout.V_RESPONSE_KIND,
+                  layout.CURVATURE_UPDATE_KIND)
 
 
 class OpenWritersError(StoreError):
