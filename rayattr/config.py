@@ -223,6 +223,11 @@ class EmbedConfig:
     the linearised run (docs/method.md §7), instead of α K − η K Σ u gᵀ, which spends the
     curvature's pull at once. Doubles K's work and memory in the segments (a second sweep, C and
     D) and writes a second row per occurrence. Not with capture.v_response."""
+    unstable: str = "refuse"
+    """Where the recursion is unstable (η·λ_max past the run's stability edge, or K exploding):
+    "refuse" the run (DivergenceError), or "cut" there: occurrences from that step back get no
+    value (manifest attributable_from), later ones are valued as usual (docs/method.md §9). A
+    loss spike in warm-up makes the default AdamW run's true curvature ~30× past its edge."""
     clip_response: bool = False
     """At steps gradient clipping acted on, give the recursion and the values the clipped step's
     own response to a sample, κ (I − ĝĝᵀ) g, instead of κ g (dvemb.clipped_step_rows; docs/method.md
@@ -311,6 +316,8 @@ class Config:
             raise ConfigError("train.checkpoint_every, train.states_every and train.max_restarts must be >= 0")
         if t.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"train.placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {t.placement!r}")
+        if self.embed.unstable not in ("refuse", "cut"):
+            raise ConfigError(f"embed.unstable must be 'refuse' or 'cut', got {self.embed.unstable!r}")
         if c.curvature not in ("empirical", "sampled"):
             raise ConfigError(f"capture.curvature must be 'empirical' or 'sampled', got {c.curvature!r}")
         if c.kind not in ("gaussian", "rademacher"):

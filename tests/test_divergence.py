@@ -145,3 +145,57 @@ def test_values_tables_refuse_nan(tmp_path):
     with pytest.raises(DivergenceError, match=r"values/samples.parquet: 2 value\(s\) are not finite, the first at step 6"):
         write_outputs(run, 1, [0, 8])
     assert not run.exists("values/samples.parquet") and not run.exists("values/sources.parquet")
+
+
+def cutting(run: Run, n: int) -> SegmentWorker:
+    return SegmentWorker(run.uri, None, SegmentSpec(0, 0, n), [0, n], cut_unstable=True)
+
+
+def finalized_values(run: Run, worker: SegmentWorker, first: int) -> dict[int, float]:
+    """finalize's value per step, for the test vector v = (1, 0)."""
+    v = {"l": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    worker.finalize(worker.value_vectors(v), None, True, first)
+    t = run.read_table(segment_values_path(0)).to_pydict()
+    return dict(zip(t["step"], t["value"]))
+
+
+def brute_force_1d(rows, eta, t: int) -> float:
+    """SGD's DVEmb of step t's row on direction (1, 0): η Π_{k>t} (I − η g_k g_kᵀ) g_t, in 2-D."""
+    e = eta * torch.tensor(rows[t], dtype=torch.float64)
+    for k in range(t + 1, len(rows)):
+        g = torch.tensor(rows[k], dtype=torch.float64)
+        e = e - eta * g * (g @ e)
+    return float(e[0])
+
+
+def test_cut_stops_at_the_latest_step_past_the_edge_and_values_the_later_ones(tmp_path):
+    """embed.unstable "cut": a step past the stability edge (η·λ 5 > 2 under SGD) stops the
+    sweep there; the later steps are valued exactly, the cut step and earlier ones get none."""
+    rows = [[0.3, 0.1 * (t % 3)] for t in range(12)]
+    rows[2] = rows[6] = [math.sqrt(5.0), 0.0]  # two unstable steps: the later one cuts
+    run = make_run(tmp_path, rows, 1.0)
+    worker = cutting(run, 12)
+    out = worker.compute()
+    assert (out["unstable_step"], out["eta_lambda"]) == (6, pytest.approx(5.0))
+    assert run.read_json("embed/cut/seg0000.json")["unstable_step"] == 6
+    values = finalized_values(run, worker, first=7)
+    assert sorted(values) == list(range(7, 12))
+    for t, v in values.items():
+        assert v == pytest.approx(brute_force_1d(rows, 1.0, t), rel=1e-5, abs=1e-9)
+    # a restarted actor reads the cut back instead of sweeping again
+    assert cutting(run, 12).compute()["unstable_step"] == 6
+    # and by default the same run is refused
+    with pytest.raises(DivergenceError, match="exploding"):
+        segment(make_run(tmp_path / "again", [[math.sqrt(5.0), 0.0]] * 16, 1.0), 16).compute()
+
+
+def test_cut_at_a_non_finite_step_and_a_segment_wholly_before_the_cut_is_empty(tmp_path):
+    rows = [[0.1, 0.2]] * 6
+    rows[3] = [float("nan"), 0.0]
+    run = make_run(tmp_path, rows, 0.5)
+    worker = cutting(run, 6)
+    assert worker.compute()["unstable_step"] == 3
+    assert sorted(finalized_values(run, worker, first=4)) == [4, 5]
+    # first past this segment's end (a later segment cut): nothing of it is valued
+    assert finalized_values(run, worker, first=6) == {}
+    assert run.read_table("embed/scores/seg0000.parquet").num_rows == 0

@@ -136,6 +136,39 @@ def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
     np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
 
 
+def test_unstable_cut_values_the_steps_after_it_as_the_core_does(local_ray, tmp_path):
+    """embed.unstable "cut" through the driver: the small run at lr 0.3 has steps past SGD's
+    edge (η·λ_max(H) > 2) mid-run, so the latest of them cuts; the run finishes, says from which
+    step it is attributable, and every later occurrence's value, final embedding and per-source
+    sum (kept, and by the forward scan) equals the core's on the same rows; earlier ones have
+    none."""
+    d = small_config(str(tmp_path), "cut", epochs=2, lr=0.3).to_dict(redact=False)
+    d["embed"].update(segments=3, unstable="cut")
+    cfg = Config.from_dict(d).validate()
+    result = run_pipeline(cfg, progress=False)
+    run = Run.open_uri(result.uri)
+    m = run.reload_manifest()
+    first = m["attributable_from"]
+    assert 0 < first < result.num_steps and m["unstable_step"] == first - 1 and m["unstable_eta_lambda"] > 2, m
+    batches, emb = core_embeddings(run)
+    later = [(b, e) for b, e in zip(batches, emb) if b.step >= first]
+    final = _embeddings(run)
+    assert sorted(final) == [b.step for b, _ in later]
+    for b, e in later:
+        for n in e:
+            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-9)
+    samples = run.read_table("values/samples.parquet")
+    assert samples["step"].to_numpy().min() == first
+    want = torch.cat(influence([e for _, e in later], validation_gradient(run))).numpy()
+    np.testing.assert_allclose(samples["value"].to_numpy(), want, rtol=2e-5, atol=1e-10)
+    assert_source_embeddings(run, source_sums([b for b, _ in later], [e for _, e in later]), rtol=1e-4)
+    sums = copy_trained(run, tmp_path / "sums")
+    embed_and_reduce(cfg.with_overrides(**{"embed.keep_sample_embeddings": False}), sums, result.num_steps,
+                     segments=3, progress=False)
+    assert sums.reload_manifest()["attributable_from"] == first
+    assert_source_embeddings(sums, source_sums([b for b, _ in later], [e for _, e in later]), rtol=1e-4)
+
+
 def test_joint_layers_equal_the_core_on_joined_rows(trained, tmp_path):
     """embed.joint_layers: one K across all captured layers, across 3 segments, equals the
     single-process core run on the layers' rows side by side; its values are a different answer

@@ -39,12 +39,13 @@ from rayattr.math.dvemb import (Link, SegmentRecursion, carry_vectors_back, chai
                                 compose_links, finalise_scores, finalise_step, segment_link)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
-from rayattr.embed.guard import check_step, check_values, eta_lambda_max
+from rayattr.embed.guard import (ETA_LAMBDA_WARN, DivergenceError, check_step, check_values, eta_lambda_max,
+                                 stability_edge)
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.store.layout import (ALL_SUMS, CARRIED_KIND, CURVATURE_KIND, CURVATURE_UPDATE_KIND, FINAL_KIND,
                                   LOCAL_KIND, UPDATE_KIND, V_RESPONSE_KIND,
-                                  segment_carry_path, segment_cd_path, segment_k_path, segment_q_path, segment_r_path,
+                                  segment_carry_path, segment_cd_path, segment_cut_path, segment_k_path, segment_q_path, segment_r_path,
                                   segment_scores_path, segment_sums_path, segment_v_carry_path,
                                   segment_values_path)
 from rayattr.embed.limits import READ_CHUNK, WRITE_CHUNK, WRITE_CHUNK_BYTES
@@ -72,7 +73,7 @@ class SegmentWorker:
                  read_chunk: int = READ_CHUNK, keep_sample_embeddings: bool = True,
                  error_blocks: int = 2, updates: bool = False, momentum: float = 0.0,
                  write_chunk: int = WRITE_CHUNK, beta2: float = 0.0, clip_response: bool = False,
-                 momentum_curvature: bool = False):
+                 momentum_curvature: bool = False, cut_unstable: bool = False):
         torch.set_num_threads(1)  # one thread per segment: its actors run side by side on shared CPUs
         self.run = Run.open_uri(run_uri, options=StoreOptions(storage_options=storage_options or {}),
                                 mode="record")
@@ -100,6 +101,10 @@ class SegmentWorker:
             raise ValueError("embed.momentum_curvature is not combined with v's response (capture.v_response)")
         # K's curvature through the momentum (dvemb.SegmentRecursion); nothing to do without momentum
         self.momentum_curvature = bool(momentum_curvature and momentum)
+        # embed.unstable "cut": the sweep stops at the latest step where the recursion is unstable
+        # (η·λ past the run's stability edge, or K exploding); earlier occurrences get no value
+        self.cut_unstable = cut_unstable
+        self.edge = stability_edge(momentum) if updates else ETA_LAMBDA_WARN
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -110,7 +115,7 @@ class SegmentWorker:
         """Local embeddings, K and per-(source, phase) local sums of this segment."""
         if self.run.exists(segment_k_path(self.seg.index)):
             return {"segment": self.seg.index, "skipped": True,  # done before a restart
-                    "node": ray.util.get_node_ip_address()}
+                    "node": ray.util.get_node_ip_address(), **self._recorded_cut()}
         t0 = time.perf_counter()
         s = self.seg
         records = self.run.step_records(s.start, s.end)
@@ -136,6 +141,7 @@ class SegmentWorker:
         v_carry = SourcePhaseSums(self.dims)  # Σ β₂^(b−t) y, for v's response past the segment's end
         n_rows = 0
         worst = (0.0, -1)  # largest η·λ_max(H) and its step
+        cut: dict | None = None  # embed.unstable "cut": the unstable step the sweep stopped at
         # Backwards in write chunks of chunk_steps steps (aligned on the segment's end, so a
         # restarted actor cuts the same chunks): each chunk's embeddings are written as soon as
         # it is swept, so memory is K (and R) plus one chunk, never the segment
@@ -167,43 +173,62 @@ class SegmentWorker:
                 if resp is not None:
                     inputs.check(V_RESPONSE_KIND, a, b, list(y_by_step.values()), resp.reader)
                 for batch in reversed(batches):
+                    if cut is not None:
+                        break
                     record = etas[batch.step]
                     rows = curv_by_step.get(batch.step) if curv else None
                     g = self.blocks.augment(batch.grads)  # the rows in the recursion's layers and blocks
+                    u = y = cu = None
                     if upd is None:
                         # a clipped SGD step's rows turn the step (dvemb.clipped_step_rows): u ≠ g there
                         u = (self.blocks.augment(clipped_step_rows(batch.grads, batch.grads))
                              if self.clip_response and record.clip < 1.0 and rows is None else None)
-                        emb = rec.step(g, record.eta, rows,
-                                       batch_size=len(batch.sample_ids), step=batch.step, updates=u)
                     else:
                         u = upd.rows(u_by_step, batch, record, raw=batch.grads)
                         y = resp.rows(y_by_step, batch, record, raw=batch.grads) if resp is not None else None
                         # κ_t·P ĝ, as the update rows hold κ_t (AdamSteps)
                         cu = ({n: record.clip * x for n, x in self.blocks.augment(cu_by_step[batch.step].grads).items()}
                               if rows is not None else None)
-                        emb = rec.step(g, upd.step_size(record), rows,
-                                       batch_size=len(batch.sample_ids), step=batch.step, updates=u,
-                                       curvature_updates=cu, decay=record.decay, v_rows=y)
-                        if self.momentum:
-                            carry.add(batch.sources, self.phase_of(batch.step), rec.carried)
-                        if y is not None:
-                            v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
+                    eta = record.eta if upd is None else upd.step_size(record)
                     # η·λ_max(P H) of the step as K sees it (κ in u under AdamW); the model's layers, not their blocks
-                    el = eta_lambda_max({n: g[n] for n in self.layers}, record.eta if upd is None else upd.step_size(record),
+                    el = eta_lambda_max({n: g[n] for n in self.layers}, eta,
                                         {n: rows[n] for n in self.layers} if rows else None, len(batch.sample_ids),
                                         updates=u, curvature_updates={n: cu[n] for n in self.layers}
                                         if rows and upd is not None else None)
+                    if self.cut_unstable and el > self.edge:
+                        cut = {"unstable_step": batch.step, "eta_lambda": el, "why": "past the stability edge"}
+                        break
+                    emb = rec.step(g, eta, rows, batch_size=len(batch.sample_ids), step=batch.step, updates=u,
+                                   curvature_updates=cu, decay=record.decay if upd is not None else 1.0, v_rows=y)
+                    if upd is not None and self.momentum:
+                        carried = rec.carried
                     # stops before this step's rows are written (and K, which marks the segment done)
-                    check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
+                    try:
+                        check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
+                    except DivergenceError:
+                        if not self.cut_unstable:
+                            raise
+                        cut = {"unstable_step": batch.step, "eta_lambda": el,
+                               "why": "K or the embeddings exploding or not finite"}
+                        break
+                    if upd is not None and self.momentum:
+                        carry.add(batch.sources, self.phase_of(batch.step), carried)
+                    if y is not None:
+                        v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     worst = max(worst, (el, batch.step))
                     sums.add(batch.sources, self.phase_of(batch.step), emb)
                     batch.grads = None  # keep the rows' ids, not their gradients
                     chunk.append((batch, emb, rec.carried if self.momentum_curvature else None))
                     n_rows += len(batch.sample_ids)
                     hooks.call("segment.compute", segment=s.index, step=s.end - batch.step)  # test seam
+                if cut is not None:
+                    break
             self._write_local(wa, wb, chunk)
+            if cut is not None:
+                break
         self.run.write_table(segment_sums_path(s.index), sums.to_table())
+        if cut is not None:
+            self.run.write_json(segment_cut_path(s.index), cut)
         if rec.R is not None:
             self.run.write_bytes(segment_r_path(s.index), save_tensors(rec.R))
             self.run.write_table(segment_carry_path(s.index), carry.to_table())
@@ -219,7 +244,12 @@ class SegmentWorker:
         # the driver warns once for the run, from every segment's worst step (pipeline.attribute)
         return {"segment": s.index, "steps": s.end - s.start, "occurrences": n_rows,
                 "seconds": time.perf_counter() - t0, "node": ray.util.get_node_ip_address(),
-                "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1]}
+                "max_eta_lambda": worst[0], "max_eta_lambda_step": worst[1], **(cut or {})}
+
+    def _recorded_cut(self) -> dict:
+        """The cut a finished sweep recorded ({} if it went through)."""
+        path = segment_cut_path(self.seg.index)
+        return self.run.read_json(path) if self.run.exists(path) else {}
 
     def chunk_steps(self, batch_rows: int) -> int:
         """Steps per write chunk: write_chunk, fewer if their local embeddings (block layers
@@ -304,12 +334,20 @@ class SegmentWorker:
         a restarted one redoes just this combine."""
         return compose_links(later, own)
 
-    def chain_sums(self, prev: tuple | None, last: bool = False) -> tuple | None:
+    def chain_sums(self, prev: tuple | None, last: bool = False, first: int = 0) -> tuple | None:
         """Forward scan (segment 0 first) finalising the per-(source, phase) sums without any
         suffix matrix (docs/method.md §4, §7): y_ℓ = K_ℓ y_{ℓ-1} + x_ℓ + R^loc_ℓ d_ℓ and
         d_{ℓ+1} = β₁^(b−a) d_ℓ + c_ℓ, with x the local sums and c the carried update rows.
         Returns (y_ℓ, d_{ℓ+1}) for the next segment; the last writes y, the final sums of the
-        whole run, to `ALL_SUMS`. Used when no per-sample final embeddings are kept."""
+        whole run, to `ALL_SUMS`. Used when no per-sample final embeddings are kept. `first`: the
+        first attributable step (finalize): a segment wholly before it adds nothing, and the one
+        that holds it starts the scan afresh (what came before passed an unstable step)."""
+        if self.seg.end <= first:
+            if last:
+                self.run.write_table(ALL_SUMS, SourcePhaseSums(self.dims).to_table())
+            return None
+        if self.seg.start < first:
+            prev = None
         K, R, Q, C, D = self._own_chain_inputs()
         local = SourcePhaseSums.from_table(self.run.read_table(segment_sums_path(self.seg.index)), self.dims)
         carry = (SourcePhaseSums.from_table(self.run.read_table(segment_carry_path(self.seg.index)), self.dims)
@@ -325,15 +363,21 @@ class SegmentWorker:
 
     # ------------------------------------------------------------------ finalisation
 
-    def finalize(self, vectors: tuple, link: Link | None = None, embeddings: bool = True) -> dict[str, Any]:
+    def finalize(self, vectors: tuple, link: Link | None = None, embeddings: bool = True,
+                 first: int = 0) -> dict[str, Any]:
         """Values of every occurrence from the vector chain's (w, z) of this segment, in float64:
         e·w + β₁^(b−t) u·z per layer (docs/method.md §4, §7); per-(source, phase, layer) scores
         from the local sums the same way. `link`, the suffix scan's M_{n-1} ⋯ M_{ℓ+1} (a Link;
         None for the last segment: S = I, R_b = 0), gives the final embeddings (kept per sample
         when keep_sample_embeddings) and the final per-(source, phase) sums; `embeddings` False
-        skips both (the sums then come from `chain_sums`)."""
+        skips both (the sums then come from `chain_sums`). `first`: the first attributable step
+        (embed.unstable "cut"): earlier occurrences get no value, and a segment wholly before it
+        writes empty tables (its K and links, past an unstable step, are never read)."""
         t0 = time.perf_counter()
         s = self.seg
+        start = max(s.start, first)
+        if start >= s.end:
+            return self._finalize_nothing(embeddings, t0)
         w, z = vectors[:2]
         w = {n: x.to(torch.float64) for n, x in w.items()}
         z = {n: x.to(torch.float64) for n, x in z.items()} if z is not None and self.momentum else None
@@ -351,14 +395,14 @@ class SegmentWorker:
                if z is not None else None)
         resp = (ResponseRows(self.run, self.blocks, self.beta2, s.start, s.end, self.clip_response, raw)
                 if zq is not None else None)
-        full = self.run.step_records(s.start, s.end)
-        inputs = SegmentInputs(self.run, s.index, s.start, s.end, full)  # every step's local rows, or a refusal
+        full = self.run.step_records(start, s.end)
+        inputs = SegmentInputs(self.run, s.index, start, s.end, full)  # every step's local rows, or a refusal
         records = {r.step: replace(r, sample_ids=[], sources=[], ranks=[])  # rows come with the embeddings
                    for r in full}
         del full
         epochs = {t: r.epoch for t, r in records.items()}
-        reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(s.start, s.end))
-        carried = (GradientReader(self.run, kind=CARRIED_KIND, step_range=(s.start, s.end))
+        reader = GradientReader(self.run, kind=LOCAL_KIND, step_range=(start, s.end))
+        carried = (GradientReader(self.run, kind=CARRIED_KIND, step_range=(start, s.end))
                    if self.momentum_curvature and z is not None else None)
         # block layers too: a query's scores get their standard errors from them
         writer = (GradientWriter(self.run, s.index, self.dims, kind=FINAL_KIND, dtype=self.store_dtype, takeover=True,
@@ -369,7 +413,7 @@ class SegmentWorker:
         # the values stream into their table one read chunk at a time (atomic: nothing if a
         # value is bad); memory is one chunk of local embeddings, never the segment
         with self.run.table_writer(segment_values_path(s.index)) as out:
-            for a in range(s.start, s.end, self.read_chunk):
+            for a in range(start, s.end, self.read_chunk):
                 b = min(s.end, a + self.read_chunk)
                 u_by_step = upd.read(a, b, self.dtype) if upd is not None else {}
                 y_by_step = resp.read(a, b, self.dtype) if resp is not None else {}
@@ -425,6 +469,15 @@ class SegmentWorker:
                 sums.add_vectors(v_carry.transformed(Q_end).scaled(-1.0))
             self.run.write_table(segment_sums_path(s.index, final=True), sums.to_table())
         return {"segment": s.index, "occurrences": n_rows, "seconds": time.perf_counter() - t0}
+
+    def _finalize_nothing(self, embeddings: bool, t0: float) -> dict[str, Any]:
+        """finalize of a segment wholly before the first attributable step: empty tables."""
+        i = self.seg.index
+        self.run.write_table(segment_values_path(i), VALUES_SCHEMA.empty_table())
+        self.run.write_table(segment_scores_path(i), SCORES_SCHEMA.empty_table())
+        if embeddings:
+            self.run.write_table(segment_sums_path(i, final=True), SourcePhaseSums(self.dims).to_table())
+        return {"segment": i, "occurrences": 0, "seconds": time.perf_counter() - t0}
 
     def load_k(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.run.read_bytes(segment_k_path(self.seg.index)))

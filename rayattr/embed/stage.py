@@ -67,11 +67,11 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
                    edges: list[int], curvature: bool, keep_sample_embeddings: bool,
                    use_gpu: bool = False, dtype: str = "float32", error_blocks: int = 2,
                    updates: bool = False, momentum: float = 0.0, beta2: float = 0.0,
-                   clip_response: bool = False, momentum_curvature: bool = False
+                   clip_response: bool = False, momentum_curvature: bool = False, cut_unstable: bool = False
                    ) -> tuple[list, list[SegmentSpec], Any]:
     """One actor per segment; `updates` and `momentum` (Adam's β₁) for an AdamW run, `beta2`
     (Adam's β₂) when it recorded v's response rows (0: v frozen), `momentum_curvature` for K's
-    curvature through the momentum (embed.momentum_curvature). Returns the
+    curvature through the momentum (embed.momentum_curvature), `cut_unstable` for embed.unstable "cut". Returns the
     actors, their step ranges and their placement group (None if SPREAD only), which the
     caller removes with the actors."""
     bounds = segment_bounds(num_steps, n_segments)
@@ -89,7 +89,8 @@ def start_segments(run_uri: str, storage_options: dict | None, num_steps: int, n
               .remote(run_uri, storage_options, s, edges, curvature, dtype,
                       keep_sample_embeddings=keep_sample_embeddings,
                       error_blocks=error_blocks, updates=updates, momentum=momentum, beta2=beta2,
-                      clip_response=clip_response, momentum_curvature=momentum_curvature)
+                      clip_response=clip_response, momentum_curvature=momentum_curvature,
+                      cut_unstable=cut_unstable)
               for i, s in enumerate(specs)]
     return actors, specs, pg
 

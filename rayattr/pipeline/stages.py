@@ -229,6 +229,24 @@ def response_beta2(cfg: Config, opt) -> float:
     return opt.beta2 if cfg.capture.v_response and opt.adamw else 0.0
 
 
+def attributable_from(run: Run, done: list[dict], opt) -> int:
+    """The first step whose occurrences get values: 0, or one past the latest step a segment's
+    sweep stopped at under embed.unstable "cut" (docs/method.md §9), recorded in the manifest
+    with what made it unstable, and said once."""
+    cuts = [d for d in done if d.get("unstable_step") is not None]
+    if not cuts:
+        run.update_manifest(attributable_from=0)
+        return 0
+    cut = max(cuts, key=lambda d: d["unstable_step"])
+    first = int(cut["unstable_step"]) + 1
+    run.update_manifest(attributable_from=first, unstable_step=cut["unstable_step"],
+                        unstable_eta_lambda=cut["eta_lambda"], unstable_why=cut["why"])
+    log.warning("the recursion is unstable at step %d (%s = %.3g, %s; %s): occurrences before step %d get no "
+                "value (embed.unstable: cut)", cut["unstable_step"], eta_lambda_name(opt.adamw), cut["eta_lambda"],
+                cut["why"], describe(cut["eta_lambda"], opt.beta1), first)
+    return first
+
+
 def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None = None,
               progress: bool = True) -> RunResult:
     """Embedding and reduce stages on a trained run: segment actors, the chain through them
@@ -242,6 +260,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
                                     lambda: cfg.embed.segments or default_segments(cfg.train.use_gpu))
     ProjectionBlocks.register(run, cfg.embed.error_blocks, cfg.embed.joint_layers)  # refuses another layout
     record_choice(run, "momentum_curvature", cfg.embed.momentum_curvature, False)  # and another K
+    record_choice(run, "unstable", cfg.embed.unstable, "refuse")  # and another reach
     run.update_manifest(status="embedding")
     edges = segment_bounds(num_steps, cfg.embed.phases)
     run.update_manifest(segments=n_seg, segment_bounds=bounds)
@@ -253,7 +272,8 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         run.uri, so, num_steps, n_seg, edges, cfg.capture.curvature == "sampled",
         cfg.embed.keep_sample_embeddings, cfg.train.use_gpu, cfg.embed.dtype,
         cfg.embed.error_blocks, updates=opt.adamw, momentum=opt.beta1, beta2=response_beta2(cfg, opt),
-        clip_response=cfg.embed.clip_response, momentum_curvature=cfg.embed.momentum_curvature)
+        clip_response=cfg.embed.clip_response, momentum_curvature=cfg.embed.momentum_curvature,
+        cut_unstable=cfg.embed.unstable == "cut")
     try:  # the actors and their placement group go on every exit path (a divergence included)
         # the test side first: each actor sums its shard of the validation set at the final
         # model before its sweep, so the model is freed before K is built
@@ -269,6 +289,7 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         if worst[0] > ETA_LAMBDA_WARN:
             log.warning("%s = %.3g at step %d (%s), %s; values may be dominated by it",
                         eta_lambda_name(opt.adamw), worst[0], worst[1], WHOSE_H, describe(worst[0], opt.beta1))
+        first = attributable_from(run, done, opt)
         clipped = sum(1 for r in run.step_losses() if r.clip < 1.0)  # four columns of the records
         run.update_manifest(clipped_steps=clipped, clip_response=cfg.embed.clip_response)
         if clipped:
@@ -293,11 +314,11 @@ def embed_and_reduce(cfg: Config, run: Run, num_steps: int, segments: int | None
         vectors[-1] = actors[-1].shard_vectors.remote(*shards)
         for ell in range(n_seg - 1, 0, -1):
             vectors[ell - 1] = actors[ell].chain_vectors.remote(vectors[ell])
-        finals = [a.finalize.remote(v, link, keep) for a, v, link in zip(actors, vectors, links)]
+        finals = [a.finalize.remote(v, link, keep, first) for a, v, link in zip(actors, vectors, links)]
         if not keep:  # per-source mode: the sums by a forward scan of matrix-times-vectors only
             carry = None
             for ell, a in enumerate(actors):
-                carry = a.chain_sums.remote(carry, ell == n_seg - 1)
+                carry = a.chain_sums.remote(carry, ell == n_seg - 1, first)
             finals.append(carry)
         del vectors, links, shards  # each suffix is freed once its segment has finalised
         wait_all(finals, "finalize", progress)

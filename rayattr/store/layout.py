@@ -168,6 +168,11 @@ def segment_cd_path(index: int, block: str) -> str:
     return f"embed/{block}/seg{index:04d}.safetensors"
 
 
+def segment_cut_path(index: int) -> str:
+    """Where a segment's sweep stopped at an unstable step (embed.unstable "cut"), written before K."""
+    return f"embed/cut/seg{index:04d}.json"
+
+
 def segment_carry_path(index: int) -> str:
     """Per-(source, phase) Σ β₁^(b−t) u of a segment (AdamW with momentum)."""
     return f"embed/carry/seg{index:04d}.parquet"
