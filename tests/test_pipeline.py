@@ -166,6 +166,9 @@ def test_unstable_cut_values_the_steps_after_it_as_the_core_does(local_ray, tmp_
     embed_and_reduce(cfg.with_overrides(**{"embed.keep_sample_embeddings": False}), sums, result.num_steps,
                      segments=3, progress=False)
     assert sums.reload_manifest()["attributable_from"] == first
+    from rayattr.report.trust import attributable_sentence
+
+    assert f"Only occurrences from step {first} on have values" in attributable_sentence(run)
     assert_source_embeddings(sums, source_sums([b for b, _ in later], [e for _, e in later]), rtol=1e-4)
 
 

@@ -144,6 +144,19 @@ def clipping_sentence(run: Run) -> str | None:
     return note[0].upper() + note[1:] + "."
 
 
+def attributable_sentence(run: Run) -> str | None:
+    """Where embed.unstable "cut" withheld the earlier occurrences' values (None: every
+    occurrence has one)."""
+    first = run.manifest.get("attributable_from")
+    if not first:
+        return None
+    m = run.manifest
+    return (f"Only occurrences from step {first} on have values: the recursion is unstable at step "
+            f"{m.get('unstable_step')} ({m.get('unstable_why')}, η·λ_max {m.get('unstable_eta_lambda', float('nan')):.3g}), "
+            "so a first-order value of anything before it means nothing (embed.unstable: cut; docs/method.md §9). "
+            "Source totals sum the later occurrences only.")
+
+
 def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) -> list[str]:
     """The page's first section: the verdict and the few figures it rests on."""
     from rayattr.validate import read_validation
@@ -168,9 +181,9 @@ def trust_box(run: Run, sources: pa.Table, noise: tuple[float, float] | None) ->
     if noise is not None:
         items.append(f"Projection noise: {noise[1]:.0%} of the occurrences lie within 2 SE of zero "
                      "(their sign is not known); ranked samples below list those clear of noise first.")
-    stability = stability_sentence(run)
-    if stability:
-        items.append(html.escape(stability))
+    for sentence in (attributable_sentence(run), stability_sentence(run)):
+        if sentence:
+            items.append(html.escape(sentence))
     clipping = clipping_sentence(run)
     if clipping:
         items.append(html.escape(clipping))
