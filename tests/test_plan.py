@@ -228,6 +228,7 @@ def test_momentum_curvature_counts_c_d_and_the_carried_rows():
     key = "segment actor: K, R and the chain"
     assert full.memory[key] == 2 * free.memory[key]
     assert full.memory["segment actor: one write chunk"] == 2 * free.memory["segment actor: one write chunk"]
+    assert full.time["embed"] > free.time["embed"]
 
 
 def test_adamw_sampled_curvature_counts_its_update_rows_and_factors():

@@ -696,9 +696,12 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     share = max(1.0, n_seg / devices)  # segment actors outnumbering devices share them
     sq = kfac * sum(w ** 2 for w in widths)
     rows_seg = steps_seg * G
-    rec_flops = steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
+    # embed.momentum_curvature sweeps twice (from [I, 0] and [0, I]) and writes a carried row
+    # beside every local one
+    sweeps = 1 + carried_rows(cfg)
+    rec_flops = sweeps * steps_seg * sq * (4 * G if not m_curv else 2 * G + 4 * m_curv)
     io_in = ipc(kinds * rows_seg + steps_seg * m_curv, steps_seg * t.ranks, t.ranks, c.dtype)
-    io_out = ipc(rows_seg, steps_seg, 1, "float32")
+    io_out = sweeps * ipc(rows_seg, steps_seg, 1, "float32")
     plan.time["embed"] = tp.actor_start_s + share * (
         steps_seg * L * tp.embed_layer_step_s + rec_flops / tp.embed_flops
         + io_in / (tp.store_read_mbps * MB) + io_out / (tp.store_write_mbps * MB))
@@ -708,7 +711,7 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     # the devices' width): ⌈log2(n-1)⌉ rounds with a device per actor, each combine one p × p
     # product per layer (two with R); else the forward scan of the sums (keys × p² per layer,
     # segment after segment). The vector chain is p² either way
-    chain = (scan_rounds(n_seg - 1, devices) * 2 * kinds * sum(w ** 3 for w in widths) if keep
+    chain = (scan_rounds(n_seg - 1, devices) * 2 * link_matrices(cfg, kinds) * sum(w ** 3 for w in widths) if keep
              else 2 * n_seg * n_sources * min(cfg.embed.phases, steps) * sum(w ** 2 for w in widths)
              ) / tp.embed_flops
     plan.time["reduce"] = share * fin + chain + rows / tp.reduce_rows_per_s
