@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rayattr.capture import sampled_label_losses, select_layers, token_counts  # noqa: E402
+from rayattr.capture.precondition import factor_second_moment  # noqa: E402
 from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of  # noqa: E402
@@ -110,7 +111,7 @@ class AdamWReplay(Replay):
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
                    top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False,
-                   draws: int = 1, tokens: bool = False) -> np.ndarray:
+                   draws: int = 1, tokens: bool = False, factored: bool = False) -> np.ndarray:
     """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
     (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
     exact P: the reference that tells the recursion's own approximations from the projection.
@@ -137,7 +138,9 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     block-diagonal part, as a per-layer K does (:func:`block_product`), for "hessian", "ggn",
     "sampled" and "top".
     `captured` keeps the curvature only among the parameters of the layers a capture records
-    (:func:`captured_parameters`): the rest of the model gets K = α I, as in the pipeline."""
+    (:func:`captured_parameters`): the rest of the model gets K = α I, as in the pipeline.
+    `factored` puts the capture's Adafactor-factored P (:func:`factored_preconditioner`) in place
+    of the exact one for every weight matrix, in K and in the values alike, as the pipeline has it."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
     params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
@@ -150,6 +153,8 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     for t in range(T - 1, -1, -1):
         rec = rp.records[t]
         theta, P, kappa = states[t]
+        if factored:
+            P = factored_preconditioner(P, rp.eps)
         b, _ = rp.batch(t)
         B = b["input_ids"].shape[0]
         c = (1 - b1) / (1 - b1 ** (t + 1))
@@ -193,6 +198,21 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             raise ValueError(f"unknown curvature {curvature!r}")
         hv = {n: h if n in keep else torch.zeros_like(h) for n, h in hv.items()}  # H restricted to `keep`
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
+    return out
+
+
+def factored_preconditioner(P: dict, eps: float) -> dict:
+    """P with each weight matrix's exact 1/(√v̂ + ε) replaced by the capture's ρ γᵀ from v̂'s row and
+    column sums (rayattr/capture/precondition.py; the same in either orientation); vectors keep
+    theirs."""
+    out = {}
+    for n, x in P.items():
+        if x.dim() != 2:
+            out[n] = x
+            continue
+        v_hat = (1 / x - eps).clamp_min(0) ** 2
+        rho, gamma = factor_second_moment(v_hat, eps)
+        out[n] = rho[:, None] * gamma[None, :]
     return out
 
 
@@ -347,6 +367,8 @@ NAMED_ADJOINTS = (  # tens of Hessian-vector products or draws a step: computed 
             ("recursion, sampled-label Fisher, 4 draws, per layer", {"curvature": "sampled", "draws": 4, "blocks": True}),
             ("recursion, sampled-label Fisher, 4 draws, captured layers",
              {"curvature": "sampled", "draws": 4, "captured": True}),
+            ("recursion, sampled-label Fisher, 4 draws, captured layers, factored P",
+             {"curvature": "sampled", "draws": 4, "captured": True, "factored": True}),
             ("recursion, sampled-label Fisher, 4 draws, captured layers, momentum-free K",
              {"curvature": "sampled", "draws": 4, "captured": True, "momentum_curvature": False}),
             ("recursion, sampled-label Fisher, 16 draws", {"curvature": "sampled", "draws": 16}))

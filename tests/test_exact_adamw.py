@@ -213,3 +213,20 @@ def test_sampled_label_rows_estimate_the_gauss_newton_product(adamw_run):
     tokens = float((b["labels"][:, 1:] != -100).sum(1).double().mean())
     assert tokens > 4  # a ratio of T would show
     assert want > 0 and abs(got / want - 1) < 0.15, (got, want, tokens)
+
+
+def test_factored_preconditioner_is_exact_on_a_rank_one_second_moment():
+    """The bench's factored P (the capture's ρ γᵀ) recovers 1/√v̂ where v̂ is itself an outer
+    product, and moves it otherwise; vectors keep their exact P."""
+    from exact_adamw import factored_preconditioner
+
+    gen = torch.Generator().manual_seed(0)
+    r, c = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5, torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    eps = 1e-12
+    exact = {"w": 1 / ((r[:, None] * c[None, :]).sqrt() + eps), "b": torch.rand(3, generator=gen, dtype=torch.float64)}
+    out = factored_preconditioner(exact, eps)
+    torch.testing.assert_close(out["w"], exact["w"], rtol=1e-9, atol=0)
+    assert out["b"] is exact["b"]
+    skew = {"w": exact["w"].clone()}
+    skew["w"][0, 0] *= 10
+    assert not torch.allclose(factored_preconditioner(skew, eps)["w"], skew["w"], rtol=1e-3)
