@@ -39,8 +39,7 @@ from rayattr.math.dvemb import (Link, SegmentRecursion, carry_vectors_back, chai
                                 compose_links, finalise_scores, finalise_step, segment_link)
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.inputs import SegmentInputs
-from rayattr.embed.guard import (ETA_LAMBDA_WARN, DivergenceError, check_step, check_values, eta_lambda_max,
-                                 stability_edge)
+from rayattr.embed.guard import DivergenceError, check_step, check_values, eta_lambda_max, stability_edge
 from rayattr.embed.sums import SourcePhaseSums, chain_sums_forward
 from rayattr.store import GradientReader, GradientWriter, Run, StoreOptions
 from rayattr.store.layout import (ALL_SUMS, CARRIED_KIND, CURVATURE_KIND, CURVATURE_UPDATE_KIND, FINAL_KIND,
@@ -104,7 +103,7 @@ class SegmentWorker:
         # embed.unstable "cut": the sweep stops at the latest step where the recursion is unstable
         # (η·λ past the run's stability edge, or K exploding); earlier occurrences get no value
         self.cut_unstable = cut_unstable
-        self.edge = stability_edge(momentum) if updates else ETA_LAMBDA_WARN
+        self.edge = stability_edge(momentum)  # SGD (no momentum): 2
 
     def phase_of(self, step: int) -> int:
         return int(np.searchsorted(self.phase_edges, step, side="right") - 1)
@@ -200,8 +199,6 @@ class SegmentWorker:
                         break
                     emb = rec.step(g, eta, rows, batch_size=len(batch.sample_ids), step=batch.step, updates=u,
                                    curvature_updates=cu, decay=record.decay if upd is not None else 1.0, v_rows=y)
-                    if upd is not None and self.momentum:
-                        carried = rec.carried
                     # stops before this step's rows are written (and K, which marks the segment done)
                     try:
                         check_step(s.index, batch.step, rec.K, emb, el, self.momentum, self.updates)
@@ -211,8 +208,8 @@ class SegmentWorker:
                         cut = {"unstable_step": batch.step, "eta_lambda": el,
                                "why": "K or the embeddings exploding or not finite"}
                         break
-                    if upd is not None and self.momentum:
-                        carry.add(batch.sources, self.phase_of(batch.step), carried)
+                    if rec.carried is not None:  # with momentum: what R at the segment's end acts on
+                        carry.add(batch.sources, self.phase_of(batch.step), rec.carried)
                     if y is not None:
                         v_carry.add(batch.sources, self.phase_of(batch.step), resp.carried(y, batch.step))
                     worst = max(worst, (el, batch.step))

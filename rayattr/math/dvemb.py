@@ -803,8 +803,8 @@ def data_value_embeddings(
         Cs.append(rec.C)
         Ds.append(rec.D)
     lengths = [sl.stop - sl.start for sl in pieces]
-    full = Ds[0] is not None  # momentum_curvature with momentum
-    suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum, Cs if full else None, Ds if full else None)
+    full = Ds[0] is not None  # momentum_curvature with momentum: the finalisation takes the carried rows
+    suffixes, r_ends = segment_combine(Ks, Rs, lengths, momentum, Cs, Ds)
     q_ends = carried_ends(suffixes, Qs, lengths, beta2) if beta2 else [None] * len(pieces)
     rows = updates if updates is not None else grads  # u, which momentum carries across segments
     out: list[dict[str, torch.Tensor]] = []
