@@ -136,17 +136,16 @@ def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
     np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
 
 
-def test_unstable_cut_values_the_steps_after_it_as_the_core_does(local_ray, tmp_path):
-    """embed.unstable "cut" through the driver: the small run at lr 0.3 has steps past SGD's
-    edge (η·λ_max(H) > 2) mid-run, so the latest of them cuts; the run finishes, says from which
-    step it is attributable, and every later occurrence's value, final embedding and per-source
-    sum (kept, and by the forward scan) equals the core's on the same rows; earlier ones have
-    none."""
-    d = small_config(str(tmp_path), "cut", epochs=2, lr=0.3).to_dict(redact=False)
-    d["embed"].update(segments=3, unstable="cut")
-    cfg = Config.from_dict(d).validate()
-    result = run_pipeline(cfg, progress=False)
-    run = Run.open_uri(result.uri)
+def test_unstable_cut_values_the_steps_after_it_as_the_core_does(trained, tmp_path):
+    """embed.unstable "cut" through the driver's embedding stage: the small run at lr 0.3 has
+    steps past SGD's edge (η·λ_max(H) > 2) mid-run, so the latest of them cuts; the embedding
+    finishes, says from which step the run is attributable, and every later occurrence's value,
+    final embedding and per-source sum (kept, and by the forward scan) equals the core's on the
+    same rows; earlier ones have none."""
+    base_cfg, base, result = trained
+    cfg = base_cfg.with_overrides(**{"embed.unstable": "cut"})
+    run = copy_trained(base, tmp_path / "kept")
+    embed_and_reduce(cfg, run, result.num_steps, segments=3, progress=False)
     m = run.reload_manifest()
     first = m["attributable_from"]
     assert 0 < first < result.num_steps and m["unstable_step"] == first - 1 and m["unstable_eta_lambda"] > 2, m
