@@ -111,7 +111,8 @@ class AdamWReplay(Replay):
 
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
                    top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False,
-                   draws: int = 1, tokens: bool = False, factored: bool = False) -> np.ndarray:
+                   draws: int = 1, tokens: bool = False, factored: bool = False,
+                   only_captured: bool = False) -> np.ndarray:
     """Values of every occurrence by the first-order adjoint sweep rayattr's recursion runs
     (κ and v frozen, P_s ≈ P_t over the momentum's horizon), in the full parameter space with
     exact P: the reference that tells the recursion's own approximations from the projection.
@@ -140,7 +141,10 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     `captured` keeps the curvature only among the parameters of the layers a capture records
     (:func:`captured_parameters`): the rest of the model gets K = α I, as in the pipeline.
     `factored` puts the capture's Adafactor-factored P (:func:`factored_preconditioner`) in place
-    of the exact one for every weight matrix, in K and in the values alike, as the pipeline has it."""
+    of the exact one for every weight matrix, in K and in the values alike, as the pipeline has it.
+    `only_captured` (with `captured`) starts the adjoint from the captured parameters' part of the
+    validation gradient alone, so the values are theirs, as a projection of the captured layers
+    sees them (:func:`projected_values`)."""
     T, b1 = rp.num_steps, rp.beta1
     states: list = []
     params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
@@ -149,6 +153,8 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     r = {n: torch.zeros_like(x) for n, x in a.items()}
     out = np.zeros((T, rp.batch(0)[1].shape[0]))
     keep = captured_parameters(rp) if captured else set(a)  # where K has curvature
+    if only_captured:  # the rest of the adjoint then stays zero: K has no curvature there
+        a = {n: x if n in keep else torch.zeros_like(x) for n, x in a.items()}
     refreshed, pairs, basis = None, None, None  # the top curvature's last refresh step, (λ, rows), basis
     for t in range(T - 1, -1, -1):
         rec = rp.records[t]
@@ -198,6 +204,99 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
             raise ValueError(f"unknown curvature {curvature!r}")
         hv = {n: h if n in keep else torch.zeros_like(h) for n, h in hv.items()}  # H restricted to `keep`
         a = {n: (1 - rec.lr * rp.wd) * a[n] - kappa * B * hv[n] for n in a}
+    return out
+
+
+class Projection:
+    """A random projection of the captured layers' gradients, one block per layer, to tell how
+    much the projection's structure costs the recursion (docs/method.md §9). Each layer's
+    gradient is taken as the capture takes it, G = [∂W | ∂b] in (d_out × d_in + 1), and
+    compressed by `kind`: "kronecker" (P_s G P_aᵀ with Gaussian P_s, P_a of `size` rows each,
+    entries N(0, 1/size): the capture's own form), "dense" (one Gaussian matrix of `size` rows
+    on vec G, entries N(0, 1/size)) or "identity" (vec G: only the captured layers, no
+    projection). `then` follows a Kronecker projection with a dense Gaussian one of its vector
+    to `then` rows: a Kronecker projection's cost with more of a dense one's accuracy."""
+
+    def __init__(self, rp: AdamWReplay, kind: str, size: int = 16, then: int | None = None, seed: int = 0):
+        if kind not in ("kronecker", "dense", "identity"):
+            raise ValueError(f"unknown projection {kind!r}")
+        names = {id(p): n for n, p in rp.model.named_parameters()}
+        gen = torch.Generator().manual_seed(seed)
+        self.kind, self.blocks = kind, []
+        for module in select_layers(rp.model, rp.cfg.capture.layers).values():
+            w = names[id(module.weight)]
+            bias = getattr(module, "bias", None)
+            b = names[id(bias)] if bias is not None else None
+            transpose = not isinstance(module, torch.nn.Linear)  # Conv1D keeps (d_in × d_out)
+            d_out, d_in = module.weight.shape[::-1] if transpose else module.weight.shape
+            d_in += b is not None
+            if kind == "kronecker":
+                mats = (torch.randn(size, d_out, generator=gen, dtype=torch.float64) / size ** 0.5,
+                        torch.randn(size, d_in, generator=gen, dtype=torch.float64) / size ** 0.5)
+            elif kind == "dense":
+                mats = (torch.randn(size, d_out * d_in, generator=gen, dtype=torch.float64) / size ** 0.5,)
+            else:
+                mats = ()
+            if then is not None:
+                mats += (torch.randn(then, size * size, generator=gen, dtype=torch.float64) / then ** 0.5,)
+            self.blocks.append((w, b, transpose, mats))
+
+    def __call__(self, g: dict) -> torch.Tensor:
+        """The projected gradient of the captured layers, one vector; `g` maps names to tensors."""
+        out = []
+        for w, b, transpose, mats in self.blocks:
+            G = g[w].t() if transpose else g[w]
+            if b is not None:
+                G = torch.cat([G, g[b][:, None]], dim=1)
+            if self.kind == "kronecker":
+                y = (mats[0] @ G @ mats[1].t()).reshape(-1)
+                out.append(mats[2] @ y if len(mats) > 2 else y)
+            elif self.kind == "dense":
+                out.append(mats[0] @ G.reshape(-1))
+            else:
+                out.append(G.reshape(-1))
+        return torch.cat(out)
+
+
+def projected_values(rp: AdamWReplay, projection: tuple, draws: int = 4, factored: bool = False) -> np.ndarray:
+    """:func:`adjoint_values`' momentum-aware sampled-label sweep run in a projected space, as the
+    pipeline runs it: the validation gradient, the update rows P g and the curvature rows ĝ
+    (the same label draws) are projected by :class:`Projection`(*`projection`) and the adjoint
+    lives there,
+
+        r_s = c_s η_s a_{s+1} + β₁ r_{s+1}
+        a_s = α_s a_{s+1} − κ_s |B| (1/n) Σ_j Πĝ_j ⟨Π(P ĝ_j), r_s⟩
+        value(t, z) = κ_t ⟨Π(P_t g_z), r_t⟩
+
+    so the only difference from the full-space sweep with `captured` is the projection (and the
+    uncaptured parameters' part of the values, which "identity" shows alone)."""
+    proj = Projection(rp, *projection)
+    T, b1 = rp.num_steps, rp.beta1
+    states: list = []
+    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
+    fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
+    a = proj(dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values())))))
+    r = torch.zeros_like(a)
+    out = np.zeros((T, rp.batch(0)[1].shape[0]))
+    for t in range(T - 1, -1, -1):
+        rec = rp.records[t]
+        theta, P, kappa = states[t]
+        if factored:
+            P = factored_preconditioner(P, rp.eps)
+        b, _ = rp.batch(t)
+        B = b["input_ids"].shape[0]
+        c = (1 - b1) / (1 - b1 ** (t + 1))
+        r = c * rec.lr / B * a + b1 * r
+        p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
+        per = rp.per_sample(p, b)
+        for i in range(B):
+            g = dict(zip(p, torch.autograd.grad(per[i], list(p.values()), retain_graph=True)))
+            out[t, i] = kappa * float(proj({n: P[n] * x for n, x in g.items()}) @ r)
+        drawn = [dict(zip(p, g)) for g in sampled_rows(rp, p, b, t, draws)]
+        hv = torch.zeros_like(a)
+        for g in drawn:
+            hv += proj(g) * float(proj({n: P[n] * x for n, x in g.items()}) @ r) / len(drawn)
+        a = (1 - rec.lr * rp.wd) * a - kappa * B * hv
     return out
 
 
@@ -371,7 +470,19 @@ NAMED_ADJOINTS = (  # tens of Hessian-vector products or draws a step: computed 
              {"curvature": "sampled", "draws": 4, "captured": True, "factored": True}),
             ("recursion, sampled-label Fisher, 4 draws, captured layers, momentum-free K",
              {"curvature": "sampled", "draws": 4, "captured": True, "momentum_curvature": False}),
-            ("recursion, sampled-label Fisher, 16 draws", {"curvature": "sampled", "draws": 16}))
+            ("recursion, sampled-label Fisher, 16 draws", {"curvature": "sampled", "draws": 16}),
+            ("recursion, sampled-label Fisher, 4 draws, captured layers only, factored P",
+             {"projection": ("identity",), "factored": True}),
+            ("recursion, sampled-label Fisher, 4 draws, factored P, Kronecker projection r = 16",
+             {"projection": ("kronecker", 16), "factored": True}),
+            ("recursion, sampled-label Fisher, 4 draws, factored P, dense projection p = 256",
+             {"projection": ("dense", 256), "factored": True}),
+            ("recursion, sampled-label Fisher, 4 draws, factored P, Kronecker projection r = 64",
+             {"projection": ("kronecker", 64), "factored": True}),
+            ("recursion, sampled-label Fisher, 4 draws, factored P, Kronecker r = 64 then dense p = 256",
+             {"projection": ("kronecker", 64, 256), "factored": True}),
+            ("recursion, sampled-label Fisher, 4 draws, factored P, Kronecker r = 64 then dense p = 1024",
+             {"projection": ("kronecker", 64, 1024), "factored": True}))
 
 
 def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list[str] = True,
@@ -385,7 +496,8 @@ def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list
     metas = [n for n, _ in METAGRADIENTS] if metagradients is True else list(metagradients or [])
     wanted = [(n, lambda fr=dict(METAGRADIENTS)[n]: rp.exact_values(frozenset(fr))[0]) for n in metas]
     sweeps = [n for n, _ in ADJOINTS] if adjoints is True else list(adjoints or [])
-    wanted += [(n, lambda kw=dict(ADJOINTS + NAMED_ADJOINTS)[n]: adjoint_values(rp, **kw)) for n in sweeps]
+    wanted += [(n, lambda kw=dict(ADJOINTS + NAMED_ADJOINTS)[n]: projected_values(rp, **kw) if "projection" in kw
+                else adjoint_values(rp, **kw)) for n in sweeps]
     for name, compute in wanted:
         if name not in cols:
             cols[name] = compute()

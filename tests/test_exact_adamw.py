@@ -230,3 +230,24 @@ def test_factored_preconditioner_is_exact_on_a_rank_one_second_moment():
     skew = {"w": exact["w"].clone()}
     skew["w"][0, 0] *= 10
     assert not torch.allclose(factored_preconditioner(skew, eps)["w"], skew["w"], rtol=1e-3)
+
+
+def test_projected_sweep_without_a_projection_is_the_captured_full_space_sweep(adamw_run):
+    """The projected sweep (the pipeline's space) with the identity in place of the projection
+    is the full-space sampled sweep restricted to the captured layers, to rounding; a Kronecker
+    projection of the capture's form changes the values (the comparison can fail)."""
+    from exact_adamw import Projection, projected_values
+
+    rp = adamw_run
+    full = adjoint_values(rp, curvature="sampled", draws=2, captured=True, factored=True, only_captured=True)
+    same = projected_values(rp, ("identity",), draws=2, factored=True)
+    assert np.abs(full).max() > 0
+    np.testing.assert_allclose(same, full, rtol=1e-8, atol=1e-10 * np.abs(full).max())
+    kron = projected_values(rp, ("kronecker", 4), draws=2, factored=True)
+    assert not np.allclose(kron, full, rtol=1e-2)
+    # the Kronecker block is P_s G P_aᵀ of the capture's G = [∂W | ∂b] in (d_out × d_in + 1)
+    proj = Projection(rp, "kronecker", 4)
+    w, b, transpose, (ps, pa) = proj.blocks[0]
+    g = {n: torch.randn_like(x) for n, x in rp.initial.items()}
+    G = torch.cat([g[w].t() if transpose else g[w], g[b][:, None]], dim=1)
+    torch.testing.assert_close(proj(g)[:16], (ps @ G @ pa.t()).reshape(-1))
