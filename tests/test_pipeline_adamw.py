@@ -190,11 +190,9 @@ def test_adamw_per_source_mode_equals_the_core(trained, tmp_path):
 
 def test_momentum_curvature_segments_equal_the_core(trained, tmp_path):
     """embed.momentum_curvature: 3 segments (C, D and the carried rows on disk, full links in the
-    scan, the vector chain, both finalisations) equal the core's recursion on the recorded rows,
-    and so do the per-source sums of the forward scan; the values are not the momentum-free K's;
-    the run then refuses to be embedded with the other K."""
-    from tests.test_pipeline import assert_source_embeddings, source_sums
-
+    scan, the vector chain, the kept embeddings' finalisation) equal the core's recursion on the
+    recorded rows; the values are not the momentum-free K's; the run then refuses to be embedded
+    with the other K. (The forward scan of the sums with these links: the sampled test below.)"""
     cfg, base, result = trained
     on = cfg.with_overrides(**{"embed.momentum_curvature": True})
     run = copy_trained(base, tmp_path / "kept")
@@ -203,10 +201,6 @@ def test_momentum_curvature_segments_equal_the_core(trained, tmp_path):
     want = assert_equals_core(run, batches, emb)
     free = torch.cat(influence(core_adamw(run)[1], validation_gradient(run))).numpy()
     assert np.abs(want - free).max() > 1e-3 * np.abs(free).max()
-    sums = copy_trained(base, tmp_path / "sums")
-    embed_and_reduce(on.with_overrides(**{"embed.keep_sample_embeddings": False}), sums, result.num_steps,
-                     segments=3, progress=False)
-    assert_source_embeddings(sums, source_sums(batches, emb), rtol=1e-4)
     with pytest.raises(ConfigError, match="embed.momentum_curvature: true"):
         embed_and_reduce(cfg, run, result.num_steps, segments=3, progress=False)
     assert Run.open_uri(run.uri).manifest["momentum_curvature"] is True
@@ -215,7 +209,11 @@ def test_momentum_curvature_segments_equal_the_core(trained, tmp_path):
 def test_sampled_curvature_with_momentum_curvature_equals_the_core(local_ray, tmp_path):
     """capture.curvature "sampled" under AdamW (pseudo-gradient rows ĝ and their update rows P ĝ,
     two draws, two ranks) with embed.momentum_curvature, 3 segments: the segment actors' result
-    equals the core's on the same recorded rows, K's term (|B|/m) R Σ κ P ĝ ĝᵀ."""
+    equals the core's on the same recorded rows, K's term (|B|/m) R Σ κ P ĝ ĝᵀ: the final
+    embeddings and values, then the per-source sums of the forward scan (full links, the
+    carried rows summed past each segment's end) on a copy embedded without kept embeddings."""
+    from tests.test_pipeline import assert_source_embeddings, source_sums
+
     cfg = adamw_config(str(tmp_path), "sampled", preconditioner="lookahead", epochs=1)
     d = cfg.to_dict(redact=False)
     d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2)
@@ -231,6 +229,10 @@ def test_sampled_curvature_with_momentum_curvature_equals_the_core(local_ray, tm
                               curvature_updates=[{n: r.clip * x for n, x in c.grads.items()} for c, r in zip(cu, rs)],
                               batch_sizes=[len(r.sample_ids) for r in rs], momentum_curvature=True)
     assert_equals_core(run, batches, emb)
+    sums = copy_trained(run, tmp_path / "sums")
+    on = Config.from_dict(d).validate().with_overrides(**{"embed.keep_sample_embeddings": False})
+    embed_and_reduce(on, sums, len(rs), segments=3, progress=False)
+    assert_source_embeddings(sums, source_sums(batches, emb), rtol=1e-4)
 
 
 def test_guard_measures_the_preconditioned_curvature(trained):
