@@ -109,6 +109,26 @@ class AdamWReplay(Replay):
         return (float(self.val_loss(self.unroll(w, anchor=False))) - base) / eps
 
 
+def backward_steps(rp: AdamWReplay, factored: bool = False):
+    """(the validation loss's gradient at the final weights, every step's (θ_t, P_t, κ_t), the
+    steps from the last back): each (t, its record, θ_t, P_t (the capture's factored one with `factored`), κ_t, its batch,
+    |B|, the bias-corrected momentum factor (1 − β₁)/(1 − β₁^(t+1))), as a backward sweep reads
+    them; the trajectory replayed once, every step's state kept."""
+    T, b1 = rp.num_steps, rp.beta1
+    states: list = []
+    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
+    fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
+    grad = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
+
+    def steps():
+        for t in range(T - 1, -1, -1):
+            theta, P, kappa = states[t]
+            b, _ = rp.batch(t)
+            yield (t, rp.records[t], theta, factored_preconditioner(P, rp.eps) if factored else P, kappa, b,
+                   b["input_ids"].shape[0], (1 - b1) / (1 - b1 ** (t + 1)))
+    return grad, states, steps()
+
+
 def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvature: bool = True,
                    top: int = 16, refresh: int = 1, blocks: bool = False, captured: bool = False,
                    draws: int = 1, tokens: bool = False, factored: bool = False,
@@ -145,25 +165,15 @@ def adjoint_values(rp: AdamWReplay, curvature: str = "hessian", momentum_curvatu
     `only_captured` (with `captured`) starts the adjoint from the captured parameters' part of the
     validation gradient alone, so the values are theirs, as a projection of the captured layers
     sees them (:func:`projected_values`)."""
-    T, b1 = rp.num_steps, rp.beta1
-    states: list = []
-    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
-    fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
-    a = dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values()))))
+    b1 = rp.beta1
+    a, states, steps = backward_steps(rp, factored)
     r = {n: torch.zeros_like(x) for n, x in a.items()}
-    out = np.zeros((T, rp.batch(0)[1].shape[0]))
+    out = np.zeros((rp.num_steps, rp.batch(0)[1].shape[0]))
     keep = captured_parameters(rp) if captured else set(a)  # where K has curvature
     if only_captured:  # the rest of the adjoint then stays zero: K has no curvature there
         a = {n: x if n in keep else torch.zeros_like(x) for n, x in a.items()}
     refreshed, pairs, basis = None, None, None  # the top curvature's last refresh step, (λ, rows), basis
-    for t in range(T - 1, -1, -1):
-        rec = rp.records[t]
-        theta, P, kappa = states[t]
-        if factored:
-            P = factored_preconditioner(P, rp.eps)
-        b, _ = rp.batch(t)
-        B = b["input_ids"].shape[0]
-        c = (1 - b1) / (1 - b1 ** (t + 1))
+    for t, rec, theta, P, kappa, b, B, c in steps:
         r = {n: c * rec.lr / B * a[n] + b1 * r[n] for n in a}
         p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
         per = rp.per_sample(p, b)
@@ -271,21 +281,12 @@ def projected_values(rp: AdamWReplay, projection: tuple, draws: int = 4, factore
     so the only difference from the full-space sweep with `captured` is the projection (and the
     uncaptured parameters' part of the values, which "identity" shows alone)."""
     proj = Projection(rp, *projection)
-    T, b1 = rp.num_steps, rp.beta1
-    states: list = []
-    params = rp.unroll(torch.ones(T, rp.batch(0)[1].shape[0], dtype=torch.float64), trace=states)
-    fin = {n: x.clone().requires_grad_(True) for n, x in params.items()}
-    a = proj(dict(zip(fin, torch.autograd.grad(rp.val_loss(fin), list(fin.values())))))
+    b1 = rp.beta1
+    grad, _, steps = backward_steps(rp, factored)
+    a = proj(grad)
     r = torch.zeros_like(a)
-    out = np.zeros((T, rp.batch(0)[1].shape[0]))
-    for t in range(T - 1, -1, -1):
-        rec = rp.records[t]
-        theta, P, kappa = states[t]
-        if factored:
-            P = factored_preconditioner(P, rp.eps)
-        b, _ = rp.batch(t)
-        B = b["input_ids"].shape[0]
-        c = (1 - b1) / (1 - b1 ** (t + 1))
+    out = np.zeros((rp.num_steps, rp.batch(0)[1].shape[0]))
+    for t, rec, theta, P, kappa, b, B, c in steps:
         r = c * rec.lr / B * a + b1 * r
         p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
         per = rp.per_sample(p, b)
