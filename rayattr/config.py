@@ -165,6 +165,11 @@ class CaptureConfig:
     """Projection seed: the same matrices are regenerated at query time."""
     kind: str = "gaussian"
     """"gaussian" or "rademacher" projections."""
+    mix: int | None = None
+    """A dense random projection after the Kronecker one, from its rank² numbers per layer to
+    `mix` (then p = mix): more accurate inner products at the same p, for the Kronecker one's
+    cost (docs/method.md §5, §9). Needs embed.error_blocks: 1 (the blocks would share the
+    Kronecker stage's error)."""
     layers: list[str] | None = None
     """fnmatch patterns of module names to capture (None = every Linear/Conv1D)."""
     curvature: str = "empirical"
@@ -299,7 +304,7 @@ class Config:
     def validate(self) -> "Config":
         t, c = self.train, self.capture
         for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
-                    "capture.rank", "capture.precondition_every", "capture.v_response_rank", "store.steps_per_shard",
+                    "capture.rank", "capture.mix", "capture.precondition_every", "capture.v_response_rank", "store.steps_per_shard",
                     "data.seq_len", "embed.phases",
                     "embed.segments", "embed.error_blocks", "model.n_layer", "model.n_embd", "model.n_head",
                     "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
@@ -339,6 +344,10 @@ class Config:
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
         q = self.embed.error_blocks
+        if q > 1 and c.mix is not None:
+            raise ConfigError(f"capture.mix {c.mix} with embed.error_blocks {q}: the blocks of a mixed projection "
+                              "share its Kronecker stage's error, so their spread would understate it; set "
+                              "embed.error_blocks: 1 (no standard errors)")
         if q > 1 and c.rank % q:
             raise ConfigError(f"capture.rank {c.rank} is not divisible by embed.error_blocks {q}: the standard "
                               f"errors need the projection cut into {q}×{q} blocks; choose a rank divisible by "

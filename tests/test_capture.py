@@ -16,6 +16,7 @@ from rayattr.capture import (
     GradientCapture,
     ProjectionSpec,
     per_sample_loss,
+    mixing_matrix,
     projection_matrices,
     sample_labels,
     sampled_label_losses,
@@ -81,9 +82,11 @@ def reference_grads(model, x, y, weights=None):
 
 
 def project(spec, name, g):
-    """P_s G P_a^T flattened, from an exact (B, d_out, d_in_aug) gradient."""
+    """P_s G P_a^T flattened, from an exact (B, d_out, d_in_aug) gradient; then M · that, the
+    dense second stage, when the spec has one (mix)."""
     p_a, p_s = projection_matrices(spec, name, g.shape[2], g.shape[1])
-    return torch.einsum("ro,boi,qi->brq", p_s.double(), g, p_a.double()).reshape(g.shape[0], -1)
+    rows = torch.einsum("ro,boi,qi->brq", p_s.double(), g, p_a.double()).reshape(g.shape[0], -1)
+    return rows if spec.mix is None else rows @ mixing_matrix(spec, name).double().T
 
 
 def make_data(batch=4, seq=6, seed=0, dtype=torch.float64):
@@ -123,19 +126,23 @@ def test_exact_matches_torch_func(seq, mix):
         assert_close(g, ref[name].reshape(4, -1))
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
-def test_projected_is_projection_of_exact(kind):
+@pytest.mark.parametrize("kind, mix", [("gaussian", None), ("rademacher", None), ("gaussian", 4), ("rademacher", 9)])
+def test_projected_is_projection_of_exact(kind, mix):
     model = make_model(mix=True)
     x, y = make_data()
-    spec = ProjectionSpec(rank=3, seed=7, kind=kind, rank_out=2)
+    spec = ProjectionSpec(rank=3, seed=7, kind=kind, rank_out=2, mix=mix)
     ref = reference_grads(model, x, y)
     cap = GradientCapture(model, projection=spec)
-    assert cap.layer_dims() == {"fc1": 6, "conv": 6, "head": 6}
+    p = mix or 6
+    assert cap.layer_dims() == {"fc1": p, "conv": p, "head": p}
     with cap:
         sample_losses(model, x, y).sum().backward()
     for name, g in cap.gradients().items():
-        assert g.shape == (4, 6)
+        assert g.shape == (4, p)
         assert_close(g, project(spec, name, ref[name]))
+    if mix is not None:  # the dense stage is there: not the Kronecker rows alone
+        plain = project(ProjectionSpec(rank=3, seed=7, kind=kind, rank_out=2), "fc1", ref["fc1"])
+        assert plain.shape != g.shape or not torch.allclose(plain, cap.gradients()["fc1"])
 
 
 def test_padding_mask_removes_padded_tokens():
@@ -377,7 +384,15 @@ def test_projection_matrices_are_regenerable_and_scaled():
 
 def test_projection_spec_validation():
     assert ProjectionSpec(rank=8, rank_in=4).dim == 32
-    for bad in [dict(rank=0), dict(kind="sparse"), dict(rank=4, rank_out=-1), dict(seed="a")]:
+    mixed = ProjectionSpec(rank=8, mix=20)
+    assert mixed.dim == 20 and ProjectionSpec.from_dict(mixed.to_dict()) == mixed
+    m = mixing_matrix(mixed, "layer")
+    assert m.shape == (20, 64) and torch.equal(m, mixing_matrix(ProjectionSpec.from_dict(mixed.to_dict()), "layer"))
+    assert not torch.equal(m, mixing_matrix(mixed, "other"))
+    with pytest.raises(ValueError, match="mix"):
+        mixing_matrix(ProjectionSpec(rank=8), "layer")
+    for bad in [dict(rank=0), dict(kind="sparse"), dict(rank=4, rank_out=-1), dict(seed="a"), dict(mix=0),
+                dict(mix=True)]:
         with pytest.raises(ValueError):
             ProjectionSpec(**bad)
     with pytest.raises(ValueError, match="unknown"):

@@ -42,12 +42,12 @@ def brute_factored(v_hat, eps):
     return torch.tensor([[total ** 0.5 / (r[i] ** 0.5 * c[j] ** 0.5) for j in range(d_in)] for i in range(d_out)], dtype=F64)
 
 
-@pytest.mark.parametrize("seq", [0, 6], ids=["no-seq", "seq"])
-def test_projected_update_rows_are_the_projection_of_factored_P_times_G(seq):
+@pytest.mark.parametrize("seq, mix", [(0, None), (6, None), (6, 5)], ids=["no-seq", "seq", "seq-mixed"])
+def test_projected_update_rows_are_the_projection_of_factored_P_times_G(seq, mix):
     model = make_model(mix=True)
     x, y = make_data(seq=seq)
     pre = random_preconditioners(model)
-    spec = ProjectionSpec(rank=3, seed=7, rank_out=2)
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2, mix=mix)
     ref = reference_grads(model, x, y)
     cap = GradientCapture(model, projection=spec, preconditioner=pre)
     with cap:
@@ -57,7 +57,7 @@ def test_projected_update_rows_are_the_projection_of_factored_P_times_G(seq):
         P = pre[name].rho[:, None] * pre[name].gamma[None, :]
         torch.testing.assert_close(grads[name], project(spec, name, G), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(updates[name], project(spec, name, P * G), rtol=1e-10, atol=1e-12)
-    assert cap.updates()["fc1"].shape == (0, 6)  # pop_rows reset
+    assert cap.updates()["fc1"].shape == (0, spec.dim)  # pop_rows reset
 
 
 def test_exact_mode_uses_the_full_diagonal():
@@ -141,14 +141,14 @@ def test_bad_preconditioners_are_clear_errors():
         adam_preconditioner(torch.ones(2, 2), step=0)
 
 
-@pytest.mark.parametrize("seq", [0, 6], ids=["no-seq", "seq"])
-def test_deferred_update_rows_equal_the_brute_force_with_the_later_preconditioner(seq):
+@pytest.mark.parametrize("seq, mix", [(0, None), (6, None), (6, 5)], ids=["no-seq", "seq", "seq-mixed"])
+def test_deferred_update_rows_equal_the_brute_force_with_the_later_preconditioner(seq, mix):
     """defer_updates: the factors wait, and finish_updates(P) forms P ⊙ G's projection with a P
     given only after the backward; a reused layer's two calls add up as the gradient does."""
     model = make_model(mix=True)
     x, y = make_data(seq=seq)
     pre = random_preconditioners(model, seed=4)
-    spec = ProjectionSpec(rank=3, seed=7, rank_out=2)
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2, mix=mix)
     ref = reference_grads(model, x, y)
     cap = GradientCapture(model, projection=spec, defer_updates=True)
     with cap:

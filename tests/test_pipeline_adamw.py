@@ -211,17 +211,20 @@ def test_sampled_curvature_with_momentum_curvature_equals_the_core(local_ray, tm
     two draws, two ranks) with embed.momentum_curvature, 3 segments: the segment actors' result
     equals the core's on the same recorded rows, K's term (|B|/m) R Σ κ P ĝ ĝᵀ: the final
     embeddings and values, then the per-source sums of the forward scan (full links, the
-    carried rows summed past each segment's end) on a copy embedded without kept embeddings."""
+    carried rows summed past each segment's end) on a copy embedded without kept embeddings.
+    The projection has its dense second stage (capture.mix, 16 → 8 numbers a layer), which every
+    kind of row and the validation gradient pass through alike (its rows: test_capture.py)."""
     from tests.test_pipeline import assert_source_embeddings, source_sums
 
     cfg = adamw_config(str(tmp_path), "sampled", preconditioner="lookahead", epochs=1)
     d = cfg.to_dict(redact=False)
-    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2)
-    d["embed"].update(segments=3, momentum_curvature=True)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2, mix=8)
+    d["embed"].update(segments=3, momentum_curvature=True, error_blocks=1)
     run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
     curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
     cu = GradientReader(run, kind="curvature_update").read_steps(0, None, dtype=torch.float64)
     assert [c.step for c in cu] == [c.step for c in curv] and all(len(c) == 16 for c in cu)
+    assert run.manifest["projection"]["mix"] == 8 and set(run.manifest["layer_dims"].values()) == {8}
     name = next(iter(curv[0].grads))
     assert not torch.allclose(cu[-1].grads[name], curv[-1].grads[name])  # P ≠ I
     rs = [r for r in run.step_records()]

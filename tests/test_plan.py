@@ -38,7 +38,7 @@ def tree_bytes(path: str) -> int:
 
 
 @pytest.mark.parametrize("over", [{}, {"model.family": "llama"}, {"capture.rank": 4},
-                                  {"capture.layers": ["*mlp*"]}])
+                                  {"capture.layers": ["*mlp*"]}, {"capture.mix": 64, "embed.error_blocks": 1}])
 def test_layer_dims_equal_the_capture_on_the_real_model(over):
     cfg = small(**over)
     plan = estimate(cfg)

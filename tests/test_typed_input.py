@@ -45,6 +45,17 @@ def test_error_blocks_must_divide_the_rank():
     config(capture={"rank": 15}, embed={"error_blocks": 3}).validate()
 
 
+def test_a_mixed_projection_needs_no_error_blocks():
+    with pytest.raises(ConfigError, match=r"capture.mix 64 with embed.error_blocks 2: .*embed.error_blocks: 1"):
+        config(capture={"mix": 64}).validate()
+    cfg = config(capture={"mix": 64}, embed={"error_blocks": 1}).validate()
+    from rayattr.record import projection_spec
+
+    assert projection_spec(cfg).dim == 64
+    with pytest.raises(ConfigError, match="capture.mix must be >= 1"):
+        config(capture={"mix": 0}, embed={"error_blocks": 1}).validate()
+
+
 def test_zero_stage_3_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"stage 3 \(ZeRO-3\) is not supported"):
         config(train={"deepspeed": {"zero_optimization": {"stage": 3}}}).validate()

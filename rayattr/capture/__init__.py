@@ -21,7 +21,7 @@ from .precondition import (
     response_factors,
     second_moment_response,
 )
-from .projection import ProjectionSpec, projection_matrices
+from .projection import ProjectionSpec, mixing_matrix, projection_matrices
 from .pseudo import sample_labels, sampled_label_losses
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "response_factors",
     "second_moment_response",
     "per_sample_loss",
+    "mixing_matrix",
     "projection_matrices",
     "sample_labels",
     "sampled_label_losses",

@@ -30,7 +30,7 @@ from . import kernels
 from .background import BackgroundWorker
 from .layers import LayerInfo, layer_info, select_layers
 from .precondition import Preconditioner, Response
-from .projection import ProjectionSpec, projection_matrices
+from .projection import ProjectionSpec, mixing_matrix, projection_matrices
 
 
 class _Layer:
@@ -45,6 +45,7 @@ class _Layer:
         self.handle = None
         self.preconditioner: Preconditioner | None = None
         self._update_cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
+        self._mix_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def dim(self) -> int:
@@ -65,6 +66,17 @@ class _Layer:
             cached = (p_a[:, :d].contiguous(), bias_col, p_s.contiguous())
             self._cache[key] = cached
         return cached
+
+    def mixed(self, rows: torch.Tensor) -> torch.Tensor:
+        """Projected rows (B, r_s·r_a) through the projection's dense second stage, when it has
+        one (ProjectionSpec.mix): (B, mix). Linear, so it commutes with every sum over calls."""
+        if self.spec is None or self.spec.mix is None:
+            return rows
+        key = (rows.device, rows.dtype)
+        m = self._mix_cache.get(key)
+        if m is None:
+            m = self._mix_cache[key] = mixing_matrix(self.spec, self.info.name).to(device=rows.device, dtype=rows.dtype)
+        return rows @ m.T
 
     def set_preconditioner(self, pre: Preconditioner | None) -> None:
         if pre is not None:
@@ -362,7 +374,7 @@ class GradientCapture:
                 scaled[key] = kernels.scale_projections(*d.layer.matrices(d.a.device, d.compute_dtype), pre.rho,
                                                         pre.gamma)
             u = kernels.update_row(d.a, d.ds, d.mask, scaled[key], d.out_dtype, d.scale)
-            self._store(self._update_rows, info, d.micro, u)
+            self._store(self._update_rows, info, d.micro, d.layer.mixed(u))
 
     def _form_responses(self, deferred: list[_Deferred], response: dict[str, Response]) -> None:
         """y = M ⊙ G per deferred call: on the formed row in exact mode, else Σ_k of the update
@@ -390,7 +402,7 @@ class GradientCapture:
                 part = kernels.update_row(d.a, d.ds, d.mask, kernels.scale_projections(*matrices, xk, yk),
                                           d.out_dtype, d.scale)
                 y = part if y is None else y + part
-            self._store(self._response_rows, info, d.micro, y)
+            self._store(self._response_rows, info, d.micro, d.layer.mixed(y))
 
     def deferred_bytes(self) -> int:
         """Bytes held by the factors of deferred update rows (what deferring costs now)."""
@@ -534,9 +546,9 @@ class GradientCapture:
         pending.a_factor = pending.update = pending.deferred_a = None
         if pending.generation != self._generation:
             return  # reset while this was queued
-        self._store(self._rows, info, pending.micro, g)
+        self._store(self._rows, info, pending.micro, layer.mixed(g))
         if u is not None:
-            self._store(self._update_rows, info, pending.micro, u)
+            self._store(self._update_rows, info, pending.micro, layer.mixed(u))
         if deferred:
             self._deferred.append(deferred)
 

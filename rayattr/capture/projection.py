@@ -32,11 +32,16 @@ class ProjectionSpec:
     """Override for r_a, the rank of the activation (input) side."""
     rank_out: int | None = None
     """Override for r_s, the rank of the output-gradient side."""
+    mix: int | None = None
+    """Follow the Kronecker projection with a dense random one of its r_s·r_a numbers to `mix`
+    (p = mix per layer): a Kronecker projection errs by about 1/√r where one side's factors are
+    aligned across samples, a dense one by 1/√p (docs/method.md §5); the dense step acts on the
+    r_s·r_a numbers, not on the layer's d_out·d_in."""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"ProjectionSpec.kind must be one of {_KINDS}, got {self.kind!r}")
-        for field in ("rank", "rank_in", "rank_out"):
+        for field in ("rank", "rank_in", "rank_out", "mix"):
             value = getattr(self, field)
             if value is None and field != "rank":
                 continue
@@ -57,8 +62,8 @@ class ProjectionSpec:
 
     @property
     def dim(self) -> int:
-        """Projected gradient size per layer, p = r_s * r_a."""
-        return self.r_in * self.r_out
+        """Projected gradient size per layer: p = r_s * r_a, or `mix`."""
+        return self.mix if self.mix is not None else self.r_in * self.r_out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict for run manifests."""
@@ -105,3 +110,12 @@ def projection_matrices(
     p_a = random_matrix(spec.kind, spec.r_in, d_in_aug, stable_seed(spec.seed, name, "in", d_in_aug, spec.r_in))
     p_s = random_matrix(spec.kind, spec.r_out, d_out, stable_seed(spec.seed, name, "out", d_out, spec.r_out))
     return p_a, p_s
+
+
+def mixing_matrix(spec: ProjectionSpec, name: str) -> torch.Tensor:
+    """The dense second stage of layer `name`'s projection, (mix x r_s·r_a), float32 on CPU,
+    entries as `random_matrix` draws them, so that E[MᵀM] = I."""
+    if spec.mix is None:
+        raise ValueError("mixing_matrix needs a ProjectionSpec with mix set")
+    width = spec.r_in * spec.r_out
+    return random_matrix(spec.kind, spec.mix, width, stable_seed(spec.seed, name, "mix", width, spec.mix))

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from rayattr.capture import ProjectionSpec
+from rayattr.record import projection_spec
 from rayattr.config import Config, ConfigError
 from rayattr.data import run_data
 from rayattr.data.run_data import PreparedData
@@ -74,8 +74,7 @@ def create_run(cfg: Config) -> Run:
     """The empty run in the store whose manifest holds the full, replayable config: start_run's
     step after the data is checked (benches call it to skip the data stage's checks)."""
     options = StoreOptions(storage_options=cfg.store.storage_options)
-    spec = ProjectionSpec(rank=cfg.capture.rank, seed=cfg.capture.seed, kind=cfg.capture.kind)
-    manifest = {"config": cfg.to_dict(), "projection": spec.to_dict(), "world_size": cfg.train.ranks,
+    manifest = {"config": cfg.to_dict(), "projection": projection_spec(cfg).to_dict(), "world_size": cfg.train.ranks,
                 "model": {"family": cfg.model.family, "factory": cfg.model.factory},
                 "model_family": cfg.model.factory or cfg.model.family}
     return Run.create(cfg.store.uri, cfg.run_id or new_run_id(), manifest, options=options)

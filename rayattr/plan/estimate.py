@@ -403,7 +403,9 @@ def memory_terms(cfg: Config, plan: Plan, *, kinds: int, wide: int, kfac: float,
     rows_rank = t.micro_batch * t.grad_accum
     steps_seg = math.ceil(steps / n_seg)
     spr = cfg.store.steps_per_shard
-    proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) for lay in plan.layers) * 4
+    # the Kronecker factors, and the dense second stage (mix x rank²) where there is one
+    proj = sum(c.rank * (lay.d_in + int(lay.has_bias) + lay.d_out) + (c.mix or 0) * c.rank ** 2
+               for lay in plan.layers) * 4
     shard_cap = kinds * min(spr * rows_rank * P * gb, MAX_BUFFER_BYTES)
     entry = _PY_ENTRY_BYTES + _PY_PART_BYTES * spr
     phases = min(cfg.embed.phases, steps)

@@ -51,7 +51,7 @@ RECORDED = "recorded"  # manifest status of a run whose training is recorded, no
 
 def projection_spec(cfg: Config) -> ProjectionSpec:
     c = cfg.capture
-    return ProjectionSpec(rank=c.rank, seed=c.seed, kind=c.kind)
+    return ProjectionSpec(rank=c.rank, seed=c.seed, kind=c.kind, mix=c.mix)
 
 
 def state_dict_bytes(module: torch.nn.Module) -> bytes:
