@@ -59,15 +59,16 @@ def test_exact_rows_are_M_times_G(seq):
                                    rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("seq", [0, 6], ids=["no-seq", "seq"])
-def test_projected_rows_are_the_projection_of_M_times_G(seq):
+@pytest.mark.parametrize("seq, mix", [(0, None), (6, None), (6, 5)], ids=["no-seq", "seq", "seq-mixed"])
+def test_projected_rows_are_the_projection_of_M_times_G(seq, mix):
     """Full rank: Π(M ⊙ G) exactly; rank 1: Π(M₁ ⊙ G) with M₁ the leading singular pair. The
-    update rows from the same kept factors are unchanged by forming the responses first."""
+    update rows from the same kept factors are unchanged by forming the responses first. With
+    capture.mix, Π includes the dense second stage, applied once to the sum over k."""
     model = make_model(mix=True)
     x, y = make_data(seq=seq)
     M = random_responses(model, seed=3)
     pre = random_preconditioners(model, seed=4)
-    spec = ProjectionSpec(rank=3, seed=7, rank_out=2)
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2, mix=mix)
     ref = reference_grads(model, x, y)
     for rank in (1, 100):
         cap = captured(model, x, y, spec)
