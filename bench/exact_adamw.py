@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rayattr.capture import sampled_label_losses, select_layers, token_counts  # noqa: E402
+from rayattr.capture.layers import layer_info  # noqa: E402
 from rayattr.capture.precondition import factor_second_moment  # noqa: E402
 from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
@@ -233,13 +234,12 @@ class Projection:
         names = {id(p): n for n, p in rp.model.named_parameters()}
         gen = torch.Generator().manual_seed(seed)
         self.kind, self.blocks = kind, []
-        for module in select_layers(rp.model, rp.cfg.capture.layers).values():
+        for name, module in select_layers(rp.model, rp.cfg.capture.layers).items():
+            info = layer_info(name, module)  # the capture's shapes, the bias counted as an input column
             w = names[id(module.weight)]
-            bias = getattr(module, "bias", None)
-            b = names[id(bias)] if bias is not None else None
+            b = names[id(module.bias)] if info.has_bias else None
             transpose = not isinstance(module, torch.nn.Linear)  # Conv1D keeps (d_in × d_out)
-            d_out, d_in = module.weight.shape[::-1] if transpose else module.weight.shape
-            d_in += b is not None
+            d_out, d_in = info.d_out, info.d_in_aug
             if kind == "kronecker":
                 mats = (torch.randn(size, d_out, generator=gen, dtype=torch.float64) / size ** 0.5,
                         torch.randn(size, d_in, generator=gen, dtype=torch.float64) / size ** 0.5)
