@@ -268,7 +268,8 @@ class Projection:
         return torch.cat(out)
 
 
-def projected_values(rp: AdamWReplay, projection: tuple, draws: int = 4, factored: bool = False) -> np.ndarray:
+def projected_values(rp: AdamWReplay, projection: tuple, draws: int = 4, factored: bool = False,
+                     draw_seed: int = 0) -> np.ndarray:
     """:func:`adjoint_values`' momentum-aware sampled-label sweep run in a projected space, as the
     pipeline runs it: the validation gradient, the update rows P g and the curvature rows ĝ
     (the same label draws) are projected by :class:`Projection`(*`projection`) and the adjoint
@@ -280,25 +281,38 @@ def projected_values(rp: AdamWReplay, projection: tuple, draws: int = 4, factore
 
     so the only difference from the full-space sweep with `captured` is the projection (and the
     uncaptured parameters' part of the values, which "identity" shows alone)."""
-    proj = Projection(rp, *projection)
+    return projected_sweeps(rp, [projection], draws, factored, draw_seed)[0]
+
+
+def projected_sweeps(rp: AdamWReplay, projections: list[tuple], draws: int = 4, factored: bool = False,
+                     draw_seed: int = 0) -> list[np.ndarray]:
+    """:func:`projected_values` for several projections at once: one adjoint per projection over
+    the same per-sample gradients and label draws, which cost the sweep almost all its time, so
+    the spread over projection seeds costs one sweep. `draw_seed` picks another set of label
+    draws (:func:`sampled_rows`), for the spread over draws."""
+    projs = [Projection(rp, *projection) for projection in projections]
     b1 = rp.beta1
     grad, _, steps = backward_steps(rp, factored)
-    a = proj(grad)
-    r = torch.zeros_like(a)
-    out = np.zeros((rp.num_steps, rp.batch(0)[1].shape[0]))
+    adj = [proj(grad) for proj in projs]
+    mom = [torch.zeros_like(a) for a in adj]
+    outs = [np.zeros((rp.num_steps, rp.batch(0)[1].shape[0])) for _ in projs]
     for t, rec, theta, P, kappa, b, B, c in steps:
-        r = c * rec.lr / B * a + b1 * r
+        mom = [c * rec.lr / B * a + b1 * r for a, r in zip(adj, mom)]
         p = {n: x.clone().requires_grad_(True) for n, x in theta.items()}
         per = rp.per_sample(p, b)
         for i in range(B):
             g = dict(zip(p, torch.autograd.grad(per[i], list(p.values()), retain_graph=True)))
-            out[t, i] = kappa * float(proj({n: P[n] * x for n, x in g.items()}) @ r)
-        drawn = [dict(zip(p, g)) for g in sampled_rows(rp, p, b, t, draws)]
-        hv = torch.zeros_like(a)
+            pg = {n: P[n] * x for n, x in g.items()}
+            for proj, r, out in zip(projs, mom, outs):
+                out[t, i] = kappa * float(proj(pg) @ r)
+        drawn = [dict(zip(p, g)) for g in sampled_rows(rp, p, b, t, draws, draw_seed)]
+        hv = [torch.zeros_like(a) for a in adj]
         for g in drawn:
-            hv += proj(g) * float(proj({n: P[n] * x for n, x in g.items()}) @ r) / len(drawn)
-        a = (1 - rec.lr * rp.wd) * a - kappa * B * hv
-    return out
+            pg = {n: P[n] * x for n, x in g.items()}
+            for proj, r, h in zip(projs, mom, hv):
+                h += proj(g) * float(proj(pg) @ r) / len(drawn)
+        adj = [(1 - rec.lr * rp.wd) * a - kappa * B * h for a, h in zip(adj, hv)]
+    return outs
 
 
 def factored_preconditioner(P: dict, eps: float) -> dict:
@@ -390,11 +404,12 @@ def low_rank_product(pairs: tuple, x: dict, blocks: bool) -> dict:
     return out
 
 
-def sampled_rows(rp: AdamWReplay, p: dict, b: dict, step: int, draws: int = 1) -> list:
+def sampled_rows(rp: AdamWReplay, p: dict, b: dict, step: int, draws: int = 1, draw_seed: int = 0) -> list:
     """Sampled-label pseudo-gradients of every sample at `p`, `draws` label draws each (seeded
-    by the step), from the product's own pseudo-loss: (1/len) Σ ĝ ĝᵀ over them estimates the
+    by the step, and by `draw_seed` when it is not 0), from the product's own pseudo-loss: (1/len) Σ ĝ ĝᵀ over them estimates the
     batch mean loss's Gauss–Newton matrix without bias (docs/method.md §3)."""
-    gen = torch.Generator().manual_seed(step)
+    # torch's CPU generator keeps a seed's low 32 bits only: the draw seed must move those
+    gen = torch.Generator().manual_seed(draw_seed * 1_000_003 + step)  # draw_seed 0: the step alone
     logits = logits_of(lambda **inputs: functional_call(rp.model, p, (), inputs),
                        b["input_ids"], b["attention_mask"])[:, :-1]
     rows = []

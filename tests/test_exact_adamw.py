@@ -236,7 +236,7 @@ def test_projected_sweep_without_a_projection_is_the_captured_full_space_sweep(a
     """The projected sweep (the pipeline's space) with the identity in place of the projection
     is the full-space sampled sweep restricted to the captured layers, to rounding; a Kronecker
     projection of the capture's form changes the values (the comparison can fail)."""
-    from exact_adamw import Projection, projected_values
+    from exact_adamw import Projection, projected_sweeps, projected_values
 
     rp = adamw_run
     full = adjoint_values(rp, curvature="sampled", draws=2, captured=True, factored=True, only_captured=True)
@@ -245,6 +245,12 @@ def test_projected_sweep_without_a_projection_is_the_captured_full_space_sweep(a
     np.testing.assert_allclose(same, full, rtol=1e-8, atol=1e-10 * np.abs(full).max())
     kron = projected_values(rp, ("kronecker", 4), draws=2, factored=True)
     assert not np.allclose(kron, full, rtol=1e-2)
+    # several projections in one sweep are each one's own sweep; other label draws move the values
+    both = projected_sweeps(rp, [("identity",), ("kronecker", 4)], draws=2, factored=True)
+    np.testing.assert_allclose(both[0], same, rtol=1e-12, atol=1e-14 * np.abs(full).max())
+    np.testing.assert_allclose(both[1], kron, rtol=1e-12, atol=1e-14 * np.abs(full).max())
+    redrawn = projected_values(rp, ("identity",), draws=2, factored=True, draw_seed=1)
+    assert not np.allclose(redrawn, same, rtol=1e-3, atol=0)
     # the Kronecker block is P_s G P_aᵀ of the capture's G = [∂W | ∂b] in (d_out × d_in + 1)
     proj = Projection(rp, "kronecker", 4)
     w, b, transpose, (ps, pa) = proj.blocks[0]
