@@ -80,7 +80,8 @@ class ProjectionSpec:
 
 
 def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from a sha256 of the parts (Python's hash() is salted per process)."""
+    """A 63-bit seed from a sha256 of the parts (Python's hash() is salted per process). torch's
+    CPU generator keeps only its low 32 bits, which sha256 mixes as well as the rest."""
     payload = json.dumps([str(p) for p in parts]).encode()
     return int.from_bytes(hashlib.sha256(payload).digest()[:8], "little") & ((1 << 63) - 1)
 
