@@ -406,8 +406,9 @@ def low_rank_product(pairs: tuple, x: dict, blocks: bool) -> dict:
 
 def sampled_rows(rp: AdamWReplay, p: dict, b: dict, step: int, draws: int = 1, draw_seed: int = 0) -> list:
     """Sampled-label pseudo-gradients of every sample at `p`, `draws` label draws each (seeded
-    by the step, and by `draw_seed` when it is not 0), from the product's own pseudo-loss: (1/len) Σ ĝ ĝᵀ over them estimates the
-    batch mean loss's Gauss–Newton matrix without bias (docs/method.md §3)."""
+    by the step, and by `draw_seed` when it is not 0), from the product's own pseudo-loss:
+    (1/len) Σ ĝ ĝᵀ over them estimates the batch mean loss's Gauss–Newton matrix without bias
+    (docs/method.md §3)."""
     # torch's CPU generator keeps a seed's low 32 bits only: the draw seed must move those
     gen = torch.Generator().manual_seed(draw_seed * 1_000_003 + step)  # draw_seed 0: the step alone
     logits = logits_of(lambda **inputs: functional_call(rp.model, p, (), inputs),
