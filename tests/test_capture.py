@@ -4,6 +4,7 @@ or one backward per sample)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -469,3 +470,25 @@ def test_sampled_label_gradients_of_a_mean_loss_estimate_its_gauss_newton():
     p = torch.softmax(z[0], -1)
     ggn = torch.block_diag(*[(torch.diag(p[t]) - torch.outer(p[t], p[t])) * mask[0, t] / 4 for t in range(5)])
     assert (g.T @ g / n - ggn).abs().max() < 0.1 * ggn.abs().max()
+
+
+def test_label_seeds_differ_by_micro_batch_and_capture_seed_and_survive_the_process():
+    """Every micro-batch of a step, and every capture seed, draws its own labels (one seed for
+    two micro-batches would correlate their samples' labels; a run recorded at another capture
+    seed must be an independent estimate); capture seed 0's first micro-batch keeps the seed
+    earlier runs were recorded with; and the seed does not depend on the process's hash salt."""
+    import itertools
+    import subprocess
+    import sys
+
+    from rayattr.capture.pseudo import label_seed
+
+    grid = list(itertools.product([0, 3], [0, 1, 2], [0, 5, 9], [0, 1], [0, 1, 2]))  # train, capture, step, rank, micro
+    seeds = [label_seed(*key) for key in grid]
+    assert len(set(seeds)) == len(grid) and all(0 <= x < 2**31 for x in seeds)
+    assert label_seed(3, 0, 9, 1) == hash((3, 9, 1)) % 2**31
+    code = "from rayattr.capture.pseudo import label_seed; print([label_seed(*k) for k in %r])" % (grid,)
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": salt})
+        assert out.stdout.strip() == str(seeds)

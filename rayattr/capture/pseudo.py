@@ -9,6 +9,20 @@ from __future__ import annotations
 import torch
 
 from .losses import per_sample_loss, token_counts
+from .projection import stable_seed
+
+
+def label_seed(train_seed: int, capture_seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Seed (31 bits) of the label draws of one micro-batch of one rank at one step.
+
+    Distinct for every micro-batch of a step (they are different samples; one seed would
+    correlate their labels), and for every `capture.seed`: a run recorded again at another
+    capture seed draws other labels as well as another projection, so it is an independent
+    estimate of the same trajectory's values (their spread is the estimate's, docs/method.md
+    §9). The first micro-batch at capture seed 0 keeps the seed runs recorded before had."""
+    if not micro and not capture_seed:
+        return hash((train_seed, step, rank)) % 2**31  # ints only: not salted per process
+    return stable_seed("labels", train_seed, capture_seed, step, rank, micro) % 2**31
 
 
 def sample_labels(

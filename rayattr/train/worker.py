@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from rayattr.runtime import hooks
+from rayattr.capture.pseudo import label_seed
 from rayattr.config import Config
 from rayattr.data import BatchPlan, DataError, load_tokenizer
 from rayattr.data.run_data import rank_tokens
@@ -94,7 +95,7 @@ class RankWorker:
         c = self.cfg.capture
         for micro in range(self.cfg.train.grad_accum):
             ids, mask, _ = self._batch(step, micro, max(1, math.ceil(self.cfg.train.micro_batch * c.curvature_fraction)))
-            self.recorder.sample_curvature(ids, mask, seed=hash((self.cfg.train.seed, step, self.rank)) % 2**31)
+            self.recorder.sample_curvature(ids, mask, seed=label_seed(self.cfg.train.seed, c.seed, step, self.rank, micro))
 
     def train_steps(self, start: int, end: int, on_step: Callable[..., None] | None = None) -> dict[str, Any]:
         """Run optimizer steps [start, end); returns mean loss and timing. `on_step(step=, loss=,
