@@ -162,7 +162,9 @@ class CaptureConfig:
     rank: int = 16
     """Projection rank r for both Kronecker factors (p = r*r per layer)."""
     seed: int = 0
-    """Projection seed: the same matrices are regenerated at query time."""
+    """Projection seed (the same matrices are regenerated at query time), and with
+    curvature="sampled" a seed of the label draws: a run recorded again at another seed is an
+    independent estimate of the same trajectory's values."""
     kind: str = "gaussian"
     """"gaussian" or "rademacher" projections."""
     mix: int | None = None
