@@ -44,6 +44,7 @@ from rayattr.exact.metagradient import exact_values  # noqa: E402
 from rayattr.exact.replay import Replay, sqrt0  # noqa: E402
 from rayattr.model.loss import SAMPLE_LOSS_REDUCTION, logits_of  # noqa: E402
 from rayattr.store import Run  # noqa: E402
+from rayattr.store.layout import SAMPLE_VALUES  # noqa: E402
 
 
 class AdamWReplay(Replay):
@@ -54,6 +55,12 @@ class AdamWReplay(Replay):
         super().__init__(run)
         if self.optimizer != "adamw":
             raise SystemExit(f"{run.uri} trained with {self.optimizer}; this reference replays AdamW")
+
+    def occurrences(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sample ids, steps) of the run's occurrences, (steps × |B|) each: the layout of every
+        column of values here."""
+        ids = np.stack([self.batch(t)[1] for t in range(self.num_steps)])
+        return ids, np.arange(self.num_steps)[:, None].repeat(ids.shape[1], 1)
 
     def ggn_vector_product(self, theta: dict, b: dict, x: dict) -> dict:
         """G x for the Gauss-Newton matrix of the batch's mean loss, Jᵀ (∂²ℓ/∂logits²) J x: the
@@ -502,11 +509,21 @@ NAMED_ADJOINTS = (  # tens of Hessian-vector products or draws a step: computed 
              {"projection": ("kronecker", 64, 1024), "factored": True}))
 
 
-def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list[str] = True,
+def values_column(run: Run, rp: AdamWReplay) -> np.ndarray:
+    """`run`'s values/samples.parquet in `rp`'s layout (:meth:`AdamWReplay.occurrences`), NaN
+    where it has no value; `run` is `rp`'s run or another on the same trajectory."""
+    t = run.read_table(SAMPLE_VALUES).select(["step", "sample_id", "value"]).to_pydict()
+    value = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
+    ids, steps = rp.occurrences()
+    return np.vectorize(lambda s, z: value.get((int(s), int(z)), np.nan))(steps, ids)
+
+
+def ablation(rp: AdamWReplay, values: np.ndarray | None = None, adjoints: bool | list[str] = True,
              metagradients: bool | list[str] = True, cache: Path | None = None) -> dict[str, np.ndarray]:
     """Every estimate of the run's occurrences, (steps × |B|) each: the exact response, the
     exact response with κ and/or v held, rayattr's recursion in the full parameter space
-    (exact P, no projection) with each curvature, and the product's values when given.
+    (exact P, no projection) with each curvature, and the product's `values` when given
+    (:func:`values_column`).
     `cache` (an .npz) keeps each column once computed, so a later call computes only the rest
     (the metagradients hold the whole unrolled graph; the sweeps do not)."""
     cols = dict(np.load(cache)) if cache is not None and cache.exists() else {}
@@ -522,10 +539,8 @@ def ablation(rp: AdamWReplay, product: dict | None = None, adjoints: bool | list
                 np.savez(cache, **cols)
     order = [n for n, _ in METAGRADIENTS + ADJOINTS + NAMED_ADJOINTS]
     cols = {n: cols[n] for n in sorted(cols, key=lambda n: order.index(n) if n in order else len(order))}
-    if product is not None:
-        ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)])
-        cols["rayattr values"] = np.vectorize(lambda t, z: product.get((t, z), np.nan))(
-            np.arange(rp.num_steps)[:, None].repeat(ids.shape[1], 1), ids)
+    if values is not None:
+        cols["rayattr values"] = values
     return cols
 
 
@@ -571,10 +586,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     run = Run.open_uri(args.run)
     rp = AdamWReplay(run)
-    product = None
-    if run.exists("values/samples.parquet"):
-        t = run.read_table("values/samples.parquet").select(["step", "sample_id", "value"]).to_pydict()
-        product = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
+    values = values_column(run, rp) if run.exists(SAMPLE_VALUES) else None
     def columns(named: str | None, off: bool, known: tuple) -> bool | list[str]:
         """The columns named on the command line (';'-joined), else the default set or none."""
         if not named:
@@ -587,13 +599,12 @@ def main(argv=None) -> None:
 
     sweeps = columns(args.sweeps, args.no_adjoints, ADJOINTS + NAMED_ADJOINTS)
     metas = columns(args.metagradients, args.no_metagradients, METAGRADIENTS)
-    cols = ablation(rp, product, adjoints=sweeps, metagradients=metas,
+    cols = ablation(rp, values, adjoints=sweeps, metagradients=metas,
                     cache=args.cache)
     warmup = int(np.argmax([r.lr for r in rp.records]))  # the step the warm-up peaks at
     print(f"{run.uri}: {rp.num_steps} steps; Spearman / rms ratio per band (warm-up: steps < {warmup})")
     print(table(cols, warmup))
-    steps = np.arange(rp.num_steps)[:, None].repeat(next(iter(cols.values())).shape[1], 1).ravel()
-    ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)]).ravel()
+    ids, steps = (x.ravel() for x in rp.occurrences())
     for i in np.random.default_rng(0).choice(len(steps), size=args.check if "exact" in cols else 0, replace=False):
         fd = rp.removal_response(int(steps[i]), int(ids[i]), 1e-3)
         print(f"check {ids[i]}@{steps[i]}: metagradient {cols['exact'].ravel()[i]:.4e}  retrain(ε=1e-3) {fd:.4e}")

@@ -20,26 +20,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rayattr.store import Run  # noqa: E402
-from rayattr.store.layout import SAMPLE_VALUES, VALIDATION_RETRAINS  # noqa: E402
-from rayattr.validate.counterfactuals import Removal  # noqa: E402
+from rayattr.validate.counterfactuals import Removal, predicted_all  # noqa: E402
 from rayattr.validate.stats import bootstrap_spearman_ci, slope, spearman  # noqa: E402
+from rayattr.validate.validation import finished_retrains  # noqa: E402
 
 
 def retrains(run: Run) -> tuple[float, list[tuple[Removal, float]]]:
     """The nothing-removed retrain's loss, and every subset and source removal with its loss."""
     base, out = None, []
-    for name in run.list(VALIDATION_RETRAINS):
-        if name.endswith(".json"):
-            rec = run.read_json(f"{VALIDATION_RETRAINS}/{name}")
-            removal = Removal.from_dict(rec["removal"])
-            if removal.kind == "baseline":
-                base = rec["loss"]
-            elif removal.kind in ("subset", "source"):
-                out.append((removal, rec["loss"]))
+    for rec in finished_retrains(run).values():
+        removal = Removal.from_dict(rec["removal"])
+        if removal.kind == "baseline":
+            base = rec["loss"]
+        elif removal.kind in ("subset", "source"):
+            out.append((removal, rec["loss"]))
     if base is None:
         raise SystemExit(f"{run.uri} has no validation retrains: run `rayattr validate` on it first")
     return base, out
@@ -52,18 +51,13 @@ def group(removal: Removal) -> tuple[str, tuple[int, int] | None, int]:
 
 def predictions(ids: np.ndarray, steps: np.ndarray, column: np.ndarray, removals: list[Removal]) -> np.ndarray:
     """Σ of `column` over each removal's occurrences; `ids`, `steps`, `column` are aligned arrays
-    of the run's occurrences (a NaN, an occurrence the estimate does not value, counts 0)."""
-    x = np.nan_to_num(np.asarray(column, np.float64)).ravel()
-    ids, steps = np.asarray(ids).ravel(), np.asarray(steps).ravel()
-    out = np.zeros(len(removals))
-    for i, r in enumerate(removals):
-        mask = np.isin(ids, np.asarray(r.sample_ids, np.int64))
-        if r.step is not None:
-            mask &= steps == r.step
-        if r.window is not None:
-            mask &= (steps >= r.window[0]) & (steps < r.window[1])
-        out[i] = x[mask].sum()
-    return out
+    of the run's occurrences (a NaN, an occurrence the estimate does not value, counts 0),
+    summed by validate's own :func:`predicted_all` as if the column were the run's values."""
+    x = np.asarray(column, np.float64).ravel()
+    valued = np.isfinite(x)
+    table = pa.table({"step": np.asarray(steps, np.int64).ravel()[valued],
+                      "sample_id": np.asarray(ids, np.int64).ravel()[valued], "value": x[valued]})
+    return np.array([v for v, _ in predicted_all(table, removals)])
 
 
 def agreement(ids: np.ndarray, steps: np.ndarray, columns: dict[str, np.ndarray], base: float,
@@ -81,13 +75,6 @@ def agreement(ids: np.ndarray, steps: np.ndarray, columns: dict[str, np.ndarray]
     return rows
 
 
-def values_column(run: Run, ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """A run's values/samples.parquet laid out like `ids` (NaN where it has no value)."""
-    t = run.read_table(SAMPLE_VALUES).select(["step", "sample_id", "value"]).to_pydict()
-    value = {(s, z): v for s, z, v in zip(t["step"], t["sample_id"], t["value"])}
-    return np.vectorize(lambda s, z: value.get((int(s), int(z)), np.nan))(steps, ids)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="the validated run (its retrains, its values)")
@@ -95,17 +82,16 @@ def main(argv=None) -> None:
     ap.add_argument("--values", nargs="*", default=[], help="other runs on the same trajectory, judged by their values")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
     args = ap.parse_args(argv)
-    from exact_adamw import AdamWReplay
+    from exact_adamw import AdamWReplay, values_column
 
     run = Run.open_uri(args.run)
     rp = AdamWReplay(run)
-    ids = np.stack([rp.batch(t)[1] for t in range(rp.num_steps)])
-    steps = np.arange(rp.num_steps)[:, None].repeat(ids.shape[1], 1)
+    ids, steps = rp.occurrences()
     columns: dict[str, np.ndarray] = {}
     for cache in args.cache:
         columns.update(dict(np.load(cache)))
     for uri in [args.run, *args.values]:
-        columns[f"values of {Path(uri).name}"] = values_column(Run.open_uri(uri), ids, steps)
+        columns[f"values of {Path(uri).name}"] = values_column(Run.open_uri(uri), rp)
     base, done = retrains(run)
     last = None
     for row in agreement(ids, steps, columns, base, done, args.seed):

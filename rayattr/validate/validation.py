@@ -110,7 +110,7 @@ def _validate(run: Run, subsets, fraction, sources, occurrences, seed, gangs, pr
         plan = plan[:1] + [replace(r, window=window) for r in plan[1:]]
     directions = direction_retrains(seed, steps, window) if steps else []
 
-    done = _finished_retrains(run)
+    done = finished_retrains(run)
     todo = [r for r in plan + directions if r.key not in done]
     if todo:
         from rayattr.runtime.cluster import connect
@@ -149,7 +149,9 @@ def _smoothness(run: Run, done: dict[str, dict], directions: list[Removal], step
     return out
 
 
-def _finished_retrains(run: Run) -> dict[str, dict]:
+def finished_retrains(run: Run) -> dict[str, dict]:
+    """Every retrain the run's validations finished, by its removal's key: its record
+    ({"removal", "loss", "seconds", ...}) as written when it finished."""
     out = {}
     for name in run.list(VALIDATION_RETRAINS):  # [] when there is none yet
         if name.endswith(".json"):
