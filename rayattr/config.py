@@ -172,6 +172,12 @@ class CaptureConfig:
     `mix` (then p = mix): more accurate inner products at the same p, for the Kronecker one's
     cost (docs/method.md §5, §9). Needs embed.error_blocks: 1 (the blocks would share the
     Kronecker stage's error)."""
+    members: int = 1
+    """Independent estimates of every value in one run: each layer is projected this many times
+    (member j with its own matrices) and, with curvature="sampled", each member draws labels of
+    its own; every member runs its own recursion, the value is their mean and value_se their
+    spread (docs/method.md §8). Rows, K's and the label draws cost this many times as much.
+    Replaces embed.error_blocks (set it to 1)."""
     layers: list[str] | None = None
     """fnmatch patterns of module names to capture (None = every Linear/Conv1D)."""
     curvature: str = "empirical"
@@ -306,7 +312,8 @@ class Config:
     def validate(self) -> "Config":
         t, c = self.train, self.capture
         for key in ("train.ranks", "train.micro_batch", "train.grad_accum", "train.epochs", "train.steps",
-                    "capture.rank", "capture.mix", "capture.precondition_every", "capture.v_response_rank", "store.steps_per_shard",
+                    "capture.rank", "capture.mix", "capture.members", "capture.precondition_every", "capture.v_response_rank",
+                    "store.steps_per_shard",
                     "data.seq_len", "embed.phases",
                     "embed.segments", "embed.error_blocks", "model.n_layer", "model.n_embd", "model.n_head",
                     "data.builtin.n_train", "data.builtin.n_validation", "data.builtin.max_chars"):
@@ -346,6 +353,9 @@ class Config:
         if self.model.factory is None and self.model.family not in ("gpt2", "llama"):
             raise ConfigError(f"model.family must be 'gpt2' or 'llama' (or set model.factory), got {self.model.family!r}")
         q = self.embed.error_blocks
+        if q > 1 and c.members > 1:
+            raise ConfigError(f"capture.members {c.members} with embed.error_blocks {q}: the members' spread is the "
+                              "values' standard error; set embed.error_blocks: 1")
         if q > 1 and c.mix is not None:
             raise ConfigError(f"capture.mix {c.mix} with embed.error_blocks {q}: the blocks of a mixed projection "
                               "share its Kronecker stage's error, so their spread would understate it; set "

@@ -3,6 +3,7 @@ or one backward per sample)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -13,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from rayattr.capture.projection import member_name, member_of
 from rayattr.capture import (
     GradientCapture,
     ProjectionSpec,
@@ -395,6 +397,39 @@ def test_projection_spec_validation():
             ProjectionSpec(**bad)
     with pytest.raises(ValueError, match="unknown"):
         ProjectionSpec.from_dict({"rank": 4, "rnak": 2})
+
+
+@pytest.mark.parametrize("mix", [None, 5])
+def test_members_project_each_layer_with_matrices_of_their_own(mix):
+    """ProjectionSpec.members: every layer is captured once per member, member j as
+    `<layer>~j` with its own matrices (member 0 under the layer's own name: a one-member capture's
+    rows); `only(j)` gives one member rows and the others none."""
+    model = make_model(mix=True)
+    x, y = make_data()
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2, mix=mix, members=3)
+    ref = reference_grads(model, x, y)
+    cap = GradientCapture(model, projection=spec)
+    assert cap.module_names() == ["fc1", "conv", "head"]
+    assert cap.layer_names() == [member_name(n, j) for n in ("fc1", "conv", "head") for j in range(3)]
+    assert member_of("conv~2") == ("conv", 2) and member_of("conv") == ("conv", 0)
+    one = GradientCapture(model, projection=dataclasses.replace(spec, members=1))
+    with cap, one:
+        sample_losses(model, x, y).sum().backward()
+    grads = cap.gradients()
+    for name, G in ref.items():
+        rows = [grads[member_name(name, j)] for j in range(3)]
+        for j, g in enumerate(rows):
+            assert_close(g, project(spec, member_name(name, j), G))
+        assert torch.equal(rows[0], one.gradients()[name])
+        assert not torch.allclose(rows[1], rows[2])
+    with cap, cap.only(1):
+        sample_losses(model, x, y).sum().backward()
+    got = cap.gradients()
+    for name, G in ref.items():
+        assert got[name].shape == (0, spec.dim) and got[member_name(name, 2)].shape == (0, spec.dim)
+        assert_close(got[member_name(name, 1)], project(spec, member_name(name, 1), G))
+    with pytest.raises(ValueError, match="members"):
+        ProjectionSpec(members=0)
 
 
 # ---------------------------------------------------------------------------- losses

@@ -218,3 +218,24 @@ def test_factors_from_partition_sums_are_those_of_the_whole_state():
     rho2, gamma2 = factors_from_sums(r, c)
     torch.testing.assert_close(rho2[:, None] * gamma2[None, :], brute_factored(v_hat.float().double(), 1e-8),
                                rtol=1e-6, atol=0)  # a float32 state's sums are float32's
+
+
+def test_members_take_the_preconditioner_of_their_module():
+    """With ProjectionSpec.members, preconditioners stay keyed by module: every member's
+    deferred update rows are its own projection of the module's P ⊙ G."""
+    model = make_model(mix=True)
+    x, y = make_data(seq=6)
+    pre = random_preconditioners(model, seed=2)
+    spec = ProjectionSpec(rank=3, seed=7, rank_out=2, members=2)
+    ref = reference_grads(model, x, y)
+    cap = GradientCapture(model, projection=spec, defer_updates=True)
+    with cap:
+        sample_losses(model, x, y).sum().backward()
+    cap.finish_updates(pre)
+    updates = cap.updates()
+    for name, G in ref.items():
+        P = pre[name].rho[:, None] * pre[name].gamma[None, :]
+        for member in (name, name + "~1"):
+            torch.testing.assert_close(updates[member], project(spec, member, P * G), rtol=1e-10, atol=1e-12)
+    with pytest.raises(KeyError, match="preconditioner missing"):
+        cap.set_preconditioner({n: p for n, p in pre.items() if n != "conv"})

@@ -52,6 +52,8 @@ def test_differences_name_dotted_keys():
     ({"embed.dtype": "float16"}, "embed.dtype"),
     ({"capture.kind": "sparse"}, "capture.kind"),
     ({"capture.rank": 0}, "capture.rank must be >= 1, got 0"),
+    ({"capture.members": 0}, "capture.members must be >= 1, got 0"),
+    ({"capture.members": 2}, "capture.members 2 with embed.error_blocks 2: .* set embed.error_blocks: 1"),
     ({"store.steps_per_shard": 0}, "store.steps_per_shard must be >= 1"),
     ({"data.seq_len": -1}, "data.seq_len must be >= 1, got -1"),
     ({"train.lr": 0}, "train.lr must be a positive number"),

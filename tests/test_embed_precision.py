@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from rayattr.embed.blocks import ProjectionBlocks
@@ -62,3 +63,26 @@ def test_joint_layout_concatenates_layers_and_their_blocks():
     torch.testing.assert_close(v_joint, v_per)
     torch.testing.assert_close(se_joint, se_per)
     assert joint.join(g).keys() == {"joint"} and per.join(g).keys() == {"a", "b"}
+
+
+def test_members_are_recursions_of_their_own_whose_mean_is_the_value():
+    """capture.members: member j's layers (`<layer>~j`) are joined among themselves only, and a
+    value is the members' mean with their spread over √k as its standard error; sums over
+    layers count each member's part 1/k."""
+    dims = {"a": 4, "b": 4, "a~1": 4, "b~1": 4, "a~2": 4, "b~2": 4}
+    per, joint = ProjectionBlocks(dims, 2, 2, 1, members=3), ProjectionBlocks(dims, 2, 2, 1, joint=True, members=3)
+    assert joint.layers == {"joint": 8, "joint~1": 8, "joint~2": 8} and per.layers == dims
+    assert per.enabled and per.weight == 1 / 3
+    g = {n: torch.randn(3, 4, dtype=torch.float64) for n in dims}
+    rows = joint.join(g)
+    torch.testing.assert_close(rows["joint~2"], torch.cat([g["a~2"], g["b~2"]], -1))
+    test = {n: torch.randn(4, dtype=torch.float64) for n in dims}
+    est = torch.stack([g[a] @ test[a] + g[b] @ test[b] for a, b in (("a", "b"), ("a~1", "b~1"), ("a~2", "b~2"))])
+    for layout in (per, joint):
+        value, se = layout.values(layout.augment(g), layout.augment(test))
+        torch.testing.assert_close(value, est.mean(0))
+        torch.testing.assert_close(se, est.std(0) / 3 ** 0.5)
+    with pytest.raises(ValueError, match="same layers"):
+        ProjectionBlocks({"a": 4, "b": 4, "a~1": 4}, 2, 2, 1, members=2)
+    with pytest.raises(ValueError, match="members"):
+        ProjectionBlocks(dims, 2, 2, 2, members=3)

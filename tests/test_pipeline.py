@@ -136,6 +136,43 @@ def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
     np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
 
 
+def test_members_are_independent_recursions_whose_mean_is_the_value(local_ray, tmp_path):
+    """capture.members 2 with sampled curvature and joint layers, end to end: each member's
+    layers (`<layer>~1` for the second) form a recursion of their own, with their own curvature
+    rows; a value is the mean of the core's values on each member's rows, its value_se their
+    spread over √2, and the per-source and per-phase sums add the values up."""
+    d = small_config(str(tmp_path), "members", epochs=1, lr=0.1).to_dict(redact=False)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5, members=2)
+    d["embed"].update(joint_layers=True, error_blocks=1)
+    run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
+    names = list(run.manifest["layer_dims"])
+    of = [[n for n in names if n.endswith("~1") == bool(j)] for j in (0, 1)]
+    assert len(of[0]) == len(of[1]) > 0 and of[1] == [n + "~1" for n in of[0]]
+    batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
+    curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
+    etas = {r.step: r.eta for r in run.step_records()}
+    vgrad = validation_gradient(run)
+    per_member = []
+    for layers in of:
+        join = lambda rows: {"joint": torch.cat([rows[n] for n in layers], -1)}  # noqa: E731
+        emb = data_value_embeddings([join(b.grads) for b in batches], [etas[b.step] for b in batches],
+                                    curvature=[join(c.grads) for c in curv])
+        per_member.append(torch.cat(influence(emb, join(vgrad))).numpy())
+    assert not np.allclose(per_member[0], per_member[1], rtol=0.1)  # independent estimates
+    samples = run.read_table("values/samples.parquet")
+    np.testing.assert_allclose(samples["value"].to_numpy(), (per_member[0] + per_member[1]) / 2, rtol=2e-5,
+                               atol=1e-10)
+    np.testing.assert_allclose(samples["value_se"].to_numpy(), np.abs(per_member[0] - per_member[1]) / 2,
+                               rtol=2e-5, atol=1e-10)
+    values = samples["value"].to_numpy()
+    src = samples["source"].to_numpy(zero_copy_only=False)
+    phases = run.read_table("values/phases.parquet").to_pylist()
+    for row in run.read_table("values/sources.parquet").to_pylist():
+        np.testing.assert_allclose(row["value"], values[src == row["source"]].sum(), rtol=1e-6)
+        np.testing.assert_allclose(sum(p["value"] for p in phases if p["source"] == row["source"]), row["value"],
+                                   rtol=2e-5, atol=1e-12)
+
+
 def test_unstable_cut_values_the_steps_after_it_as_the_core_does(trained, tmp_path):
     """embed.unstable "cut" through the driver's embedding stage: the small run at lr 0.3 has
     steps past SGD's edge (η·λ_max(H) > 2) mid-run, so the latest of them cuts; the embedding

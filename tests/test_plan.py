@@ -199,6 +199,22 @@ def test_joint_layers_size_k_at_the_square_of_the_captured_width():
     assert not any("joint_layers" in n for n in per.notes)
 
 
+def test_members_multiply_rows_and_keep_one_joint_k_per_member():
+    """capture.members k: k times the captured width (rows, storage), and with joint layers k
+    K's of one member's width, not one K of k times it; the label draws cost k times."""
+    over = {"train.steps": 40, "embed.joint_layers": True, "embed.error_blocks": 1}
+    one = estimate(small(**over))
+    three = estimate(small(**over, **{"capture.members": 3}))
+    assert three.total_dim == 3 * one.total_dim and len(three.layers) == 3 * len(one.layers)
+    assert three.storage["train gradients"] == pytest.approx(3 * one.storage["train gradients"], rel=0.05)
+    assert three.storage["K matrices"] == pytest.approx(3 * one.storage["K matrices"])
+    width = one.total_dim
+    assert any(f"one K of {width:,} x {width:,} per member (3 members)" in n for n in three.notes)
+    drawn = {k: estimate(small(**over, **{"capture.curvature": "sampled", "capture.members": k})) for k in (1, 3)}
+    assert drawn[3].time["train"] > drawn[1].time["train"]
+    assert drawn[3].curvature_rows_per_step == drawn[1].curvature_rows_per_step  # rows of each member's layers
+
+
 def test_adamw_counts_update_rows():
     """AdamW stores an update row next to every raw row and an R next to every K."""
     sgd = estimate(small(**{"train.steps": 40}))

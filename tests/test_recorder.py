@@ -222,3 +222,43 @@ def record_steps(rec, model, opt, data, steps):
             micro_batch_loss(model, b["input_ids"], b["attention_mask"], b["labels"]).backward()
             opt.step()
             opt.zero_grad()
+
+
+def test_members_draw_labels_of_their_own(setup):
+    """capture.members with sampled curvature: member j's pseudo-gradients come from its own
+    capture.curvature_draws draws, taken after member j−1's from the step's generator, so the
+    members' curvature estimates are independent (member 0's are the one-member run's)."""
+    cfg, run, data, model = setup
+    d = cfg.to_dict(redact=False)
+    d["capture"].update(curvature="sampled", curvature_fraction=1.0, curvature_draws=2, members=2)
+    d["embed"]["error_blocks"] = 1  # the members' spread is the standard error
+    cfg = Config.from_dict(d).validate()
+    rec = Recorder(model, run, cfg, optimizer=torch.optim.SGD(model.parameters(), lr=LR))
+    b = data.batch(np.arange(B))
+    rec.sample_curvature(b["input_ids"], b["attention_mask"], seed=5)
+    stored = rec.curvature.gradients()
+
+    def draws(member: int, skip: int) -> dict[str, torch.Tensor]:
+        """Member `member`'s rows of the draws after the first `skip` of the generator."""
+        cap = GradientCapture(model, projection=projection_spec(cfg), layers=cfg.capture.layers)
+        gen = torch.Generator().manual_seed(5)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with cap, cap.only(member):
+            cap.set_mask(b["attention_mask"])
+            for i in range(skip + 2):
+                logits = logits_of(model, b["input_ids"], b["attention_mask"])[:, :-1]
+                losses = rayattr.capture.sampled_label_losses(logits.float(), generator=gen,
+                                                              mask=b["attention_mask"][:, 1:],
+                                                              reduction=SAMPLE_LOSS_REDUCTION)
+                if i < skip:
+                    continue
+                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        return {n: g for n, g in cap.gradients().items() if g.shape[0]}
+
+    own = {**draws(0, 0), **draws(1, 2)}
+    assert sorted(own) == sorted(stored) and len(stored) == 2 * len(rec.capture.module_names())
+    for n, g in own.items():
+        assert g.shape[0] == 2 * B
+        torch.testing.assert_close(stored[n], g, rtol=1e-10, atol=1e-12)
+    shared = draws(1, 0)  # member 1 on member 0's draws: not what it stored
+    assert any(not torch.allclose(stored[n], g) for n, g in shared.items())

@@ -30,15 +30,20 @@ from . import kernels
 from .background import BackgroundWorker
 from .layers import LayerInfo, layer_info, select_layers
 from .precondition import Preconditioner, Response
-from .projection import ProjectionSpec, mixing_matrix, projection_matrices
+from .projection import ProjectionSpec, member_name, mixing_matrix, projection_matrices
 
 
 class _Layer:
-    """One hooked module: its shapes and its projection matrices, cached per device/dtype."""
+    """One hooked module, or one member of its projection (ProjectionSpec.members): its shapes
+    and its projection matrices, cached per device/dtype. `info.name` is the captured name
+    (the member's); `base` the module's, under which its preconditioner and response come."""
 
-    def __init__(self, info: LayerInfo, module: nn.Module, spec: ProjectionSpec | None):
+    def __init__(self, info: LayerInfo, module: nn.Module, spec: ProjectionSpec | None, base: str | None = None,
+                 member: int = 0):
         self.info = info
         self.module = module
+        self.base = base or info.name
+        self.member = member
         self.spec = spec
         self._cpu: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cache: dict[tuple[torch.device, torch.dtype], tuple] = {}
@@ -186,10 +191,12 @@ class GradientCapture:
             raise TypeError(f"projection must be a ProjectionSpec or None, got {type(projection).__name__}")
         self.model = model
         self.projection = projection
+        members = projection.members if projection is not None else 1
         self._layers = {
-            name: _Layer(layer_info(name, module), module, projection)
-            for name, module in select_layers(model, layers).items()
+            member_name(name, j): _Layer(layer_info(member_name(name, j), module), module, projection, name, j)
+            for name, module in select_layers(model, layers).items() for j in range(members)
         }
+        self._only: int | None = None  # `only(member)`: the other members' hooks stand aside
         self.loss_scale = loss_scale
         self._mask: torch.Tensor | None = None
         self._mask_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -247,15 +254,29 @@ class GradientCapture:
         never mixes two v's in one row.
         """
         if preconditioner is not None:
-            missing = set(self._layers) - set(preconditioner)
+            missing = set(self.module_names()) - set(preconditioner)
             if missing:
                 raise KeyError(f"preconditioner missing for layers {sorted(missing)}")
-        for name, layer in self._layers.items():
-            layer.set_preconditioner(preconditioner[name] if preconditioner is not None else None)
+        for layer in self._layers.values():
+            layer.set_preconditioner(preconditioner[layer.base] if preconditioner is not None else None)
 
     def layer_names(self) -> list[str]:
-        """Names of the captured layers, in module order."""
+        """Names of the captured layers (with ProjectionSpec.members, every member's), in module order."""
         return list(self._layers)
+
+    def module_names(self) -> list[str]:
+        """Names of the hooked modules, in order: what preconditioners and responses are keyed by."""
+        return list(dict.fromkeys(layer.base for layer in self._layers.values()))
+
+    @contextlib.contextmanager
+    def only(self, member: int | None) -> Iterator["GradientCapture"]:
+        """Forwards inside give rows to one member of the projection only (None: to all), so
+        that each member's sampled labels are its own draws."""
+        previous, self._only = self._only, member
+        try:
+            yield self
+        finally:
+            self._only = previous
 
     def layer_info(self) -> dict[str, LayerInfo]:
         """Static shapes of each captured layer."""
@@ -356,13 +377,13 @@ class GradientCapture:
             self._form_responses(deferred, response)
         if not deferred or preconditioner is None:
             return
-        missing = {d.layer.info.name for d in deferred} - set(preconditioner)
+        missing = {d.layer.base for d in deferred} - set(preconditioner)
         if missing:
             raise KeyError(f"preconditioner missing for layers {sorted(missing)}")
         exact = self.projection is None
         scaled: dict[tuple, tuple] = {}
         for d in deferred:
-            info, pre = d.layer.info, preconditioner[d.layer.info.name]
+            info, pre = d.layer.info, preconditioner[d.layer.base]
             _check_preconditioner(info, pre, exact)
             if exact:  # u = P ⊙ G on the formed rows (summed over repeated calls: P is linear)
                 rows = self._rows[info.name][d.micro]
@@ -379,12 +400,12 @@ class GradientCapture:
     def _form_responses(self, deferred: list[_Deferred], response: dict[str, Response]) -> None:
         """y = M ⊙ G per deferred call: on the formed row in exact mode, else Σ_k of the update
         row with ρ = x_k, γ = y_k (M's SVD factors), summed over repeated calls like G."""
-        missing = {d.layer.info.name for d in deferred} - set(response)
+        missing = {d.layer.base for d in deferred} - set(response)
         if missing:
             raise KeyError(f"response missing for layers {sorted(missing)}")
         exact = self.projection is None
         for d in deferred:
-            info, res = d.layer.info, response[d.layer.info.name]
+            info, res = d.layer.info, response[d.layer.base]
             if exact:
                 if res.full is None or tuple(res.full.shape) != (info.d_out, info.d_in_aug):
                     raise ValueError(f"layer {info.name!r}: exact capture needs the response's full "
@@ -455,6 +476,8 @@ class GradientCapture:
 
     def _forward_hook(self, layer: _Layer, module: nn.Module, args: tuple, output) -> None:
         if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if self._only is not None and layer.member != self._only:
             return
         if self._backward_seen:
             self._micro += 1

@@ -37,11 +37,15 @@ class ProjectionSpec:
     (p = mix per layer): a Kronecker projection errs by about 1/√r where one side's factors are
     aligned across samples, a dense one by 1/√p (docs/method.md §5); the dense step acts on the
     r_s·r_a numbers, not on the layer's d_out·d_in."""
+    members: int = 1
+    """Independent estimates in one run: each layer is projected `members` times, member j with
+    matrices of its own (seeded by `member_name(layer, j)`), and each member is valued apart;
+    their mean is the value and their spread its standard error (docs/method.md §8)."""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"ProjectionSpec.kind must be one of {_KINDS}, got {self.kind!r}")
-        for field in ("rank", "rank_in", "rank_out", "mix"):
+        for field in ("rank", "rank_in", "rank_out", "mix", "members"):
             value = getattr(self, field)
             if value is None and field != "rank":
                 continue
@@ -77,6 +81,23 @@ class ProjectionSpec:
         if unknown:
             raise ValueError(f"unknown ProjectionSpec fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+MEMBER_SEP = "~"
+
+
+def member_name(layer: str, member: int) -> str:
+    """The name member `member` of a layer's projection is captured, stored and seeded under:
+    the layer's own for member 0 (a one-member run is the run it always was), `layer~j` else."""
+    return layer if member == 0 else f"{layer}{MEMBER_SEP}{member}"
+
+
+def member_of(name: str) -> tuple[str, int]:
+    """(layer, member) of a captured name: the inverse of `member_name`."""
+    base, sep, j = name.rpartition(MEMBER_SEP)
+    if sep and j.isdigit() and int(j) > 0:
+        return base, int(j)
+    return name, 0
 
 
 def stable_seed(*parts: Any) -> int:

@@ -16,6 +16,13 @@ a K of its own. With embed.joint_layers the recorded layers' rows are concatenat
 layer `joint` (and each block (a, b) into `joint@ab`), so K couples the layers
 (docs/method.md §3 "Layers"); every row, test gradient and sum enters the recursion through
 `augment`, so nothing else needs to know which layout a run has.
+
+Members (capture.members = k): each recorded layer comes k times, member j's under its own
+name (`<layer>~j`, capture/projection.py), projected with matrices of its own and, under the
+sampled Fisher, with label draws of its own. Each member is a recursion of its own (its layers
+apart, or joined into `joint~j`); a value is the mean of the members' and its standard error
+their spread over √k, which takes in every source of estimation noise the members do not
+share (projection and labels), where the blocks see the projection's only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Mapping
 
 import torch
 
+from rayattr.capture.projection import member_name, member_of
 from rayattr.embed.cut import record_choice
 
 SEP = "@"
@@ -38,14 +46,29 @@ class ProjectionBlocks:
     """The q² blocks of every layer of a run projected at ranks (r_out, r_in), in the
     recursion's layout: per recorded layer, or (`joint`) all of them as one."""
 
-    def __init__(self, dims: Mapping[str, int], r_out: int, r_in: int, q: int, joint: bool = False):
+    def __init__(self, dims: Mapping[str, int], r_out: int, r_in: int, q: int, joint: bool = False,
+                 members: int = 1):
         self.q = q
         self.recorded = dict(dims)  # the layers rows and test gradients come in
         self.joint = joint
-        self.layers = {JOINT: sum(self.recorded.values())} if joint else dict(self.recorded)  # the recursion's
+        self.members = members
+        self.of_member: list[list[str]] = [[] for _ in range(members)]  # recorded names by member
+        for name in self.recorded:
+            j = member_of(name)[1]
+            if j >= members:
+                raise ValueError(f"layer {name!r} is member {j} of a run with {members} members")
+            self.of_member[j].append(name)
+        if len({tuple(member_of(n)[0] for n in names) for names in self.of_member}) > 1:
+            raise ValueError(f"the {members} members do not hold the same layers: {self.of_member}")
+        self.layers = ({member_name(JOINT, j): sum(self.recorded[n] for n in names)
+                        for j, names in enumerate(self.of_member)}
+                       if joint else dict(self.recorded))  # the recursion's
         self.index: dict[str, torch.Tensor] = {}
         if q < 2 or r_out % q or r_in % q:
             return  # no blocks: no standard errors
+        if members > 1:
+            raise ValueError(f"projection blocks (q = {q}) and {members} members: the members' spread is the "
+                             "standard error; use one or the other")
         offsets, at = {}, 0
         for name, p in self.recorded.items():
             if p != r_out * r_in:
@@ -70,7 +93,8 @@ class ProjectionBlocks:
         if not spec:  # exact gradients: nothing to split
             return cls(dims, 1, 1, 1, joint)
         rank = int(spec["rank"])
-        return cls(dims, int(spec.get("rank_out") or rank), int(spec.get("rank_in") or rank), q, joint)
+        return cls(dims, int(spec.get("rank_out") or rank), int(spec.get("rank_in") or rank), q, joint,
+                   int(spec.get("members") or 1))
 
     @classmethod
     def register(cls, run, q: int, joint: bool = False) -> "ProjectionBlocks":
@@ -85,7 +109,14 @@ class ProjectionBlocks:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.index)
+        """Whether values come with standard errors (from blocks or members)."""
+        return bool(self.index) or self.members > 1
+
+    @property
+    def weight(self) -> float:
+        """What each recursion layer's part of a sum over layers counts for: 1/members, as a
+        value is the members' mean."""
+        return 1.0 / self.members
 
     @property
     def dims(self) -> dict[str, int]:
@@ -96,7 +127,8 @@ class ProjectionBlocks:
         """Rows (…, p) of the recorded layers in the recursion's layers (no blocks)."""
         if not self.joint:
             return dict(grads)
-        return {JOINT: torch.cat([grads[n] for n in self.recorded], dim=-1)}
+        return {member_name(JOINT, j): torch.cat([grads[n] for n in names], dim=-1)
+                for j, names in enumerate(self.of_member)}
 
     def augment(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rows (…, p) of every recorded layer as the recursion takes them: its layers plus
@@ -120,6 +152,10 @@ class ProjectionBlocks:
         """Per-layer scores (each row's e·v of one layer or block layer) -> (value over the real
         layers, standard error over the blocks' estimates or None without blocks)."""
         f64 = torch.float64  # layers summed in float64, whatever the rows' precision
+        if self.members > 1:
+            est = torch.stack([sum(scores[n].to(f64) for n in self.layers if member_of(n)[1] == j)
+                               for j in range(self.members)])  # (k, B[, Q])
+            return est.mean(0), est.std(0, correction=1) / self.members ** 0.5
         value = sum(scores[n].to(f64) for n in self.layers)
         if not self.enabled:
             return value, None

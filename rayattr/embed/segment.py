@@ -457,7 +457,7 @@ class SegmentWorker:
         v_carry = (SourcePhaseSums.from_table(self.run.read_table(segment_v_carry_path(s.index)), self.dims)
                    if zq is not None else None)
         self.run.write_table(segment_scores_path(s.index),
-                             source_phase_scores(local, carry, w, z, self.layers, v_carry, zq))
+                             source_phase_scores(local, carry, w, z, self.layers, v_carry, zq, self.blocks.weight))
         if embeddings:
             sums = local.transformed(S)
             if R_end is not None:
@@ -495,10 +495,10 @@ def values_table(cols: dict[str, list]) -> pa.Table:
 
 def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w: dict[str, torch.Tensor],
                         z: dict[str, torch.Tensor] | None, layers, v_carry: SourcePhaseSums | None = None,
-                        zq: dict[str, torch.Tensor] | None = None) -> pa.Table:
+                        zq: dict[str, torch.Tensor] | None = None, weight: float = 1.0) -> pa.Table:
     """Per (source, phase, real layer): Σ of the occurrences' values, from the summed local
     embeddings and carried update rows, Σe·w + (Σβ₁^(b−t)u)·z (float64; docs/method.md §4),
-    with v's response - (Σβ₂^(b−t)y)·z_Q."""
+    with v's response - (Σβ₂^(b−t)y)·z_Q; times `weight` (1/members: a value is the members' mean)."""
     keys = sorted(local.sum)
     rows = {"source": [], "phase": [], "layer": [], "n_occurrences": [], "value": []}
     for key in keys:
@@ -512,7 +512,7 @@ def source_phase_scores(local: SourcePhaseSums, carry: SourcePhaseSums | None, w
             rows["phase"].append(key[1])
             rows["layer"].append(n)
             rows["n_occurrences"].append(local.count[key])
-            rows["value"].append(v)
+            rows["value"].append(v * weight)
     return pa.table(rows, schema=SCORES_SCHEMA)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayattr.capture.projection import member_of
 from rayattr.config import Config, ConfigError, load_config
 from rayattr.errors import USER_ERROR_EXIT, RayattrError, error_line
 from rayattr.optim.spec import resolve_optimizer
@@ -294,8 +295,14 @@ def response_state_bytes(layers: list[LayerPlan]) -> float:
 
 def k_widths(cfg: Config, layers: list[LayerPlan]) -> list[int]:
     """The widths of the recursion's K matrices: one p × p per captured layer, or with
-    embed.joint_layers one (Σ p) × (Σ p) (embed/blocks.py)."""
-    return [sum(lay.p for lay in layers)] if cfg.embed.joint_layers else [lay.p for lay in layers]
+    embed.joint_layers one (Σ p) × (Σ p) per member of the projection (embed/blocks.py)."""
+    if not cfg.embed.joint_layers:
+        return [lay.p for lay in layers]
+    widths: dict[int, int] = {}
+    for lay in layers:
+        j = member_of(lay.name)[1]
+        widths[j] = widths.get(j, 0) + lay.p
+    return list(widths.values())
 
 
 def statistic_numbers(layers: list[LayerPlan]) -> int:
@@ -650,9 +657,10 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
     plan.process_memory = process_totals(plan.memory)
     plan.traffic = step_traffic(cfg, n_params, layers)
     if cfg.embed.joint_layers:  # the one term that grows with the square of the captured size
-        (width,) = widths
-        plan.notes.append(f"embed.joint_layers: one K of {width:,} x {width:,} per segment "
-                          f"({human_bytes(width ** 2 * _DTYPE_BYTES[cfg.embed.dtype])}, with R under AdamW twice), "
+        width, k = widths[0], len(widths)
+        each = f"one K of {width:,} x {width:,}" + (f" per member ({k} members)" if k > 1 else "")
+        plan.notes.append(f"embed.joint_layers: {each} per segment "
+                          f"({human_bytes(k * width ** 2 * _DTYPE_BYTES[cfg.embed.dtype])}, with R under AdamW twice), "
                           f"against {human_bytes(sum(lay.p ** 2 for lay in layers) * _DTYPE_BYTES[cfg.embed.dtype])} "
                           "for the per-layer K's; every step costs (Σ p)² per row")
     if t.use_gpu and plan.update_rows:
@@ -687,7 +695,8 @@ def estimate(cfg: Config, *, n_samples: int | None = None, tokens: float | None 
 
     # -- time
     rows_rank, gb = t.micro_batch * t.grad_accum, _DTYPE_BYTES[c.dtype]
-    flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction * c.curvature_draws if m_curv else 0))
+    flops_step = 6 * n_params * G * cfg.data.seq_len * (1 + (c.curvature_fraction * c.curvature_draws * c.members
+                                                                if m_curv else 0))
     compute = flops_step / t.ranks / tp.train_flops * (1 + tp.capture_overhead) + tp.train_step_s
     write = rows_rank * (P * gb + _ROW_META_BYTES + source_chars) * (kinds + (m_curv / G if m_curv else 0))
     write_s = write / (tp.store_write_mbps * MB)  # a background thread: overlaps with compute

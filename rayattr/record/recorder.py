@@ -51,7 +51,7 @@ RECORDED = "recorded"  # manifest status of a run whose training is recorded, no
 
 def projection_spec(cfg: Config) -> ProjectionSpec:
     c = cfg.capture
-    return ProjectionSpec(rank=c.rank, seed=c.seed, kind=c.kind, mix=c.mix)
+    return ProjectionSpec(rank=c.rank, seed=c.seed, kind=c.kind, mix=c.mix, members=c.members)
 
 
 def state_dict_bytes(module: torch.nn.Module) -> bytes:
@@ -202,7 +202,7 @@ class Recorder:
         self._base_scale = 1.0 / len(known) if known else 1.0
         self._refresh_preconditioner(step)
         if self.v_response and self._m_prev is None:  # the first step (or a resumed rank's): m_{t−1}
-            self._m_prev = first_moments(self.training.optimizer_owner, self.capture.layer_names())
+            self._m_prev = first_moments(self.training.optimizer_owner, self.capture.module_names())
         with self.training.watch(), self.capture, self._mask_from_forwards():
             yield self
         self._end_step(step, epoch, lr, late_scale=not known)
@@ -263,7 +263,9 @@ class Recorder:
         """capture.curvature="sampled": sampled-label pseudo-gradients of these samples at the
         current weights, without touching .grad, for the next recorded step. Call it before
         that step's block: the weights move only at the step boundary (docs/method.md §5).
-        Several calls for one step (one per micro-batch) add their rows after each other's."""
+        Several calls for one step (one per micro-batch) add their rows after each other's.
+        With capture.members, each member gets capture.curvature_draws draws of its own, taken
+        one member after the other from the same generator: their estimates stay independent."""
         if self.curvature is None:
             raise ConfigError("sample_curvature needs capture.curvature='sampled'")
         device = input_ids.device
@@ -271,13 +273,16 @@ class Recorder:
         params = [p for p in self.module.parameters() if p.requires_grad]
         # the step's first call starts its rows; later ones keep them (and, under AdamW, the
         # factors their update rows wait on)
+        members = self.cfg.capture.members
         with self.curvature.resumed() if self._curv_sampled else self.curvature:
             self.curvature.set_mask(attention_mask)
-            for _ in range(self.cfg.capture.curvature_draws):  # a forward each: the capture reads one backward per forward
-                logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
-                losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
-                                              reduction=SAMPLE_LOSS_REDUCTION)
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for member in range(members):
+                with self.curvature.only(member if members > 1 else None):
+                    for _ in range(self.cfg.capture.curvature_draws):  # a forward each: one backward per forward
+                        logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
+                        losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
+                                                      reduction=SAMPLE_LOSS_REDUCTION)
+                        torch.autograd.grad(losses.sum(), params, allow_unused=True)
         self._curv_sampled = True
 
     def _curvature_rows(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -302,7 +307,7 @@ class Recorder:
         c = self.cfg.capture
         if not self.optimizer.adamw or self.step_own_p or step % c.precondition_every:
             return
-        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
+        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.module_names(), self.optimizer,
                                       exact=self.capture.projection is None)
         self.capture.set_preconditioner(pre)
         self.precondition_step, self._preconditioner = k, pre
@@ -313,14 +318,14 @@ class Recorder:
         second pass (docs/method.md §7). Every rank calls it at every step (a collective under
         ZeRO 1/2). A step that updated nothing (fp16 overflow) leaves v and its counter as they
         were; before any update there is no v and u = g."""
-        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.layer_names(), self.optimizer,
+        pre, k = read_preconditioners(self.training.optimizer_owner, self.capture.module_names(), self.optimizer,
                                       exact=self.capture.projection is None)
         response = None
         self._responded = False
         if self.v_response and k and self.training.applied():
             # a skipped update (fp16 overflow) moved neither m nor v: its rows stay zero
             response, self._m_prev = read_responses(
-                self.training.optimizer_owner, self.capture.layer_names(), self.optimizer, self._m_prev,
+                self.training.optimizer_owner, self.capture.module_names(), self.optimizer, self._m_prev,
                 self.cfg.capture.v_response_rank, exact=self.capture.projection is None)
             self._responded = True
         self.capture.finish_updates(pre, response)
