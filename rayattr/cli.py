@@ -128,7 +128,9 @@ def cmd_values(args) -> int:
         table = run.exact_sources()
     else:
         table = run.sources()
-    print(format_rows(table.to_pylist(), table.column_names, args.format))
+    # value_se is the members' (capture.members); a one-member run has none to show
+    cols = [c for c in table.column_names if c != "value_se" or table[c].null_count < len(table)]
+    print(format_rows(table.to_pylist(), cols, args.format))
     return 0
 
 

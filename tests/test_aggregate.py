@@ -112,6 +112,31 @@ def test_large_sources_use_the_normal_limit_from_merged_moments(monkeypatch):
     assert row["n_samples"] == max(len(c) for c in np.array_split(vals, 7))  # ids repeat across chunks
 
 
+def test_members_widen_a_sources_interval_by_their_t_half_width():
+    """capture.members: a source's value_se is the spread of its members' totals over √k, and
+    each side of its bootstrap interval grows in quadrature by the Student-t half-width (k − 1
+    degrees of freedom); member totals come from the per-layer sums, which count a member 1/k."""
+    from scipy.stats import t as student
+
+    rng = np.random.default_rng(3)
+    vals = rng.normal(0.5, 1.0, 60)
+    acc = SourceAccumulator()
+    acc.add(pa.table({"source": ["s"] * 60, "value": vals, "sample_id": np.arange(60)}))
+    plain = acc.table().to_pylist()[0]
+    assert plain["value_se"] is None
+    by_layer = {("s", "a"): 1.0, ("s", "b"): 2.0, ("s", "a~1"): 4.0, ("s", "b~1"): 0.5, ("s", "a~2"): 0.0,
+                ("s", "b~2"): 1.5}
+    totals = aggregate.member_totals(by_layer, 3)
+    assert totals == {"s": [9.0, 13.5, 4.5]} and aggregate.member_totals(by_layer, 1) is None
+    row = acc.table(members=totals).to_pylist()[0]
+    se = float(np.std([9.0, 13.5, 4.5], ddof=1) / math.sqrt(3))
+    half = student.ppf(0.975, 2) * se
+    assert row["value_se"] == pytest.approx(se, rel=1e-12)
+    assert row["value"] == plain["value"]
+    assert row["value_high"] - row["value"] == pytest.approx(math.hypot(plain["value_high"] - plain["value"], half))
+    assert row["value"] - row["value_low"] == pytest.approx(math.hypot(plain["value"] - plain["value_low"], half))
+
+
 def test_sums_stay_float64_where_float32_would_drop_the_small_values():
     vals = np.array([1e8] + [1.0] * 1000 + [-1e8])
     acc = SourceAccumulator()

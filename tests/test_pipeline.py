@@ -171,6 +171,10 @@ def test_members_are_independent_recursions_whose_mean_is_the_value(local_ray, t
         np.testing.assert_allclose(row["value"], values[src == row["source"]].sum(), rtol=1e-6)
         np.testing.assert_allclose(sum(p["value"] for p in phases if p["source"] == row["source"]), row["value"],
                                    rtol=2e-5, atol=1e-12)
+        # the source's total by member: its standard error, and an interval at least its t half-width
+        totals = [x[src == row["source"]].sum() for x in per_member]
+        np.testing.assert_allclose(row["value_se"], abs(totals[0] - totals[1]) / 2, rtol=1e-4)
+        assert row["value_high"] - row["value"] >= 12.7 * row["value_se"] * 0.999  # t(0.975, 1 dof) = 12.7
 
 
 def test_unstable_cut_values_the_steps_after_it_as_the_core_does(trained, tmp_path):
@@ -261,7 +265,9 @@ def test_outputs_and_manifest(trained):
     counts = samples.group_by("sample_id").aggregate([("step", "count")])
     assert set(counts["step_count"].to_pylist()) == {2}
     src = run.read_table("values/sources.parquet")
-    assert src.column_names == ["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample"]
+    assert src.column_names == ["source", "n_samples", "n_occurrences", "value", "value_low", "value_high", "value_per_sample",
+                                "value_se"]
+    assert src["value_se"].null_count == len(src)  # one member: no estimate of its spread
     assert "corrupted" in src["source"].to_pylist()
     assert run.read_table("embeddings/sources.parquet").num_rows == src.num_rows
     for rel in ("data/train.parquet", "data/validation.parquet", "weights/initial.safetensors",

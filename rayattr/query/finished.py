@@ -44,7 +44,8 @@ class FinishedRun:
         return self.run.read_table(SAMPLE_VALUES)
 
     def sources(self) -> pa.Table:
-        """values/sources.parquet: source, n_samples, n_occurrences, value, value_per_sample."""
+        """values/sources.parquet: source, n_samples, n_occurrences, value with its 95 % interval
+        (value_low, value_high) and, with capture.members, its standard error (value_se), value_per_sample."""
         return self.run.read_table(SOURCE_VALUES)
 
     def exact_sources(self) -> pa.Table:

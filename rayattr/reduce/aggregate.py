@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rayattr.capture.projection import member_of
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.guard import check_values
 from rayattr.store.layout import (ALL_SUMS, LAYER_VALUES, PHASE_VALUES, SAMPLE_VALUES, SOURCE_EMBEDDINGS, SOURCE_VALUES,
@@ -86,9 +87,15 @@ class SourceAccumulator:
                 self.kept[s] = self.kept[s] + [v] if n <= BOOTSTRAP_MAX_N else None
             self.ids[s] = np.union1d(self.ids[s], ids[mask])
 
-    def table(self, seed: int = 0, level: float = 0.95) -> pa.Table:
+    def table(self, seed: int = 0, level: float = 0.95, members: dict[str, list[float]] | None = None) -> pa.Table:
         """Per source: distinct samples, occurrences, summed value with its 95 % bootstrap
-        interval (value_low, value_high) and value per sample; best value per sample first."""
+        interval (value_low, value_high) and value per sample; best value per sample first.
+        `members` (capture.members): each source's total by member; their spread is the
+        estimate's standard error of the total (value_se), and the interval widens by its
+        Student-t half-width (k − 1 degrees of freedom), added in quadrature to each side of
+        the bootstrap's: which occurrences a source had, and how well one run estimates them."""
+        from scipy.stats import t as student
+
         rng = np.random.default_rng(seed)
         rows = []
         for s in self.order:
@@ -100,12 +107,18 @@ class SourceAccumulator:
 
                 half = NormalDist().inv_cdf(1 - (1 - level) / 2) * math.sqrt(n) * math.sqrt(self.m2[s] / n)
                 low, high = total - half, total + half
+            se = None
+            if members is not None and len(members.get(s, ())) > 1:
+                est = np.asarray(members[s], dtype=np.float64)
+                se = float(est.std(ddof=1) / math.sqrt(len(est)))
+                half = float(student.ppf(1 - (1 - level) / 2, len(est) - 1)) * se
+                low, high = total - math.hypot(total - low, half), total + math.hypot(high - total, half)
             k = len(self.ids[s])
             rows.append({"source": s, "n_samples": k, "n_occurrences": n, "value": total,
-                         "value_low": low, "value_high": high, "value_per_sample": total / k})
+                         "value_low": low, "value_high": high, "value_per_sample": total / k, "value_se": se})
         schema = pa.schema([("source", pa.string()), ("n_samples", pa.int64()), ("n_occurrences", pa.int64()),
                             ("value", pa.float64()), ("value_low", pa.float64()), ("value_high", pa.float64()),
-                            ("value_per_sample", pa.float64())])
+                            ("value_per_sample", pa.float64()), ("value_se", pa.float64())])
         return pa.Table.from_pylist(rows, schema=schema).sort_by([("value_per_sample", "descending")])
 
 
@@ -122,6 +135,17 @@ def merged_sums(run: Run, n_segments: int, dims: dict[str, int]) -> SourcePhaseS
     for i in range(n_segments):
         total.merge(SourcePhaseSums.from_table(run.read_table(segment_sums_path(i, final=True)), dims))
     return total
+
+
+def member_totals(by_layer: dict[tuple[str, str], float], members: int) -> dict[str, list[float]] | None:
+    """Each source's total by member of the projection (capture.members), from merged_scores'
+    per-(source, layer) sums, which count each member 1/members; None for one member."""
+    if members < 2:
+        return None
+    out: dict[str, list[float]] = {}
+    for (src, layer), v in by_layer.items():
+        out.setdefault(src, [0.0] * members)[member_of(layer)[1]] += v * members
+    return out
 
 
 def merged_scores(run: Run, n_segments: int) -> tuple[dict, dict, dict]:
@@ -184,17 +208,18 @@ def write_outputs(run: Run, n_segments: int, edges: list[int]) -> dict:
     """values/ and embeddings/ from the segments' tables, one segment in memory at a time:
     a first pass checks every value and groups by source (float64), a second streams the
     occurrences into values/samples.parquet, so nothing is written when a value is bad."""
-    dims = ProjectionBlocks.for_run(run.manifest, 1).layers  # the recursion's layers (embed.joint_layers: one)
+    layout = ProjectionBlocks.for_run(run.manifest, 1)
+    dims = layout.layers  # the recursion's layers (embed.joint_layers: one a member)
     acc = SourceAccumulator()
     for table in segment_values(run, n_segments):
         check_values(torch.from_numpy(table["value"].to_numpy().copy()), table["step"].to_numpy().copy(), SAMPLE_VALUES)
         acc.add(table)
-    sources = acc.table()
+    by_phase, by_layer, count = merged_scores(run, n_segments)
+    sources = acc.table(members=member_totals(by_layer, layout.members))
     with run.table_writer(SAMPLE_VALUES) as w:
         for table in segment_values(run, n_segments):
             w.write(table.select(SAMPLE_COLUMNS))
     run.write_table(SOURCE_VALUES, sources)
-    by_phase, by_layer, count = merged_scores(run, n_segments)
     run.write_table(PHASE_VALUES, phase_values(by_phase, count, edges))
     run.write_table(LAYER_VALUES, layer_values(by_layer, list(dims)))
     if run.exists(ALL_SUMS):  # the forward scan's (no suffix matrices were formed)

@@ -208,7 +208,7 @@ def segment_scores_path(index: int) -> str:
 
 # ---------------------------------------------------------------- reduce stage (reduce/aggregate.py)
 SAMPLE_VALUES = "values/samples.parquet"  # sample_id, source, step, epoch, value per occurrence
-SOURCE_VALUES = "values/sources.parquet"  # source, n_samples, n_occurrences, value, value_per_sample
+SOURCE_VALUES = "values/sources.parquet"  # source, n_samples, n_occurrences, value (low, high, se), value_per_sample
 PHASE_VALUES = "values/phases.parquet"  # source, phase, step_start, step_end, n_occurrences, value
 LAYER_VALUES = "values/layers.parquet"  # source, layer, value
 SOURCE_EMBEDDINGS = "embeddings/sources.parquet"  # each source's summed final embedding
