@@ -14,6 +14,7 @@ from rayattr.config import Config, ConfigError
 from rayattr.math.dvemb import data_value_embeddings, influence
 from rayattr.pipeline.stages import embed_and_reduce, run_pipeline
 from rayattr.model.gradients import validation_gradient
+from rayattr.query.scoring import score_occurrences
 from rayattr.store import GradientReader, Run
 
 
@@ -105,66 +106,57 @@ def test_segments_equal_single_process_core(trained, tmp_path, segments):
         np.testing.assert_allclose(pc.sum(src_phases["value"]).as_py(), row["value"], rtol=2e-5)
 
 
-def test_sampled_label_curvature_equals_the_core(local_ray, tmp_path):
-    """curvature: sampled end to end, two label draws per sample: the segment actors' result
-    equal to the core's on the same recorded rows, whose count sets the estimate's scale
-    (|B|/m). (The pseudo-loss's scale is tested where it is made, test_capture.py.)
+def test_sampled_label_curvature_in_two_members_equals_the_core(local_ray, tmp_path):
+    """curvature: sampled end to end, two label draws per sample, in two members of the
+    projection (capture.members 2) with joint layers: each member's layers (`<layer>~1` for the
+    second) form a recursion of their own on their own rows and curvature rows, equal to the
+    core's on them, whose count sets the estimate's scale (|B|/m; the pseudo-loss's scale is
+    tested where it is made, test_capture.py). A value is the members' mean, its value_se their
+    spread over √2; a query of the kept embeddings scores the same, and the per-source and
+    per-phase sums add the values up, each source with its members' standard error.
     At lr 0.3 the correctly scaled estimate reaches η·λ_max 9–49 here (16 or 8 rows a step) and K
     explodes, which the guard refuses; at lr 0.1 it peaks at 8.7 and the 12 steps stay finite."""
     d = small_config(str(tmp_path), "sampled", epochs=1, lr=0.1).to_dict(redact=False)
-    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2)
-    d["embed"]["segments"] = 2
-    run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
-    curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
-    batches, emb = core_embeddings(run, curvature=curv)
-    # 2 ranks × 4 sampled rows × 2 draws; a rank's second draw redraws its first's samples' labels
-    assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 16 for b in curv)
-    assert all(torch.isfinite(b.grads[n]).all() and b.grads[n].abs().max() > 0 for b in curv for n in b.grads)
-    name = next(iter(curv[0].grads))
-    for b in curv:
-        for rank in (0, 1):
-            rows = b.grads[name][b.ranks == rank]
-            assert rows.shape[0] == 8 and not torch.allclose(rows[:4], rows[4:])
-
-    final = _embeddings(run)
-    for b, e in zip(batches, emb):
-        for n in e:
-            torch.testing.assert_close(final[b.step].grads[n], e[n], rtol=1e-5, atol=1e-9)
-    values = run.read_table("values/samples.parquet")["value"].to_numpy()
-    assert np.isfinite(values).all() and np.abs(values).max() > 0
-    want = torch.cat(influence(emb, validation_gradient(run))).numpy()
-    np.testing.assert_allclose(values, want, rtol=2e-5, atol=1e-10)
-
-
-def test_members_are_independent_recursions_whose_mean_is_the_value(local_ray, tmp_path):
-    """capture.members 2 with sampled curvature and joint layers, end to end: each member's
-    layers (`<layer>~1` for the second) form a recursion of their own, with their own curvature
-    rows; a value is the mean of the core's values on each member's rows, its value_se their
-    spread over √2, and the per-source and per-phase sums add the values up."""
-    d = small_config(str(tmp_path), "members", epochs=1, lr=0.1).to_dict(redact=False)
-    d["capture"].update(curvature="sampled", curvature_fraction=0.5, members=2)
-    d["embed"].update(joint_layers=True, error_blocks=1)
+    d["capture"].update(curvature="sampled", curvature_fraction=0.5, curvature_draws=2, members=2)
+    d["embed"].update(segments=2, joint_layers=True, error_blocks=1)
     run = Run.open_uri(run_pipeline(Config.from_dict(d).validate(), progress=False).uri)
     names = list(run.manifest["layer_dims"])
     of = [[n for n in names if n.endswith("~1") == bool(j)] for j in (0, 1)]
     assert len(of[0]) == len(of[1]) > 0 and of[1] == [n + "~1" for n in of[0]]
     batches = GradientReader(run, kind="train").read_steps(0, None, dtype=torch.float64)
     curv = GradientReader(run, kind="curvature").read_steps(0, None, dtype=torch.float64)
+    # 2 ranks × 4 sampled rows × 2 draws; a rank's second draw redraws its first's samples' labels
+    assert [b.step for b in curv] == [b.step for b in batches] and all(len(b) == 16 for b in curv)
+    assert all(torch.isfinite(b.grads[n]).all() and b.grads[n].abs().max() > 0 for b in curv for n in b.grads)
+    for b in curv:
+        for rank in (0, 1):
+            rows = b.grads[names[0]][b.ranks == rank]
+            assert rows.shape[0] == 8 and not torch.allclose(rows[:4], rows[4:])
     etas = {r.step: r.eta for r in run.step_records()}
     vgrad = validation_gradient(run)
+    final = _embeddings(run)
     per_member = []
-    for layers in of:
+    for j, layers in enumerate(of):
         join = lambda rows: {"joint": torch.cat([rows[n] for n in layers], -1)}  # noqa: E731
         emb = data_value_embeddings([join(b.grads) for b in batches], [etas[b.step] for b in batches],
                                     curvature=[join(c.grads) for c in curv])
+        for b, e in zip(batches, emb):
+            torch.testing.assert_close(final[b.step].grads["joint~1" if j else "joint"], e["joint"], rtol=1e-5,
+                                       atol=1e-9)
         per_member.append(torch.cat(influence(emb, join(vgrad))).numpy())
     assert not np.allclose(per_member[0], per_member[1], rtol=0.1)  # independent estimates
     samples = run.read_table("values/samples.parquet")
-    np.testing.assert_allclose(samples["value"].to_numpy(), (per_member[0] + per_member[1]) / 2, rtol=2e-5,
-                               atol=1e-10)
+    values = samples["value"].to_numpy()
+    assert np.isfinite(values).all() and np.abs(values).max() > 0
+    np.testing.assert_allclose(values, (per_member[0] + per_member[1]) / 2, rtol=2e-5, atol=1e-10)
     np.testing.assert_allclose(samples["value_se"].to_numpy(), np.abs(per_member[0] - per_member[1]) / 2,
                                rtol=2e-5, atol=1e-10)
-    values = samples["value"].to_numpy()
+    # a query scores the kept final embeddings the same way: the validation gradient as the query
+    scored = score_occurrences(run, vgrad)
+    want = {(t, i): (v, e) for t, i, v, e in zip(samples["step"].to_pylist(), samples["sample_id"].to_pylist(), values,
+                                                 samples["value_se"].to_numpy())}
+    got = np.array([want[(int(t), int(i))] for t, i in zip(scored.steps, scored.sample_ids)])
+    np.testing.assert_allclose(np.stack([scored.scores[:, 0], scored.se[:, 0]], 1), got, rtol=1e-4, atol=1e-9)
     src = samples["source"].to_numpy(zero_copy_only=False)
     phases = run.read_table("values/phases.parquet").to_pylist()
     for row in run.read_table("values/sources.parquet").to_pylist():

@@ -150,7 +150,8 @@ class ProjectionBlocks:
 
     def combine(self, scores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-layer scores (each row's e·v of one layer or block layer) -> (value over the real
-        layers, standard error over the blocks' estimates or None without blocks)."""
+        layers, standard error over the blocks' estimates or None without blocks); with members,
+        (the members' mean, their spread over √k)."""
         f64 = torch.float64  # layers summed in float64, whatever the rows' precision
         if self.members > 1:
             est = torch.stack([sum(scores[n].to(f64) for n in self.layers if member_of(n)[1] == j)
