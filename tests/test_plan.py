@@ -15,7 +15,7 @@ from rayattr.config import Config, load_config
 from rayattr.math.dvemb import segment_bounds, suffix_scan
 from rayattr.embed.blocks import ProjectionBlocks
 from rayattr.embed.segment import SegmentSpec, SegmentWorker
-from rayattr.plan.estimate import (VALIDATION_PHASE, Throughput, estimate, format_plan, ipc_bytes, parse_count,
+from rayattr.plan.estimate import (VALIDATION_PHASE, Throughput, captured_count, estimate, format_plan, ipc_bytes, parse_count,
                                    plan_main)
 from rayattr.report.units import human_bytes
 from rayattr.store import GradientWriter, Run, StepRecord
@@ -206,6 +206,8 @@ def test_members_multiply_rows_and_keep_one_joint_k_per_member():
     one = estimate(small(**over))
     three = estimate(small(**over, **{"capture.members": 3}))
     assert three.total_dim == 3 * one.total_dim and len(three.layers) == 3 * len(one.layers)
+    assert captured_count(three.layers) == f"{len(one.layers)} layers x 3 members"
+    assert captured_count(one.layers) == f"{len(one.layers)} layers"
     assert three.storage["train gradients"] == pytest.approx(3 * one.storage["train gradients"], rel=0.05)
     assert three.storage["K matrices"] == pytest.approx(3 * one.storage["K matrices"])
     width = one.total_dim

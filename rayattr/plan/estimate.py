@@ -305,6 +305,13 @@ def k_widths(cfg: Config, layers: list[LayerPlan]) -> list[int]:
     return list(widths.values())
 
 
+def captured_count(layers: list[LayerPlan]) -> str:
+    """"9 layers", or with capture.members "9 layers x 3 members"."""
+    modules = len({member_of(lay.name)[0] for lay in layers})
+    k = len(layers) // modules if modules else 1
+    return f"{modules} layers" + (f" x {k} members" if k > 1 else "")
+
+
 def statistic_numbers(layers: list[LayerPlan]) -> int:
     """The row and column sums of v that the factored P needs: d_out + d_in_aug per layer."""
     return sum(lay.d_out + lay.d_in + int(lay.has_bias) for lay in layers)
@@ -748,7 +755,7 @@ def format_plan(plan: Plan) -> str:
         f"{plan.global_batch} samples = {plan.tokens:.3g} tokens",
         f"cluster     {plan.nodes} node(s): {plan.ranks} rank actors, {plan.segments} segment actors "
         f"on {plan.devices} devices, 1 reducer (driver)",
-        f"capture     {len(plan.layers)} layers, p = {'/'.join(map(str, widths))} per layer, "
+        f"capture     {captured_count(plan.layers)}, p = {'/'.join(map(str, widths))} per layer, "
         f"P = {plan.total_dim:,} numbers = {human_bytes(plan.grad_bytes_per_sample)} per sample ({plan.grad_dtype})"
         + (f", {plan.curvature_rows_per_step} curvature rows per step" if plan.curvature_rows_per_step else "")
         + (", + an update row per sample (AdamW)" if plan.update_rows else "")
