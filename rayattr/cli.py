@@ -128,8 +128,10 @@ def cmd_values(args) -> int:
         table = run.exact_sources()
     else:
         table = run.sources()
-    # value_se is the members' (capture.members); a one-member run has none to show
-    cols = [c for c in table.column_names if c != "value_se" or table[c].null_count < len(table)]
+    # the text table leaves out a value_se no source has (one member: capture.members); JSON and
+    # CSV keep every column of the stored table
+    cols = [c for c in table.column_names
+            if args.format != "table" or c != "value_se" or table[c].null_count < len(table)]
     print(format_rows(table.to_pylist(), cols, args.format))
     return 0
 
