@@ -94,8 +94,6 @@ class SourceAccumulator:
         estimate's standard error of the total (value_se), and the interval widens by its
         Student-t half-width (k − 1 degrees of freedom), added in quadrature to each side of
         the bootstrap's: which occurrences a source had, and how well one run estimates them."""
-        from scipy.stats import t as student
-
         rng = np.random.default_rng(seed)
         rows = []
         for s in self.order:
@@ -109,6 +107,8 @@ class SourceAccumulator:
                 low, high = total - half, total + half
             se = None
             if members is not None and len(members.get(s, ())) > 1:
+                from scipy.stats import t as student  # only here: scipy.stats costs the driver ~60 MB
+
                 est = np.asarray(members[s], dtype=np.float64)
                 se = float(est.std(ddof=1) / math.sqrt(len(est)))
                 half = float(student.ppf(1 - (1 - level) / 2, len(est) - 1)) * se
