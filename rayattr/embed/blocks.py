@@ -63,6 +63,9 @@ class ProjectionBlocks:
         self.layers = ({member_name(JOINT, j): sum(self.recorded[n] for n in names)
                         for j, names in enumerate(self.of_member)}
                        if joint else dict(self.recorded))  # the recursion's
+        # the recursion's layers by member: what each member's estimate of a value sums
+        self.recursion_of_member = ([[member_name(JOINT, j)] for j in range(members)] if joint
+                                    else self.of_member)
         self.index: dict[str, torch.Tensor] = {}
         if q < 2 or r_out % q or r_in % q:
             return  # no blocks: no standard errors
@@ -154,8 +157,8 @@ class ProjectionBlocks:
         (the members' mean, their spread over √k)."""
         f64 = torch.float64  # layers summed in float64, whatever the rows' precision
         if self.members > 1:
-            est = torch.stack([sum(scores[n].to(f64) for n in self.layers if member_of(n)[1] == j)
-                               for j in range(self.members)])  # (k, B[, Q])
+            est = torch.stack([sum(scores[n].to(f64) for n in names)
+                               for names in self.recursion_of_member])  # (k, B[, Q])
             return est.mean(0), est.std(0, correction=1) / self.members ** 0.5
         value = sum(scores[n].to(f64) for n in self.layers)
         if not self.enabled:

@@ -273,11 +273,10 @@ class Recorder:
         params = [p for p in self.module.parameters() if p.requires_grad]
         # the step's first call starts its rows; later ones keep them (and, under AdamW, the
         # factors their update rows wait on)
-        members = self.cfg.capture.members
         with self.curvature.resumed() if self._curv_sampled else self.curvature:
             self.curvature.set_mask(attention_mask)
-            for member in range(members):
-                with self.curvature.only(member if members > 1 else None):
+            for member in range(self.cfg.capture.members):
+                with self.curvature.only(member):
                     for _ in range(self.cfg.capture.curvature_draws):  # a forward each: one backward per forward
                         logits = logits_of(self.module, input_ids, attention_mask)[:, :-1]
                         losses = sampled_label_losses(logits.float(), generator=gen, mask=attention_mask[:, 1:],
